@@ -1,0 +1,792 @@
+//! The engine: owns the run log, starts, resumes, waits on and cancels runs, and serves the
+//! history. The per-run loop is in `runner`; every write goes through `writer`.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use redb::{Database, ReadableDatabase, ReadableTable};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::error::{CancelError, OpenError, ReadError, RegisterError, StartError, WaitError};
+use super::key;
+use super::runner;
+use super::schema::{EVENTS, Event, EventKind, Failure, FailureKind, INPUTS, RESPONSES, RUNS, RunRecord, RunStatus, now_ms};
+use super::workflow::{BoundRun, ErasedWorkflow, Workflow};
+use super::writer::{Change, Op, OpError, Reply, Update, Writer};
+
+/// Engine settings.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Finished runs older than this are pruned with their history. Active runs never are.
+    pub retention: Duration,
+    /// How often the pruner looks.
+    pub prune_interval: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            retention: Duration::from_secs(7 * 24 * 3600),
+            prune_interval: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// A run's terminal outcome.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome<W> {
+    Completed(W),
+    Failed(Failure),
+}
+
+/// What `start` found.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StartOutcome<W> {
+    /// A new run was recorded and is running.
+    Started,
+    /// The id is an active run; wait on it.
+    AlreadyRunning,
+    /// The id already finished; here is its stored outcome.
+    Finished(Outcome<W>),
+}
+
+/// What `resume_all` did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ResumeReport {
+    pub resumed: Vec<String>,
+    /// Runs that could not be resumed and were marked failed, with the reason.
+    pub failed: Vec<(String, String)>,
+    /// Active runs of workflows this process did not register; left untouched.
+    pub unknown_workflow: Vec<String>,
+}
+
+/// Filters for [`Engine::list_runs`].
+#[derive(Clone, Debug, Default)]
+pub struct RunFilter {
+    pub workflow: Option<String>,
+    pub status: Option<RunStatus>,
+    pub limit: Option<usize>,
+}
+
+/// One line of a run listing.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub id: String,
+    pub workflow: String,
+    pub version: u32,
+    pub status: RunStatus,
+    /// The step to run next (active), or the number of steps (completed).
+    pub step_index: u32,
+    pub attempts: u32,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+    pub finished_at_ms: Option<u64>,
+    pub failure: Option<Failure>,
+}
+
+/// A response recorded in the chain: index 0 is the initial one, index i is step i−1's.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RecordedResponse {
+    pub index: u32,
+    pub response: serde_json::Value,
+}
+
+/// One run with everything recorded about it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunDetail {
+    #[serde(flatten)]
+    pub summary: RunSummary,
+    pub input: serde_json::Value,
+    pub responses: Vec<RecordedResponse>,
+    pub events: Vec<Event>,
+}
+
+/// A registered workflow's shape.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WorkflowInfo {
+    pub name: String,
+    pub version: u32,
+    pub steps: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) enum RawOutcome {
+    Completed(Vec<u8>),
+    Failed(Failure),
+}
+
+/// How a run's task ended, as told to waiters.
+#[derive(Clone, Debug)]
+pub(crate) enum RunEnd {
+    Finished(RawOutcome),
+    Interrupted(String),
+}
+
+/// The durable FSM engine. Cheap to clone; all clones share one run log.
+#[derive(Clone)]
+pub struct Engine {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) path: PathBuf,
+    pub(crate) db: Arc<Database>,
+    pub(crate) writer: Writer,
+    workflows: RwLock<HashMap<&'static str, Arc<dyn ErasedWorkflow>>>,
+    waiters: Mutex<HashMap<String, watch::Sender<Option<RunEnd>>>>,
+    running: Mutex<HashMap<String, CancellationToken>>,
+    pub(crate) shutdown: CancellationToken,
+    tasks: TaskTracker,
+    config: EngineConfig,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding these maps leaves them consistent (single inserts/removes).
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Engine {
+    /// Opens (or creates) the run log at `path`. Must be called inside a tokio runtime: the
+    /// engine spawns its pruner there. Nothing runs until `start` or `resume_all`.
+    pub async fn open(path: impl AsRef<Path>, config: EngineConfig) -> Result<Engine, OpenError> {
+        let path = path.as_ref().to_path_buf();
+        tokio::runtime::Handle::try_current().map_err(|_| OpenError::NoRuntime)?;
+        let db = match Database::create(&path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(OpenError::AlreadyOpen { path }),
+            Err(source) => return Err(OpenError::Open { path, source }),
+        };
+        let init = |db: &Database| -> Result<(), redb::Error> {
+            let txn = db.begin_write()?;
+            txn.open_table(RUNS)?;
+            txn.open_table(INPUTS)?;
+            txn.open_table(RESPONSES)?;
+            txn.open_table(EVENTS)?;
+            txn.commit()?;
+            Ok(())
+        };
+        init(&db).map_err(|source| OpenError::Init { path: path.clone(), source })?;
+        let db = Arc::new(db);
+        let writer = Writer::spawn(db.clone()).map_err(OpenError::Thread)?;
+        let engine = Engine {
+            inner: Arc::new(Inner {
+                path,
+                db,
+                writer,
+                workflows: RwLock::new(HashMap::new()),
+                waiters: Mutex::new(HashMap::new()),
+                running: Mutex::new(HashMap::new()),
+                shutdown: CancellationToken::new(),
+                tasks: TaskTracker::new(),
+                config,
+            }),
+        };
+        engine.spawn_pruner();
+        Ok(engine)
+    }
+
+    /// The run log's path.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Registers a workflow and returns the typed handle to start and wait on its runs.
+    pub fn register<R, W>(&self, workflow: Workflow<R, W>) -> Result<WorkflowHandle<R, W>, RegisterError>
+    where
+        R: Serialize + DeserializeOwned + Send + Sync + 'static,
+        W: Serialize + DeserializeOwned + Send + 'static,
+    {
+        let name = workflow.name();
+        let mut map = self.inner.workflows.write().unwrap_or_else(|p| p.into_inner());
+        if map.contains_key(name) {
+            return Err(RegisterError::Duplicate(name.to_owned()));
+        }
+        map.insert(name, Arc::new(workflow));
+        Ok(WorkflowHandle {
+            engine: self.clone(),
+            name,
+            _types: PhantomData,
+        })
+    }
+
+    /// Every registered workflow and its steps, in order.
+    pub fn workflows(&self) -> Vec<WorkflowInfo> {
+        let map = self.inner.workflows.read().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<WorkflowInfo> = map
+            .values()
+            .map(|w| WorkflowInfo {
+                name: w.name().to_owned(),
+                version: w.version(),
+                steps: (0..w.step_count()).map(|i| w.step_name(i).to_owned()).collect(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    fn workflow(&self, name: &str) -> Option<Arc<dyn ErasedWorkflow>> {
+        let map = self.inner.workflows.read().unwrap_or_else(|p| p.into_inner());
+        map.get(name).cloned()
+    }
+
+    /// Commits made by the run log's writer so far. Fewer commits than transitions means
+    /// the group commit is sharing fsyncs.
+    pub fn commit_count(&self) -> u64 {
+        self.inner.writer.commits()
+    }
+
+    async fn start_raw(&self, wf: Arc<dyn ErasedWorkflow>, id: &str, input: Vec<u8>, w0: Vec<u8>) -> Result<StartOutcome<Vec<u8>>, StartError> {
+        if id.is_empty() || id.len() > key::MAX_RUN_ID_LEN {
+            return Err(StartError::InvalidId(id.to_owned()));
+        }
+        if self.inner.shutdown.is_cancelled() {
+            return Err(StartError::ShutDown);
+        }
+        let now = now_ms();
+        let record = RunRecord {
+            workflow: wf.name().to_owned(),
+            version: wf.version(),
+            status: RunStatus::Active,
+            next_step: 0,
+            attempts: 0,
+            next_event: 0,
+            created_at_ms: now,
+            updated_at_ms: now,
+            finished_at_ms: None,
+            failure: None,
+        };
+        let op = Op::Start {
+            id: id.to_owned(),
+            record,
+            input: input.clone(),
+            w0: w0.clone(),
+        };
+        match self.inner.writer.submit(op).await {
+            Ok(Reply::Created) => {
+                let bound = wf
+                    .bind(id.into(), &input)
+                    .map_err(|why| StartError::Corrupt { id: id.to_owned(), why })?;
+                self.spawn_run(wf, bound, id.to_owned(), w0, 0, 0);
+                Ok(StartOutcome::Started)
+            }
+            Ok(Reply::Exists(existing)) => {
+                if existing.workflow != wf.name() {
+                    return Err(StartError::WrongWorkflow {
+                        id: id.to_owned(),
+                        existing: existing.workflow,
+                        requested: wf.name().to_owned(),
+                    });
+                }
+                match self.read_end(id).map_err(|e| StartError::Storage(e.to_string()))? {
+                    Lookup::Active => Ok(StartOutcome::AlreadyRunning),
+                    Lookup::NotFound => Err(StartError::Storage(format!("run {id} vanished during start"))),
+                    Lookup::Finished(RawOutcome::Completed(w)) => Ok(StartOutcome::Finished(Outcome::Completed(w))),
+                    Lookup::Finished(RawOutcome::Failed(f)) => Ok(StartOutcome::Finished(Outcome::Failed(f))),
+                }
+            }
+            Ok(Reply::Applied | Reply::Pruned(_)) => Err(StartError::Storage("unexpected reply to start".into())),
+            Err(OpError::Stopped) => Err(StartError::ShutDown),
+            Err(OpError::Fenced { id, why }) => Err(StartError::Corrupt { id, why }),
+            Err(e) => Err(StartError::Storage(e.to_string())),
+        }
+    }
+
+    fn spawn_run(&self, wf: Arc<dyn ErasedWorkflow>, bound: Arc<dyn BoundRun>, id: String, w: Vec<u8>, step: u32, attempts: u32) {
+        let cancel = CancellationToken::new();
+        {
+            let mut running = lock(&self.inner.running);
+            if running.contains_key(&id) {
+                return;
+            }
+            running.insert(id.clone(), cancel.clone());
+        }
+        let inner = self.inner.clone();
+        self.inner.tasks.spawn(async move {
+            let end = runner::drive(&inner, wf, bound, &id, w, step, attempts, &cancel).await;
+            lock(&inner.running).remove(&id);
+            if let Some(end) = end {
+                inner.notify(&id, end);
+            }
+        });
+    }
+
+    /// Waits for a run to finish and returns its stored outcome, raw.
+    async fn wait_raw(&self, id: &str) -> Result<RawOutcome, WaitError> {
+        let interrupted = |reason: &str| WaitError::Interrupted {
+            id: id.to_owned(),
+            reason: reason.to_owned(),
+        };
+        if self.inner.shutdown.is_cancelled() {
+            return Err(interrupted("the engine shut down"));
+        }
+        // Subscribe before reading, so a finish between the read and the wait is not missed.
+        let mut rx = lock(&self.inner.waiters)
+            .entry(id.to_owned())
+            .or_insert_with(|| watch::channel(None).0)
+            .subscribe();
+        match self.read_end(id).map_err(|e| WaitError::Storage(e.to_string()))? {
+            Lookup::Finished(outcome) => return Ok(outcome),
+            Lookup::NotFound => {
+                let mut waiters = lock(&self.inner.waiters);
+                if waiters.get(id).is_some_and(|tx| tx.receiver_count() <= 1) {
+                    waiters.remove(id);
+                }
+                return Err(WaitError::NotFound(id.to_owned()));
+            }
+            Lookup::Active => {}
+        }
+        loop {
+            if let Some(end) = rx.borrow_and_update().clone() {
+                return match end {
+                    RunEnd::Finished(outcome) => Ok(outcome),
+                    RunEnd::Interrupted(reason) => Err(interrupted(&reason)),
+                };
+            }
+            if rx.changed().await.is_err() {
+                return Err(interrupted("the engine shut down"));
+            }
+        }
+    }
+
+    /// Ends an active run as failed with `reason`. Its current step is stopped at its next
+    /// await point; a transition it was about to commit is fenced out.
+    pub async fn cancel(&self, id: &str, reason: &str) -> Result<(), CancelError> {
+        let record = match self.read_record(id).map_err(|e| CancelError::Storage(e.to_string()))? {
+            None => return Err(CancelError::NotFound(id.to_owned())),
+            Some(Err(why)) => return Err(CancelError::Storage(format!("run {id} record does not decode: {why}"))),
+            Some(Ok(r)) => r,
+        };
+        let step = self
+            .workflow(&record.workflow)
+            .map_or_else(|| format!("#{}", record.next_step), |w| w.step_name(record.next_step as usize).to_owned());
+        let failure = Failure {
+            step,
+            error: reason.to_owned(),
+            kind: FailureKind::Cancelled,
+        };
+        let change = Change {
+            id: id.to_owned(),
+            expect_step: None,
+            update: Update::Fail(failure.clone()),
+            events: Vec::new(),
+        };
+        match self.inner.writer.submit(Op::Change(change)).await {
+            Ok(_) => {}
+            Err(OpError::Fenced { .. }) => {
+                return Err(CancelError::NotActive {
+                    id: id.to_owned(),
+                    status: self.read_record(id).ok().flatten().and_then(Result::ok).map_or(RunStatus::Failed, |r| r.status),
+                });
+            }
+            Err(OpError::NotFound(_)) => return Err(CancelError::NotFound(id.to_owned())),
+            Err(OpError::Stopped) => return Err(CancelError::ShutDown),
+            Err(e) => return Err(CancelError::Storage(e.to_string())),
+        }
+        if let Some(token) = lock(&self.inner.running).get(id) {
+            token.cancel();
+        }
+        self.inner.notify(id, RunEnd::Finished(RawOutcome::Failed(failure)));
+        Ok(())
+    }
+
+    /// Re-runs every unfinished run of every registered workflow, each from its own last
+    /// completed step with its own response and attempt count. A run that cannot be decoded
+    /// is marked failed with the reason; it does not stop the others.
+    pub async fn resume_all(&self) -> Result<ResumeReport, ReadError> {
+        let mut report = ResumeReport::default();
+        let mut active = Vec::new();
+        let mut corrupt = Vec::new();
+        {
+            let txn = self.inner.db.begin_read().map_err(ReadError::from_any)?;
+            let runs = txn.open_table(RUNS).map_err(ReadError::from_any)?;
+            for entry in runs.iter().map_err(ReadError::from_any)? {
+                let (id, value) = entry.map_err(ReadError::from_any)?;
+                match serde_json::from_slice::<RunRecord>(value.value()) {
+                    Ok(r) if r.status == RunStatus::Active => active.push((id.value().to_owned(), r)),
+                    Ok(_) => {}
+                    Err(e) => corrupt.push((id.value().to_owned(), format!("run record does not decode: {e}"))),
+                }
+            }
+        }
+        for (id, reason) in corrupt {
+            tracing::error!(run_id = %id, %reason, "marking undecodable run failed");
+            match self.inner.writer.submit(Op::MarkCorrupt { id: id.clone(), reason: reason.clone() }).await {
+                Ok(_) => report.failed.push((id, reason)),
+                Err(e) => tracing::error!(run_id = %id, error = %e, "could not mark undecodable run failed"),
+            }
+        }
+        for (id, record) in active {
+            if lock(&self.inner.running).contains_key(&id) {
+                continue;
+            }
+            let Some(wf) = self.workflow(&record.workflow) else {
+                tracing::warn!(run_id = %id, workflow = %record.workflow, "active run of an unregistered workflow left as is");
+                report.unknown_workflow.push(id);
+                continue;
+            };
+            match self.prepare_resume(&wf, &id, &record) {
+                Ok((bound, w)) => {
+                    let step = wf.step_name(record.next_step as usize).to_owned();
+                    let change = Change {
+                        id: id.clone(),
+                        expect_step: Some(record.next_step),
+                        update: Update::Nothing,
+                        events: vec![EventKind::Resumed { step, attempts: record.attempts }],
+                    };
+                    match self.inner.writer.submit(Op::Change(change)).await {
+                        Ok(_) => {
+                            self.spawn_run(wf, bound, id.clone(), w, record.next_step, record.attempts);
+                            report.resumed.push(id);
+                        }
+                        Err(e) => tracing::error!(run_id = %id, error = %e, "could not record the resume; the run stays active"),
+                    }
+                }
+                Err(reason) => {
+                    tracing::error!(run_id = %id, %reason, "run cannot resume; marking it failed");
+                    let failure = Failure {
+                        step: wf.step_name(record.next_step as usize).to_owned(),
+                        error: reason.clone(),
+                        kind: FailureKind::Corrupt,
+                    };
+                    let change = Change {
+                        id: id.clone(),
+                        expect_step: None,
+                        update: Update::Fail(failure.clone()),
+                        events: Vec::new(),
+                    };
+                    match self.inner.writer.submit(Op::Change(change)).await {
+                        Ok(_) => {
+                            self.inner.notify(&id, RunEnd::Finished(RawOutcome::Failed(failure)));
+                            report.failed.push((id, reason));
+                        }
+                        Err(e) => tracing::error!(run_id = %id, error = %e, "could not mark the run failed"),
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Loads what a resume needs; `Err` is the reason the run cannot resume.
+    fn prepare_resume(&self, wf: &Arc<dyn ErasedWorkflow>, id: &str, record: &RunRecord) -> Result<(Arc<dyn BoundRun>, Vec<u8>), String> {
+        if record.version != wf.version() {
+            return Err(format!(
+                "run was started by version {} of workflow {}; this build has version {}",
+                record.version,
+                wf.name(),
+                wf.version()
+            ));
+        }
+        if record.next_step as usize >= wf.step_count() {
+            return Err(format!("run is active at step {} but the workflow has {} steps", record.next_step, wf.step_count()));
+        }
+        let read = || -> Result<(Option<Vec<u8>>, Option<Vec<u8>>), redb::Error> {
+            let txn = self.inner.db.begin_read()?;
+            let input = txn.open_table(INPUTS)?.get(id)?.map(|v| v.value().to_vec());
+            let w = txn
+                .open_table(RESPONSES)?
+                .get(key::encode(id, u64::from(record.next_step)).as_slice())?
+                .map(|v| v.value().to_vec());
+            Ok((input, w))
+        };
+        let (input, w) = read().map_err(|e| format!("reading the run failed: {e}"))?;
+        let input = input.ok_or("the run's input is missing")?;
+        let w = w.ok_or_else(|| format!("the response before step {} is missing", record.next_step))?;
+        let bound = wf.bind(id.into(), &input)?;
+        Ok((bound, w))
+    }
+
+    /// Stops every run at its next await point, leaving it active for the next start, then
+    /// flushes and stops the writer. Waiters get `Interrupted`. Not a cancel.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+        let waiters: Vec<_> = lock(&self.inner.waiters).drain().collect();
+        for (_, tx) in waiters {
+            tx.send_replace(Some(RunEnd::Interrupted("the engine shut down".into())));
+        }
+        let inner = self.inner.clone();
+        if tokio::task::spawn_blocking(move || inner.writer.stop()).await.is_err() {
+            tracing::error!("stopping the fsm writer panicked");
+        }
+    }
+
+    /// Deletes finished runs that finished before `cutoff_ms` (ms since the epoch).
+    pub async fn prune_finished_before(&self, cutoff_ms: u64) -> Result<usize, ReadError> {
+        match self.inner.writer.submit(Op::Prune { finished_before_ms: cutoff_ms }).await {
+            Ok(Reply::Pruned(n)) => Ok(n),
+            Ok(_) => Ok(0),
+            Err(e) => Err(ReadError(redb::Error::from(std::io::Error::other(e.to_string())))),
+        }
+    }
+
+    fn spawn_pruner(&self) {
+        let engine = self.clone();
+        let shutdown = self.inner.shutdown.clone();
+        let interval = self.inner.config.prune_interval;
+        let retention = self.inner.config.retention;
+        self.inner.tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(interval) => {}
+                }
+                let cutoff = now_ms().saturating_sub(retention.as_millis() as u64);
+                match engine.prune_finished_before(cutoff).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(runs = n, "pruned finished runs past retention"),
+                    Err(e) => tracing::warn!(error = %e, "pruning finished runs failed; will try again"),
+                }
+            }
+        });
+    }
+
+    fn read_record(&self, id: &str) -> Result<Option<Result<RunRecord, String>>, redb::Error> {
+        let txn = self.inner.db.begin_read()?;
+        let runs = txn.open_table(RUNS)?;
+        let value = runs.get(id)?;
+        Ok(value.map(|v| serde_json::from_slice(v.value()).map_err(|e| e.to_string())))
+    }
+
+    fn read_end(&self, id: &str) -> Result<Lookup, redb::Error> {
+        let txn = self.inner.db.begin_read()?;
+        let runs = txn.open_table(RUNS)?;
+        let Some(value) = runs.get(id)? else {
+            return Ok(Lookup::NotFound);
+        };
+        let record: RunRecord = match serde_json::from_slice(value.value()) {
+            Ok(r) => r,
+            Err(e) => {
+                return Ok(Lookup::Finished(RawOutcome::Failed(Failure {
+                    step: "(unknown)".into(),
+                    error: format!("run record does not decode: {e}"),
+                    kind: FailureKind::Corrupt,
+                })));
+            }
+        };
+        Ok(match record.status {
+            RunStatus::Active => Lookup::Active,
+            RunStatus::Failed => Lookup::Finished(RawOutcome::Failed(record.failure.unwrap_or(Failure {
+                step: "(unknown)".into(),
+                error: "failed without a recorded reason".into(),
+                kind: FailureKind::Corrupt,
+            }))),
+            RunStatus::Completed => {
+                let responses = txn.open_table(RESPONSES)?;
+                let k = key::encode(id, u64::from(record.next_step));
+                match responses.get(k.as_slice())? {
+                    Some(w) => Lookup::Finished(RawOutcome::Completed(w.value().to_vec())),
+                    None => Lookup::Finished(RawOutcome::Failed(Failure {
+                        step: "(final)".into(),
+                        error: "completed run has no final response".into(),
+                        kind: FailureKind::Corrupt,
+                    })),
+                }
+            }
+        })
+    }
+
+    /// Runs matching `filter`, newest first.
+    pub fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, ReadError> {
+        let txn = self.inner.db.begin_read().map_err(ReadError::from_any)?;
+        let runs = txn.open_table(RUNS).map_err(ReadError::from_any)?;
+        let mut out = Vec::new();
+        for entry in runs.iter().map_err(ReadError::from_any)? {
+            let (id, value) = entry.map_err(ReadError::from_any)?;
+            let Ok(record) = serde_json::from_slice::<RunRecord>(value.value()) else {
+                continue; // resume marks it failed; until then it cannot be listed
+            };
+            if filter.workflow.as_deref().is_some_and(|w| w != record.workflow) || filter.status.is_some_and(|s| s != record.status) {
+                continue;
+            }
+            out.push(summary(id.value(), record));
+        }
+        out.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms).then_with(|| a.id.cmp(&b.id)));
+        if let Some(limit) = filter.limit {
+            out.truncate(limit);
+        }
+        Ok(out)
+    }
+
+    /// One run with its input, every recorded response and every event; `None` if unknown.
+    pub fn run_detail(&self, id: &str) -> Result<Option<RunDetail>, ReadError> {
+        let txn = self.inner.db.begin_read().map_err(ReadError::from_any)?;
+        let runs = txn.open_table(RUNS).map_err(ReadError::from_any)?;
+        let Some(value) = runs.get(id).map_err(ReadError::from_any)? else {
+            return Ok(None);
+        };
+        let record: RunRecord = match serde_json::from_slice(value.value()) {
+            Ok(r) => r,
+            Err(_) => return Ok(None),
+        };
+        let input = txn
+            .open_table(INPUTS)
+            .map_err(ReadError::from_any)?
+            .get(id)
+            .map_err(ReadError::from_any)?
+            .map_or(serde_json::Value::Null, |v| json_or_text(v.value()));
+        let (lo, hi) = key::run_range(id);
+        let mut responses = Vec::new();
+        let table = txn.open_table(RESPONSES).map_err(ReadError::from_any)?;
+        for entry in table.range(lo.as_slice()..=hi.as_slice()).map_err(ReadError::from_any)? {
+            let (k, v) = entry.map_err(ReadError::from_any)?;
+            if let Some((_, index)) = key::decode(k.value()) {
+                responses.push(RecordedResponse {
+                    index: index as u32,
+                    response: json_or_text(v.value()),
+                });
+            }
+        }
+        let mut events = Vec::new();
+        let table = txn.open_table(EVENTS).map_err(ReadError::from_any)?;
+        for entry in table.range(lo.as_slice()..=hi.as_slice()).map_err(ReadError::from_any)? {
+            let (_, v) = entry.map_err(ReadError::from_any)?;
+            match serde_json::from_slice::<Event>(v.value()) {
+                Ok(e) => events.push(e),
+                Err(e) => tracing::warn!(run_id = %id, error = %e, "skipping an undecodable history event"),
+            }
+        }
+        Ok(Some(RunDetail {
+            summary: summary(id, record),
+            input,
+            responses,
+            events,
+        }))
+    }
+}
+
+enum Lookup {
+    NotFound,
+    Active,
+    Finished(RawOutcome),
+}
+
+fn summary(id: &str, r: RunRecord) -> RunSummary {
+    RunSummary {
+        id: id.to_owned(),
+        workflow: r.workflow,
+        version: r.version,
+        status: r.status,
+        step_index: r.next_step,
+        attempts: r.attempts,
+        created_at_ms: r.created_at_ms,
+        updated_at_ms: r.updated_at_ms,
+        finished_at_ms: r.finished_at_ms,
+        failure: r.failure,
+    }
+}
+
+/// For display: the stored JSON, or the bytes as text if they are not JSON.
+fn json_or_text(bytes: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(bytes).unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(bytes).into_owned()))
+}
+
+impl Inner {
+    pub(crate) fn notify(&self, id: &str, end: RunEnd) {
+        if let Some(tx) = lock(&self.waiters).remove(id) {
+            tx.send_replace(Some(end));
+        }
+    }
+
+    pub(crate) async fn submit(&self, op: Op) -> Result<Reply, OpError> {
+        self.writer.submit(op).await
+    }
+}
+
+/// The typed face of one registered workflow.
+pub struct WorkflowHandle<R, W> {
+    engine: Engine,
+    name: &'static str,
+    _types: PhantomData<fn(R) -> W>,
+}
+
+impl<R, W> Clone for WorkflowHandle<R, W> {
+    fn clone(&self) -> Self {
+        Self {
+            engine: self.engine.clone(),
+            name: self.name,
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<R, W> WorkflowHandle<R, W>
+where
+    R: Serialize + DeserializeOwned + Send + Sync + 'static,
+    W: Serialize + DeserializeOwned + Send + 'static,
+{
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Records the run (id, input, initial response) durably, then starts its first step.
+    pub async fn start(&self, id: &str, input: &R, initial: &W) -> Result<StartOutcome<W>, StartError> {
+        let encode = |source| StartError::Encode { id: id.to_owned(), source };
+        let input = serde_json::to_vec(input).map_err(encode)?;
+        let w0 = serde_json::to_vec(initial).map_err(encode)?;
+        let wf = self
+            .engine
+            .workflow(self.name)
+            .ok_or_else(|| StartError::Storage(format!("workflow {} is not registered", self.name)))?;
+        Ok(match self.engine.start_raw(wf, id, input, w0).await? {
+            StartOutcome::Started => StartOutcome::Started,
+            StartOutcome::AlreadyRunning => StartOutcome::AlreadyRunning,
+            StartOutcome::Finished(raw) => StartOutcome::Finished(
+                decode_outcome(id, raw_of(raw)).map_err(|e| StartError::Corrupt { id: id.to_owned(), why: e.to_string() })?,
+            ),
+        })
+    }
+
+    /// Waits for the run to finish; after a restart too. Unknown id: `NotFound`.
+    pub async fn wait(&self, id: &str) -> Result<Outcome<W>, WaitError> {
+        decode_outcome(id, self.engine.wait_raw(id).await?)
+    }
+
+    /// `start`, then `wait`: whether the run is new, already running, or finished.
+    pub async fn run(&self, id: &str, input: &R, initial: &W) -> Result<Outcome<W>, RunError> {
+        match self.start(id, input, initial).await? {
+            StartOutcome::Finished(outcome) => Ok(outcome),
+            StartOutcome::Started | StartOutcome::AlreadyRunning => Ok(self.wait(id).await?),
+        }
+    }
+}
+
+/// `WorkflowHandle::run` failed to start or to wait.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Start(#[from] StartError),
+    #[error(transparent)]
+    Wait(#[from] WaitError),
+}
+
+fn raw_of(o: Outcome<Vec<u8>>) -> RawOutcome {
+    match o {
+        Outcome::Completed(w) => RawOutcome::Completed(w),
+        Outcome::Failed(f) => RawOutcome::Failed(f),
+    }
+}
+
+fn decode_outcome<W: DeserializeOwned>(id: &str, raw: RawOutcome) -> Result<Outcome<W>, WaitError> {
+    match raw {
+        RawOutcome::Failed(f) => Ok(Outcome::Failed(f)),
+        RawOutcome::Completed(bytes) => serde_json::from_slice(&bytes)
+            .map(Outcome::Completed)
+            .map_err(|e| WaitError::Decode {
+                id: id.to_owned(),
+                error: e.to_string(),
+            }),
+    }
+}

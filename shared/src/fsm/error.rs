@@ -1,0 +1,95 @@
+//! One error enum per engine operation. Each says whether trying again can help.
+
+use std::path::PathBuf;
+
+use super::schema::RunStatus;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    #[error(
+        "the run log {path} is already open in another process (one worker per host owns it); stop that process or point this one at another state directory"
+    )]
+    AlreadyOpen { path: PathBuf },
+    #[error("cannot open the run log {path}: {source}")]
+    Open { path: PathBuf, source: redb::DatabaseError },
+    #[error("cannot initialise the run log {path}: {source}")]
+    Init { path: PathBuf, source: redb::Error },
+    #[error("cannot start the run log's writer thread: {0}")]
+    Thread(std::io::Error),
+    #[error("Engine::open must be called inside a tokio runtime")]
+    NoRuntime,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegisterError {
+    #[error("workflow {0} is registered twice")]
+    Duplicate(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    #[error("run id {0:?} is empty or longer than 4096 bytes")]
+    InvalidId(String),
+    #[error("run {id} belongs to workflow {existing}, not {requested}")]
+    WrongWorkflow { id: String, existing: String, requested: String },
+    #[error("cannot encode the input or initial response of run {id}: {source}")]
+    Encode { id: String, source: serde_json::Error },
+    #[error("run {id} cannot start: {why}")]
+    Corrupt { id: String, why: String },
+    #[error("run log storage failed: {0}")]
+    Storage(String),
+    #[error("the engine is shutting down")]
+    ShutDown,
+}
+
+impl StartError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Storage(_) | Self::ShutDown)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WaitError {
+    #[error("no run with id {0}")]
+    NotFound(String),
+    #[error("stopped waiting for run {id}: {reason}; it stays active and resumes at the next start")]
+    Interrupted { id: String, reason: String },
+    #[error("the result of run {id} does not decode: {error}")]
+    Decode { id: String, error: String },
+    #[error("run log storage failed: {0}")]
+    Storage(String),
+}
+
+impl WaitError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Interrupted { .. } | Self::Storage(_))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CancelError {
+    #[error("no run with id {0}")]
+    NotFound(String),
+    #[error("run {id} is already {status:?}; only active runs can be cancelled")]
+    NotActive { id: String, status: RunStatus },
+    #[error("run log storage failed: {0}")]
+    Storage(String),
+    #[error("the engine is shutting down")]
+    ShutDown,
+}
+
+/// A read of the run log failed.
+#[derive(Debug, thiserror::Error)]
+#[error("reading the run log failed: {0}")]
+pub struct ReadError(#[from] pub redb::Error);
+
+impl ReadError {
+    pub(crate) fn from_any(e: impl Into<redb::Error>) -> Self {
+        Self(e.into())
+    }
+}

@@ -1,0 +1,112 @@
+//! Retry policy and the retry loop. The only module that touches the `backoff` crate.
+//!
+//! `backoff` 0.4 is unmaintained upstream (RUSTSEC-2025-0012); keeping every use of it here
+//! means a swap to `backon` or `tokio-retry2` touches this file alone.
+
+use std::future::Future;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// How one step is retried. Every bound is finite, so a step can never retry forever.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    /// Delay before the second attempt.
+    pub initial_interval: Duration,
+    /// Each delay is the previous one times this.
+    pub multiplier: f64,
+    /// Delays stop growing here.
+    pub max_interval: Duration,
+    /// Jitter: a delay is drawn from `[d·(1−f), d·(1+f)]`. 0 disables it.
+    pub randomization_factor: f64,
+    /// Attempts in all, counted across restarts of the process.
+    pub max_attempts: u32,
+    /// Time since the first attempt in this process after which no new attempt starts.
+    pub max_elapsed: Duration,
+    /// One attempt that runs longer than this fails as transient.
+    pub attempt_timeout: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            initial_interval: Duration::from_millis(200),
+            multiplier: 2.0,
+            max_interval: Duration::from_secs(30),
+            randomization_factor: 0.3,
+            max_attempts: 8,
+            max_elapsed: Duration::from_secs(15 * 60),
+            attempt_timeout: Duration::from_secs(10 * 60),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// A policy that runs the step once: any error ends the run.
+    pub fn no_retry() -> Self {
+        Self {
+            max_attempts: 1,
+            ..Self::default()
+        }
+    }
+
+    fn backoff(&self) -> backoff::exponential::ExponentialBackoff<TokioClock> {
+        backoff::exponential::ExponentialBackoff {
+            current_interval: self.initial_interval,
+            initial_interval: self.initial_interval,
+            randomization_factor: self.randomization_factor,
+            multiplier: self.multiplier,
+            max_interval: self.max_interval,
+            start_time: TokioClock.now_std(),
+            max_elapsed_time: Some(self.max_elapsed),
+            clock: TokioClock,
+        }
+    }
+}
+
+/// What one attempt tells the retry loop.
+#[derive(Debug)]
+pub(crate) enum AttemptResult<T, E> {
+    Done(T),
+    /// Retry after the policy's next delay, unless a bound is reached.
+    Transient(E),
+    /// Stop now (`backoff::Error::Permanent`).
+    Permanent(E),
+}
+
+/// Runs `attempt` until it is done, permanent, or the policy's delay or elapsed bound ends it.
+/// The attempt count bound is the caller's, because it survives restarts.
+/// Delays are `tokio::time::sleep`, so tests can drive them with a paused clock.
+pub(crate) async fn retry<T, E, F, Fut>(policy: &RetryPolicy, mut attempt: F) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = AttemptResult<T, E>>,
+{
+    backoff::future::retry(policy.backoff(), || {
+        let fut = attempt();
+        async move {
+            match fut.await {
+                AttemptResult::Done(v) => Ok(v),
+                AttemptResult::Transient(e) => Err(backoff::Error::transient(e)),
+                AttemptResult::Permanent(e) => Err(backoff::Error::Permanent(e)),
+            }
+        }
+    })
+    .await
+}
+
+/// `backoff`'s elapsed-time bound on tokio's clock, so a paused clock pauses it too.
+#[derive(Clone, Copy, Debug, Default)]
+struct TokioClock;
+
+impl TokioClock {
+    fn now_std(self) -> std::time::Instant {
+        tokio::time::Instant::now().into_std()
+    }
+}
+
+impl backoff::Clock for TokioClock {
+    fn now(&self) -> std::time::Instant {
+        self.now_std()
+    }
+}

@@ -1,0 +1,229 @@
+//! One run's task: run the current step under its retry policy, commit the transition,
+//! move on. Returns how the run ended, or `None` when it stopped without ending (shutdown,
+//! cancel, fenced), in which case it stays as the run log says.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::FutureExt;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::engine::{Inner, RawOutcome, RunEnd};
+use super::retry::{AttemptResult, retry};
+use super::schema::{AttemptErrorKind, EventKind, Failure, FailureKind};
+use super::workflow::{BoundRun, CallError, ErasedWorkflow, StepError};
+use super::writer::{Change, Op, OpError, Update};
+use crate::fault;
+
+/// Why a step did not advance.
+enum StepStop {
+    /// The run fails; `last_attempt` is recorded before the `Finished` event.
+    Fail { failure: Failure, last_attempt: Option<EventKind> },
+    /// Stop the task without touching the run (shutdown, cancel, fenced) — or, with
+    /// `interrupted`, because the run log could not be written.
+    Stop { why: String, interrupted: bool },
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn drive(
+    inner: &Arc<Inner>,
+    wf: Arc<dyn ErasedWorkflow>,
+    bound: Arc<dyn BoundRun>,
+    id: &str,
+    mut w: Vec<u8>,
+    mut step: u32,
+    mut attempts: u32,
+    cancel: &CancellationToken,
+) -> Option<RunEnd> {
+    let span = tracing::info_span!("run", run_id = %id, workflow = wf.name());
+    async move {
+        loop {
+            let last = step as usize + 1 == wf.step_count();
+            match run_step(inner, &*wf, &bound, id, &w, step, attempts, last, cancel).await {
+                Ok(next) => {
+                    if last {
+                        return Some(RunEnd::Finished(RawOutcome::Completed(next)));
+                    }
+                    w = next;
+                    step += 1;
+                    attempts = 0;
+                }
+                Err(StepStop::Fail { failure, last_attempt }) => {
+                    let change = Change {
+                        id: id.to_owned(),
+                        expect_step: Some(step),
+                        update: Update::Fail(failure.clone()),
+                        events: last_attempt.into_iter().collect(),
+                    };
+                    return match inner.submit(Op::Change(change)).await {
+                        Ok(_) => {
+                            tracing::warn!(step = %failure.step, kind = ?failure.kind, error = %failure.error, "run failed");
+                            Some(RunEnd::Finished(RawOutcome::Failed(failure)))
+                        }
+                        Err(e) => stopped(e),
+                    };
+                }
+                Err(StepStop::Stop { why, interrupted }) => {
+                    tracing::debug!(%why, "run task stopped");
+                    return interrupted.then_some(RunEnd::Interrupted(why));
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// A write the run needed was refused or failed: fenced and stopped are quiet ends, a
+/// storage failure interrupts waiters (the run stays active for the next start).
+fn stopped(e: OpError) -> Option<RunEnd> {
+    match e {
+        OpError::Storage(_) => {
+            tracing::error!(error = %e, "run log write failed; the run stays active and resumes at the next start");
+            Some(RunEnd::Interrupted(e.to_string()))
+        }
+        _ => None,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_step(
+    inner: &Arc<Inner>,
+    wf: &dyn ErasedWorkflow,
+    bound: &Arc<dyn BoundRun>,
+    id: &str,
+    w: &[u8],
+    step: u32,
+    attempts_before: u32,
+    last: bool,
+    cancel: &CancellationToken,
+) -> Result<Vec<u8>, StepStop> {
+    let name = wf.step_name(step as usize);
+    let policy = wf.policy(step as usize).clone();
+    let mut attempts = attempts_before;
+    let fault_detail = format!("{id}/{name}");
+    retry(&policy, || {
+        attempts += 1;
+        let attempt = attempts;
+        let call = bound.call(step as usize, w, attempt);
+        let inner = inner.clone();
+        let policy = policy.clone();
+        let fault_detail = fault_detail.clone();
+        let span = tracing::info_span!("step", step = name, attempt, outcome = tracing::field::Empty);
+        let span_outcome = span.clone();
+        async move {
+            let started = Instant::now();
+            let guarded = tokio::time::timeout(policy.attempt_timeout, AssertUnwindSafe(call).catch_unwind());
+            let result = tokio::select! {
+                biased;
+                _ = inner.shutdown.cancelled() => return stop("shutdown"),
+                _ = cancel.cancelled() => return stop("cancelled"),
+                r = guarded => r,
+            };
+            let duration_ms = started.elapsed().as_millis() as u64;
+            let failed = |kind: AttemptErrorKind, error: String| EventKind::AttemptFailed {
+                step: name.to_owned(),
+                attempt,
+                error,
+                kind,
+                duration_ms,
+            };
+            let (kind, error) = match result {
+                Ok(Ok(Ok(next))) => {
+                    fault::point("fsm.before_commit", &fault_detail);
+                    let change = Change {
+                        id: id.to_owned(),
+                        expect_step: Some(step),
+                        update: Update::Advance { w: next.clone(), last },
+                        events: vec![EventKind::StepCompleted {
+                            step: name.to_owned(),
+                            attempt,
+                            duration_ms,
+                        }],
+                    };
+                    match inner.submit(Op::Change(change)).await {
+                        Ok(_) => {
+                            fault::point("fsm.after_commit", &fault_detail);
+                            span_outcome.record("outcome", "completed");
+                            return AttemptResult::Done(next);
+                        }
+                        Err(OpError::Storage(e)) => (AttemptErrorKind::Commit, format!("the step succeeded but its transition could not be committed: {e}")),
+                        Err(e) => return stop(&e.to_string()),
+                    }
+                }
+                Ok(Ok(Err(CallError::Step(StepError::Transient(e))))) => (AttemptErrorKind::Transient, e),
+                Ok(Ok(Err(CallError::Step(StepError::Abort(e))))) => {
+                    span_outcome.record("outcome", "aborted");
+                    return fail(name, FailureKind::Aborted, &e, failed(AttemptErrorKind::Abort, e.clone()));
+                }
+                Ok(Ok(Err(CallError::Corrupt(e)))) => {
+                    span_outcome.record("outcome", "corrupt");
+                    return fail(name, FailureKind::Corrupt, &e, failed(AttemptErrorKind::Corrupt, e.clone()));
+                }
+                Ok(Err(panic)) => (AttemptErrorKind::Panic, format!("step panicked: {}", panic_message(&*panic))),
+                Err(_) => (AttemptErrorKind::Timeout, format!("attempt timed out after {:?}", policy.attempt_timeout)),
+            };
+            span_outcome.record("outcome", "failed");
+            tracing::warn!(error = %error, ?kind, "step attempt failed");
+            if attempt >= policy.max_attempts {
+                let why = format!("{error} (attempt {attempt} of {})", policy.max_attempts);
+                return fail(name, FailureKind::RetriesExhausted, &why, failed(kind, error));
+            }
+            // Record the failed attempt before backing off, so the count survives a restart.
+            let change = Change {
+                id: id.to_owned(),
+                expect_step: Some(step),
+                update: Update::CountAttempt,
+                events: vec![failed(kind, error.clone())],
+            };
+            match inner.submit(Op::Change(change)).await {
+                Ok(_) => {}
+                Err(e @ OpError::Storage(_)) => {
+                    return AttemptResult::Permanent(StepStop::Stop { why: e.to_string(), interrupted: true });
+                }
+                Err(e) => return stop(&e.to_string()),
+            }
+            // Returned as the final error if the policy's elapsed-time bound ends the retries.
+            AttemptResult::Transient(StepStop::Fail {
+                failure: Failure {
+                    step: name.to_owned(),
+                    error: format!("{error} (retry time limit {:?} reached)", policy.max_elapsed),
+                    kind: FailureKind::RetriesExhausted,
+                },
+                last_attempt: None,
+            })
+        }
+        .instrument(span)
+    })
+    .await
+}
+
+fn stop(why: &str) -> AttemptResult<Vec<u8>, StepStop> {
+    AttemptResult::Permanent(StepStop::Stop {
+        why: why.to_owned(),
+        interrupted: false,
+    })
+}
+
+fn fail(step: &str, kind: FailureKind, error: &str, last_attempt: EventKind) -> AttemptResult<Vec<u8>, StepStop> {
+    AttemptResult::Permanent(StepStop::Fail {
+        failure: Failure {
+            step: step.to_owned(),
+            error: error.to_owned(),
+            kind,
+        },
+        last_attempt: Some(last_attempt),
+    })
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(non-string panic payload)".to_owned()
+    }
+}

@@ -1,0 +1,149 @@
+//! The engine's redb tables and the records stored in them. All table definitions live here.
+//!
+//! | table       | key                    | value                                   |
+//! |-------------|------------------------|-----------------------------------------|
+//! | `runs`      | run id                 | [`RunRecord`] as JSON                   |
+//! | `inputs`    | run id                 | the run's input `R` as JSON, written once |
+//! | `responses` | key(run id, step index)| `W` after that many steps; index 0 = initial `W` |
+//! | `events`    | key(run id, seq)       | [`Event`] as JSON                       |
+//!
+//! `key` is [`super::key::encode`]. Values are JSON so that the inspector can show them
+//! without knowing the workflow's types, and so that a record that no longer decodes can be
+//! reported with a reason instead of blocking a resume.
+
+use redb::TableDefinition;
+use serde::{Deserialize, Serialize};
+
+pub(crate) const RUNS: TableDefinition<&str, &[u8]> = TableDefinition::new("runs");
+pub(crate) const INPUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("inputs");
+pub(crate) const RESPONSES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("responses");
+pub(crate) const EVENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("events");
+
+/// Where a run stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Active,
+    Completed,
+    Failed,
+}
+
+impl RunStatus {
+    pub fn is_finished(self) -> bool {
+        self != RunStatus::Active
+    }
+}
+
+impl std::str::FromStr for RunStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "active" => Ok(Self::Active),
+            "completed" => Ok(Self::Completed),
+            "failed" => Ok(Self::Failed),
+            other => Err(format!(
+                "unknown run status {other:?}: expected active, completed or failed"
+            )),
+        }
+    }
+}
+
+/// Why a run failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// A step returned `Abort`.
+    Aborted,
+    /// A step kept failing until its retry policy gave up.
+    RetriesExhausted,
+    /// `cancel(id, reason)` ended it.
+    Cancelled,
+    /// Its stored record, input or response could not be decoded, or its workflow changed.
+    Corrupt,
+}
+
+/// A failed run's terminal record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    /// The step that was to run (or the workflow name if none could be named).
+    pub step: String,
+    pub error: String,
+    pub kind: FailureKind,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "step {} failed ({:?}): {}", self.step, self.kind, self.error)
+    }
+}
+
+/// The run's header row. Updated by every transition, in the same transaction as its event.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub workflow: String,
+    pub version: u32,
+    pub status: RunStatus,
+    /// Index of the step to run next; the step count once completed.
+    pub next_step: u32,
+    /// Failed attempts of `next_step` so far (restored on resume).
+    pub attempts: u32,
+    /// Sequence number of the next history event.
+    pub next_event: u64,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+    pub finished_at_ms: Option<u64>,
+    pub failure: Option<Failure>,
+}
+
+/// Why an attempt failed, as recorded in history.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptErrorKind {
+    Transient,
+    Abort,
+    Timeout,
+    Panic,
+    /// The step succeeded but its transition could not be committed.
+    Commit,
+    Corrupt,
+}
+
+/// One history event.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: u64,
+    pub at_ms: u64,
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum EventKind {
+    Started,
+    /// The process restarted and picked the run up again at `step`.
+    Resumed { step: String, attempts: u32 },
+    AttemptFailed {
+        step: String,
+        attempt: u32,
+        error: String,
+        kind: AttemptErrorKind,
+        duration_ms: u64,
+    },
+    StepCompleted {
+        step: String,
+        attempt: u32,
+        duration_ms: u64,
+    },
+    Finished {
+        status: RunStatus,
+        failure: Option<Failure>,
+    },
+}
+
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,354 @@
+//! The single writer: one OS thread owns every redb write and batches the requests that
+//! are waiting into one `Durability::Immediate` commit (the group commit).
+//!
+//! Protocol: a caller sends an [`Op`] and awaits its reply; the writer takes every request
+//! that is queued (up to [`MAX_BATCH`]), applies each in one write transaction, commits,
+//! and only then replies. So no transition is acknowledged before it is durable, and runs
+//! that finish steps together share one fsync. An op that fails validation (the run is no
+//! longer in the state the caller expects: fenced) writes nothing and the rest of the batch
+//! still commits; a storage error aborts the whole transaction and every op in it fails.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use redb::{Database, ReadableTable};
+use tokio::sync::{mpsc, oneshot};
+
+use super::key;
+use super::schema::{EVENTS, Event, EventKind, Failure, FailureKind, INPUTS, RESPONSES, RUNS, RunRecord, RunStatus, now_ms};
+
+/// Requests applied in one transaction at most.
+const MAX_BATCH: usize = 512;
+
+/// A change to one run.
+pub(crate) struct Change {
+    pub id: String,
+    /// The step the run must be at (active); `None` accepts any active run.
+    pub expect_step: Option<u32>,
+    pub update: Update,
+    /// Appended to history before the `Finished` event that `Complete`/`Fail` add.
+    pub events: Vec<EventKind>,
+}
+
+pub(crate) enum Update {
+    /// The step at `expect_step` completed with this response.
+    Advance { w: Vec<u8>, last: bool },
+    /// One more failed attempt of the current step.
+    CountAttempt,
+    Fail(Failure),
+    /// History only.
+    Nothing,
+}
+
+pub(crate) enum Op {
+    Start { id: String, record: RunRecord, input: Vec<u8>, w0: Vec<u8> },
+    Change(Change),
+    /// Replace an undecodable run record by a failed one carrying `reason`.
+    MarkCorrupt { id: String, reason: String },
+    /// Delete runs that finished before this time.
+    Prune { finished_before_ms: u64 },
+}
+
+pub(crate) enum Reply {
+    Created,
+    /// Start found the id already there.
+    Exists(RunRecord),
+    Applied,
+    Pruned(usize),
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum OpError {
+    #[error("run {0} does not exist")]
+    NotFound(String),
+    #[error("run {id} is no longer in the expected state: {why}")]
+    Fenced { id: String, why: String },
+    #[error("storage: {0}")]
+    Storage(String),
+    #[error("the engine has shut down")]
+    Stopped,
+}
+
+struct Request {
+    op: Op,
+    reply: oneshot::Sender<Result<Reply, OpError>>,
+}
+
+pub(crate) struct Writer {
+    tx: std::sync::Mutex<Option<mpsc::UnboundedSender<Request>>>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    commits: Arc<AtomicU64>,
+}
+
+impl Writer {
+    pub(crate) fn spawn(db: Arc<Database>) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let commits = Arc::new(AtomicU64::new(0));
+        let counter = commits.clone();
+        let thread = std::thread::Builder::new()
+            .name("fsm-writer".into())
+            .spawn(move || writer_loop(&db, rx, &counter))?;
+        Ok(Self {
+            tx: std::sync::Mutex::new(Some(tx)),
+            thread: std::sync::Mutex::new(Some(thread)),
+            commits,
+        })
+    }
+
+    pub(crate) async fn submit(&self, op: Op) -> Result<Reply, OpError> {
+        let (reply, rx) = oneshot::channel();
+        {
+            let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+            let tx = guard.as_ref().ok_or(OpError::Stopped)?;
+            tx.send(Request { op, reply }).map_err(|_| OpError::Stopped)?;
+        }
+        rx.await.map_err(|_| OpError::Stopped)?
+    }
+
+    /// Commits made so far (for the benchmark and tests of the group commit).
+    pub(crate) fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    /// Applies what is queued, then stops the thread and waits for it.
+    pub(crate) fn stop(&self) {
+        drop(self.tx.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = thread
+            && thread.join().is_err()
+        {
+            tracing::error!("the fsm writer thread panicked");
+        }
+    }
+}
+
+fn writer_loop(db: &Database, mut rx: mpsc::UnboundedReceiver<Request>, commits: &AtomicU64) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(req) => batch.push(req),
+                Err(_) => break,
+            }
+        }
+        match apply_batch(db, &mut batch) {
+            Ok(replies) => {
+                commits.fetch_add(1, Ordering::Relaxed);
+                for (req, reply) in batch.drain(..).zip(replies) {
+                    // The caller may have gone away (shutdown); the commit stands either way.
+                    if req.reply.send(reply).is_err() {
+                        tracing::debug!("fsm writer: a caller left before its commit was acknowledged");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, ops = batch.len(), "fsm commit failed; every op in the batch fails");
+                for req in batch.drain(..) {
+                    if req.reply.send(Err(OpError::Storage(e.to_string()))).is_err() {
+                        tracing::debug!("fsm writer: a caller left before its commit failed");
+                    }
+                }
+            }
+        }
+    }
+}
+
+type Replies = Vec<Result<Reply, OpError>>;
+
+fn apply_batch(db: &Database, batch: &mut [Request]) -> Result<Replies, redb::Error> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(redb::Durability::Immediate)?;
+    let mut replies = Vec::with_capacity(batch.len());
+    {
+        let mut t = Tables {
+            runs: txn.open_table(RUNS)?,
+            inputs: txn.open_table(INPUTS)?,
+            responses: txn.open_table(RESPONSES)?,
+            events: txn.open_table(EVENTS)?,
+        };
+        for req in batch.iter_mut() {
+            // Take the op out; the request keeps only its reply channel.
+            let op = std::mem::replace(&mut req.op, Op::Prune { finished_before_ms: 0 });
+            replies.push(t.apply(op)?);
+        }
+    }
+    txn.commit()?;
+    Ok(replies)
+}
+
+struct Tables<'t> {
+    runs: redb::Table<'t, &'static str, &'static [u8]>,
+    inputs: redb::Table<'t, &'static str, &'static [u8]>,
+    responses: redb::Table<'t, &'static [u8], &'static [u8]>,
+    events: redb::Table<'t, &'static [u8], &'static [u8]>,
+}
+
+/// The outer `Result` is a storage error (aborts the batch); the inner one is this op's.
+type Applied = Result<Result<Reply, OpError>, redb::Error>;
+
+impl Tables<'_> {
+    fn apply(&mut self, op: Op) -> Applied {
+        match op {
+            Op::Start { id, record, input, w0 } => self.start(&id, record, &input, &w0),
+            Op::Change(change) => self.change(change),
+            Op::MarkCorrupt { id, reason } => self.mark_corrupt(&id, reason),
+            Op::Prune { finished_before_ms } => self.prune(finished_before_ms),
+        }
+    }
+
+    fn read_record(&self, id: &str) -> Result<Option<Result<RunRecord, String>>, redb::Error> {
+        Ok(self
+            .runs
+            .get(id)?
+            .map(|v| serde_json::from_slice(v.value()).map_err(|e| e.to_string())))
+    }
+
+    fn put_record(&mut self, id: &str, record: &RunRecord) -> Result<(), redb::Error> {
+        let bytes = encode_record(record)?;
+        self.runs.insert(id, bytes.as_slice())?;
+        Ok(())
+    }
+
+    fn push_event(&mut self, id: &str, record: &mut RunRecord, kind: EventKind, at_ms: u64) -> Result<(), redb::Error> {
+        let event = Event { seq: record.next_event, at_ms, kind };
+        let bytes = serde_json::to_vec(&event).map_err(encode_error)?;
+        self.events.insert(key::encode(id, event.seq).as_slice(), bytes.as_slice())?;
+        record.next_event += 1;
+        Ok(())
+    }
+
+    fn start(&mut self, id: &str, mut record: RunRecord, input: &[u8], w0: &[u8]) -> Applied {
+        match self.read_record(id)? {
+            Some(Ok(existing)) => return Ok(Ok(Reply::Exists(existing))),
+            Some(Err(why)) => {
+                return Ok(Err(OpError::Fenced {
+                    id: id.to_owned(),
+                    why: format!("its stored record does not decode: {why}"),
+                }));
+            }
+            None => {}
+        }
+        self.inputs.insert(id, input)?;
+        self.responses.insert(key::encode(id, 0).as_slice(), w0)?;
+        let at = record.created_at_ms;
+        self.push_event(id, &mut record, EventKind::Started, at)?;
+        self.put_record(id, &record)?;
+        Ok(Ok(Reply::Created))
+    }
+
+    fn change(&mut self, c: Change) -> Applied {
+        let mut record = match self.read_record(&c.id)? {
+            None => return Ok(Err(OpError::NotFound(c.id))),
+            Some(Err(why)) => {
+                return Ok(Err(OpError::Fenced {
+                    id: c.id,
+                    why: format!("its stored record does not decode: {why}"),
+                }));
+            }
+            Some(Ok(r)) => r,
+        };
+        if record.status != RunStatus::Active {
+            let why = format!("it is {:?}", record.status);
+            return Ok(Err(OpError::Fenced { id: c.id, why }));
+        }
+        if let Some(step) = c.expect_step
+            && record.next_step != step
+        {
+            let why = format!("it is at step {}, not {step}", record.next_step);
+            return Ok(Err(OpError::Fenced { id: c.id, why }));
+        }
+        let now = now_ms();
+        for kind in c.events {
+            self.push_event(&c.id, &mut record, kind, now)?;
+        }
+        match c.update {
+            Update::Advance { w, last } => {
+                record.next_step += 1;
+                record.attempts = 0;
+                self.responses
+                    .insert(key::encode(&c.id, u64::from(record.next_step)).as_slice(), w.as_slice())?;
+                if last {
+                    record.status = RunStatus::Completed;
+                    record.finished_at_ms = Some(now);
+                    let kind = EventKind::Finished { status: RunStatus::Completed, failure: None };
+                    self.push_event(&c.id, &mut record, kind, now)?;
+                }
+            }
+            Update::CountAttempt => record.attempts += 1,
+            Update::Fail(failure) => {
+                record.status = RunStatus::Failed;
+                record.finished_at_ms = Some(now);
+                record.failure = Some(failure.clone());
+                let kind = EventKind::Finished { status: RunStatus::Failed, failure: Some(failure) };
+                self.push_event(&c.id, &mut record, kind, now)?;
+            }
+            Update::Nothing => {}
+        }
+        record.updated_at_ms = now;
+        self.put_record(&c.id, &record)?;
+        Ok(Ok(Reply::Applied))
+    }
+
+    fn mark_corrupt(&mut self, id: &str, reason: String) -> Applied {
+        let (lo, hi) = key::run_range(id);
+        let next_event = match self.events.range(lo.as_slice()..=hi.as_slice())?.next_back() {
+            Some(entry) => key::decode(entry?.0.value()).map_or(0, |(_, seq)| seq + 1),
+            None => 0,
+        };
+        let now = now_ms();
+        let failure = Failure {
+            step: "(unknown)".into(),
+            error: reason,
+            kind: FailureKind::Corrupt,
+        };
+        let mut record = RunRecord {
+            workflow: "(unknown)".into(),
+            version: 0,
+            status: RunStatus::Failed,
+            next_step: 0,
+            attempts: 0,
+            next_event,
+            created_at_ms: now,
+            updated_at_ms: now,
+            finished_at_ms: Some(now),
+            failure: Some(failure.clone()),
+        };
+        let kind = EventKind::Finished { status: RunStatus::Failed, failure: Some(failure) };
+        self.push_event(id, &mut record, kind, now)?;
+        self.put_record(id, &record)?;
+        Ok(Ok(Reply::Applied))
+    }
+
+    fn prune(&mut self, finished_before_ms: u64) -> Applied {
+        let mut doomed = Vec::new();
+        for entry in self.runs.iter()? {
+            let (id, value) = entry?;
+            // Undecodable records are never pruned here: resume marks them failed first.
+            if let Ok(record) = serde_json::from_slice::<RunRecord>(value.value())
+                && record.status.is_finished()
+                && record.finished_at_ms.is_some_and(|t| t < finished_before_ms)
+            {
+                doomed.push(id.value().to_owned());
+            }
+        }
+        for id in &doomed {
+            self.runs.remove(id.as_str())?;
+            self.inputs.remove(id.as_str())?;
+            let (lo, hi) = key::run_range(id);
+            self.responses.retain_in(lo.as_slice()..=hi.as_slice(), |_, _| false)?;
+            self.events.retain_in(lo.as_slice()..=hi.as_slice(), |_, _| false)?;
+        }
+        Ok(Ok(Reply::Pruned(doomed.len())))
+    }
+}
+
+fn encode_record(record: &RunRecord) -> Result<Vec<u8>, redb::Error> {
+    serde_json::to_vec(record).map_err(encode_error)
+}
+
+/// Encoding our own plain structs cannot fail in practice; if it does, the batch aborts
+/// rather than committing a half-written transition.
+fn encode_error(e: serde_json::Error) -> redb::Error {
+    redb::Error::from(std::io::Error::other(format!("encode: {e}")))
+}
