@@ -26,15 +26,15 @@ use super::writer::{Change, Op, OpError, Reply, Update, Writer};
 pub struct EngineConfig {
     /// Finished runs older than this are pruned with their history. Active runs never are.
     pub retention: Duration,
-    /// How often the pruner looks.
-    pub prune_interval: Duration,
+    /// How often the pruner looks; `None` runs no pruner (call `prune_finished_before`).
+    pub prune_interval: Option<Duration>,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             retention: Duration::from_secs(7 * 24 * 3600),
-            prune_interval: Duration::from_secs(3600),
+            prune_interval: Some(Duration::from_secs(3600)),
         }
     }
 }
@@ -531,7 +531,9 @@ impl Engine {
     fn spawn_pruner(&self) {
         let engine = self.clone();
         let shutdown = self.inner.shutdown.clone();
-        let interval = self.inner.config.prune_interval;
+        let Some(interval) = self.inner.config.prune_interval else {
+            return;
+        };
         let retention = self.inner.config.retention;
         self.inner.tasks.spawn(async move {
             loop {

@@ -114,6 +114,7 @@ async fn run_step(
         let span = tracing::info_span!("step", step = name, attempt, outcome = tracing::field::Empty);
         let span_outcome = span.clone();
         async move {
+            fault::point("fsm.before_step", &fault_detail);
             let started = Instant::now();
             let guarded = tokio::time::timeout(policy.attempt_timeout, AssertUnwindSafe(call).catch_unwind());
             let result = tokio::select! {

@@ -1,1 +1,602 @@
+//! Engine tests in one process: the guarantees of DESIGN.md section 2 that do not need a
+//! real crash (those are in `tests/tests/fsm_crash.rs`). A shutdown followed by a reopen
+//! stands in for a restart here; the run log is the same file.
 
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::*;
+
+fn config() -> EngineConfig {
+    EngineConfig {
+        retention: Duration::from_secs(3600),
+        prune_interval: None,
+    }
+}
+
+async fn open(dir: &tempfile::TempDir) -> Engine {
+    Engine::open(dir.path().join("runs.redb"), config()).await.expect("open engine")
+}
+
+fn quick(max_attempts: u32) -> RetryPolicy {
+    RetryPolicy {
+        initial_interval: Duration::from_millis(100),
+        multiplier: 2.0,
+        max_interval: Duration::from_secs(10),
+        randomization_factor: 0.0,
+        max_attempts,
+        max_elapsed: Duration::from_secs(3600),
+        attempt_timeout: Duration::from_secs(60),
+    }
+}
+
+/// Each step appends `<workflow>:<step>` to the chain.
+fn chain_workflow(name: &'static str) -> Workflow<String, Vec<String>> {
+    let mut wf = Workflow::new(name, 1);
+    for step in ["a", "b", "c"] {
+        wf = wf.step(step, move |req: StepRequest<String, Vec<String>>| async move {
+            let mut w = req.w;
+            w.push(format!("{name}:{step}"));
+            Ok(w)
+        });
+    }
+    wf
+}
+
+/// A workflow whose second step waits until `gate` opens (or forever).
+fn gated_workflow(name: &'static str, gate: Arc<tokio::sync::Semaphore>) -> Workflow<String, Vec<String>> {
+    Workflow::new(name, 1)
+        .step("first", move |req: StepRequest<String, Vec<String>>| async move {
+            let mut w = req.w;
+            w.push(format!("{name}:first"));
+            Ok(w)
+        })
+        .step("gated", move |req: StepRequest<String, Vec<String>>| {
+            let gate = gate.clone();
+            async move {
+                let _permit = gate.acquire().await.map_err(StepError::abort)?;
+                let mut w = req.w;
+                w.push(format!("{name}:gated:{}", req.r));
+                Ok(w)
+            }
+        })
+}
+
+async fn wait_for_step(engine: &Engine, id: &str, step_index: u32) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(d) = engine.run_detail(id).expect("read") {
+            if d.summary.step_index >= step_index {
+                return;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "run {id} never reached step {step_index}");
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn runs_thread_the_response_chain_and_record_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(&dir).await;
+    let wf = engine.register(chain_workflow("wf")).unwrap();
+    let out = wf.run("r1", &"in".to_string(), &vec!["init".into()]).await.unwrap();
+    assert_eq!(out, Outcome::Completed(vec!["init".into(), "wf:a".into(), "wf:b".into(), "wf:c".into()]));
+
+    let detail = engine.run_detail("r1").unwrap().unwrap();
+    assert_eq!(detail.summary.status, RunStatus::Completed);
+    assert_eq!(detail.input, serde_json::json!("in"));
+    assert_eq!(detail.responses.len(), 4, "initial response plus one per step");
+    assert_eq!(detail.responses[0].response, serde_json::json!(["init"]));
+    let kinds: Vec<_> = detail.events.iter().map(|e| serde_json::to_value(&e.kind).unwrap()["event"].clone()).collect();
+    assert_eq!(kinds, ["started", "step_completed", "step_completed", "step_completed", "finished"]);
+
+    // Starting a finished id returns its stored outcome; no step runs again.
+    match wf.start("r1", &"in".to_string(), &vec![]).await.unwrap() {
+        StartOutcome::Finished(Outcome::Completed(w)) => assert_eq!(w.len(), 4),
+        other => panic!("expected the stored outcome, got {other:?}"),
+    }
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn wait_on_an_unknown_id_is_not_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(&dir).await;
+    let wf = engine.register(chain_workflow("wf")).unwrap();
+    assert!(matches!(wf.wait("nope").await, Err(WaitError::NotFound(id)) if id == "nope"));
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn starting_an_active_id_returns_already_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(&dir).await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let wf = engine.register(gated_workflow("g", gate.clone())).unwrap();
+    assert_eq!(wf.start("x", &"1".into(), &vec![]).await.unwrap(), StartOutcome::Started);
+    assert_eq!(wf.start("x", &"2".into(), &vec![]).await.unwrap(), StartOutcome::AlreadyRunning);
+    gate.add_permits(1);
+    let out = wf.wait("x").await.unwrap();
+    assert_eq!(out, Outcome::Completed(vec!["g:first".into(), "g:gated:1".into()]), "the second start changed nothing");
+    engine.shutdown().await;
+}
+
+/// superfly/fsm defect: the initial W was not saved, so a crash before the first step lost it.
+#[tokio::test]
+async fn initial_response_survives_a_restart_before_the_first_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(&dir).await;
+    let never = Arc::new(tokio::sync::Semaphore::new(0));
+    let wf = Workflow::<String, Vec<String>>::new("w", 1).step("first", move |req| {
+        let never = never.clone();
+        async move {
+            let _p = never.acquire().await.map_err(StepError::abort)?;
+            Ok(req.w)
+        }
+    });
+    let wf = engine.register(wf).unwrap();
+    wf.start("r", &"in".into(), &vec!["initial".into()]).await.unwrap();
+    engine.shutdown().await;
+    drop((engine, wf));
+
+    let engine = open(&dir).await;
+    let wf = engine.register(chain_workflow("w")).unwrap();
+    let report = engine.resume_all().await.unwrap();
+    assert_eq!(report.resumed, ["r"]);
+    let out = wf.wait("r").await.unwrap();
+    assert_eq!(out, Outcome::Completed(vec!["initial".into(), "w:a".into(), "w:b".into(), "w:c".into()]));
+    engine.shutdown().await;
+}
+
+/// superfly/fsm defect: resumed runs inherited other runs' completed steps. Two workflows
+/// with the same input type, each with runs stopped mid-way, resume only their own runs.
+#[tokio::test]
+async fn workflows_sharing_an_input_type_never_resume_each_others_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(&dir).await;
+    let closed = Arc::new(tokio::sync::Semaphore::new(0));
+    let a = engine.register(gated_workflow("alpha", closed.clone())).unwrap();
+    let b = engine.register(gated_workflow("beta", closed.clone())).unwrap();
+    for i in 0..3 {
+        a.start(&format!("a{i}"), &format!("A{i}"), &vec![format!("a{i}")]).await.unwrap();
+        b.start(&format!("b{i}"), &format!("B{i}"), &vec![format!("b{i}")]).await.unwrap();
+    }
+    for i in 0..3 {
+        wait_for_step(&engine, &format!("a{i}"), 1).await;
+        wait_for_step(&engine, &format!("b{i}"), 1).await;
+    }
+    engine.shutdown().await;
+    drop((engine, a, b));
+
+    let engine = open(&dir).await;
+    let open_gate = Arc::new(tokio::sync::Semaphore::new(1000));
+    let a = engine.register(gated_workflow("alpha", open_gate.clone())).unwrap();
+    let b = engine.register(gated_workflow("beta", open_gate)).unwrap();
+    let mut report = engine.resume_all().await.unwrap();
+    report.resumed.sort();
+    assert_eq!(report.resumed, ["a0", "a1", "a2", "b0", "b1", "b2"]);
+    for i in 0..3 {
+        let wa = a.wait(&format!("a{i}")).await.unwrap();
+        assert_eq!(wa, Outcome::Completed(vec![format!("a{i}"), "alpha:first".into(), format!("alpha:gated:A{i}")]));
+        let wb = b.wait(&format!("b{i}")).await.unwrap();
+        assert_eq!(wb, Outcome::Completed(vec![format!("b{i}"), "beta:first".into(), format!("beta:gated:B{i}")]));
+    }
+    engine.shutdown().await;
+}
+
+/// superfly/fsm defect: `Wait` returned nil for failed runs after a restart.
+#[tokio::test]
+async fn a_failed_runs_wait_after_restart_returns_the_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(&dir).await;
+    let wf = Workflow::<String, u32>::new("f", 1)
+        .step("ok", |req| async move { Ok(req.w + 1) })
+        .step("boom", |_req| async move { Err(StepError::abort("manifest is malformed")) });
+    let wf = engine.register(wf).unwrap();
+    let first = wf.run("r", &"x".into(), &0).await.unwrap();
+    engine.shutdown().await;
+    drop((engine, wf));
+
+    let engine = open(&dir).await;
+    let wf = engine.register(Workflow::<String, u32>::new("f", 1).step("ok", |r| async move { Ok(r.w) }).step("boom", |r| async move { Ok(r.w) })).unwrap();
+    engine.resume_all().await.unwrap();
+    let after = wf.wait("r").await.unwrap();
+    let expected = Outcome::Failed(Failure {
+        step: "boom".into(),
+        error: "manifest is malformed".into(),
+        kind: FailureKind::Aborted,
+    });
+    assert_eq!(first, expected);
+    assert_eq!(after, expected);
+    engine.shutdown().await;
+}
+
+/// superfly/fsm defect: retries forever. The policy's attempt bound ends the run.
+#[tokio::test(start_paused = true)]
+async fn retries_stop_at_the_policys_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(&dir).await;
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let wf = Workflow::<(), ()>::new("r", 1).step_with("flaky", quick(4), move |_req| {
+        c.fetch_add(1, Ordering::SeqCst);
+        async move { Err(StepError::transient("connection reset")) }
+    });
+    let wf = engine.register(wf).unwrap();
+    let out = wf.run("r", &(), &()).await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 4);
+    match out {
+        Outcome::Failed(f) => {
+            assert_eq!(f.kind, FailureKind::RetriesExhausted);
+            assert!(f.error.contains("connection reset") && f.error.contains("attempt 4 of 4"), "{}", f.error);
+        }
+        other => panic!("expected failure, got {other:?}"),
+    }
+    let failed_attempts = engine
+        .run_detail("r")
+        .unwrap()
+        .unwrap()
+        .events
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::AttemptFailed { .. }))
+        .count();
+    assert_eq!(failed_attempts, 4, "every failed attempt is in the history");
+    engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_stop_at_the_elapsed_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(&dir).await;
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let policy = RetryPolicy {
+        max_attempts: 1000,
+        max_elapsed: Duration::from_millis(1000),
+        ..quick(1000)
+    };
+    // Delays 100, 200, 400, 800: the elapsed bound (1 s) is passed after the fourth delay.
+    let wf = Workflow::<(), ()>::new("r", 1).step_with("flaky", policy, move |_req| {
+        c.fetch_add(1, Ordering::SeqCst);
+        async move { Err(StepError::transient("busy")) }
+    });
+    let wf = engine.register(wf).unwrap();
+    let out = wf.run("r", &(), &()).await.unwrap();
+    assert!(matches!(out, Outcome::Failed(ref f) if f.kind == FailureKind::RetriesExhausted), "{out:?}");
+    let n = calls.load(Ordering::SeqCst);
+    assert!((4..=5).contains(&n), "the elapsed bound stops retries after 4 or 5 attempts, got {n}");
+    engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn abort_stops_after_one_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(&dir).await;
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let wf = Workflow::<(), ()>::new("a", 1).step_with("no", quick(10), move |_req| {
+        c.fetch_add(1, Ordering::SeqCst);
+        async move { Err(StepError::abort("no layers")) }
+    });
+    let wf = engine.register(wf).unwrap();
+    let out = wf.run("r", &(), &()).await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert!(matches!(out, Outcome::Failed(ref f) if f.kind == FailureKind::Aborted && f.error == "no layers"), "{out:?}");
+    engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn transient_errors_back_off_with_growing_delays() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(&dir).await;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let wf = Workflow::<(), u32>::new("t", 1).step_with("flaky", quick(10), move |req| {
+        s.lock().unwrap().push((req.attempt, tokio::time::Instant::now()));
+        async move {
+            if req.attempt < 5 {
+                Err(StepError::transient("not yet"))
+            } else {
+                Ok(req.attempt)
+            }
+        }
+    });
+    let wf = engine.register(wf).unwrap();
+    assert_eq!(wf.run("r", &(), &0).await.unwrap(), Outcome::Completed(5));
+    let seen = seen.lock().unwrap().clone();
+    let attempts: Vec<u32> = seen.iter().map(|(a, _)| *a).collect();
+    assert_eq!(attempts, [1, 2, 3, 4, 5]);
+    let delays: Vec<Duration> = seen.windows(2).map(|w| w[1].1 - w[0].1).collect();
+    assert_eq!(delays, [100, 200, 400, 800].map(Duration::from_millis), "exponential, multiplier 2, no jitter");
+    engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panic_is_caught_and_counted_as_a_failed_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(&dir).await;
+    let wf = Workflow::<(), u32>::new("p", 1).step_with("sometimes_panics", quick(3), |req| async move {
+        if req.attempt == 1 {
+            panic!("bug in step");
+        }
+        Ok(req.attempt)
+    });
+    let wf = engine.register(wf).unwrap();
+    assert_eq!(wf.run("r", &(), &0).await.unwrap(), Outcome::Completed(2));
+    let detail = engine.run_detail("r").unwrap().unwrap();
+    let panicked = detail.events.iter().any(|e| {
+        matches!(&e.kind, EventKind::AttemptFailed { kind: AttemptErrorKind::Panic, error, attempt: 1, .. } if error.contains("bug in step"))
+    });
+    assert!(panicked, "history records the panic: {:?}", detail.events);
+    engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_attempt_past_its_timeout_fails_and_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(&dir).await;
+    let policy = RetryPolicy {
+        attempt_timeout: Duration::from_secs(5),
+        ..quick(3)
+    };
+    let wf = Workflow::<(), u32>::new("t", 1).step_with("slow_once", policy, |req| async move {
+        if req.attempt == 1 {
+            std::future::pending::<()>().await;
+        }
+        Ok(req.attempt)
+    });
+    let wf = engine.register(wf).unwrap();
+    assert_eq!(wf.run("r", &(), &0).await.unwrap(), Outcome::Completed(2));
+    let detail = engine.run_detail("r").unwrap().unwrap();
+    assert!(detail.events.iter().any(|e| matches!(e.kind, EventKind::AttemptFailed { kind: AttemptErrorKind::Timeout, .. })));
+    engine.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_attempt_count_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(&dir).await;
+    let wf = Workflow::<(), u32>::new("c", 1).step_with("flaky", quick(3), |_req| async move { Err::<u32, _>(StepError::transient("down")) });
+    let wf = engine.register(wf).unwrap();
+    wf.start("r", &(), &0).await.unwrap();
+    // Two failed attempts recorded, then the process stops during the backoff.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while engine.run_detail("r").unwrap().unwrap().summary.attempts < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "two attempts never recorded");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    engine.shutdown().await;
+    drop((engine, wf));
+
+    let engine = open(&dir).await;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let wf = engine
+        .register(Workflow::<(), u32>::new("c", 1).step_with("flaky", quick(3), move |req| {
+            s.lock().unwrap().push(req.attempt);
+            async move { Err::<u32, _>(StepError::transient("still down")) }
+        }))
+        .unwrap();
+    engine.resume_all().await.unwrap();
+    let out = wf.wait("r").await.unwrap();
+    assert_eq!(*seen.lock().unwrap(), [3], "only the third and last attempt runs after the restart");
+    assert!(matches!(out, Outcome::Failed(ref f) if f.kind == FailureKind::RetriesExhausted), "{out:?}");
+    engine.shutdown().await;
+}
+
+/// superfly/fsm defect: one undecodable run blocked the resume of all others.
+#[tokio::test]
+async fn an_undecodable_run_is_failed_with_a_reason_and_does_not_block_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(&dir).await;
+    let closed = Arc::new(tokio::sync::Semaphore::new(0));
+    let wf = engine.register(gated_workflow("g", closed)).unwrap();
+    for id in ["good1", "bad", "good2"] {
+        wf.start(id, &id.to_string(), &vec![]).await.unwrap();
+        wait_for_step(&engine, id, 1).await;
+    }
+    engine.shutdown().await;
+    drop((engine, wf));
+    {
+        let db = redb::Database::create(dir.path().join("runs.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(schema::RUNS).unwrap().insert("bad", b"{not json".as_slice()).unwrap();
+        txn.commit().unwrap();
+    }
+
+    let engine = open(&dir).await;
+    let wf = engine.register(gated_workflow("g", Arc::new(tokio::sync::Semaphore::new(100)))).unwrap();
+    let mut report = engine.resume_all().await.unwrap();
+    report.resumed.sort();
+    assert_eq!(report.resumed, ["good1", "good2"]);
+    assert_eq!(report.failed.len(), 1);
+    assert_eq!(report.failed[0].0, "bad");
+    assert!(report.failed[0].1.contains("does not decode"), "{}", report.failed[0].1);
+    for id in ["good1", "good2"] {
+        assert!(matches!(wf.wait(id).await.unwrap(), Outcome::Completed(_)));
+    }
+    match wf.wait("bad").await.unwrap() {
+        Outcome::Failed(f) => assert_eq!(f.kind, FailureKind::Corrupt),
+        other => panic!("{other:?}"),
+    }
+    let history = engine.run_detail("bad").unwrap().unwrap();
+    assert_eq!(history.summary.status, RunStatus::Failed);
+    assert!(history.events.len() >= 3, "the earlier history is kept: {:?}", history.events);
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_run_of_another_workflow_version_is_failed_not_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(&dir).await;
+    let wf = engine.register(gated_workflow("g", Arc::new(tokio::sync::Semaphore::new(0)))).unwrap();
+    wf.start("r", &"x".into(), &vec![]).await.unwrap();
+    wait_for_step(&engine, "r", 1).await;
+    engine.shutdown().await;
+    drop((engine, wf));
+
+    let engine = open(&dir).await;
+    let v2 = Workflow::<String, Vec<String>>::new("g", 2).step("first", |r| async move { Ok(r.w) });
+    let wf = engine.register(v2).unwrap();
+    let report = engine.resume_all().await.unwrap();
+    assert!(report.resumed.is_empty());
+    match wf.wait("r").await.unwrap() {
+        Outcome::Failed(f) => assert!(f.kind == FailureKind::Corrupt && f.error.contains("version 1"), "{f:?}"),
+        other => panic!("{other:?}"),
+    }
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn cancel_ends_an_active_run_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(&dir).await;
+    let wf = engine.register(gated_workflow("g", Arc::new(tokio::sync::Semaphore::new(0)))).unwrap();
+    wf.start("r", &"x".into(), &vec![]).await.unwrap();
+    wait_for_step(&engine, "r", 1).await;
+    let waiter = {
+        let wf = wf.clone();
+        tokio::spawn(async move { wf.wait("r").await })
+    };
+    engine.cancel("r", "operator asked").await.unwrap();
+    let expected = Outcome::Failed(Failure {
+        step: "gated".into(),
+        error: "operator asked".into(),
+        kind: FailureKind::Cancelled,
+    });
+    assert_eq!(waiter.await.unwrap().unwrap(), expected);
+    assert!(matches!(engine.cancel("r", "again").await, Err(CancelError::NotActive { .. })));
+    assert!(matches!(engine.cancel("zzz", "x").await, Err(CancelError::NotFound(_))));
+    assert_eq!(wf.start("r", &"x".into(), &vec![]).await.unwrap(), StartOutcome::Finished(expected));
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_leaves_runs_active_and_interrupts_waiters() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(&dir).await;
+    let wf = engine.register(gated_workflow("g", Arc::new(tokio::sync::Semaphore::new(0)))).unwrap();
+    wf.start("r", &"x".into(), &vec![]).await.unwrap();
+    wait_for_step(&engine, "r", 1).await;
+    let waiter = {
+        let wf = wf.clone();
+        tokio::spawn(async move { wf.wait("r").await })
+    };
+    engine.shutdown().await;
+    assert!(matches!(waiter.await.unwrap(), Err(WaitError::Interrupted { .. })));
+    drop((engine, wf));
+    let engine = open(&dir).await;
+    let run = engine.run_detail("r").unwrap().unwrap();
+    assert_eq!(run.summary.status, RunStatus::Active);
+    assert_eq!(run.summary.step_index, 1);
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn concurrent_runs_share_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(&dir).await;
+    let wf = engine.register(chain_workflow("wf")).unwrap();
+    let before = engine.commit_count();
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let wf = wf.clone();
+        tasks.push(tokio::spawn(async move { wf.run(&format!("r{i}"), &String::new(), &vec![]).await }));
+    }
+    for t in tasks {
+        assert!(matches!(t.await.unwrap().unwrap(), Outcome::Completed(w) if w.len() == 3));
+    }
+    let commits = engine.commit_count() - before;
+    // 64 starts + 3 transitions each = 256 writes.
+    assert!(commits < 256, "group commit: 256 writes took {commits} commits");
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn pruning_removes_finished_runs_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(&dir).await;
+    let done = engine.register(chain_workflow("done")).unwrap();
+    let gated = engine.register(gated_workflow("g", Arc::new(tokio::sync::Semaphore::new(0)))).unwrap();
+    done.run("finished", &String::new(), &vec![]).await.unwrap();
+    gated.start("active", &String::new(), &vec![]).await.unwrap();
+    wait_for_step(&engine, "active", 1).await;
+
+    assert_eq!(engine.prune_finished_before(0).await.unwrap(), 0, "nothing finished before the epoch");
+    let far_future = u64::MAX;
+    assert_eq!(engine.prune_finished_before(far_future).await.unwrap(), 1);
+    assert!(engine.run_detail("finished").unwrap().is_none());
+    assert!(engine.run_detail("active").unwrap().is_some(), "active runs are never pruned");
+    assert!(matches!(done.wait("finished").await, Err(WaitError::NotFound(_))));
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn list_runs_filters_by_workflow_and_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(&dir).await;
+    let a = engine.register(chain_workflow("a")).unwrap();
+    let f = engine.register(Workflow::<String, u32>::new("f", 1).step("x", |_r| async move { Err(StepError::abort("no")) })).unwrap();
+    for i in 0..3 {
+        a.run(&format!("a{i}"), &String::new(), &vec![]).await.unwrap();
+    }
+    f.run("f0", &String::new(), &0).await.unwrap();
+    let all = engine.list_runs(&RunFilter::default()).unwrap();
+    assert_eq!(all.len(), 4);
+    let only_a = engine.list_runs(&RunFilter { workflow: Some("a".into()), ..Default::default() }).unwrap();
+    assert_eq!(only_a.len(), 3);
+    let failed = engine.list_runs(&RunFilter { status: Some(RunStatus::Failed), ..Default::default() }).unwrap();
+    assert_eq!(failed.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["f0"]);
+    let limited = engine.list_runs(&RunFilter { limit: Some(2), ..Default::default() }).unwrap();
+    assert_eq!(limited.len(), 2);
+    let wfs = engine.workflows();
+    assert_eq!(wfs[0].name, "a");
+    assert_eq!(wfs[0].steps, ["a", "b", "c"]);
+    engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_second_engine_on_the_same_file_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(&dir).await;
+    match Engine::open(dir.path().join("runs.redb"), config()).await {
+        Err(e @ OpenError::AlreadyOpen { .. }) => assert!(e.to_string().contains("runs.redb")),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a second engine opened the same run log"),
+    }
+    engine.shutdown().await;
+}
+
+#[derive(Serialize, Deserialize)]
+struct Odd {
+    id: u64,
+}
+
+#[tokio::test]
+async fn arbitrary_ids_are_kept_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(&dir).await;
+    let wf = engine.register(Workflow::<Odd, Vec<u64>>::new("o", 1).step("s", |r| async move {
+        let mut w = r.w;
+        w.push(r.r.id);
+        Ok(w)
+    }))
+    .unwrap();
+    let ids = ["a", "a\0", "a\0\0", "\u{1F600}", "prepare-x", "prepare-x/y", " ", "ab", "a b"];
+    for (i, id) in ids.iter().enumerate() {
+        wf.run(id, &Odd { id: i as u64 }, &vec![]).await.unwrap();
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let d = engine.run_detail(id).unwrap().unwrap();
+        assert_eq!(d.responses.len(), 2, "{id:?}");
+        assert_eq!(d.responses[1].response, serde_json::json!([i]), "{id:?}");
+        assert_eq!(d.events.len(), 3, "{id:?}");
+    }
+    assert!(matches!(wf.start("", &Odd { id: 0 }, &vec![]).await, Err(StartError::InvalidId(_))));
+    engine.shutdown().await;
+}

@@ -1,1 +1,129 @@
-//! placeholder
+//! The host's SQLite database: images, snapshots, leases and id sequences.
+//!
+//! One file per host, opened by every process that needs it (the worker, the CLI, tests).
+//! WAL mode with `synchronous=FULL`: an intent record (a base or snapshot id about to be
+//! created) is durable before the side effect it announces, so a power loss cannot leave an
+//! orphan. A busy timeout makes short contention wait instead of fail; past it the error is
+//! [`StoreError::Locked`]. Migrations run at open, in one transaction.
+//!
+//! Calls are synchronous and short (one statement, one fsync at most); async callers run
+//! them in `spawn_blocking` when they sit on a hot path.
+
+mod error;
+mod images;
+mod lease;
+mod migrations;
+mod sequence;
+mod snapshots;
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+
+pub use error::StoreError;
+pub use images::ImageRow;
+pub use lease::{Holder, LeaseInfo};
+pub use snapshots::{SnapshotRow, SnapshotState};
+
+/// Store settings.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// How long a statement waits for another connection's lock before `Locked`.
+    pub busy_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            busy_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The host database.
+pub struct Store {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` and applies pending migrations.
+    pub fn open(path: impl AsRef<Path>) -> Result<Store, StoreError> {
+        Self::open_with(path, &StoreOptions::default())
+    }
+
+    pub fn open_with(path: impl AsRef<Path>, options: &StoreOptions) -> Result<Store, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let err = |e| StoreError::classify(&path, e);
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let mut conn = Connection::open_with_flags(&path, flags).map_err(err)?;
+        conn.busy_timeout(options.busy_timeout).map_err(err)?;
+        // journal_mode answers with a row; the first read of the file happens here, so a
+        // corrupt or foreign file is reported now, not at the first job.
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::ReadOnly {
+                path,
+                detail: format!("could not switch to WAL mode (journal_mode is {mode})"),
+            });
+        }
+        conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(err)?;
+        migrate(&path, &mut conn)?;
+        Ok(Store {
+            path,
+            conn: Mutex::new(conn),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The schema version (number of migrations applied).
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        self.with_conn(|c| c.query_row("PRAGMA user_version", [], |r| r.get(0)))
+    }
+
+    pub(crate) fn with_conn<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+        // A panic while holding the connection leaves no half-done statement behind:
+        // SQLite rolls back an unfinished statement itself.
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&conn).map_err(|e| StoreError::classify(&self.path, e))
+    }
+}
+
+fn migrate(path: &Path, conn: &mut Connection) -> Result<(), StoreError> {
+    let err = |e| StoreError::classify(path, e);
+    let known = migrations::MIGRATIONS.len() as i64;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(err)?;
+    if version > known {
+        return Err(StoreError::TooNew {
+            path: path.to_path_buf(),
+            found: version,
+            known,
+        });
+    }
+    for (i, sql) in migrations::MIGRATIONS.iter().enumerate().skip(version as usize) {
+        tx.execute_batch(sql).map_err(err)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64).map_err(err)?;
+    }
+    tx.commit().map_err(err)
+}
+
+/// Milliseconds since the epoch, as SQLite stores times here.
+pub(crate) fn epoch_ms(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,139 @@
+//! The `snapshots` table: one row per activation (run id → snapshot).
+//!
+//! The row is written in state `intended`, with its id allocated from the `snap` sequence,
+//! before the volume is created; a resume after a crash finds it and finishes the same
+//! snapshot instead of creating a second one.
+
+use rusqlite::{OptionalExtension, params};
+
+use super::{Store, StoreError, epoch_ms};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotState {
+    Intended,
+    Exposed,
+    Released,
+}
+
+impl SnapshotState {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Intended => "intended",
+            Self::Exposed => "exposed",
+            Self::Released => "released",
+        }
+    }
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "intended" => Some(Self::Intended),
+            "exposed" => Some(Self::Exposed),
+            "released" => Some(Self::Released),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotRow {
+    pub id: u64,
+    pub run_id: String,
+    pub family: String,
+    pub base_vol_id: u64,
+    pub vol_id: String,
+    pub path: Option<String>,
+    pub state: SnapshotState,
+    pub created_at_ms: i64,
+    pub released_at_ms: Option<i64>,
+}
+
+const COLUMNS: &str = "id, run_id, family, base_vol_id, vol_id, path, state, created_at, released_at";
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotRow> {
+    let state: String = r.get(6)?;
+    Ok(SnapshotRow {
+        id: r.get::<_, i64>(0)? as u64,
+        run_id: r.get(1)?,
+        family: r.get(2)?,
+        base_vol_id: r.get::<_, i64>(3)? as u64,
+        vol_id: r.get(4)?,
+        path: r.get(5)?,
+        state: SnapshotState::parse(&state).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(6, rusqlite::types::Type::Text, format!("unknown snapshot state {state:?}").into())
+        })?,
+        created_at_ms: r.get(7)?,
+        released_at_ms: r.get(8)?,
+    })
+}
+
+impl Store {
+    /// Records the intended snapshot of `run_id`, or returns the one already recorded.
+    /// `vol_id` is computed from the allocated id by `name`.
+    pub fn intend_snapshot(&self, run_id: &str, family: &str, base_vol_id: u64, name: impl Fn(u64) -> String) -> Result<SnapshotRow, StoreError> {
+        if let Some(existing) = self.snapshot_by_run(run_id)? {
+            return Ok(existing);
+        }
+        let id = self.next_id("snap")?;
+        let now = epoch_ms(std::time::SystemTime::now());
+        self.with_conn(|c| {
+            c.execute(
+                "INSERT INTO snapshots (id, run_id, family, base_vol_id, vol_id, state, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'intended', ?6) ON CONFLICT (run_id) DO NOTHING",
+                params![id as i64, run_id, family, base_vol_id as i64, name(id), now],
+            )
+        })?;
+        // Re-read: a concurrent caller with the same run id may have won; its row stands.
+        self.snapshot_by_run(run_id)?.ok_or_else(|| StoreError::Invalid {
+            path: self.path.clone(),
+            what: format!("snapshot of run {run_id}"),
+            detail: "vanished right after it was recorded".into(),
+        })
+    }
+
+    pub fn snapshot_by_run(&self, run_id: &str) -> Result<Option<SnapshotRow>, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM snapshots WHERE run_id = ?1");
+        self.with_conn(|c| c.query_row(&sql, params![run_id], row).optional())
+    }
+
+    pub fn snapshot(&self, id: u64) -> Result<Option<SnapshotRow>, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM snapshots WHERE id = ?1");
+        self.with_conn(|c| c.query_row(&sql, params![id as i64], row).optional())
+    }
+
+    /// Every snapshot, oldest first.
+    pub fn list_snapshots(&self) -> Result<Vec<SnapshotRow>, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM snapshots ORDER BY id");
+        self.with_conn(|c| {
+            let mut stmt = c.prepare(&sql)?;
+            let rows = stmt.query_map([], row)?;
+            rows.collect()
+        })
+    }
+
+    pub fn set_snapshot_exposed(&self, id: u64, path: &str) -> Result<(), StoreError> {
+        self.update_snapshot(id, "state = 'exposed', path = ?2", params![id as i64, path])
+    }
+
+    pub fn set_snapshot_released(&self, id: u64) -> Result<(), StoreError> {
+        let now = epoch_ms(std::time::SystemTime::now());
+        self.update_snapshot(id, "state = 'released', released_at = ?2", params![id as i64, now])
+    }
+
+    fn update_snapshot(&self, id: u64, set: &str, params: &[&dyn rusqlite::ToSql]) -> Result<(), StoreError> {
+        let sql = format!("UPDATE snapshots SET {set} WHERE id = ?1");
+        let changed = self.with_conn(|c| c.execute(&sql, params))?;
+        if changed == 0 {
+            return Err(StoreError::Invalid {
+                path: self.path.clone(),
+                what: format!("snapshot {id}"),
+                detail: "is not recorded".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl SnapshotState {
+    pub fn name(self) -> &'static str {
+        self.as_str()
+    }
+}
