@@ -67,9 +67,41 @@ impl Store {
         Ok(out)
     }
 
-    /// Records the base volume id allocated for `family` (the intent, before creating it).
-    pub fn set_base_vol_id(&self, family: &str, base_vol_id: u64) -> Result<(), StoreError> {
-        self.update_image(family, "base_vol_id = ?2", params![family, base_vol_id as i64])
+    /// The base volume id of `family`: the recorded one, or a new one from the `base`
+    /// sequence recorded in the same transaction (the intent, written before the volume is
+    /// created). The family must have been recorded with `upsert_image`.
+    pub fn intend_base(&self, family: &str) -> Result<u64, StoreError> {
+        let now = epoch_ms(std::time::SystemTime::now());
+        let id = self.with_conn(|c| {
+            let tx = rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)?;
+            let existing: Option<Option<i64>> = tx
+                .query_row("SELECT base_vol_id FROM images WHERE family = ?1", params![family], |r| r.get(0))
+                .optional()?;
+            let id = match existing {
+                None => return Ok(None),
+                Some(Some(id)) => id,
+                Some(None) => {
+                    let id = super::sequence::next_in(&tx, "base")?;
+                    tx.execute(
+                        "UPDATE images SET base_vol_id = ?2, updated_at = ?3 WHERE family = ?1",
+                        params![family, id, now],
+                    )?;
+                    id
+                }
+            };
+            tx.commit()?;
+            Ok(Some(id))
+        })?;
+        id.map(|id| id as u64).ok_or_else(|| StoreError::Invalid {
+            path: self.path.clone(),
+            what: format!("image family {family}"),
+            detail: "is not recorded; record it with upsert_image first".into(),
+        })
+    }
+
+    /// Forgets the base of `family` (after its volume was deleted).
+    pub fn clear_base_vol_id(&self, family: &str) -> Result<(), StoreError> {
+        self.update_image(family, "base_vol_id = NULL, prepared = 0, prepared_at = NULL", params![family])
     }
 
     pub fn set_manifest_digest(&self, family: &str, digest: &str) -> Result<(), StoreError> {

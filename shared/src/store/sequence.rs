@@ -8,19 +8,22 @@ use super::{Store, StoreError};
 impl Store {
     /// The next value of namespace `ns`: 1 the first time, then 2, 3, ...
     pub fn next_id(&self, ns: &str) -> Result<u64, StoreError> {
-        let v: i64 = self.with_conn(|c| {
-            c.query_row(
-                "INSERT INTO sequences (ns, v) VALUES (?1, 1)
-                 ON CONFLICT (ns) DO UPDATE SET v = v + 1
-                 RETURNING v",
-                params![ns],
-                |r| r.get(0),
-            )
-        })?;
+        let v = self.with_conn(|c| next_in(c, ns))?;
         u64::try_from(v).map_err(|_| StoreError::Invalid {
             path: self.path.clone(),
             what: format!("sequence {ns}"),
             detail: format!("holds a negative value {v}"),
         })
     }
+}
+
+/// Advances `ns` on `conn` (inside the caller's transaction, if any) and returns the value.
+pub(crate) fn next_in(conn: &rusqlite::Connection, ns: &str) -> rusqlite::Result<i64> {
+    conn.query_row(
+        "INSERT INTO sequences (ns, v) VALUES (?1, 1)
+         ON CONFLICT (ns) DO UPDATE SET v = v + 1
+         RETURNING v",
+        params![ns],
+        |r| r.get(0),
+    )
 }

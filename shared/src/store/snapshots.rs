@@ -67,25 +67,26 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotRow> {
 
 impl Store {
     /// Records the intended snapshot of `run_id`, or returns the one already recorded.
-    /// `vol_id` is computed from the allocated id by `name`.
+    /// The id comes from the `snap` sequence and is taken in the same transaction as the
+    /// row, so a crash leaves neither a row without its id nor a gap. `name` makes the
+    /// backend's volume name from the id.
     pub fn intend_snapshot(&self, run_id: &str, family: &str, base_vol_id: u64, name: impl Fn(u64) -> String) -> Result<SnapshotRow, StoreError> {
-        if let Some(existing) = self.snapshot_by_run(run_id)? {
-            return Ok(existing);
-        }
-        let id = self.next_id("snap")?;
         let now = epoch_ms(std::time::SystemTime::now());
+        let select = format!("SELECT {COLUMNS} FROM snapshots WHERE run_id = ?1");
         self.with_conn(|c| {
-            c.execute(
+            let tx = rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)?;
+            if let Some(existing) = tx.query_row(&select, params![run_id], row).optional()? {
+                return Ok(existing);
+            }
+            let id = super::sequence::next_in(&tx, "snap")?;
+            tx.execute(
                 "INSERT INTO snapshots (id, run_id, family, base_vol_id, vol_id, state, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'intended', ?6) ON CONFLICT (run_id) DO NOTHING",
-                params![id as i64, run_id, family, base_vol_id as i64, name(id), now],
-            )
-        })?;
-        // Re-read: a concurrent caller with the same run id may have won; its row stands.
-        self.snapshot_by_run(run_id)?.ok_or_else(|| StoreError::Invalid {
-            path: self.path.clone(),
-            what: format!("snapshot of run {run_id}"),
-            detail: "vanished right after it was recorded".into(),
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'intended', ?6)",
+                params![id, run_id, family, base_vol_id as i64, name(id as u64), now],
+            )?;
+            let created = tx.query_row(&select, params![run_id], row)?;
+            tx.commit()?;
+            Ok(created)
         })
     }
 
