@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use super::error::{CancelError, OpenError, ReadError, RegisterError, StartError, WaitError};
 use super::key;
 use super::runner;
-use super::schema::{EVENTS, Event, EventKind, Failure, FailureKind, INPUTS, RESPONSES, RUNS, RunRecord, RunStatus, now_ms};
+use super::schema::{Event, EventKind, Failure, FailureKind, INPUTS, LOG, RUNS, RunRecord, RunStatus, now_ms};
 use super::workflow::{BoundRun, ErasedWorkflow, Workflow};
 use super::writer::{Change, Op, OpError, Reply, Update, Writer};
 
@@ -167,14 +167,13 @@ impl Engine {
             let txn = db.begin_write()?;
             txn.open_table(RUNS)?;
             txn.open_table(INPUTS)?;
-            txn.open_table(RESPONSES)?;
-            txn.open_table(EVENTS)?;
+            txn.open_table(LOG)?;
             txn.commit()?;
             Ok(())
         };
         init(&db).map_err(|source| OpenError::Init { path: path.clone(), source })?;
         let db = Arc::new(db);
-        let writer = Writer::spawn(db.clone()).map_err(OpenError::Thread)?;
+        let writer = Writer::new(db.clone());
         let engine = Engine {
             inner: Arc::new(Inner {
                 path,
@@ -491,8 +490,8 @@ impl Engine {
             let txn = self.inner.db.begin_read()?;
             let input = txn.open_table(INPUTS)?.get(id)?.map(|v| v.value().to_vec());
             let w = txn
-                .open_table(RESPONSES)?
-                .get(key::encode(id, u64::from(record.next_step)).as_slice())?
+                .open_table(LOG)?
+                .get(key::response_key(id, u64::from(record.next_step)).as_slice())?
                 .map(|v| v.value().to_vec());
             Ok((input, w))
         };
@@ -513,10 +512,7 @@ impl Engine {
         for (_, tx) in waiters {
             tx.send_replace(Some(RunEnd::Interrupted("the engine shut down".into())));
         }
-        let inner = self.inner.clone();
-        if tokio::task::spawn_blocking(move || inner.writer.stop()).await.is_err() {
-            tracing::error!("stopping the fsm writer panicked");
-        }
+        self.inner.writer.stop();
     }
 
     /// Deletes finished runs that finished before `cutoff_ms` (ms since the epoch).
@@ -582,9 +578,9 @@ impl Engine {
                 kind: FailureKind::Corrupt,
             }))),
             RunStatus::Completed => {
-                let responses = txn.open_table(RESPONSES)?;
-                let k = key::encode(id, u64::from(record.next_step));
-                match responses.get(k.as_slice())? {
+                let log = txn.open_table(LOG)?;
+                let k = key::response_key(id, u64::from(record.next_step));
+                match log.get(k.as_slice())? {
                     Some(w) => Lookup::Finished(RawOutcome::Completed(w.value().to_vec())),
                     None => Lookup::Finished(RawOutcome::Failed(Failure {
                         step: "(final)".into(),
@@ -635,21 +631,21 @@ impl Engine {
             .get(id)
             .map_err(ReadError::from_any)?
             .map_or(serde_json::Value::Null, |v| json_or_text(v.value()));
-        let (lo, hi) = key::run_range(id);
+        let log = txn.open_table(LOG).map_err(ReadError::from_any)?;
+        let (lo, hi) = key::response_range(id);
         let mut responses = Vec::new();
-        let table = txn.open_table(RESPONSES).map_err(ReadError::from_any)?;
-        for entry in table.range(lo.as_slice()..=hi.as_slice()).map_err(ReadError::from_any)? {
+        for entry in log.range(lo.as_slice()..=hi.as_slice()).map_err(ReadError::from_any)? {
             let (k, v) = entry.map_err(ReadError::from_any)?;
-            if let Some((_, index)) = key::decode(k.value()) {
+            if let Some(index) = key::response_index(k.value()) {
                 responses.push(RecordedResponse {
                     index: index as u32,
                     response: json_or_text(v.value()),
                 });
             }
         }
+        let (lo, hi) = key::event_range(id);
         let mut events = Vec::new();
-        let table = txn.open_table(EVENTS).map_err(ReadError::from_any)?;
-        for entry in table.range(lo.as_slice()..=hi.as_slice()).map_err(ReadError::from_any)? {
+        for entry in log.range(lo.as_slice()..=hi.as_slice()).map_err(ReadError::from_any)? {
             let (_, v) = entry.map_err(ReadError::from_any)?;
             match serde_json::from_slice::<Event>(v.value()) {
                 Ok(e) => events.push(e),

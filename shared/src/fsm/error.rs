@@ -15,8 +15,6 @@ pub enum OpenError {
     Open { path: PathBuf, source: redb::DatabaseError },
     #[error("cannot initialise the run log {path}: {source}")]
     Init { path: PathBuf, source: redb::Error },
-    #[error("cannot start the run log's writer thread: {0}")]
-    Thread(std::io::Error),
     #[error("Engine::open must be called inside a tokio runtime")]
     NoRuntime,
 }

@@ -30,6 +30,36 @@ pub fn decode(key: &[u8]) -> Option<(&str, u64)> {
     Some((id, u64::from_be_bytes(n_bytes)))
 }
 
+/// In the `log` table, a run's events use `n < 2^63` (their sequence number) and its
+/// responses `n = 2^63 + index`, so both sit next to each other (one leaf page, usually)
+/// and each kind is still one range scan.
+const RESPONSE_BIT: u64 = 1 << 63;
+
+/// Key of event `seq` of `run_id` in the `log` table.
+pub fn event_key(run_id: &str, seq: u64) -> Vec<u8> {
+    encode(run_id, seq & !RESPONSE_BIT)
+}
+
+/// Key of response `index` of `run_id` in the `log` table (0 = the initial response).
+pub fn response_key(run_id: &str, index: u64) -> Vec<u8> {
+    encode(run_id, RESPONSE_BIT | index)
+}
+
+/// The inclusive range of `run_id`'s events.
+pub fn event_range(run_id: &str) -> (Vec<u8>, Vec<u8>) {
+    (encode(run_id, 0), encode(run_id, RESPONSE_BIT - 1))
+}
+
+/// The inclusive range of `run_id`'s responses.
+pub fn response_range(run_id: &str) -> (Vec<u8>, Vec<u8>) {
+    (encode(run_id, RESPONSE_BIT), encode(run_id, u64::MAX))
+}
+
+/// The response index in a response key made by [`response_key`].
+pub fn response_index(key: &[u8]) -> Option<u64> {
+    decode(key).and_then(|(_, n)| (n & RESPONSE_BIT != 0).then_some(n & !RESPONSE_BIT))
+}
+
 /// The longest run id the engine accepts, in bytes.
 pub const MAX_RUN_ID_LEN: usize = 4096;
 
@@ -62,6 +92,18 @@ mod tests {
         #[test]
         fn order_within_a_run_follows_n(a in ".{0,20}", n in any::<u64>(), m in any::<u64>()) {
             prop_assert_eq!(encode(&a, n).cmp(&encode(&a, m)), n.cmp(&m));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn events_and_responses_never_share_a_key(a in ".{0,20}", n in 0u64..(1 << 62), m in 0u64..(1 << 62)) {
+            prop_assert_ne!(event_key(&a, n), response_key(&a, m));
+            let (lo, hi) = event_range(&a);
+            let r = response_key(&a, m);
+            prop_assert!(!(lo <= r && r <= hi));
+            prop_assert_eq!(response_index(&r), Some(m));
+            prop_assert_eq!(response_index(&event_key(&a, n)), None);
         }
     }
 

@@ -4,10 +4,12 @@
 //! |-------------|------------------------|-----------------------------------------|
 //! | `runs`      | run id                 | [`RunRecord`] as JSON                   |
 //! | `inputs`    | run id                 | the run's input `R` as JSON, written once |
-//! | `responses` | key(run id, step index)| `W` after that many steps; index 0 = initial `W` |
-//! | `events`    | key(run id, seq)       | [`Event`] as JSON                       |
+//! | `log`       | event key(run id, seq) | [`Event`] as JSON                       |
+//! | `log`       | response key(run id, i)| `W` after `i` steps; index 0 = initial `W` |
 //!
-//! `key` is [`super::key::encode`]. Values are JSON so that the inspector can show them
+//! Keys are made by [`super::key`]. Events and responses share the `log` table so that a
+//! transition dirties two tables (`runs`, `log`), which keeps its commit close to redb's
+//! single-insert floor. Values are JSON so that the inspector can show them
 //! without knowing the workflow's types, and so that a record that no longer decodes can be
 //! reported with a reason instead of blocking a resume.
 
@@ -16,8 +18,7 @@ use serde::{Deserialize, Serialize};
 
 pub(crate) const RUNS: TableDefinition<&str, &[u8]> = TableDefinition::new("runs");
 pub(crate) const INPUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("inputs");
-pub(crate) const RESPONSES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("responses");
-pub(crate) const EVENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("events");
+pub(crate) const LOG: TableDefinition<&[u8], &[u8]> = TableDefinition::new("log");
 
 /// Where a run stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -497,7 +497,8 @@ async fn shutdown_leaves_runs_active_and_interrupts_waiters() {
     engine.shutdown().await;
 }
 
-#[tokio::test]
+// Group commit needs a second thread to queue while the leader commits, as in the worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_runs_share_commits() {
     let dir = tempfile::tempdir().unwrap();
     let engine = open(&dir).await;

@@ -1,21 +1,28 @@
-//! The single writer: one OS thread owns every redb write and batches the requests that
-//! are waiting into one `Durability::Immediate` commit (the group commit).
+//! The writer: every redb write goes through here, and writes that are waiting together
+//! share one `Durability::Immediate` commit (the group commit).
 //!
-//! Protocol: a caller sends an [`Op`] and awaits its reply; the writer takes every request
-//! that is queued (up to [`MAX_BATCH`]), applies each in one write transaction, commits,
-//! and only then replies. So no transition is acknowledged before it is durable, and runs
-//! that finish steps together share one fsync. An op that fails validation (the run is no
-//! longer in the state the caller expects: fenced) writes nothing and the rest of the batch
-//! still commits; a storage error aborts the whole transaction and every op in it fails.
+//! Protocol (leader/follower, as in database group commit): a caller queues its [`Op`]; if
+//! no commit is in progress it becomes the leader and, on its own thread, takes everything
+//! queued (up to [`MAX_BATCH`]), applies it in one write transaction, commits, replies to
+//! each op, and repeats until the queue is empty. Callers that queue while a commit is in
+//! progress wait for the leader's reply. So a lone run pays one fsync per transition and
+//! no thread hand-off, and concurrent runs share fsyncs. No reply is sent before its commit
+//! is durable. An op that fails validation (the run is no longer in the state the caller
+//! expects: fenced) writes nothing and the rest of the batch still commits; a storage error
+//! aborts the whole transaction and every op in it fails.
+//!
+//! The leader blocks its thread for the commit: under tokio's multi-thread runtime through
+//! `block_in_place`, so the thread's other tasks move elsewhere; on a current-thread
+//! runtime (tests, small tools) directly.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use redb::{Database, ReadableTable};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::key;
-use super::schema::{EVENTS, Event, EventKind, Failure, FailureKind, INPUTS, RESPONSES, RUNS, RunRecord, RunStatus, now_ms};
+use super::schema::{Event, EventKind, Failure, FailureKind, INPUTS, LOG, RUNS, RunRecord, RunStatus, now_ms};
 
 /// Requests applied in one transaction at most.
 const MAX_BATCH: usize = 512;
@@ -74,69 +81,86 @@ struct Request {
     reply: oneshot::Sender<Result<Reply, OpError>>,
 }
 
+#[derive(Default)]
+struct Queue {
+    pending: Vec<Request>,
+    /// A leader is committing; new requests wait for it.
+    leading: bool,
+    stopped: bool,
+}
+
 pub(crate) struct Writer {
-    tx: std::sync::Mutex<Option<mpsc::UnboundedSender<Request>>>,
-    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
-    commits: Arc<AtomicU64>,
+    db: Arc<Database>,
+    queue: Mutex<Queue>,
+    commits: AtomicU64,
 }
 
 impl Writer {
-    pub(crate) fn spawn(db: Arc<Database>) -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let commits = Arc::new(AtomicU64::new(0));
-        let counter = commits.clone();
-        let thread = std::thread::Builder::new()
-            .name("fsm-writer".into())
-            .spawn(move || writer_loop(&db, rx, &counter))?;
-        Ok(Self {
-            tx: std::sync::Mutex::new(Some(tx)),
-            thread: std::sync::Mutex::new(Some(thread)),
-            commits,
-        })
+    pub(crate) fn new(db: Arc<Database>) -> Self {
+        Self {
+            db,
+            queue: Mutex::new(Queue::default()),
+            commits: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        // The queue is a plain Vec and two flags; a panic cannot leave it half-updated.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(crate) async fn submit(&self, op: Op) -> Result<Reply, OpError> {
         let (reply, rx) = oneshot::channel();
-        {
-            let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-            let tx = guard.as_ref().ok_or(OpError::Stopped)?;
-            tx.send(Request { op, reply }).map_err(|_| OpError::Stopped)?;
+        let lead = {
+            let mut q = self.lock();
+            if q.stopped {
+                return Err(OpError::Stopped);
+            }
+            q.pending.push(Request { op, reply });
+            !std::mem::replace(&mut q.leading, true)
+        };
+        if lead {
+            self.lead();
         }
         rx.await.map_err(|_| OpError::Stopped)?
     }
 
-    /// Commits made so far (for the benchmark and tests of the group commit).
-    pub(crate) fn commits(&self) -> u64 {
-        self.commits.load(Ordering::Relaxed)
-    }
-
-    /// Applies what is queued, then stops the thread and waits for it.
-    pub(crate) fn stop(&self) {
-        drop(self.tx.lock().unwrap_or_else(|p| p.into_inner()).take());
-        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(thread) = thread
-            && thread.join().is_err()
-        {
-            tracing::error!("the fsm writer thread panicked");
-        }
-    }
-}
-
-fn writer_loop(db: &Database, mut rx: mpsc::UnboundedReceiver<Request>, commits: &AtomicU64) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(req) => batch.push(req),
-                Err(_) => break,
+    /// Commits batches until the queue is empty. Runs without an await point, so the
+    /// leader's future cannot be dropped half-way through.
+    fn lead(&self) {
+        let work = || {
+            // Clears `leading` however this ends, a panic included, so no caller waits forever.
+            struct Release<'a>(&'a Writer);
+            impl Drop for Release<'_> {
+                fn drop(&mut self) {
+                    self.0.lock().leading = false;
+                }
             }
+            let _release = Release(self);
+            loop {
+                let mut batch = {
+                    let mut q = self.lock();
+                    if q.pending.is_empty() {
+                        return;
+                    }
+                    let n = q.pending.len().min(MAX_BATCH);
+                    q.pending.drain(..n).collect::<Vec<_>>()
+                };
+                self.commit_batch(&mut batch);
+            }
+        };
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+            _ => work(),
         }
-        match apply_batch(db, &mut batch) {
+    }
+
+    fn commit_batch(&self, batch: &mut Vec<Request>) {
+        match apply_batch(&self.db, batch) {
             Ok(replies) => {
-                commits.fetch_add(1, Ordering::Relaxed);
+                self.commits.fetch_add(1, Ordering::Relaxed);
                 for (req, reply) in batch.drain(..).zip(replies) {
-                    // The caller may have gone away (shutdown); the commit stands either way.
+                    // The caller may have gone away; the commit stands either way.
                     if req.reply.send(reply).is_err() {
                         tracing::debug!("fsm writer: a caller left before its commit was acknowledged");
                     }
@@ -152,6 +176,16 @@ fn writer_loop(db: &Database, mut rx: mpsc::UnboundedReceiver<Request>, commits:
             }
         }
     }
+
+    /// Commits made so far (for the benchmark and tests of the group commit).
+    pub(crate) fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    /// Refuses new ops. Ops already queued are still committed by the current leader.
+    pub(crate) fn stop(&self) {
+        self.lock().stopped = true;
+    }
 }
 
 type Replies = Vec<Result<Reply, OpError>>;
@@ -164,8 +198,7 @@ fn apply_batch(db: &Database, batch: &mut [Request]) -> Result<Replies, redb::Er
         let mut t = Tables {
             runs: txn.open_table(RUNS)?,
             inputs: txn.open_table(INPUTS)?,
-            responses: txn.open_table(RESPONSES)?,
-            events: txn.open_table(EVENTS)?,
+            log: txn.open_table(LOG)?,
         };
         for req in batch.iter_mut() {
             // Take the op out; the request keeps only its reply channel.
@@ -180,8 +213,7 @@ fn apply_batch(db: &Database, batch: &mut [Request]) -> Result<Replies, redb::Er
 struct Tables<'t> {
     runs: redb::Table<'t, &'static str, &'static [u8]>,
     inputs: redb::Table<'t, &'static str, &'static [u8]>,
-    responses: redb::Table<'t, &'static [u8], &'static [u8]>,
-    events: redb::Table<'t, &'static [u8], &'static [u8]>,
+    log: redb::Table<'t, &'static [u8], &'static [u8]>,
 }
 
 /// The outer `Result` is a storage error (aborts the batch); the inner one is this op's.
@@ -213,7 +245,7 @@ impl Tables<'_> {
     fn push_event(&mut self, id: &str, record: &mut RunRecord, kind: EventKind, at_ms: u64) -> Result<(), redb::Error> {
         let event = Event { seq: record.next_event, at_ms, kind };
         let bytes = serde_json::to_vec(&event).map_err(encode_error)?;
-        self.events.insert(key::encode(id, event.seq).as_slice(), bytes.as_slice())?;
+        self.log.insert(key::event_key(id, event.seq).as_slice(), bytes.as_slice())?;
         record.next_event += 1;
         Ok(())
     }
@@ -230,7 +262,7 @@ impl Tables<'_> {
             None => {}
         }
         self.inputs.insert(id, input)?;
-        self.responses.insert(key::encode(id, 0).as_slice(), w0)?;
+        self.log.insert(key::response_key(id, 0).as_slice(), w0)?;
         let at = record.created_at_ms;
         self.push_event(id, &mut record, EventKind::Started, at)?;
         self.put_record(id, &record)?;
@@ -266,8 +298,7 @@ impl Tables<'_> {
             Update::Advance { w, last } => {
                 record.next_step += 1;
                 record.attempts = 0;
-                self.responses
-                    .insert(key::encode(&c.id, u64::from(record.next_step)).as_slice(), w.as_slice())?;
+                self.log.insert(key::response_key(&c.id, u64::from(record.next_step)).as_slice(), w.as_slice())?;
                 if last {
                     record.status = RunStatus::Completed;
                     record.finished_at_ms = Some(now);
@@ -291,8 +322,8 @@ impl Tables<'_> {
     }
 
     fn mark_corrupt(&mut self, id: &str, reason: String) -> Applied {
-        let (lo, hi) = key::run_range(id);
-        let next_event = match self.events.range(lo.as_slice()..=hi.as_slice())?.next_back() {
+        let (lo, hi) = key::event_range(id);
+        let next_event = match self.log.range(lo.as_slice()..=hi.as_slice())?.next_back() {
             Some(entry) => key::decode(entry?.0.value()).map_or(0, |(_, seq)| seq + 1),
             None => 0,
         };
@@ -336,8 +367,7 @@ impl Tables<'_> {
             self.runs.remove(id.as_str())?;
             self.inputs.remove(id.as_str())?;
             let (lo, hi) = key::run_range(id);
-            self.responses.retain_in(lo.as_slice()..=hi.as_slice(), |_, _| false)?;
-            self.events.retain_in(lo.as_slice()..=hi.as_slice(), |_, _| false)?;
+            self.log.retain_in(lo.as_slice()..=hi.as_slice(), |_, _| false)?;
         }
         Ok(Ok(Reply::Pruned(doomed.len())))
     }
