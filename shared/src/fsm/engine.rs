@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use super::error::{CancelError, OpenError, ReadError, RegisterError, StartError, WaitError};
 use super::key;
 use super::runner;
-use super::schema::{Event, EventKind, Failure, FailureKind, INPUTS, LOG, RUNS, RunRecord, RunStatus, now_ms};
+use super::schema::{Event, EventKind, Failure, FailureKind, LOG, RUNS, RunRecord, RunStatus, now_ms};
 use super::workflow::{BoundRun, ErasedWorkflow, Workflow};
 use super::writer::{Change, Op, OpError, Reply, Update, Writer};
 
@@ -166,7 +166,6 @@ impl Engine {
         let init = |db: &Database| -> Result<(), redb::Error> {
             let txn = db.begin_write()?;
             txn.open_table(RUNS)?;
-            txn.open_table(INPUTS)?;
             txn.open_table(LOG)?;
             txn.commit()?;
             Ok(())
@@ -405,12 +404,23 @@ impl Engine {
         {
             let txn = self.inner.db.begin_read().map_err(ReadError::from_any)?;
             let runs = txn.open_table(RUNS).map_err(ReadError::from_any)?;
+            let log = txn.open_table(LOG).map_err(ReadError::from_any)?;
             for entry in runs.iter().map_err(ReadError::from_any)? {
                 let (id, value) = entry.map_err(ReadError::from_any)?;
+                let id = id.value().to_owned();
                 match serde_json::from_slice::<RunRecord>(value.value()) {
-                    Ok(r) if r.status == RunStatus::Active => active.push((id.value().to_owned(), r)),
-                    Ok(_) => {}
-                    Err(e) => corrupt.push((id.value().to_owned(), format!("run record does not decode: {e}"))),
+                    Ok(r) if r.status == RunStatus::Active => {}
+                    Ok(_) => continue,
+                    Err(e) => {
+                        corrupt.push((id, format!("run index record does not decode: {e}")));
+                        continue;
+                    }
+                }
+                match read_header(&log, &id).map_err(ReadError::from_any)? {
+                    Some(Ok(r)) if r.status == RunStatus::Active => active.push((id, r)),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => corrupt.push((id, format!("run record does not decode: {e}"))),
+                    None => corrupt.push((id, "run record is missing".to_owned())),
                 }
             }
         }
@@ -488,9 +498,9 @@ impl Engine {
         }
         let read = || -> Result<(Option<Vec<u8>>, Option<Vec<u8>>), redb::Error> {
             let txn = self.inner.db.begin_read()?;
-            let input = txn.open_table(INPUTS)?.get(id)?.map(|v| v.value().to_vec());
-            let w = txn
-                .open_table(LOG)?
+            let log = txn.open_table(LOG)?;
+            let input = log.get(key::input_key(id).as_slice())?.map(|v| v.value().to_vec());
+            let w = log
                 .get(key::response_key(id, u64::from(record.next_step)).as_slice())?
                 .map(|v| v.value().to_vec());
             Ok((input, w))
@@ -549,20 +559,16 @@ impl Engine {
 
     fn read_record(&self, id: &str) -> Result<Option<Result<RunRecord, String>>, redb::Error> {
         let txn = self.inner.db.begin_read()?;
-        let runs = txn.open_table(RUNS)?;
-        let value = runs.get(id)?;
-        Ok(value.map(|v| serde_json::from_slice(v.value()).map_err(|e| e.to_string())))
+        read_header(&txn.open_table(LOG)?, id)
     }
 
     fn read_end(&self, id: &str) -> Result<Lookup, redb::Error> {
         let txn = self.inner.db.begin_read()?;
-        let runs = txn.open_table(RUNS)?;
-        let Some(value) = runs.get(id)? else {
-            return Ok(Lookup::NotFound);
-        };
-        let record: RunRecord = match serde_json::from_slice(value.value()) {
-            Ok(r) => r,
-            Err(e) => {
+        let log = txn.open_table(LOG)?;
+        let record: RunRecord = match read_header(&log, id)? {
+            None => return Ok(Lookup::NotFound),
+            Some(Ok(r)) => r,
+            Some(Err(e)) => {
                 return Ok(Lookup::Finished(RawOutcome::Failed(Failure {
                     step: "(unknown)".into(),
                     error: format!("run record does not decode: {e}"),
@@ -578,7 +584,6 @@ impl Engine {
                 kind: FailureKind::Corrupt,
             }))),
             RunStatus::Completed => {
-                let log = txn.open_table(LOG)?;
                 let k = key::response_key(id, u64::from(record.next_step));
                 match log.get(k.as_slice())? {
                     Some(w) => Lookup::Finished(RawOutcome::Completed(w.value().to_vec())),
@@ -596,15 +601,21 @@ impl Engine {
     pub fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, ReadError> {
         let txn = self.inner.db.begin_read().map_err(ReadError::from_any)?;
         let runs = txn.open_table(RUNS).map_err(ReadError::from_any)?;
+        let log = txn.open_table(LOG).map_err(ReadError::from_any)?;
         let mut out = Vec::new();
         for entry in runs.iter().map_err(ReadError::from_any)? {
             let (id, value) = entry.map_err(ReadError::from_any)?;
-            let Ok(record) = serde_json::from_slice::<RunRecord>(value.value()) else {
+            // The index has the workflow and the status; the header has the live step.
+            let Ok(indexed) = serde_json::from_slice::<RunRecord>(value.value()) else {
                 continue; // resume marks it failed; until then it cannot be listed
             };
-            if filter.workflow.as_deref().is_some_and(|w| w != record.workflow) || filter.status.is_some_and(|s| s != record.status) {
+            if filter.workflow.as_deref().is_some_and(|w| w != indexed.workflow) || filter.status.is_some_and(|s| s != indexed.status) {
                 continue;
             }
+            let record = match read_header(&log, id.value()).map_err(ReadError::from_any)? {
+                Some(Ok(r)) => r,
+                _ => indexed,
+            };
             out.push(summary(id.value(), record));
         }
         out.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms).then_with(|| a.id.cmp(&b.id)));
@@ -617,21 +628,15 @@ impl Engine {
     /// One run with its input, every recorded response and every event; `None` if unknown.
     pub fn run_detail(&self, id: &str) -> Result<Option<RunDetail>, ReadError> {
         let txn = self.inner.db.begin_read().map_err(ReadError::from_any)?;
-        let runs = txn.open_table(RUNS).map_err(ReadError::from_any)?;
-        let Some(value) = runs.get(id).map_err(ReadError::from_any)? else {
-            return Ok(None);
+        let log = txn.open_table(LOG).map_err(ReadError::from_any)?;
+        let record = match read_header(&log, id).map_err(ReadError::from_any)? {
+            Some(Ok(r)) => r,
+            None | Some(Err(_)) => return Ok(None),
         };
-        let record: RunRecord = match serde_json::from_slice(value.value()) {
-            Ok(r) => r,
-            Err(_) => return Ok(None),
-        };
-        let input = txn
-            .open_table(INPUTS)
-            .map_err(ReadError::from_any)?
-            .get(id)
+        let input = log
+            .get(key::input_key(id).as_slice())
             .map_err(ReadError::from_any)?
             .map_or(serde_json::Value::Null, |v| json_or_text(v.value()));
-        let log = txn.open_table(LOG).map_err(ReadError::from_any)?;
         let (lo, hi) = key::response_range(id);
         let mut responses = Vec::new();
         for entry in log.range(lo.as_slice()..=hi.as_slice()).map_err(ReadError::from_any)? {
@@ -659,6 +664,13 @@ impl Engine {
             events,
         }))
     }
+}
+
+/// A run's live header: `None` if there is no such run, `Some(Err)` if it does not decode.
+fn read_header(log: &redb::ReadOnlyTable<&'static [u8], &'static [u8]>, id: &str) -> Result<Option<Result<RunRecord, String>>, redb::Error> {
+    Ok(log
+        .get(key::header_key(id).as_slice())?
+        .map(|v| serde_json::from_slice(v.value()).map_err(|e| e.to_string())))
 }
 
 enum Lookup {

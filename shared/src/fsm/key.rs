@@ -30,14 +30,28 @@ pub fn decode(key: &[u8]) -> Option<(&str, u64)> {
     Some((id, u64::from_be_bytes(n_bytes)))
 }
 
-/// In the `log` table, a run's events use `n < 2^63` (their sequence number) and its
-/// responses `n = 2^63 + index`, so both sit next to each other (one leaf page, usually)
-/// and each kind is still one range scan.
+/// In the `log` table, everything about one run shares the prefix `len ‖ id`: its events
+/// at `n < 2^62` (their sequence number), its header at `n = 2^62`, its input at
+/// `2^62 + 1`, its responses at `n = 2^63 + index`. So a transition's writes sit next to
+/// each other (one leaf page, usually), each kind is one range scan, and deleting a run is
+/// one range delete.
+const HEADER_N: u64 = 1 << 62;
+const INPUT_N: u64 = HEADER_N + 1;
 const RESPONSE_BIT: u64 = 1 << 63;
 
 /// Key of event `seq` of `run_id` in the `log` table.
 pub fn event_key(run_id: &str, seq: u64) -> Vec<u8> {
-    encode(run_id, seq & !RESPONSE_BIT)
+    encode(run_id, seq & (HEADER_N - 1))
+}
+
+/// Key of `run_id`'s header (its live `RunRecord`) in the `log` table.
+pub fn header_key(run_id: &str) -> Vec<u8> {
+    encode(run_id, HEADER_N)
+}
+
+/// Key of `run_id`'s input in the `log` table.
+pub fn input_key(run_id: &str) -> Vec<u8> {
+    encode(run_id, INPUT_N)
 }
 
 /// Key of response `index` of `run_id` in the `log` table (0 = the initial response).
@@ -47,7 +61,7 @@ pub fn response_key(run_id: &str, index: u64) -> Vec<u8> {
 
 /// The inclusive range of `run_id`'s events.
 pub fn event_range(run_id: &str) -> (Vec<u8>, Vec<u8>) {
-    (encode(run_id, 0), encode(run_id, RESPONSE_BIT - 1))
+    (encode(run_id, 0), encode(run_id, HEADER_N - 1))
 }
 
 /// The inclusive range of `run_id`'s responses.
@@ -97,11 +111,26 @@ mod tests {
 
     proptest! {
         #[test]
-        fn events_and_responses_never_share_a_key(a in ".{0,20}", n in 0u64..(1 << 62), m in 0u64..(1 << 62)) {
-            prop_assert_ne!(event_key(&a, n), response_key(&a, m));
+        fn events_responses_header_and_input_never_share_a_key(a in ".{0,20}", n in 0u64..(1 << 62), m in 0u64..(1 << 62)) {
+            let keys = [event_key(&a, n), response_key(&a, m), header_key(&a), input_key(&a)];
+            for i in 0..keys.len() {
+                for j in i + 1..keys.len() {
+                    prop_assert_ne!(&keys[i], &keys[j]);
+                }
+            }
             let (lo, hi) = event_range(&a);
+            for k in &keys[1..] {
+                prop_assert!(!(&lo <= k && k <= &hi));
+            }
+            let (lo, hi) = response_range(&a);
+            for k in [&keys[0], &keys[2], &keys[3]] {
+                prop_assert!(!(&lo <= k && k <= &hi));
+            }
+            let (lo, hi) = run_range(&a);
+            for k in &keys {
+                prop_assert!(&lo <= k && k <= &hi);
+            }
             let r = response_key(&a, m);
-            prop_assert!(!(lo <= r && r <= hi));
             prop_assert_eq!(response_index(&r), Some(m));
             prop_assert_eq!(response_index(&event_key(&a, n)), None);
         }

@@ -2,14 +2,15 @@
 //!
 //! | table       | key                    | value                                   |
 //! |-------------|------------------------|-----------------------------------------|
-//! | `runs`      | run id                 | [`RunRecord`] as JSON                   |
-//! | `inputs`    | run id                 | the run's input `R` as JSON, written once |
+//! | `log`       | header key(run id)     | the live [`RunRecord`] as JSON          |
+//! | `log`       | input key(run id)      | the run's input `R` as JSON, written once |
 //! | `log`       | event key(run id, seq) | [`Event`] as JSON                       |
 //! | `log`       | response key(run id, i)| `W` after `i` steps; index 0 = initial `W` |
+//! | `runs`      | run id                 | the [`RunRecord`] as of its last status change (the index for listing) |
 //!
-//! Keys are made by [`super::key`]. Events and responses share the `log` table so that a
-//! transition dirties two tables (`runs`, `log`), which keeps its commit close to redb's
-//! single-insert floor. Values are JSON so that the inspector can show them
+//! Keys are made by [`super::key`]; one run's rows are adjacent. A transition writes only
+//! the `log` table (header, event, response: usually one leaf page), which keeps its commit
+//! close to redb's single-insert floor; `runs` is written when a run starts and finishes. Values are JSON so that the inspector can show them
 //! without knowing the workflow's types, and so that a record that no longer decodes can be
 //! reported with a reason instead of blocking a resume.
 
@@ -17,7 +18,6 @@ use redb::TableDefinition;
 use serde::{Deserialize, Serialize};
 
 pub(crate) const RUNS: TableDefinition<&str, &[u8]> = TableDefinition::new("runs");
-pub(crate) const INPUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("inputs");
 pub(crate) const LOG: TableDefinition<&[u8], &[u8]> = TableDefinition::new("log");
 
 /// Where a run stands.

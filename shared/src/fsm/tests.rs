@@ -405,7 +405,7 @@ async fn an_undecodable_run_is_failed_with_a_reason_and_does_not_block_the_other
     {
         let db = redb::Database::create(dir.path().join("runs.redb")).unwrap();
         let txn = db.begin_write().unwrap();
-        txn.open_table(schema::RUNS).unwrap().insert("bad", b"{not json".as_slice()).unwrap();
+        txn.open_table(schema::LOG).unwrap().insert(key::header_key("bad").as_slice(), b"{not json".as_slice()).unwrap();
         txn.commit().unwrap();
     }
 

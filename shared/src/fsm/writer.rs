@@ -22,7 +22,7 @@ use redb::{Database, ReadableTable};
 use tokio::sync::oneshot;
 
 use super::key;
-use super::schema::{Event, EventKind, Failure, FailureKind, INPUTS, LOG, RUNS, RunRecord, RunStatus, now_ms};
+use super::schema::{Event, EventKind, Failure, FailureKind, LOG, RUNS, RunRecord, RunStatus, now_ms};
 
 /// Requests applied in one transaction at most.
 const MAX_BATCH: usize = 512;
@@ -197,7 +197,6 @@ fn apply_batch(db: &Database, batch: &mut [Request]) -> Result<Replies, redb::Er
     {
         let mut t = Tables {
             runs: txn.open_table(RUNS)?,
-            inputs: txn.open_table(INPUTS)?,
             log: txn.open_table(LOG)?,
         };
         for req in batch.iter_mut() {
@@ -212,7 +211,6 @@ fn apply_batch(db: &Database, batch: &mut [Request]) -> Result<Replies, redb::Er
 
 struct Tables<'t> {
     runs: redb::Table<'t, &'static str, &'static [u8]>,
-    inputs: redb::Table<'t, &'static str, &'static [u8]>,
     log: redb::Table<'t, &'static [u8], &'static [u8]>,
 }
 
@@ -229,16 +227,21 @@ impl Tables<'_> {
         }
     }
 
+    /// The live header of run `id` (from `log`).
     fn read_record(&self, id: &str) -> Result<Option<Result<RunRecord, String>>, redb::Error> {
         Ok(self
-            .runs
-            .get(id)?
+            .log
+            .get(key::header_key(id).as_slice())?
             .map(|v| serde_json::from_slice(v.value()).map_err(|e| e.to_string())))
     }
 
-    fn put_record(&mut self, id: &str, record: &RunRecord) -> Result<(), redb::Error> {
+    /// Writes the header; with `index`, also the `runs` index (on start and status changes).
+    fn put_record(&mut self, id: &str, record: &RunRecord, index: bool) -> Result<(), redb::Error> {
         let bytes = encode_record(record)?;
-        self.runs.insert(id, bytes.as_slice())?;
+        self.log.insert(key::header_key(id).as_slice(), bytes.as_slice())?;
+        if index {
+            self.runs.insert(id, bytes.as_slice())?;
+        }
         Ok(())
     }
 
@@ -261,11 +264,11 @@ impl Tables<'_> {
             }
             None => {}
         }
-        self.inputs.insert(id, input)?;
+        self.log.insert(key::input_key(id).as_slice(), input)?;
         self.log.insert(key::response_key(id, 0).as_slice(), w0)?;
         let at = record.created_at_ms;
         self.push_event(id, &mut record, EventKind::Started, at)?;
-        self.put_record(id, &record)?;
+        self.put_record(id, &record, true)?;
         Ok(Ok(Reply::Created))
     }
 
@@ -317,7 +320,8 @@ impl Tables<'_> {
             Update::Nothing => {}
         }
         record.updated_at_ms = now;
-        self.put_record(&c.id, &record)?;
+        let status_changed = record.status != RunStatus::Active;
+        self.put_record(&c.id, &record, status_changed)?;
         Ok(Ok(Reply::Applied))
     }
 
@@ -347,7 +351,7 @@ impl Tables<'_> {
         };
         let kind = EventKind::Finished { status: RunStatus::Failed, failure: Some(failure) };
         self.push_event(id, &mut record, kind, now)?;
-        self.put_record(id, &record)?;
+        self.put_record(id, &record, true)?;
         Ok(Ok(Reply::Applied))
     }
 
@@ -355,7 +359,8 @@ impl Tables<'_> {
         let mut doomed = Vec::new();
         for entry in self.runs.iter()? {
             let (id, value) = entry?;
-            // Undecodable records are never pruned here: resume marks them failed first.
+            // The index's status is current once a run has finished. Undecodable records are
+            // never pruned here: resume marks them failed first.
             if let Ok(record) = serde_json::from_slice::<RunRecord>(value.value())
                 && record.status.is_finished()
                 && record.finished_at_ms.is_some_and(|t| t < finished_before_ms)
@@ -365,7 +370,6 @@ impl Tables<'_> {
         }
         for id in &doomed {
             self.runs.remove(id.as_str())?;
-            self.inputs.remove(id.as_str())?;
             let (lo, hi) = key::run_range(id);
             self.log.retain_in(lo.as_slice()..=hi.as_slice(), |_, _| false)?;
         }
