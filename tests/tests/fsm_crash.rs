@@ -94,7 +94,8 @@ fn restart_and_check(state: &Path, runs: usize, committed_before: &BTreeMap<Stri
     for r in &results {
         let id = r["id"].as_str().unwrap();
         let i: usize = id.trim_start_matches("run-").parse().unwrap();
-        let chain: Vec<String> = serde_json::from_value(r["completed"].clone()).unwrap_or_else(|_| panic!("{id} did not complete: {r}"));
+        let chain: Vec<String> =
+            serde_json::from_value(r["completed"].clone()).unwrap_or_else(|_| panic!("{id} did not complete: {r}"));
         // Its own response chain, from its own initial response, nothing from other runs.
         let vol = chain
             .get(2)
@@ -124,7 +125,8 @@ fn restart_and_check(state: &Path, runs: usize, committed_before: &BTreeMap<Stri
             assert!(n >= 1, "{id}: step {step} never ran");
         }
     }
-    let vols: BTreeSet<String> = std::fs::read_dir(state.join("vols")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let vols: BTreeSet<String> =
+        std::fs::read_dir(state.join("vols")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     assert_eq!(vols, vols_seen, "exactly one volume per run, no orphans");
     let store = thinpipe::store::Store::open(state.join("host.db")).unwrap();
     assert_eq!(store.list_snapshots().unwrap().len(), runs, "one intent row per run");
@@ -140,7 +142,12 @@ fn restart_and_check(state: &Path, runs: usize, committed_before: &BTreeMap<Stri
 fn crash_at(fault: &str, runs: usize) -> (tempfile::TempDir, BTreeMap<String, BTreeSet<String>>) {
     let dir = tempfile::tempdir().unwrap();
     let out = helper(dir.path(), runs, 1, Some(fault), 0).output().unwrap();
-    assert!(killed(&out.status), "fault {fault} did not kill the helper: {:?} {}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        killed(&out.status),
+        "fault {fault} did not kill the helper: {:?} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     let committed = committed_steps(dir.path());
     (dir, committed)
 }
@@ -191,7 +198,8 @@ fn guarded_step_killed_between_its_intent_and_the_volume() {
     let (dir, committed) = crash_at("helper.after_intent@run-0", 1);
     assert_eq!(std::fs::read_dir(dir.path().join("vols")).unwrap().count(), 0, "killed before the volume");
     restart_and_check(dir.path(), 1, &committed);
-    let allocs: Vec<String> = effects(dir.path()).into_iter().filter(|e| e.step == "allocate").map(|e| e.detail).collect();
+    let allocs: Vec<String> =
+        effects(dir.path()).into_iter().filter(|e| e.step == "allocate").map(|e| e.detail).collect();
     assert_eq!(allocs, ["vol-1"], "the resumed step reused the recorded id");
 }
 

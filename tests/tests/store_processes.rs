@@ -44,7 +44,8 @@ fn concurrent_increments_from_two_processes_hand_out_every_value_once() {
     let db = dir.path().join("host.db");
     thinpipe::store::Store::open(&db).unwrap();
     for ns in ["base", "snap"] {
-        let children: Vec<_> = (0..2).map(|_| store_helper(&db).args(["seq", "--ns", ns, "--count", "500"]).spawn().unwrap()).collect();
+        let children: Vec<_> =
+            (0..2).map(|_| store_helper(&db).args(["seq", "--ns", ns, "--count", "500"]).spawn().unwrap()).collect();
         let mut all = Vec::new();
         for child in children {
             let out = child.wait_with_output().unwrap();

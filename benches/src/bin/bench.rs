@@ -83,10 +83,7 @@ fn raw_commits_per_sec(base: &Path) -> anyhow::Result<f64> {
 /// from the first start to the last completion, and the commits they took.
 async fn transitions_per_sec(base: &Path, runs: usize, steps: usize) -> anyhow::Result<(f64, u64)> {
     let dir = tempfile::tempdir_in(base)?;
-    let config = EngineConfig {
-        prune_interval: None,
-        ..EngineConfig::default()
-    };
+    let config = EngineConfig { prune_interval: None, ..EngineConfig::default() };
     let engine = Engine::open(dir.path().join("runs.redb"), config).await?;
     let mut wf = Workflow::<u32, u64>::new("bench", 1);
     for i in 0..steps {

@@ -32,10 +32,7 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self {
-            retention: Duration::from_secs(7 * 24 * 3600),
-            prune_interval: Some(Duration::from_secs(3600)),
-        }
+        Self { retention: Duration::from_secs(7 * 24 * 3600), prune_interval: Some(Duration::from_secs(3600)) }
     }
 }
 
@@ -207,11 +204,7 @@ impl Engine {
             return Err(RegisterError::Duplicate(name.to_owned()));
         }
         map.insert(name, Arc::new(workflow));
-        Ok(WorkflowHandle {
-            engine: self.clone(),
-            name,
-            _types: PhantomData,
-        })
+        Ok(WorkflowHandle { engine: self.clone(), name, _types: PhantomData })
     }
 
     /// Every registered workflow and its steps, in order.
@@ -240,7 +233,13 @@ impl Engine {
         self.inner.writer.commits()
     }
 
-    async fn start_raw(&self, wf: Arc<dyn ErasedWorkflow>, id: &str, input: Vec<u8>, w0: Vec<u8>) -> Result<StartOutcome<Vec<u8>>, StartError> {
+    async fn start_raw(
+        &self,
+        wf: Arc<dyn ErasedWorkflow>,
+        id: &str,
+        input: Vec<u8>,
+        w0: Vec<u8>,
+    ) -> Result<StartOutcome<Vec<u8>>, StartError> {
         if id.is_empty() || id.len() > key::MAX_RUN_ID_LEN {
             return Err(StartError::InvalidId(id.to_owned()));
         }
@@ -260,17 +259,10 @@ impl Engine {
             finished_at_ms: None,
             failure: None,
         };
-        let op = Op::Start {
-            id: id.to_owned(),
-            record,
-            input: input.clone(),
-            w0: w0.clone(),
-        };
+        let op = Op::Start { id: id.to_owned(), record, input: input.clone(), w0: w0.clone() };
         match self.inner.writer.submit(op).await {
             Ok(Reply::Created) => {
-                let bound = wf
-                    .bind(id.into(), &input)
-                    .map_err(|why| StartError::Corrupt { id: id.to_owned(), why })?;
+                let bound = wf.bind(id.into(), &input).map_err(|why| StartError::Corrupt { id: id.to_owned(), why })?;
                 self.spawn_run(wf, bound, id.to_owned(), w0, 0, 0);
                 Ok(StartOutcome::Started)
             }
@@ -296,7 +288,15 @@ impl Engine {
         }
     }
 
-    fn spawn_run(&self, wf: Arc<dyn ErasedWorkflow>, bound: Arc<dyn BoundRun>, id: String, w: Vec<u8>, step: u32, attempts: u32) {
+    fn spawn_run(
+        &self,
+        wf: Arc<dyn ErasedWorkflow>,
+        bound: Arc<dyn BoundRun>,
+        id: String,
+        w: Vec<u8>,
+        step: u32,
+        attempts: u32,
+    ) {
         let cancel = CancellationToken::new();
         {
             let mut running = lock(&self.inner.running);
@@ -317,18 +317,13 @@ impl Engine {
 
     /// Waits for a run to finish and returns its stored outcome, raw.
     async fn wait_raw(&self, id: &str) -> Result<RawOutcome, WaitError> {
-        let interrupted = |reason: &str| WaitError::Interrupted {
-            id: id.to_owned(),
-            reason: reason.to_owned(),
-        };
+        let interrupted = |reason: &str| WaitError::Interrupted { id: id.to_owned(), reason: reason.to_owned() };
         if self.inner.shutdown.is_cancelled() {
             return Err(interrupted("the engine shut down"));
         }
         // Subscribe before reading, so a finish between the read and the wait is not missed.
-        let mut rx = lock(&self.inner.waiters)
-            .entry(id.to_owned())
-            .or_insert_with(|| watch::channel(None).0)
-            .subscribe();
+        let mut rx =
+            lock(&self.inner.waiters).entry(id.to_owned()).or_insert_with(|| watch::channel(None).0).subscribe();
         match self.read_end(id).map_err(|e| WaitError::Storage(e.to_string()))? {
             Lookup::Finished(outcome) => return Ok(outcome),
             Lookup::NotFound => {
@@ -364,23 +359,20 @@ impl Engine {
         let step = self
             .workflow(&record.workflow)
             .map_or_else(|| format!("#{}", record.next_step), |w| w.step_name(record.next_step as usize).to_owned());
-        let failure = Failure {
-            step,
-            error: reason.to_owned(),
-            kind: FailureKind::Cancelled,
-        };
-        let change = Change {
-            id: id.to_owned(),
-            expect_step: None,
-            update: Update::Fail(failure.clone()),
-            events: Vec::new(),
-        };
+        let failure = Failure { step, error: reason.to_owned(), kind: FailureKind::Cancelled };
+        let change =
+            Change { id: id.to_owned(), expect_step: None, update: Update::Fail(failure.clone()), events: Vec::new() };
         match self.inner.writer.submit(Op::Change(change)).await {
             Ok(_) => {}
             Err(OpError::Fenced { .. }) => {
                 return Err(CancelError::NotActive {
                     id: id.to_owned(),
-                    status: self.read_record(id).ok().flatten().and_then(Result::ok).map_or(RunStatus::Failed, |r| r.status),
+                    status: self
+                        .read_record(id)
+                        .ok()
+                        .flatten()
+                        .and_then(Result::ok)
+                        .map_or(RunStatus::Failed, |r| r.status),
                 });
             }
             Err(OpError::NotFound(_)) => return Err(CancelError::NotFound(id.to_owned())),
@@ -454,10 +446,15 @@ impl Engine {
                             self.spawn_run(wf, bound, id.clone(), w, record.next_step, record.attempts);
                             report.resumed.push(id);
                         }
-                        Err(e) => tracing::error!(run_id = %id, error = %e, "could not record the resume; the run stays active"),
+                        Err(e) => {
+                            tracing::error!(run_id = %id, error = %e, "could not record the resume; the run stays active")
+                        }
                     }
                 }
-                Err(reason) => {
+                Err(ResumeBlocker::Storage(e)) => {
+                    tracing::error!(run_id = %id, error = %e, "reading the run failed; it stays active for the next start");
+                }
+                Err(ResumeBlocker::Corrupt(reason)) => {
                     tracing::error!(run_id = %id, %reason, "run cannot resume; marking it failed");
                     let failure = Failure {
                         step: wf.step_name(record.next_step as usize).to_owned(),
@@ -483,29 +480,36 @@ impl Engine {
         Ok(report)
     }
 
-    /// Loads what a resume needs; `Err` is the reason the run cannot resume.
-    fn prepare_resume(&self, wf: &Arc<dyn ErasedWorkflow>, id: &str, record: &RunRecord) -> Result<(Arc<dyn BoundRun>, Vec<u8>), String> {
+    fn read_log(&self, key: &[u8]) -> Result<Option<Vec<u8>>, redb::Error> {
+        let txn = self.inner.db.begin_read()?;
+        Ok(txn.open_table(LOG)?.get(key)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Loads what a resume needs. `Corrupt(reason)`: the run can never resume; `Storage`:
+    /// reading failed, try at the next start.
+    fn prepare_resume(
+        &self,
+        wf: &Arc<dyn ErasedWorkflow>,
+        id: &str,
+        record: &RunRecord,
+    ) -> Result<(Arc<dyn BoundRun>, Vec<u8>), ResumeBlocker> {
         if record.version != wf.version() {
-            return Err(format!(
+            return Err(ResumeBlocker::Corrupt(format!(
                 "run was started by version {} of workflow {}; this build has version {}",
                 record.version,
                 wf.name(),
                 wf.version()
-            ));
+            )));
         }
         if record.next_step as usize >= wf.step_count() {
-            return Err(format!("run is active at step {} but the workflow has {} steps", record.next_step, wf.step_count()));
+            return Err(ResumeBlocker::Corrupt(format!(
+                "run is active at step {} but the workflow has {} steps",
+                record.next_step,
+                wf.step_count()
+            )));
         }
-        let read = || -> Result<(Option<Vec<u8>>, Option<Vec<u8>>), redb::Error> {
-            let txn = self.inner.db.begin_read()?;
-            let log = txn.open_table(LOG)?;
-            let input = log.get(key::input_key(id).as_slice())?.map(|v| v.value().to_vec());
-            let w = log
-                .get(key::response_key(id, u64::from(record.next_step)).as_slice())?
-                .map(|v| v.value().to_vec());
-            Ok((input, w))
-        };
-        let (input, w) = read().map_err(|e| format!("reading the run failed: {e}"))?;
+        let input = self.read_log(&key::input_key(id)).map_err(ResumeBlocker::Storage)?;
+        let w = self.read_log(&key::response_key(id, u64::from(record.next_step))).map_err(ResumeBlocker::Storage)?;
         let input = input.ok_or("the run's input is missing")?;
         let w = w.ok_or_else(|| format!("the response before step {} is missing", record.next_step))?;
         let bound = wf.bind(id.into(), &input)?;
@@ -609,7 +613,9 @@ impl Engine {
             let Ok(indexed) = serde_json::from_slice::<RunRecord>(value.value()) else {
                 continue; // resume marks it failed; until then it cannot be listed
             };
-            if filter.workflow.as_deref().is_some_and(|w| w != indexed.workflow) || filter.status.is_some_and(|s| s != indexed.status) {
+            if filter.workflow.as_deref().is_some_and(|w| w != indexed.workflow)
+                || filter.status.is_some_and(|s| s != indexed.status)
+            {
                 continue;
             }
             let record = match read_header(&log, id.value()).map_err(ReadError::from_any)? {
@@ -642,10 +648,7 @@ impl Engine {
         for entry in log.range(lo.as_slice()..=hi.as_slice()).map_err(ReadError::from_any)? {
             let (k, v) = entry.map_err(ReadError::from_any)?;
             if let Some(index) = key::response_index(k.value()) {
-                responses.push(RecordedResponse {
-                    index: index as u32,
-                    response: json_or_text(v.value()),
-                });
+                responses.push(RecordedResponse { index: index as u32, response: json_or_text(v.value()) });
             }
         }
         let (lo, hi) = key::event_range(id);
@@ -657,20 +660,33 @@ impl Engine {
                 Err(e) => tracing::warn!(run_id = %id, error = %e, "skipping an undecodable history event"),
             }
         }
-        Ok(Some(RunDetail {
-            summary: summary(id, record),
-            input,
-            responses,
-            events,
-        }))
+        Ok(Some(RunDetail { summary: summary(id, record), input, responses, events }))
     }
 }
 
 /// A run's live header: `None` if there is no such run, `Some(Err)` if it does not decode.
-fn read_header(log: &redb::ReadOnlyTable<&'static [u8], &'static [u8]>, id: &str) -> Result<Option<Result<RunRecord, String>>, redb::Error> {
-    Ok(log
-        .get(key::header_key(id).as_slice())?
-        .map(|v| serde_json::from_slice(v.value()).map_err(|e| e.to_string())))
+fn read_header(
+    log: &redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
+    id: &str,
+) -> Result<Option<Result<RunRecord, String>>, redb::Error> {
+    Ok(log.get(key::header_key(id).as_slice())?.map(|v| serde_json::from_slice(v.value()).map_err(|e| e.to_string())))
+}
+
+enum ResumeBlocker {
+    Corrupt(String),
+    Storage(redb::Error),
+}
+
+impl From<String> for ResumeBlocker {
+    fn from(reason: String) -> Self {
+        Self::Corrupt(reason)
+    }
+}
+
+impl From<&str> for ResumeBlocker {
+    fn from(reason: &str) -> Self {
+        Self::Corrupt(reason.to_owned())
+    }
 }
 
 enum Lookup {
@@ -696,7 +712,8 @@ fn summary(id: &str, r: RunRecord) -> RunSummary {
 
 /// For display: the stored JSON, or the bytes as text if they are not JSON.
 fn json_or_text(bytes: &[u8]) -> serde_json::Value {
-    serde_json::from_slice(bytes).unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(bytes).into_owned()))
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(bytes).into_owned()))
 }
 
 impl Inner {
@@ -720,11 +737,7 @@ pub struct WorkflowHandle<R, W> {
 
 impl<R, W> Clone for WorkflowHandle<R, W> {
     fn clone(&self) -> Self {
-        Self {
-            engine: self.engine.clone(),
-            name: self.name,
-            _types: PhantomData,
-        }
+        Self { engine: self.engine.clone(), name: self.name, _types: PhantomData }
     }
 }
 
@@ -754,7 +767,8 @@ where
             StartOutcome::Started => StartOutcome::Started,
             StartOutcome::AlreadyRunning => StartOutcome::AlreadyRunning,
             StartOutcome::Finished(raw) => StartOutcome::Finished(
-                decode_outcome(id, raw_of(raw)).map_err(|e| StartError::Corrupt { id: id.to_owned(), why: e.to_string() })?,
+                decode_outcome(id, raw_of(raw))
+                    .map_err(|e| StartError::Corrupt { id: id.to_owned(), why: e.to_string() })?,
             ),
         })
     }
@@ -794,9 +808,6 @@ fn decode_outcome<W: DeserializeOwned>(id: &str, raw: RawOutcome) -> Result<Outc
         RawOutcome::Failed(f) => Ok(Outcome::Failed(f)),
         RawOutcome::Completed(bytes) => serde_json::from_slice(&bytes)
             .map(Outcome::Completed)
-            .map_err(|e| WaitError::Decode {
-                id: id.to_owned(),
-                error: e.to_string(),
-            }),
+            .map_err(|e| WaitError::Decode { id: id.to_owned(), error: e.to_string() }),
     }
 }

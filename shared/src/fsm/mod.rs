@@ -24,7 +24,10 @@ mod schema;
 mod workflow;
 mod writer;
 
-pub use engine::{Engine, EngineConfig, Outcome, RecordedResponse, ResumeReport, RunDetail, RunError, RunFilter, RunSummary, StartOutcome, WorkflowHandle, WorkflowInfo};
+pub use engine::{
+    Engine, EngineConfig, Outcome, RecordedResponse, ResumeReport, RunDetail, RunError, RunFilter, RunSummary,
+    StartOutcome, WorkflowHandle, WorkflowInfo,
+};
 pub use error::{CancelError, OpenError, ReadError, RegisterError, StartError, WaitError};
 pub use retry::RetryPolicy;
 pub use schema::{AttemptErrorKind, Event, EventKind, Failure, FailureKind, RunStatus};

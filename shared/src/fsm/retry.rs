@@ -44,10 +44,7 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     /// A policy that runs the step once: any error ends the run.
     pub fn no_retry() -> Self {
-        Self {
-            max_attempts: 1,
-            ..Self::default()
-        }
+        Self { max_attempts: 1, ..Self::default() }
     }
 
     fn backoff(&self) -> backoff::exponential::ExponentialBackoff<TokioClock> {

@@ -138,11 +138,7 @@ async fn run_step(
                         id: id.to_owned(),
                         expect_step: Some(step),
                         update: Update::Advance { w: next.clone(), last },
-                        events: vec![EventKind::StepCompleted {
-                            step: name.to_owned(),
-                            attempt,
-                            duration_ms,
-                        }],
+                        events: vec![EventKind::StepCompleted { step: name.to_owned(), attempt, duration_ms }],
                     };
                     match inner.submit(Op::Change(change)).await {
                         Ok(_) => {
@@ -150,7 +146,10 @@ async fn run_step(
                             span_outcome.record("outcome", "completed");
                             return AttemptResult::Done(next);
                         }
-                        Err(OpError::Storage(e)) => (AttemptErrorKind::Commit, format!("the step succeeded but its transition could not be committed: {e}")),
+                        Err(OpError::Storage(e)) => (
+                            AttemptErrorKind::Commit,
+                            format!("the step succeeded but its transition could not be committed: {e}"),
+                        ),
                         Err(e) => return stop(&e.to_string()),
                     }
                 }
@@ -202,19 +201,12 @@ async fn run_step(
 }
 
 fn stop(why: &str) -> AttemptResult<Vec<u8>, StepStop> {
-    AttemptResult::Permanent(StepStop::Stop {
-        why: why.to_owned(),
-        interrupted: false,
-    })
+    AttemptResult::Permanent(StepStop::Stop { why: why.to_owned(), interrupted: false })
 }
 
 fn fail(step: &str, kind: FailureKind, error: &str, last_attempt: EventKind) -> AttemptResult<Vec<u8>, StepStop> {
     AttemptResult::Permanent(StepStop::Fail {
-        failure: Failure {
-            step: step.to_owned(),
-            error: error.to_owned(),
-            kind,
-        },
+        failure: Failure { step: step.to_owned(), error: error.to_owned(), kind },
         last_attempt: Some(last_attempt),
     })
 }

@@ -42,9 +42,7 @@ impl std::str::FromStr for RunStatus {
             "active" => Ok(Self::Active),
             "completed" => Ok(Self::Completed),
             "failed" => Ok(Self::Failed),
-            other => Err(format!(
-                "unknown run status {other:?}: expected active, completed or failed"
-            )),
+            other => Err(format!("unknown run status {other:?}: expected active, completed or failed")),
         }
     }
 }
@@ -123,7 +121,10 @@ pub struct Event {
 pub enum EventKind {
     Started,
     /// The process restarted and picked the run up again at `step`.
-    Resumed { step: String, attempts: u32 },
+    Resumed {
+        step: String,
+        attempts: u32,
+    },
     AttemptFailed {
         step: String,
         attempt: u32,
@@ -143,8 +144,5 @@ pub enum EventKind {
 }
 
 pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }

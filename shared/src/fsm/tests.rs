@@ -11,10 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::*;
 
 fn config() -> EngineConfig {
-    EngineConfig {
-        retention: Duration::from_secs(3600),
-        prune_interval: None,
-    }
+    EngineConfig { retention: Duration::from_secs(3600), prune_interval: None }
 }
 
 async fn open(dir: &tempfile::TempDir) -> Engine {
@@ -68,10 +65,8 @@ fn gated_workflow(name: &'static str, gate: Arc<tokio::sync::Semaphore>) -> Work
 async fn wait_for_step(engine: &Engine, id: &str, step_index: u32) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some(d) = engine.run_detail(id).expect("read") {
-            if d.summary.step_index >= step_index {
-                return;
-            }
+        if engine.run_detail(id).expect("read").is_some_and(|d| d.summary.step_index >= step_index) {
+            return;
         }
         assert!(tokio::time::Instant::now() < deadline, "run {id} never reached step {step_index}");
         tokio::task::yield_now().await;
@@ -203,7 +198,13 @@ async fn a_failed_runs_wait_after_restart_returns_the_failure() {
     drop((engine, wf));
 
     let engine = open(&dir).await;
-    let wf = engine.register(Workflow::<String, u32>::new("f", 1).step("ok", |r| async move { Ok(r.w) }).step("boom", |r| async move { Ok(r.w) })).unwrap();
+    let wf = engine
+        .register(
+            Workflow::<String, u32>::new("f", 1)
+                .step("ok", |r| async move { Ok(r.w) })
+                .step("boom", |r| async move { Ok(r.w) }),
+        )
+        .unwrap();
     engine.resume_all().await.unwrap();
     let after = wf.wait("r").await.unwrap();
     let expected = Outcome::Failed(Failure {
@@ -255,11 +256,7 @@ async fn retries_stop_at_the_elapsed_bound() {
     let engine = open(&dir).await;
     let calls = Arc::new(AtomicU32::new(0));
     let c = calls.clone();
-    let policy = RetryPolicy {
-        max_attempts: 1000,
-        max_elapsed: Duration::from_millis(1000),
-        ..quick(1000)
-    };
+    let policy = RetryPolicy { max_attempts: 1000, max_elapsed: Duration::from_millis(1000), ..quick(1000) };
     // Delays 100, 200, 400, 800: the elapsed bound (1 s) is passed after the fourth delay.
     let wf = Workflow::<(), ()>::new("r", 1).step_with("flaky", policy, move |_req| {
         c.fetch_add(1, Ordering::SeqCst);
@@ -286,7 +283,10 @@ async fn abort_stops_after_one_attempt() {
     let wf = engine.register(wf).unwrap();
     let out = wf.run("r", &(), &()).await.unwrap();
     assert_eq!(calls.load(Ordering::SeqCst), 1);
-    assert!(matches!(out, Outcome::Failed(ref f) if f.kind == FailureKind::Aborted && f.error == "no layers"), "{out:?}");
+    assert!(
+        matches!(out, Outcome::Failed(ref f) if f.kind == FailureKind::Aborted && f.error == "no layers"),
+        "{out:?}"
+    );
     engine.shutdown().await;
 }
 
@@ -298,13 +298,7 @@ async fn transient_errors_back_off_with_growing_delays() {
     let s = seen.clone();
     let wf = Workflow::<(), u32>::new("t", 1).step_with("flaky", quick(10), move |req| {
         s.lock().unwrap().push((req.attempt, tokio::time::Instant::now()));
-        async move {
-            if req.attempt < 5 {
-                Err(StepError::transient("not yet"))
-            } else {
-                Ok(req.attempt)
-            }
-        }
+        async move { if req.attempt < 5 { Err(StepError::transient("not yet")) } else { Ok(req.attempt) } }
     });
     let wf = engine.register(wf).unwrap();
     assert_eq!(wf.run("r", &(), &0).await.unwrap(), Outcome::Completed(5));
@@ -340,10 +334,7 @@ async fn a_panic_is_caught_and_counted_as_a_failed_attempt() {
 async fn an_attempt_past_its_timeout_fails_and_is_retried() {
     let dir = tempfile::tempdir().unwrap();
     let engine = open(&dir).await;
-    let policy = RetryPolicy {
-        attempt_timeout: Duration::from_secs(5),
-        ..quick(3)
-    };
+    let policy = RetryPolicy { attempt_timeout: Duration::from_secs(5), ..quick(3) };
     let wf = Workflow::<(), u32>::new("t", 1).step_with("slow_once", policy, |req| async move {
         if req.attempt == 1 {
             std::future::pending::<()>().await;
@@ -353,7 +344,12 @@ async fn an_attempt_past_its_timeout_fails_and_is_retried() {
     let wf = engine.register(wf).unwrap();
     assert_eq!(wf.run("r", &(), &0).await.unwrap(), Outcome::Completed(2));
     let detail = engine.run_detail("r").unwrap().unwrap();
-    assert!(detail.events.iter().any(|e| matches!(e.kind, EventKind::AttemptFailed { kind: AttemptErrorKind::Timeout, .. })));
+    assert!(
+        detail
+            .events
+            .iter()
+            .any(|e| matches!(e.kind, EventKind::AttemptFailed { kind: AttemptErrorKind::Timeout, .. }))
+    );
     engine.shutdown().await;
 }
 
@@ -361,7 +357,8 @@ async fn an_attempt_past_its_timeout_fails_and_is_retried() {
 async fn the_attempt_count_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let engine = open(&dir).await;
-    let wf = Workflow::<(), u32>::new("c", 1).step_with("flaky", quick(3), |_req| async move { Err::<u32, _>(StepError::transient("down")) });
+    let wf = Workflow::<(), u32>::new("c", 1)
+        .step_with("flaky", quick(3), |_req| async move { Err::<u32, _>(StepError::transient("down")) });
     let wf = engine.register(wf).unwrap();
     wf.start("r", &(), &0).await.unwrap();
     // Two failed attempts recorded, then the process stops during the backoff.
@@ -405,7 +402,10 @@ async fn an_undecodable_run_is_failed_with_a_reason_and_does_not_block_the_other
     {
         let db = redb::Database::create(dir.path().join("runs.redb")).unwrap();
         let txn = db.begin_write().unwrap();
-        txn.open_table(schema::LOG).unwrap().insert(key::header_key("bad").as_slice(), b"{not json".as_slice()).unwrap();
+        txn.open_table(schema::LOG)
+            .unwrap()
+            .insert(key::header_key("bad").as_slice(), b"{not json".as_slice())
+            .unwrap();
         txn.commit().unwrap();
     }
 
@@ -464,11 +464,8 @@ async fn cancel_ends_an_active_run_with_the_reason() {
         tokio::spawn(async move { wf.wait("r").await })
     };
     engine.cancel("r", "operator asked").await.unwrap();
-    let expected = Outcome::Failed(Failure {
-        step: "gated".into(),
-        error: "operator asked".into(),
-        kind: FailureKind::Cancelled,
-    });
+    let expected =
+        Outcome::Failed(Failure { step: "gated".into(), error: "operator asked".into(), kind: FailureKind::Cancelled });
     assert_eq!(waiter.await.unwrap().unwrap(), expected);
     assert!(matches!(engine.cancel("r", "again").await, Err(CancelError::NotActive { .. })));
     assert!(matches!(engine.cancel("zzz", "x").await, Err(CancelError::NotFound(_))));
@@ -542,7 +539,9 @@ async fn list_runs_filters_by_workflow_and_status() {
     let dir = tempfile::tempdir().unwrap();
     let engine = open(&dir).await;
     let a = engine.register(chain_workflow("a")).unwrap();
-    let f = engine.register(Workflow::<String, u32>::new("f", 1).step("x", |_r| async move { Err(StepError::abort("no")) })).unwrap();
+    let f = engine
+        .register(Workflow::<String, u32>::new("f", 1).step("x", |_r| async move { Err(StepError::abort("no")) }))
+        .unwrap();
     for i in 0..3 {
         a.run(&format!("a{i}"), &String::new(), &vec![]).await.unwrap();
     }
@@ -582,12 +581,13 @@ struct Odd {
 async fn arbitrary_ids_are_kept_apart() {
     let dir = tempfile::tempdir().unwrap();
     let engine = open(&dir).await;
-    let wf = engine.register(Workflow::<Odd, Vec<u64>>::new("o", 1).step("s", |r| async move {
-        let mut w = r.w;
-        w.push(r.r.id);
-        Ok(w)
-    }))
-    .unwrap();
+    let wf = engine
+        .register(Workflow::<Odd, Vec<u64>>::new("o", 1).step("s", |r| async move {
+            let mut w = r.w;
+            w.push(r.r.id);
+            Ok(w)
+        }))
+        .unwrap();
     let ids = ["a", "a\0", "a\0\0", "\u{1F600}", "prepare-x", "prepare-x/y", " ", "ab", "a b"];
     for (i, id) in ids.iter().enumerate() {
         wf.run(id, &Odd { id: i as u64 }, &vec![]).await.unwrap();

@@ -78,12 +78,7 @@ where
     /// `version` is stored with each run; a run started under another version is failed on
     /// resume instead of being fed to steps it was not written for.
     pub fn new(name: &'static str, version: u32) -> Self {
-        Self {
-            name,
-            version,
-            steps: Vec::new(),
-            default_policy: RetryPolicy::default(),
-        }
+        Self { name, version, steps: Vec::new(), default_policy: RetryPolicy::default() }
     }
 
     /// The policy of steps added after this call with [`Workflow::step`].
@@ -108,11 +103,7 @@ where
         F: Fn(StepRequest<R, W>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = StepResult<W>> + Send + 'static,
     {
-        self.steps.push(StepDef {
-            name,
-            policy,
-            run: Arc::new(move |req| Box::pin(f(req))),
-        });
+        self.steps.push(StepDef { name, policy, run: Arc::new(move |req| Box::pin(f(req))) });
         self
     }
 

@@ -15,8 +15,8 @@
 //! `block_in_place`, so the thread's other tasks move elsewhere; on a current-thread
 //! runtime (tests, small tools) directly.
 
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use redb::{Database, ReadableTable};
 use tokio::sync::oneshot;
@@ -39,7 +39,10 @@ pub(crate) struct Change {
 
 pub(crate) enum Update {
     /// The step at `expect_step` completed with this response.
-    Advance { w: Vec<u8>, last: bool },
+    Advance {
+        w: Vec<u8>,
+        last: bool,
+    },
     /// One more failed attempt of the current step.
     CountAttempt,
     Fail(Failure),
@@ -48,12 +51,22 @@ pub(crate) enum Update {
 }
 
 pub(crate) enum Op {
-    Start { id: String, record: RunRecord, input: Vec<u8>, w0: Vec<u8> },
+    Start {
+        id: String,
+        record: RunRecord,
+        input: Vec<u8>,
+        w0: Vec<u8>,
+    },
     Change(Change),
     /// Replace an undecodable run record by a failed one carrying `reason`.
-    MarkCorrupt { id: String, reason: String },
+    MarkCorrupt {
+        id: String,
+        reason: String,
+    },
     /// Delete runs that finished before this time.
-    Prune { finished_before_ms: u64 },
+    Prune {
+        finished_before_ms: u64,
+    },
 }
 
 pub(crate) enum Reply {
@@ -97,11 +110,7 @@ pub(crate) struct Writer {
 
 impl Writer {
     pub(crate) fn new(db: Arc<Database>) -> Self {
-        Self {
-            db,
-            queue: Mutex::new(Queue::default()),
-            commits: AtomicU64::new(0),
-        }
+        Self { db, queue: Mutex::new(Queue::default()), commits: AtomicU64::new(0) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
@@ -195,10 +204,7 @@ fn apply_batch(db: &Database, batch: &mut [Request]) -> Result<Replies, redb::Er
     txn.set_durability(redb::Durability::Immediate)?;
     let mut replies = Vec::with_capacity(batch.len());
     {
-        let mut t = Tables {
-            runs: txn.open_table(RUNS)?,
-            log: txn.open_table(LOG)?,
-        };
+        let mut t = Tables { runs: txn.open_table(RUNS)?, log: txn.open_table(LOG)? };
         for req in batch.iter_mut() {
             // Take the op out; the request keeps only its reply channel.
             let op = std::mem::replace(&mut req.op, Op::Prune { finished_before_ms: 0 });
@@ -276,10 +282,7 @@ impl Tables<'_> {
         let mut record = match self.read_record(&c.id)? {
             None => return Ok(Err(OpError::NotFound(c.id))),
             Some(Err(why)) => {
-                return Ok(Err(OpError::Fenced {
-                    id: c.id,
-                    why: format!("its stored record does not decode: {why}"),
-                }));
+                return Ok(Err(OpError::Fenced { id: c.id, why: format!("its stored record does not decode: {why}") }));
             }
             Some(Ok(r)) => r,
         };
@@ -332,11 +335,7 @@ impl Tables<'_> {
             None => 0,
         };
         let now = now_ms();
-        let failure = Failure {
-            step: "(unknown)".into(),
-            error: reason,
-            kind: FailureKind::Corrupt,
-        };
+        let failure = Failure { step: "(unknown)".into(), error: reason, kind: FailureKind::Corrupt };
         let mut record = RunRecord {
             workflow: "(unknown)".into(),
             version: 0,

@@ -14,7 +14,9 @@ pub enum StoreError {
         "the host database {path} is read-only (or its directory is): {detail}; make the state directory writable by this user"
     )]
     ReadOnly { path: PathBuf, detail: String },
-    #[error("cannot open or create the host database {path}: {detail}; check that its directory exists and is writable")]
+    #[error(
+        "cannot open or create the host database {path}: {detail}; check that its directory exists and is writable"
+    )]
     CannotOpen { path: PathBuf, detail: String },
     #[error(
         "the host database {path} is corrupt or not an SQLite database ({detail}); move it aside and run `worker reconcile` to rebuild from the volumes"

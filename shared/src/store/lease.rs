@@ -56,7 +56,13 @@ impl Store {
     }
 
     /// [`Store::acquire_lease`] with an explicit clock reading.
-    pub fn acquire_lease_at(&self, key: &str, holder: &Holder, ttl: Duration, now: SystemTime) -> Result<bool, StoreError> {
+    pub fn acquire_lease_at(
+        &self,
+        key: &str,
+        holder: &Holder,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<bool, StoreError> {
         let now = epoch_ms(now);
         let expires = now.saturating_add(ttl.as_millis() as i64);
         let changed = self.with_conn(|c| {
@@ -84,17 +90,15 @@ impl Store {
             )
         })?;
         if changed == 0 {
-            return Err(StoreError::LeaseLost {
-                key: key.to_owned(),
-                holder: holder.to_string(),
-            });
+            return Err(StoreError::LeaseLost { key: key.to_owned(), holder: holder.to_string() });
         }
         Ok(())
     }
 
     /// Drops our lease. `false` if it was not ours (nothing changes then).
     pub fn release_lease(&self, key: &str, holder: &Holder) -> Result<bool, StoreError> {
-        let changed = self.with_conn(|c| c.execute("DELETE FROM leases WHERE k = ?1 AND v = ?2", params![key, holder.as_str()]))?;
+        let changed =
+            self.with_conn(|c| c.execute("DELETE FROM leases WHERE k = ?1 AND v = ?2", params![key, holder.as_str()]))?;
         Ok(changed == 1)
     }
 
@@ -102,11 +106,7 @@ impl Store {
     pub fn lease(&self, key: &str) -> Result<Option<LeaseInfo>, StoreError> {
         self.with_conn(|c| {
             c.query_row("SELECT k, v, expires_at FROM leases WHERE k = ?1", params![key], |r| {
-                Ok(LeaseInfo {
-                    key: r.get(0)?,
-                    holder: r.get(1)?,
-                    expires_at_ms: r.get(2)?,
-                })
+                Ok(LeaseInfo { key: r.get(0)?, holder: r.get(1)?, expires_at_ms: r.get(2)? })
             })
             .optional()
         })

@@ -36,9 +36,7 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self {
-            busy_timeout: Duration::from_secs(5),
-        }
+        Self { busy_timeout: Duration::from_secs(5) }
     }
 }
 
@@ -78,10 +76,7 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
         conn.pragma_update(None, "foreign_keys", "ON").map_err(err)?;
         migrate(&path, &mut conn)?;
-        Ok(Store {
-            path,
-            conn: Mutex::new(conn),
-        })
+        Ok(Store { path, conn: Mutex::new(conn) })
     }
 
     pub fn path(&self) -> &Path {
@@ -107,11 +102,7 @@ fn migrate(path: &Path, conn: &mut Connection) -> Result<(), StoreError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
     let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(err)?;
     if version > known {
-        return Err(StoreError::TooNew {
-            path: path.to_path_buf(),
-            found: version,
-            known,
-        });
+        return Err(StoreError::TooNew { path: path.to_path_buf(), found: version, known });
     }
     for (i, sql) in migrations::MIGRATIONS.iter().enumerate().skip(version as usize) {
         tx.execute_batch(sql).map_err(err)?;

@@ -58,7 +58,11 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotRow> {
         vol_id: r.get(4)?,
         path: r.get(5)?,
         state: SnapshotState::parse(&state).ok_or_else(|| {
-            rusqlite::Error::FromSqlConversionFailure(6, rusqlite::types::Type::Text, format!("unknown snapshot state {state:?}").into())
+            rusqlite::Error::FromSqlConversionFailure(
+                6,
+                rusqlite::types::Type::Text,
+                format!("unknown snapshot state {state:?}").into(),
+            )
         })?,
         created_at_ms: r.get(7)?,
         released_at_ms: r.get(8)?,
@@ -70,7 +74,13 @@ impl Store {
     /// The id comes from the `snap` sequence and is taken in the same transaction as the
     /// row, so a crash leaves neither a row without its id nor a gap. `name` makes the
     /// backend's volume name from the id.
-    pub fn intend_snapshot(&self, run_id: &str, family: &str, base_vol_id: u64, name: impl Fn(u64) -> String) -> Result<SnapshotRow, StoreError> {
+    pub fn intend_snapshot(
+        &self,
+        run_id: &str,
+        family: &str,
+        base_vol_id: u64,
+        name: impl Fn(u64) -> String,
+    ) -> Result<SnapshotRow, StoreError> {
         let now = epoch_ms(std::time::SystemTime::now());
         let select = format!("SELECT {COLUMNS} FROM snapshots WHERE run_id = ?1");
         self.with_conn(|c| {

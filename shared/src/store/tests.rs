@@ -72,7 +72,10 @@ fn an_expired_lease_is_taken_over_and_the_old_holder_loses_it() {
     assert!(!store.acquire_lease_at("k", &new, ttl, t0 + Duration::from_secs(9)).unwrap());
     assert!(store.acquire_lease_at("k", &new, ttl, t0 + Duration::from_secs(10)).unwrap(), "expired at t0+ttl");
     assert_eq!(store.lease("k").unwrap().unwrap().holder, new.as_str());
-    assert!(matches!(store.renew_lease_at("k", &old, ttl, t0 + Duration::from_secs(11)), Err(StoreError::LeaseLost { .. })));
+    assert!(matches!(
+        store.renew_lease_at("k", &old, ttl, t0 + Duration::from_secs(11)),
+        Err(StoreError::LeaseLost { .. })
+    ));
     assert!(!store.release_lease("k", &old).unwrap());
 }
 
@@ -109,7 +112,11 @@ fn images_record_base_and_prepared_flag() {
     assert!(store.image("web").unwrap().unwrap().prepared);
     store.upsert_image("web", "dir:/elsewhere").unwrap();
     let row = store.image("web").unwrap().unwrap();
-    assert_eq!((row.base_vol_id, row.prepared, row.source.as_str()), (Some(1), true, "dir:/elsewhere"), "upsert keeps what is known");
+    assert_eq!(
+        (row.base_vol_id, row.prepared, row.source.as_str()),
+        (Some(1), true, "dir:/elsewhere"),
+        "upsert keeps what is known"
+    );
     assert!(matches!(store.intend_base("nope"), Err(StoreError::Invalid { .. })));
     store.clear_base_vol_id("web").unwrap();
     assert_eq!(store.intend_base("web").unwrap(), 2, "a new base after the old one was cleared");

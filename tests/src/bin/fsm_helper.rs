@@ -56,10 +56,7 @@ impl Ctx {
 type W = Vec<String>;
 
 fn workflow(ctx: Arc<Ctx>) -> Workflow<u32, W> {
-    let policy = RetryPolicy {
-        initial_interval: Duration::from_millis(10),
-        ..RetryPolicy::default()
-    };
+    let policy = RetryPolicy { initial_interval: Duration::from_millis(10), ..RetryPolicy::default() };
     let (c1, c2, c3, c4) = (ctx.clone(), ctx.clone(), ctx.clone(), ctx);
     Workflow::new("crashy", 1)
         .default_policy(policy)
