@@ -7,4 +7,5 @@
 
 pub mod fault;
 pub mod fsm;
+pub mod image;
 pub mod store;

@@ -1,0 +1,430 @@
+//! Applying a layer tarball to a directory tree, per the OCI image-spec: whiteouts
+//! (`.wh.<name>`), opaque directories (`.wh..wh..opq`), hardlinks, symlinks, modes,
+//! ownership (as root), mtimes and xattrs (where the filesystem takes them); tar, tar+gzip
+//! and tar+zstd detected from the content's magic bytes.
+//!
+//! Security: every entry path is relative and `..`-free; its parent is resolved inside the
+//! root one component at a time without following a symlink that is absolute or climbs out
+//! of the root; an existing final component is removed, never followed; hardlink targets
+//! obey the same rules; device nodes are refused unless allowed; the layer's total size is
+//! capped. A refused entry stops the layer with [`ImageError::Refused`] naming the entry
+//! and the rule.
+
+use std::collections::HashSet;
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use super::error::ImageError;
+
+/// Limits and permissions for applying layers.
+#[derive(Clone, Debug)]
+pub struct ApplyOptions {
+    /// Total uncompressed bytes of file content one layer may write.
+    pub max_layer_bytes: u64,
+    /// Create character and block devices (otherwise they are refused).
+    pub allow_devices: bool,
+    /// Set owners from the tar headers (needs root); otherwise files belong to us.
+    pub preserve_owners: bool,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        Self {
+            max_layer_bytes: 64 << 30,
+            allow_devices: false,
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            preserve_owners: unsafe { libc::geteuid() } == 0,
+        }
+    }
+}
+
+/// What one layer did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    pub entries: u64,
+    pub bytes: u64,
+    pub whiteouts: u64,
+}
+
+const WHITEOUT_PREFIX: &str = ".wh.";
+const OPAQUE: &str = ".wh..wh..opq";
+const MAX_SYMLINK_HOPS: usize = 40;
+
+/// Applies the layer blob at `blob` (tar, gzip or zstd) onto `root`.
+pub fn apply_layer(root: &Path, blob: &Path, layer: &str, opts: &ApplyOptions) -> Result<ApplyStats, ImageError> {
+    let file = fs::File::open(blob).map_err(|e| ImageError::io("opening layer", blob, e))?;
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let magic = reader.fill_buf().map_err(|e| ImageError::io("reading layer", blob, e))?;
+    let stream: Box<dyn Read> = if magic.starts_with(&[0x1f, 0x8b]) {
+        Box::new(flate2::bufread::MultiGzDecoder::new(reader))
+    } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Box::new(
+            zstd::stream::read::Decoder::with_buffer(reader).map_err(|e| ImageError::io("reading layer", blob, e))?,
+        )
+    } else {
+        Box::new(reader)
+    };
+    Applier { root, layer, opts, stats: ApplyStats::default(), written: HashSet::new(), known_dirs: HashSet::new() }
+        .run(stream)
+}
+
+struct Applier<'a> {
+    root: &'a Path,
+    layer: &'a str,
+    opts: &'a ApplyOptions,
+    stats: ApplyStats,
+    /// Entries this layer wrote (relative paths), which an opaque marker must keep.
+    written: HashSet<PathBuf>,
+    /// Relative directories known to be real directories right now (a lookup cache).
+    known_dirs: HashSet<PathBuf>,
+}
+
+impl Applier<'_> {
+    fn refuse(&self, entry: &Path, rule: impl Into<String>) -> ImageError {
+        ImageError::Refused { layer: self.layer.to_owned(), entry: entry.display().to_string(), rule: rule.into() }
+    }
+
+    fn corrupt(&self, detail: impl std::fmt::Display) -> ImageError {
+        ImageError::Corrupt { layer: self.layer.to_owned(), detail: detail.to_string() }
+    }
+
+    fn run(mut self, stream: Box<dyn Read>) -> Result<ApplyStats, ImageError> {
+        let mut archive = tar::Archive::new(stream);
+        let mut dir_times = Vec::new();
+        let entries = archive.entries().map_err(|e| self.corrupt(e))?;
+        for entry in entries {
+            let mut entry = entry.map_err(|e| self.corrupt(e))?;
+            let raw = entry.path().map_err(|e| self.corrupt(e))?.into_owned();
+            if let Some(dir) = self.apply_entry(&raw, &mut entry)? {
+                dir_times.push(dir);
+            }
+        }
+        // Directory mtimes last, deepest first: writing children changes them.
+        dir_times.sort_by(|a: &(PathBuf, filetime::FileTime), b| b.0.components().count().cmp(&a.0.components().count()));
+        for (path, mtime) in dir_times {
+            filetime::set_symlink_file_times(&path, mtime, mtime)
+                .map_err(|e| ImageError::io("setting directory times", &path, e))?;
+        }
+        Ok(self.stats)
+    }
+
+    /// Applies one entry; returns a directory whose mtime is to be set at the end.
+    fn apply_entry<R: Read>(
+        &mut self,
+        raw: &Path,
+        entry: &mut tar::Entry<'_, R>,
+    ) -> Result<Option<(PathBuf, filetime::FileTime)>, ImageError> {
+        let rel = self.sanitize(raw, raw)?;
+        let Some(name) = rel.file_name().map(OsStr::to_owned) else {
+            return Ok(None); // the root itself ("./"): keep the volume root as it is
+        };
+        let parent_rel = rel.parent().unwrap_or(Path::new("")).to_path_buf();
+        let name_str = name.to_string_lossy();
+        self.stats.entries += 1;
+
+        if name_str == OPAQUE {
+            let dir = self.resolve_dir(raw, &parent_rel)?;
+            self.clear_unwritten(&dir, &parent_rel)?;
+            return Ok(None);
+        }
+        if let Some(hidden) = name_str.strip_prefix(WHITEOUT_PREFIX) {
+            if hidden.is_empty() || hidden == "." || hidden == ".." {
+                return Err(self.refuse(raw, "whiteout names no entry"));
+            }
+            let dir = self.resolve_dir(raw, &parent_rel)?;
+            self.remove_existing(&dir.join(hidden))?;
+            self.stats.whiteouts += 1;
+            return Ok(None);
+        }
+
+        let header = entry.header();
+        let kind = header.entry_type();
+        let mode = header.mode().map_err(|e| self.corrupt(e))? & 0o7777;
+        let uid = header.uid().map_err(|e| self.corrupt(e))?;
+        let gid = header.gid().map_err(|e| self.corrupt(e))?;
+        let mtime = filetime::FileTime::from_unix_time(header.mtime().map_err(|e| self.corrupt(e))? as i64, 0);
+        let size = entry.size();
+
+        let parent = self.resolve_dir(raw, &parent_rel)?;
+        let dest = parent.join(&name);
+        self.written.insert(rel.clone());
+        let mut dir_time = None;
+        match kind {
+            tar::EntryType::Directory => {
+                match fs::symlink_metadata(&dest) {
+                    Ok(m) if m.is_dir() => {}
+                    Ok(_) => {
+                        self.remove_existing(&dest)?;
+                        self.mkdir(&dest)?;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => self.mkdir(&dest)?,
+                    Err(e) => return Err(ImageError::io("inspecting", &dest, e)),
+                }
+                self.known_dirs.insert(rel.clone());
+                fs::set_permissions(&dest, fs::Permissions::from_mode(mode))
+                    .map_err(|e| ImageError::io("setting the mode of", &dest, e))?;
+                self.chown(&dest, uid, gid)?;
+                dir_time = Some((dest.clone(), mtime));
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+                self.stats.bytes += size;
+                if self.stats.bytes > self.opts.max_layer_bytes {
+                    let cap = self.opts.max_layer_bytes;
+                    return Err(self.refuse(raw, format!("the layer is larger than the cap of {cap} bytes")));
+                }
+                self.remove_existing(&dest)?;
+                let mut file = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&dest)
+                    .map_err(|e| ImageError::io("creating", &dest, e))?;
+                let copied = std::io::copy(entry, &mut file).map_err(|e| match e.kind() {
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData => {
+                        self.corrupt(format!("{}: {e}", raw.display()))
+                    }
+                    _ => ImageError::io("writing", &dest, e),
+                })?;
+                if copied != size {
+                    return Err(self.corrupt(format!("{} ends after {copied} of {size} bytes", raw.display())));
+                }
+                file.set_permissions(fs::Permissions::from_mode(mode))
+                    .map_err(|e| ImageError::io("setting the mode of", &dest, e))?;
+                if self.opts.preserve_owners {
+                    std::os::unix::fs::fchown(&file, Some(uid as u32), Some(gid as u32))
+                        .map_err(|e| ImageError::io("setting the owner of", &dest, e))?;
+                }
+                file.set_modified(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(mtime.unix_seconds() as u64))
+                    .map_err(|e| ImageError::io("setting the mtime of", &dest, e))?;
+                self.apply_xattrs(entry, &dest)?;
+            }
+            tar::EntryType::Symlink => {
+                let target = entry
+                    .link_name()
+                    .map_err(|e| self.corrupt(e))?
+                    .ok_or_else(|| self.refuse(raw, "symlink without a target"))?
+                    .into_owned();
+                self.remove_existing(&dest)?;
+                std::os::unix::fs::symlink(&target, &dest).map_err(|e| ImageError::io("creating symlink", &dest, e))?;
+                self.chown(&dest, uid, gid)?;
+                filetime::set_symlink_file_times(&dest, mtime, mtime)
+                    .map_err(|e| ImageError::io("setting the mtime of", &dest, e))?;
+            }
+            tar::EntryType::Link => {
+                let target_raw = entry
+                    .link_name()
+                    .map_err(|e| self.corrupt(e))?
+                    .ok_or_else(|| self.refuse(raw, "hardlink without a target"))?
+                    .into_owned();
+                let target_rel = self.sanitize(raw, &target_raw).map_err(|_| {
+                    self.refuse(raw, format!("hardlink to {} points outside the volume root", target_raw.display()))
+                })?;
+                let target_parent = self.resolve_dir(raw, target_rel.parent().unwrap_or(Path::new("")))?;
+                let target = target_parent.join(target_rel.file_name().unwrap_or_default());
+                match fs::symlink_metadata(&target) {
+                    Ok(m) if !m.is_dir() => {}
+                    _ => {
+                        return Err(self.refuse(raw, format!("hardlink target {} is not an existing file", target_raw.display())));
+                    }
+                }
+                if target != dest {
+                    self.remove_existing(&dest)?;
+                    fs::hard_link(&target, &dest).map_err(|e| ImageError::io("creating hardlink", &dest, e))?;
+                }
+            }
+            tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
+                if kind != tar::EntryType::Fifo && !self.opts.allow_devices {
+                    return Err(self.refuse(raw, "device nodes are not allowed (set allow_devices to permit them)"));
+                }
+                self.remove_existing(&dest)?;
+                let (type_bits, dev) = if kind == tar::EntryType::Fifo {
+                    (libc::S_IFIFO, 0)
+                } else {
+                    let major = header.device_major().map_err(|e| self.corrupt(e))?.unwrap_or(0);
+                    let minor = header.device_minor().map_err(|e| self.corrupt(e))?.unwrap_or(0);
+                    let bits = if kind == tar::EntryType::Char { libc::S_IFCHR } else { libc::S_IFBLK };
+                    (bits, libc::makedev(major, minor))
+                };
+                mknod(&dest, type_bits | mode, dev)?;
+                self.chown(&dest, uid, gid)?;
+            }
+            tar::EntryType::XGlobalHeader | tar::EntryType::XHeader | tar::EntryType::GNULongName | tar::EntryType::GNULongLink => {
+                self.written.remove(&rel);
+                self.stats.entries -= 1;
+            }
+            other => {
+                return Err(self.refuse(raw, format!("unsupported tar entry type {other:?}")));
+            }
+        }
+        Ok(dir_time)
+    }
+
+    /// The entry's path as clean relative components: no root, no `..`.
+    fn sanitize(&self, entry: &Path, path: &Path) -> Result<PathBuf, ImageError> {
+        let mut out = PathBuf::new();
+        for c in path.components() {
+            match c {
+                Component::Normal(n) => out.push(n),
+                Component::CurDir => {}
+                Component::RootDir | Component::Prefix(_) => return Err(self.refuse(entry, "absolute paths are not allowed")),
+                Component::ParentDir => return Err(self.refuse(entry, "'..' components are not allowed")),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Resolves relative directory `rel` inside the root, creating missing directories, and
+    /// following only symlinks whose targets stay inside the root (relative, not climbing
+    /// above it). Returns the absolute path.
+    fn resolve_dir(&mut self, entry: &Path, rel: &Path) -> Result<PathBuf, ImageError> {
+        if rel.as_os_str().is_empty() || self.known_dirs.contains(rel) {
+            return Ok(self.root.join(rel));
+        }
+        let mut pending: Vec<std::ffi::OsString> = rel.components().rev().map(|c| c.as_os_str().to_owned()).collect();
+        let mut cur = PathBuf::new();
+        let mut hops = 0;
+        while let Some(comp) = pending.pop() {
+            let next_rel = cur.join(&comp);
+            let next = self.root.join(&next_rel);
+            match fs::symlink_metadata(&next) {
+                Ok(m) if m.is_dir() => cur = next_rel,
+                Ok(m) if m.file_type().is_symlink() => {
+                    hops += 1;
+                    if hops > MAX_SYMLINK_HOPS {
+                        return Err(self.refuse(entry, "too many levels of symlinks"));
+                    }
+                    let target = fs::read_link(&next).map_err(|e| ImageError::io("reading symlink", &next, e))?;
+                    let escapes = || {
+                        self.refuse(
+                            entry,
+                            format!(
+                                "it is written through symlink {} -> {}, which points outside the volume root",
+                                next_rel.display(),
+                                target.display()
+                            ),
+                        )
+                    };
+                    if target.is_absolute() {
+                        return Err(escapes());
+                    }
+                    // Lexically resolve the target against the symlink's directory.
+                    let mut base: Vec<std::ffi::OsString> = cur.components().map(|c| c.as_os_str().to_owned()).collect();
+                    let mut expanded = Vec::new();
+                    for c in target.components() {
+                        match c {
+                            Component::Normal(n) => expanded.push(n.to_owned()),
+                            Component::CurDir => {}
+                            Component::ParentDir => {
+                                if expanded.pop().is_none() && base.pop().is_none() {
+                                    return Err(escapes());
+                                }
+                            }
+                            Component::RootDir | Component::Prefix(_) => return Err(escapes()),
+                        }
+                    }
+                    base.extend(expanded);
+                    // Restart from the root with the target's components, then what remained.
+                    for c in base.into_iter().rev() {
+                        pending.push(c);
+                    }
+                    cur = PathBuf::new();
+                }
+                Ok(_) => {
+                    // A file where the layer needs a directory: the later layer wins.
+                    self.remove_existing(&next)?;
+                    self.mkdir(&next)?;
+                    cur = next_rel;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    self.mkdir(&next)?;
+                    cur = next_rel;
+                }
+                Err(e) => return Err(ImageError::io("inspecting", &next, e)),
+            }
+        }
+        if cur == rel {
+            self.known_dirs.insert(cur.clone());
+        }
+        Ok(self.root.join(cur))
+    }
+
+    fn mkdir(&self, path: &Path) -> Result<(), ImageError> {
+        fs::DirBuilder::new().mode(0o755).create(path).map_err(|e| ImageError::io("creating directory", path, e))
+    }
+
+    /// Removes whatever is at `path` (never following a symlink); nothing there is fine.
+    fn remove_existing(&mut self, path: &Path) -> Result<(), ImageError> {
+        match fs::symlink_metadata(path) {
+            Ok(m) if m.is_dir() => {
+                // The path may be cached as a directory, itself or its descendants.
+                self.known_dirs.clear();
+                fs::remove_dir_all(path).map_err(|e| ImageError::io("removing", path, e))
+            }
+            Ok(_) => fs::remove_file(path).map_err(|e| ImageError::io("removing", path, e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ImageError::io("inspecting", path, e)),
+        }
+    }
+
+    /// Opaque directory: removes every child of `dir` that this layer did not write,
+    /// recursing into directories it did write.
+    fn clear_unwritten(&mut self, dir: &Path, rel: &Path) -> Result<(), ImageError> {
+        let entries = fs::read_dir(dir).map_err(|e| ImageError::io("listing", dir, e))?;
+        let mut children = Vec::new();
+        for e in entries {
+            children.push(e.map_err(|e| ImageError::io("listing", dir, e))?.file_name());
+        }
+        for child in children {
+            let child_rel = rel.join(&child);
+            let child_abs = dir.join(&child);
+            if !self.written.contains(&child_rel) {
+                self.remove_existing(&child_abs)?;
+            } else if fs::symlink_metadata(&child_abs).is_ok_and(|m| m.is_dir()) {
+                self.clear_unwritten(&child_abs, &child_rel)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn chown(&self, path: &Path, uid: u64, gid: u64) -> Result<(), ImageError> {
+        if !self.opts.preserve_owners {
+            return Ok(());
+        }
+        std::os::unix::fs::lchown(path, Some(uid as u32), Some(gid as u32))
+            .map_err(|e| ImageError::io("setting the owner of", path, e))
+    }
+
+    fn apply_xattrs<R: Read>(&self, entry: &mut tar::Entry<'_, R>, dest: &Path) -> Result<(), ImageError> {
+        let Some(exts) = entry.pax_extensions().map_err(|e| self.corrupt(e))? else {
+            return Ok(());
+        };
+        for ext in exts {
+            let ext = ext.map_err(|e| self.corrupt(e))?;
+            let Ok(key) = ext.key() else { continue };
+            if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
+                // "Where the filesystem allows": tmpfs and others refuse some namespaces.
+                if let Err(e) = xattr::set(dest, name, ext.value_bytes()) {
+                    tracing::debug!(path = %dest.display(), xattr = name, error = %e, "xattr not applied");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn mknod(path: &Path, mode: libc::mode_t, dev: libc::dev_t) -> Result<(), ImageError> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| ImageError::io("creating node", path, std::io::Error::other(e)))?;
+    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+    let rc = unsafe { libc::mknod(c.as_ptr(), mode, dev) };
+    if rc != 0 {
+        return Err(ImageError::io("creating node", path, std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,260 @@
+//! Table-driven tests on tiny tarballs built here: semantics and the security rules.
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+
+use super::*;
+
+/// A tar entry to build.
+enum E<'a> {
+    Dir(&'a str, u32),
+    File(&'a str, &'a [u8], u32),
+    Symlink(&'a str, &'a str),
+    Hardlink(&'a str, &'a str),
+    Char(&'a str),
+    Fifo(&'a str),
+}
+
+fn tar_of(entries: &[E<'_>]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for e in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_mtime(1_600_000_000);
+        h.set_uid(0);
+        h.set_gid(0);
+        // set_path refuses '..' and absolute paths, so the name is written raw.
+        let (path, data): (&str, &[u8]) = match e {
+            E::Dir(p, m) => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(*m);
+                (p, &[])
+            }
+            E::File(p, d, m) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(*m);
+                (p, d)
+            }
+            E::Symlink(p, t) | E::Hardlink(p, t) => {
+                h.set_entry_type(if matches!(e, E::Symlink(..)) { tar::EntryType::Symlink } else { tar::EntryType::Link });
+                h.set_mode(0o777);
+                h.as_old_mut().linkname[..t.len()].copy_from_slice(t.as_bytes());
+                (p, &[])
+            }
+            E::Char(p) => {
+                h.set_entry_type(tar::EntryType::Char);
+                h.set_mode(0o600);
+                (p, &[])
+            }
+            E::Fifo(p) => {
+                h.set_entry_type(tar::EntryType::Fifo);
+                h.set_mode(0o600);
+                (p, &[])
+            }
+        };
+        h.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("root")).unwrap();
+        Self { dir }
+    }
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+    fn apply(&self, name: &str, bytes: &[u8]) -> Result<ApplyStats, ImageError> {
+        let blob = self.dir.path().join(name);
+        fs::write(&blob, bytes).unwrap();
+        apply_layer(&self.root(), &blob, name, &ApplyOptions::default())
+    }
+    fn apply_with(&self, name: &str, bytes: &[u8], opts: &ApplyOptions) -> Result<ApplyStats, ImageError> {
+        let blob = self.dir.path().join(name);
+        fs::write(&blob, bytes).unwrap();
+        apply_layer(&self.root(), &blob, name, opts)
+    }
+    fn exists(&self, rel: &str) -> bool {
+        fs::symlink_metadata(self.root().join(rel)).is_ok()
+    }
+    fn read(&self, rel: &str) -> String {
+        fs::read_to_string(self.root().join(rel)).unwrap()
+    }
+    /// Everything in the fixture outside `root/` and the blobs: must stay empty.
+    fn outside(&self) -> Vec<String> {
+        let mut out: Vec<String> = fs::read_dir(self.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "root" && !n.starts_with("layer"))
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+#[test]
+fn files_dirs_modes_symlinks_and_hardlinks() {
+    let f = Fixture::new();
+    let layer = tar_of(&[
+        E::Dir("etc/", 0o755),
+        E::File("etc/motd", b"hi\n", 0o640),
+        E::File("bin/tool", b"#!/bin/sh\n", 0o4755),
+        E::Symlink("etc/link", "motd"),
+        E::Hardlink("etc/hard", "etc/motd"),
+        E::Fifo("run/pipe"),
+    ]);
+    let stats = f.apply("layer1", &layer).unwrap();
+    assert_eq!(stats.entries, 6);
+    assert_eq!(f.read("etc/motd"), "hi\n");
+    assert_eq!(fs::metadata(f.root().join("etc/motd")).unwrap().permissions().mode() & 0o7777, 0o640);
+    assert_eq!(fs::metadata(f.root().join("bin/tool")).unwrap().permissions().mode() & 0o7777, 0o4755);
+    assert_eq!(fs::read_link(f.root().join("etc/link")).unwrap(), PathBuf::from("motd"));
+    use std::os::unix::fs::MetadataExt;
+    let a = fs::metadata(f.root().join("etc/motd")).unwrap();
+    let b = fs::metadata(f.root().join("etc/hard")).unwrap();
+    assert_eq!((a.ino(), a.nlink()), (b.ino(), 2));
+    assert_eq!(a.mtime(), 1_600_000_000);
+    assert!(fs::symlink_metadata(f.root().join("run/pipe")).unwrap().file_type().is_fifo_like());
+}
+
+trait FifoLike {
+    fn is_fifo_like(&self) -> bool;
+}
+impl FifoLike for fs::FileType {
+    fn is_fifo_like(&self) -> bool {
+        use std::os::unix::fs::FileTypeExt;
+        self.is_fifo()
+    }
+}
+
+#[test]
+fn whiteouts_remove_files_and_directories_of_lower_layers() {
+    let f = Fixture::new();
+    f.apply("layer1", &tar_of(&[E::File("a/keep", b"k", 0o644), E::File("a/gone", b"g", 0o644), E::File("d/x/y", b"y", 0o644)]))
+        .unwrap();
+    let stats = f.apply("layer2", &tar_of(&[E::File("a/.wh.gone", b"", 0o644), E::File(".wh.d", b"", 0o644)])).unwrap();
+    assert_eq!(stats.whiteouts, 2);
+    assert!(f.exists("a/keep") && !f.exists("a/gone") && !f.exists("d"));
+    assert!(!f.exists("a/.wh.gone"), "whiteout markers are not written");
+}
+
+#[test]
+fn an_opaque_directory_hides_lower_contents_but_keeps_its_own() {
+    let f = Fixture::new();
+    f.apply("layer1", &tar_of(&[E::File("etc/old", b"o", 0o644), E::File("etc/sub/deep", b"d", 0o644)])).unwrap();
+    // The marker comes after one of the layer's own entries: those stay.
+    f.apply(
+        "layer2",
+        &tar_of(&[
+            E::Dir("etc/", 0o755),
+            E::File("etc/new", b"n", 0o644),
+            E::File("etc/.wh..wh..opq", b"", 0o644),
+            E::File("etc/newer", b"m", 0o644),
+        ]),
+    )
+    .unwrap();
+    assert!(!f.exists("etc/old") && !f.exists("etc/sub"));
+    assert_eq!((f.read("etc/new"), f.read("etc/newer")), ("n".into(), "m".into()));
+}
+
+#[test]
+fn a_later_layer_replaces_types() {
+    let f = Fixture::new();
+    f.apply("layer1", &tar_of(&[E::File("x/file", b"1", 0o644), E::Dir("y/", 0o755), E::File("y/in", b"i", 0o644)]))
+        .unwrap();
+    f.apply("layer2", &tar_of(&[E::File("x", b"now a file", 0o644), E::Symlink("y", "x")])).unwrap();
+    assert_eq!(f.read("x"), "now a file");
+    assert!(fs::symlink_metadata(f.root().join("y")).unwrap().file_type().is_symlink());
+}
+
+#[test]
+fn writes_through_in_root_symlinks_are_followed() {
+    let f = Fixture::new();
+    f.apply("layer1", &tar_of(&[E::Dir("usr/lib/", 0o755), E::Symlink("lib", "usr/lib")])).unwrap();
+    f.apply("layer2", &tar_of(&[E::File("lib/libc.so", b"elf", 0o755)])).unwrap();
+    assert_eq!(f.read("usr/lib/libc.so"), "elf");
+}
+
+#[test]
+fn gzip_and_zstd_layers_are_detected_by_magic() {
+    let f = Fixture::new();
+    let tar = tar_of(&[E::File("z", b"zstd!", 0o644)]);
+    let zst = zstd::encode_all(tar.as_slice(), 3).unwrap();
+    f.apply("layer-z", &zst).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar_of(&[E::File("g", b"gzip!", 0o644)])).unwrap();
+    f.apply("layer-g", &gz.finish().unwrap()).unwrap();
+    assert_eq!((f.read("z"), f.read("g")), ("zstd!".into(), "gzip!".into()));
+}
+
+/// Each hostile layer: refused naming the entry and the rule, nothing written outside.
+#[test]
+fn hostile_layers_are_refused_with_the_entry_and_the_rule() {
+    let cases: Vec<(&str, Vec<u8>, &str, &str)> = vec![
+        ("dotdot", tar_of(&[E::File("../escaped", b"x", 0o644)]), "../escaped", "'..'"),
+        ("nested-dotdot", tar_of(&[E::File("a/../../escaped", b"x", 0o644)]), "a/../../escaped", "'..'"),
+        ("absolute", tar_of(&[E::File("/abs-escaped", b"x", 0o644)]), "/abs-escaped", "absolute"),
+        (
+            "symlink-out",
+            tar_of(&[E::Symlink("evil", "../../.."), E::File("evil/escaped", b"x", 0o644)]),
+            "evil/escaped",
+            "points outside the volume root",
+        ),
+        (
+            "symlink-abs",
+            tar_of(&[E::Symlink("evil", "/tmp"), E::File("evil/escaped", b"x", 0o644)]),
+            "evil/escaped",
+            "points outside the volume root",
+        ),
+        ("hardlink-out", tar_of(&[E::Hardlink("h", "../outside-file")]), "h", "outside the volume root"),
+        ("hardlink-abs", tar_of(&[E::Hardlink("h", "/etc/passwd")]), "h", "outside the volume root"),
+        ("device", tar_of(&[E::Char("dev/null")]), "dev/null", "device nodes are not allowed"),
+    ];
+    for (name, layer, entry, rule) in cases {
+        let f = Fixture::new();
+        fs::write(f.dir.path().join("outside-file"), b"secret").unwrap();
+        let err = f.apply("layer", &layer).unwrap_err();
+        match &err {
+            ImageError::Refused { entry: e, rule: r, .. } => {
+                assert_eq!(e, entry, "{name}");
+                assert!(r.contains(rule), "{name}: rule {r:?} should mention {rule:?}");
+            }
+            other => panic!("{name}: expected a refusal, got {other}"),
+        }
+        assert!(err.to_string().contains(entry), "{name}: {err}");
+        assert_eq!(f.outside(), ["outside-file"], "{name}: something was written outside the root");
+        assert_eq!(fs::read(f.dir.path().join("outside-file")).unwrap(), b"secret", "{name}");
+    }
+}
+
+#[test]
+fn a_layer_larger_than_the_cap_is_refused() {
+    let f = Fixture::new();
+    let opts = ApplyOptions { max_layer_bytes: 10, ..ApplyOptions::default() };
+    let err = f.apply_with("layer", &tar_of(&[E::File("a", b"123456", 0o644), E::File("b", b"123456", 0o644)]), &opts);
+    match err {
+        Err(ImageError::Refused { entry, rule, .. }) => {
+            assert_eq!(entry, "b");
+            assert!(rule.contains("cap of 10 bytes"), "{rule}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_truncated_layer_is_corrupt() {
+    let f = Fixture::new();
+    let mut layer = tar_of(&[E::File("big", &[7u8; 4096], 0o644)]);
+    layer.truncate(1024);
+    let err = f.apply("layer", &layer).unwrap_err();
+    assert!(matches!(err, ImageError::Corrupt { .. }), "{err}");
+    assert!(!err.is_retryable());
+}

@@ -1,0 +1,38 @@
+//! Image errors: each says whether retrying can help (`is_retryable`). A corrupt or
+//! hostile blob is never retryable; an I/O error on our side is.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ImageError {
+    #[error("image family name {0:?} is invalid: use letters, digits, '.', '_' and '-', not starting with '.'")]
+    BadFamilyName(String),
+    #[error("image family {family} not found in {source_desc}: {detail}")]
+    FamilyNotFound { family: String, source_desc: String, detail: String },
+    #[error("image family {family} in {source_desc} has no layers")]
+    NoLayers { family: String, source_desc: String },
+    #[error("the manifest of {family} in {source_desc} is malformed: {detail}")]
+    BadManifest { family: String, source_desc: String, detail: String },
+    #[error("blob {digest} from {source_desc} is missing: {detail}")]
+    BlobMissing { digest: String, source_desc: String, detail: String },
+    #[error("blob {digest} from {source_desc} does not match its digest (its content hashes to {actual}); the source is corrupt or changed")]
+    DigestMismatch { digest: String, actual: String, source_desc: String },
+    #[error("layer {layer}: entry {entry:?} refused: {rule}")]
+    Refused { layer: String, entry: String, rule: String },
+    #[error("layer {layer} is truncated or corrupt: {detail}")]
+    Corrupt { layer: String, detail: String },
+    #[error("{context} ({path}): {source}")]
+    Io { context: String, path: PathBuf, source: std::io::Error },
+}
+
+impl ImageError {
+    /// Whether the same call may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Io { .. } | Self::BlobMissing { .. })
+    }
+
+    pub(crate) fn io(context: impl Into<String>, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io { context: context.into(), path: path.into(), source }
+    }
+}

@@ -1,0 +1,19 @@
+//! Images: where layer blobs come from, how a family resolves to its manifest, the per-host
+//! blob cache, and applying layers to a directory tree.
+//!
+//! Parsing and verification (`layout`, `digest`) are apart from writing to disk (`cache`,
+//! `apply`). Errors say whether a retry can help: corrupt or hostile input never.
+
+mod apply;
+mod cache;
+mod digest;
+mod error;
+mod layout;
+mod source;
+
+pub use apply::{ApplyOptions, ApplyStats, apply_layer};
+pub use cache::BlobCache;
+pub use digest::{Digest, Hasher};
+pub use error::ImageError;
+pub use layout::{LayerDesc, MEDIA_TAR, Manifest, validate_family};
+pub use source::{BlobSource, BlobStream, LocalDir};

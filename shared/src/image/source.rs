@@ -1,0 +1,147 @@
+//! Where blobs come from. A [`BlobSource`] resolves a family to its manifest and opens each
+//! layer blob as a stream; the cache hashes and stores it. `LocalDir` reads a directory in
+//! either layout; S3 comes with its own module.
+
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+
+use async_trait::async_trait;
+use tokio::io::AsyncRead;
+
+use super::digest::{Digest, Hasher};
+use super::error::ImageError;
+use super::layout::{self, LayerDesc, Manifest};
+
+pub type BlobStream = Pin<Box<dyn AsyncRead + Send>>;
+
+#[async_trait]
+pub trait BlobSource: Send + Sync {
+    /// How this source is named in messages and in the `images` table (`dir:/srv/images`).
+    fn describe(&self) -> String;
+    /// Resolves `family` to its ordered layers.
+    async fn manifest(&self, family: &str) -> Result<Manifest, ImageError>;
+    /// Opens one layer blob for streaming.
+    async fn open_blob(&self, layer: &LayerDesc) -> Result<BlobStream, ImageError>;
+}
+
+/// A local directory holding `index.json` + `blobs/` (OCI layout), `images/<family>/` (flat),
+/// or both. A family named in `index.json` is read from the OCI layout.
+#[derive(Clone, Debug)]
+pub struct LocalDir {
+    root: PathBuf,
+}
+
+impl LocalDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    fn read(&self, rel: &str) -> Result<Option<Vec<u8>>, ImageError> {
+        let path = self.root.join(rel);
+        match std::fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(ImageError::io("reading", path, e)),
+        }
+    }
+
+    fn flat_manifest(&self, family: &str) -> Result<Manifest, ImageError> {
+        let dir = self.root.join("images").join(family);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ImageError::FamilyNotFound {
+                    family: family.to_owned(),
+                    source_desc: self.describe(),
+                    detail: format!("neither index.json nor {} names it", dir.display()),
+                });
+            }
+            Err(e) => return Err(ImageError::io("listing", dir, e)),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| ImageError::io("listing", &dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if layout::is_flat_layer(&name) {
+                names.push(name);
+            }
+        }
+        names.sort();
+        let mut layers = Vec::with_capacity(names.len());
+        for name in names {
+            let path = dir.join(&name);
+            let (digest, size) = hash_file(&path)?;
+            layers.push(LayerDesc {
+                media_type: layout::flat_media_type(&name),
+                location: format!("images/{family}/{name}"),
+                digest,
+                size,
+            });
+        }
+        layout::flat_manifest(family, &self.describe(), layers)
+    }
+}
+
+fn hash_file(path: &Path) -> Result<(Digest, u64), ImageError> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| ImageError::io("opening", path, e))?;
+    let mut h = Hasher::default();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(|e| ImageError::io("reading", path, e))?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        h.update(&buf[..n]);
+    }
+    Ok((h.finish(), size))
+}
+
+#[async_trait]
+impl BlobSource for LocalDir {
+    fn describe(&self) -> String {
+        format!("dir:{}", self.root.display())
+    }
+
+    async fn manifest(&self, family: &str) -> Result<Manifest, ImageError> {
+        layout::validate_family(family)?;
+        let this = self.clone();
+        let family = family.to_owned();
+        tokio::task::spawn_blocking(move || {
+            if let Some(index) = this.read("index.json")? {
+                match layout::oci_find_manifest(&index, &family, &this.describe()) {
+                    Ok(digest) => {
+                        let rel = format!("blobs/sha256/{}", digest.hex());
+                        let bytes = this.read(&rel)?.ok_or_else(|| ImageError::BlobMissing {
+                            digest: digest.to_string(),
+                            source_desc: this.describe(),
+                            detail: format!("{rel} does not exist"),
+                        })?;
+                        return layout::oci_manifest(&bytes, digest, &family, &this.describe());
+                    }
+                    Err(ImageError::FamilyNotFound { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            this.flat_manifest(&family)
+        })
+        .await
+        .map_err(|e| ImageError::io("resolving the manifest", &self.root, std::io::Error::other(e)))?
+    }
+
+    async fn open_blob(&self, layer: &LayerDesc) -> Result<BlobStream, ImageError> {
+        // `location` came from our own manifest resolution: a relative path without `..`.
+        let path = self.root.join(&layer.location);
+        match tokio::fs::File::open(&path).await {
+            Ok(f) => Ok(Box::pin(f)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ImageError::BlobMissing {
+                digest: layer.digest.to_string(),
+                source_desc: self.describe(),
+                detail: format!("{} does not exist", path.display()),
+            }),
+            Err(e) => Err(ImageError::io("opening blob", path, e)),
+        }
+    }
+}
