@@ -164,9 +164,10 @@ impl Applier<'_> {
                     Err(e) => return Err(ImageError::io("inspecting", &dest, e)),
                 }
                 self.known_dirs.insert(rel.clone());
+                // Owner before mode: chown clears set-id bits.
+                self.chown(&dest, uid, gid)?;
                 fs::set_permissions(&dest, fs::Permissions::from_mode(mode))
                     .map_err(|e| ImageError::io("setting the mode of", &dest, e))?;
-                self.chown(&dest, uid, gid)?;
                 dir_time = Some((dest.clone(), mtime));
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
@@ -190,12 +191,13 @@ impl Applier<'_> {
                 if copied != size {
                     return Err(self.corrupt(format!("{} ends after {copied} of {size} bytes", raw.display())));
                 }
-                file.set_permissions(fs::Permissions::from_mode(mode))
-                    .map_err(|e| ImageError::io("setting the mode of", &dest, e))?;
+                // Owner before mode: chown clears set-id bits.
                 if self.opts.preserve_owners {
                     std::os::unix::fs::fchown(&file, Some(uid as u32), Some(gid as u32))
                         .map_err(|e| ImageError::io("setting the owner of", &dest, e))?;
                 }
+                file.set_permissions(fs::Permissions::from_mode(mode))
+                    .map_err(|e| ImageError::io("setting the mode of", &dest, e))?;
                 file.set_modified(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(mtime.unix_seconds() as u64))
                     .map_err(|e| ImageError::io("setting the mtime of", &dest, e))?;
                 self.apply_xattrs(entry, &dest)?;
