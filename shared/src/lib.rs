@@ -9,3 +9,4 @@ pub mod fault;
 pub mod fsm;
 pub mod image;
 pub mod store;
+pub mod volume;

@@ -1,0 +1,53 @@
+//! The conformance suite every volume backend passes: the trait's contract, including
+//! idempotency of every call (a step re-run after a crash repeats it).
+
+use std::fs;
+
+use super::{VolumeBackend, VolumeId};
+
+pub(crate) fn run(b: &dyn VolumeBackend) {
+    assert!(b.list().unwrap().is_empty(), "{}: starts empty", b.name());
+
+    b.create_base(1).unwrap();
+    b.create_base(1).unwrap(); // idempotent
+    assert!(b.exists(VolumeId::Base(1)).unwrap());
+    assert!(!b.is_sealed(1).unwrap());
+
+    let root = b.reset_base(1).unwrap();
+    fs::write(root.join("stale"), b"from an interrupted unpack").unwrap();
+    let root = b.reset_base(1).unwrap();
+    assert_eq!(fs::read_dir(&root).unwrap().count(), 0, "reset empties the base");
+    fs::create_dir(root.join("etc")).unwrap();
+    fs::write(root.join("etc/hostname"), b"base\n").unwrap();
+    std::os::unix::fs::symlink("hostname", root.join("etc/link")).unwrap();
+
+    assert!(b.snapshot(1, 1).is_err(), "no snapshot of an unsealed base");
+    b.seal_base(1).unwrap();
+    b.seal_base(1).unwrap();
+    assert!(b.is_sealed(1).unwrap());
+    assert!(b.reset_base(1).is_err(), "a sealed base cannot be written");
+
+    b.snapshot(1, 1).unwrap();
+    b.snapshot(1, 1).unwrap();
+    b.snapshot(1, 2).unwrap();
+    let p1 = b.expose(1).unwrap();
+    let p2 = b.expose(2).unwrap();
+    assert_ne!(p1, p2);
+    assert_eq!(fs::read(p1.join("etc/hostname")).unwrap(), b"base\n");
+    assert_eq!(fs::read_link(p1.join("etc/link")).unwrap().to_str(), Some("hostname"));
+    fs::write(p1.join("etc/hostname"), b"changed\n").unwrap();
+    assert_eq!(fs::read(p2.join("etc/hostname")).unwrap(), b"base\n", "snapshots are independent");
+    assert_eq!(fs::read(root.join("etc/hostname")).unwrap(), b"base\n", "the base is untouched");
+
+    assert!(b.snapshot(9, 3).is_err(), "a missing origin is an error");
+    assert_eq!(b.list().unwrap(), [VolumeId::Base(1), VolumeId::Snap(1), VolumeId::Snap(2)]);
+
+    b.delete(VolumeId::Snap(1)).unwrap();
+    b.delete(VolumeId::Snap(1)).unwrap();
+    assert!(!b.exists(VolumeId::Snap(1)).unwrap());
+    assert!(b.exists(VolumeId::Snap(2)).unwrap(), "deleting one snapshot leaves the other");
+    assert!(b.expose(1).is_err());
+    b.delete(VolumeId::Snap(2)).unwrap();
+    b.delete(VolumeId::Base(1)).unwrap();
+    assert!(b.list().unwrap().is_empty());
+}

@@ -1,0 +1,103 @@
+//! Volume backends: where bases and snapshots live.
+//!
+//! One trait, [`VolumeBackend`]: create a base, open it for writing, seal it, snapshot it,
+//! expose a snapshot, delete, exists, list. Every call is idempotent (doing it twice is
+//! doing it once), because a step that makes it may run again after a crash. Each backend
+//! maps its errors to [`VolumeError::Transient`] or [`VolumeError::Abort`] at its boundary.
+//! Calls are blocking; async callers use `spawn_blocking`.
+//!
+//! Backends: `dir` (plain directories, reflink copies where the filesystem has them; no
+//! root; O(files) snapshots, and says so). `btrfs` and `dmthin` come with their own issue.
+//! `conformance` is the one test suite every backend must pass.
+
+mod dir;
+
+#[cfg(test)]
+pub(crate) mod conformance;
+
+use std::fmt;
+use std::path::PathBuf;
+
+pub use dir::DirBackend;
+
+/// A volume: a base (one per family) or a snapshot (one per activation), by sequence id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum VolumeId {
+    Base(u64),
+    Snap(u64),
+}
+
+impl fmt::Display for VolumeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VolumeId::Base(id) => write!(f, "base-{id}"),
+            VolumeId::Snap(id) => write!(f, "snap-{id}"),
+        }
+    }
+}
+
+impl VolumeId {
+    /// Parses `base-N` / `snap-N`.
+    pub fn parse(s: &str) -> Option<VolumeId> {
+        if let Some(n) = s.strip_prefix("base-") {
+            n.parse().ok().filter(|n| *n > 0).map(VolumeId::Base)
+        } else if let Some(n) = s.strip_prefix("snap-") {
+            n.parse().ok().filter(|n| *n > 0).map(VolumeId::Snap)
+        } else {
+            None
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VolumeError {
+    /// May succeed if tried again (I/O hiccup, busy device).
+    #[error("volume {volume}: {detail}")]
+    Transient { volume: String, detail: String },
+    /// Will not succeed by retrying (missing origin, no space, sealed base written to).
+    #[error("volume {volume}: {detail}")]
+    Abort { volume: String, detail: String },
+}
+
+impl VolumeError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Transient { .. })
+    }
+
+    /// Classifies an I/O error: out of space, read-only and permission problems abort.
+    pub(crate) fn io(volume: impl fmt::Display, what: &str, e: std::io::Error) -> Self {
+        let volume = volume.to_string();
+        let detail = format!("{what}: {e}");
+        match e.raw_os_error() {
+            Some(libc::ENOSPC | libc::EDQUOT | libc::EROFS | libc::EACCES | libc::EPERM | libc::ENOTDIR) => {
+                Self::Abort { volume, detail }
+            }
+            _ => Self::Transient { volume, detail },
+        }
+    }
+}
+
+/// Where bases and snapshots live.
+pub trait VolumeBackend: Send + Sync {
+    /// The backend's name (`dir`, `btrfs`, `dmthin`).
+    fn name(&self) -> &'static str;
+    /// Whether a snapshot costs O(1) regardless of the base's size.
+    fn constant_time_snapshots(&self) -> bool;
+    /// Creates an empty, writable base. Existing and unsealed: nothing to do.
+    fn create_base(&self, id: u64) -> Result<(), VolumeError>;
+    /// Empties an unsealed base and returns its root for writing (a rerun starts clean).
+    fn reset_base(&self, id: u64) -> Result<PathBuf, VolumeError>;
+    /// Makes a base read-only; snapshots are taken from sealed bases only. Idempotent.
+    fn seal_base(&self, id: u64) -> Result<(), VolumeError>;
+    fn is_sealed(&self, id: u64) -> Result<bool, VolumeError>;
+    /// Creates snapshot `snap` of sealed base `base`. Existing: nothing to do.
+    fn snapshot(&self, base: u64, snap: u64) -> Result<(), VolumeError>;
+    /// Makes a snapshot usable and returns its path (a mount point or directory).
+    fn expose(&self, snap: u64) -> Result<PathBuf, VolumeError>;
+    /// Deletes a volume. Missing: nothing to do.
+    fn delete(&self, vol: VolumeId) -> Result<(), VolumeError>;
+    fn exists(&self, vol: VolumeId) -> Result<bool, VolumeError>;
+    /// Every volume this backend holds.
+    fn list(&self) -> Result<Vec<VolumeId>, VolumeError>;
+}
