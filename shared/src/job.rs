@@ -1,0 +1,196 @@
+//! The job message: the wire format upstream schedulers post (published as a JSON Schema in
+//! `schema/job.v1.schema.json`, with examples), its validation, and the result message.
+//!
+//! `{"v":1,"kind":"prepare"|"activate"|"release","family":"web","invocation_id":"inv-1","reply_to":"results"}`
+//!
+//! `v` lets the format evolve: a worker accepts the versions it knows and dead-letters the
+//! others with a reason naming the versions it accepts. Unknown fields are refused, so a
+//! misspelt field is an error, not a silent default.
+
+use serde::{Deserialize, Serialize};
+
+use crate::image::validate_family;
+
+/// Message versions this build understands.
+pub const SUPPORTED_VERSIONS: &[u32] = &[1];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    Prepare,
+    Activate,
+    Release,
+}
+
+impl std::fmt::Display for JobKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            JobKind::Prepare => "prepare",
+            JobKind::Activate => "activate",
+            JobKind::Release => "release",
+        })
+    }
+}
+
+/// A validated job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Job {
+    pub v: u32,
+    pub kind: JobKind,
+    pub family: String,
+    /// Required for `activate` and `release`: the activation's identity. A redelivered
+    /// message with the same id resumes, never duplicates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invocation_id: Option<String>,
+    /// Queue to send the result to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+}
+
+/// Why a message is not a valid job (the dead-letter reason).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidJob(pub String);
+
+impl Job {
+    pub fn new(kind: JobKind, family: &str, invocation_id: Option<&str>) -> Job {
+        Job { v: 1, kind, family: family.to_owned(), invocation_id: invocation_id.map(str::to_owned), reply_to: None }
+    }
+
+    /// Parses and validates a message body.
+    pub fn parse(body: &str) -> Result<Job, InvalidJob> {
+        let value: serde_json::Value =
+            serde_json::from_str(body).map_err(|e| InvalidJob(format!("the message is not JSON: {e}")))?;
+        let v = value.get("v").and_then(serde_json::Value::as_u64);
+        match v {
+            None => return Err(InvalidJob("field \"v\" (the message version) is missing or not a number".into())),
+            Some(v) if !SUPPORTED_VERSIONS.contains(&(v as u32)) => {
+                return Err(InvalidJob(format!("message version {v} is not supported; this worker accepts {SUPPORTED_VERSIONS:?}")));
+            }
+            Some(_) => {}
+        }
+        let job: Job = serde_json::from_value(value).map_err(|e| InvalidJob(format!("invalid job: {e}")))?;
+        job.validate()?;
+        Ok(job)
+    }
+
+    pub fn validate(&self) -> Result<(), InvalidJob> {
+        validate_family(&self.family).map_err(|e| InvalidJob(e.to_string()))?;
+        match (&self.kind, &self.invocation_id) {
+            (JobKind::Activate | JobKind::Release, None) => {
+                return Err(InvalidJob(format!("a {} job needs an invocation_id", self.kind)));
+            }
+            (_, Some(id)) if !valid_id(id) => {
+                return Err(InvalidJob(format!(
+                    "invocation_id {id:?} is invalid: use 1 to 128 letters, digits, '.', '_' or '-'"
+                )));
+            }
+            _ => {}
+        }
+        if let Some(r) = &self.reply_to
+            && (r.is_empty() || r.len() > 1024)
+        {
+            return Err(InvalidJob("reply_to is empty or longer than 1024 bytes".into()));
+        }
+        Ok(())
+    }
+
+    /// The run id of the durable run this job drives.
+    pub fn run_id(&self) -> String {
+        match self.kind {
+            JobKind::Prepare => prepare_run_id(&self.family),
+            JobKind::Activate => activate_run_id(self.invocation_id.as_deref().unwrap_or_default()),
+            JobKind::Release => format!("release-{}", self.invocation_id.as_deref().unwrap_or_default()),
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        // A struct of strings and numbers always serialises.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+pub fn prepare_run_id(family: &str) -> String {
+    format!("prepare-{family}")
+}
+
+pub fn activate_run_id(invocation_id: &str) -> String {
+    format!("activate-{invocation_id}")
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// Outcome of a job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Succeeded,
+    Failed,
+}
+
+/// The result message sent to `reply_to`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobResult {
+    /// The queue's message id of the job.
+    pub job_id: String,
+    pub kind: JobKind,
+    pub family: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invocation_id: Option<String>,
+    pub status: JobStatus,
+    pub run_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_vol_id: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_published_examples_are_valid_jobs() {
+        for (name, body) in [
+            ("prepare", include_str!("../../schema/examples/prepare.json")),
+            ("activate", include_str!("../../schema/examples/activate.json")),
+            ("release", include_str!("../../schema/examples/release.json")),
+        ] {
+            let job = Job::parse(body).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(job.kind.to_string(), name);
+        }
+    }
+
+    #[test]
+    fn bad_messages_say_what_is_wrong() {
+        let cases = [
+            ("not json", "not JSON"),
+            ("{}", "\"v\""),
+            (r#"{"v":2,"kind":"prepare","family":"web"}"#, "version 2 is not supported"),
+            (r#"{"v":1,"kind":"explode","family":"web"}"#, "unknown variant `explode`"),
+            (r#"{"v":1,"kind":"prepare"}"#, "missing field `family`"),
+            (r#"{"v":1,"kind":"prepare","family":"../etc"}"#, "family name"),
+            (r#"{"v":1,"kind":"activate","family":"web"}"#, "needs an invocation_id"),
+            (r#"{"v":1,"kind":"activate","family":"web","invocation_id":"a/b"}"#, "invocation_id"),
+            (r#"{"v":1,"kind":"prepare","family":"web","familly":"x"}"#, "unknown field `familly`"),
+            (r#"{"v":1,"kind":"prepare","family":7}"#, "invalid type"),
+        ];
+        for (body, expect) in cases {
+            let err = Job::parse(body).unwrap_err();
+            assert!(err.0.contains(expect), "{body}: {err}");
+        }
+    }
+
+    #[test]
+    fn run_ids_are_deterministic() {
+        let j = Job::new(JobKind::Activate, "web", Some("inv-1"));
+        assert_eq!(j.run_id(), "activate-inv-1");
+        assert_eq!(Job::new(JobKind::Prepare, "web", None).run_id(), "prepare-web");
+        assert_eq!(Job::parse(&j.to_json()).unwrap(), j);
+    }
+}

@@ -1,0 +1,67 @@
+//! Job queues. [`JobQueue`] is the contract; `embedded` implements it on SQLite for one
+//! machine without AWS (SQS comes with its own module).
+//!
+//! Delivery guarantee: at least once. A received message is invisible to other receivers
+//! for the visibility timeout; if it is neither acked nor extended in time it comes back
+//! with its receive count raised. The worker acks only after the job's outcome is durable
+//! and its result sent, and extends visibility (a heartbeat) while the job runs. A message
+//! that cannot be a job is dead-lettered with the reason, never dropped; one received more
+//! than `max_receives` times is dead-lettered by the queue itself.
+
+mod embedded;
+
+#[cfg(test)]
+mod conformance;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub use embedded::{DeadLetter, EmbeddedQueue};
+
+/// One received message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    pub message_id: String,
+    /// Proves this receive: ack, extend and release must present it.
+    pub receipt: String,
+    pub body: String,
+    /// 1 on the first delivery.
+    pub receive_count: u32,
+    pub attributes: BTreeMap<String, String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QueueError {
+    #[error("queue {queue}: message {message_id} was redelivered to another receiver (its visibility timed out)")]
+    ReceiptStale { queue: String, message_id: String },
+    #[error("queue {queue}: {detail}")]
+    Unavailable { queue: String, detail: String },
+    #[error("queue {queue}: {detail}")]
+    Invalid { queue: String, detail: String },
+}
+
+impl QueueError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Unavailable { .. })
+    }
+}
+
+#[async_trait]
+pub trait JobQueue: Send + Sync {
+    fn describe(&self) -> String;
+    /// Waits up to `wait` for messages; returns at most `max` (possibly none).
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError>;
+    /// Deletes a handled message.
+    async fn ack(&self, d: &Delivery) -> Result<(), QueueError>;
+    /// Keeps a message invisible for `visibility` from now (the heartbeat).
+    async fn extend(&self, d: &Delivery, visibility: Duration) -> Result<(), QueueError>;
+    /// Makes a message visible again now (for another try).
+    async fn release(&self, d: &Delivery) -> Result<(), QueueError>;
+    /// Moves a message to the dead-letter queue with `reason`.
+    async fn dead_letter(&self, d: &Delivery, reason: &str) -> Result<(), QueueError>;
+    /// Sends a message to queue `to` (a result to `reply_to`, or a job).
+    async fn send(&self, to: &str, body: &str, attributes: &BTreeMap<String, String>) -> Result<String, QueueError>;
+}
