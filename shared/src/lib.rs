@@ -9,6 +9,7 @@ pub mod fault;
 pub mod fsm;
 pub mod image;
 pub mod job;
+pub mod pipeline;
 pub mod queue;
 pub mod store;
 pub mod volume;

@@ -1,0 +1,123 @@
+//! `prepare` (run id `prepare-<family>`): family → manifest → cached blobs → base volume →
+//! layers applied → sealed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{PipelineContext, blocking, image_err, store_err, volume_err};
+use crate::fault;
+use crate::fsm::{RetryPolicy, StepError, StepRequest, StepResult, Workflow};
+use crate::image::{ImageError, Manifest, apply_layer};
+use crate::volume::VolumeId;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrepareInput {
+    pub family: String,
+}
+
+/// The response chain of `prepare`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrepareState {
+    /// Set by `fetch_manifest`.
+    pub manifest: Option<Manifest>,
+    /// Set by `download_blobs`: bytes fetched from the source (0 when all were cached).
+    pub downloaded_bytes: u64,
+    /// Set by `prepare_thin_base`.
+    pub base_vol_id: Option<u64>,
+}
+
+type Req = StepRequest<PrepareInput, PrepareState>;
+
+pub(super) fn workflow(ctx: Arc<PipelineContext>) -> Workflow<PrepareInput, PrepareState> {
+    let (c1, c2, c3, c4) = (ctx.clone(), ctx.clone(), ctx.clone(), ctx);
+    let downloads = RetryPolicy { max_attempts: 10, max_interval: Duration::from_secs(60), ..RetryPolicy::default() };
+    let unpack = RetryPolicy { max_attempts: 4, attempt_timeout: Duration::from_secs(3600), ..RetryPolicy::default() };
+    Workflow::new("prepare", 1)
+        .step("fetch_manifest", move |req| fetch_manifest(c1.clone(), req))
+        .step_with("download_blobs", downloads, move |req| download_blobs(c2.clone(), req))
+        .step("prepare_thin_base", move |req| prepare_thin_base(c3.clone(), req))
+        .step_with("unpack_into_base", unpack, move |req| unpack_into_base(c4.clone(), req))
+}
+
+fn manifest_of(req: &Req) -> Result<&Manifest, StepError> {
+    req.w.manifest.as_ref().ok_or_else(|| StepError::abort("the response chain has no manifest"))
+}
+
+async fn fetch_manifest(ctx: Arc<PipelineContext>, req: Req) -> StepResult<PrepareState> {
+    let family = req.r.family.clone();
+    let manifest = ctx.source.manifest(&family).await.map_err(image_err)?;
+    let source = ctx.source.describe();
+    let store = ctx.store.clone();
+    blocking(move || store.upsert_image(&family, &source).map_err(store_err)).await?;
+    Ok(PrepareState { manifest: Some(manifest), ..req.w })
+}
+
+async fn download_blobs(ctx: Arc<PipelineContext>, req: Req) -> StepResult<PrepareState> {
+    let manifest = manifest_of(&req)?;
+    let mut downloaded = 0;
+    for layer in &manifest.layers {
+        match ctx.cache.ensure(ctx.source.as_ref(), layer).await {
+            Ok((_, n)) => downloaded += n,
+            // A mismatch may be a torn transfer: one more try, then it is the source.
+            Err(e @ ImageError::DigestMismatch { .. }) if req.attempt < 2 => return Err(StepError::transient(e)),
+            Err(e @ ImageError::DigestMismatch { .. }) => return Err(StepError::abort(e)),
+            Err(e) => return Err(image_err(e)),
+        }
+    }
+    tracing::info!(family = %req.r.family, layers = manifest.layers.len(), downloaded, "blobs cached");
+    Ok(PrepareState { downloaded_bytes: downloaded, ..req.w })
+}
+
+/// The guarded step: the base id is taken from (or allocated and recorded in) SQLite
+/// before the volume exists, so a crash between the two leaves a record, not an orphan.
+async fn prepare_thin_base(ctx: Arc<PipelineContext>, req: Req) -> StepResult<PrepareState> {
+    let digest = manifest_of(&req)?.digest.to_string();
+    let family = req.r.family.clone();
+    let base = blocking(move || {
+        let image = ctx.store.image(&family).map_err(store_err)?;
+        // A sealed base of another manifest is not this image: it keeps serving its
+        // snapshots, and this family gets a new base.
+        if let Some(row) = image
+            && let Some(old) = row.base_vol_id
+            && ctx.backend.is_sealed(old).map_err(volume_err)?
+            && row.manifest_digest.as_deref() != Some(digest.as_str())
+        {
+            tracing::info!(%family, old_base = old, "manifest changed; allocating a new base");
+            ctx.store.clear_base_vol_id(&family).map_err(store_err)?;
+        }
+        let base = ctx.store.intend_base(&family).map_err(store_err)?;
+        fault::point("prepare.after_base_intent", &family);
+        ctx.backend.create_base(base).map_err(volume_err)?;
+        fault::point("prepare.after_base_create", &family);
+        Ok(base)
+    })
+    .await?;
+    Ok(PrepareState { base_vol_id: Some(base), ..req.w })
+}
+
+async fn unpack_into_base(ctx: Arc<PipelineContext>, req: Req) -> StepResult<PrepareState> {
+    let manifest = manifest_of(&req)?.clone();
+    let base = req.w.base_vol_id.ok_or_else(|| StepError::abort("the response chain has no base volume"))?;
+    let family = req.r.family.clone();
+    blocking(move || {
+        if ctx.backend.is_sealed(base).map_err(volume_err)? {
+            return Ok(()); // sealed by an earlier attempt that crashed before its commit
+        }
+        // A rerun starts from an empty base: never apply layers over a half-applied tree.
+        let root = ctx.backend.reset_base(base).map_err(volume_err)?;
+        for layer in &manifest.layers {
+            let blob = ctx.cache.path(&layer.digest);
+            let name = format!("{} ({})", layer.digest, layer.location);
+            let stats = apply_layer(&root, &blob, &name, &ctx.apply).map_err(image_err)?;
+            tracing::debug!(%family, layer = %layer.digest, entries = stats.entries, bytes = stats.bytes, "layer applied");
+        }
+        ctx.backend.seal_base(base).map_err(volume_err)?;
+        ctx.store.set_manifest_digest(&family, manifest.digest.as_str()).map_err(store_err)?;
+        tracing::info!(%family, base = %VolumeId::Base(base), layers = manifest.layers.len(), "base sealed");
+        Ok(())
+    })
+    .await?;
+    Ok(req.w)
+}
