@@ -529,6 +529,27 @@ impl Engine {
         self.inner.writer.stop();
     }
 
+    /// Moves failed run `id`, with its whole history, to `<id>~<finished ms>` and returns
+    /// that id, so `id` can be started afresh (a new job retrying a failed prepare) while
+    /// the failure stays inspectable.
+    pub async fn archive_failed(&self, id: &str) -> Result<String, CancelError> {
+        let record = match self.read_record(id).map_err(|e| CancelError::Storage(e.to_string()))? {
+            None => return Err(CancelError::NotFound(id.to_owned())),
+            Some(Err(why)) => return Err(CancelError::Storage(format!("run {id} record does not decode: {why}"))),
+            Some(Ok(r)) => r,
+        };
+        if record.status != RunStatus::Failed {
+            return Err(CancelError::NotActive { id: id.to_owned(), status: record.status });
+        }
+        let to = format!("{id}~{}", record.finished_at_ms.unwrap_or(record.updated_at_ms));
+        match self.inner.writer.submit(Op::Archive { id: id.to_owned(), to: to.clone() }).await {
+            Ok(_) => Ok(to),
+            Err(OpError::NotFound(_)) => Err(CancelError::NotFound(id.to_owned())),
+            Err(OpError::Stopped) => Err(CancelError::ShutDown),
+            Err(e) => Err(CancelError::Storage(e.to_string())),
+        }
+    }
+
     /// Deletes finished runs that finished before `cutoff_ms` (ms since the epoch).
     pub async fn prune_finished_before(&self, cutoff_ms: u64) -> Result<usize, ReadError> {
         match self.inner.writer.submit(Op::Prune { finished_before_ms: cutoff_ms }).await {

@@ -601,3 +601,30 @@ async fn arbitrary_ids_are_kept_apart() {
     assert!(matches!(wf.start("", &Odd { id: 0 }, &vec![]).await, Err(StartError::InvalidId(_))));
     engine.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_failed_run_can_be_archived_and_its_id_started_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(&dir).await;
+    let fail = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let f = fail.clone();
+    let wf = engine
+        .register(Workflow::<(), u32>::new("p", 1).step("s", move |_r| {
+            let fail = f.load(Ordering::SeqCst);
+            async move { if fail { Err(StepError::abort("source down")) } else { Ok(7) } }
+        }))
+        .unwrap();
+    assert!(matches!(wf.run("prepare-web", &(), &0).await.unwrap(), Outcome::Failed(_)));
+    assert!(matches!(engine.archive_failed("nope").await, Err(CancelError::NotFound(_))));
+    let archived = engine.archive_failed("prepare-web").await.unwrap();
+    assert!(archived.starts_with("prepare-web~"));
+    let old = engine.run_detail(&archived).unwrap().unwrap();
+    assert_eq!(old.summary.status, RunStatus::Failed);
+    assert_eq!(old.events.len(), 3, "the history moved with it: {:?}", old.events);
+    assert!(engine.run_detail("prepare-web").unwrap().is_none());
+    fail.store(false, Ordering::SeqCst);
+    assert_eq!(wf.run("prepare-web", &(), &0).await.unwrap(), Outcome::Completed(7));
+    assert!(matches!(engine.archive_failed("prepare-web").await, Err(CancelError::NotActive { .. })), "only failed runs");
+    assert_eq!(engine.list_runs(&RunFilter::default()).unwrap().len(), 2);
+    engine.shutdown().await;
+}

@@ -67,6 +67,11 @@ pub(crate) enum Op {
     Prune {
         finished_before_ms: u64,
     },
+    /// Move failed run `id`, history and all, to id `to`, freeing `id` for a new run.
+    Archive {
+        id: String,
+        to: String,
+    },
 }
 
 pub(crate) enum Reply {
@@ -230,6 +235,7 @@ impl Tables<'_> {
             Op::Change(change) => self.change(change),
             Op::MarkCorrupt { id, reason } => self.mark_corrupt(&id, reason),
             Op::Prune { finished_before_ms } => self.prune(finished_before_ms),
+            Op::Archive { id, to } => self.archive(&id, &to),
         }
     }
 
@@ -351,6 +357,37 @@ impl Tables<'_> {
         let kind = EventKind::Finished { status: RunStatus::Failed, failure: Some(failure) };
         self.push_event(id, &mut record, kind, now)?;
         self.put_record(id, &record, true)?;
+        Ok(Ok(Reply::Applied))
+    }
+
+    fn archive(&mut self, id: &str, to: &str) -> Applied {
+        match self.read_record(id)? {
+            None => return Ok(Err(OpError::NotFound(id.to_owned()))),
+            Some(Ok(r)) if r.status == RunStatus::Failed => {}
+            Some(_) => {
+                let why = "only a failed run can be archived".to_owned();
+                return Ok(Err(OpError::Fenced { id: id.to_owned(), why }));
+            }
+        }
+        if self.read_record(to)?.is_some() {
+            return Ok(Err(OpError::Fenced { id: id.to_owned(), why: format!("run {to} already exists") }));
+        }
+        let (lo, hi) = key::run_range(id);
+        let mut rows = Vec::new();
+        for entry in self.log.range(lo.as_slice()..=hi.as_slice())? {
+            let (k, v) = entry?;
+            if let Some((_, n)) = key::decode(k.value()) {
+                rows.push((key::encode(to, n), v.value().to_vec()));
+            }
+        }
+        for (k, v) in &rows {
+            self.log.insert(k.as_slice(), v.as_slice())?;
+        }
+        self.log.retain_in(lo.as_slice()..=hi.as_slice(), |_, _| false)?;
+        let index = self.runs.remove(id)?.map(|v| v.value().to_vec());
+        if let Some(index) = index {
+            self.runs.insert(to, index.as_slice())?;
+        }
         Ok(Ok(Reply::Applied))
     }
 

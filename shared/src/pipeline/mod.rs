@@ -14,7 +14,7 @@ mod release;
 
 use std::sync::Arc;
 
-use crate::fsm::{Engine, Outcome, RegisterError, RunError, StepError, WorkflowHandle};
+use crate::fsm::{Engine, Outcome, RegisterError, RunError, StartOutcome, StepError, WorkflowHandle};
 use crate::image::{ApplyOptions, BlobCache, BlobSource, ImageError};
 use crate::job::{activate_run_id, prepare_run_id};
 use crate::store::{Store, StoreError};
@@ -58,10 +58,24 @@ impl Pipeline {
         &self.ctx
     }
 
-    /// Runs (or joins, or returns the stored outcome of) run `prepare-<family>`.
+    /// Runs (or joins) run `prepare-<family>`. A completed run's stored outcome is returned
+    /// as is; a failed one is archived (its history kept under `prepare-<family>~<time>`)
+    /// and the family prepared afresh, so a new job retries what an old one could not do.
     pub async fn prepare(&self, family: &str) -> Result<Outcome<PrepareState>, RunError> {
+        let id = prepare_run_id(family);
         let input = PrepareInput { family: family.to_owned() };
-        self.prepare.run(&prepare_run_id(family), &input, &PrepareState::default()).await
+        match self.prepare.start(&id, &input, &PrepareState::default()).await? {
+            StartOutcome::Finished(Outcome::Completed(w)) => return Ok(Outcome::Completed(w)),
+            StartOutcome::Finished(Outcome::Failed(f)) => {
+                let archived = self.prepare.engine().archive_failed(&id).await.map_err(|e| {
+                    RunError::Start(crate::fsm::StartError::Storage(format!("archiving failed run {id}: {e}")))
+                })?;
+                tracing::info!(run_id = %id, %archived, failure = %f, "retrying a failed prepare; the failed run is kept as {archived}");
+                self.prepare.start(&id, &input, &PrepareState::default()).await?;
+            }
+            StartOutcome::Started | StartOutcome::AlreadyRunning => {}
+        }
+        Ok(self.prepare.wait(&id).await?)
     }
 
     /// Runs (or resumes) run `activate-<invocation_id>` from base `base_vol_id`.
