@@ -1,1 +1,140 @@
-fn main() {}
+//! `enqueue`: posts a job to a worker's queue and, with `--wait`, waits for its result.
+//!
+//! Exit codes: 0 posted (or, with --wait, succeeded); 1 the job failed or was refused
+//! (dead-lettered); 2 usage error; 3 the queue could not be used, or --wait timed out.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use thinpipe::job::{Job, JobKind, JobResult, JobStatus};
+use thinpipe::queue::{EmbeddedQueue, JobQueue};
+
+#[derive(Parser)]
+#[command(version, about = "Post thinpipe jobs and wait for their results")]
+struct Cli {
+    /// The worker's state directory (its embedded queue is <state-dir>/queue.db).
+    #[arg(long, env = "THINPIPE_STATE_DIR", default_value = ".thinpipe", global = true)]
+    state_dir: PathBuf,
+    /// The embedded queue file, if not in the state directory.
+    #[arg(long, env = "THINPIPE_QUEUE_PATH", global = true)]
+    queue_path: Option<PathBuf>,
+    /// The job queue's name.
+    #[arg(long, env = "THINPIPE_QUEUE_NAME", default_value = "jobs", global = true)]
+    queue: String,
+    /// Wait for the result and print it.
+    #[arg(long, global = true)]
+    wait: bool,
+    /// How long --wait waits, in seconds.
+    #[arg(long, default_value_t = 600, global = true)]
+    timeout: u64,
+    /// Print the result as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    kind: Kind,
+}
+
+#[derive(Subcommand)]
+enum Kind {
+    /// Prepare a family's base volume.
+    Prepare {
+        #[arg(long)]
+        family: String,
+    },
+    /// Activate a fresh snapshot for one invocation.
+    Activate {
+        #[arg(long)]
+        family: String,
+        #[arg(long)]
+        invocation_id: String,
+    },
+    /// Release the snapshot of one invocation.
+    Release {
+        #[arg(long)]
+        family: String,
+        #[arg(long)]
+        invocation_id: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let job = match &cli.kind {
+        Kind::Prepare { family } => Job::new(JobKind::Prepare, family, None),
+        Kind::Activate { family, invocation_id } => Job::new(JobKind::Activate, family, Some(invocation_id)),
+        Kind::Release { family, invocation_id } => Job::new(JobKind::Release, family, Some(invocation_id)),
+    };
+    if let Err(e) = job.validate() {
+        eprintln!("enqueue: {e}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("enqueue: cannot start the async runtime: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    match runtime.block_on(post(&cli, job)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("enqueue: {e:#}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+async fn post(cli: &Cli, mut job: Job) -> anyhow::Result<ExitCode> {
+    let path = cli.queue_path.clone().unwrap_or_else(|| cli.state_dir.join("queue.db"));
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let queue = EmbeddedQueue::open(&path, &cli.queue, Duration::from_secs(60), 5)?;
+    let reply_to = cli.wait.then(|| format!("reply-{}-{}", std::process::id(), job.run_id()));
+    job.reply_to = reply_to.clone();
+    let id = queue.send(&cli.queue, &job.to_json(), &BTreeMap::new()).await?;
+    if !cli.json || !cli.wait {
+        eprintln!("posted {} job {id} ({}) to {}", job.kind, job.run_id(), queue.describe());
+    }
+    let Some(reply_to) = reply_to else { return Ok(ExitCode::SUCCESS) };
+    let replies = queue.named(&reply_to);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(cli.timeout);
+    loop {
+        if let Some(d) = replies.receive(1, Duration::from_millis(500)).await?.pop() {
+            let result: JobResult = serde_json::from_str(&d.body).context("decoding the result")?;
+            replies.ack(&d).await?;
+            print(&result, cli.json)?;
+            return Ok(if result.status == JobStatus::Succeeded { ExitCode::SUCCESS } else { ExitCode::from(1) });
+        }
+        // Refused before any result could be sent (a message that is not a job).
+        if let Some(dead) = queue.dead_letter_of(&id).await? {
+            eprintln!("enqueue: job {id} was dead-lettered: {}", dead.reason);
+            return Ok(ExitCode::from(1));
+        }
+        if tokio::time::Instant::now() > deadline {
+            eprintln!(
+                "enqueue: no result for job {id} after {}s; is a worker running on {}?",
+                cli.timeout,
+                path.display()
+            );
+            return Ok(ExitCode::from(3));
+        }
+    }
+}
+
+fn print(r: &JobResult, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+    } else if let Some(e) = &r.error {
+        println!("{} {} FAILED: {e}", r.kind, r.run_id);
+    } else if let Some(p) = &r.snapshot_path {
+        println!("{} {} ok: {p}", r.kind, r.run_id);
+    } else {
+        println!("{} {} ok", r.kind, r.run_id);
+    }
+    Ok(())
+}

@@ -66,7 +66,9 @@ impl Job {
         match v {
             None => return Err(InvalidJob("field \"v\" (the message version) is missing or not a number".into())),
             Some(v) if !SUPPORTED_VERSIONS.contains(&(v as u32)) => {
-                return Err(InvalidJob(format!("message version {v} is not supported; this worker accepts {SUPPORTED_VERSIONS:?}")));
+                return Err(InvalidJob(format!(
+                    "message version {v} is not supported; this worker accepts {SUPPORTED_VERSIONS:?}"
+                )));
             }
             Some(_) => {}
         }

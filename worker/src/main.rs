@@ -1,1 +1,201 @@
-fn main() {}
+//! `worker`: the thinpipe daemon and its one-shot commands.
+//!
+//! Exit codes: 0 success; 1 the job ran and failed; 2 usage or configuration error;
+//! 3 the command could not run (storage, queue, another worker holding the state).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use thinpipe::job::{JobResult, JobStatus};
+use thinpipe::queue::EmbeddedQueue;
+use tokio_util::sync::CancellationToken;
+use worker::config::Config;
+use worker::host::Host;
+
+#[derive(Parser)]
+#[command(version, about = "thinpipe worker: durable image preparation and snapshot activation")]
+struct Cli {
+    /// Configuration file (TOML). Every setting can also come from THINPIPE_<KEY> or --set.
+    #[arg(long, env = "THINPIPE_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// State directory (shorthand for --set state_dir=DIR).
+    #[arg(long, global = true)]
+    state_dir: Option<PathBuf>,
+    /// Override one setting: --set queue.name=jobs (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE", global = true)]
+    sets: Vec<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the job loop until SIGTERM or SIGINT (a second signal exits at once).
+    Daemon,
+    /// Run one job without a queue and print its result.
+    Run {
+        #[command(subcommand)]
+        job: OneShot,
+        /// Print the result as JSON.
+        #[arg(long, global = true)]
+        json: bool,
+    },
+    /// The main job on embedded defaults: sample family, prepare, two activations.
+    Demo,
+    /// Print the effective configuration as TOML (and check it).
+    Config,
+}
+
+#[derive(Subcommand)]
+enum OneShot {
+    /// Prepare a family's base (once per host).
+    Prepare {
+        #[arg(long)]
+        family: String,
+        /// Image source directory (overrides the configured source).
+        #[arg(long)]
+        source: Option<PathBuf>,
+    },
+    /// Activate a fresh snapshot of a family (preparing it first if needed).
+    Activate {
+        #[arg(long)]
+        family: String,
+        /// Defaults to a new id.
+        #[arg(long)]
+        invocation_id: Option<String>,
+        #[arg(long)]
+        source: Option<PathBuf>,
+    },
+    /// Release the snapshot of one activation.
+    Release {
+        #[arg(long)]
+        family: String,
+        #[arg(long)]
+        invocation_id: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut sets = cli.sets.clone();
+    if let Some(dir) = &cli.state_dir {
+        sets.push(format!("state_dir={}", dir.display()));
+    }
+    if let Command::Run {
+        job: OneShot::Prepare { source: Some(s), .. } | OneShot::Activate { source: Some(s), .. },
+        ..
+    } = &cli.command
+    {
+        sets.push(format!("source=dir:{}", s.display()));
+    }
+    let config = match Config::load(cli.config.as_deref(), std::env::vars(), &sets) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("worker: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    // The demo talks to a person through its progress bar; keep the log to warnings there.
+    let level = if matches!(cli.command, Command::Demo) { "warn" } else { "info" };
+    worker::logging::init(&config.log_format, level);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("worker: cannot start the async runtime: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    match runtime.block_on(run(cli.command, config)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("worker: {e:#}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Config => {
+            print!("{}", toml::to_string_pretty(&config).context("encoding the configuration")?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo => Ok(if worker::demo::run(config).await? { ExitCode::SUCCESS } else { ExitCode::from(1) }),
+        Command::Daemon => daemon(config).await,
+        Command::Run { job, json } => {
+            let host = Arc::new(Host::open(config).await?);
+            host.engine.resume_all().await?;
+            let result = match job {
+                OneShot::Prepare { family, .. } => worker::oneshot::prepare(&host, &family).await,
+                OneShot::Activate { family, invocation_id, .. } => {
+                    let id = invocation_id.unwrap_or_else(new_invocation_id);
+                    worker::oneshot::activate(&host, &family, &id).await
+                }
+                OneShot::Release { family, invocation_id } => {
+                    worker::oneshot::release(&host, &family, &invocation_id).await
+                }
+            };
+            host.close().await;
+            let result = result?;
+            print_result(&result, json)?;
+            Ok(if result.status == JobStatus::Succeeded { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+    }
+}
+
+async fn daemon(config: Config) -> anyhow::Result<ExitCode> {
+    let q = &config.queue;
+    let queue = EmbeddedQueue::open(&q.path, &q.name, Duration::from_secs(q.visibility_timeout_secs), q.max_receives)?;
+    let host = Arc::new(Host::open(config.clone()).await?);
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone())?;
+    tracing::info!(state_dir = %config.state_dir.display(), queue = %q.name, "worker started");
+    let job_loop = worker::jobloop::JobLoop::new(host.clone(), Arc::new(queue));
+    let report = job_loop.run(shutdown).await;
+    host.close().await;
+    let report = report?;
+    tracing::info!(handled = report.handled, released = report.released_at_drain, "worker stopped");
+    Ok(if host.lease_lost.is_cancelled() { ExitCode::from(3) } else { ExitCode::SUCCESS })
+}
+
+/// First SIGTERM/SIGINT: drain. Second: exit now (runs stay resumable).
+fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::spawn(async move {
+        for n in 0.. {
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            if n == 0 {
+                tracing::info!("signal received: draining (send it again to exit at once)");
+                shutdown.cancel();
+            } else {
+                eprintln!("worker: second signal: exiting now; unfinished runs resume at the next start");
+                std::process::exit(130);
+            }
+        }
+    });
+    Ok(())
+}
+
+fn new_invocation_id() -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros());
+    format!("inv-{now}-{}", std::process::id())
+}
+
+fn print_result(r: &JobResult, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+        return Ok(());
+    }
+    match (&r.status, &r.snapshot_path, &r.error) {
+        (JobStatus::Failed, _, Some(e)) => println!("{} {} FAILED: {e}", r.kind, r.run_id),
+        (_, Some(path), _) => println!("{} {} ok: {path}", r.kind, r.run_id),
+        _ => println!("{} {} ok{}", r.kind, r.run_id, r.base_vol_id.map(|b| format!(": base-{b}")).unwrap_or_default()),
+    }
+    Ok(())
+}

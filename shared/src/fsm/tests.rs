@@ -624,7 +624,10 @@ async fn a_failed_run_can_be_archived_and_its_id_started_again() {
     assert!(engine.run_detail("prepare-web").unwrap().is_none());
     fail.store(false, Ordering::SeqCst);
     assert_eq!(wf.run("prepare-web", &(), &0).await.unwrap(), Outcome::Completed(7));
-    assert!(matches!(engine.archive_failed("prepare-web").await, Err(CancelError::NotActive { .. })), "only failed runs");
+    assert!(
+        matches!(engine.archive_failed("prepare-web").await, Err(CancelError::NotActive { .. })),
+        "only failed runs"
+    );
     assert_eq!(engine.list_runs(&RunFilter::default()).unwrap().len(), 2);
     engine.shutdown().await;
 }

@@ -103,7 +103,7 @@ impl Applier<'_> {
             }
         }
         // Directory mtimes last, deepest first: writing children changes them.
-        dir_times.sort_by(|a: &(PathBuf, filetime::FileTime), b| b.0.components().count().cmp(&a.0.components().count()));
+        dir_times.sort_by_key(|(path, _): &(PathBuf, filetime::FileTime)| std::cmp::Reverse(path.components().count()));
         for (path, mtime) in dir_times {
             filetime::set_symlink_file_times(&path, mtime, mtime)
                 .map_err(|e| ImageError::io("setting directory times", &path, e))?;
@@ -198,8 +198,10 @@ impl Applier<'_> {
                 }
                 file.set_permissions(fs::Permissions::from_mode(mode))
                     .map_err(|e| ImageError::io("setting the mode of", &dest, e))?;
-                file.set_modified(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(mtime.unix_seconds() as u64))
-                    .map_err(|e| ImageError::io("setting the mtime of", &dest, e))?;
+                file.set_modified(
+                    std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(mtime.unix_seconds() as u64),
+                )
+                .map_err(|e| ImageError::io("setting the mtime of", &dest, e))?;
                 self.apply_xattrs(entry, &dest)?;
             }
             tar::EntryType::Symlink => {
@@ -228,7 +230,8 @@ impl Applier<'_> {
                 match fs::symlink_metadata(&target) {
                     Ok(m) if !m.is_dir() => {}
                     _ => {
-                        return Err(self.refuse(raw, format!("hardlink target {} is not an existing file", target_raw.display())));
+                        return Err(self
+                            .refuse(raw, format!("hardlink target {} is not an existing file", target_raw.display())));
                     }
                 }
                 if target != dest {
@@ -252,7 +255,10 @@ impl Applier<'_> {
                 mknod(&dest, type_bits | mode, dev)?;
                 self.chown(&dest, uid, gid)?;
             }
-            tar::EntryType::XGlobalHeader | tar::EntryType::XHeader | tar::EntryType::GNULongName | tar::EntryType::GNULongLink => {
+            tar::EntryType::XGlobalHeader
+            | tar::EntryType::XHeader
+            | tar::EntryType::GNULongName
+            | tar::EntryType::GNULongLink => {
                 self.written.remove(&rel);
                 self.stats.entries -= 1;
             }
@@ -270,7 +276,9 @@ impl Applier<'_> {
             match c {
                 Component::Normal(n) => out.push(n),
                 Component::CurDir => {}
-                Component::RootDir | Component::Prefix(_) => return Err(self.refuse(entry, "absolute paths are not allowed")),
+                Component::RootDir | Component::Prefix(_) => {
+                    return Err(self.refuse(entry, "absolute paths are not allowed"));
+                }
                 Component::ParentDir => return Err(self.refuse(entry, "'..' components are not allowed")),
             }
         }
@@ -312,7 +320,8 @@ impl Applier<'_> {
                         return Err(escapes());
                     }
                     // Lexically resolve the target against the symlink's directory.
-                    let mut base: Vec<std::ffi::OsString> = cur.components().map(|c| c.as_os_str().to_owned()).collect();
+                    let mut base: Vec<std::ffi::OsString> =
+                        cur.components().map(|c| c.as_os_str().to_owned()).collect();
                     let mut expanded = Vec::new();
                     for c in target.components() {
                         match c {

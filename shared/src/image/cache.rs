@@ -63,7 +63,13 @@ impl BlobCache {
         result.map(|n| (dest, n))
     }
 
-    async fn download(&self, source: &dyn BlobSource, layer: &LayerDesc, tmp: &Path, dest: &Path) -> Result<u64, ImageError> {
+    async fn download(
+        &self,
+        source: &dyn BlobSource,
+        layer: &LayerDesc,
+        tmp: &Path,
+        dest: &Path,
+    ) -> Result<u64, ImageError> {
         let mut reader = source.open_blob(layer).await?;
         let mut file = tokio::fs::File::create(tmp).await.map_err(|e| ImageError::io("creating", tmp, e))?;
         let mut hasher = Hasher::default();

@@ -16,7 +16,9 @@ pub enum ImageError {
     BadManifest { family: String, source_desc: String, detail: String },
     #[error("blob {digest} from {source_desc} is missing: {detail}")]
     BlobMissing { digest: String, source_desc: String, detail: String },
-    #[error("blob {digest} from {source_desc} does not match its digest (its content hashes to {actual}); the source is corrupt or changed")]
+    #[error(
+        "blob {digest} from {source_desc} does not match its digest (its content hashes to {actual}); the source is corrupt or changed"
+    )]
     DigestMismatch { digest: String, actual: String, source_desc: String },
     #[error("layer {layer}: entry {entry:?} refused: {rule}")]
     Refused { layer: String, entry: String, rule: String },

@@ -81,7 +81,7 @@ pub fn oci_find_manifest(index_json: &[u8], family: &str, source_desc: &str) -> 
         let name = desc.annotations().as_ref().and_then(|a| a.get(ANNOTATION_REF_NAME));
         if let Some(name) = name {
             if name == family {
-                return Digest::parse(&desc.digest().to_string()).map_err(bad);
+                return Digest::parse(desc.digest().as_ref()).map_err(bad);
             }
             names.push(name.clone());
         }
@@ -94,7 +94,12 @@ pub fn oci_find_manifest(index_json: &[u8], family: &str, source_desc: &str) -> 
 }
 
 /// Parses an OCI image manifest into a family's manifest.
-pub fn oci_manifest(manifest_json: &[u8], digest: Digest, family: &str, source_desc: &str) -> Result<Manifest, ImageError> {
+pub fn oci_manifest(
+    manifest_json: &[u8],
+    digest: Digest,
+    family: &str,
+    source_desc: &str,
+) -> Result<Manifest, ImageError> {
     let bad = |detail: String| ImageError::BadManifest {
         family: family.to_owned(),
         source_desc: source_desc.to_owned(),
@@ -111,7 +116,7 @@ pub fn oci_manifest(manifest_json: &[u8], digest: Digest, family: &str, source_d
     let manifest = ImageManifest::from_reader(manifest_json).map_err(|e| bad(format!("manifest {digest}: {e}")))?;
     let mut layers = Vec::new();
     for l in manifest.layers() {
-        let d = Digest::parse(&l.digest().to_string()).map_err(bad)?;
+        let d = Digest::parse(l.digest().as_ref()).map_err(bad)?;
         let media_type = l.media_type().to_string();
         if !media_type.contains("layer") {
             return Err(bad(format!("layer {d} has media type {media_type}, not a layer")));

@@ -16,6 +16,6 @@ pub use apply::{ApplyOptions, ApplyStats, apply_layer};
 pub use cache::BlobCache;
 pub use digest::{Digest, Hasher};
 pub use error::ImageError;
-pub use sample::write_sample_family;
 pub use layout::{LayerDesc, MEDIA_TAR, Manifest, validate_family};
+pub use sample::write_sample_family;
 pub use source::{BlobSource, BlobStream, LocalDir};

@@ -23,7 +23,10 @@ fn header(path: &str, kind: tar::EntryType, mode: u32, size: u64) -> tar::Header
     h
 }
 
-fn layer(entries: &[(&str, tar::EntryType, u32, &[u8], Option<&str>)]) -> std::io::Result<Vec<u8>> {
+/// path, type, mode, content, link target
+type SampleEntry<'a> = (&'a str, tar::EntryType, u32, &'a [u8], Option<&'a str>);
+
+fn layer(entries: &[SampleEntry<'_>]) -> std::io::Result<Vec<u8>> {
     let mut b = tar::Builder::new(Vec::new());
     for (path, kind, mode, data, link) in entries {
         let mut h = header(path, *kind, *mode, data.len() as u64);

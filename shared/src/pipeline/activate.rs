@@ -43,7 +43,10 @@ async fn activate_snapshot(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Ac
     let run_id = req.run_id.to_string();
     let family = req.r.family.clone();
     let snap = blocking(move || {
-        let row = ctx.store.intend_snapshot(&run_id, &family, base, |id| VolumeId::Snap(id).to_string()).map_err(store_err)?;
+        let row = ctx
+            .store
+            .intend_snapshot(&run_id, &family, base, |id| VolumeId::Snap(id).to_string())
+            .map_err(store_err)?;
         fault::point("activate.after_snapshot_intent", &run_id);
         ctx.backend.snapshot(row.base_vol_id, row.id).map_err(volume_err)?;
         fault::point("activate.after_snapshot_create", &run_id);

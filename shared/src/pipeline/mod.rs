@@ -79,7 +79,12 @@ impl Pipeline {
     }
 
     /// Runs (or resumes) run `activate-<invocation_id>` from base `base_vol_id`.
-    pub async fn activate(&self, family: &str, invocation_id: &str, base_vol_id: u64) -> Result<Outcome<ActivateState>, RunError> {
+    pub async fn activate(
+        &self,
+        family: &str,
+        invocation_id: &str,
+        base_vol_id: u64,
+    ) -> Result<Outcome<ActivateState>, RunError> {
         let input = ActivateInput { family: family.to_owned(), invocation_id: invocation_id.to_owned() };
         let initial = ActivateState { base_vol_id, snapshot_id: None, path: None };
         self.activate.run(&activate_run_id(invocation_id), &input, &initial).await
@@ -93,7 +98,9 @@ impl Pipeline {
 }
 
 /// Runs blocking work (SQLite, file trees, volumes) off the async threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, StepError> + Send + 'static) -> Result<T, StepError> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StepError> + Send + 'static,
+) -> Result<T, StepError> {
     tokio::task::spawn_blocking(f).await.map_err(|e| StepError::transient(format!("blocking task failed: {e}")))?
 }
 

@@ -23,12 +23,14 @@ pub struct ReleaseState {
 }
 
 pub(super) fn workflow(ctx: Arc<PipelineContext>) -> Workflow<ReleaseInput, ReleaseState> {
-    Workflow::new("release", 1).step_with("release_snapshot", RetryPolicy::default(), move |req| {
-        release_snapshot(ctx.clone(), req)
-    })
+    Workflow::new("release", 1)
+        .step_with("release_snapshot", RetryPolicy::default(), move |req| release_snapshot(ctx.clone(), req))
 }
 
-async fn release_snapshot(ctx: Arc<PipelineContext>, req: StepRequest<ReleaseInput, ReleaseState>) -> StepResult<ReleaseState> {
+async fn release_snapshot(
+    ctx: Arc<PipelineContext>,
+    req: StepRequest<ReleaseInput, ReleaseState>,
+) -> StepResult<ReleaseState> {
     let invocation = req.r.invocation_id.clone();
     let snap = blocking(move || {
         let row = ctx

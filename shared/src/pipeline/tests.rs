@@ -18,9 +18,10 @@ async fn env() -> Env {
     let dir = tempfile::tempdir().unwrap();
     let images = dir.path().join("images-src");
     write_sample_family(&images, "web").unwrap();
-    let engine = Engine::open(dir.path().join("runs.redb"), EngineConfig { prune_interval: None, ..Default::default() })
-        .await
-        .unwrap();
+    let engine =
+        Engine::open(dir.path().join("runs.redb"), EngineConfig { prune_interval: None, ..Default::default() })
+            .await
+            .unwrap();
     let ctx = PipelineContext {
         store: Arc::new(Store::open(dir.path().join("host.db")).unwrap()),
         backend: Arc::new(DirBackend::open(dir.path().join("volumes")).unwrap()),
@@ -36,7 +37,10 @@ async fn env() -> Env {
 async fn prepare_activate_release() {
     let env = env().await;
     let p = &env.pipeline;
-    let prep = match p.prepare("web").await.unwrap() { Outcome::Completed(w) => w, Outcome::Failed(f) => panic!("prepare failed: {f}") };
+    let prep = match p.prepare("web").await.unwrap() {
+        Outcome::Completed(w) => w,
+        Outcome::Failed(f) => panic!("prepare failed: {f}"),
+    };
     let base = prep.base_vol_id.unwrap();
     assert_eq!(prep.manifest.as_ref().unwrap().layers.len(), 3);
     assert!(prep.downloaded_bytes > 0);

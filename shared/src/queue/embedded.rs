@@ -67,7 +67,12 @@ fn now_ms() -> i64 {
 
 impl EmbeddedQueue {
     /// Opens queue `name` in the file at `path` (created if missing).
-    pub fn open(path: impl AsRef<Path>, name: &str, visibility: Duration, max_receives: u32) -> Result<Self, QueueError> {
+    pub fn open(
+        path: impl AsRef<Path>,
+        name: &str,
+        visibility: Duration,
+        max_receives: u32,
+    ) -> Result<Self, QueueError> {
         let path = path.as_ref().to_path_buf();
         let err = |e: rusqlite::Error| QueueError::Unavailable {
             queue: format!("{name} in {}", path.display()),
@@ -78,7 +83,13 @@ impl EmbeddedQueue {
         conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(())).map_err(err)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
-        Ok(Self { path, name: name.to_owned(), visibility, max_receives: max_receives.max(1), conn: Arc::new(Mutex::new(conn)) })
+        Ok(Self {
+            path,
+            name: name.to_owned(),
+            visibility,
+            max_receives: max_receives.max(1),
+            conn: Arc::new(Mutex::new(conn)),
+        })
     }
 
     /// The same file, another queue name (for replies and tests).
@@ -108,9 +119,11 @@ impl EmbeddedQueue {
     /// Messages waiting (visible or in flight) in this queue.
     pub async fn depth(&self) -> Result<u64, QueueError> {
         let name = self.name.clone();
-        self.with_conn(move |c| c.query_row("SELECT COUNT(*) FROM messages WHERE queue = ?1", params![name], |r| r.get::<_, i64>(0)))
-            .await
-            .map(|n| n as u64)
+        self.with_conn(move |c| {
+            c.query_row("SELECT COUNT(*) FROM messages WHERE queue = ?1", params![name], |r| r.get::<_, i64>(0))
+        })
+        .await
+        .map(|n| n as u64)
     }
 
     /// Dead letters of this queue, oldest first.
@@ -211,7 +224,9 @@ impl JobQueue for EmbeddedQueue {
 
     async fn ack(&self, d: &Delivery) -> Result<(), QueueError> {
         let (id, receipt) = (self.id(d)?, d.receipt.clone());
-        let n = self.with_conn(move |c| c.execute("DELETE FROM messages WHERE id = ?1 AND receipt = ?2", params![id, receipt])).await?;
+        let n = self
+            .with_conn(move |c| c.execute("DELETE FROM messages WHERE id = ?1 AND receipt = ?2", params![id, receipt]))
+            .await?;
         if n == 0 { Err(self.stale(d)) } else { Ok(()) }
     }
 
@@ -220,7 +235,10 @@ impl JobQueue for EmbeddedQueue {
         let until = now_ms() + visibility.as_millis() as i64;
         let n = self
             .with_conn(move |c| {
-                c.execute("UPDATE messages SET visible_at = ?3 WHERE id = ?1 AND receipt = ?2", params![id, receipt, until])
+                c.execute(
+                    "UPDATE messages SET visible_at = ?3 WHERE id = ?1 AND receipt = ?2",
+                    params![id, receipt, until],
+                )
             })
             .await?;
         if n == 0 { Err(self.stale(d)) } else { Ok(()) }
@@ -250,7 +268,8 @@ impl JobQueue for EmbeddedQueue {
 
     async fn send(&self, to: &str, body: &str, attributes: &BTreeMap<String, String>) -> Result<String, QueueError> {
         let (to, body) = (to.to_owned(), body.to_owned());
-        let attrs = serde_json::to_string(attributes).map_err(|e| QueueError::Invalid { queue: to.clone(), detail: e.to_string() })?;
+        let attrs = serde_json::to_string(attributes)
+            .map_err(|e| QueueError::Invalid { queue: to.clone(), detail: e.to_string() })?;
         let id: i64 = self
             .with_conn(move |c| {
                 let now = now_ms();
@@ -270,15 +289,19 @@ impl EmbeddedQueue {
     pub async fn dead_letter_of(&self, message_id: &str) -> Result<Option<DeadLetter>, QueueError> {
         let Ok(id) = message_id.parse::<i64>() else { return Ok(None) };
         self.with_conn(move |c| {
-            c.query_row("SELECT id, queue, body, reason, receive_count FROM dead_letters WHERE id = ?1", params![id], |r| {
-                Ok(DeadLetter {
-                    message_id: r.get::<_, i64>(0)?.to_string(),
-                    queue: r.get(1)?,
-                    body: r.get(2)?,
-                    reason: r.get(3)?,
-                    receive_count: r.get(4)?,
-                })
-            })
+            c.query_row(
+                "SELECT id, queue, body, reason, receive_count FROM dead_letters WHERE id = ?1",
+                params![id],
+                |r| {
+                    Ok(DeadLetter {
+                        message_id: r.get::<_, i64>(0)?.to_string(),
+                        queue: r.get(1)?,
+                        body: r.get(2)?,
+                        reason: r.get(3)?,
+                        receive_count: r.get(4)?,
+                    })
+                },
+            )
             .optional()
         })
         .await

@@ -82,7 +82,10 @@ impl VolumeBackend for DirBackend {
     fn reset_base(&self, id: u64) -> Result<PathBuf, VolumeError> {
         let vol = VolumeId::Base(id);
         if self.is_sealed(id)? {
-            return Err(VolumeError::Abort { volume: vol.to_string(), detail: "is sealed; it cannot be written".into() });
+            return Err(VolumeError::Abort {
+                volume: vol.to_string(),
+                detail: "is sealed; it cannot be written".into(),
+            });
         }
         let path = self.path(vol);
         if !exists(&path, vol)? {
@@ -102,7 +105,10 @@ impl VolumeBackend for DirBackend {
     fn seal_base(&self, id: u64) -> Result<(), VolumeError> {
         let vol = VolumeId::Base(id);
         if !exists(&self.path(vol), vol)? {
-            return Err(VolumeError::Abort { volume: vol.to_string(), detail: "cannot seal: it does not exist".into() });
+            return Err(VolumeError::Abort {
+                volume: vol.to_string(),
+                detail: "cannot seal: it does not exist".into(),
+            });
         }
         // Everything written to the base must be on disk before it is called sealed.
         syncfs(&self.path(vol)).map_err(|e| VolumeError::io(vol, "syncing the filesystem", e))?;
@@ -142,7 +148,10 @@ impl VolumeBackend for DirBackend {
         let vol = VolumeId::Snap(snap);
         let path = self.path(vol);
         if !exists(&path, vol)? {
-            return Err(VolumeError::Abort { volume: vol.to_string(), detail: "cannot expose: it does not exist".into() });
+            return Err(VolumeError::Abort {
+                volume: vol.to_string(),
+                detail: "cannot expose: it does not exist".into(),
+            });
         }
         Ok(path)
     }

@@ -35,7 +35,11 @@ fn tar_of(entries: &[E<'_>]) -> Vec<u8> {
                 (p, d)
             }
             E::Symlink(p, t) | E::Hardlink(p, t) => {
-                h.set_entry_type(if matches!(e, E::Symlink(..)) { tar::EntryType::Symlink } else { tar::EntryType::Link });
+                h.set_entry_type(if matches!(e, E::Symlink(..)) {
+                    tar::EntryType::Symlink
+                } else {
+                    tar::EntryType::Link
+                });
                 h.set_mode(0o777);
                 h.as_old_mut().linkname[..t.len()].copy_from_slice(t.as_bytes());
                 (p, &[])
@@ -138,8 +142,11 @@ impl FifoLike for fs::FileType {
 #[test]
 fn whiteouts_remove_files_and_directories_of_lower_layers() {
     let f = Fixture::new();
-    f.apply("layer1", &tar_of(&[E::File("a/keep", b"k", 0o644), E::File("a/gone", b"g", 0o644), E::File("d/x/y", b"y", 0o644)]))
-        .unwrap();
+    f.apply(
+        "layer1",
+        &tar_of(&[E::File("a/keep", b"k", 0o644), E::File("a/gone", b"g", 0o644), E::File("d/x/y", b"y", 0o644)]),
+    )
+    .unwrap();
     let stats = f.apply("layer2", &tar_of(&[E::File("a/.wh.gone", b"", 0o644), E::File(".wh.d", b"", 0o644)])).unwrap();
     assert_eq!(stats.whiteouts, 2);
     assert!(f.exists("a/keep") && !f.exists("a/gone") && !f.exists("d"));

@@ -1,0 +1,313 @@
+//! The worker's configuration: one TOML file with every setting; each setting can be
+//! overridden by an environment variable `THINPIPE_<SECTION>_<KEY>` (upper case, dots as
+//! underscores: `queue.name` → `THINPIPE_QUEUE_NAME`) and by a flag `--set queue.name=jobs`.
+//! Precedence: flag > environment > file > default. Unknown keys are errors.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Everything the worker keeps: run log, host database, blob cache, embedded queue.
+    pub state_dir: PathBuf,
+    /// Where image families come from: `dir:<path>` (or a bare path) holding `images/<family>/`
+    /// or an OCI layout. Default: the state directory.
+    pub source: String,
+    /// Volume backend: `dir`.
+    pub backend: String,
+    /// Root of the `dir` backend. Default: `<state_dir>/volumes`.
+    pub volumes_dir: String,
+    /// `text` or `json`.
+    pub log_format: String,
+    pub queue: QueueConfig,
+    pub worker: WorkerConfig,
+    pub images: ImagesConfig,
+    pub engine: EngineSettings,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// `embedded` (SQLite, one machine).
+    pub kind: String,
+    /// The embedded queue's file. Default: `<state_dir>/queue.db`.
+    pub path: String,
+    /// The queue jobs are received from.
+    pub name: String,
+    /// Where invalid jobs go, with their reason.
+    pub dead_letter: String,
+    /// How long a received job stays invisible before a heartbeat must extend it.
+    pub visibility_timeout_secs: u64,
+    /// Deliveries after which the queue itself dead-letters a message.
+    pub max_receives: u32,
+    /// Long-poll wait per receive.
+    pub wait_secs: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Jobs run at once.
+    pub concurrency: usize,
+    /// On SIGTERM, how long in-flight jobs may take before their messages are released.
+    pub drain_deadline_secs: u64,
+    /// TTL of the per-family prepare lease and of the worker's own lease (renewed at a third).
+    pub lease_ttl_secs: u64,
+    /// A job that failed transiently becomes visible again after this long.
+    pub retry_delay_secs: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImagesConfig {
+    /// Total file bytes one layer may write.
+    pub max_layer_bytes: u64,
+    /// Allow character and block devices in layers.
+    pub allow_devices: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineSettings {
+    /// Finished runs are pruned after this many days; unfinished ones never are.
+    pub retention_days: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            state_dir: PathBuf::from(".thinpipe"),
+            source: String::new(),
+            backend: "dir".into(),
+            volumes_dir: String::new(),
+            log_format: "text".into(),
+            queue: QueueConfig::default(),
+            worker: WorkerConfig::default(),
+            images: ImagesConfig::default(),
+            engine: EngineSettings::default(),
+        }
+    }
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            kind: "embedded".into(),
+            path: String::new(),
+            name: "jobs".into(),
+            dead_letter: "jobs-dlq".into(),
+            visibility_timeout_secs: 60,
+            max_receives: 5,
+            wait_secs: 20,
+        }
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self { concurrency: 4, drain_deadline_secs: 60, lease_ttl_secs: 30, retry_delay_secs: 10 }
+    }
+}
+
+impl Default for ImagesConfig {
+    fn default() -> Self {
+        Self { max_layer_bytes: 64 << 30, allow_devices: false }
+    }
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self { retention_days: 7 }
+    }
+}
+
+impl Config {
+    /// Loads the file (if any), then the environment, then `--set key=value` flags.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        sets: &[String],
+    ) -> anyhow::Result<Config> {
+        let mut value = toml::Value::try_from(Config::default()).context("encoding the defaults")?;
+        let keys = leaf_keys(&value, "");
+        if let Some(file) = file {
+            let text =
+                std::fs::read_to_string(file).with_context(|| format!("reading config file {}", file.display()))?;
+            let from_file: toml::Value =
+                toml::from_str(&text).with_context(|| format!("config file {} is not valid TOML", file.display()))?;
+            merge(&mut value, from_file);
+        }
+        let env: std::collections::HashMap<String, String> = env.into_iter().collect();
+        for key in &keys {
+            let var = format!("THINPIPE_{}", key.replace('.', "_").to_uppercase());
+            if let Some(v) = env.get(&var) {
+                set(&mut value, key, v).with_context(|| format!("environment variable {var}"))?;
+            }
+        }
+        for s in sets {
+            let (key, v) = s.split_once('=').with_context(|| format!("--set {s:?}: expected KEY=VALUE"))?;
+            if !keys.iter().any(|k| k == key) {
+                bail!("--set {key}: unknown setting; known settings: {}", keys.join(", "));
+            }
+            set(&mut value, key, v).with_context(|| format!("--set {key}"))?;
+        }
+        let mut config: Config = value.try_into().context("invalid configuration")?;
+        config.resolve_paths();
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self) {
+        if self.state_dir.is_relative()
+            && let Ok(cwd) = std::env::current_dir()
+        {
+            self.state_dir = cwd.join(&self.state_dir);
+        }
+        let state = self.state_dir.clone();
+        if self.source.is_empty() {
+            // Flat families then live in <state_dir>/images/<family>/.
+            self.source = format!("dir:{}", state.display());
+        }
+        if self.volumes_dir.is_empty() {
+            self.volumes_dir = state.join("volumes").display().to_string();
+        }
+        if self.queue.path.is_empty() {
+            self.queue.path = state.join("queue.db").display().to_string();
+        }
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.worker.concurrency == 0 {
+            bail!("worker.concurrency must be at least 1");
+        }
+        if !["text", "json"].contains(&self.log_format.as_str()) {
+            bail!("log_format {:?}: expected text or json", self.log_format);
+        }
+        if self.queue.kind != "embedded" {
+            bail!("queue.kind {:?}: this build supports the embedded queue", self.queue.kind);
+        }
+        if self.backend != "dir" {
+            bail!("backend {:?}: this build supports the dir backend", self.backend);
+        }
+        if self.queue.visibility_timeout_secs < 3 {
+            bail!("queue.visibility_timeout_secs must be at least 3 (the heartbeat runs at a third of it)");
+        }
+        if self.worker.lease_ttl_secs < 3 {
+            bail!("worker.lease_ttl_secs must be at least 3 (leases are renewed at a third of it)");
+        }
+        Ok(())
+    }
+
+    pub fn runs_path(&self) -> PathBuf {
+        self.state_dir.join("runs.redb")
+    }
+    pub fn host_db_path(&self) -> PathBuf {
+        self.state_dir.join("host.db")
+    }
+    pub fn blob_cache_dir(&self) -> PathBuf {
+        self.state_dir.join("blobs")
+    }
+    /// The source's directory for a `dir:` source.
+    pub fn source_dir(&self) -> anyhow::Result<PathBuf> {
+        let path = self.source.strip_prefix("dir:").unwrap_or(&self.source);
+        if path.contains("://") {
+            bail!("source {:?}: this build reads image families from a local directory (dir:<path>)", self.source);
+        }
+        Ok(PathBuf::from(path))
+    }
+}
+
+fn leaf_keys(v: &toml::Value, prefix: &str) -> Vec<String> {
+    match v {
+        toml::Value::Table(t) => t
+            .iter()
+            .flat_map(|(k, v)| {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                leaf_keys(v, &key)
+            })
+            .collect(),
+        _ => vec![prefix.to_owned()],
+    }
+}
+
+fn merge(into: &mut toml::Value, from: toml::Value) {
+    match (into, from) {
+        (toml::Value::Table(a), toml::Value::Table(b)) => {
+            for (k, v) in b {
+                match a.get_mut(&k) {
+                    Some(existing) => merge(existing, v),
+                    None => {
+                        a.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+/// Sets dotted `key` to `raw`, read as a TOML value of the default's type.
+fn set(root: &mut toml::Value, key: &str, raw: &str) -> anyhow::Result<()> {
+    let mut cur = root;
+    let parts: Vec<&str> = key.split('.').collect();
+    for part in &parts[..parts.len() - 1] {
+        cur = cur.get_mut(*part).with_context(|| format!("unknown setting {key}"))?;
+    }
+    let last = parts[parts.len() - 1];
+    let table = cur.as_table_mut().with_context(|| format!("unknown setting {key}"))?;
+    let old = table.get(last).with_context(|| format!("unknown setting {key}"))?;
+    let new = match old {
+        toml::Value::String(_) => toml::Value::String(raw.to_owned()),
+        toml::Value::Integer(_) => {
+            toml::Value::Integer(raw.parse().with_context(|| format!("{key}: {raw:?} is not an integer"))?)
+        }
+        toml::Value::Boolean(_) => {
+            toml::Value::Boolean(raw.parse().with_context(|| format!("{key}: {raw:?} is not true or false"))?)
+        }
+        toml::Value::Float(_) => {
+            toml::Value::Float(raw.parse().with_context(|| format!("{key}: {raw:?} is not a number"))?)
+        }
+        _ => bail!("{key} cannot be set from text"),
+    };
+    table.insert(last.to_owned(), new);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_environment_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("worker.toml");
+        std::fs::write(&file, "state_dir = \"/srv/tp\"\n[worker]\nconcurrency = 8\n[queue]\nname = \"from-file\"\n")
+            .unwrap();
+        let env = [
+            ("THINPIPE_QUEUE_NAME".to_owned(), "from-env".to_owned()),
+            ("THINPIPE_WORKER_CONCURRENCY".to_owned(), "2".into()),
+        ];
+        let c = Config::load(Some(&file), env.clone(), &["worker.concurrency=3".into()]).unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/srv/tp"));
+        assert_eq!(c.queue.name, "from-env");
+        assert_eq!(c.worker.concurrency, 3);
+        assert_eq!(c.queue.path, "/srv/tp/queue.db", "derived from the state dir");
+        assert_eq!(c.source, "dir:/srv/tp");
+    }
+
+    #[test]
+    fn mistakes_name_the_setting() {
+        let err = Config::load(None, [], &["worker.concurency=3".into()]).unwrap_err();
+        assert!(format!("{err:#}").contains("unknown setting"), "{err:#}");
+        let err = Config::load(None, [("THINPIPE_WORKER_CONCURRENCY".into(), "many".into())], &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("THINPIPE_WORKER_CONCURRENCY"), "{err:#}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, "[worker]\nspeed = 1\n").unwrap();
+        let err = Config::load(Some(&file), [], &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("speed"), "{err:#}");
+    }
+}

@@ -1,0 +1,99 @@
+//! `worker demo`: the main job on embedded defaults. Builds the sample family if absent,
+//! enqueues one prepare and two activations on the embedded queue, runs the job loop
+//! until their results arrive, prints each snapshot's path and run id, and stops.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, bail};
+use thinpipe::image::write_sample_family;
+use thinpipe::job::{Job, JobKind, JobResult, JobStatus};
+use thinpipe::queue::{EmbeddedQueue, JobQueue};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::host::Host;
+use crate::jobloop::JobLoop;
+
+pub const DEMO_FAMILY: &str = "demo";
+
+/// Runs the demo; `Ok(true)` if every job succeeded.
+pub async fn run(config: Config) -> anyhow::Result<bool> {
+    let images = config.source_dir()?;
+    let wrote = write_sample_family(&images, DEMO_FAMILY)?;
+    println!(
+        "{} sample family {DEMO_FAMILY:?} in {}",
+        if wrote { "built the" } else { "using the existing" },
+        images.join("images").join(DEMO_FAMILY).display()
+    );
+    let host = Arc::new(Host::open(config.clone()).await?);
+    let q = &config.queue;
+    let queue = EmbeddedQueue::open(&q.path, &q.name, Duration::from_secs(q.visibility_timeout_secs), q.max_receives)?;
+    let stamp = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_secs();
+    let reply_to = format!("demo-results-{stamp}-{}", std::process::id());
+    let jobs = [
+        Job::new(JobKind::Prepare, DEMO_FAMILY, None),
+        Job::new(JobKind::Activate, DEMO_FAMILY, Some(&format!("demo-{stamp}-1"))),
+        Job::new(JobKind::Activate, DEMO_FAMILY, Some(&format!("demo-{stamp}-2"))),
+    ];
+    for mut job in jobs.clone() {
+        job.reply_to = Some(reply_to.clone());
+        queue.send(&q.name, &job.to_json(), &BTreeMap::new()).await?;
+    }
+    println!("enqueued {} jobs on {}", jobs.len(), queue.describe());
+
+    let shutdown = CancellationToken::new();
+    let job_loop = JobLoop::new(host.clone(), Arc::new(queue.clone()));
+    let runner = {
+        let (job_loop, shutdown) = (job_loop.clone(), shutdown.clone());
+        tokio::spawn(async move { job_loop.run(shutdown).await })
+    };
+
+    let bar = indicatif::ProgressBar::new(jobs.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} jobs {msg} ({elapsed})")
+            .context("progress template")?
+            .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let replies = queue.named(&reply_to);
+    let mut results: Vec<JobResult> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    while results.len() < jobs.len() {
+        if tokio::time::Instant::now() > deadline {
+            bar.abandon_with_message("timed out");
+            shutdown.cancel();
+            bail!("the demo's jobs did not finish within 10 minutes; see the log above");
+        }
+        for d in replies.receive(10, Duration::from_millis(500)).await? {
+            let result: JobResult = serde_json::from_str(&d.body).context("decoding a result")?;
+            bar.set_message(format!("{} {}", result.kind, result.run_id));
+            bar.inc(1);
+            replies.ack(&d).await?;
+            results.push(result);
+        }
+    }
+    bar.finish_with_message("done");
+    shutdown.cancel();
+    runner.await.context("job loop task")??;
+    host.close().await;
+
+    println!();
+    let mut ok = true;
+    results.sort_by(|a, b| a.run_id.cmp(&b.run_id));
+    for r in &results {
+        let status = match r.status {
+            JobStatus::Succeeded => "ok",
+            JobStatus::Failed => {
+                ok = false;
+                "FAILED"
+            }
+        };
+        let what =
+            r.snapshot_path.as_deref().map_or_else(|| format!("base-{}", r.base_vol_id.unwrap_or(0)), |p| p.to_owned());
+        println!("{status:6} {:8} run {:28} {}", r.kind.to_string(), r.run_id, r.error.as_deref().unwrap_or(&what));
+    }
+    println!("\nrun log: {}   host db: {}", config.runs_path().display(), config.host_db_path().display());
+    Ok(ok)
+}

@@ -1,0 +1,118 @@
+//! Opening a host's state: the worker lease, the run log, the host database, the blob
+//! cache, the volume backend and the pipeline, from the configuration.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use thinpipe::fsm::{Engine, EngineConfig, OpenError};
+use thinpipe::image::{ApplyOptions, BlobCache, LocalDir};
+use thinpipe::pipeline::{Pipeline, PipelineContext};
+use thinpipe::store::{Holder, Store};
+use thinpipe::volume::DirBackend;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+
+/// The lease that makes one worker process the owner of a state directory.
+const WORKER_LEASE: &str = "worker";
+
+pub struct Host {
+    pub config: Config,
+    pub engine: Engine,
+    pub store: Arc<Store>,
+    pub pipeline: Pipeline,
+    /// Fires if the worker lease is lost: the process must stop.
+    pub lease_lost: CancellationToken,
+    /// Stops the lease renewal at close.
+    closing: CancellationToken,
+}
+
+impl Host {
+    pub async fn open(config: Config) -> anyhow::Result<Host> {
+        std::fs::create_dir_all(&config.state_dir)
+            .with_context(|| format!("creating the state directory {}", config.state_dir.display()))?;
+        let store = Arc::new(Store::open(config.host_db_path())?);
+        let ttl = Duration::from_secs(config.worker.lease_ttl_secs);
+        let me = Holder::this_process();
+        if !store.acquire_lease(WORKER_LEASE, me, ttl)? {
+            let holder = store.lease(WORKER_LEASE)?.map_or_else(|| "another process".to_owned(), |l| l.holder);
+            bail!(
+                "the state directory {} is in use by worker {holder}; stop it first, or use another --state-dir",
+                config.state_dir.display()
+            );
+        }
+        let engine_config = EngineConfig {
+            retention: Duration::from_secs(config.engine.retention_days * 24 * 3600),
+            ..EngineConfig::default()
+        };
+        let engine = match Engine::open(config.runs_path(), engine_config).await {
+            Ok(e) => e,
+            Err(e @ OpenError::AlreadyOpen { .. }) => {
+                bail!("{e} (the worker lease was free, so the holder is not a thinpipe worker of this state directory)")
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let backend = Arc::new(DirBackend::open(&config.volumes_dir)?);
+        let source = Arc::new(LocalDir::new(config.source_dir()?));
+        let cache = BlobCache::open(config.blob_cache_dir())?;
+        let apply = ApplyOptions {
+            max_layer_bytes: config.images.max_layer_bytes,
+            allow_devices: config.images.allow_devices,
+            ..ApplyOptions::default()
+        };
+        let ctx = PipelineContext { store: store.clone(), backend, cache, source, apply };
+        let pipeline = Pipeline::register(&engine, ctx)?;
+        let lease_lost = CancellationToken::new();
+        let closing = CancellationToken::new();
+        spawn_lease_renewal(store.clone(), ttl, lease_lost.clone(), closing.clone(), engine.clone());
+        Ok(Host { config, engine, store, pipeline, lease_lost, closing })
+    }
+
+    /// Stops the engine (runs stay resumable) and gives the worker lease back.
+    pub async fn close(&self) {
+        self.closing.cancel();
+        self.engine.shutdown().await;
+        let store = self.store.clone();
+        let released =
+            tokio::task::spawn_blocking(move || store.release_lease(WORKER_LEASE, Holder::this_process())).await;
+        match released {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not release the worker lease; it expires by itself"),
+            Err(e) => tracing::warn!(error = %e, "could not release the worker lease; it expires by itself"),
+        }
+    }
+}
+
+fn spawn_lease_renewal(
+    store: Arc<Store>,
+    ttl: Duration,
+    lost: CancellationToken,
+    closing: CancellationToken,
+    engine: Engine,
+) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = closing.cancelled() => return,
+                _ = tokio::time::sleep(ttl / 3) => {}
+            }
+            let s = store.clone();
+            let renewed =
+                tokio::task::spawn_blocking(move || s.renew_lease(WORKER_LEASE, Holder::this_process(), ttl)).await;
+            match renewed {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) if e.is_retryable() => {
+                    tracing::warn!(error = %e, "renewing the worker lease failed; retrying")
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "lost the worker lease: another process may own this state directory; stopping");
+                    lost.cancel();
+                    engine.shutdown().await;
+                    return;
+                }
+                Err(e) => tracing::warn!(error = %e, "renewing the worker lease failed; retrying"),
+            }
+        }
+    });
+}
