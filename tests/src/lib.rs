@@ -41,3 +41,108 @@ pub fn lines(path: &Path) -> Vec<String> {
         Err(e) => panic!("reading {}: {e}", path.display()),
     }
 }
+
+/// Path of a workspace binary (`worker`, `enqueue`) next to the test executable's
+/// directory. `scripts/test` builds them before running the tests.
+pub fn bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is not built: run `cargo build --workspace --bins` first", path.display());
+    path
+}
+
+/// A `worker daemon` process on a state directory, stopped with SIGTERM (or killed when
+/// dropped, so a failing test leaves nothing behind).
+pub struct Daemon {
+    child: Option<Child>,
+    pub state: std::path::PathBuf,
+}
+
+impl Daemon {
+    pub fn start(state: &Path, extra_env: &[(&str, &str)]) -> Daemon {
+        let log = std::fs::File::create(state.join("worker.log")).expect("worker.log");
+        let mut cmd = Command::new(bin("worker"));
+        cmd.arg("--state-dir")
+            .arg(state)
+            .arg("daemon")
+            .env("THINPIPE_QUEUE_WAIT_SECS", "1")
+            .env("THINPIPE_WORKER_RETRY_DELAY_SECS", "1")
+            .env_remove("THINPIPE_FAULT")
+            .stdout(std::process::Stdio::null())
+            .stderr(log);
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start worker daemon");
+        Daemon { child: Some(child), state: state.to_path_buf() }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().expect("try_wait").is_none())
+    }
+
+    /// The worker's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.state.join("worker.log")).unwrap_or_default()
+    }
+
+    /// SIGTERM, then waits up to `timeout` for the drain and exit.
+    pub fn stop(mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: kill(2) on our own unreaped child.
+        assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) }, 0);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                kill(&mut child);
+                panic!("worker did not stop within {timeout:?} of SIGTERM; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take()
+            && child.try_wait().ok().flatten().is_none()
+        {
+            kill(&mut child);
+        }
+    }
+}
+
+/// Every entry under `root`: relative path → (type, permission bits, link target, content hash).
+pub fn tree(root: &Path) -> std::collections::BTreeMap<String, (char, u32, String, String)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+            let entry = entry.unwrap();
+            let path = entry.path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            let rel = path.strip_prefix(root).unwrap().display().to_string();
+            let mode = meta.permissions().mode() & 0o7777;
+            let ft = meta.file_type();
+            let value = if ft.is_dir() {
+                stack.push(path.clone());
+                ('d', mode, String::new(), String::new())
+            } else if ft.is_symlink() {
+                ('l', 0, std::fs::read_link(&path).unwrap().display().to_string(), String::new())
+            } else if ft.is_file() {
+                let digest = thinpipe::image::Digest::of_bytes(&std::fs::read(&path).unwrap());
+                ('f', mode, String::new(), digest.to_string())
+            } else {
+                ('o', mode, String::new(), String::new())
+            };
+            out.insert(rel, value);
+        }
+    }
+    out
+}

@@ -1,0 +1,162 @@
+//! The pipeline end to end on one machine with the real `worker` daemon and `enqueue`
+//! binaries and the embedded queue: prepare once, concurrent activations, a redelivered
+//! activation, release; bad messages dead-lettered with their reason; a corrupt layer that
+//! fails naming its blob and never marks the family prepared.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use thinpipe::image::write_sample_family;
+use thinpipe::queue::{EmbeddedQueue, JobQueue};
+use thinpipe::store::Store;
+use thinpipe_tests::{Daemon, bin, tree, wait_until};
+
+fn enqueue(state: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(bin("enqueue"));
+    cmd.arg("--state-dir").arg(state).args(["--wait", "--json", "--timeout", "120"]).args(args);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd
+}
+
+fn result(out: &Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!("enqueue printed no result ({e}): {stdout} {}", String::from_utf8_lossy(&out.stderr))
+    })
+}
+
+#[test]
+fn prepare_once_activate_concurrently_redeliver_and_release() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path();
+    write_sample_family(state, "web").unwrap();
+    let daemon = Daemon::start(state, &[]);
+
+    let out = enqueue(state, &["prepare", "--family", "web"]).output().unwrap();
+    assert!(out.status.success(), "{}", daemon.log());
+    let prepared = result(&out);
+    assert_eq!(prepared["status"], "succeeded");
+    let base = prepared["base_vol_id"].as_u64().unwrap();
+
+    // Three activations at once, each from its own enqueue process.
+    let children: Vec<_> = (1..=3)
+        .map(|i| enqueue(state, &["activate", "--family", "web", "--invocation-id", &format!("inv-{i}")]).spawn().unwrap())
+        .collect();
+    let mut paths = Vec::new();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", daemon.log());
+        let r = result(&out);
+        assert_eq!(r["base_vol_id"].as_u64(), Some(base), "all from the one base");
+        paths.push(r["snapshot_path"].as_str().unwrap().to_owned());
+    }
+    let mut distinct = paths.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3, "three distinct snapshots: {paths:?}");
+    let base_tree = tree(&state.join(format!("volumes/bases/base-{base}")));
+    assert!(base_tree.contains_key("etc/motd"));
+    for p in &paths {
+        assert_eq!(tree(Path::new(p)), base_tree, "{p} shares the base's content");
+    }
+
+    // A redelivered activation (same invocation id): the same snapshot, not a fourth.
+    let again = result(&enqueue(state, &["activate", "--family", "web", "--invocation-id", "inv-1"]).output().unwrap());
+    assert_eq!(again["snapshot_path"].as_str(), Some(paths[0].as_str()));
+    let snaps = std::fs::read_dir(state.join("volumes/snaps")).unwrap().count();
+    assert_eq!(snaps, 3);
+
+    // Release one: only that one goes.
+    let out = enqueue(state, &["release", "--family", "web", "--invocation-id", "inv-2"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(!Path::new(&paths[1]).exists());
+    assert!(Path::new(&paths[0]).exists() && Path::new(&paths[2]).exists());
+
+    assert!(daemon.stop(Duration::from_secs(60)).success());
+    let store = Store::open(state.join("host.db")).unwrap();
+    let image = store.image("web").unwrap().unwrap();
+    assert!(image.prepared, "the job loop set the prepared flag");
+    let snapshots = store.list_snapshots().unwrap();
+    assert_eq!(snapshots.len(), 3, "one row per invocation");
+    assert_eq!(store.next_id("base").unwrap(), 2, "one base was ever allocated");
+}
+
+#[test]
+fn bad_messages_are_dead_lettered_with_their_reason_and_the_worker_carries_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path();
+    write_sample_family(state, "web").unwrap();
+    let mut daemon = Daemon::start(state, &[]);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let q = EmbeddedQueue::open(state.join("queue.db"), "jobs", Duration::from_secs(60), 5).unwrap();
+        let none = BTreeMap::new();
+        let bad = [
+            ("this is not json", "not JSON"),
+            (r#"{"v":1,"kind":"explode","family":"web"}"#, "unknown variant `explode`"),
+            (r#"{"v":1,"kind":"prepare"}"#, "missing field `family`"),
+            (r#"{"v":1,"kind":"activate","family":"web","invocation_id":"../x"}"#, "invocation_id"),
+            (r#"{"v":1,"kind":"prepare","family":"ghost","reply_to":"res"}"#, "ghost"),
+        ];
+        let mut ids = Vec::new();
+        for (body, _) in &bad {
+            ids.push(q.send("jobs", body, &none).await.unwrap());
+        }
+        // A good job after the bad ones: the worker carries on.
+        q.send("jobs", r#"{"v":1,"kind":"prepare","family":"web","reply_to":"res"}"#, &none).await.unwrap();
+        let res = q.named("res");
+        let mut results = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while results.len() < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "results never came: {}", daemon.log());
+            for d in res.receive(10, Duration::from_millis(500)).await.unwrap() {
+                results.push(serde_json::from_str::<serde_json::Value>(&d.body).unwrap());
+                res.ack(&d).await.unwrap();
+            }
+        }
+        let ghost = results.iter().find(|r| r["family"] == "ghost").unwrap();
+        assert_eq!(ghost["status"], "failed");
+        assert!(results.iter().any(|r| r["family"] == "web" && r["status"] == "succeeded"));
+
+        let dead = q.dead_letters().await.unwrap();
+        assert_eq!(dead.len(), bad.len(), "{dead:?}");
+        for ((body, reason), id) in bad.iter().zip(&ids) {
+            let d = dead.iter().find(|d| &d.message_id == id).unwrap_or_else(|| panic!("{body} not dead-lettered"));
+            assert_eq!(&d.body, body, "the message is kept as sent");
+            assert!(d.reason.contains(reason), "{body}: reason {:?} should mention {reason:?}", d.reason);
+        }
+        assert_eq!(q.depth().await.unwrap(), 0, "nothing left behind, nothing silently dropped");
+    });
+    assert!(daemon.is_running(), "bad input crashed the worker: {}", daemon.log());
+    let log = daemon.log();
+    assert!(log.contains("invalid job message"), "the worker logs what it refused: {log}");
+    assert!(daemon.stop(Duration::from_secs(60)).success());
+}
+
+#[test]
+fn a_corrupt_layer_fails_naming_the_blob_and_the_family_is_never_prepared() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path();
+    let family = state.join("images/broken");
+    std::fs::create_dir_all(&family).unwrap();
+    // A gzip header, then garbage: a truncated, corrupt layer.
+    std::fs::write(family.join("0001-base.tar.gz"), [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3, 1, 2, 3, 4, 5]).unwrap();
+    let out = Command::new(bin("worker"))
+        .arg("--state-dir")
+        .arg(state)
+        .args(["run", "prepare", "--family", "broken", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "exit code 1 = the job failed: {}", String::from_utf8_lossy(&out.stderr));
+    let r = result(&out);
+    assert_eq!(r["status"], "failed");
+    let error = r["error"].as_str().unwrap();
+    assert!(error.contains("0001-base.tar.gz") && error.contains("unpack_into_base"), "{error}");
+    let store = Store::open(state.join("host.db")).unwrap();
+    let image = store.image("broken").unwrap().unwrap();
+    assert!(!image.prepared);
+    let base = image.base_vol_id.unwrap();
+    assert!(!state.join(format!("volumes/bases/base-{base}.sealed")).exists(), "the half-built base is not sealed");
+}
