@@ -103,3 +103,34 @@ impl BlobCache {
         Ok(total)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::LocalDir;
+
+    #[tokio::test]
+    async fn a_blob_that_fails_its_digest_is_never_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let family = dir.path().join("src/images/web");
+        std::fs::create_dir_all(&family).unwrap();
+        std::fs::write(family.join("0001.tar"), vec![0u8; 2048]).unwrap();
+        let source = LocalDir::new(dir.path().join("src"));
+        let manifest = source.manifest("web").await.unwrap();
+        let cache = BlobCache::open(dir.path().join("cache")).unwrap();
+
+        // The source changes after the manifest was resolved.
+        std::fs::write(family.join("0001.tar"), vec![1u8; 2048]).unwrap();
+        let err = cache.ensure(&source, &manifest.layers[0]).await.unwrap_err();
+        assert!(matches!(err, ImageError::DigestMismatch { .. }), "{err}");
+        assert!(err.to_string().contains(manifest.layers[0].digest.as_str()), "names the blob: {err}");
+        assert!(!cache.contains(&manifest.layers[0].digest));
+        assert_eq!(std::fs::read_dir(dir.path().join("cache/tmp")).unwrap().count(), 0, "no partial file left");
+
+        // Restored: downloaded once, then reused by digest.
+        std::fs::write(family.join("0001.tar"), vec![0u8; 2048]).unwrap();
+        let (path, n) = cache.ensure(&source, &manifest.layers[0]).await.unwrap();
+        assert_eq!((n, std::fs::read(&path).unwrap().len()), (2048, 2048));
+        assert_eq!(cache.ensure(&source, &manifest.layers[0]).await.unwrap().1, 0, "cached");
+    }
+}

@@ -5,6 +5,11 @@
 //! (2) durable transitions/s of one run stepping sequentially; (3) durable transitions/s
 //! with 64 runs stepping concurrently (group commit). Targets: (2)/(1) >= 0.8, (3)/(1) >= 3.
 //!
+//! `bench unpack`: the same uncompressed layer (>= 200 MB, many small files) applied by our
+//! code and by GNU `tar -x` into the same filesystem; prints both times and
+//! `unpack ratio_vs_tar=<ours/tar>` (target <= 1.25). Then the worker's peak RSS while
+//! preparing a family with a 1 GiB layer (target <= 64 MiB: blobs are streamed).
+//!
 //! Scratch files go under `$BENCH_DIR` (default `target/bench`), on the disk the state
 //! directory would use, never on a tmpfs.
 
@@ -15,6 +20,8 @@ use anyhow::{Context, bail};
 use redb::{Database, Durability, TableDefinition};
 use thinpipe::fsm::{Engine, EngineConfig, Outcome, Workflow};
 
+mod unpack;
+
 const ROUNDS: usize = 5;
 const RAW_COMMITS: u64 = 1000;
 const SEQ_STEPS: usize = 1000;
@@ -24,14 +31,15 @@ const CONCURRENT_STEPS: usize = 100;
 fn main() -> anyhow::Result<()> {
     let which: Vec<String> = std::env::args().skip(1).collect();
     if which.is_empty() {
-        bail!("usage: bench fsm");
+        bail!("usage: bench fsm|unpack ...");
     }
     let base = std::env::var_os("BENCH_DIR").map_or_else(|| PathBuf::from("target/bench"), PathBuf::from);
     std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
     for name in which {
         match name.as_str() {
             "fsm" => fsm(&base)?,
-            other => bail!("unknown benchmark {other:?}: expected fsm"),
+            "unpack" => unpack::run(&base)?,
+            other => bail!("unknown benchmark {other:?}: expected fsm or unpack"),
         }
     }
     Ok(())
