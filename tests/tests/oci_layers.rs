@@ -21,7 +21,8 @@ fn umoci(dir: &Path, args: &[&str]) {
     if rootless && ["unpack", "repack"].contains(sub) {
         cmd.arg("--rootless");
     }
-    let out = cmd.args(rest).output().unwrap_or_else(|e| panic!("umoci is not installed ({e}); scripts/test installs it"));
+    let out =
+        cmd.args(rest).output().unwrap_or_else(|e| panic!("umoci is not installed ({e}); scripts/test installs it"));
     assert!(out.status.success(), "umoci {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
@@ -117,9 +118,16 @@ fn unpacked_tree_equals_umoci_unpack() {
     let ours_tree = tree(&ours);
 
     assert!(!ours_tree.contains_key("gone") && !ours_tree.contains_key("etc/secret"), "whiteouts applied");
-    assert_eq!(ours_tree.keys().filter(|k| k.starts_with("opq/")).collect::<Vec<_>>(), ["opq/only-new"], "opaque applied");
+    assert_eq!(
+        ours_tree.keys().filter(|k| k.starts_with("opq/")).collect::<Vec<_>>(),
+        ["opq/only-new"],
+        "opaque applied"
+    );
     use std::os::unix::fs::MetadataExt;
-    assert_eq!(fs::metadata(ours.join("data/hardlink")).unwrap().ino(), fs::metadata(ours.join("data/original")).unwrap().ino());
+    assert_eq!(
+        fs::metadata(ours.join("data/hardlink")).unwrap().ino(),
+        fs::metadata(ours.join("data/original")).unwrap().ino()
+    );
     for (path, theirs) in &reference {
         let mine = ours_tree.get(path).unwrap_or_else(|| panic!("{path} is missing from our tree"));
         assert_eq!(mine, theirs, "{path} differs from umoci's");

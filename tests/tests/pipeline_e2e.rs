@@ -11,7 +11,7 @@ use std::time::Duration;
 use thinpipe::image::write_sample_family;
 use thinpipe::queue::{EmbeddedQueue, JobQueue};
 use thinpipe::store::Store;
-use thinpipe_tests::{Daemon, bin, tree, wait_until};
+use thinpipe_tests::{Daemon, bin, tree};
 
 fn enqueue(state: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(bin("enqueue"));
@@ -42,7 +42,9 @@ fn prepare_once_activate_concurrently_redeliver_and_release() {
 
     // Three activations at once, each from its own enqueue process.
     let children: Vec<_> = (1..=3)
-        .map(|i| enqueue(state, &["activate", "--family", "web", "--invocation-id", &format!("inv-{i}")]).spawn().unwrap())
+        .map(|i| {
+            enqueue(state, &["activate", "--family", "web", "--invocation-id", &format!("inv-{i}")]).spawn().unwrap()
+        })
         .collect();
     let mut paths = Vec::new();
     for c in children {

@@ -38,7 +38,8 @@ pub fn run(base: &Path) -> anyhow::Result<()> {
                 ours.push(t.elapsed());
                 ensure!(stats.entries as usize >= SMALL_FILES, "applied only {} entries", stats.entries);
             } else {
-                let status = Command::new("tar").arg("-xf").arg(&layer).arg("-C").arg(&into).status().context("running tar")?;
+                let status =
+                    Command::new("tar").arg("-xf").arg(&layer).arg("-C").arg(&into).status().context("running tar")?;
                 tar.push(t.elapsed());
                 ensure!(status.success(), "tar -x failed: {status}");
             }
