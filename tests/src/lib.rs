@@ -83,6 +83,20 @@ impl Daemon {
         self.child.as_mut().is_some_and(|c| c.try_wait().expect("try_wait").is_none())
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL: no drain, no destructors.
+    pub fn kill(mut self) -> ExitStatus {
+        kill(self.child.as_mut().expect("running"))
+    }
+
+    /// Waits until the log contains `text`.
+    pub fn wait_for_log(&self, text: &str, timeout: Duration) {
+        wait_until(&format!("worker log to show {text:?}"), timeout, || self.log().contains(text));
+    }
+
     /// The worker's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.state.join("worker.log")).unwrap_or_default()

@@ -162,3 +162,23 @@ fn a_corrupt_layer_fails_naming_the_blob_and_the_family_is_never_prepared() {
     let base = image.base_vol_id.unwrap();
     assert!(!state.join(format!("volumes/bases/base-{base}.sealed")).exists(), "the half-built base is not sealed");
 }
+
+#[test]
+fn a_second_worker_refuses_naming_the_holder_and_a_dead_workers_lease_is_reclaimed() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path();
+    let first = Daemon::start(state, &[]);
+    first.wait_for_log("worker started", Duration::from_secs(30));
+    let out = Command::new(bin("worker")).arg("--state-dir").arg(state).arg("daemon").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    let holder = format!("pid:{}:", first.pid());
+    assert!(stderr.contains("is in use by worker") && stderr.contains(&holder), "names the holder: {stderr}");
+
+    // SIGKILL leaves the lease behind; the next worker takes it over at once.
+    first.kill();
+    let second = Daemon::start(state, &[]);
+    second.wait_for_log("worker started", Duration::from_secs(30));
+    assert!(second.log().contains("took over the worker lease"), "{}", second.log());
+    assert!(second.stop(Duration::from_secs(60)).success());
+}

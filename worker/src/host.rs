@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use thinpipe::fsm::{Engine, EngineConfig, OpenError};
 use thinpipe::image::{ApplyOptions, BlobCache, LocalDir};
 use thinpipe::pipeline::{Pipeline, PipelineContext};
-use thinpipe::store::{Holder, Store};
+use thinpipe::store::{Acquired, Holder, Store};
 use thinpipe::volume::DirBackend;
 use tokio_util::sync::CancellationToken;
 
@@ -35,12 +35,15 @@ impl Host {
         let store = Arc::new(Store::open(config.host_db_path())?);
         let ttl = Duration::from_secs(config.worker.lease_ttl_secs);
         let me = Holder::this_process();
-        if !store.acquire_lease(WORKER_LEASE, me, ttl)? {
-            let holder = store.lease(WORKER_LEASE)?.map_or_else(|| "another process".to_owned(), |l| l.holder);
-            bail!(
+        match store.acquire_lease_reclaiming(WORKER_LEASE, me, ttl)? {
+            Acquired::Yes => {}
+            Acquired::TookOver { from } => {
+                tracing::warn!(previous = %from, "took over the worker lease of a process that is gone (it crashed or was killed)");
+            }
+            Acquired::HeldBy(holder) => bail!(
                 "the state directory {} is in use by worker {holder}; stop it first, or use another --state-dir",
                 config.state_dir.display()
-            );
+            ),
         }
         let engine_config = EngineConfig {
             retention: Duration::from_secs(config.engine.retention_days * 24 * 3600),

@@ -21,7 +21,7 @@ use thinpipe::fault;
 use thinpipe::fsm::{Failure, FailureKind, Outcome, RunError};
 use thinpipe::job::{Job, JobKind, JobResult, JobStatus};
 use thinpipe::queue::{Delivery, JobQueue};
-use thinpipe::store::Holder;
+use thinpipe::store::{Acquired, Holder};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -316,10 +316,14 @@ impl JobLoop {
         let ttl = Duration::from_secs(self.host.config.worker.lease_ttl_secs);
         let store = self.host.store.clone();
         let k = key.clone();
-        let got = blocking(move || store.acquire_lease(&k, Holder::this_process(), ttl)).await?;
-        if !got {
-            let holder = self.host.store.lease(&key).ok().flatten().map(|l| l.holder).unwrap_or_default();
-            return Err(Prep::Retry(format!("family {family} is being prepared by {holder}")));
+        match blocking(move || store.acquire_lease_reclaiming(&k, Holder::this_process(), ttl)).await? {
+            Acquired::Yes => {}
+            Acquired::TookOver { from } => {
+                tracing::warn!(family, previous = %from, "took over the prepare lease of a process that is gone")
+            }
+            Acquired::HeldBy(holder) => {
+                return Err(Prep::Retry(format!("family {family} is being prepared by {holder}")));
+            }
         }
         let lost = CancellationToken::new();
         let renewer = {

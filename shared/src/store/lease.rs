@@ -41,6 +41,32 @@ impl std::fmt::Display for Holder {
     }
 }
 
+/// What [`Store::acquire_lease_reclaiming`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Acquired {
+    /// We hold it now (it was free, expired, or ours).
+    Yes,
+    /// It was held by a process of this host that no longer exists; we took it over.
+    TookOver { from: String },
+    /// Someone else holds it.
+    HeldBy(String),
+}
+
+impl Holder {
+    /// The pid in a holder string `pid:<pid>:<random>`.
+    pub fn pid_of(holder: &str) -> Option<u32> {
+        holder.strip_prefix("pid:")?.split(':').next()?.parse().ok()
+    }
+}
+
+/// Whether a process with this pid exists on this host (same pid namespace).
+fn process_exists(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    // SAFETY: kill with signal 0 only checks for existence and permission.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
 /// A lease row as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeaseInfo {
@@ -74,6 +100,38 @@ impl Store {
             )
         })?;
         Ok(changed == 1)
+    }
+
+    /// Like [`Store::acquire_lease`], but a lease whose holder's process is gone from this
+    /// host is taken over at once instead of after its TTL (a worker restarted after a
+    /// crash need not wait). The takeover matches the dead holder, so it cannot take a
+    /// lease that changed hands meanwhile. A reused pid makes the old holder look alive:
+    /// then the TTL decides, as usual.
+    pub fn acquire_lease_reclaiming(&self, key: &str, holder: &Holder, ttl: Duration) -> Result<Acquired, StoreError> {
+        if self.acquire_lease(key, holder, ttl)? {
+            return Ok(Acquired::Yes);
+        }
+        let Some(current) = self.lease(key)? else {
+            // Released between the two statements: try once more.
+            return Ok(if self.acquire_lease(key, holder, ttl)? {
+                Acquired::Yes
+            } else {
+                Acquired::HeldBy(String::new())
+            });
+        };
+        if Holder::pid_of(&current.holder).is_some_and(|pid| !process_exists(pid)) {
+            let expires = epoch_ms(SystemTime::now()).saturating_add(ttl.as_millis() as i64);
+            let changed = self.with_conn(|c| {
+                c.execute(
+                    "UPDATE leases SET v = ?3, expires_at = ?4 WHERE k = ?1 AND v = ?2",
+                    params![key, current.holder, holder.as_str(), expires],
+                )
+            })?;
+            if changed == 1 {
+                return Ok(Acquired::TookOver { from: current.holder });
+            }
+        }
+        Ok(Acquired::HeldBy(current.holder))
     }
 
     /// Extends our lease to `now + ttl`. `LeaseLost` if it is not ours any more.

@@ -24,7 +24,7 @@ use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
 pub use error::StoreError;
 pub use images::ImageRow;
-pub use lease::{Holder, LeaseInfo};
+pub use lease::{Acquired, Holder, LeaseInfo};
 pub use snapshots::{SnapshotRow, SnapshotState};
 
 /// Store settings.

@@ -184,3 +184,30 @@ fn a_missing_directory_names_the_path() {
     assert!(matches!(err, StoreError::CannotOpen { .. }), "{err:?}");
     assert!(err.to_string().contains("no/such/dir/host.db"), "{err}");
 }
+
+#[test]
+fn a_lease_of_a_dead_process_is_taken_over_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let ttl = Duration::from_secs(3600);
+    // A holder whose process is gone: a child that has exited and been reaped.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead_pid = child.id();
+    child.wait().unwrap();
+    let dead = format!("pid:{dead_pid}:00000000deadbeef");
+    store
+        .with_conn(|c| {
+            c.execute(
+                "INSERT INTO leases (k, v, expires_at) VALUES ('worker', ?1, ?2)",
+                rusqlite::params![dead, i64::MAX],
+            )
+        })
+        .unwrap();
+    let me = Holder::fresh();
+    assert_eq!(store.acquire_lease_reclaiming("worker", &me, ttl).unwrap(), Acquired::TookOver { from: dead.clone() });
+    assert_eq!(store.lease("worker").unwrap().unwrap().holder, me.as_str());
+    // A live holder (this process, another holder) is not taken over.
+    let other = Holder::fresh();
+    assert_eq!(store.acquire_lease_reclaiming("worker", &other, ttl).unwrap(), Acquired::HeldBy(me.to_string()));
+    assert_eq!(Holder::pid_of(me.as_str()), Some(std::process::id()));
+}
