@@ -3,8 +3,15 @@
 //! Layout:
 //! - [`fsm`]: the generic durable FSM engine on redb (knows nothing of images or queues);
 //! - [`store`]: the host's SQLite database: images, snapshots, leases, id sequences;
+//! - [`image`]: blob sources, manifests, the blob cache, layer application;
+//! - [`volume`]: the `VolumeBackend` trait and its backends;
+//! - [`pipeline`]: the prepare, activate and release workflows;
+//! - [`queue`]: the `JobQueue` trait, the embedded and SQS queues;
+//! - [`job`]: the job message schema and results;
+//! - [`aws`]: one AWS SDK setup for SQS and S3;
 //! - [`fault`]: named fault points for crash tests (compiled out of release builds).
 
+pub mod aws;
 pub mod fault;
 pub mod fsm;
 pub mod image;

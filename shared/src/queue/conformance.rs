@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use super::JobQueue;
 
-pub(crate) async fn run(q: &dyn JobQueue, other: &dyn JobQueue) {
+/// `fenced_receipts`: whether a receipt from an earlier delivery is refused (the embedded
+/// queue); SQS may accept an old receipt handle, so that part is not part of the contract.
+pub(crate) async fn run(q: &dyn JobQueue, other: &dyn JobQueue, fenced_receipts: bool) {
     let none = BTreeMap::new();
     assert!(q.receive(10, Duration::from_millis(50)).await.unwrap().is_empty(), "starts empty");
 
@@ -35,7 +37,9 @@ pub(crate) async fn run(q: &dyn JobQueue, other: &dyn JobQueue) {
     };
     assert_eq!(again.len(), 1);
     assert_eq!((again[0].body.as_str(), again[0].receive_count), ("two", 2));
-    assert!(q.ack(&got[1]).await.is_err(), "the old receipt is fenced out");
+    if fenced_receipts {
+        assert!(q.ack(&got[1]).await.is_err(), "the old receipt is fenced out");
+    }
 
     // Extend keeps it invisible past its timeout; release makes it visible at once.
     q.extend(&again[0], Duration::from_secs(30)).await.unwrap();
@@ -56,5 +60,7 @@ pub(crate) async fn run(q: &dyn JobQueue, other: &dyn JobQueue) {
         q.release(&d[0]).await.unwrap();
     }
     assert!(q.receive(1, Duration::from_millis(50)).await.unwrap().is_empty(), "poison went to the dead letters");
-    assert_eq!(other.receive(10, Duration::from_millis(50)).await.unwrap()[0].body, "elsewhere");
+    let in_other: Vec<String> =
+        other.receive(10, Duration::from_millis(50)).await.unwrap().into_iter().map(|d| d.body).collect();
+    assert!(in_other.contains(&"elsewhere".to_owned()), "{in_other:?}");
 }

@@ -316,7 +316,7 @@ mod tests {
     async fn embedded_queue_passes_the_conformance_suite() {
         let dir = tempfile::tempdir().unwrap();
         let q = EmbeddedQueue::open(dir.path().join("queue.db"), "jobs", Duration::from_millis(300), 3).unwrap();
-        super::super::conformance::run(&q, &q.named("jobs-dlq")).await;
+        super::super::conformance::run(&q, &q.named("jobs-dlq"), true).await;
         assert_eq!(q.dead_letters().await.unwrap().len(), 2);
     }
 }

@@ -1,5 +1,5 @@
 //! Job queues. [`JobQueue`] is the contract; `embedded` implements it on SQLite for one
-//! machine without AWS (SQS comes with its own module).
+//! machine without AWS, `sqs` on Amazon SQS for the fleet.
 //!
 //! Delivery guarantee: at least once. A received message is invisible to other receivers
 //! for the visibility timeout; if it is neither acked nor extended in time it comes back
@@ -9,6 +9,7 @@
 //! than `max_receives` times is dead-lettered by the queue itself.
 
 mod embedded;
+mod sqs;
 
 #[cfg(test)]
 mod conformance;
@@ -19,6 +20,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 pub use embedded::{DeadLetter, EmbeddedQueue};
+pub use sqs::{REASON_ATTRIBUTE, SqsQueue, SqsSettings};
 
 /// One received message.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,0 +1,357 @@
+//! The SQS queue: long polling, visibility heartbeats, batch deletes, a dead-letter queue
+//! with the reason as a message attribute, FIFO queues (group = family, dedup id =
+//! invocation id). One `SqsQueue` receives from one queue URL; `send` resolves any queue by
+//! URL or name.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_sqs::Client;
+use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, MessageAttributeValue, MessageSystemAttributeName};
+
+use super::{Delivery, JobQueue, QueueError};
+
+/// The message attribute that carries a dead letter's reason.
+pub const REASON_ATTRIBUTE: &str = "thinpipe-dead-letter-reason";
+
+#[derive(Clone, Debug)]
+pub struct SqsSettings {
+    /// The queue jobs are received from.
+    pub queue_url: String,
+    /// Where invalid messages go; `None` leaves them to the queue's redrive policy.
+    pub dead_letter_url: Option<String>,
+    /// Visibility of a received message (the heartbeat extends it).
+    pub visibility: Duration,
+}
+
+pub struct SqsQueue {
+    client: Client,
+    settings: SqsSettings,
+    urls: Mutex<HashMap<String, String>>,
+}
+
+impl SqsQueue {
+    pub fn new(client: Client, settings: SqsSettings) -> Self {
+        // `urls` caches name → URL lookups for `send`.
+        Self { client, settings, urls: Mutex::new(HashMap::new()) }
+    }
+
+    fn err<E: ProvideErrorMetadata + std::fmt::Debug>(&self, what: &str, e: SdkError<E>) -> QueueError {
+        classify(&self.settings.queue_url, what, e)
+    }
+
+    /// A queue URL for `to`: a URL as is, a name looked up (and remembered).
+    async fn url_of(&self, to: &str) -> Result<String, QueueError> {
+        if to.starts_with("https://") || to.starts_with("http://") {
+            return Ok(to.to_owned());
+        }
+        if let Some(u) = self.urls.lock().unwrap_or_else(|p| p.into_inner()).get(to) {
+            return Ok(u.clone());
+        }
+        let out = self
+            .client
+            .get_queue_url()
+            .queue_name(to)
+            .send()
+            .await
+            .map_err(|e| classify(to, "looking up the queue", e))?;
+        let url = out
+            .queue_url()
+            .ok_or_else(|| QueueError::Invalid { queue: to.to_owned(), detail: "no URL returned".into() })?
+            .to_owned();
+        self.urls.lock().unwrap_or_else(|p| p.into_inner()).insert(to.to_owned(), url.clone());
+        Ok(url)
+    }
+
+    async fn change_visibility(&self, d: &Delivery, secs: i32) -> Result<(), QueueError> {
+        self.client
+            .change_message_visibility()
+            .queue_url(&self.settings.queue_url)
+            .receipt_handle(&d.receipt)
+            .visibility_timeout(secs)
+            .send()
+            .await
+            .map_err(|e| self.err("changing visibility", e))?;
+        Ok(())
+    }
+}
+
+fn classify<E: ProvideErrorMetadata + std::fmt::Debug>(queue: &str, what: &str, e: SdkError<E>) -> QueueError {
+    let queue = queue.to_owned();
+    let detail = match &e {
+        SdkError::ServiceError(s) => {
+            format!("{what}: {} {}", s.err().code().unwrap_or("error"), s.err().message().unwrap_or_default())
+        }
+        other => format!("{what}: {other}"),
+    };
+    match &e {
+        SdkError::ServiceError(s) => {
+            let code = s.err().code().unwrap_or_default();
+            let status = s.raw().status().as_u16();
+            if code.contains("ReceiptHandleIsInvalid")
+                || code.contains("InvalidParameterValue") && detail.contains("receipt")
+            {
+                QueueError::ReceiptStale { queue, message_id: String::new() }
+            } else if status >= 500
+                || code.contains("Throttl")
+                || code.contains("RequestThrottled")
+                || code == "OverLimit"
+            {
+                QueueError::Unavailable { queue, detail }
+            } else {
+                QueueError::Invalid { queue, detail }
+            }
+        }
+        // Timeouts, connection errors, dispatch failures: try again.
+        _ => QueueError::Unavailable { queue, detail },
+    }
+}
+
+fn fifo(url: &str) -> bool {
+    url.ends_with(".fifo")
+}
+
+#[async_trait]
+impl JobQueue for SqsQueue {
+    fn describe(&self) -> String {
+        format!("sqs:{}", self.settings.queue_url)
+    }
+
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError> {
+        let out = self
+            .client
+            .receive_message()
+            .queue_url(&self.settings.queue_url)
+            .max_number_of_messages(max.clamp(1, 10) as i32)
+            .wait_time_seconds(wait.as_secs().min(20) as i32)
+            .visibility_timeout(self.settings.visibility.as_secs().max(1) as i32)
+            .message_attribute_names("All")
+            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .send()
+            .await
+            .map_err(|e| self.err("receiving", e))?;
+        let mut deliveries = Vec::new();
+        for m in out.messages() {
+            let (Some(id), Some(receipt)) = (m.message_id(), m.receipt_handle()) else { continue };
+            let receive_count = m
+                .attributes()
+                .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1);
+            let attributes = m
+                .message_attributes()
+                .map(|attrs| {
+                    attrs.iter().filter_map(|(k, v)| v.string_value().map(|s| (k.clone(), s.to_owned()))).collect()
+                })
+                .unwrap_or_default();
+            deliveries.push(Delivery {
+                message_id: id.to_owned(),
+                receipt: receipt.to_owned(),
+                body: m.body().unwrap_or_default().to_owned(),
+                receive_count,
+                attributes,
+            });
+        }
+        Ok(deliveries)
+    }
+
+    async fn ack(&self, d: &Delivery) -> Result<(), QueueError> {
+        // DeleteMessageBatch reports failures per entry: a failed entry is retried, then
+        // reported, never assumed deleted.
+        let entry = DeleteMessageBatchRequestEntry::builder()
+            .id("0")
+            .receipt_handle(&d.receipt)
+            .build()
+            .map_err(|e| QueueError::Invalid { queue: self.describe(), detail: e.to_string() })?;
+        let mut last = String::new();
+        for attempt in 0..3 {
+            let out = self
+                .client
+                .delete_message_batch()
+                .queue_url(&self.settings.queue_url)
+                .entries(entry.clone())
+                .send()
+                .await
+                .map_err(|e| self.err("deleting", e))?;
+            let Some(failed) = out.failed().first() else { return Ok(()) };
+            last = format!("{}: {}", failed.code(), failed.message().unwrap_or_default());
+            if !failed.sender_fault() {
+                tracing::warn!(message_id = %d.message_id, attempt, error = %last, "batch delete entry failed; retrying");
+                continue;
+            }
+            break;
+        }
+        Err(QueueError::Unavailable {
+            queue: self.describe(),
+            detail: format!("deleting message {}: {last}", d.message_id),
+        })
+    }
+
+    async fn extend(&self, d: &Delivery, visibility: Duration) -> Result<(), QueueError> {
+        self.change_visibility(d, visibility.as_secs().min(43_200) as i32).await
+    }
+
+    async fn release(&self, d: &Delivery) -> Result<(), QueueError> {
+        self.change_visibility(d, 0).await
+    }
+
+    async fn dead_letter(&self, d: &Delivery, reason: &str) -> Result<(), QueueError> {
+        let Some(dlq) = self.settings.dead_letter_url.clone() else {
+            tracing::warn!(message_id = %d.message_id, %reason, "no dead-letter queue configured: leaving the message to the queue's redrive policy");
+            return Ok(());
+        };
+        let mut attrs = d.attributes.clone();
+        attrs.insert(REASON_ATTRIBUTE.to_owned(), reason.chars().take(1000).collect());
+        attrs.insert("thinpipe-source-message-id".to_owned(), d.message_id.clone());
+        self.send(&dlq, &d.body, &attrs).await?;
+        self.ack(d).await
+    }
+
+    async fn send(&self, to: &str, body: &str, attributes: &BTreeMap<String, String>) -> Result<String, QueueError> {
+        let url = self.url_of(to).await?;
+        let mut req = self.client.send_message().queue_url(&url).message_body(body);
+        for (k, v) in attributes {
+            let value = MessageAttributeValue::builder()
+                .data_type("String")
+                .string_value(v)
+                .build()
+                .map_err(|e| QueueError::Invalid { queue: url.clone(), detail: e.to_string() })?;
+            req = req.message_attributes(k, value);
+        }
+        if fifo(&url) {
+            // One family's jobs are ordered; a re-sent job with the same invocation is deduplicated.
+            let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+            let group = v.get("family").and_then(|f| f.as_str()).unwrap_or("thinpipe").to_owned();
+            let dedup = match (v.get("kind").and_then(|k| k.as_str()), v.get("invocation_id").and_then(|i| i.as_str()))
+            {
+                (Some(kind), Some(inv)) => format!("{kind}-{inv}"),
+                _ => crate::image::Digest::of_bytes(body.as_bytes()).hex().to_owned(),
+            };
+            req = req.message_group_id(group).message_deduplication_id(dedup);
+        }
+        let out = req.send().await.map_err(|e| classify(&url, "sending", e))?;
+        Ok(out.message_id().unwrap_or_default().to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aws;
+
+    /// Creates `jobs-<n>` with a redrive policy (3 receives) to `jobs-<n>-dlq`.
+    async fn queues(client: &Client, suffix: &str) -> (String, String) {
+        let dlq = client.create_queue().queue_name(format!("dlq-{suffix}")).send().await.unwrap();
+        let dlq_url = dlq.queue_url().unwrap().to_owned();
+        let arn = client
+            .get_queue_attributes()
+            .queue_url(&dlq_url)
+            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .unwrap()
+            .attributes()
+            .unwrap()[&aws_sdk_sqs::types::QueueAttributeName::QueueArn]
+            .clone();
+        let policy = format!(r#"{{"deadLetterTargetArn":"{arn}","maxReceiveCount":"3"}}"#);
+        let q = client
+            .create_queue()
+            .queue_name(format!("jobs-{suffix}"))
+            .attributes(aws_sdk_sqs::types::QueueAttributeName::RedrivePolicy, policy)
+            .send()
+            .await
+            .unwrap();
+        (q.queue_url().unwrap().to_owned(), dlq_url)
+    }
+
+    #[tokio::test]
+    async fn sqs_queue_passes_the_conformance_suite_against_moto() {
+        let Some(endpoint) = aws::test_endpoint() else { return };
+        let (config, _) = aws::test_config(&endpoint).await;
+        let client = aws::sqs_client(&config);
+        let suffix = format!("{:x}", rand::random::<u64>());
+        let (url, dlq_url) = queues(&client, &suffix).await;
+        let settings = SqsSettings {
+            queue_url: url.clone(),
+            dead_letter_url: Some(dlq_url.clone()),
+            visibility: Duration::from_secs(1),
+        };
+        let q = SqsQueue::new(client.clone(), settings);
+        let dlq = SqsQueue::new(
+            client.clone(),
+            SqsSettings { queue_url: dlq_url.clone(), dead_letter_url: None, visibility: Duration::from_secs(30) },
+        );
+        // The suite names queues; map its names onto this test's.
+        q.urls.lock().unwrap().insert("jobs".into(), url.clone());
+        q.urls.lock().unwrap().insert("jobs-dlq".into(), dlq_url.clone());
+        dlq.urls.lock().unwrap().insert("jobs-dlq".into(), dlq_url.clone());
+        crate::queue::conformance::run(&q, &dlq, false).await;
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_carries_its_reason_as_an_attribute() {
+        let Some(endpoint) = aws::test_endpoint() else { return };
+        let (config, _) = aws::test_config(&endpoint).await;
+        let client = aws::sqs_client(&config);
+        let suffix = format!("{:x}", rand::random::<u64>());
+        let (url, dlq_url) = queues(&client, &suffix).await;
+        let q = SqsQueue::new(
+            client.clone(),
+            SqsSettings {
+                queue_url: url.clone(),
+                dead_letter_url: Some(dlq_url.clone()),
+                visibility: Duration::from_secs(30),
+            },
+        );
+        let dlq = SqsQueue::new(
+            client,
+            SqsSettings { queue_url: dlq_url, dead_letter_url: None, visibility: Duration::from_secs(30) },
+        );
+        q.send(&url, "{not json", &BTreeMap::new()).await.unwrap();
+        let d = q.receive(1, Duration::from_secs(5)).await.unwrap().pop().unwrap();
+        q.dead_letter(&d, "the message is not JSON").await.unwrap();
+        let dead = dlq.receive(1, Duration::from_secs(5)).await.unwrap().pop().unwrap();
+        assert_eq!(dead.body, "{not json");
+        assert_eq!(dead.attributes.get(REASON_ATTRIBUTE).map(String::as_str), Some("the message is not JSON"));
+        assert_eq!(dead.attributes.get("thinpipe-source-message-id"), Some(&d.message_id));
+        assert!(q.receive(1, Duration::from_secs(1)).await.unwrap().is_empty(), "deleted from the source");
+    }
+
+    #[tokio::test]
+    async fn fifo_queues_group_by_family_and_deduplicate_by_invocation() {
+        let Some(endpoint) = aws::test_endpoint() else { return };
+        let (config, _) = aws::test_config(&endpoint).await;
+        let client = aws::sqs_client(&config);
+        let name = format!("jobs-{:x}.fifo", rand::random::<u64>());
+        let out = client
+            .create_queue()
+            .queue_name(&name)
+            .attributes(aws_sdk_sqs::types::QueueAttributeName::FifoQueue, "true")
+            .send()
+            .await
+            .unwrap();
+        let url = out.queue_url().unwrap().to_owned();
+        let q = SqsQueue::new(
+            client,
+            SqsSettings { queue_url: url.clone(), dead_letter_url: None, visibility: Duration::from_secs(30) },
+        );
+        let job = r#"{"v":1,"kind":"activate","family":"web","invocation_id":"inv-1"}"#;
+        q.send(&url, job, &BTreeMap::new()).await.unwrap();
+        q.send(&url, job, &BTreeMap::new()).await.unwrap();
+        q.send(&url, r#"{"v":1,"kind":"activate","family":"web","invocation_id":"inv-2"}"#, &BTreeMap::new())
+            .await
+            .unwrap();
+        let mut bodies = Vec::new();
+        for _ in 0..3 {
+            for d in q.receive(10, Duration::from_secs(1)).await.unwrap() {
+                bodies.push(d.body.clone());
+                q.ack(&d).await.unwrap();
+            }
+        }
+        assert_eq!(bodies.len(), 2, "the duplicate was dropped by its deduplication id: {bodies:?}");
+        assert!(bodies[0].contains("inv-1") && bodies[1].contains("inv-2"), "in order within the family's group");
+    }
+}
