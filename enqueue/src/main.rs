@@ -1,4 +1,5 @@
-//! `enqueue`: posts a job to a worker's queue and, with `--wait`, waits for its result.
+//! `enqueue`: posts a job to a worker's queue (the embedded one, or SQS with `--queue-url`)
+//! with a W3C `traceparent` attribute and, with `--wait`, waits for its result.
 //!
 //! Exit codes: 0 posted (or, with --wait, succeeded); 1 the job failed or was refused
 //! (dead-lettered); 2 usage error; 3 the queue could not be used, or --wait timed out.
@@ -22,9 +23,20 @@ struct Cli {
     /// The embedded queue file, if not in the state directory.
     #[arg(long, env = "THINPIPE_QUEUE_PATH", global = true)]
     queue_path: Option<PathBuf>,
-    /// The job queue's name.
+    /// The job queue's name (embedded queue).
     #[arg(long, env = "THINPIPE_QUEUE_NAME", default_value = "jobs", global = true)]
     queue: String,
+    /// Post to this SQS queue instead of the embedded one. Credentials and region come from
+    /// the standard AWS chain; AWS_ENDPOINT_URL points at another endpoint.
+    #[arg(long, env = "THINPIPE_QUEUE_URL", global = true)]
+    queue_url: Option<String>,
+    /// With --wait on SQS: the queue results come back on (default: a temporary queue,
+    /// created and deleted by this command).
+    #[arg(long, global = true)]
+    reply_queue_url: Option<String>,
+    /// AWS endpoint for SQS (a local server such as moto).
+    #[arg(long, env = "THINPIPE_AWS_ENDPOINT", global = true)]
+    endpoint_url: Option<String>,
     /// Wait for the result and print it.
     #[arg(long, global = true)]
     wait: bool,
@@ -88,7 +100,94 @@ fn main() -> ExitCode {
     }
 }
 
-async fn post(cli: &Cli, mut job: Job) -> anyhow::Result<ExitCode> {
+async fn post(cli: &Cli, job: Job) -> anyhow::Result<ExitCode> {
+    match &cli.queue_url {
+        Some(url) => post_sqs(cli, job, url).await,
+        None => post_embedded(cli, job).await,
+    }
+}
+
+/// A fresh W3C trace context for the job (the job's trace starts here).
+fn traceparent() -> String {
+    format!("00-{:032x}-{:016x}-01", rand::random::<u128>() | 1, rand::random::<u64>() | 1)
+}
+
+async fn post_sqs(cli: &Cli, mut job: Job, url: &str) -> anyhow::Result<ExitCode> {
+    let opts = thinpipe::aws::AwsOptions { endpoint: cli.endpoint_url.clone(), ..Default::default() };
+    let sdk = thinpipe::aws::sdk_config(&opts).await;
+    let client = thinpipe::aws::sqs_client(&sdk);
+    let settings = |u: &str| thinpipe::queue::SqsSettings {
+        queue_url: u.to_owned(),
+        dead_letter_url: None,
+        visibility: Duration::from_secs(30),
+    };
+    let queue = thinpipe::queue::SqsQueue::new(client.clone(), settings(url));
+    // A temporary reply queue, deleted when we are done with it.
+    let mut temporary = None;
+    if cli.wait {
+        let reply = match &cli.reply_queue_url {
+            Some(u) => u.clone(),
+            None => {
+                let name = format!("thinpipe-reply-{}-{:08x}", std::process::id(), rand::random::<u32>());
+                let out = client.create_queue().queue_name(&name).send().await.context("creating a reply queue")?;
+                let u = out.queue_url().context("no reply queue URL")?.to_owned();
+                temporary = Some(u.clone());
+                u
+            }
+        };
+        job.reply_to = Some(reply);
+    }
+    let mut attrs = BTreeMap::new();
+    attrs.insert("traceparent".to_owned(), traceparent());
+    let id = queue.send(url, &job.to_json(), &attrs).await?;
+    eprintln!("posted {} job {id} ({}) to {url}", job.kind, job.run_id());
+    let outcome = match &job.reply_to {
+        None => Ok(ExitCode::SUCCESS),
+        Some(reply) => {
+            wait_for_result(cli, &thinpipe::queue::SqsQueue::new(client.clone(), settings(reply)), &id, None).await
+        }
+    };
+    if let Some(u) = temporary
+        && let Err(e) = client.delete_queue().queue_url(&u).send().await
+    {
+        eprintln!("enqueue: could not delete the temporary reply queue {u}: {e}");
+    }
+    outcome
+}
+
+async fn wait_for_result(
+    cli: &Cli,
+    replies: &dyn JobQueue,
+    id: &str,
+    embedded: Option<&EmbeddedQueue>,
+) -> anyhow::Result<ExitCode> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(cli.timeout);
+    loop {
+        if let Some(d) = replies.receive(1, Duration::from_secs(1)).await?.pop() {
+            let result: JobResult = serde_json::from_str(&d.body).context("decoding the result")?;
+            replies.ack(&d).await?;
+            print(&result, cli.json)?;
+            return Ok(if result.status == JobStatus::Succeeded { ExitCode::SUCCESS } else { ExitCode::from(1) });
+        }
+        // Refused before any result could be sent (a message that is not a job).
+        if let Some(q) = embedded
+            && let Some(dead) = q.dead_letter_of(id).await?
+        {
+            eprintln!("enqueue: job {id} was dead-lettered: {}", dead.reason);
+            return Ok(ExitCode::from(1));
+        }
+        if tokio::time::Instant::now() > deadline {
+            eprintln!(
+                "enqueue: no result for job {id} after {}s; is a worker running on {}?",
+                cli.timeout,
+                replies.describe()
+            );
+            return Ok(ExitCode::from(3));
+        }
+    }
+}
+
+async fn post_embedded(cli: &Cli, mut job: Job) -> anyhow::Result<ExitCode> {
     let path = cli.queue_path.clone().unwrap_or_else(|| cli.state_dir.join("queue.db"));
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -96,7 +195,9 @@ async fn post(cli: &Cli, mut job: Job) -> anyhow::Result<ExitCode> {
     let queue = EmbeddedQueue::open(&path, &cli.queue, Duration::from_secs(60), 5)?;
     let reply_to = cli.wait.then(|| format!("reply-{}-{}", std::process::id(), job.run_id()));
     job.reply_to = reply_to.clone();
-    let id = queue.send(&cli.queue, &job.to_json(), &BTreeMap::new()).await?;
+    let mut attrs = BTreeMap::new();
+    attrs.insert("traceparent".to_owned(), traceparent());
+    let id = queue.send(&cli.queue, &job.to_json(), &attrs).await?;
     if !cli.json || !cli.wait {
         eprintln!("posted {} job {id} ({}) to {}", job.kind, job.run_id(), queue.describe());
     }

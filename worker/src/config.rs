@@ -26,13 +26,47 @@ pub struct Config {
     pub worker: WorkerConfig,
     pub images: ImagesConfig,
     pub engine: EngineSettings,
+    pub aws: AwsConfig,
+}
+
+/// AWS access for SQS and S3. Credentials and region come from the standard chain
+/// (environment, profile, instance role); `AWS_ENDPOINT_URL[_SQS|_S3]` are honoured too.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AwsConfig {
+    /// Endpoint for every AWS service (a local server); empty: AWS itself.
+    pub endpoint: String,
+    /// Region if the environment names none (then `us-east-1`).
+    pub region: String,
+    /// Unsigned requests (public buckets).
+    pub anonymous: bool,
+    /// Path-style S3 addressing (local servers).
+    pub s3_path_style: bool,
+}
+
+impl AwsConfig {
+    pub fn options(&self) -> thinpipe::aws::AwsOptions {
+        let some = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        thinpipe::aws::AwsOptions {
+            endpoint: some(&self.endpoint),
+            region: some(&self.region),
+            anonymous: self.anonymous,
+            s3_path_style: self.s3_path_style,
+            static_credentials: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueConfig {
-    /// `embedded` (SQLite, one machine).
+    /// `embedded` (SQLite, one machine) or `sqs`.
     pub kind: String,
+    /// SQS: the URL of the queue jobs are received from.
+    pub url: String,
+    /// SQS: the dead-letter queue's URL; empty leaves invalid messages to the queue's
+    /// redrive policy.
+    pub dead_letter_url: String,
     /// The embedded queue's file. Default: `<state_dir>/queue.db`.
     pub path: String,
     /// The queue jobs are received from.
@@ -88,6 +122,7 @@ impl Default for Config {
             worker: WorkerConfig::default(),
             images: ImagesConfig::default(),
             engine: EngineSettings::default(),
+            aws: AwsConfig::default(),
         }
     }
 }
@@ -96,6 +131,8 @@ impl Default for QueueConfig {
     fn default() -> Self {
         Self {
             kind: "embedded".into(),
+            url: String::new(),
+            dead_letter_url: String::new(),
             path: String::new(),
             name: "jobs".into(),
             dead_letter: "jobs-dlq".into(),
@@ -186,8 +223,13 @@ impl Config {
         if !["text", "json"].contains(&self.log_format.as_str()) {
             bail!("log_format {:?}: expected text or json", self.log_format);
         }
-        if self.queue.kind != "embedded" {
-            bail!("queue.kind {:?}: this build supports the embedded queue", self.queue.kind);
+        match self.queue.kind.as_str() {
+            "embedded" => {}
+            "sqs" if self.queue.url.is_empty() => {
+                bail!("queue.kind is sqs but queue.url is empty: set the job queue's URL")
+            }
+            "sqs" => {}
+            other => bail!("queue.kind {other:?}: expected embedded or sqs"),
         }
         if self.backend != "dir" {
             bail!("backend {:?}: this build supports the dir backend", self.backend);

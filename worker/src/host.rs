@@ -119,3 +119,21 @@ fn spawn_lease_renewal(
         }
     });
 }
+
+/// The job queue the configuration names.
+pub async fn open_queue(config: &Config) -> anyhow::Result<Arc<dyn thinpipe::queue::JobQueue>> {
+    let q = &config.queue;
+    let visibility = Duration::from_secs(q.visibility_timeout_secs);
+    Ok(match q.kind.as_str() {
+        "sqs" => {
+            let sdk = thinpipe::aws::sdk_config(&config.aws.options()).await;
+            let settings = thinpipe::queue::SqsSettings {
+                queue_url: q.url.clone(),
+                dead_letter_url: (!q.dead_letter_url.is_empty()).then(|| q.dead_letter_url.clone()),
+                visibility,
+            };
+            Arc::new(thinpipe::queue::SqsQueue::new(thinpipe::aws::sqs_client(&sdk), settings))
+        }
+        _ => Arc::new(thinpipe::queue::EmbeddedQueue::open(&q.path, &q.name, visibility, q.max_receives)?),
+    })
+}

@@ -6,12 +6,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use thinpipe::job::{JobResult, JobStatus};
-use thinpipe::queue::EmbeddedQueue;
 use tokio_util::sync::CancellationToken;
 use worker::config::Config;
 use worker::host::Host;
@@ -148,13 +146,12 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
 }
 
 async fn daemon(config: Config) -> anyhow::Result<ExitCode> {
-    let q = &config.queue;
-    let queue = EmbeddedQueue::open(&q.path, &q.name, Duration::from_secs(q.visibility_timeout_secs), q.max_receives)?;
+    let queue = worker::host::open_queue(&config).await?;
     let host = Arc::new(Host::open(config.clone()).await?);
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;
-    tracing::info!(state_dir = %config.state_dir.display(), queue = %q.name, "worker started");
-    let job_loop = worker::jobloop::JobLoop::new(host.clone(), Arc::new(queue));
+    tracing::info!(state_dir = %config.state_dir.display(), queue = %queue.describe(), "worker started");
+    let job_loop = worker::jobloop::JobLoop::new(host.clone(), queue);
     let report = job_loop.run(shutdown).await;
     host.close().await;
     let report = report?;
