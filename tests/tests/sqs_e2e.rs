@@ -29,7 +29,7 @@ async fn sqs(endpoint: String) -> Sqs {
 const AWS_ENV: [(&str, &str); 3] =
     [("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_REGION", "us-east-1")];
 
-fn worker_env<'a>(s: &'a Sqs) -> Vec<(&'a str, &'a str)> {
+fn worker_env(s: &Sqs) -> Vec<(&str, &str)> {
     let mut env = vec![
         ("THINPIPE_QUEUE_KIND", "sqs"),
         ("THINPIPE_QUEUE_URL", s.jobs.as_str()),
