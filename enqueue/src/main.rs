@@ -202,29 +202,7 @@ async fn post_embedded(cli: &Cli, mut job: Job) -> anyhow::Result<ExitCode> {
         eprintln!("posted {} job {id} ({}) to {}", job.kind, job.run_id(), queue.describe());
     }
     let Some(reply_to) = reply_to else { return Ok(ExitCode::SUCCESS) };
-    let replies = queue.named(&reply_to);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(cli.timeout);
-    loop {
-        if let Some(d) = replies.receive(1, Duration::from_millis(500)).await?.pop() {
-            let result: JobResult = serde_json::from_str(&d.body).context("decoding the result")?;
-            replies.ack(&d).await?;
-            print(&result, cli.json)?;
-            return Ok(if result.status == JobStatus::Succeeded { ExitCode::SUCCESS } else { ExitCode::from(1) });
-        }
-        // Refused before any result could be sent (a message that is not a job).
-        if let Some(dead) = queue.dead_letter_of(&id).await? {
-            eprintln!("enqueue: job {id} was dead-lettered: {}", dead.reason);
-            return Ok(ExitCode::from(1));
-        }
-        if tokio::time::Instant::now() > deadline {
-            eprintln!(
-                "enqueue: no result for job {id} after {}s; is a worker running on {}?",
-                cli.timeout,
-                path.display()
-            );
-            return Ok(ExitCode::from(3));
-        }
-    }
+    wait_for_result(cli, &queue.named(&reply_to), &id, Some(&queue)).await
 }
 
 fn print(r: &JobResult, json: bool) -> anyhow::Result<()> {

@@ -356,6 +356,9 @@ impl Engine {
             Some(Err(why)) => return Err(CancelError::Storage(format!("run {id} record does not decode: {why}"))),
             Some(Ok(r)) => r,
         };
+        if record.status != RunStatus::Active {
+            return Err(CancelError::NotActive { id: id.to_owned(), status: record.status });
+        }
         let step = self
             .workflow(&record.workflow)
             .map_or_else(|| format!("#{}", record.next_step), |w| w.step_name(record.next_step as usize).to_owned());
@@ -364,16 +367,11 @@ impl Engine {
             Change { id: id.to_owned(), expect_step: None, update: Update::Fail(failure.clone()), events: Vec::new() };
         match self.inner.writer.submit(Op::Change(change)).await {
             Ok(_) => {}
+            // It finished between our read and our write.
             Err(OpError::Fenced { .. }) => {
-                return Err(CancelError::NotActive {
-                    id: id.to_owned(),
-                    status: self
-                        .read_record(id)
-                        .ok()
-                        .flatten()
-                        .and_then(Result::ok)
-                        .map_or(RunStatus::Failed, |r| r.status),
-                });
+                let now = self.read_record(id).map_err(|e| CancelError::Storage(e.to_string()))?;
+                let status = now.and_then(Result::ok).map_or(RunStatus::Failed, |r| r.status);
+                return Err(CancelError::NotActive { id: id.to_owned(), status });
             }
             Err(OpError::NotFound(_)) => return Err(CancelError::NotFound(id.to_owned())),
             Err(OpError::Stopped) => return Err(CancelError::ShutDown),

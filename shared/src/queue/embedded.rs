@@ -61,6 +61,17 @@ pub struct EmbeddedQueue {
     conn: Arc<Mutex<Connection>>,
 }
 
+/// A `dead_letters` row selected as `id, queue, body, reason, receive_count`.
+fn dead_letter_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
+    Ok(DeadLetter {
+        message_id: r.get::<_, i64>(0)?.to_string(),
+        queue: r.get(1)?,
+        body: r.get(2)?,
+        reason: r.get(3)?,
+        receive_count: r.get(4)?,
+    })
+}
+
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
@@ -133,15 +144,7 @@ impl EmbeddedQueue {
             let mut stmt = c.prepare(
                 "SELECT id, queue, body, reason, receive_count FROM dead_letters WHERE queue = ?1 ORDER BY dead_at, id",
             )?;
-            let rows = stmt.query_map(params![name], |r| {
-                Ok(DeadLetter {
-                    message_id: r.get::<_, i64>(0)?.to_string(),
-                    queue: r.get(1)?,
-                    body: r.get(2)?,
-                    reason: r.get(3)?,
-                    receive_count: r.get(4)?,
-                })
-            })?;
+            let rows = stmt.query_map(params![name], dead_letter_row)?;
             rows.collect()
         })
         .await
@@ -292,15 +295,7 @@ impl EmbeddedQueue {
             c.query_row(
                 "SELECT id, queue, body, reason, receive_count FROM dead_letters WHERE id = ?1",
                 params![id],
-                |r| {
-                    Ok(DeadLetter {
-                        message_id: r.get::<_, i64>(0)?.to_string(),
-                        queue: r.get(1)?,
-                        body: r.get(2)?,
-                        reason: r.get(3)?,
-                        receive_count: r.get(4)?,
-                    })
-                },
+                dead_letter_row,
             )
             .optional()
         })
