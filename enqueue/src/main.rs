@@ -71,19 +71,37 @@ enum Kind {
         #[arg(long)]
         invocation_id: String,
     },
+    /// Upload an image (OCI layout dir, or a dir holding images/<family>/) to S3.
+    Publish {
+        /// The OCI layout directory, or the directory holding images/<family>/.
+        dir: PathBuf,
+        #[arg(long)]
+        family: String,
+        /// Destination: s3://bucket/prefix.
+        #[arg(long)]
+        to: String,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Kind::Publish { dir, family, to } = &cli.kind {
+        return run_async(publish(&cli, dir, family, to));
+    }
     let job = match &cli.kind {
         Kind::Prepare { family } => Job::new(JobKind::Prepare, family, None),
         Kind::Activate { family, invocation_id } => Job::new(JobKind::Activate, family, Some(invocation_id)),
         Kind::Release { family, invocation_id } => Job::new(JobKind::Release, family, Some(invocation_id)),
+        Kind::Publish { .. } => unreachable!("handled above"),
     };
     if let Err(e) = job.validate() {
         eprintln!("enqueue: {e}");
         return ExitCode::from(2);
     }
+    run_async(post(&cli, job))
+}
+
+fn run_async(f: impl std::future::Future<Output = anyhow::Result<ExitCode>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -91,13 +109,44 @@ fn main() -> ExitCode {
             return ExitCode::from(3);
         }
     };
-    match runtime.block_on(post(&cli, job)) {
+    match runtime.block_on(f) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("enqueue: {e:#}");
             ExitCode::from(3)
         }
     }
+}
+
+async fn publish(cli: &Cli, dir: &std::path::Path, family: &str, to: &str) -> anyhow::Result<ExitCode> {
+    let opts = thinpipe::aws::AwsOptions {
+        endpoint: cli.endpoint_url.clone(),
+        s3_path_style: cli.endpoint_url.is_some(),
+        ..Default::default()
+    };
+    let sdk = thinpipe::aws::sdk_config(&opts).await;
+    let client = thinpipe::aws::s3_client(&sdk, &opts);
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {bytes} uploaded ({bytes_per_sec})")
+            .context("progress template")?,
+    );
+    let report = thinpipe::image::publish(&client, dir, family, to, &|n| bar.inc(n)).await?;
+    bar.finish_and_clear();
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::json!({"uploaded": report.uploaded, "skipped": report.skipped, "bytes": report.bytes})
+        );
+    } else {
+        println!(
+            "published {family} to {to}: {} uploaded, {} already there, {} bytes",
+            report.uploaded.len(),
+            report.skipped.len(),
+            report.bytes
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn post(cli: &Cli, job: Job) -> anyhow::Result<ExitCode> {

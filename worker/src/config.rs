@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// Everything the worker keeps: run log, host database, blob cache, embedded queue.
     pub state_dir: PathBuf,
-    /// Where image families come from: `dir:<path>` (or a bare path) holding `images/<family>/`
-    /// or an OCI layout. Default: the state directory.
+    /// Where image families come from: `dir:<path>` (or a bare path) or `s3://bucket/prefix`,
+    /// holding `images/<family>/` or an OCI layout. Default: the state directory.
     pub source: String,
     /// Volume backend: `dir`.
     pub backend: String,
@@ -256,7 +256,7 @@ impl Config {
     pub fn source_dir(&self) -> anyhow::Result<PathBuf> {
         let path = self.source.strip_prefix("dir:").unwrap_or(&self.source);
         if path.contains("://") {
-            bail!("source {:?}: this build reads image families from a local directory (dir:<path>)", self.source);
+            bail!("source {:?} is not a local directory (dir:<path>)", self.source);
         }
         Ok(PathBuf::from(path))
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use thinpipe::fsm::{Engine, EngineConfig, OpenError};
-use thinpipe::image::{ApplyOptions, BlobCache, LocalDir};
+use thinpipe::image::{ApplyOptions, BlobCache, BlobSource, LocalDir, S3Source};
 use thinpipe::pipeline::{Pipeline, PipelineContext};
 use thinpipe::store::{Acquired, Holder, Store};
 use thinpipe::volume::DirBackend;
@@ -57,7 +57,13 @@ impl Host {
             Err(e) => return Err(e.into()),
         };
         let backend = Arc::new(DirBackend::open(&config.volumes_dir)?);
-        let source = Arc::new(LocalDir::new(config.source_dir()?));
+        let source: Arc<dyn BlobSource> = if config.source.starts_with("s3://") {
+            let opts = config.aws.options();
+            let sdk = thinpipe::aws::sdk_config(&opts).await;
+            Arc::new(S3Source::new(thinpipe::aws::s3_client(&sdk, &opts), &config.source)?)
+        } else {
+            Arc::new(LocalDir::new(config.source_dir()?))
+        };
         let cache = BlobCache::open(config.blob_cache_dir())?;
         let apply = ApplyOptions {
             max_layer_bytes: config.images.max_layer_bytes,

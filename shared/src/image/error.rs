@@ -14,8 +14,10 @@ pub enum ImageError {
     NoLayers { family: String, source_desc: String },
     #[error("the manifest of {family} in {source_desc} is malformed: {detail}")]
     BadManifest { family: String, source_desc: String, detail: String },
-    #[error("blob {digest} from {source_desc} is missing: {detail}")]
+    #[error("blob {digest} from {source_desc} is missing or not readable: {detail}")]
     BlobMissing { digest: String, source_desc: String, detail: String },
+    #[error("{source_desc} is unavailable: {detail}")]
+    Unavailable { source_desc: String, detail: String },
     #[error(
         "blob {digest} from {source_desc} does not match its digest (its content hashes to {actual}); the source is corrupt or changed"
     )]
@@ -31,7 +33,7 @@ pub enum ImageError {
 impl ImageError {
     /// Whether the same call may succeed later.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Io { .. } | Self::BlobMissing { .. })
+        matches!(self, Self::Io { .. } | Self::Unavailable { .. })
     }
 
     pub(crate) fn io(context: impl Into<String>, path: impl Into<PathBuf>, source: std::io::Error) -> Self {

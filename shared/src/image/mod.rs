@@ -9,6 +9,8 @@ mod cache;
 mod digest;
 mod error;
 mod layout;
+mod publish;
+mod s3;
 mod sample;
 mod source;
 
@@ -17,5 +19,7 @@ pub use cache::BlobCache;
 pub use digest::{Digest, Hasher};
 pub use error::ImageError;
 pub use layout::{LayerDesc, MEDIA_TAR, Manifest, validate_family};
+pub use publish::{MULTIPART_THRESHOLD, PublishReport, publish};
+pub use s3::{S3Source, parse_s3_url};
 pub use sample::write_sample_family;
 pub use source::{BlobSource, BlobStream, LocalDir};

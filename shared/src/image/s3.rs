@@ -1,0 +1,190 @@
+//! The S3 blob source: `s3://bucket/prefix` in either layout.
+//!
+//! - OCI layout: `<prefix>/index.json`, `<prefix>/blobs/sha256/<hex>`;
+//! - flat: `<prefix>/images/<family>/<layer>` listed (paginated) and applied in key order;
+//!   each layer's sha256 comes from the object's stored SHA-256 checksum (`enqueue publish`
+//!   uploads with it) or a `<key>.sha256` object beside it.
+//!
+//! Blobs are streamed; the cache hashes them on the way. A 403 or 404 on a blob the manifest
+//! names aborts with the bucket and key; 5xx, throttling, timeouts and dropped connections
+//! are transient (the engine retries). The ETag is never trusted for content: the digest
+//! decides.
+
+use async_trait::async_trait;
+use aws_sdk_s3::Client;
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::types::ChecksumMode;
+use base64::Engine as _;
+
+use super::digest::Digest;
+use super::error::ImageError;
+use super::layout::{self, LayerDesc, Manifest};
+use super::source::{BlobSource, BlobStream};
+
+#[derive(Clone, Debug)]
+pub struct S3Source {
+    client: Client,
+    bucket: String,
+    prefix: String,
+}
+
+/// Splits `s3://bucket/prefix` into bucket and prefix (without trailing `/`).
+pub fn parse_s3_url(url: &str) -> Option<(String, String)> {
+    let rest = url.strip_prefix("s3://")?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    (!bucket.is_empty()).then(|| (bucket.to_owned(), prefix.trim_end_matches('/').to_owned()))
+}
+
+impl S3Source {
+    pub fn new(client: Client, url: &str) -> Result<Self, ImageError> {
+        let (bucket, prefix) = parse_s3_url(url).ok_or_else(|| ImageError::Unavailable {
+            source_desc: url.to_owned(),
+            detail: "not an s3://bucket/prefix URL".into(),
+        })?;
+        Ok(Self { client, bucket, prefix })
+    }
+
+    fn key(&self, rel: &str) -> String {
+        if self.prefix.is_empty() { rel.to_owned() } else { format!("{}/{rel}", self.prefix) }
+    }
+
+    fn error<E: ProvideErrorMetadata + std::fmt::Debug>(&self, key: &str, what: &str, e: SdkError<E>) -> ImageError {
+        let (missing, detail) = match &e {
+            SdkError::ServiceError(s) => {
+                let status = s.raw().status().as_u16();
+                let code = s.err().code().unwrap_or("error");
+                (matches!(status, 403 | 404), format!("{what} s3://{}/{key}: HTTP {status} {code}", self.bucket))
+            }
+            other => (false, format!("{what} s3://{}/{key}: {other}", self.bucket)),
+        };
+        if missing {
+            ImageError::BlobMissing { digest: key.to_owned(), source_desc: self.describe(), detail }
+        } else {
+            ImageError::Unavailable { source_desc: self.describe(), detail }
+        }
+    }
+
+    /// An object's bytes, `None` if it does not exist.
+    async fn get_small(&self, rel: &str) -> Result<Option<Vec<u8>>, ImageError> {
+        let key = self.key(rel);
+        match self.client.get_object().bucket(&self.bucket).key(&key).send().await {
+            Ok(out) => {
+                let body = out.body.collect().await.map_err(|e| ImageError::Unavailable {
+                    source_desc: self.describe(),
+                    detail: format!("reading s3://{}/{key}: {e}", self.bucket),
+                })?;
+                Ok(Some(body.into_bytes().to_vec()))
+            }
+            Err(SdkError::ServiceError(s)) if s.raw().status().as_u16() == 404 => Ok(None),
+            Err(e) => Err(self.error(&key, "getting", e)),
+        }
+    }
+
+    /// The sha256 of a flat layer: its stored checksum, or a `.sha256` object beside it.
+    async fn flat_digest(&self, key: &str) -> Result<Option<Digest>, ImageError> {
+        let head = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .checksum_mode(ChecksumMode::Enabled)
+            .send()
+            .await
+            .map_err(|e| self.error(key, "inspecting", e))?;
+        if let Some(b64) = head.checksum_sha256()
+            && let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b64)
+            && raw.len() == 32
+        {
+            return Ok(Digest::parse(&format!("sha256:{}", hex::encode(raw))).ok());
+        }
+        let rel = key.strip_prefix(&format!("{}/", self.prefix)).unwrap_or(key);
+        match self.get_small(&format!("{rel}.sha256")).await? {
+            Some(text) => {
+                let text = String::from_utf8_lossy(&text);
+                let hex = text.split_whitespace().next().unwrap_or_default();
+                let hex = hex.strip_prefix("sha256:").unwrap_or(hex);
+                Ok(Digest::parse(&format!("sha256:{hex}")).ok())
+            }
+            None => Ok(None),
+        }
+    }
+
+    async fn flat_manifest(&self, family: &str) -> Result<Manifest, ImageError> {
+        let dir = self.key(&format!("images/{family}/"));
+        let mut keys = Vec::new();
+        let mut pages = self.client.list_objects_v2().bucket(&self.bucket).prefix(&dir).into_paginator().send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| self.error(&dir, "listing", e))?;
+            for obj in page.contents() {
+                if let (Some(key), Some(size)) = (obj.key(), obj.size())
+                    && layout::is_flat_layer(key.rsplit('/').next().unwrap_or_default())
+                {
+                    keys.push((key.to_owned(), size.max(0) as u64));
+                }
+            }
+        }
+        if keys.is_empty() {
+            return Err(ImageError::FamilyNotFound {
+                family: family.to_owned(),
+                source_desc: self.describe(),
+                detail: format!("neither index.json nor s3://{}/{dir} names it", self.bucket),
+            });
+        }
+        keys.sort();
+        let mut layers = Vec::with_capacity(keys.len());
+        for (key, size) in keys {
+            let digest = self.flat_digest(&key).await?.ok_or_else(|| ImageError::BadManifest {
+                family: family.to_owned(),
+                source_desc: self.describe(),
+                detail: format!(
+                    "s3://{}/{key} has no SHA-256 checksum and no {key}.sha256 beside it; publish it with `enqueue publish`",
+                    self.bucket
+                ),
+            })?;
+            let name = key.rsplit('/').next().unwrap_or_default();
+            let rel = key.strip_prefix(&format!("{}/", self.prefix)).unwrap_or(&key).to_owned();
+            layers.push(LayerDesc { media_type: layout::flat_media_type(name), location: rel, digest, size });
+        }
+        layout::flat_manifest(family, &self.describe(), layers)
+    }
+}
+
+#[async_trait]
+impl BlobSource for S3Source {
+    fn describe(&self) -> String {
+        format!("s3://{}/{}", self.bucket, self.prefix)
+    }
+
+    async fn manifest(&self, family: &str) -> Result<Manifest, ImageError> {
+        layout::validate_family(family)?;
+        if let Some(index) = self.get_small("index.json").await? {
+            match layout::oci_find_manifest(&index, family, &self.describe()) {
+                Ok(digest) => {
+                    let rel = format!("blobs/sha256/{}", digest.hex());
+                    let bytes = self.get_small(&rel).await?.ok_or_else(|| ImageError::BlobMissing {
+                        digest: digest.to_string(),
+                        source_desc: self.describe(),
+                        detail: format!("s3://{}/{} does not exist", self.bucket, self.key(&rel)),
+                    })?;
+                    return layout::oci_manifest(&bytes, digest, family, &self.describe());
+                }
+                Err(ImageError::FamilyNotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.flat_manifest(family).await
+    }
+
+    async fn open_blob(&self, layer: &LayerDesc) -> Result<BlobStream, ImageError> {
+        let key = self.key(&layer.location);
+        let out = self.client.get_object().bucket(&self.bucket).key(&key).send().await.map_err(|e| {
+            match self.error(&key, "getting", e) {
+                ImageError::BlobMissing { source_desc, detail, .. } => {
+                    ImageError::BlobMissing { digest: layer.digest.to_string(), source_desc, detail }
+                }
+                other => other,
+            }
+        })?;
+        Ok(Box::pin(out.body.into_async_read()))
+    }
+}

@@ -1,0 +1,163 @@
+//! The fleet's blob path against moto's S3: `enqueue publish` of a `umoci`-built layout,
+//! then `worker run prepare` from S3 gives the same tree as from the local layout; a blob
+//! deleted from the bucket fails clearly, naming bucket and key; a corrupted blob fails its
+//! digest after one retry.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use thinpipe_tests::{bin, tree};
+
+const AWS_ENV: [(&str, &str); 3] =
+    [("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_REGION", "us-east-1")];
+
+fn umoci(dir: &Path, args: &[&str]) {
+    let out = Command::new("umoci").current_dir(dir).args(args).output().expect("umoci (scripts/test installs it)");
+    assert!(out.status.success(), "umoci {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A two-layer OCI layout at `<dir>/oci` with family `fam`.
+fn layout(dir: &Path) -> std::path::PathBuf {
+    umoci(dir, &["init", "--layout", "oci"]);
+    umoci(dir, &["new", "--image", "oci:fam"]);
+    umoci(dir, &["unpack", "--image", "oci:fam", "work"]);
+    let root = dir.join("work/rootfs");
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::write(root.join("etc/hostname"), "from-s3\n").unwrap();
+    std::fs::write(root.join("etc/old"), "old\n").unwrap();
+    umoci(dir, &["repack", "--image", "oci:fam", "work"]);
+    std::fs::remove_dir_all(dir.join("work")).unwrap();
+    umoci(dir, &["unpack", "--image", "oci:fam", "work"]);
+    let root = dir.join("work/rootfs");
+    std::fs::remove_file(root.join("etc/old")).unwrap();
+    std::fs::write(root.join("etc/new"), "new\n").unwrap();
+    umoci(dir, &["repack", "--image", "oci:fam", "work"]);
+    std::fs::remove_dir_all(dir.join("work")).unwrap();
+    dir.join("oci")
+}
+
+fn publish(endpoint: &str, dir: &Path, to: &str) -> serde_json::Value {
+    let out = Command::new(bin("enqueue"))
+        .args(["--endpoint-url", endpoint, "--json", "publish"])
+        .arg(dir)
+        .args(["--family", "fam", "--to", to])
+        .envs(AWS_ENV)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "publish: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn prepare(state: &Path, source: &str, endpoint: &str) -> Output {
+    Command::new(bin("worker"))
+        .arg("--state-dir")
+        .arg(state)
+        .args([
+            "--set",
+            &format!("source={source}"),
+            "--set",
+            &format!("aws.endpoint={endpoint}"),
+            "--set",
+            "aws.s3_path_style=true",
+        ])
+        .args(["run", "prepare", "--family", "fam", "--json"])
+        .envs(AWS_ENV)
+        .output()
+        .unwrap()
+}
+
+fn result(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("no result ({e}): {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+async fn bucket(endpoint: &str) -> (aws_sdk_s3::Client, String) {
+    let (config, opts) = thinpipe::aws::test_config(endpoint).await;
+    let client = thinpipe::aws::s3_client(&config, &opts);
+    let name = format!("images-{:x}", rand::random::<u64>());
+    client.create_bucket().bucket(&name).send().await.unwrap();
+    (client, name)
+}
+
+#[test]
+fn publish_then_prepare_from_s3_equals_prepare_from_the_local_layout() {
+    let Some(endpoint) = thinpipe::aws::test_endpoint() else { return };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (_client, bucket) = rt.block_on(bucket(&endpoint));
+    let dir = tempfile::tempdir().unwrap();
+    let oci = layout(dir.path());
+    let to = format!("s3://{bucket}/published");
+    let first = publish(&endpoint, &oci, &to);
+    assert_eq!(first["uploaded"].as_array().unwrap().len(), 5, "manifest, config, 2 layers, index: {first}");
+    let again = publish(&endpoint, &oci, &to);
+    assert_eq!(again["skipped"].as_array().unwrap().len(), 4, "blobs already there are skipped: {again}");
+
+    let from_s3 = dir.path().join("state-s3");
+    let from_dir = dir.path().join("state-dir");
+    for (state, source) in [(&from_s3, to.clone()), (&from_dir, format!("dir:{}", oci.display()))] {
+        let out = prepare(state, &source, &endpoint);
+        let r = result(&out);
+        assert_eq!(r["status"], "succeeded", "{source}: {r}");
+    }
+    let a = tree(&from_s3.join("volumes/bases/base-1"));
+    let b = tree(&from_dir.join("volumes/bases/base-1"));
+    assert!(a.contains_key("etc/new") && !a.contains_key("etc/old"), "{a:?}");
+    assert_eq!(a, b, "the same tree from S3 and from the local layout");
+}
+
+#[test]
+fn a_deleted_blob_fails_naming_bucket_and_key_and_a_corrupted_one_fails_its_digest_after_one_retry() {
+    let Some(endpoint) = thinpipe::aws::test_endpoint() else { return };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (client, bucket) = rt.block_on(bucket(&endpoint));
+    let dir = tempfile::tempdir().unwrap();
+    let oci = layout(dir.path());
+    let manifest =
+        rt.block_on(thinpipe::image::BlobSource::manifest(&thinpipe::image::LocalDir::new(&oci), "fam")).unwrap();
+    let layer_key = |prefix: &str| format!("{prefix}/blobs/sha256/{}", manifest.layers[1].digest.hex());
+
+    // Deleted.
+    publish(&endpoint, &oci, &format!("s3://{bucket}/deleted"));
+    rt.block_on(client.delete_object().bucket(&bucket).key(layer_key("deleted")).send()).unwrap();
+    let out = prepare(&dir.path().join("s1"), &format!("s3://{bucket}/deleted"), &endpoint);
+    assert_eq!(out.status.code(), Some(1));
+    let error = result(&out)["error"].as_str().unwrap().to_owned();
+    assert!(error.contains(&bucket) && error.contains(&layer_key("deleted")) && error.contains("404"), "{error}");
+
+    // Corrupted: same key, other bytes.
+    publish(&endpoint, &oci, &format!("s3://{bucket}/corrupt"));
+    let put = client.put_object().bucket(&bucket).key(layer_key("corrupt")).body(b"not the layer".to_vec().into());
+    rt.block_on(put.send()).unwrap();
+    let state = dir.path().join("s2");
+    let out = prepare(&state, &format!("s3://{bucket}/corrupt"), &endpoint);
+    assert_eq!(out.status.code(), Some(1));
+    let error = result(&out)["error"].as_str().unwrap().to_owned();
+    assert!(error.contains("does not match its digest") && error.contains("download_blobs"), "{error}");
+    let attempts = rt.block_on(async {
+        let engine = thinpipe::fsm::Engine::open(state.join("runs.redb"), Default::default()).await.unwrap();
+        let d = engine.run_detail("prepare-fam").unwrap().unwrap();
+        engine.shutdown().await;
+        d.events.iter().filter(|e| matches!(e.kind, thinpipe::fsm::EventKind::AttemptFailed { .. })).count()
+    });
+    assert_eq!(attempts, 2, "one retry, then the digest failure aborts");
+}
+
+#[test]
+fn a_flat_family_published_to_s3_prepares_like_the_local_one() {
+    let Some(endpoint) = thinpipe::aws::test_endpoint() else { return };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (_client, bucket) = rt.block_on(bucket(&endpoint));
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    thinpipe::image::write_sample_family(&src, "fam").unwrap();
+    let to = format!("s3://{bucket}/flat");
+    let report = publish(&endpoint, &src, &to);
+    assert_eq!(report["uploaded"].as_array().unwrap().len(), 3, "{report}");
+    let from_s3 = dir.path().join("state-s3");
+    let from_dir = dir.path().join("state-dir");
+    for (state, source) in [(&from_s3, to.clone()), (&from_dir, format!("dir:{}", src.display()))] {
+        let r = result(&prepare(state, &source, &endpoint));
+        assert_eq!(r["status"], "succeeded", "{source}: {r}");
+    }
+    assert_eq!(tree(&from_s3.join("volumes/bases/base-1")), tree(&from_dir.join("volumes/bases/base-1")));
+}
