@@ -54,11 +54,22 @@ async fn fetch_manifest(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Prepa
     Ok(PrepareState { manifest: Some(manifest), ..req.w })
 }
 
+/// Blobs downloaded at once.
+const PARALLEL_DOWNLOADS: usize = 4;
+
 async fn download_blobs(ctx: Arc<PipelineContext>, req: Req) -> StepResult<PrepareState> {
+    use futures::StreamExt;
     let manifest = manifest_of(&req)?;
+    // Owned futures: borrowed ones trip the compiler's Send check for the step's future.
+    let mut downloads = futures::stream::iter(manifest.layers.clone())
+        .map(|layer| {
+            let ctx = ctx.clone();
+            async move { ctx.cache.ensure(ctx.source.as_ref(), &layer).await }
+        })
+        .buffer_unordered(PARALLEL_DOWNLOADS);
     let mut downloaded = 0;
-    for layer in &manifest.layers {
-        match ctx.cache.ensure(ctx.source.as_ref(), layer).await {
+    while let Some(result) = downloads.next().await {
+        match result {
             Ok((_, n)) => downloaded += n,
             // A mismatch may be a torn transfer: one more try, then it is the source.
             Err(e @ ImageError::DigestMismatch { .. }) if req.attempt < 2 => return Err(StepError::transient(e)),
@@ -66,6 +77,7 @@ async fn download_blobs(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Prepa
             Err(e) => return Err(image_err(e)),
         }
     }
+    drop(downloads);
     tracing::info!(family = %req.r.family, layers = manifest.layers.len(), downloaded, "blobs cached");
     Ok(PrepareState { downloaded_bytes: downloaded, ..req.w })
 }
