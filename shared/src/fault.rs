@@ -4,6 +4,7 @@
 //! destructors, no flush) when the environment variable `THINPIPE_FAULT` names this point:
 //! either `name` (any detail) or `name@detail`. Only builds with the `fault-injection`
 //! feature check the variable; other builds compile every point to nothing.
+//! [`pause`] is the same for a delay (`THINPIPE_PAUSE=name@detail=ms`).
 
 #[cfg(feature = "fault-injection")]
 pub fn point(name: &str, detail: &str) {
@@ -27,3 +28,23 @@ pub fn point(name: &str, detail: &str) {
 #[cfg(not(feature = "fault-injection"))]
 #[inline(always)]
 pub fn point(_name: &str, _detail: &str) {}
+
+/// A named pause for tests that need a job to be running: when `THINPIPE_PAUSE` is
+/// `name@detail=ms` (or `name=ms`), waits that long here. Nothing without the feature.
+#[cfg(feature = "fault-injection")]
+pub async fn pause(name: &str, detail: &str) {
+    let Ok(spec) = std::env::var("THINPIPE_PAUSE") else { return };
+    let Some((point, ms)) = spec.rsplit_once('=') else { return };
+    let hit = match point.split_once('@') {
+        Some((n, d)) => n == name && d == detail,
+        None => point == name,
+    };
+    if hit && let Ok(ms) = ms.parse::<u64>() {
+        eprintln!("pause point {name}@{detail}: waiting {ms} ms");
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+}
+
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub async fn pause(_name: &str, _detail: &str) {}

@@ -115,3 +115,113 @@ fn malformed_messages_land_in_the_dlq_with_their_reason_and_the_worker_keeps_run
     assert_eq!(ok["status"], "succeeded", "the worker carries on");
     assert!(daemon.stop(Duration::from_secs(60)).success());
 }
+
+fn post(s: &Sqs, body: &str) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let q = SqsQueue::new(
+        s.client.clone(),
+        SqsSettings { queue_url: s.jobs.clone(), dead_letter_url: None, visibility: Duration::from_secs(30) },
+    );
+    rt.block_on(q.send(&s.jobs, body, &Default::default())).unwrap()
+}
+
+/// Messages in the job queue, visible or in flight.
+fn depth(s: &Sqs) -> u64 {
+    use aws_sdk_sqs::types::QueueAttributeName as A;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let out = rt.block_on(s.client.get_queue_attributes().queue_url(&s.jobs).attribute_names(A::All).send()).unwrap();
+    let attrs = out.attributes().unwrap();
+    let n = |a: A| attrs.get(&a).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    n(A::ApproximateNumberOfMessages) + n(A::ApproximateNumberOfMessagesNotVisible)
+}
+
+#[test]
+fn a_worker_killed_during_prepare_is_resumed_by_the_next_from_the_redelivered_message() {
+    let Some(endpoint) = thinpipe::aws::test_endpoint() else { return };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let s = rt.block_on(sqs(endpoint));
+    let dir = tempfile::tempdir().unwrap();
+    write_sample_family(dir.path(), "web").unwrap();
+    let mut env = worker_env(&s);
+    env.retain(|(k, _)| *k != "THINPIPE_QUEUE_VISIBILITY_TIMEOUT_SECS");
+    env.push(("THINPIPE_QUEUE_VISIBILITY_TIMEOUT_SECS", "3"));
+    let mut armed = env.clone();
+    armed.push(("THINPIPE_FAULT", "prepare.after_base_create@web"));
+
+    post(&s, r#"{"v":1,"kind":"prepare","family":"web"}"#);
+    let mut first = Daemon::start(dir.path(), &armed);
+    thinpipe_tests::wait_until("the armed worker to die at its fault point", Duration::from_secs(60), || {
+        !first.is_running()
+    });
+    assert!(first.log().contains("fault point prepare.after_base_create@web armed"), "{}", first.log());
+    drop(first);
+
+    let second = Daemon::start(dir.path(), &env);
+    let store_path = dir.path().join("host.db");
+    thinpipe_tests::wait_until("the family to be prepared after the restart", Duration::from_secs(90), || {
+        thinpipe::store::Store::open(&store_path)
+            .ok()
+            .and_then(|s| s.image("web").ok().flatten())
+            .is_some_and(|i| i.prepared)
+    });
+    thinpipe_tests::wait_until("the message to be acked", Duration::from_secs(60), || depth(&s) == 0);
+    assert!(second.stop(Duration::from_secs(60)).success());
+
+    let bases: Vec<_> = std::fs::read_dir(dir.path().join("volumes/bases"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| !n.ends_with(".sealed"))
+        .collect();
+    assert_eq!(bases, ["base-1"], "exactly one base");
+    let detail = rt.block_on(async {
+        let engine = thinpipe::fsm::Engine::open(dir.path().join("runs.redb"), Default::default()).await.unwrap();
+        let d = engine.run_detail("prepare-web").unwrap().unwrap();
+        let all = engine.list_runs(&Default::default()).unwrap();
+        engine.shutdown().await;
+        (d, all)
+    });
+    assert_eq!(detail.1.len(), 1, "the same run was resumed, not a second one started");
+    assert!(
+        detail.0.events.iter().any(|e| matches!(e.kind, thinpipe::fsm::EventKind::Resumed { .. })),
+        "history shows the resume"
+    );
+}
+
+#[test]
+fn the_heartbeat_keeps_a_long_job_invisible_and_sigterm_lets_it_finish() {
+    let Some(endpoint) = thinpipe::aws::test_endpoint() else { return };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let s = rt.block_on(sqs(endpoint));
+    let dir = tempfile::tempdir().unwrap();
+    write_sample_family(dir.path(), "web").unwrap();
+    let mut env = worker_env(&s);
+    env.retain(|(k, _)| *k != "THINPIPE_QUEUE_VISIBILITY_TIMEOUT_SECS");
+    // The job runs ~8 s: four visibility timeouts of 2 s.
+    env.push(("THINPIPE_QUEUE_VISIBILITY_TIMEOUT_SECS", "2"));
+    env.push(("THINPIPE_PAUSE", "prepare.unpack@web=8000"));
+    let daemon = Daemon::start(dir.path(), &env);
+    post(&s, r#"{"v":1,"kind":"prepare","family":"web"}"#);
+    daemon.wait_for_log("pause point prepare.unpack@web", Duration::from_secs(60));
+
+    // While it runs, nobody else can receive it: the heartbeat extends its visibility.
+    let q = SqsQueue::new(
+        s.client.clone(),
+        SqsSettings { queue_url: s.jobs.clone(), dead_letter_url: None, visibility: Duration::from_secs(1) },
+    );
+    let stolen = rt.block_on(async {
+        let mut stolen = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(7);
+        while tokio::time::Instant::now() < deadline {
+            stolen += q.receive(10, Duration::from_secs(1)).await.unwrap().len();
+        }
+        stolen
+    });
+    assert_eq!(stolen, 0, "the running job's message was redelivered");
+
+    // SIGTERM while the job runs: it finishes, the worker exits 0, the job is acked.
+    let status = daemon.stop(Duration::from_secs(60));
+    assert!(status.success(), "{status:?}");
+    let store = thinpipe::store::Store::open(dir.path().join("host.db")).unwrap();
+    assert!(store.image("web").unwrap().unwrap().prepared, "the in-flight job finished during the drain");
+    assert_eq!(depth(&s), 0, "and was acked");
+}

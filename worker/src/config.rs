@@ -234,8 +234,8 @@ impl Config {
         if self.backend != "dir" {
             bail!("backend {:?}: this build supports the dir backend", self.backend);
         }
-        if self.queue.visibility_timeout_secs < 3 {
-            bail!("queue.visibility_timeout_secs must be at least 3 (the heartbeat runs at a third of it)");
+        if self.queue.visibility_timeout_secs < 2 {
+            bail!("queue.visibility_timeout_secs must be at least 2 (the heartbeat runs at a third of it)");
         }
         if self.worker.lease_ttl_secs < 3 {
             bail!("worker.lease_ttl_secs must be at least 3 (leases are renewed at a third of it)");

@@ -110,6 +110,7 @@ async fn prepare_thin_base(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Pr
 }
 
 async fn unpack_into_base(ctx: Arc<PipelineContext>, req: Req) -> StepResult<PrepareState> {
+    fault::pause("prepare.unpack", &req.r.family).await;
     let manifest = manifest_of(&req)?.clone();
     let base = req.w.base_vol_id.ok_or_else(|| StepError::abort("the response chain has no base volume"))?;
     let family = req.r.family.clone();
