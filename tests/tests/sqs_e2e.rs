@@ -29,13 +29,14 @@ async fn sqs(endpoint: String) -> Sqs {
 const AWS_ENV: [(&str, &str); 3] =
     [("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_REGION", "us-east-1")];
 
-fn worker_env(s: &Sqs) -> Vec<(&str, &str)> {
+/// The worker's environment for this test's queues, with a visibility timeout in seconds.
+fn worker_env<'a>(s: &'a Sqs, visibility: &'a str) -> Vec<(&'a str, &'a str)> {
     let mut env = vec![
         ("THINPIPE_QUEUE_KIND", "sqs"),
         ("THINPIPE_QUEUE_URL", s.jobs.as_str()),
         ("THINPIPE_QUEUE_DEAD_LETTER_URL", s.dlq.as_str()),
         ("THINPIPE_AWS_ENDPOINT", s.endpoint.as_str()),
-        ("THINPIPE_QUEUE_VISIBILITY_TIMEOUT_SECS", "10"),
+        ("THINPIPE_QUEUE_VISIBILITY_TIMEOUT_SECS", visibility),
     ];
     env.extend(AWS_ENV);
     env
@@ -62,7 +63,7 @@ fn enqueued_jobs_run_on_a_worker_and_reply_and_a_repeat_makes_no_second_snapshot
     let s = rt.block_on(sqs(endpoint));
     let dir = tempfile::tempdir().unwrap();
     write_sample_family(dir.path(), "web").unwrap();
-    let daemon = Daemon::start(dir.path(), &worker_env(&s));
+    let daemon = Daemon::start(dir.path(), &worker_env(&s, "10"));
 
     let first = enqueue(&s, &["activate", "--family", "web", "--invocation-id", "inv-1"]);
     assert_eq!(first["status"], "succeeded", "{first} {}", daemon.log());
@@ -83,7 +84,7 @@ fn malformed_messages_land_in_the_dlq_with_their_reason_and_the_worker_keeps_run
     let s = rt.block_on(sqs(endpoint));
     let dir = tempfile::tempdir().unwrap();
     write_sample_family(dir.path(), "web").unwrap();
-    let mut daemon = Daemon::start(dir.path(), &worker_env(&s));
+    let mut daemon = Daemon::start(dir.path(), &worker_env(&s, "10"));
     let q = SqsQueue::new(
         s.client.clone(),
         SqsSettings { queue_url: s.jobs.clone(), dead_letter_url: None, visibility: Duration::from_secs(30) },
@@ -142,9 +143,7 @@ fn a_worker_killed_during_prepare_is_resumed_by_the_next_from_the_redelivered_me
     let s = rt.block_on(sqs(endpoint));
     let dir = tempfile::tempdir().unwrap();
     write_sample_family(dir.path(), "web").unwrap();
-    let mut env = worker_env(&s);
-    env.retain(|(k, _)| *k != "THINPIPE_QUEUE_VISIBILITY_TIMEOUT_SECS");
-    env.push(("THINPIPE_QUEUE_VISIBILITY_TIMEOUT_SECS", "3"));
+    let env = worker_env(&s, "3");
     let mut armed = env.clone();
     armed.push(("THINPIPE_FAULT", "prepare.after_base_create@web"));
 
@@ -194,10 +193,8 @@ fn the_heartbeat_keeps_a_long_job_invisible_and_sigterm_lets_it_finish() {
     let s = rt.block_on(sqs(endpoint));
     let dir = tempfile::tempdir().unwrap();
     write_sample_family(dir.path(), "web").unwrap();
-    let mut env = worker_env(&s);
-    env.retain(|(k, _)| *k != "THINPIPE_QUEUE_VISIBILITY_TIMEOUT_SECS");
     // The job runs ~8 s: four visibility timeouts of 2 s.
-    env.push(("THINPIPE_QUEUE_VISIBILITY_TIMEOUT_SECS", "2"));
+    let mut env = worker_env(&s, "2");
     env.push(("THINPIPE_PAUSE", "prepare.unpack@web=8000"));
     let daemon = Daemon::start(dir.path(), &env);
     post(&s, r#"{"v":1,"kind":"prepare","family":"web"}"#);

@@ -14,7 +14,7 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use base64::Engine as _;
 use oci_spec::image::{ANNOTATION_REF_NAME, ImageIndex};
 
-use super::digest::{Digest, Hasher};
+use super::digest::{Digest, hash_file};
 use super::error::ImageError;
 use super::layout;
 use super::s3::parse_s3_url;
@@ -135,20 +135,6 @@ async fn read_full(file: &mut tokio::fs::File, buf: &mut [u8]) -> std::io::Resul
         filled += n;
     }
     Ok(filled)
-}
-
-fn hash_file(path: &Path) -> Result<Digest, ImageError> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| ImageError::io("opening", path, e))?;
-    let mut h = Hasher::default();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| ImageError::io("reading", path, e))?;
-        if n == 0 {
-            return Ok(h.finish());
-        }
-        h.update(&buf[..n]);
-    }
 }
 
 /// Publishes family `family` from `dir` to `to` (`s3://bucket/prefix`). `progress` is told
@@ -273,7 +259,7 @@ async fn publish_flat(
     names.sort();
     for name in names {
         let path = src.join(&name);
-        let digest = hash_file(&path)?;
+        let (digest, _) = hash_file(&path).map_err(|e| ImageError::io("hashing", &path, e))?;
         let key = t.key(&format!("images/{family}/{name}"));
         let size = t.upload(&path, &key, Some(&digest), progress).await?;
         if size >= MULTIPART_THRESHOLD {

@@ -2,13 +2,13 @@
 //! layer blob as a stream; the cache hashes and stores it. `LocalDir` reads a directory in
 //! either layout; S3 comes with its own module.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::Pin;
 
 use async_trait::async_trait;
 use tokio::io::AsyncRead;
 
-use super::digest::{Digest, Hasher};
+use super::digest::hash_file;
 use super::error::ImageError;
 use super::layout::{self, LayerDesc, Manifest};
 
@@ -70,7 +70,7 @@ impl LocalDir {
         let mut layers = Vec::with_capacity(names.len());
         for name in names {
             let path = dir.join(&name);
-            let (digest, size) = hash_file(&path)?;
+            let (digest, size) = hash_file(&path).map_err(|e| ImageError::io("hashing", &path, e))?;
             layers.push(LayerDesc {
                 media_type: layout::flat_media_type(&name),
                 location: format!("images/{family}/{name}"),
@@ -80,23 +80,6 @@ impl LocalDir {
         }
         layout::flat_manifest(family, &self.describe(), layers)
     }
-}
-
-fn hash_file(path: &Path) -> Result<(Digest, u64), ImageError> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| ImageError::io("opening", path, e))?;
-    let mut h = Hasher::default();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = f.read(&mut buf).map_err(|e| ImageError::io("reading", path, e))?;
-        if n == 0 {
-            break;
-        }
-        size += n as u64;
-        h.update(&buf[..n]);
-    }
-    Ok((h.finish(), size))
 }
 
 #[async_trait]
