@@ -5,6 +5,8 @@
 //! and anonymous access for public buckets.
 
 use aws_config::meta::region::RegionProviderChain;
+use std::time::Duration;
+
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 
 #[derive(Clone, Debug, Default)]
@@ -19,13 +21,22 @@ pub struct AwsOptions {
     pub s3_path_style: bool,
     /// Fixed access key and secret instead of the credential chain (test servers).
     pub static_credentials: Option<(String, String)>,
+    /// Limit on connecting; `None`: 5 s.
+    pub connect_timeout: Option<Duration>,
+    /// Limit on the first byte of a response; `None`: 30 s. (A body that stalls later is
+    /// the blob cache's stall timeout's business.)
+    pub read_timeout: Option<Duration>,
 }
 
 /// Loads the shared SDK configuration.
 pub async fn sdk_config(opts: &AwsOptions) -> SdkConfig {
     let fallback = opts.region.clone().unwrap_or_else(|| "us-east-1".to_owned());
     let region = RegionProviderChain::default_provider().or_else(Region::new(fallback));
-    let mut loader = aws_config::defaults(BehaviorVersion::latest()).region(region);
+    let timeouts = aws_config::timeout::TimeoutConfig::builder()
+        .connect_timeout(opts.connect_timeout.unwrap_or(Duration::from_secs(5)))
+        .read_timeout(opts.read_timeout.unwrap_or(Duration::from_secs(30)))
+        .build();
+    let mut loader = aws_config::defaults(BehaviorVersion::latest()).region(region).timeout_config(timeouts);
     if let Some(endpoint) = &opts.endpoint {
         loader = loader.endpoint_url(endpoint);
     }
@@ -71,6 +82,7 @@ pub async fn test_config(endpoint: &str) -> (SdkConfig, AwsOptions) {
         s3_path_style: true,
         // moto accepts any credentials.
         static_credentials: Some(("test".into(), "test".into())),
+        ..AwsOptions::default()
     };
     (sdk_config(&opts).await, opts)
 }

@@ -1,7 +1,8 @@
 //! The fleet's blob path against moto's S3: `enqueue publish` of a `umoci`-built layout,
 //! then `worker run prepare` from S3 gives the same tree as from the local layout; a blob
 //! deleted from the bucket fails clearly, naming bucket and key; a corrupted blob fails its
-//! digest after one retry.
+//! digest after one retry; the S3 server stopped during a download gives retries, then
+//! success.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -160,4 +161,111 @@ fn a_flat_family_published_to_s3_prepares_like_the_local_one() {
         assert_eq!(r["status"], "succeeded", "{source}: {r}");
     }
     assert_eq!(tree(&from_s3.join("volumes/bases/base-1")), tree(&from_dir.join("volumes/bases/base-1")));
+}
+
+/// A moto server of the test's own, for a test that stops it (the shared one keeps serving
+/// the others). Killed when dropped.
+struct PrivateMoto {
+    child: std::process::Child,
+    endpoint: String,
+}
+
+impl PrivateMoto {
+    fn start() -> Option<PrivateMoto> {
+        let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/moto_server");
+        if !bin.exists() {
+            assert!(std::env::var("CI").is_err(), "{} is missing: scripts/test installs it", bin.display());
+            eprintln!("skipping: {} is missing (scripts/test installs it)", bin.display());
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new(bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr = format!("127.0.0.1:{port}");
+        thinpipe_tests::wait_until("the private moto server to listen", std::time::Duration::from_secs(30), || {
+            std::net::TcpStream::connect(&addr).is_ok()
+        });
+        Some(PrivateMoto { child, endpoint: format!("http://{addr}") })
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on our own child.
+        assert_eq!(unsafe { libc::kill(self.child.id() as libc::pid_t, sig) }, 0);
+    }
+}
+
+impl Drop for PrivateMoto {
+    fn drop(&mut self) {
+        self.signal(libc::SIGCONT);
+        thinpipe_tests::kill(&mut self.child);
+    }
+}
+
+#[test]
+fn the_s3_server_stopped_during_a_download_gives_retries_then_success() {
+    if thinpipe::aws::test_endpoint().is_none() {
+        return;
+    }
+    let Some(moto) = PrivateMoto::start() else { return };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (client, bucket) = rt.block_on(bucket(&moto.endpoint));
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    thinpipe::image::write_sample_family(&src, "fam").unwrap();
+    let to = format!("s3://{bucket}/flat");
+    rt.block_on(thinpipe::image::publish(&client, &src, "fam", &to, &|_| {})).unwrap();
+
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let log = state.join("worker.log");
+    let mut worker = Command::new(bin("worker"))
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--set", &format!("source={to}"), "--set", &format!("aws.endpoint={}", moto.endpoint)])
+        .args([
+            "--set",
+            "aws.s3_path_style=true",
+            "--set",
+            "aws.read_timeout_secs=1",
+            "--set",
+            "aws.connect_timeout_secs=1",
+        ])
+        .args(["--set", "images.stall_timeout_secs=2"])
+        .args(["run", "prepare", "--family", "fam", "--json"])
+        .envs(AWS_ENV)
+        .env("THINPIPE_PAUSE", "prepare.download@fam=300")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let minute = std::time::Duration::from_secs(60);
+    thinpipe_tests::wait_until("the download to be about to start", minute, || {
+        read_log().contains("pause point prepare.download")
+    });
+    moto.signal(libc::SIGSTOP);
+    thinpipe_tests::wait_until("a failed download attempt", minute, || read_log().contains("step attempt failed"));
+    moto.signal(libc::SIGCONT);
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(worker.stdout.as_mut().unwrap(), &mut stdout).unwrap();
+    let status = worker.wait().unwrap();
+    assert!(status.success(), "{stdout} {}", read_log());
+    let r: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(r["status"], "succeeded");
+    let failed_attempts = rt.block_on(async {
+        let engine = thinpipe::fsm::Engine::open(state.join("runs.redb"), Default::default()).await.unwrap();
+        let d = engine.run_detail("prepare-fam").unwrap().unwrap();
+        engine.shutdown().await;
+        d.events
+            .iter()
+            .filter(
+                |e| matches!(&e.kind, thinpipe::fsm::EventKind::AttemptFailed { step, .. } if step == "download_blobs"),
+            )
+            .count()
+    });
+    assert!(failed_attempts >= 1, "the outage was retried");
 }

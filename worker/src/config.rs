@@ -31,7 +31,7 @@ pub struct Config {
 
 /// AWS access for SQS and S3. Credentials and region come from the standard chain
 /// (environment, profile, instance role); `AWS_ENDPOINT_URL[_SQS|_S3]` are honoured too.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AwsConfig {
     /// Endpoint for every AWS service (a local server); empty: AWS itself.
@@ -42,6 +42,23 @@ pub struct AwsConfig {
     pub anonymous: bool,
     /// Path-style S3 addressing (local servers).
     pub s3_path_style: bool,
+    /// Limit on connecting to AWS.
+    pub connect_timeout_secs: u64,
+    /// Limit on the first byte of an AWS response.
+    pub read_timeout_secs: u64,
+}
+
+impl Default for AwsConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: String::new(),
+            region: String::new(),
+            anonymous: false,
+            s3_path_style: false,
+            connect_timeout_secs: 5,
+            read_timeout_secs: 30,
+        }
+    }
 }
 
 impl AwsConfig {
@@ -53,6 +70,8 @@ impl AwsConfig {
             anonymous: self.anonymous,
             s3_path_style: self.s3_path_style,
             static_credentials: None,
+            connect_timeout: Some(std::time::Duration::from_secs(self.connect_timeout_secs)),
+            read_timeout: Some(std::time::Duration::from_secs(self.read_timeout_secs)),
         }
     }
 }
@@ -101,6 +120,8 @@ pub struct ImagesConfig {
     pub max_layer_bytes: u64,
     /// Allow character and block devices in layers.
     pub allow_devices: bool,
+    /// A blob download that yields no data this long fails (and is retried).
+    pub stall_timeout_secs: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -151,7 +172,7 @@ impl Default for WorkerConfig {
 
 impl Default for ImagesConfig {
     fn default() -> Self {
-        Self { max_layer_bytes: 64 << 30, allow_devices: false }
+        Self { max_layer_bytes: 64 << 30, allow_devices: false, stall_timeout_secs: 60 }
     }
 }
 

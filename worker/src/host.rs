@@ -64,7 +64,8 @@ impl Host {
         } else {
             Arc::new(LocalDir::new(config.source_dir()?))
         };
-        let cache = BlobCache::open(config.blob_cache_dir())?;
+        let cache = BlobCache::open(config.blob_cache_dir())?
+            .with_stall_timeout(Duration::from_secs(config.images.stall_timeout_secs));
         let apply = ApplyOptions {
             max_layer_bytes: config.images.max_layer_bytes,
             allow_devices: config.images.allow_devices,

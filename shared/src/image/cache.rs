@@ -17,6 +17,8 @@ use super::source::BlobSource;
 #[derive(Clone, Debug)]
 pub struct BlobCache {
     dir: PathBuf,
+    /// A download that yields no byte for this long fails (transient) instead of hanging.
+    stall_timeout: std::time::Duration,
 }
 
 impl BlobCache {
@@ -32,7 +34,13 @@ impl BlobCache {
             let path = entry.map_err(|e| ImageError::io("listing", &tmp, e))?.path();
             std::fs::remove_file(&path).map_err(|e| ImageError::io("removing a partial download", &path, e))?;
         }
-        Ok(Self { dir })
+        Ok(Self { dir, stall_timeout: std::time::Duration::from_secs(60) })
+    }
+
+    /// Sets how long a download may yield no data before it fails as transient.
+    pub fn with_stall_timeout(mut self, stall_timeout: std::time::Duration) -> Self {
+        self.stall_timeout = stall_timeout;
+        self
     }
 
     pub fn path(&self, digest: &Digest) -> PathBuf {
@@ -76,7 +84,13 @@ impl BlobCache {
         let mut buf = vec![0u8; 256 * 1024];
         let mut total = 0u64;
         loop {
-            let n = reader.read(&mut buf).await.map_err(|e| ImageError::io("downloading", &layer.location, e))?;
+            let n = tokio::time::timeout(self.stall_timeout, reader.read(&mut buf))
+                .await
+                .map_err(|_| ImageError::Unavailable {
+                    source_desc: source.describe(),
+                    detail: format!("no data for {:?} while downloading {}", self.stall_timeout, layer.location),
+                })?
+                .map_err(|e| ImageError::io("downloading", &layer.location, e))?;
             if n == 0 {
                 break;
             }
