@@ -31,12 +31,27 @@ pub struct SqsQueue {
     client: Client,
     settings: SqsSettings,
     urls: Mutex<HashMap<String, String>>,
+    /// Acks are gathered into `DeleteMessageBatch` calls of up to 10 by one task.
+    acks: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<AckRequest>>,
 }
+
+type AckRequest = (Delivery, tokio::sync::oneshot::Sender<Result<(), QueueError>>);
+
+/// How long the ack batcher waits for more acks to share a request.
+const ACK_LINGER: Duration = Duration::from_millis(10);
 
 impl SqsQueue {
     pub fn new(client: Client, settings: SqsSettings) -> Self {
         // `urls` caches name → URL lookups for `send`.
-        Self { client, settings, urls: Mutex::new(HashMap::new()) }
+        Self { client, settings, urls: Mutex::new(HashMap::new()), acks: std::sync::OnceLock::new() }
+    }
+
+    fn ack_sender(&self) -> &tokio::sync::mpsc::UnboundedSender<AckRequest> {
+        self.acks.get_or_init(|| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(ack_batcher(self.client.clone(), self.settings.queue_url.clone(), rx));
+            tx
+        })
     }
 
     fn err<E: ProvideErrorMetadata + std::fmt::Debug>(&self, what: &str, e: SdkError<E>) -> QueueError {
@@ -110,6 +125,86 @@ fn classify<E: ProvideErrorMetadata + std::fmt::Debug>(queue: &str, what: &str, 
     }
 }
 
+/// Deletes acked messages in batches of up to 10: each `DeleteMessageBatch` entry that fails
+/// for a reason on the server's side is retried (twice), then reported to its acker; none is
+/// ever assumed deleted.
+async fn ack_batcher(client: Client, url: String, mut rx: tokio::sync::mpsc::UnboundedReceiver<AckRequest>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        let linger = tokio::time::sleep(ACK_LINGER);
+        tokio::pin!(linger);
+        while batch.len() < 10 {
+            tokio::select! {
+                more = rx.recv() => match more { Some(a) => batch.push(a), None => break },
+                _ = &mut linger => break,
+            }
+        }
+        let mut pending: Vec<(usize, AckRequest)> = batch.into_iter().enumerate().collect();
+        for attempt in 0..3 {
+            let entries: Result<Vec<_>, _> = pending
+                .iter()
+                .map(|(i, (d, _))| {
+                    DeleteMessageBatchRequestEntry::builder().id(i.to_string()).receipt_handle(&d.receipt).build()
+                })
+                .collect();
+            let result = match entries {
+                Ok(entries) => client.delete_message_batch().queue_url(&url).set_entries(Some(entries)).send().await,
+                Err(e) => {
+                    for (_, (_, tx)) in pending.drain(..) {
+                        // The acker may have gone; nothing else to tell.
+                        drop(tx.send(Err(QueueError::Invalid { queue: url.clone(), detail: e.to_string() })));
+                    }
+                    break;
+                }
+            };
+            let out = match result {
+                Ok(out) => out,
+                Err(e) => {
+                    let err = classify(&url, "deleting", e);
+                    tracing::warn!(attempt, error = %err, "DeleteMessageBatch failed");
+                    if attempt == 2 {
+                        for (_, (_, tx)) in pending.drain(..) {
+                            drop(tx.send(Err(QueueError::Unavailable { queue: url.clone(), detail: err.to_string() })));
+                        }
+                    }
+                    continue;
+                }
+            };
+            let failed: HashMap<String, (String, bool)> = out
+                .failed()
+                .iter()
+                .map(|f| {
+                    (
+                        f.id().to_owned(),
+                        (format!("{}: {}", f.code(), f.message().unwrap_or_default()), f.sender_fault()),
+                    )
+                })
+                .collect();
+            let mut retry = Vec::new();
+            for (i, (d, tx)) in pending.drain(..) {
+                match failed.get(&i.to_string()) {
+                    None => drop(tx.send(Ok(()))),
+                    Some((why, sender_fault)) if *sender_fault || attempt == 2 => {
+                        tracing::warn!(message_id = %d.message_id, error = %why, "delete failed");
+                        drop(tx.send(Err(QueueError::Unavailable {
+                            queue: url.clone(),
+                            detail: format!("deleting message {}: {why}", d.message_id),
+                        })));
+                    }
+                    Some((why, _)) => {
+                        tracing::warn!(message_id = %d.message_id, attempt, error = %why, "batch delete entry failed; retrying");
+                        retry.push((i, (d, tx)));
+                    }
+                }
+            }
+            if retry.is_empty() {
+                break;
+            }
+            pending = retry;
+        }
+    }
+}
+
 fn fifo(url: &str) -> bool {
     url.ends_with(".fifo")
 }
@@ -159,35 +254,10 @@ impl JobQueue for SqsQueue {
     }
 
     async fn ack(&self, d: &Delivery) -> Result<(), QueueError> {
-        // DeleteMessageBatch reports failures per entry: a failed entry is retried, then
-        // reported, never assumed deleted.
-        let entry = DeleteMessageBatchRequestEntry::builder()
-            .id("0")
-            .receipt_handle(&d.receipt)
-            .build()
-            .map_err(|e| QueueError::Invalid { queue: self.describe(), detail: e.to_string() })?;
-        let mut last = String::new();
-        for attempt in 0..3 {
-            let out = self
-                .client
-                .delete_message_batch()
-                .queue_url(&self.settings.queue_url)
-                .entries(entry.clone())
-                .send()
-                .await
-                .map_err(|e| self.err("deleting", e))?;
-            let Some(failed) = out.failed().first() else { return Ok(()) };
-            last = format!("{}: {}", failed.code(), failed.message().unwrap_or_default());
-            if !failed.sender_fault() {
-                tracing::warn!(message_id = %d.message_id, attempt, error = %last, "batch delete entry failed; retrying");
-                continue;
-            }
-            break;
-        }
-        Err(QueueError::Unavailable {
-            queue: self.describe(),
-            detail: format!("deleting message {}: {last}", d.message_id),
-        })
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let stopped = || QueueError::Unavailable { queue: self.describe(), detail: "the ack batcher stopped".into() };
+        self.ack_sender().send((d.clone(), tx)).map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
     }
 
     async fn extend(&self, d: &Delivery, visibility: Duration) -> Result<(), QueueError> {

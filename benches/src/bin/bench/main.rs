@@ -10,6 +10,8 @@
 //! `unpack ratio_vs_tar=<ours/tar>` (target <= 1.25). Then the worker's peak RSS while
 //! preparing a family with a 1 GiB layer (target <= 64 MiB: blobs are streamed).
 //!
+//! `bench sqs`: see `sqs.rs` (jobs/s through SQS beside a boto3 consumer; idle requests).
+//!
 //! Scratch files go under `$BENCH_DIR` (default `target/bench`), on the disk the state
 //! directory would use, never on a tmpfs.
 
@@ -20,6 +22,7 @@ use anyhow::{Context, bail};
 use redb::{Database, Durability, TableDefinition};
 use thinpipe::fsm::{Engine, EngineConfig, Outcome, Workflow};
 
+mod sqs;
 mod unpack;
 
 const ROUNDS: usize = 5;
@@ -31,7 +34,7 @@ const CONCURRENT_STEPS: usize = 100;
 fn main() -> anyhow::Result<()> {
     let which: Vec<String> = std::env::args().skip(1).collect();
     if which.is_empty() {
-        bail!("usage: bench fsm|unpack ...");
+        bail!("usage: bench fsm|unpack|sqs ...");
     }
     let base = std::env::var_os("BENCH_DIR").map_or_else(|| PathBuf::from("target/bench"), PathBuf::from);
     std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
@@ -39,7 +42,8 @@ fn main() -> anyhow::Result<()> {
         match name.as_str() {
             "fsm" => fsm(&base)?,
             "unpack" => unpack::run(&base)?,
-            other => bail!("unknown benchmark {other:?}: expected fsm or unpack"),
+            "sqs" => sqs::run(&base)?,
+            other => bail!("unknown benchmark {other:?}: expected fsm, unpack or sqs"),
         }
     }
     Ok(())
