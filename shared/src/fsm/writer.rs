@@ -209,7 +209,7 @@ fn apply_batch(db: &Database, batch: &mut [Request]) -> Result<Replies, redb::Er
     txn.set_durability(redb::Durability::Immediate)?;
     let mut replies = Vec::with_capacity(batch.len());
     {
-        let mut t = Tables { runs: txn.open_table(RUNS)?, log: txn.open_table(LOG)? };
+        let mut t = Tables { txn: &txn, log: txn.open_table(LOG)? };
         for req in batch.iter_mut() {
             // Take the op out; the request keeps only its reply channel.
             let op = std::mem::replace(&mut req.op, Op::Prune { finished_before_ms: 0 });
@@ -221,7 +221,9 @@ fn apply_batch(db: &Database, batch: &mut [Request]) -> Result<Replies, redb::Er
 }
 
 struct Tables<'t> {
-    runs: redb::Table<'t, &'static str, &'static [u8]>,
+    /// `runs` is opened only by the ops that write it, so a plain transition's commit
+    /// touches the `log` table alone.
+    txn: &'t redb::WriteTransaction,
     log: redb::Table<'t, &'static [u8], &'static [u8]>,
 }
 
@@ -252,7 +254,7 @@ impl Tables<'_> {
         let bytes = encode_record(record)?;
         self.log.insert(key::header_key(id).as_slice(), bytes.as_slice())?;
         if index {
-            self.runs.insert(id, bytes.as_slice())?;
+            self.txn.open_table(RUNS)?.insert(id, bytes.as_slice())?;
         }
         Ok(())
     }
@@ -384,16 +386,18 @@ impl Tables<'_> {
             self.log.insert(k.as_slice(), v.as_slice())?;
         }
         self.log.retain_in(lo.as_slice()..=hi.as_slice(), |_, _| false)?;
-        let index = self.runs.remove(id)?.map(|v| v.value().to_vec());
+        let mut runs = self.txn.open_table(RUNS)?;
+        let index = runs.remove(id)?.map(|v| v.value().to_vec());
         if let Some(index) = index {
-            self.runs.insert(to, index.as_slice())?;
+            runs.insert(to, index.as_slice())?;
         }
         Ok(Ok(Reply::Applied))
     }
 
     fn prune(&mut self, finished_before_ms: u64) -> Applied {
         let mut doomed = Vec::new();
-        for entry in self.runs.iter()? {
+        let mut runs = self.txn.open_table(RUNS)?;
+        for entry in runs.iter()? {
             let (id, value) = entry?;
             // The index's status is current once a run has finished. Undecodable records are
             // never pruned here: resume marks them failed first.
@@ -405,7 +409,7 @@ impl Tables<'_> {
             }
         }
         for id in &doomed {
-            self.runs.remove(id.as_str())?;
+            runs.remove(id.as_str())?;
             let (lo, hi) = key::run_range(id);
             self.log.retain_in(lo.as_slice()..=hi.as_slice(), |_, _| false)?;
         }
