@@ -78,6 +78,32 @@ fn enqueued_jobs_run_on_a_worker_and_reply_and_a_repeat_makes_no_second_snapshot
 }
 
 #[test]
+fn one_worker_receives_from_its_own_queue_and_a_fleet_wide_one() {
+    let Some(endpoint) = thinpipe::aws::test_endpoint() else { return };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let host = rt.block_on(sqs(endpoint.clone()));
+    let fleet = rt.block_on(sqs(endpoint));
+    let dir = tempfile::tempdir().unwrap();
+    write_sample_family(dir.path(), "web").unwrap();
+    let mut env = worker_env(&host, "10");
+    env.push(("THINPIPE_QUEUE_EXTRA_URLS", fleet.jobs.as_str()));
+    let daemon = Daemon::start(dir.path(), &env);
+
+    // Each queue is long-polled on its own: a job on either runs while the other is idle.
+    let from_fleet = enqueue(&fleet, &["activate", "--family", "web", "--invocation-id", "fleet-1"]);
+    assert_eq!(from_fleet["status"], "succeeded", "{from_fleet} {}", daemon.log());
+    let from_host = enqueue(&host, &["activate", "--family", "web", "--invocation-id", "host-1"]);
+    assert_eq!(from_host["status"], "succeeded", "{from_host} {}", daemon.log());
+    let again = enqueue(&fleet, &["activate", "--family", "web", "--invocation-id", "fleet-2"]);
+    assert_eq!(again["status"], "succeeded", "{again} {}", daemon.log());
+    assert_eq!(from_host["base_vol_id"], from_fleet["base_vol_id"], "one base whatever the queue");
+    let snaps = std::fs::read_dir(dir.path().join("volumes/snaps")).unwrap().count();
+    assert_eq!(snaps, 3);
+    assert!(daemon.stop(Duration::from_secs(60)).success());
+    assert_eq!(depth(&host) + depth(&fleet), 0, "every message was acked");
+}
+
+#[test]
 fn malformed_messages_land_in_the_dlq_with_their_reason_and_the_worker_keeps_running() {
     let Some(endpoint) = thinpipe::aws::test_endpoint() else { return };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

@@ -83,6 +83,9 @@ pub struct QueueConfig {
     pub kind: String,
     /// SQS: the URL of the queue jobs are received from.
     pub url: String,
+    /// SQS: further queues received from at the same time, e.g. a fleet-wide queue beside
+    /// the host's own. From text (environment, `--set`): comma-separated.
+    pub extra_urls: Vec<String>,
     /// SQS: the dead-letter queue's URL; empty leaves invalid messages to the queue's
     /// redrive policy.
     pub dead_letter_url: String,
@@ -153,6 +156,7 @@ impl Default for QueueConfig {
         Self {
             kind: "embedded".into(),
             url: String::new(),
+            extra_urls: Vec::new(),
             dead_letter_url: String::new(),
             path: String::new(),
             name: "jobs".into(),
@@ -252,6 +256,19 @@ impl Config {
             "sqs" => {}
             other => bail!("queue.kind {other:?}: expected embedded or sqs"),
         }
+        if self.queue.kind != "sqs" && !self.queue.extra_urls.is_empty() {
+            bail!("queue.extra_urls is set but queue.kind is {:?}: extra queues are SQS queues", self.queue.kind);
+        }
+        if let Some(blank) = self.queue.extra_urls.iter().find(|u| u.trim().is_empty()) {
+            bail!("queue.extra_urls contains an empty URL ({blank:?}); remove it");
+        }
+        let queues = self.queue_urls().len().max(1);
+        if self.worker.concurrency < queues {
+            bail!(
+                "worker.concurrency ({}) must be at least the number of queues ({queues}): each queue's long poll holds a job slot",
+                self.worker.concurrency
+            );
+        }
         if self.backend != "dir" {
             bail!("backend {:?}: this build supports the dir backend", self.backend);
         }
@@ -262,6 +279,11 @@ impl Config {
             bail!("worker.lease_ttl_secs must be at least 3 (leases are renewed at a third of it)");
         }
         Ok(())
+    }
+
+    /// The SQS queues jobs are received from, the main one first.
+    pub fn queue_urls(&self) -> Vec<String> {
+        std::iter::once(&self.queue.url).chain(&self.queue.extra_urls).filter(|u| !u.is_empty()).cloned().collect()
     }
 
     pub fn runs_path(&self) -> PathBuf {
@@ -333,6 +355,13 @@ fn set(root: &mut toml::Value, key: &str, raw: &str) -> anyhow::Result<()> {
         toml::Value::Float(_) => {
             toml::Value::Float(raw.parse().with_context(|| format!("{key}: {raw:?} is not a number"))?)
         }
+        toml::Value::Array(_) => toml::Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_owned()))
+                .collect(),
+        ),
         _ => bail!("{key} cannot be set from text"),
     };
     table.insert(last.to_owned(), new);
@@ -359,6 +388,26 @@ mod tests {
         assert_eq!(c.worker.concurrency, 3);
         assert_eq!(c.queue.path, "/srv/tp/queue.db", "derived from the state dir");
         assert_eq!(c.source, "dir:/srv/tp");
+    }
+
+    #[test]
+    fn several_queues_from_text() {
+        let env = [("THINPIPE_QUEUE_EXTRA_URLS".to_owned(), "http://q/fleet, http://q/other".to_owned())];
+        let sets = ["queue.kind=sqs".into(), "queue.url=http://q/host".into()];
+        let c = Config::load(None, env, &sets).unwrap();
+        assert_eq!(c.queue_urls(), ["http://q/host", "http://q/fleet", "http://q/other"]);
+        let err = Config::load(
+            None,
+            [],
+            &[
+                "queue.kind=sqs".into(),
+                "queue.url=http://q/a".into(),
+                "queue.extra_urls=http://q/b".into(),
+                "worker.concurrency=1".into(),
+            ],
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("number of queues (2)"), "{err:#}");
     }
 
     #[test]

@@ -44,7 +44,7 @@ pub async fn run(config: Config) -> anyhow::Result<bool> {
     println!("enqueued {} jobs on {}", jobs.len(), queue.describe());
 
     let shutdown = CancellationToken::new();
-    let job_loop = JobLoop::new(host.clone(), Arc::new(queue.clone()));
+    let job_loop = JobLoop::new(host.clone(), vec![Arc::new(queue.clone())]);
     let runner = {
         let (job_loop, shutdown) = (job_loop.clone(), shutdown.clone());
         tokio::spawn(async move { job_loop.run(shutdown).await })

@@ -127,20 +127,28 @@ fn spawn_lease_renewal(
     });
 }
 
-/// The job queue the configuration names.
-pub async fn open_queue(config: &Config) -> anyhow::Result<Arc<dyn thinpipe::queue::JobQueue>> {
+/// The job queues the configuration names (one, or several SQS queues).
+pub async fn open_queues(config: &Config) -> anyhow::Result<Vec<Arc<dyn thinpipe::queue::JobQueue>>> {
     let q = &config.queue;
     let visibility = Duration::from_secs(q.visibility_timeout_secs);
     Ok(match q.kind.as_str() {
         "sqs" => {
             let sdk = thinpipe::aws::sdk_config(&config.aws.options()).await;
-            let settings = thinpipe::queue::SqsSettings {
-                queue_url: q.url.clone(),
-                dead_letter_url: (!q.dead_letter_url.is_empty()).then(|| q.dead_letter_url.clone()),
-                visibility,
-            };
-            Arc::new(thinpipe::queue::SqsQueue::new(thinpipe::aws::sqs_client(&sdk), settings))
+            let client = thinpipe::aws::sqs_client(&sdk);
+            config
+                .queue_urls()
+                .into_iter()
+                .map(|queue_url| {
+                    let settings = thinpipe::queue::SqsSettings {
+                        queue_url,
+                        dead_letter_url: (!q.dead_letter_url.is_empty()).then(|| q.dead_letter_url.clone()),
+                        visibility,
+                    };
+                    Arc::new(thinpipe::queue::SqsQueue::new(client.clone(), settings))
+                        as Arc<dyn thinpipe::queue::JobQueue>
+                })
+                .collect()
         }
-        _ => Arc::new(thinpipe::queue::EmbeddedQueue::open(&q.path, &q.name, visibility, q.max_receives)?),
+        _ => vec![Arc::new(thinpipe::queue::EmbeddedQueue::open(&q.path, &q.name, visibility, q.max_receives)?)],
     })
 }

@@ -22,6 +22,7 @@ use thinpipe::fsm::{Failure, FailureKind, Outcome, RunError};
 use thinpipe::job::{Job, JobKind, JobResult, JobStatus};
 use thinpipe::queue::{Delivery, JobQueue};
 use thinpipe::store::{Acquired, Holder};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -47,14 +48,18 @@ enum JobEnd {
 
 pub struct JobLoop {
     host: Arc<Host>,
-    queue: Arc<dyn JobQueue>,
+    /// Received from in parallel (e.g. a host-specific queue and a fleet-wide one).
+    queues: Vec<Arc<dyn JobQueue>>,
     /// One prepare per family at a time in this process.
     prepare_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl JobLoop {
-    pub fn new(host: Arc<Host>, queue: Arc<dyn JobQueue>) -> Arc<Self> {
-        Arc::new(Self { host, queue, prepare_locks: Mutex::new(HashMap::new()) })
+    /// `queues` must not be empty; each one's long poll holds a job slot, so the
+    /// configuration requires `worker.concurrency >= queues.len()`.
+    pub fn new(host: Arc<Host>, queues: Vec<Arc<dyn JobQueue>>) -> Arc<Self> {
+        assert!(!queues.is_empty(), "a job loop needs a queue");
+        Arc::new(Self { host, queues, prepare_locks: Mutex::new(HashMap::new()) })
     }
 
     /// Runs until `shutdown` fires (or the worker lease is lost), then drains.
@@ -72,50 +77,41 @@ impl JobLoop {
                 stop.cancel();
             })
         };
+        // One receiver per queue; they share the job slots and hand over what they receive.
         let slots = Arc::new(tokio::sync::Semaphore::new(cfg.worker.concurrency));
-        let in_flight: Arc<Mutex<HashMap<tokio::task::Id, Delivery>>> = Arc::default();
+        let share = cfg.worker.concurrency.div_ceil(self.queues.len()).clamp(1, 10);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Received>(cfg.worker.concurrency);
+        let mut receivers = JoinSet::new();
+        for queue in &self.queues {
+            let receiver = Receiver {
+                queue: queue.clone(),
+                slots: slots.clone(),
+                share,
+                wait: Duration::from_secs(cfg.queue.wait_secs),
+                stop: stop.clone(),
+                tx: tx.clone(),
+            };
+            receivers.spawn(receiver.run());
+        }
+        drop(tx);
+        let in_flight: Arc<Mutex<InFlight>> = Arc::default();
         let mut tasks = JoinSet::new();
         let mut out = LoopReport::default();
-        let wait = Duration::from_secs(cfg.queue.wait_secs);
-        loop {
-            let first = tokio::select! {
-                _ = stop.cancelled() => break,
-                p = slots.clone().acquire_owned() => p?,
-            };
-            let want = 1 + slots.available_permits().min(9);
-            let deliveries = tokio::select! {
-                _ = stop.cancelled() => break,
-                r = self.queue.receive(want, wait) => r,
-            };
-            let deliveries = match deliveries {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::warn!(error = %e, "receiving jobs failed; retrying");
-                    tokio::select! { _ = stop.cancelled() => break, _ = tokio::time::sleep(Duration::from_secs(1)) => {} }
-                    continue;
-                }
-            };
-            let mut first = Some(first);
-            for d in deliveries {
-                let Some(permit) = first.take().or_else(|| slots.clone().try_acquire_owned().ok()) else {
-                    // More messages than free slots (cannot happen: we asked for as many as
-                    // were free); make the extra one visible again rather than hold it.
-                    self.release(&d).await;
-                    continue;
-                };
-                let this = self.clone();
-                let delivery = d.clone();
-                let handle = tasks.spawn(async move {
-                    this.handle(delivery).await;
-                    drop(permit);
-                });
-                lock(&in_flight).insert(handle.id(), d);
-            }
+        // Ends when every receiver has stopped (they stop when `stop` fires).
+        while let Some(Received { queue, delivery, permit }) = rx.recv().await {
+            let this = self.clone();
+            let (q, d) = (queue.clone(), delivery.clone());
+            let handle = tasks.spawn(async move {
+                this.handle(&q, d).await;
+                drop(permit);
+            });
+            lock(&in_flight).insert(handle.id(), (queue, delivery));
             while let Some(done) = tasks.try_join_next_with_id() {
                 out.handled += 1;
                 forget(&in_flight, done);
             }
         }
+        while receivers.join_next().await.is_some() {}
         stopper.abort();
         while let Some(done) = tasks.try_join_next_with_id() {
             out.handled += 1;
@@ -136,10 +132,10 @@ impl JobLoop {
         }
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
-        let left: Vec<Delivery> = lock(&in_flight).drain().map(|(_, d)| d).collect();
+        let left: Vec<(Arc<dyn JobQueue>, Delivery)> = lock(&in_flight).drain().map(|(_, d)| d).collect();
         out.released_at_drain = left.len();
-        for d in &left {
-            self.release(d).await;
+        for (queue, d) in &left {
+            release(queue.as_ref(), d).await;
         }
         if !left.is_empty() {
             tracing::warn!(jobs = left.len(), "drain deadline passed: released the messages of unfinished jobs");
@@ -147,19 +143,13 @@ impl JobLoop {
         Ok(out)
     }
 
-    async fn release(&self, d: &Delivery) {
-        if let Err(e) = self.queue.release(d).await {
-            tracing::warn!(message_id = %d.message_id, error = %e, "could not release a message; it returns when its visibility ends");
-        }
-    }
-
     /// Handles one delivery from start to ack.
-    pub async fn handle(&self, d: Delivery) {
+    pub async fn handle(&self, queue: &Arc<dyn JobQueue>, d: Delivery) {
         let job = match Job::parse(&d.body) {
             Ok(job) => job,
             Err(reason) => {
                 tracing::warn!(message_id = %d.message_id, %reason, "invalid job message: dead-lettering it");
-                if let Err(e) = self.queue.dead_letter(&d, &reason.0).await {
+                if let Err(e) = queue.dead_letter(&d, &reason.0).await {
                     tracing::error!(message_id = %d.message_id, error = %e, "could not dead-letter an invalid message; it will come back");
                 }
                 return;
@@ -167,17 +157,17 @@ impl JobLoop {
         };
         let span = tracing::info_span!("job", message_id = %d.message_id, kind = %job.kind, family = %job.family, run_id = %job.run_id());
         // Dropped (and the heartbeat stopped) however this task ends, abort and panic included.
-        let heartbeat = self.spawn_heartbeat(d.clone()).drop_guard();
+        let heartbeat = self.spawn_heartbeat(queue, d.clone()).drop_guard();
         let end = tracing::Instrument::instrument(self.execute(&job, &d), span.clone()).await;
         drop(heartbeat);
         match end {
             JobEnd::Done(result) => {
-                if !self.reply(&job, &result).await {
-                    self.retry_later(&d, "the result could not be sent").await;
+                if !self.reply(queue, &job, &result).await {
+                    self.retry_later(queue, &d, "the result could not be sent").await;
                     return;
                 }
                 fault::point("jobloop.before_ack", &job.run_id());
-                match self.queue.ack(&d).await {
+                match queue.ack(&d).await {
                     Ok(()) => tracing::info!(message_id = %d.message_id, status = ?result.status, "job done"),
                     Err(e) => {
                         tracing::warn!(message_id = %d.message_id, error = %e, "ack failed; the job will be redelivered and its stored outcome returned")
@@ -186,30 +176,30 @@ impl JobLoop {
             }
             JobEnd::DeadLetter(reason, result) => {
                 if let Some(result) = result
-                    && !self.reply(&job, &result).await
+                    && !self.reply(queue, &job, &result).await
                 {
-                    self.retry_later(&d, "the result could not be sent").await;
+                    self.retry_later(queue, &d, "the result could not be sent").await;
                     return;
                 }
                 tracing::warn!(message_id = %d.message_id, %reason, "dead-lettering the job");
-                if let Err(e) = self.queue.dead_letter(&d, &reason).await {
+                if let Err(e) = queue.dead_letter(&d, &reason).await {
                     tracing::error!(message_id = %d.message_id, error = %e, "could not dead-letter the job; it will come back");
                 }
             }
-            JobEnd::Retry(reason) => self.retry_later(&d, &reason).await,
+            JobEnd::Retry(reason) => self.retry_later(queue, &d, &reason).await,
         }
     }
 
-    async fn retry_later(&self, d: &Delivery, reason: &str) {
+    async fn retry_later(&self, queue: &Arc<dyn JobQueue>, d: &Delivery, reason: &str) {
         tracing::warn!(message_id = %d.message_id, %reason, "job will be retried");
         let delay = Duration::from_secs(self.host.config.worker.retry_delay_secs);
-        if let Err(e) = self.queue.extend(d, delay).await {
+        if let Err(e) = queue.extend(d, delay).await {
             tracing::warn!(message_id = %d.message_id, error = %e, "could not delay the retry; the message returns when its visibility ends");
         }
     }
 
     /// Sends the result to `reply_to`; true if there was nothing to send or it was sent.
-    async fn reply(&self, job: &Job, result: &JobResult) -> bool {
+    async fn reply(&self, queue: &Arc<dyn JobQueue>, job: &Job, result: &JobResult) -> bool {
         let Some(to) = &job.reply_to else { return true };
         let body = match serde_json::to_string(result) {
             Ok(b) => b,
@@ -218,7 +208,7 @@ impl JobLoop {
                 return false;
             }
         };
-        match self.queue.send(to, &body, &BTreeMap::new()).await {
+        match queue.send(to, &body, &BTreeMap::new()).await {
             Ok(_) => true,
             Err(e) => {
                 tracing::warn!(reply_to = %to, error = %e, "sending the result failed");
@@ -227,9 +217,9 @@ impl JobLoop {
         }
     }
 
-    fn spawn_heartbeat(&self, d: Delivery) -> CancellationToken {
+    fn spawn_heartbeat(&self, queue: &Arc<dyn JobQueue>, d: Delivery) -> CancellationToken {
         let stop = CancellationToken::new();
-        let queue = self.queue.clone();
+        let queue = queue.clone();
         let visibility = Duration::from_secs(self.host.config.queue.visibility_timeout_secs);
         let token = stop.clone();
         tokio::spawn(async move {
@@ -391,6 +381,85 @@ impl JobLoop {
     }
 }
 
+/// The message (and its queue) of each running job task.
+type InFlight = HashMap<tokio::task::Id, (Arc<dyn JobQueue>, Delivery)>;
+
+/// A message handed from a receiver to the loop, with the job slot reserved for it.
+struct Received {
+    queue: Arc<dyn JobQueue>,
+    delivery: Delivery,
+    permit: OwnedSemaphorePermit,
+}
+
+/// Long-polls one queue while job slots are free.
+struct Receiver {
+    queue: Arc<dyn JobQueue>,
+    slots: Arc<Semaphore>,
+    /// Most slots this receiver reserves for one poll, so that one queue's long poll
+    /// does not hold every slot while another queue has work.
+    share: usize,
+    wait: Duration,
+    stop: CancellationToken,
+    tx: tokio::sync::mpsc::Sender<Received>,
+}
+
+impl Receiver {
+    async fn run(self) {
+        loop {
+            // Reserve the slots first: every message received has a slot to run in, so
+            // none waits (invisible, unextended) for one.
+            let first = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                p = self.slots.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return, // closed: the loop is gone
+                },
+            };
+            let mut permits = vec![first];
+            while permits.len() < self.share {
+                match self.slots.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+            let received = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                r = self.queue.receive(permits.len(), self.wait) => r,
+            };
+            let deliveries = match received {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(queue = %self.queue.describe(), error = %e, "receiving jobs failed; retrying");
+                    drop(permits);
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                    continue;
+                }
+            };
+            for delivery in deliveries {
+                let Some(permit) = permits.pop() else {
+                    // The queue returned more than asked for; make the extra one visible again.
+                    release(self.queue.as_ref(), &delivery).await;
+                    continue;
+                };
+                let handed = Received { queue: self.queue.clone(), delivery, permit };
+                if let Err(unsent) = self.tx.send(handed).await {
+                    release(self.queue.as_ref(), &unsent.0.delivery).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn release(queue: &dyn JobQueue, d: &Delivery) {
+    if let Err(e) = queue.release(d).await {
+        tracing::warn!(message_id = %d.message_id, error = %e, "could not release a message; it returns when its visibility ends");
+    }
+}
+
 /// Why `ensure_prepared` gave no base.
 enum Prep {
     /// The family does not resolve (no such family, no layers, malformed manifest).
@@ -427,7 +496,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn forget(
-    in_flight: &Mutex<HashMap<tokio::task::Id, Delivery>>,
+    in_flight: &Mutex<InFlight>,
     done: Result<(tokio::task::Id, ()), tokio::task::JoinError>,
 ) {
     let id = match done {

@@ -146,12 +146,13 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
 }
 
 async fn daemon(config: Config) -> anyhow::Result<ExitCode> {
-    let queue = worker::host::open_queue(&config).await?;
+    let queues = worker::host::open_queues(&config).await?;
     let host = Arc::new(Host::open(config.clone()).await?);
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;
-    tracing::info!(state_dir = %config.state_dir.display(), queue = %queue.describe(), "worker started");
-    let job_loop = worker::jobloop::JobLoop::new(host.clone(), queue);
+    let described: Vec<String> = queues.iter().map(|q| q.describe()).collect();
+    tracing::info!(state_dir = %config.state_dir.display(), queues = %described.join(", "), "worker started");
+    let job_loop = worker::jobloop::JobLoop::new(host.clone(), queues);
     let report = job_loop.run(shutdown).await;
     host.close().await;
     let report = report?;

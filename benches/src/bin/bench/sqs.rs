@@ -168,7 +168,7 @@ async fn ours(base: &Path, endpoint: &str) -> anyhow::Result<f64> {
     }
     let counting = Counting::new(sqs);
     let shutdown = CancellationToken::new();
-    let job_loop = worker::jobloop::JobLoop::new(host.clone(), counting.clone());
+    let job_loop = worker::jobloop::JobLoop::new(host.clone(), vec![counting.clone()]);
     let start = Instant::now();
     let runner = {
         let (l, s) = (job_loop.clone(), shutdown.clone());
@@ -221,7 +221,7 @@ async fn idle(base: &Path, endpoint: &str) -> anyhow::Result<f64> {
         SqsSettings { queue_url: url, dead_letter_url: None, visibility: Duration::from_secs(60) },
     ));
     let shutdown = CancellationToken::new();
-    let job_loop = worker::jobloop::JobLoop::new(host.clone(), counting.clone());
+    let job_loop = worker::jobloop::JobLoop::new(host.clone(), vec![counting.clone()]);
     let runner = {
         let (l, s) = (job_loop.clone(), shutdown.clone());
         tokio::spawn(async move { l.run(s).await })
