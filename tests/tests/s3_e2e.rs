@@ -163,6 +163,72 @@ fn a_flat_family_published_to_s3_prepares_like_the_local_one() {
     assert_eq!(tree(&from_s3.join("volumes/bases/base-1")), tree(&from_dir.join("volumes/bases/base-1")));
 }
 
+#[test]
+fn a_layer_too_large_for_one_put_is_published_in_parts_and_prepares_like_the_local_one() {
+    let Some(endpoint) = thinpipe::aws::test_endpoint() else { return };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (client, bucket) = rt.block_on(bucket(&endpoint));
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let family = src.join("images/fam");
+    std::fs::create_dir_all(&family).unwrap();
+    // One incompressible file makes a tar just over the multipart threshold.
+    let big: Vec<u8> = (0..thinpipe::image::MULTIPART_THRESHOLD + (1 << 20)).map(|_| rand::random::<u8>()).collect();
+    let mut tar = tar::Builder::new(std::fs::File::create(family.join("0001.tar")).unwrap());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(big.len() as u64);
+    header.set_mode(0o644);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(0);
+    header.set_cksum();
+    tar.append_data(&mut header, "big.bin", big.as_slice()).unwrap();
+    tar.into_inner().unwrap().sync_all().unwrap();
+
+    let to = format!("s3://{bucket}/large");
+    let report = publish(&endpoint, &src, &to);
+    assert_eq!(report["uploaded"].as_array().unwrap().len(), 1, "{report}");
+    let head = rt.block_on(client.head_object().bucket(&bucket).key("large/images/fam/0001.tar").send()).unwrap();
+    let etag = head.e_tag().unwrap_or_default();
+    assert!(etag.contains('-'), "uploaded in parts (a multipart ETag ends in -<parts>): {etag}");
+    let sidecar = rt.block_on(client.get_object().bucket(&bucket).key("large/images/fam/0001.tar.sha256").send());
+    assert!(sidecar.is_ok(), "the whole object's sha256 is written beside it");
+
+    let from_s3 = dir.path().join("state-s3");
+    let from_dir = dir.path().join("state-dir");
+    for (state, source) in [(&from_s3, to.clone()), (&from_dir, format!("dir:{}", src.display()))] {
+        let r = result(&prepare(state, &source, &endpoint));
+        assert_eq!(r["status"], "succeeded", "{source}: {r}");
+    }
+    let copied = std::fs::read(from_s3.join("volumes/bases/base-1/big.bin")).unwrap();
+    assert!(copied == big, "the large file came through intact");
+    assert_eq!(tree(&from_s3.join("volumes/bases/base-1")), tree(&from_dir.join("volumes/bases/base-1")));
+}
+
+#[test]
+fn a_partial_download_is_resumed_with_a_ranged_get() {
+    use thinpipe::image::{BlobCache, Digest, LayerDesc, MEDIA_TAR, S3Source};
+    let Some(endpoint) = thinpipe::aws::test_endpoint() else { return };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (client, bucket) = rt.block_on(bucket(&endpoint));
+    let blob: Vec<u8> = (0..5_000_000u32).map(|i| (i * 7 % 253) as u8).collect();
+    let digest = Digest::of_bytes(&blob);
+    let location = format!("blobs/sha256/{}", digest.hex());
+    let put = client.put_object().bucket(&bucket).key(format!("p/{location}")).body(blob.clone().into());
+    rt.block_on(put.send()).unwrap();
+    let layer = LayerDesc { media_type: MEDIA_TAR.into(), location, digest: digest.clone(), size: blob.len() as u64 };
+    let source = S3Source::new(client, &format!("s3://{bucket}/p")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = BlobCache::open(dir.path()).unwrap();
+    // What a worker killed after 2 MB of the download left behind.
+    std::fs::write(cache.partial_path(&digest), &blob[..2_000_000]).unwrap();
+
+    let cache = BlobCache::open(dir.path()).unwrap();
+    let (path, fetched) = rt.block_on(cache.ensure(&source, &layer)).unwrap();
+    assert_eq!(fetched, 3_000_000, "only the missing bytes were fetched");
+    assert!(std::fs::read(path).unwrap() == blob);
+}
+
 /// A moto server of the test's own, for a test that stops it (the shared one keeps serving
 /// the others). Killed when dropped.
 struct PrivateMoto {

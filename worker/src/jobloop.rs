@@ -495,10 +495,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn forget(
-    in_flight: &Mutex<InFlight>,
-    done: Result<(tokio::task::Id, ()), tokio::task::JoinError>,
-) {
+fn forget(in_flight: &Mutex<InFlight>, done: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
     let id = match done {
         Ok((id, ())) => id,
         Err(e) => {

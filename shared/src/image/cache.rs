@@ -1,11 +1,21 @@
 //! The per-host blob cache: `<dir>/sha256/<hex>`, each file verified before it is named.
 //!
-//! A blob is streamed from its source into `<dir>/tmp/<hex>.<random>.part` while being
-//! hashed, synced, and renamed into place only when the digest matches. A file under its
-//! digest name therefore always holds that content, and is reused without re-hashing.
-//! Partial files left by a crash are removed when the cache is opened.
+//! A blob is streamed from its source into `<dir>/tmp/<hex>.part` while being hashed, synced,
+//! and renamed into place only when the digest matches. A file under its digest name
+//! therefore always holds that content, and is reused without re-hashing.
+//!
+//! A partial download is kept: the next attempt (after a dropped connection, a stall or a
+//! crash) hashes the bytes it already has and asks the source for the rest only (a ranged
+//! GET on S3). The digest still decides: if the finished file does not match and it was
+//! resumed, the partial is discarded and the error is transient, because the stale part may
+//! be what was wrong; a fresh download that does not match is a corrupt source. Partials
+//! untouched for a day are removed when the cache is opened. One download per blob at a time
+//! in this process; the worker lease makes the process the only user of the cache.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -14,15 +24,20 @@ use super::error::ImageError;
 use super::layout::LayerDesc;
 use super::source::BlobSource;
 
+/// Partial downloads older than this are not worth resuming.
+const STALE_PARTIAL: Duration = Duration::from_secs(24 * 3600);
+
 #[derive(Clone, Debug)]
 pub struct BlobCache {
     dir: PathBuf,
     /// A download that yields no byte for this long fails (transient) instead of hanging.
-    stall_timeout: std::time::Duration,
+    stall_timeout: Duration,
+    /// One download per digest at a time (they share the `.part` file).
+    downloading: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 impl BlobCache {
-    /// Opens the cache at `dir`, creating it, and removes partial downloads.
+    /// Opens the cache at `dir`, creating it, and removes stale or foreign partial files.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, ImageError> {
         let dir = dir.into();
         let tmp = dir.join("tmp");
@@ -31,14 +46,21 @@ impl BlobCache {
         }
         let entries = std::fs::read_dir(&tmp).map_err(|e| ImageError::io("listing", &tmp, e))?;
         for entry in entries {
-            let path = entry.map_err(|e| ImageError::io("listing", &tmp, e))?.path();
-            std::fs::remove_file(&path).map_err(|e| ImageError::io("removing a partial download", &path, e))?;
+            let entry = entry.map_err(|e| ImageError::io("listing", &tmp, e))?;
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let resumable =
+                name.strip_suffix(".part").is_some_and(|hex| Digest::parse(&format!("sha256:{hex}")).is_ok());
+            let age = entry.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+            if !resumable || age.is_none_or(|a| a > STALE_PARTIAL) {
+                std::fs::remove_file(&path).map_err(|e| ImageError::io("removing a partial download", &path, e))?;
+            }
         }
-        Ok(Self { dir, stall_timeout: std::time::Duration::from_secs(60) })
+        Ok(Self { dir, stall_timeout: Duration::from_secs(60), downloading: Arc::default() })
     }
 
     /// Sets how long a download may yield no data before it fails as transient.
-    pub fn with_stall_timeout(mut self, stall_timeout: std::time::Duration) -> Self {
+    pub fn with_stall_timeout(mut self, stall_timeout: Duration) -> Self {
         self.stall_timeout = stall_timeout;
         self
     }
@@ -47,42 +69,115 @@ impl BlobCache {
         self.dir.join("sha256").join(digest.hex())
     }
 
+    /// Where a download of `digest` in progress (or interrupted) is kept.
+    pub fn partial_path(&self, digest: &Digest) -> PathBuf {
+        self.dir.join("tmp").join(format!("{}.part", digest.hex()))
+    }
+
     pub fn contains(&self, digest: &Digest) -> bool {
         self.path(digest).is_file()
     }
 
-    /// The cached blob of `layer`, downloading it from `source` if it is not cached yet.
-    /// Returns the path and the bytes downloaded (0 when it was cached).
+    /// The cached blob of `layer`, downloading (the rest of) it from `source` if it is not
+    /// cached yet. Returns the path and the bytes downloaded now (0 when it was cached).
     pub async fn ensure(&self, source: &dyn BlobSource, layer: &LayerDesc) -> Result<(PathBuf, u64), ImageError> {
         let dest = self.path(&layer.digest);
         if dest.is_file() {
             return Ok((dest, 0));
         }
-        let tmp = self.dir.join("tmp").join(format!("{}.{:016x}.part", layer.digest.hex(), rand::random::<u64>()));
-        let result = self.download(source, layer, &tmp, &dest).await;
-        if result.is_err() {
-            // Best effort: a leftover .part is removed at the next open anyway.
-            if let Err(e) = tokio::fs::remove_file(&tmp).await
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                tracing::warn!(path = %tmp.display(), error = %e, "could not remove a partial download");
-            }
+        let lock = {
+            let mut map = self.downloading.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(layer.digest.hex().to_owned()).or_default().clone()
+        };
+        let _only_download = lock.lock().await;
+        if dest.is_file() {
+            return Ok((dest, 0)); // another task finished it while we waited
         }
-        result.map(|n| (dest, n))
+        let part = self.partial_path(&layer.digest);
+        // On error the partial stays for the next attempt, unless it failed its digest.
+        let fetched = self.download(source, layer, &part, &dest).await?;
+        Ok((dest, fetched))
     }
 
     async fn download(
         &self,
         source: &dyn BlobSource,
         layer: &LayerDesc,
-        tmp: &Path,
+        part: &Path,
         dest: &Path,
     ) -> Result<u64, ImageError> {
-        let mut reader = source.open_blob(layer).await?;
-        let mut file = tokio::fs::File::create(tmp).await.map_err(|e| ImageError::io("creating", tmp, e))?;
+        let mut file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(part)
+            .await
+            .map_err(|e| ImageError::io("opening", part, e))?;
         let mut hasher = Hasher::default();
+        let mut have = 0u64;
         let mut buf = vec![0u8; 256 * 1024];
-        let mut total = 0u64;
+        // Hash what an earlier attempt already fetched.
+        loop {
+            let n = file.read(&mut buf).await.map_err(|e| ImageError::io("reading", part, e))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            have += n as u64;
+        }
+        let resumed = have > 0;
+        if have > layer.size {
+            return Err(self.discard(part, "a partial download is longer than the blob").await);
+        }
+        if resumed {
+            tracing::info!(digest = %layer.digest, have, size = layer.size, "resuming a partial download");
+        }
+        let mut fetched = 0u64;
+        if have < layer.size || layer.size == 0 {
+            let streamed = self.stream_into(source, layer, have, &mut file, part, &mut hasher, &mut fetched).await;
+            // tokio's File writes in the background: flush before anyone reopens the partial,
+            // error or not, so the next attempt sees every byte counted in `fetched`.
+            let flushed = file.flush().await.map_err(|e| ImageError::io("writing", part, e));
+            streamed?;
+            flushed?;
+        }
+        file.sync_all().await.map_err(|e| ImageError::io("syncing", part, e))?;
+        drop(file);
+        let actual = hasher.finish();
+        if actual != layer.digest {
+            if resumed {
+                return Err(self.discard(part, "a resumed download did not match its digest").await);
+            }
+            self.remove_partial(part).await;
+            return Err(ImageError::DigestMismatch {
+                digest: layer.digest.to_string(),
+                actual: actual.to_string(),
+                source_desc: source.describe(),
+            });
+        }
+        tokio::fs::rename(part, dest).await.map_err(|e| ImageError::io("renaming into the cache", dest, e))?;
+        let dir = self.dir.join("sha256");
+        let synced = tokio::task::spawn_blocking(move || std::fs::File::open(&dir).and_then(|d| d.sync_all()))
+            .await
+            .map_err(|e| ImageError::io("syncing the cache directory", dest, std::io::Error::other(e)))?;
+        synced.map_err(|e| ImageError::io("syncing the cache directory", dest, e))?;
+        Ok(fetched)
+    }
+
+    /// Appends the blob from byte `from` on to `file`, hashing it.
+    #[allow(clippy::too_many_arguments)]
+    async fn stream_into(
+        &self,
+        source: &dyn BlobSource,
+        layer: &LayerDesc,
+        from: u64,
+        file: &mut tokio::fs::File,
+        part: &Path,
+        hasher: &mut Hasher,
+        fetched: &mut u64,
+    ) -> Result<(), ImageError> {
+        let mut reader = source.open_blob(layer, from).await?;
+        let mut buf = vec![0u8; 256 * 1024];
         loop {
             let n = tokio::time::timeout(self.stall_timeout, reader.read(&mut buf))
                 .await
@@ -90,31 +185,34 @@ impl BlobCache {
                     source_desc: source.describe(),
                     detail: format!("no data for {:?} while downloading {}", self.stall_timeout, layer.location),
                 })?
-                .map_err(|e| ImageError::io("downloading", &layer.location, e))?;
+                .map_err(|e| ImageError::Unavailable {
+                    source_desc: source.describe(),
+                    detail: format!("downloading {}: {e}", layer.location),
+                })?;
             if n == 0 {
-                break;
+                return Ok(());
             }
             hasher.update(&buf[..n]);
-            file.write_all(&buf[..n]).await.map_err(|e| ImageError::io("writing", tmp, e))?;
-            total += n as u64;
+            file.write_all(&buf[..n]).await.map_err(|e| ImageError::io("writing", part, e))?;
+            *fetched += n as u64;
         }
-        file.sync_all().await.map_err(|e| ImageError::io("syncing", tmp, e))?;
-        drop(file);
-        let actual = hasher.finish();
-        if actual != layer.digest {
-            return Err(ImageError::DigestMismatch {
-                digest: layer.digest.to_string(),
-                actual: actual.to_string(),
-                source_desc: source.describe(),
-            });
+    }
+
+    /// Drops a partial that cannot be trusted; the error is transient (start over).
+    async fn discard(&self, part: &Path, why: &str) -> ImageError {
+        self.remove_partial(part).await;
+        ImageError::Unavailable {
+            source_desc: format!("blob cache {}", self.dir.display()),
+            detail: format!("{why} ({}); discarded it, the next attempt downloads it whole", part.display()),
         }
-        tokio::fs::rename(tmp, dest).await.map_err(|e| ImageError::io("renaming into the cache", dest, e))?;
-        let dir = self.dir.join("sha256");
-        let synced = tokio::task::spawn_blocking(move || std::fs::File::open(&dir).and_then(|d| d.sync_all()))
-            .await
-            .map_err(|e| ImageError::io("syncing the cache directory", dest, std::io::Error::other(e)))?;
-        synced.map_err(|e| ImageError::io("syncing the cache directory", dest, e))?;
-        Ok(total)
+    }
+
+    async fn remove_partial(&self, part: &Path) {
+        if let Err(e) = tokio::fs::remove_file(part).await
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %part.display(), error = %e, "could not remove a partial download");
+        }
     }
 }
 
@@ -146,5 +244,100 @@ mod tests {
         let (path, n) = cache.ensure(&source, &manifest.layers[0]).await.unwrap();
         assert_eq!((n, std::fs::read(&path).unwrap().len()), (2048, 2048));
         assert_eq!(cache.ensure(&source, &manifest.layers[0]).await.unwrap().1, 0, "cached");
+    }
+
+    /// Serves a blob from memory, dropping the connection after `cut` bytes of the first
+    /// request, and records the offset of every request.
+    struct DroppingSource {
+        blob: Vec<u8>,
+        cut: usize,
+        offsets: std::sync::Mutex<Vec<u64>>,
+    }
+
+    #[async_trait::async_trait]
+    impl BlobSource for DroppingSource {
+        fn describe(&self) -> String {
+            "dropping".into()
+        }
+        async fn manifest(&self, _: &str) -> Result<crate::image::Manifest, ImageError> {
+            unreachable!()
+        }
+        async fn open_blob(&self, _: &LayerDesc, offset: u64) -> Result<super::super::source::BlobStream, ImageError> {
+            let first = {
+                let mut offsets = self.offsets.lock().unwrap();
+                offsets.push(offset);
+                offsets.len() == 1
+            };
+            let rest = self.blob[offset as usize..].to_vec();
+            if first {
+                let head = std::io::Cursor::new(rest[..self.cut].to_vec());
+                Ok(Box::pin(tokio::io::AsyncReadExt::chain(head, Reset)))
+            } else {
+                Ok(Box::pin(std::io::Cursor::new(rest)))
+            }
+        }
+    }
+
+    /// A connection that was reset.
+    struct Reset;
+
+    impl tokio::io::AsyncRead for Reset {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset")))
+        }
+    }
+
+    fn layer_of(blob: &[u8]) -> LayerDesc {
+        LayerDesc {
+            media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+            location: "blob".into(),
+            digest: Digest::of_bytes(blob),
+            size: blob.len() as u64,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dropped_connection_is_resumed_from_where_it_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let blob: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let source = DroppingSource { blob: blob.clone(), cut: 1_000_000, offsets: Default::default() };
+        let layer = layer_of(&blob);
+        let cache = BlobCache::open(dir.path()).unwrap();
+
+        let err = cache.ensure(&source, &layer).await.unwrap_err();
+        assert!(err.is_retryable(), "a reset connection is transient: {err}");
+        assert_eq!(std::fs::metadata(cache.partial_path(&layer.digest)).unwrap().len(), 1_000_000, "partial kept");
+
+        // A crash here changes nothing: reopening the cache keeps a fresh partial.
+        let cache = BlobCache::open(dir.path()).unwrap();
+        let (path, fetched) = cache.ensure(&source, &layer).await.unwrap();
+        assert_eq!(*source.offsets.lock().unwrap(), [0, 1_000_000], "the retry asked only for the rest");
+        assert_eq!(fetched, 2_000_000);
+        assert_eq!(std::fs::read(path).unwrap(), blob);
+        assert!(!cache.partial_path(&layer.digest).exists());
+    }
+
+    #[tokio::test]
+    async fn a_resumed_partial_that_fails_its_digest_is_discarded_and_retried_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let blob = vec![7u8; 100_000];
+        let layer = layer_of(&blob);
+        let family = dir.path().join("src");
+        std::fs::create_dir_all(&family).unwrap();
+        std::fs::write(family.join("blob"), &blob).unwrap();
+        let source = LocalDir::new(&family);
+        let cache = BlobCache::open(dir.path().join("cache")).unwrap();
+        // Garbage where the first bytes should be (say, a torn write before a power cut).
+        std::fs::write(cache.partial_path(&layer.digest), vec![0u8; 40_000]).unwrap();
+
+        let err = cache.ensure(&source, &layer).await.unwrap_err();
+        assert!(err.is_retryable(), "the stale part may be what was wrong, not the source: {err}");
+        assert!(!cache.partial_path(&layer.digest).exists(), "discarded");
+        let (path, fetched) = cache.ensure(&source, &layer).await.unwrap();
+        assert_eq!((fetched, std::fs::read(path).unwrap()), (100_000, blob));
     }
 }

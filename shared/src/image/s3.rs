@@ -15,6 +15,7 @@ use aws_sdk_s3::Client;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::types::ChecksumMode;
 use base64::Engine as _;
+use tokio::io::AsyncReadExt;
 
 use super::digest::Digest;
 use super::error::ImageError;
@@ -175,16 +176,39 @@ impl BlobSource for S3Source {
         self.flat_manifest(family).await
     }
 
-    async fn open_blob(&self, layer: &LayerDesc) -> Result<BlobStream, ImageError> {
+    async fn open_blob(&self, layer: &LayerDesc, offset: u64) -> Result<BlobStream, ImageError> {
         let key = self.key(&layer.location);
-        let out = self.client.get_object().bucket(&self.bucket).key(&key).send().await.map_err(|e| {
-            match self.error(&key, "getting", e) {
-                ImageError::BlobMissing { source_desc, detail, .. } => {
-                    ImageError::BlobMissing { digest: layer.digest.to_string(), source_desc, detail }
-                }
-                other => other,
+        let mut get = self.client.get_object().bucket(&self.bucket).key(&key);
+        if offset > 0 {
+            get = get.range(format!("bytes={offset}-"));
+        }
+        let out = get.send().await.map_err(|e| match self.error(&key, "getting", e) {
+            ImageError::BlobMissing { source_desc, detail, .. } => {
+                ImageError::BlobMissing { digest: layer.digest.to_string(), source_desc, detail }
             }
+            other => other,
         })?;
-        Ok(Box::pin(out.body.into_async_read()))
+        let ranged = out.content_range().is_some_and(|r| r.starts_with(&format!("bytes {offset}-")));
+        let mut body = out.body.into_async_read();
+        if offset > 0 && !ranged {
+            // The server sent the whole object: skip what we already have.
+            let skipped =
+                tokio::io::copy(&mut (&mut body).take(offset), &mut tokio::io::sink()).await.map_err(|e| {
+                    ImageError::Unavailable {
+                        source_desc: self.describe(),
+                        detail: format!("reading s3://{}/{key}: {e}", self.bucket),
+                    }
+                })?;
+            if skipped != offset {
+                return Err(ImageError::Unavailable {
+                    source_desc: self.describe(),
+                    detail: format!(
+                        "s3://{}/{key} is shorter ({skipped} bytes) than the part already downloaded",
+                        self.bucket
+                    ),
+                });
+            }
+        }
+        Ok(Box::pin(body))
     }
 }

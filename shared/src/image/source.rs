@@ -20,8 +20,8 @@ pub trait BlobSource: Send + Sync {
     fn describe(&self) -> String;
     /// Resolves `family` to its ordered layers.
     async fn manifest(&self, family: &str) -> Result<Manifest, ImageError>;
-    /// Opens one layer blob for streaming.
-    async fn open_blob(&self, layer: &LayerDesc) -> Result<BlobStream, ImageError>;
+    /// Opens one layer blob for streaming from byte `offset` on (to resume a partial download).
+    async fn open_blob(&self, layer: &LayerDesc, offset: u64) -> Result<BlobStream, ImageError>;
 }
 
 /// A local directory holding `index.json` + `blobs/` (OCI layout), `images/<family>/` (flat),
@@ -114,11 +114,15 @@ impl BlobSource for LocalDir {
         .map_err(|e| ImageError::io("resolving the manifest", &self.root, std::io::Error::other(e)))?
     }
 
-    async fn open_blob(&self, layer: &LayerDesc) -> Result<BlobStream, ImageError> {
+    async fn open_blob(&self, layer: &LayerDesc, offset: u64) -> Result<BlobStream, ImageError> {
+        use tokio::io::AsyncSeekExt;
         // `location` came from our own manifest resolution: a relative path without `..`.
         let path = self.root.join(&layer.location);
         match tokio::fs::File::open(&path).await {
-            Ok(f) => Ok(Box::pin(f)),
+            Ok(mut f) => {
+                f.seek(std::io::SeekFrom::Start(offset)).await.map_err(|e| ImageError::io("seeking in", &path, e))?;
+                Ok(Box::pin(f))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ImageError::BlobMissing {
                 digest: layer.digest.to_string(),
                 source_desc: self.describe(),
