@@ -85,8 +85,17 @@ enum Kind {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let telemetry = thinpipe::telemetry::init("thinpipe-enqueue", "text", "warn");
+    let code = run(&cli);
+    // The enqueue span goes out before the process ends.
+    telemetry.shutdown();
+    code
+}
+
+fn run(cli: &Cli) -> ExitCode {
     if let Kind::Publish { dir, family, to } = &cli.kind {
-        return run_async(publish(&cli, dir, family, to));
+        let span = tracing::info_span!("publish", family = %family, to = %to);
+        return run_async(tracing::Instrument::instrument(publish(cli, dir, family, to), span));
     }
     let job = match &cli.kind {
         Kind::Prepare { family } => Job::new(JobKind::Prepare, family, None),
@@ -98,7 +107,15 @@ fn main() -> ExitCode {
         eprintln!("enqueue: {e}");
         return ExitCode::from(2);
     }
-    run_async(post(&cli, job))
+    // The job's trace starts here: the worker's job span is a child of this one.
+    let span = tracing::info_span!(
+        "enqueue",
+        kind = %job.kind,
+        family = %job.family,
+        invocation_id = job.invocation_id.as_deref().unwrap_or_default(),
+        run_id = %job.run_id(),
+    );
+    run_async(tracing::Instrument::instrument(post(cli, job), span))
 }
 
 fn run_async(f: impl std::future::Future<Output = anyhow::Result<ExitCode>>) -> ExitCode {
@@ -156,9 +173,18 @@ async fn post(cli: &Cli, job: Job) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// A fresh W3C trace context for the job (the job's trace starts here).
-fn traceparent() -> String {
-    format!("00-{:032x}-{:016x}-01", rand::random::<u128>() | 1, rand::random::<u64>() | 1)
+/// The message attributes of a job: the W3C trace context of the current (enqueue) span.
+fn trace_attributes() -> BTreeMap<String, String> {
+    let mut attrs = BTreeMap::new();
+    if let Some(tp) = thinpipe::telemetry::current_traceparent() {
+        attrs.insert(thinpipe::telemetry::TRACEPARENT.to_owned(), tp);
+    }
+    attrs
+}
+
+/// `trace <id>` for messages, so a person can find the job in a trace backend.
+fn trace_note() -> String {
+    thinpipe::telemetry::trace_id_of(&tracing::Span::current()).map(|t| format!(", trace {t}")).unwrap_or_default()
 }
 
 async fn post_sqs(cli: &Cli, mut job: Job, url: &str) -> anyhow::Result<ExitCode> {
@@ -186,10 +212,8 @@ async fn post_sqs(cli: &Cli, mut job: Job, url: &str) -> anyhow::Result<ExitCode
         };
         job.reply_to = Some(reply);
     }
-    let mut attrs = BTreeMap::new();
-    attrs.insert("traceparent".to_owned(), traceparent());
-    let id = queue.send(url, &job.to_json(), &attrs).await?;
-    eprintln!("posted {} job {id} ({}) to {url}", job.kind, job.run_id());
+    let id = queue.send(url, &job.to_json(), &trace_attributes()).await?;
+    eprintln!("posted {} job {id} ({}{}) to {url}", job.kind, job.run_id(), trace_note());
     let outcome = match &job.reply_to {
         None => Ok(ExitCode::SUCCESS),
         Some(reply) => {
@@ -244,11 +268,9 @@ async fn post_embedded(cli: &Cli, mut job: Job) -> anyhow::Result<ExitCode> {
     let queue = EmbeddedQueue::open(&path, &cli.queue, Duration::from_secs(60), 5)?;
     let reply_to = cli.wait.then(|| format!("reply-{}-{}", std::process::id(), job.run_id()));
     job.reply_to = reply_to.clone();
-    let mut attrs = BTreeMap::new();
-    attrs.insert("traceparent".to_owned(), traceparent());
-    let id = queue.send(&cli.queue, &job.to_json(), &attrs).await?;
+    let id = queue.send(&cli.queue, &job.to_json(), &trace_attributes()).await?;
     if !cli.json || !cli.wait {
-        eprintln!("posted {} job {id} ({}) to {}", job.kind, job.run_id(), queue.describe());
+        eprintln!("posted {} job {id} ({}{}) to {}", job.kind, job.run_id(), trace_note(), queue.describe());
     }
     let Some(reply_to) = reply_to else { return Ok(ExitCode::SUCCESS) };
     wait_for_result(cli, &queue.named(&reply_to), &id, Some(&queue)).await

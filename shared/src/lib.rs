@@ -10,6 +10,7 @@
 //! - [`job`]: the job message schema and results;
 //! - [`aws`]: one AWS SDK setup for SQS and S3;
 //! - [`fault`]: named fault points for crash tests (compiled out of release builds).
+//! - [`telemetry`]: logs, OpenTelemetry traces and metrics, trace context propagation.
 
 pub mod aws;
 pub mod fault;
@@ -19,4 +20,5 @@ pub mod job;
 pub mod pipeline;
 pub mod queue;
 pub mod store;
+pub mod telemetry;
 pub mod volume;

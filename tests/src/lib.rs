@@ -1,6 +1,8 @@
 //! thinpipe's end-to-end test support: helper binaries (`src/bin/`) that the tests in
 //! `tests/` run as real processes and kill, and small shared utilities for those tests.
 
+pub mod otlp;
+
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Output};
 use std::time::{Duration, Instant};

@@ -38,6 +38,7 @@ impl Host {
         match store.acquire_lease_reclaiming(WORKER_LEASE, me, ttl)? {
             Acquired::Yes => {}
             Acquired::TookOver { from } => {
+                thinpipe::telemetry::metrics().lease_takeovers.add(1, &[thinpipe::telemetry::kv("lease", "worker")]);
                 tracing::warn!(previous = %from, "took over the worker lease of a process that is gone (it crashed or was killed)");
             }
             Acquired::HeldBy(holder) => bail!(

@@ -17,11 +17,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use thinpipe::fault;
 use thinpipe::fsm::{Failure, FailureKind, Outcome, RunError};
 use thinpipe::job::{Job, JobKind, JobResult, JobStatus};
 use thinpipe::queue::{Delivery, JobQueue};
 use thinpipe::store::{Acquired, Holder};
+use thinpipe::{fault, telemetry};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -101,10 +101,7 @@ impl JobLoop {
         while let Some(Received { queue, delivery, permit }) = rx.recv().await {
             let this = self.clone();
             let (q, d) = (queue.clone(), delivery.clone());
-            let handle = tasks.spawn(async move {
-                this.handle(&q, d).await;
-                drop(permit);
-            });
+            let handle = tasks.spawn(async move { this.handle(&q, d, permit).await });
             lock(&in_flight).insert(handle.id(), (queue, delivery));
             while let Some(done) = tasks.try_join_next_with_id() {
                 out.handled += 1;
@@ -143,31 +140,64 @@ impl JobLoop {
         Ok(out)
     }
 
-    /// Handles one delivery from start to ack.
-    pub async fn handle(&self, queue: &Arc<dyn JobQueue>, d: Delivery) {
+    /// Handles one delivery from start to ack. The job slot `permit` is given back as soon
+    /// as the job's work is done, before the result is sent and the message acked (acks are
+    /// batched and may linger).
+    async fn handle(&self, queue: &Arc<dyn JobQueue>, d: Delivery, permit: OwnedSemaphorePermit) {
         let job = match Job::parse(&d.body) {
             Ok(job) => job,
             Err(reason) => {
                 tracing::warn!(message_id = %d.message_id, %reason, "invalid job message: dead-lettering it");
+                telemetry::metrics()
+                    .jobs
+                    .add(1, &[telemetry::kv("kind", "invalid"), telemetry::kv("outcome", "dead_lettered")]);
                 if let Err(e) = queue.dead_letter(&d, &reason.0).await {
                     tracing::error!(message_id = %d.message_id, error = %e, "could not dead-letter an invalid message; it will come back");
                 }
                 return;
             }
         };
-        let span = tracing::info_span!("job", message_id = %d.message_id, kind = %job.kind, family = %job.family, run_id = %job.run_id());
+        let span = tracing::info_span!(
+            "job",
+            message_id = %d.message_id,
+            kind = %job.kind,
+            family = %job.family,
+            invocation_id = job.invocation_id.as_deref().unwrap_or_default(),
+            run_id = %job.run_id(),
+            outcome = tracing::field::Empty,
+        );
+        // The job continues the trace of whoever posted it.
+        if let Some(parent) = d.attributes.get(telemetry::TRACEPARENT) {
+            telemetry::set_parent(&span, parent);
+        }
         // Dropped (and the heartbeat stopped) however this task ends, abort and panic included.
         let heartbeat = self.spawn_heartbeat(queue, d.clone()).drop_guard();
         let end = tracing::Instrument::instrument(self.execute(&job, &d), span.clone()).await;
+        drop(permit);
         drop(heartbeat);
+        let outcome = match &end {
+            JobEnd::Done(r) if r.status == JobStatus::Succeeded => "succeeded",
+            JobEnd::Done(_) => "failed",
+            JobEnd::DeadLetter(..) => "dead_lettered",
+            JobEnd::Retry(_) => "retried",
+        };
+        span.record("outcome", outcome);
+        telemetry::metrics()
+            .jobs
+            .add(1, &[telemetry::kv("kind", job.kind.to_string()), telemetry::kv("outcome", outcome)]);
+        tracing::Instrument::instrument(self.finish(queue, &d, &job, end), span).await;
+    }
+
+    /// Publishes a finished job's result and acks, dead-letters or delays its message.
+    async fn finish(&self, queue: &Arc<dyn JobQueue>, d: &Delivery, job: &Job, end: JobEnd) {
         match end {
             JobEnd::Done(result) => {
-                if !self.reply(queue, &job, &result).await {
-                    self.retry_later(queue, &d, "the result could not be sent").await;
+                if !self.reply(queue, job, &result).await {
+                    self.retry_later(queue, d, "the result could not be sent").await;
                     return;
                 }
                 fault::point("jobloop.before_ack", &job.run_id());
-                match queue.ack(&d).await {
+                match queue.ack(d).await {
                     Ok(()) => tracing::info!(message_id = %d.message_id, status = ?result.status, "job done"),
                     Err(e) => {
                         tracing::warn!(message_id = %d.message_id, error = %e, "ack failed; the job will be redelivered and its stored outcome returned")
@@ -176,17 +206,17 @@ impl JobLoop {
             }
             JobEnd::DeadLetter(reason, result) => {
                 if let Some(result) = result
-                    && !self.reply(queue, &job, &result).await
+                    && !self.reply(queue, job, &result).await
                 {
-                    self.retry_later(queue, &d, "the result could not be sent").await;
+                    self.retry_later(queue, d, "the result could not be sent").await;
                     return;
                 }
                 tracing::warn!(message_id = %d.message_id, %reason, "dead-lettering the job");
-                if let Err(e) = queue.dead_letter(&d, &reason).await {
+                if let Err(e) = queue.dead_letter(d, &reason).await {
                     tracing::error!(message_id = %d.message_id, error = %e, "could not dead-letter the job; it will come back");
                 }
             }
-            JobEnd::Retry(reason) => self.retry_later(queue, &d, &reason).await,
+            JobEnd::Retry(reason) => self.retry_later(queue, d, &reason).await,
         }
     }
 
@@ -309,6 +339,7 @@ impl JobLoop {
         match blocking(move || store.acquire_lease_reclaiming(&k, Holder::this_process(), ttl)).await? {
             Acquired::Yes => {}
             Acquired::TookOver { from } => {
+                telemetry::metrics().lease_takeovers.add(1, &[telemetry::kv("lease", "prepare")]);
                 tracing::warn!(family, previous = %from, "took over the prepare lease of a process that is gone")
             }
             Acquired::HeldBy(holder) => {
@@ -391,6 +422,9 @@ struct Received {
     permit: OwnedSemaphorePermit,
 }
 
+/// How long a receiver waits for more free slots to fill a receive call.
+const BATCH_LINGER: Duration = Duration::from_millis(25);
+
 /// Long-polls one queue while job slots are free.
 struct Receiver {
     queue: Arc<dyn JobQueue>,
@@ -416,16 +450,28 @@ impl Receiver {
                 },
             };
             let mut permits = vec![first];
+            // Under load, slots free up one by one; waiting a moment for a few more makes
+            // one receive call fetch several messages instead of one each.
+            let linger = tokio::time::Instant::now() + BATCH_LINGER;
             while permits.len() < self.share {
                 match self.slots.clone().try_acquire_owned() {
                     Ok(p) => permits.push(p),
-                    Err(_) => break,
+                    Err(_) => match tokio::time::timeout_at(linger, self.slots.clone().acquire_owned()).await {
+                        Ok(Ok(p)) => permits.push(p),
+                        _ => break,
+                    },
                 }
             }
+            let asked = std::time::Instant::now();
             let received = tokio::select! {
                 _ = self.stop.cancelled() => return,
                 r = self.queue.receive(permits.len(), self.wait) => r,
             };
+            if let Ok(d) = &received
+                && !d.is_empty()
+            {
+                telemetry::metrics().receive_latency.record(asked.elapsed().as_secs_f64(), &[]);
+            }
             let deliveries = match received {
                 Ok(d) => d,
                 Err(e) => {

@@ -5,5 +5,4 @@ pub mod config;
 pub mod demo;
 pub mod host;
 pub mod jobloop;
-pub mod logging;
 pub mod oneshot;

@@ -99,7 +99,7 @@ fn main() -> ExitCode {
     };
     // The demo talks to a person through its progress bar; keep the log to warnings there.
     let level = if matches!(cli.command, Command::Demo) { "warn" } else { "info" };
-    worker::logging::init(&config.log_format, level);
+    let telemetry = thinpipe::telemetry::init("thinpipe-worker", &config.log_format, level);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -107,13 +107,17 @@ fn main() -> ExitCode {
             return ExitCode::from(3);
         }
     };
-    match runtime.block_on(run(cli.command, config)) {
+    let code = match runtime.block_on(run(cli.command, config)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("worker: {e:#}");
             ExitCode::from(3)
         }
-    }
+    };
+    drop(runtime);
+    // Pending spans and metrics go out before the process ends.
+    telemetry.shutdown();
+    code
 }
 
 async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {

@@ -258,12 +258,14 @@ impl Engine {
             updated_at_ms: now,
             finished_at_ms: None,
             failure: None,
+            trace_parent: crate::telemetry::current_traceparent(),
         };
+        let trace_parent = record.trace_parent.clone();
         let op = Op::Start { id: id.to_owned(), record, input: input.clone(), w0: w0.clone() };
         match self.inner.writer.submit(op).await {
             Ok(Reply::Created) => {
                 let bound = wf.bind(id.into(), &input).map_err(|why| StartError::Corrupt { id: id.to_owned(), why })?;
-                self.spawn_run(wf, bound, id.to_owned(), w0, 0, 0);
+                self.spawn_run(wf, bound, id.to_owned(), w0, 0, 0, trace_parent);
                 Ok(StartOutcome::Started)
             }
             Ok(Reply::Exists(existing)) => {
@@ -288,6 +290,7 @@ impl Engine {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn spawn_run(
         &self,
         wf: Arc<dyn ErasedWorkflow>,
@@ -296,6 +299,7 @@ impl Engine {
         w: Vec<u8>,
         step: u32,
         attempts: u32,
+        trace_parent: Option<String>,
     ) {
         let cancel = CancellationToken::new();
         {
@@ -307,7 +311,8 @@ impl Engine {
         }
         let inner = self.inner.clone();
         self.inner.tasks.spawn(async move {
-            let end = runner::drive(&inner, wf, bound, &id, w, step, attempts, &cancel).await;
+            let position = runner::Position { w, step, attempts };
+            let end = runner::drive(&inner, wf, bound, &id, position, trace_parent.as_deref(), &cancel).await;
             lock(&inner.running).remove(&id);
             if let Some(end) = end {
                 inner.notify(&id, end);
@@ -441,7 +446,8 @@ impl Engine {
                     };
                     match self.inner.writer.submit(Op::Change(change)).await {
                         Ok(_) => {
-                            self.spawn_run(wf, bound, id.clone(), w, record.next_step, record.attempts);
+                            let trace = record.trace_parent.clone();
+                            self.spawn_run(wf, bound, id.clone(), w, record.next_step, record.attempts, trace);
                             report.resumed.push(id);
                         }
                         Err(e) => {

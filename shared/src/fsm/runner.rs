@@ -26,19 +26,32 @@ enum StepStop {
     Stop { why: String, interrupted: bool },
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Where a run stands: the response of its last completed step, the step to run next, and
+/// the failed attempts of that step so far.
+pub(crate) struct Position {
+    pub w: Vec<u8>,
+    pub step: u32,
+    pub attempts: u32,
+}
+
 pub(crate) async fn drive(
     inner: &Arc<Inner>,
     wf: Arc<dyn ErasedWorkflow>,
     bound: Arc<dyn BoundRun>,
     id: &str,
-    mut w: Vec<u8>,
-    mut step: u32,
-    mut attempts: u32,
+    position: Position,
+    trace_parent: Option<&str>,
     cancel: &CancellationToken,
 ) -> Option<RunEnd> {
+    let Position { mut w, mut step, mut attempts } = position;
     let span = tracing::info_span!("run", run_id = %id, workflow = wf.name());
-    async move {
+    if let Some(parent) = trace_parent {
+        crate::telemetry::set_parent(&span, parent);
+    }
+    let in_flight = crate::telemetry::metrics();
+    let workflow_kv = [crate::telemetry::kv("workflow", wf.name().to_owned())];
+    in_flight.runs_in_flight.add(1, &workflow_kv);
+    let end = async move {
         loop {
             let last = step as usize + 1 == wf.step_count();
             match run_step(inner, &*wf, &bound, id, &w, step, attempts, last, cancel).await {
@@ -73,7 +86,9 @@ pub(crate) async fn drive(
         }
     }
     .instrument(span)
-    .await
+    .await;
+    in_flight.runs_in_flight.add(-1, &workflow_kv);
+    end
 }
 
 /// A write the run needed was refused or failed: fenced and stopped are quiet ends, a
@@ -111,8 +126,30 @@ async fn run_step(
         let inner = inner.clone();
         let policy = policy.clone();
         let fault_detail = fault_detail.clone();
-        let span = tracing::info_span!("step", step = name, attempt, outcome = tracing::field::Empty);
+        let span = tracing::info_span!(
+            "step",
+            run_id = %id,
+            workflow = wf.name(),
+            step = name,
+            attempt,
+            outcome = tracing::field::Empty,
+            error_kind = tracing::field::Empty,
+        );
         let span_outcome = span.clone();
+        let workflow = wf.name();
+        // Records how the attempt ended on its span and in the step duration histogram.
+        let observe = move |started: Instant, outcome: &'static str, error_kind: Option<String>| {
+            span_outcome.record("outcome", outcome);
+            if let Some(k) = &error_kind {
+                span_outcome.record("error_kind", k.as_str());
+            }
+            let attrs = [
+                crate::telemetry::kv("workflow", workflow.to_owned()),
+                crate::telemetry::kv("step", name.to_owned()),
+                crate::telemetry::kv("outcome", outcome),
+            ];
+            crate::telemetry::metrics().step_duration.record(started.elapsed().as_secs_f64(), &attrs);
+        };
         async move {
             fault::point("fsm.before_step", &fault_detail);
             let started = Instant::now();
@@ -143,7 +180,7 @@ async fn run_step(
                     match inner.submit(Op::Change(change)).await {
                         Ok(_) => {
                             fault::point("fsm.after_commit", &fault_detail);
-                            span_outcome.record("outcome", "completed");
+                            observe(started, "completed", None);
                             return AttemptResult::Done(next);
                         }
                         Err(OpError::Storage(e)) => (
@@ -155,22 +192,25 @@ async fn run_step(
                 }
                 Ok(Ok(Err(CallError::Step(StepError::Transient(e))))) => (AttemptErrorKind::Transient, e),
                 Ok(Ok(Err(CallError::Step(StepError::Abort(e))))) => {
-                    span_outcome.record("outcome", "aborted");
+                    observe(started, "aborted", Some("abort".into()));
                     return fail(name, FailureKind::Aborted, &e, failed(AttemptErrorKind::Abort, e.clone()));
                 }
                 Ok(Ok(Err(CallError::Corrupt(e)))) => {
-                    span_outcome.record("outcome", "corrupt");
+                    observe(started, "corrupt", Some("corrupt".into()));
                     return fail(name, FailureKind::Corrupt, &e, failed(AttemptErrorKind::Corrupt, e.clone()));
                 }
                 Ok(Err(panic)) => (AttemptErrorKind::Panic, format!("step panicked: {}", panic_message(&*panic))),
                 Err(_) => (AttemptErrorKind::Timeout, format!("attempt timed out after {:?}", policy.attempt_timeout)),
             };
-            span_outcome.record("outcome", "failed");
+            observe(started, "failed", Some(format!("{kind:?}").to_lowercase()));
             tracing::warn!(error = %error, ?kind, "step attempt failed");
             if attempt >= policy.max_attempts {
                 let why = format!("{error} (attempt {attempt} of {})", policy.max_attempts);
                 return fail(name, FailureKind::RetriesExhausted, &why, failed(kind, error));
             }
+            let attrs =
+                [crate::telemetry::kv("workflow", workflow.to_owned()), crate::telemetry::kv("step", name.to_owned())];
+            crate::telemetry::metrics().retries.add(1, &attrs);
             // Record the failed attempt before backing off, so the count survives a restart.
             let change = Change {
                 id: id.to_owned(),

@@ -92,6 +92,10 @@ pub struct RunRecord {
     pub updated_at_ms: u64,
     pub finished_at_ms: Option<u64>,
     pub failure: Option<Failure>,
+    /// W3C `traceparent` of the span that started the run: the run's spans, resumed ones
+    /// included, belong to that trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_parent: Option<String>,
 }
 
 /// Why an attempt failed, as recorded in history.

@@ -355,6 +355,7 @@ impl Tables<'_> {
             updated_at_ms: now,
             finished_at_ms: Some(now),
             failure: Some(failure.clone()),
+            trace_parent: None,
         };
         let kind = EventKind::Finished { status: RunStatus::Failed, failure: Some(failure) };
         self.push_event(id, &mut record, kind, now)?;

@@ -80,6 +80,12 @@ impl BlobCache {
 
     /// The cached blob of `layer`, downloading (the rest of) it from `source` if it is not
     /// cached yet. Returns the path and the bytes downloaded now (0 when it was cached).
+    #[tracing::instrument(
+        name = "blob.ensure",
+        skip_all,
+        fields(digest = %layer.digest, size = layer.size, fetched = tracing::field::Empty),
+        err(Display)
+    )]
     pub async fn ensure(&self, source: &dyn BlobSource, layer: &LayerDesc) -> Result<(PathBuf, u64), ImageError> {
         let dest = self.path(&layer.digest);
         if dest.is_file() {
@@ -96,6 +102,7 @@ impl BlobCache {
         let part = self.partial_path(&layer.digest);
         // On error the partial stays for the next attempt, unless it failed its digest.
         let fetched = self.download(source, layer, &part, &dest).await?;
+        tracing::Span::current().record("fetched", fetched);
         Ok((dest, fetched))
     }
 
@@ -195,6 +202,7 @@ impl BlobCache {
             hasher.update(&buf[..n]);
             file.write_all(&buf[..n]).await.map_err(|e| ImageError::io("writing", part, e))?;
             *fetched += n as u64;
+            crate::telemetry::metrics().blob_bytes.add(n as u64, &[]);
         }
     }
 

@@ -156,6 +156,7 @@ impl BlobSource for S3Source {
         format!("s3://{}/{}", self.bucket, self.prefix)
     }
 
+    #[tracing::instrument(name = "s3.manifest", skip(self), fields(bucket = %self.bucket, prefix = %self.prefix), err(Display))]
     async fn manifest(&self, family: &str) -> Result<Manifest, ImageError> {
         layout::validate_family(family)?;
         if let Some(index) = self.get_small("index.json").await? {
@@ -176,6 +177,12 @@ impl BlobSource for S3Source {
         self.flat_manifest(family).await
     }
 
+    #[tracing::instrument(
+        name = "s3.get_object",
+        skip(self, layer),
+        fields(bucket = %self.bucket, key = %self.key(&layer.location), offset),
+        err(Display)
+    )]
     async fn open_blob(&self, layer: &LayerDesc, offset: u64) -> Result<BlobStream, ImageError> {
         let key = self.key(&layer.location);
         let mut get = self.client.get_object().bucket(&self.bucket).key(&key);

@@ -101,7 +101,11 @@ impl Pipeline {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StepError> + Send + 'static,
 ) -> Result<T, StepError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| StepError::transient(format!("blocking task failed: {e}")))?
+    // The blocking thread carries the step's span, so volume operations nest under it.
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(f))
+        .await
+        .map_err(|e| StepError::transient(format!("blocking task failed: {e}")))?
 }
 
 fn image_err(e: ImageError) -> StepError {

@@ -38,7 +38,7 @@ pub struct SqsQueue {
 type AckRequest = (Delivery, tokio::sync::oneshot::Sender<Result<(), QueueError>>);
 
 /// How long the ack batcher waits for more acks to share a request.
-const ACK_LINGER: Duration = Duration::from_millis(10);
+const ACK_LINGER: Duration = Duration::from_millis(50);
 
 impl SqsQueue {
     pub fn new(client: Client, settings: SqsSettings) -> Self {

@@ -69,6 +69,13 @@ impl VolumeBackend for DirBackend {
         false
     }
 
+    #[tracing::instrument(
+        name = "volume.create_base",
+        level = "info",
+        skip(self),
+        fields(backend = "dir"),
+        err(Display)
+    )]
     fn create_base(&self, id: u64) -> Result<(), VolumeError> {
         let vol = VolumeId::Base(id);
         let path = self.path(vol);
@@ -79,6 +86,13 @@ impl VolumeBackend for DirBackend {
         }
     }
 
+    #[tracing::instrument(
+        name = "volume.reset_base",
+        level = "info",
+        skip(self),
+        fields(backend = "dir"),
+        err(Display)
+    )]
     fn reset_base(&self, id: u64) -> Result<PathBuf, VolumeError> {
         let vol = VolumeId::Base(id);
         if self.is_sealed(id)? {
@@ -102,6 +116,7 @@ impl VolumeBackend for DirBackend {
         Ok(path)
     }
 
+    #[tracing::instrument(name = "volume.seal_base", level = "info", skip(self), fields(backend = "dir"), err(Display))]
     fn seal_base(&self, id: u64) -> Result<(), VolumeError> {
         let vol = VolumeId::Base(id);
         if !exists(&self.path(vol), vol)? {
@@ -125,6 +140,7 @@ impl VolumeBackend for DirBackend {
         }
     }
 
+    #[tracing::instrument(name = "volume.snapshot", level = "info", skip(self), fields(backend = "dir"), err(Display))]
     fn snapshot(&self, base: u64, snap: u64) -> Result<(), VolumeError> {
         let vol = VolumeId::Snap(snap);
         let dest = self.path(vol);
@@ -144,6 +160,7 @@ impl VolumeBackend for DirBackend {
         sync_dir(&self.root.join("snaps"), vol)
     }
 
+    #[tracing::instrument(name = "volume.expose", level = "info", skip(self), fields(backend = "dir"), err(Display))]
     fn expose(&self, snap: u64) -> Result<PathBuf, VolumeError> {
         let vol = VolumeId::Snap(snap);
         let path = self.path(vol);
@@ -156,6 +173,7 @@ impl VolumeBackend for DirBackend {
         Ok(path)
     }
 
+    #[tracing::instrument(name = "volume.delete", level = "info", skip(self), fields(backend = "dir"), err(Display))]
     fn delete(&self, vol: VolumeId) -> Result<(), VolumeError> {
         remove_tree(&self.path(vol), vol)?;
         if let VolumeId::Base(id) = vol {

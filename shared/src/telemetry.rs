@@ -1,0 +1,238 @@
+//! Logs, traces and metrics for the binaries.
+//!
+//! [`init`] installs one `tracing` subscriber: logs to stderr (`text` or `json`, filtered by
+//! `RUST_LOG`) and an OpenTelemetry layer, so every span has a W3C trace context whether or
+//! not it is exported. Export over OTLP/HTTP happens only when `OTEL_EXPORTER_OTLP_ENDPOINT`
+//! (or the per-signal `..._TRACES_ENDPOINT` / `..._METRICS_ENDPOINT`) is set; the standard
+//! `OTEL_*` variables (service name, resource attributes, sampler, export interval) apply.
+//! [`Telemetry::shutdown`] flushes what is pending: call it before the process exits.
+//!
+//! Trace context crosses process boundaries as a `traceparent` string: `enqueue` puts it in
+//! the message, the worker's job span takes it as parent, and the engine stores it with each
+//! run so that a run resumed after a crash continues the trace of the job that started it.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Histogram, UpDownCounter};
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// The attribute (SQS message attribute, run record field) carrying the W3C trace context.
+pub const TRACEPARENT: &str = "traceparent";
+
+/// The installed providers; [`Telemetry::shutdown`] flushes them.
+pub struct Telemetry {
+    tracer: SdkTracerProvider,
+    meter: Option<SdkMeterProvider>,
+}
+
+fn endpoint_set(signal: &str) -> bool {
+    let set = |k: &str| std::env::var(k).is_ok_and(|v| !v.trim().is_empty());
+    set("OTEL_EXPORTER_OTLP_ENDPOINT") || set(&format!("OTEL_EXPORTER_OTLP_{signal}_ENDPOINT"))
+}
+
+/// Sets up logging and OpenTelemetry for a process named `service` (unless
+/// `OTEL_SERVICE_NAME` names it). `log_format` is `text` or `json`; `default_level` applies
+/// when `RUST_LOG` is unset. Call it outside any async runtime (the blocking HTTP client
+/// of the exporter cannot be built inside one).
+pub fn init(service: &str, log_format: &str, default_level: &str) -> Telemetry {
+    let mut resource = opentelemetry_sdk::Resource::builder();
+    if std::env::var("OTEL_SERVICE_NAME").is_err() {
+        resource = resource.with_service_name(service.to_owned());
+    }
+    let resource = resource.build();
+    let mut problems = Vec::new();
+    let mut tracer = SdkTracerProvider::builder().with_resource(resource.clone());
+    if endpoint_set("TRACES") {
+        match opentelemetry_otlp::SpanExporter::builder().with_http().build() {
+            Ok(exporter) => tracer = tracer.with_batch_exporter(exporter),
+            Err(e) => problems.push(format!("OTLP trace export is off: {e}")),
+        }
+    }
+    let tracer = tracer.build();
+    let meter = if endpoint_set("METRICS") {
+        match opentelemetry_otlp::MetricExporter::builder().with_http().build() {
+            Ok(exporter) => {
+                Some(SdkMeterProvider::builder().with_resource(resource).with_periodic_exporter(exporter).build())
+            }
+            Err(e) => {
+                problems.push(format!("OTLP metric export is off: {e}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    if let Some(m) = &meter {
+        opentelemetry::global::set_meter_provider(m.clone());
+    }
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+
+    // Logs follow RUST_LOG; spans for traces are kept at info and above whatever the log
+    // level, so a quiet command still carries and exports its trace context.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(tracer.tracer("thinpipe"))
+        .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(otel);
+    let installed = if log_format == "json" {
+        registry.with(fmt.json().with_current_span(true).with_span_list(true).with_filter(filter)).try_init()
+    } else {
+        registry.with(fmt.with_filter(filter)).try_init()
+    };
+    if let Err(e) = installed {
+        eprintln!("logging was already set up: {e}");
+    }
+    for p in problems {
+        tracing::warn!("{p}");
+    }
+    Telemetry { tracer, meter }
+}
+
+impl Telemetry {
+    /// Flushes pending spans and metrics and stops the exporters. Call it outside any
+    /// async runtime, after the work is done.
+    pub fn shutdown(self) {
+        if let Err(e) = self.tracer.shutdown() {
+            eprintln!("flushing traces: {e}");
+        }
+        if let Some(m) = self.meter
+            && let Err(e) = m.shutdown()
+        {
+            eprintln!("flushing metrics: {e}");
+        }
+    }
+}
+
+/// The W3C `traceparent` of `span`, if it has a valid trace context.
+pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
+    let cx = span.context();
+    if !cx.span().span_context().is_valid() {
+        return None;
+    }
+    let mut carrier = HashMap::new();
+    TraceContextPropagator::new().inject_context(&cx, &mut carrier);
+    carrier.remove(TRACEPARENT)
+}
+
+/// The `traceparent` of the current span.
+pub fn current_traceparent() -> Option<String> {
+    traceparent_of(&tracing::Span::current())
+}
+
+/// Makes `span` a child of the remote span `traceparent` (ignored if malformed: a bad
+/// header from a client must not fail a job, it only starts a new trace).
+pub fn set_parent(span: &tracing::Span, traceparent: &str) {
+    let carrier = HashMap::from([(TRACEPARENT.to_owned(), traceparent.to_owned())]);
+    let cx = TraceContextPropagator::new().extract(&carrier);
+    if !cx.span().span_context().is_valid() {
+        tracing::debug!(traceparent, "ignoring a malformed traceparent");
+        return;
+    }
+    if let Err(e) = span.set_parent(cx) {
+        tracing::debug!(error = %e, "could not set a span's parent");
+    }
+}
+
+/// The trace id of `span` as 32 hex digits, for logs and links.
+pub fn trace_id_of(span: &tracing::Span) -> Option<String> {
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then(|| sc.trace_id().to_string())
+}
+
+/// The metrics the pipeline records (no-ops unless a meter provider is installed).
+pub struct Metrics {
+    /// Jobs handled, by `kind` and `outcome`.
+    pub jobs: Counter<u64>,
+    /// Step attempt durations in seconds, by `workflow`, `step` and `outcome`.
+    pub step_duration: Histogram<f64>,
+    /// Step attempts that will be retried, by `workflow` and `step`.
+    pub retries: Counter<u64>,
+    /// Runs being driven now, by `workflow`.
+    pub runs_in_flight: UpDownCounter<i64>,
+    /// Seconds from asking the queue for messages to receiving a non-empty batch.
+    pub receive_latency: Histogram<f64>,
+    /// Blob bytes downloaded from the image source.
+    pub blob_bytes: Counter<u64>,
+    /// Leases taken over from a dead holder, by `lease` kind.
+    pub lease_takeovers: Counter<u64>,
+}
+
+/// The process's instruments, created on first use from the global meter provider (so
+/// after [`init`]).
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(|| {
+        let m = opentelemetry::global::meter("thinpipe");
+        Metrics {
+            jobs: m.u64_counter("thinpipe.jobs").with_description("Jobs handled, by kind and outcome").build(),
+            step_duration: m
+                .f64_histogram("thinpipe.step.duration")
+                .with_unit("s")
+                .with_description("Step attempt durations")
+                .build(),
+            retries: m.u64_counter("thinpipe.step.retries").with_description("Step attempts to be retried").build(),
+            runs_in_flight: m
+                .i64_up_down_counter("thinpipe.runs.in_flight")
+                .with_description("Runs being driven now")
+                .build(),
+            receive_latency: m
+                .f64_histogram("thinpipe.queue.receive_latency")
+                .with_unit("s")
+                .with_description("Time from a receive call to the messages it returned")
+                .build(),
+            blob_bytes: m
+                .u64_counter("thinpipe.blob.bytes_downloaded")
+                .with_unit("By")
+                .with_description("Blob bytes downloaded")
+                .build(),
+            lease_takeovers: m
+                .u64_counter("thinpipe.lease.takeovers")
+                .with_description("Leases taken over from a holder that is gone")
+                .build(),
+        }
+    })
+}
+
+/// Shorthand for metric attributes.
+pub fn kv(key: &'static str, value: impl Into<opentelemetry::Value>) -> KeyValue {
+    KeyValue::new(key, value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_round_trips_through_a_span() {
+        let provider = SdkTracerProvider::builder().build();
+        let subscriber =
+            tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("t")));
+        tracing::subscriber::with_default(subscriber, || {
+            let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+            let span = tracing::info_span!("job");
+            set_parent(&span, parent);
+            assert_eq!(trace_id_of(&span).as_deref(), Some("0af7651916cd43dd8448eb211c80319c"));
+            let child = span.in_scope(|| tracing::info_span!("run"));
+            let tp = traceparent_of(&child).unwrap();
+            assert!(tp.starts_with("00-0af7651916cd43dd8448eb211c80319c-"), "{tp}");
+            assert!(!tp.contains("b7ad6b7169203331"), "the child has its own span id: {tp}");
+
+            let fresh = tracing::info_span!("other");
+            set_parent(&fresh, "garbage");
+            assert_ne!(trace_id_of(&fresh).as_deref(), Some("0af7651916cd43dd8448eb211c80319c"));
+        });
+    }
+}
