@@ -71,6 +71,8 @@ impl Daemon {
             .arg("daemon")
             .env("THINPIPE_QUEUE_WAIT_SECS", "1")
             .env("THINPIPE_WORKER_RETRY_DELAY_SECS", "1")
+            // Tests run side by side: each worker's admin API on a free port.
+            .env("THINPIPE_ADMIN_LISTEN", "127.0.0.1:0")
             .env_remove("THINPIPE_FAULT")
             .stdout(std::process::Stdio::null())
             .stderr(log);
@@ -97,6 +99,13 @@ impl Daemon {
     /// Waits until the log contains `text`.
     pub fn wait_for_log(&self, text: &str, timeout: Duration) {
         wait_until(&format!("worker log to show {text:?}"), timeout, || self.log().contains(text));
+    }
+
+    /// The admin API's base URL, once the worker has bound it.
+    pub fn admin_url(&self) -> String {
+        let file = self.state.join("admin.addr");
+        wait_until("the admin API to listen", Duration::from_secs(60), || file.exists());
+        std::fs::read_to_string(file).expect("admin.addr").trim().to_owned()
     }
 
     /// The worker's log so far.

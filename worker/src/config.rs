@@ -27,6 +27,29 @@ pub struct Config {
     pub images: ImagesConfig,
     pub engine: EngineSettings,
     pub aws: AwsConfig,
+    pub admin: AdminConfig,
+}
+
+/// The admin HTTP API and the inspector page (daemon only).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address to listen on; empty disables the API. Port 0 picks a free port; the address
+    /// in use is written to `<state_dir>/admin.addr`.
+    pub listen: String,
+    /// Allow a non-loopback `listen` (then `token` is required).
+    pub allow_public: bool,
+    /// Bearer token required by every endpoint but `/healthz` and the page's files.
+    pub token: String,
+    /// Link from a run to its trace, `{trace_id}` replaced: e.g.
+    /// `http://jaeger:16686/trace/{trace_id}`. Empty shows the trace id as text.
+    pub trace_url: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { listen: "127.0.0.1:9185".into(), allow_public: false, token: String::new(), trace_url: String::new() }
+    }
 }
 
 /// AWS access for SQS and S3. Credentials and region come from the standard chain
@@ -147,6 +170,7 @@ impl Default for Config {
             images: ImagesConfig::default(),
             engine: EngineSettings::default(),
             aws: AwsConfig::default(),
+            admin: AdminConfig::default(),
         }
     }
 }
@@ -269,6 +293,9 @@ impl Config {
                 self.worker.concurrency
             );
         }
+        if !self.admin.listen.is_empty() {
+            crate::admin::check_listen(&self.admin.listen, self.admin.allow_public, &self.admin.token)?;
+        }
         if self.backend != "dir" {
             bail!("backend {:?}: this build supports the dir backend", self.backend);
         }
@@ -279,6 +306,15 @@ impl Config {
             bail!("worker.lease_ttl_secs must be at least 3 (leases are renewed at a third of it)");
         }
         Ok(())
+    }
+
+    /// The configuration as it may be shown: secrets replaced.
+    pub fn redacted(&self) -> Config {
+        let mut c = self.clone();
+        if !c.admin.token.is_empty() {
+            c.admin.token = "(set)".into();
+        }
+        c
     }
 
     /// The SQS queues jobs are received from, the main one first.

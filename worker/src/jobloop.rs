@@ -14,6 +14,7 @@
 //! the engine (their runs resume at the next start).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -52,6 +53,28 @@ pub struct JobLoop {
     queues: Vec<Arc<dyn JobQueue>>,
     /// One prepare per family at a time in this process.
     prepare_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Jobs running now (for the admin API).
+    running: Arc<AtomicUsize>,
+    /// Fired by an admin drain.
+    draining: CancellationToken,
+    /// Queues whose last receive failed.
+    receive_failing: Arc<AtomicUsize>,
+}
+
+/// Counts a running job for as long as it lives (panics and aborts included).
+struct Running(Arc<AtomicUsize>);
+
+impl Running {
+    fn start(counter: &Arc<AtomicUsize>) -> Running {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Running(counter.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl JobLoop {
@@ -59,7 +82,37 @@ impl JobLoop {
     /// configuration requires `worker.concurrency >= queues.len()`.
     pub fn new(host: Arc<Host>, queues: Vec<Arc<dyn JobQueue>>) -> Arc<Self> {
         assert!(!queues.is_empty(), "a job loop needs a queue");
-        Arc::new(Self { host, queues, prepare_locks: Mutex::new(HashMap::new()) })
+        Arc::new(Self {
+            host,
+            queues,
+            prepare_locks: Mutex::new(HashMap::new()),
+            running: Arc::default(),
+            draining: CancellationToken::new(),
+            receive_failing: Arc::default(),
+        })
+    }
+
+    /// Stops taking jobs (the admin API's drain): running jobs finish, the process stays up
+    /// until it is told to shut down.
+    pub fn drain(&self) {
+        if !self.draining.is_cancelled() {
+            tracing::info!("drain requested: no new jobs will be taken");
+        }
+        self.draining.cancel();
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.is_cancelled()
+    }
+
+    /// Jobs running now.
+    pub fn in_flight(&self) -> usize {
+        self.running.load(Ordering::SeqCst)
+    }
+
+    /// Whether the last receive from some queue failed (the queue is not usable now).
+    pub fn queue_failing(&self) -> bool {
+        self.receive_failing.load(Ordering::SeqCst) > 0
     }
 
     /// Runs until `shutdown` fires (or the worker lease is lost), then drains.
@@ -70,10 +123,15 @@ impl JobLoop {
             tracing::info!(resumed = report.resumed.len(), failed = report.failed.len(), "resumed unfinished runs");
         }
         let stop = CancellationToken::new();
+        let lost = self.host.lease_lost.clone();
         let stopper = {
-            let (stop, shutdown, lost) = (stop.clone(), shutdown.clone(), self.host.lease_lost.clone());
+            let (stop, shutdown, lost, drain) = (stop.clone(), shutdown.clone(), lost.clone(), self.draining.clone());
             tokio::spawn(async move {
-                tokio::select! { _ = shutdown.cancelled() => {}, _ = lost.cancelled() => {} }
+                tokio::select! {
+                    _ = shutdown.cancelled() => {},
+                    _ = lost.cancelled() => {},
+                    _ = drain.cancelled() => {},
+                }
                 stop.cancel();
             })
         };
@@ -90,6 +148,7 @@ impl JobLoop {
                 wait: Duration::from_secs(cfg.queue.wait_secs),
                 stop: stop.clone(),
                 tx: tx.clone(),
+                failing: self.receive_failing.clone(),
             };
             receivers.spawn(receiver.run());
         }
@@ -97,22 +156,42 @@ impl JobLoop {
         let in_flight: Arc<Mutex<InFlight>> = Arc::default();
         let mut tasks = JoinSet::new();
         let mut out = LoopReport::default();
-        // Ends when every receiver has stopped (they stop when `stop` fires).
-        while let Some(Received { queue, delivery, permit }) = rx.recv().await {
-            let this = self.clone();
-            let (q, d) = (queue.clone(), delivery.clone());
-            let handle = tasks.spawn(async move { this.handle(&q, d, permit).await });
-            lock(&in_flight).insert(handle.id(), (queue, delivery));
-            while let Some(done) = tasks.try_join_next_with_id() {
-                out.handled += 1;
-                forget(&in_flight, done);
+        // Until every receiver has stopped (they stop when `stop` fires).
+        loop {
+            tokio::select! {
+                received = rx.recv() => {
+                    let Some(Received { queue, delivery, permit }) = received else { break };
+                    let this = self.clone();
+                    let (q, d) = (queue.clone(), delivery.clone());
+                    let running = Running::start(&self.running);
+                    let handle = tasks.spawn(async move {
+                        this.handle(&q, d, permit).await;
+                        drop(running);
+                    });
+                    lock(&in_flight).insert(handle.id(), (queue, delivery));
+                }
+                Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                    out.handled += 1;
+                    forget(&in_flight, done);
+                }
             }
         }
         while receivers.join_next().await.is_some() {}
         stopper.abort();
-        while let Some(done) = tasks.try_join_next_with_id() {
-            out.handled += 1;
-            forget(&in_flight, done);
+        if self.is_draining() && !shutdown.is_cancelled() && !lost.is_cancelled() {
+            // An admin drain: jobs finish at their own pace; then the process waits to be
+            // stopped (an upgrade replaces the binary meanwhile).
+            tracing::info!(in_flight = tasks.len(), "drained: waiting for running jobs, then for shutdown");
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = lost.cancelled() => break,
+                    Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                        out.handled += 1;
+                        forget(&in_flight, done);
+                    }
+                }
+            }
         }
         // Drain: in-flight jobs get until the deadline.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(cfg.worker.drain_deadline_secs);
@@ -435,10 +514,13 @@ struct Receiver {
     wait: Duration,
     stop: CancellationToken,
     tx: tokio::sync::mpsc::Sender<Received>,
+    /// Counts queues whose last receive failed; this receiver adds itself while failing.
+    failing: Arc<AtomicUsize>,
 }
 
 impl Receiver {
     async fn run(self) {
+        let mut healthy = true;
         loop {
             // Reserve the slots first: every message received has a slot to run in, so
             // none waits (invisible, unextended) for one.
@@ -471,6 +553,15 @@ impl Receiver {
                 && !d.is_empty()
             {
                 telemetry::metrics().receive_latency.record(asked.elapsed().as_secs_f64(), &[]);
+            }
+            let ok = received.is_ok();
+            if ok != healthy {
+                healthy = ok;
+                if ok {
+                    self.failing.fetch_sub(1, Ordering::SeqCst)
+                } else {
+                    self.failing.fetch_add(1, Ordering::SeqCst)
+                };
             }
             let deliveries = match received {
                 Ok(d) => d,

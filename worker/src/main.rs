@@ -44,8 +44,35 @@ enum Command {
     },
     /// The main job on embedded defaults: sample family, prepare, two activations.
     Demo,
-    /// Print the effective configuration as TOML (and check it).
+    /// Print the effective configuration as TOML (and check it). Secrets are redacted.
     Config,
+    /// Inspect runs through a running worker's admin API.
+    Runs {
+        #[command(subcommand)]
+        cmd: RunsCommand,
+        /// The admin API (default: the address the worker wrote to <state_dir>/admin.addr).
+        #[arg(long, global = true)]
+        admin_url: Option<String>,
+        /// Print JSON as the API returns it.
+        #[arg(long, global = true)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum RunsCommand {
+    /// Runs, newest first.
+    List {
+        #[arg(long)]
+        workflow: Option<String>,
+        /// active, completed or failed.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// One run: input, history, recorded responses.
+    Show { id: String },
 }
 
 #[derive(Subcommand)]
@@ -97,6 +124,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Command::Runs { cmd, admin_url, json } = &cli.command {
+        return match runs(&config, cmd, admin_url.as_deref(), *json) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("worker: {e:#}");
+                ExitCode::from(3)
+            }
+        };
+    }
     // The demo talks to a person through its progress bar; keep the log to warnings there.
     let level = if matches!(cli.command, Command::Demo) { "warn" } else { "info" };
     let telemetry = thinpipe::telemetry::init("thinpipe-worker", &config.log_format, level);
@@ -120,14 +156,46 @@ fn main() -> ExitCode {
     code
 }
 
+fn runs(config: &Config, cmd: &RunsCommand, admin_url: Option<&str>, json: bool) -> anyhow::Result<()> {
+    use worker::admin::client;
+    let base = client::base_url(config, admin_url)?;
+    let (value, text): (serde_json::Value, fn(&serde_json::Value) -> String) = match cmd {
+        RunsCommand::List { workflow, status, limit } => {
+            let enc = |s: &Option<String>| s.as_deref().map(encode).unwrap_or_default();
+            let path = format!("/api/runs?limit={limit}&workflow={}&status={}", enc(workflow), enc(status));
+            (client::get(config, &base, &path)?, client::print_list)
+        }
+        RunsCommand::Show { id } => {
+            (client::get(config, &base, &format!("/api/runs/{}", encode(id)))?, client::print_run)
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        print!("{}", text(&value));
+    }
+    Ok(())
+}
+
+/// Percent-encodes a query or path value.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
     match command {
         Command::Config => {
-            print!("{}", toml::to_string_pretty(&config).context("encoding the configuration")?);
+            print!("{}", toml::to_string_pretty(&config.redacted()).context("encoding the configuration")?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo => Ok(if worker::demo::run(config).await? { ExitCode::SUCCESS } else { ExitCode::from(1) }),
         Command::Daemon => daemon(config).await,
+        Command::Runs { .. } => unreachable!("handled before the runtime starts"),
         Command::Run { job, json } => {
             let host = Arc::new(Host::open(config).await?);
             host.engine.resume_all().await?;
@@ -157,7 +225,30 @@ async fn daemon(config: Config) -> anyhow::Result<ExitCode> {
     let described: Vec<String> = queues.iter().map(|q| q.describe()).collect();
     tracing::info!(state_dir = %config.state_dir.display(), queues = %described.join(", "), "worker started");
     let job_loop = worker::jobloop::JobLoop::new(host.clone(), queues);
+    let admin_stop = CancellationToken::new();
+    let admin = if config.admin.listen.is_empty() {
+        None
+    } else {
+        match worker::admin::serve(host.clone(), job_loop.clone(), admin_stop.clone()).await {
+            Ok((_, server)) => Some(server),
+            Err(e) => {
+                host.close().await;
+                return Err(e);
+            }
+        }
+    };
     let report = job_loop.run(shutdown).await;
+    // The admin API answers until the jobs are drained, then stops with the process.
+    admin_stop.cancel();
+    if let Some(server) = admin {
+        if let Err(e) = server.await {
+            tracing::warn!(error = %e, "the admin API task ended abnormally");
+        }
+        let addr_file = config.state_dir.join(worker::admin::ADDR_FILE);
+        if let Err(e) = std::fs::remove_file(&addr_file) {
+            tracing::warn!(path = %addr_file.display(), error = %e, "could not remove the admin address file");
+        }
+    }
     host.close().await;
     let report = report?;
     tracing::info!(handled = report.handled, released = report.released_at_drain, "worker stopped");

@@ -86,6 +86,8 @@ pub struct RunSummary {
     pub updated_at_ms: u64,
     pub finished_at_ms: Option<u64>,
     pub failure: Option<Failure>,
+    /// The trace the run belongs to (32 hex digits), if it was started inside one.
+    pub trace_id: Option<String>,
 }
 
 /// A response recorded in the chain: index 0 is the initial one, index i is step i−1's.
@@ -732,6 +734,8 @@ fn summary(id: &str, r: RunRecord) -> RunSummary {
         updated_at_ms: r.updated_at_ms,
         finished_at_ms: r.finished_at_ms,
         failure: r.failure,
+        // traceparent = version-traceid-spanid-flags
+        trace_id: r.trace_parent.as_deref().and_then(|tp| tp.split('-').nth(1)).map(str::to_owned),
     }
 }
 

@@ -1,0 +1,245 @@
+//! The worker's admin HTTP API and the run inspector page.
+//!
+//! Bound to loopback unless `admin.allow_public` is set, which also requires `admin.token`
+//! (sent as `Authorization: Bearer <token>`). With a token every endpoint but `/healthz` and
+//! the page's static files requires it.
+//!
+//! - `GET /healthz`: the process is alive.
+//! - `GET /readyz`: store, queue and volume backend usable and not draining (503 otherwise,
+//!   with the reasons).
+//! - `POST /drain`: stop taking jobs; `GET /drain`: whether draining, and jobs in flight.
+//! - `GET /api/runs?workflow=&status=&limit=`, `GET /api/runs/{id}`, `GET /api/workflows`.
+//! - `GET /`: the inspector page (assets embedded in the binary).
+//!
+//! The server stops when the worker's shutdown token fires.
+
+pub mod client;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use thinpipe::fsm::{RunFilter, RunStatus};
+use tokio_util::sync::CancellationToken;
+
+use crate::host::Host;
+use crate::jobloop::JobLoop;
+
+const INDEX_HTML: &str = include_str!("assets/index.html");
+const INSPECTOR_JS: &str = include_str!("assets/inspector.js");
+const INSPECTOR_CSS: &str = include_str!("assets/inspector.css");
+
+/// The file (in the state directory) where a running worker writes its admin address, for
+/// `worker runs` and for scripts.
+pub const ADDR_FILE: &str = "admin.addr";
+
+#[derive(Clone)]
+struct Admin {
+    host: Arc<Host>,
+    jobs: Arc<JobLoop>,
+    token: Option<String>,
+}
+
+/// Checks the address against the rules (loopback unless allowed, token when public).
+pub fn check_listen(listen: &str, allow_public: bool, token: &str) -> anyhow::Result<SocketAddr> {
+    let addr: SocketAddr =
+        listen.parse().with_context(|| format!("admin.listen {listen:?} is not an address such as 127.0.0.1:9185"))?;
+    if !addr.ip().is_loopback() {
+        if !allow_public {
+            bail!(
+                "admin.listen {addr} is not a loopback address: set admin.allow_public=true and admin.token to expose the admin API"
+            );
+        }
+        if token.is_empty() {
+            bail!("admin.listen {addr} is public: set admin.token (clients send it as a bearer token)");
+        }
+    }
+    Ok(addr)
+}
+
+/// Binds the admin API and serves it until `shutdown` fires. Returns the bound address.
+pub async fn serve(
+    host: Arc<Host>,
+    jobs: Arc<JobLoop>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let cfg = &host.config.admin;
+    let addr = check_listen(&cfg.listen, cfg.allow_public, &cfg.token)?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("admin.listen {addr}: cannot listen (in use? set admin.listen to another address)"))?;
+    let bound = listener.local_addr().context("the admin listener's address")?;
+    let addr_file = host.config.state_dir.join(ADDR_FILE);
+    std::fs::write(&addr_file, format!("http://{bound}\n"))
+        .with_context(|| format!("writing {}", addr_file.display()))?;
+    let token = (!cfg.token.is_empty()).then(|| cfg.token.clone());
+    let app = router(Admin { host, jobs, token });
+    let server = tokio::spawn(async move {
+        let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "the admin API stopped");
+        }
+    });
+    tracing::info!(address = %format!("http://{bound}"), "admin API and inspector listening");
+    Ok((bound, server))
+}
+
+fn router(admin: Admin) -> Router {
+    let api = Router::new()
+        .route("/readyz", get(readyz))
+        .route("/drain", get(drain_status).post(drain))
+        .route("/api/runs", get(list_runs))
+        .route("/api/runs/{id}", get(run_detail))
+        .route("/api/workflows", get(workflows))
+        .route("/api/info", get(info))
+        .layer(axum::middleware::from_fn_with_state(admin.clone(), require_token));
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")})) }))
+        .route("/", get(|| async { ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX_HTML) }))
+        .route(
+            "/inspector.js",
+            get(|| async { ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], INSPECTOR_JS) }),
+        )
+        .route("/inspector.css", get(|| async { ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], INSPECTOR_CSS) }))
+        .merge(api)
+        .with_state(admin)
+}
+
+async fn require_token(State(admin): State<Admin>, headers: HeaderMap, req: Request, next: Next) -> Response {
+    if let Some(token) = &admin.token {
+        let given =
+            headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(token.as_str()) {
+            return error(StatusCode::UNAUTHORIZED, "a bearer token is required (Authorization: Bearer <admin.token>)");
+        }
+    }
+    next.run(req).await
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({"error": message.into()}))).into_response()
+}
+
+async fn readyz(State(admin): State<Admin>) -> Response {
+    let mut reasons = Vec::new();
+    if admin.jobs.is_draining() {
+        reasons.push("draining".to_owned());
+    }
+    if admin.jobs.queue_failing() {
+        reasons.push("the job queue cannot be reached (its last receive failed)".to_owned());
+    }
+    let host = admin.host.clone();
+    let checks = tokio::task::spawn_blocking(move || {
+        let mut reasons = Vec::new();
+        if let Err(e) = host.store.image("readyz-probe") {
+            reasons.push(format!("host database: {e}"));
+        }
+        if let Err(e) = host.pipeline.context().backend.list() {
+            reasons.push(format!("volume backend: {e}"));
+        }
+        reasons
+    })
+    .await;
+    match checks {
+        Ok(r) => reasons.extend(r),
+        Err(e) => reasons.push(format!("readiness check failed: {e}")),
+    }
+    if admin.host.lease_lost.is_cancelled() {
+        reasons.push("the worker lease was lost".to_owned());
+    }
+    let ready = reasons.is_empty();
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(json!({"ready": ready, "reasons": reasons}))).into_response()
+}
+
+fn drain_body(admin: &Admin) -> serde_json::Value {
+    json!({"draining": admin.jobs.is_draining(), "in_flight": admin.jobs.in_flight()})
+}
+
+async fn drain(State(admin): State<Admin>) -> Response {
+    admin.jobs.drain();
+    (StatusCode::ACCEPTED, Json(drain_body(&admin))).into_response()
+}
+
+async fn drain_status(State(admin): State<Admin>) -> Response {
+    Json(drain_body(&admin)).into_response()
+}
+
+#[derive(Deserialize)]
+struct RunsQuery {
+    workflow: Option<String>,
+    status: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list_runs(State(admin): State<Admin>, Query(q): Query<RunsQuery>) -> Response {
+    let status = match q.status.as_deref().filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => match serde_json::from_value::<RunStatus>(json!(s)) {
+            Ok(s) => Some(s),
+            Err(_) => {
+                return error(StatusCode::BAD_REQUEST, format!("status {s:?}: expected active, completed or failed"));
+            }
+        },
+    };
+    let filter = RunFilter {
+        workflow: q.workflow.filter(|w| !w.is_empty()),
+        status,
+        limit: Some(q.limit.unwrap_or(100).min(10_000)),
+    };
+    let engine = admin.host.engine.clone();
+    match tokio::task::spawn_blocking(move || engine.list_runs(&filter)).await {
+        Ok(Ok(runs)) => Json(runs).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn run_detail(State(admin): State<Admin>, Path(id): Path<String>) -> Response {
+    let engine = admin.host.engine.clone();
+    let lookup = id.clone();
+    match tokio::task::spawn_blocking(move || engine.run_detail(&lookup)).await {
+        Ok(Ok(Some(run))) => Json(run).into_response(),
+        Ok(Ok(None)) => error(StatusCode::NOT_FOUND, format!("no run {id}")),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn workflows(State(admin): State<Admin>) -> Response {
+    Json(admin.host.engine.workflows()).into_response()
+}
+
+async fn info(State(admin): State<Admin>) -> Response {
+    Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "state_dir": admin.host.config.state_dir,
+        "trace_url": admin.host.config.admin.trace_url,
+    }))
+    .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn public_addresses_need_the_flag_and_a_token() {
+        assert!(check_listen("127.0.0.1:0", false, "").is_ok());
+        assert!(check_listen("[::1]:9185", false, "").is_ok());
+        let e = check_listen("0.0.0.0:9185", false, "").unwrap_err().to_string();
+        assert!(e.contains("allow_public"), "{e}");
+        let e = check_listen("0.0.0.0:9185", true, "").unwrap_err().to_string();
+        assert!(e.contains("admin.token"), "{e}");
+        assert!(check_listen("0.0.0.0:9185", true, "s3cret").is_ok());
+        assert!(check_listen("localhost", false, "").is_err(), "an address, not a name");
+    }
+}
