@@ -4,7 +4,8 @@
 //! destructors, no flush) when the environment variable `THINPIPE_FAULT` names this point:
 //! either `name` (any detail) or `name@detail`. Only builds with the `fault-injection`
 //! feature check the variable; other builds compile every point to nothing.
-//! [`pause`] is the same for a delay (`THINPIPE_PAUSE=name@detail=ms`).
+//! [`pause`] is the same for a delay (`THINPIPE_PAUSE=name@detail=ms`), and [`fail`] for
+//! a transient error the first N times the point is reached (`THINPIPE_FAIL=name@detail*N`).
 
 #[cfg(feature = "fault-injection")]
 pub fn point(name: &str, detail: &str) {
@@ -48,3 +49,32 @@ pub async fn pause(name: &str, detail: &str) {
 #[cfg(not(feature = "fault-injection"))]
 #[inline(always)]
 pub async fn pause(_name: &str, _detail: &str) {}
+
+/// A named transient failure for tests of retries: when `THINPIPE_FAIL` is `name@detail*N`
+/// (or `name*N`; N defaults to 1), the first N calls in this process return an error.
+/// Always `Ok` without the feature.
+#[cfg(feature = "fault-injection")]
+pub fn fail(name: &str, detail: &str) -> Result<(), String> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static FAILED: AtomicU32 = AtomicU32::new(0);
+    let Ok(spec) = std::env::var("THINPIPE_FAIL") else { return Ok(()) };
+    let (point, times) = match spec.rsplit_once('*') {
+        Some((p, n)) => (p, n.parse::<u32>().unwrap_or(1)),
+        None => (spec.as_str(), 1),
+    };
+    let hit = match point.split_once('@') {
+        Some((n, d)) => n == name && d == detail,
+        None => point == name,
+    };
+    if hit && FAILED.fetch_add(1, Ordering::SeqCst) < times {
+        eprintln!("fail point {name}@{detail} armed: failing this attempt");
+        return Err(format!("injected failure at {name} (THINPIPE_FAIL)"));
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn fail(_name: &str, _detail: &str) -> Result<(), String> {
+    Ok(())
+}

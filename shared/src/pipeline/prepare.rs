@@ -60,6 +60,7 @@ const PARALLEL_DOWNLOADS: usize = 4;
 async fn download_blobs(ctx: Arc<PipelineContext>, req: Req) -> StepResult<PrepareState> {
     use futures::StreamExt;
     fault::pause("prepare.download", &req.r.family).await;
+    fault::fail("prepare.download", &req.r.family).map_err(StepError::transient)?;
     let manifest = manifest_of(&req)?;
     // Owned futures: borrowed ones trip the compiler's Send check for the step's future.
     let mut downloads = futures::stream::iter(manifest.layers.clone())

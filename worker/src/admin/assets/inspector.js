@@ -156,10 +156,11 @@ function render() {
     if (lit === "retry:" + st.name) g.classList.add("lit");
     const retries = st.attempts.filter(a => !a.ok).length;
     if (retries) {
+      // A self-loop: attempts of this step that failed (retried, or the last one aborted).
       const loop = s("path", { d: `M${xs[i + 1] + 30},${y - NODE_H / 2} C${xs[i + 1] + 30},${y - 65} ${xs[i + 1] + 100},${y - 65} ${xs[i + 1] + 100},${y - NODE_H / 2}`, class: "edge" + (lit === "retry:" + st.name ? " lit" : "") });
       svg.append(loop);
       const t = s("text", { x: xs[i + 1] + 65, y: y - 52, "text-anchor": "middle", "font-size": 11 });
-      t.textContent = `${retries} retr${retries === 1 ? "y" : "ies"}`;
+      t.textContent = `${retries} failed attempt${retries === 1 ? "" : "s"}`;
       svg.append(t);
     }
     g.addEventListener("click", () => { state.selected = st.name; render(); });
