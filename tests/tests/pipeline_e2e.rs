@@ -28,11 +28,23 @@ fn result(out: &Output) -> serde_json::Value {
 }
 
 #[test]
-fn prepare_once_activate_concurrently_redeliver_and_release() {
+fn prepare_once_activate_concurrently_redeliver_and_release_on_the_dir_backend() {
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path();
+    prepare_once_activate_concurrently_redeliver_and_release(dir.path(), &dir.path().join("volumes"), &[]);
+}
+
+#[test]
+fn prepare_once_activate_concurrently_redeliver_and_release_on_btrfs() {
+    let Some(fs) = thinpipe::volume::testfs::LoopBtrfs::new() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let volumes = fs.mount.join("volumes");
+    let env = [("THINPIPE_BACKEND", "btrfs"), ("THINPIPE_VOLUMES_DIR", volumes.to_str().unwrap())];
+    prepare_once_activate_concurrently_redeliver_and_release(dir.path(), &volumes, &env);
+}
+
+fn prepare_once_activate_concurrently_redeliver_and_release(state: &Path, volumes: &Path, env: &[(&str, &str)]) {
     write_sample_family(state, "web").unwrap();
-    let daemon = Daemon::start(state, &[]);
+    let daemon = Daemon::start(state, env);
 
     let out = enqueue(state, &["prepare", "--family", "web"]).output().unwrap();
     assert!(out.status.success(), "{}", daemon.log());
@@ -58,7 +70,7 @@ fn prepare_once_activate_concurrently_redeliver_and_release() {
     distinct.sort();
     distinct.dedup();
     assert_eq!(distinct.len(), 3, "three distinct snapshots: {paths:?}");
-    let base_tree = tree(&state.join(format!("volumes/bases/base-{base}")));
+    let base_tree = tree(&volumes.join(format!("bases/base-{base}")));
     assert!(base_tree.contains_key("etc/motd"));
     for p in &paths {
         assert_eq!(tree(Path::new(p)), base_tree, "{p} shares the base's content");
@@ -67,7 +79,7 @@ fn prepare_once_activate_concurrently_redeliver_and_release() {
     // A redelivered activation (same invocation id): the same snapshot, not a fourth.
     let again = result(&enqueue(state, &["activate", "--family", "web", "--invocation-id", "inv-1"]).output().unwrap());
     assert_eq!(again["snapshot_path"].as_str(), Some(paths[0].as_str()));
-    let snaps = std::fs::read_dir(state.join("volumes/snaps")).unwrap().count();
+    let snaps = std::fs::read_dir(volumes.join("snaps")).unwrap().count();
     assert_eq!(snaps, 3);
 
     // Release one: only that one goes.

@@ -135,3 +135,33 @@ fn a_run_resumed_after_a_crash_keeps_the_trace_of_the_job_that_started_it() {
     let resumed_steps = find(&spans, "step", &trace);
     assert!(resumed_steps.iter().any(|s| s.parent_span_id == runs[0].span_id), "with its steps");
 }
+
+#[test]
+fn json_logs_carry_the_run_and_step_on_every_line_inside_a_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path();
+    write_sample_family(state, "web").unwrap();
+    let out = Command::new(bin("worker"))
+        .arg("--state-dir")
+        .arg(state)
+        .args(["--log-format", "json", "run", "prepare", "--family", "web"])
+        .env("THINPIPE_FAIL", "prepare.download@web*1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let in_steps: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l["spans"].to_string().contains("\"name\":\"step\"")).collect();
+    assert!(in_steps.len() >= 2, "the retried attempt and the steps log: {lines:#?}");
+    for l in &in_steps {
+        assert_eq!(l["span"]["run_id"], "prepare-web", "{l}");
+        assert!(l["span"]["step"].is_string(), "{l}");
+    }
+    let retried =
+        in_steps.iter().find(|l| l["fields"]["message"] == "step attempt failed").expect("the failed attempt");
+    assert_eq!(retried["span"]["step"], "download_blobs");
+}

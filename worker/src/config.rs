@@ -16,9 +16,10 @@ pub struct Config {
     /// Where image families come from: `dir:<path>` (or a bare path) or `s3://bucket/prefix`,
     /// holding `images/<family>/` or an OCI layout. Default: the state directory.
     pub source: String,
-    /// Volume backend: `dir`.
+    /// Volume backend: `dir` (plain directories, no root) or `btrfs` (subvolumes and O(1)
+    /// snapshots; root, and `volumes_dir` on a btrfs filesystem).
     pub backend: String,
-    /// Root of the `dir` backend. Default: `<state_dir>/volumes`.
+    /// Where the backend keeps bases and snapshots. Default: `<state_dir>/volumes`.
     pub volumes_dir: String,
     /// `text` or `json`.
     pub log_format: String,
@@ -296,8 +297,8 @@ impl Config {
         if !self.admin.listen.is_empty() {
             crate::admin::check_listen(&self.admin.listen, self.admin.allow_public, &self.admin.token)?;
         }
-        if self.backend != "dir" {
-            bail!("backend {:?}: this build supports the dir backend", self.backend);
+        if !["dir", "btrfs"].contains(&self.backend.as_str()) {
+            bail!("backend {:?}: expected dir or btrfs", self.backend);
         }
         if self.queue.visibility_timeout_secs < 2 {
             bail!("queue.visibility_timeout_secs must be at least 2 (the heartbeat runs at a third of it)");

@@ -9,7 +9,7 @@ use thinpipe::fsm::{Engine, EngineConfig, OpenError};
 use thinpipe::image::{ApplyOptions, BlobCache, BlobSource, LocalDir, S3Source};
 use thinpipe::pipeline::{Pipeline, PipelineContext};
 use thinpipe::store::{Acquired, Holder, Store};
-use thinpipe::volume::DirBackend;
+use thinpipe::volume::{BtrfsBackend, DirBackend, VolumeBackend};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -57,7 +57,10 @@ impl Host {
             }
             Err(e) => return Err(e.into()),
         };
-        let backend = Arc::new(DirBackend::open(&config.volumes_dir)?);
+        let backend: Arc<dyn VolumeBackend> = match config.backend.as_str() {
+            "btrfs" => Arc::new(BtrfsBackend::open(&config.volumes_dir)?),
+            _ => Arc::new(DirBackend::open(&config.volumes_dir)?),
+        };
         let source: Arc<dyn BlobSource> = if config.source.starts_with("s3://") {
             let opts = config.aws.options();
             let sdk = thinpipe::aws::sdk_config(&opts).await;

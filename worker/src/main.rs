@@ -23,6 +23,9 @@ struct Cli {
     /// State directory (shorthand for --set state_dir=DIR).
     #[arg(long, global = true)]
     state_dir: Option<PathBuf>,
+    /// Log format, text or json (shorthand for --set log_format=FORMAT).
+    #[arg(long, global = true)]
+    log_format: Option<String>,
     /// Override one setting: --set queue.name=jobs (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE", global = true)]
     sets: Vec<String>,
@@ -109,6 +112,9 @@ fn main() -> ExitCode {
     let mut sets = cli.sets.clone();
     if let Some(dir) = &cli.state_dir {
         sets.push(format!("state_dir={}", dir.display()));
+    }
+    if let Some(format) = &cli.log_format {
+        sets.push(format!("log_format={format}"));
     }
     if let Command::Run {
         job: OneShot::Prepare { source: Some(s), .. } | OneShot::Activate { source: Some(s), .. },

@@ -7,9 +7,11 @@
 //! Calls are blocking; async callers use `spawn_blocking`.
 //!
 //! Backends: `dir` (plain directories, reflink copies where the filesystem has them; no
-//! root; O(files) snapshots, and says so). `btrfs` and `dmthin` come with their own issue.
+//! root; O(files) snapshots, and says so) and `btrfs` (subvolumes and O(1) snapshots by
+//! ioctl; root). `dmthin` is still to come.
 //! `conformance` is the one test suite every backend must pass.
 
+mod btrfs;
 mod dir;
 
 #[cfg(test)]
@@ -18,6 +20,9 @@ pub(crate) mod conformance;
 use std::fmt;
 use std::path::PathBuf;
 
+pub use btrfs::BtrfsBackend;
+#[cfg(any(test, feature = "test-support"))]
+pub use btrfs::testfs;
 pub use dir::DirBackend;
 
 /// A volume: a base (one per family) or a snapshot (one per activation), by sequence id.

@@ -181,6 +181,7 @@ async fn ours(base: &Path, endpoint: &str) -> anyhow::Result<f64> {
     let counting = Counting::new(sqs);
     let shutdown = CancellationToken::new();
     let job_loop = worker::jobloop::JobLoop::new(host.clone(), vec![counting.clone()]);
+    let cpu_before = cpu_time();
     let start = Instant::now();
     let runner = {
         let (l, s) = (job_loop.clone(), shutdown.clone());
@@ -192,6 +193,12 @@ async fn ours(base: &Path, endpoint: &str) -> anyhow::Result<f64> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let elapsed = start.elapsed();
+    let cpu = cpu_time() - cpu_before;
+    println!(
+        "sqs_worker_cpu {:.2} ms per job ({:.0}% of one core)",
+        cpu.as_secs_f64() * 1000.0 / JOBS as f64,
+        100.0 * cpu.as_secs_f64() / elapsed.as_secs_f64()
+    );
     ensure!(depth(&client, &url).await? == 0, "messages left in the queue after every job was acked");
     shutdown.cancel();
     runner.await??;
@@ -248,4 +255,17 @@ async fn idle(base: &Path, endpoint: &str) -> anyhow::Result<f64> {
     ensure!(calls.len() >= 2, "the idle worker made {} receive calls in {IDLE_WINDOW:?}", calls.len());
     let span = calls[calls.len() - 1] - calls[0];
     Ok((calls.len() - 1) as f64 * 60.0 / span.as_secs_f64())
+}
+
+/// CPU time (user + system) this process has used: the worker's share of the machine that
+/// moto also runs on.
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage fills the struct we pass; RUSAGE_SELF is always valid.
+    let usage = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut u);
+        u
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
 }

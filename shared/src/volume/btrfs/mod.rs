@@ -1,0 +1,348 @@
+//! The `btrfs` backend: each base is a subvolume, sealed by making it read-only; each
+//! snapshot is a writable snapshot of its base, taken by ioctl in O(1) whatever the tree's
+//! size; deleting is one ioctl too (the kernel's cleaner frees the blocks later). Needs root
+//! and a btrfs filesystem at the volume root.
+//!
+//! Layout: `<root>/bases/base-N` and `<root>/snaps/snap-N`, each a subvolume. Creating a
+//! subvolume or snapshot is atomic: if the name exists, the volume is complete.
+//!
+//! `ioctl.rs` holds the raw calls; this file decides what an errno means: `EEXIST` on
+//! create is a race or a re-run (checked, then fine), `ENOSPC`, `EROFS`, `EPERM` and
+//! `ENOTTY` (not btrfs) abort, anything else is transient.
+
+mod ioctl;
+
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use super::{VolumeBackend, VolumeError, VolumeId};
+
+#[derive(Clone, Debug)]
+pub struct BtrfsBackend {
+    root: PathBuf,
+}
+
+fn classify(vol: impl std::fmt::Display, what: &str, e: std::io::Error) -> VolumeError {
+    match e.raw_os_error() {
+        Some(libc::ENOTTY | libc::EOPNOTSUPP) => VolumeError::Abort {
+            volume: vol.to_string(),
+            detail: format!("{what}: {e} (is the volume root on btrfs?)"),
+        },
+        _ => VolumeError::io(vol, what, e),
+    }
+}
+
+fn open_dir(path: &Path, vol: impl std::fmt::Display) -> Result<File, VolumeError> {
+    File::open(path).map_err(|e| classify(vol, &format!("opening {}", path.display()), e))
+}
+
+fn c_name(vol: VolumeId) -> CString {
+    // `base-N` / `snap-N` never contain NUL.
+    CString::new(vol.to_string()).unwrap_or_default()
+}
+
+impl BtrfsBackend {
+    /// Opens the backend at `root`, which must be on a btrfs filesystem.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, VolumeError> {
+        let root = root.into();
+        for d in ["bases", "snaps"] {
+            let p = root.join(d);
+            fs::create_dir_all(&p).map_err(|e| VolumeError::io(p.display(), "creating the volume root", e))?;
+        }
+        let dir = open_dir(&root, root.display())?;
+        let fs_type = ioctl::fs_type(&dir).map_err(|e| VolumeError::io(root.display(), "statfs", e))?;
+        if fs_type != ioctl::BTRFS_SUPER_MAGIC {
+            return Err(VolumeError::Abort {
+                volume: root.display().to_string(),
+                detail: format!(
+                    "not on a btrfs filesystem (statfs type {fs_type:#x}): mount btrfs there, or use backend = \"dir\""
+                ),
+            });
+        }
+        Ok(Self { root })
+    }
+
+    fn parent(&self, vol: VolumeId) -> PathBuf {
+        match vol {
+            VolumeId::Base(_) => self.root.join("bases"),
+            VolumeId::Snap(_) => self.root.join("snaps"),
+        }
+    }
+
+    fn path(&self, vol: VolumeId) -> PathBuf {
+        self.parent(vol).join(vol.to_string())
+    }
+
+    fn exists_at(&self, vol: VolumeId) -> Result<bool, VolumeError> {
+        match fs::symlink_metadata(self.path(vol)) {
+            Ok(m) => Ok(m.is_dir()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(VolumeError::io(vol, "inspecting", e)),
+        }
+    }
+
+    fn create_subvol(&self, vol: VolumeId) -> Result<(), VolumeError> {
+        let parent = open_dir(&self.parent(vol), vol)?;
+        match ioctl::subvol_create(&parent, &c_name(vol)) {
+            Ok(()) => Ok(()),
+            // A re-run or a race: fine if it is really there now.
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) && self.exists_at(vol)? => Ok(()),
+            Err(e) => Err(classify(vol, "creating the subvolume", e)),
+        }
+    }
+
+    fn destroy(&self, vol: VolumeId) -> Result<(), VolumeError> {
+        let parent = open_dir(&self.parent(vol), vol)?;
+        match ioctl::subvol_destroy(&parent, &c_name(vol)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(classify(vol, "deleting the subvolume", e)),
+        }
+    }
+}
+
+impl VolumeBackend for BtrfsBackend {
+    fn name(&self) -> &'static str {
+        "btrfs"
+    }
+
+    fn constant_time_snapshots(&self) -> bool {
+        true
+    }
+
+    #[tracing::instrument(
+        name = "volume.create_base",
+        level = "info",
+        skip(self),
+        fields(backend = "btrfs"),
+        err(Display)
+    )]
+    fn create_base(&self, id: u64) -> Result<(), VolumeError> {
+        let vol = VolumeId::Base(id);
+        if self.exists_at(vol)? {
+            return Ok(());
+        }
+        self.create_subvol(vol)
+    }
+
+    #[tracing::instrument(
+        name = "volume.reset_base",
+        level = "info",
+        skip(self),
+        fields(backend = "btrfs"),
+        err(Display)
+    )]
+    fn reset_base(&self, id: u64) -> Result<PathBuf, VolumeError> {
+        let vol = VolumeId::Base(id);
+        if self.is_sealed(id)? {
+            return Err(VolumeError::Abort { volume: vol.to_string(), detail: "sealed: it cannot be written".into() });
+        }
+        // Deleting the subvolume and making a new one empties it in O(1).
+        self.destroy(vol)?;
+        self.create_subvol(vol)?;
+        Ok(self.path(vol))
+    }
+
+    #[tracing::instrument(
+        name = "volume.seal_base",
+        level = "info",
+        skip(self),
+        fields(backend = "btrfs"),
+        err(Display)
+    )]
+    fn seal_base(&self, id: u64) -> Result<(), VolumeError> {
+        let vol = VolumeId::Base(id);
+        let dir = open_dir(&self.path(vol), vol)?;
+        let flags = ioctl::subvol_flags(&dir).map_err(|e| classify(vol, "reading its flags", e))?;
+        if flags & ioctl::SUBVOL_RDONLY != 0 {
+            return Ok(());
+        }
+        // The unpacked tree is durable before the base is declared sealed.
+        // SAFETY: syncfs on an open fd.
+        if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir)) } != 0 {
+            return Err(classify(vol, "syncing", std::io::Error::last_os_error()));
+        }
+        ioctl::set_subvol_flags(&dir, flags | ioctl::SUBVOL_RDONLY).map_err(|e| classify(vol, "making it read-only", e))
+    }
+
+    fn is_sealed(&self, id: u64) -> Result<bool, VolumeError> {
+        let vol = VolumeId::Base(id);
+        if !self.exists_at(vol)? {
+            return Ok(false);
+        }
+        let dir = open_dir(&self.path(vol), vol)?;
+        let flags = ioctl::subvol_flags(&dir).map_err(|e| classify(vol, "reading its flags", e))?;
+        Ok(flags & ioctl::SUBVOL_RDONLY != 0)
+    }
+
+    #[tracing::instrument(
+        name = "volume.snapshot",
+        level = "info",
+        skip(self),
+        fields(backend = "btrfs"),
+        err(Display)
+    )]
+    fn snapshot(&self, base: u64, snap: u64) -> Result<(), VolumeError> {
+        let vol = VolumeId::Snap(snap);
+        if self.exists_at(vol)? {
+            return Ok(());
+        }
+        if !self.is_sealed(base)? {
+            return Err(VolumeError::Abort {
+                volume: vol.to_string(),
+                detail: format!("its origin base-{base} is missing or not sealed"),
+            });
+        }
+        let source = open_dir(&self.path(VolumeId::Base(base)), vol)?;
+        let parent = open_dir(&self.parent(vol), vol)?;
+        match ioctl::snapshot_create(&parent, &c_name(vol), &source, false) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) && self.exists_at(vol)? => Ok(()),
+            Err(e) => Err(classify(vol, &format!("snapshotting base-{base}"), e)),
+        }
+    }
+
+    #[tracing::instrument(name = "volume.expose", level = "info", skip(self), fields(backend = "btrfs"), err(Display))]
+    fn expose(&self, snap: u64) -> Result<PathBuf, VolumeError> {
+        let vol = VolumeId::Snap(snap);
+        if !self.exists_at(vol)? {
+            return Err(VolumeError::Abort {
+                volume: vol.to_string(),
+                detail: "cannot expose: it does not exist".into(),
+            });
+        }
+        Ok(self.path(vol))
+    }
+
+    #[tracing::instrument(name = "volume.delete", level = "info", skip(self), fields(backend = "btrfs"), err(Display))]
+    fn delete(&self, vol: VolumeId) -> Result<(), VolumeError> {
+        self.destroy(vol)
+    }
+
+    fn exists(&self, vol: VolumeId) -> Result<bool, VolumeError> {
+        self.exists_at(vol)
+    }
+
+    fn list(&self) -> Result<Vec<VolumeId>, VolumeError> {
+        let mut out = Vec::new();
+        for d in ["bases", "snaps"] {
+            let dir = self.root.join(d);
+            let entries = fs::read_dir(&dir).map_err(|e| VolumeError::io(dir.display(), "listing", e))?;
+            for entry in entries {
+                let entry = entry.map_err(|e| VolumeError::io(dir.display(), "listing", e))?;
+                if let Some(vol) = std::str::from_utf8(entry.file_name().as_bytes()).ok().and_then(VolumeId::parse) {
+                    out.push(vol);
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+/// A btrfs filesystem on a loop device, mounted for a test and removed when dropped
+/// (unmounted, loop device detached, image deleted), even when the test fails.
+#[cfg(any(test, feature = "test-support"))]
+pub mod testfs {
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    pub struct LoopBtrfs {
+        pub mount: PathBuf,
+        _dir: tempfile::TempDir,
+    }
+
+    fn run(cmd: &mut Command) -> Result<String, String> {
+        let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    impl LoopBtrfs {
+        /// `None` (test skipped) without root or `mkfs.btrfs`, unless `CI` is set.
+        pub fn new() -> Option<LoopBtrfs> {
+            // SAFETY: geteuid has no preconditions.
+            let root = unsafe { libc::geteuid() } == 0;
+            let tools = Path::new("/usr/sbin/mkfs.btrfs").exists() || Path::new("/sbin/mkfs.btrfs").exists();
+            if !root || !tools {
+                assert!(
+                    std::env::var("CI").is_err(),
+                    "btrfs tests need root and btrfs-progs (scripts/test installs it)"
+                );
+                eprintln!("skipping: btrfs tests need root and btrfs-progs");
+                return None;
+            }
+            let dir = tempfile::tempdir().expect("tempdir");
+            let image = dir.path().join("btrfs.img");
+            let mount = dir.path().join("mnt");
+            std::fs::create_dir(&mount).expect("mount point");
+            std::fs::File::create(&image).and_then(|f| f.set_len(512 << 20)).expect("sparse image");
+            run(Command::new("mkfs.btrfs").arg("-q").arg(&image)).expect("mkfs.btrfs");
+            // `mount -o loop` attaches a loop device that umount detaches again (autoclear).
+            run(Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&mount)).expect("mount");
+            Some(LoopBtrfs { mount, _dir: dir })
+        }
+    }
+
+    impl Drop for LoopBtrfs {
+        fn drop(&mut self) {
+            if let Err(e) = run(Command::new("umount").arg(&self.mount)) {
+                eprintln!("cleaning up the test btrfs: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn btrfs_backend_passes_the_conformance_suite() {
+        let Some(fs) = testfs::LoopBtrfs::new() else { return };
+        let b = BtrfsBackend::open(fs.mount.join("volumes")).unwrap();
+        super::super::conformance::run(&b);
+    }
+
+    #[test]
+    fn a_root_that_is_not_btrfs_is_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = BtrfsBackend::open(dir.path()).unwrap_err();
+        // The test dir may itself be on btrfs on some machines; then there is nothing to refuse.
+        if let VolumeError::Abort { detail, .. } = &err {
+            assert!(detail.contains("not on a btrfs filesystem"), "{detail}");
+        }
+        assert!(!err.is_retryable());
+    }
+
+    #[test]
+    fn snapshots_are_writable_and_independent_and_the_base_is_read_only() {
+        let Some(fs) = testfs::LoopBtrfs::new() else { return };
+        let b = BtrfsBackend::open(fs.mount.join("volumes")).unwrap();
+        b.create_base(1).unwrap();
+        let root = b.reset_base(1).unwrap();
+        std::fs::write(root.join("f"), b"base").unwrap();
+        b.seal_base(1).unwrap();
+        let err = std::fs::write(root.join("g"), b"x").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EROFS), "a sealed base is read-only in the kernel");
+        for snap in 1..=50 {
+            b.snapshot(1, snap).unwrap();
+        }
+        let p7 = b.expose(7).unwrap();
+        std::fs::write(p7.join("f"), b"seven").unwrap();
+        for snap in (1..=50).filter(|s| *s != 7) {
+            assert_eq!(std::fs::read(b.expose(snap).unwrap().join("f")).unwrap(), b"base");
+        }
+        assert_eq!(std::fs::read(root.join("f")).unwrap(), b"base");
+        assert_eq!(b.list().unwrap().len(), 51);
+        for snap in 1..=50 {
+            b.delete(VolumeId::Snap(snap)).unwrap();
+        }
+        b.delete(VolumeId::Base(1)).unwrap();
+        assert!(b.list().unwrap().is_empty());
+    }
+}
