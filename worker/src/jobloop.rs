@@ -307,7 +307,10 @@ impl JobLoop {
         }
     }
 
-    /// Sends the result to `reply_to`; true if there was nothing to send or it was sent.
+    /// Sends the result to `reply_to`. True if there was nothing to send, it was sent, or
+    /// the reply queue is gone for good (the requester left; the outcome stays in the run
+    /// log, and holding the job back would only redeliver it forever). False if sending
+    /// may work later.
     async fn reply(&self, queue: &Arc<dyn JobQueue>, job: &Job, result: &JobResult) -> bool {
         let Some(to) = &job.reply_to else { return true };
         let body = match serde_json::to_string(result) {
@@ -319,6 +322,10 @@ impl JobLoop {
         };
         match queue.send(to, &body, &BTreeMap::new()).await {
             Ok(_) => true,
+            Err(e) if !e.is_retryable() => {
+                tracing::warn!(reply_to = %to, error = %e, run_id = %result.run_id, "the reply queue cannot take the result; it stays in the run log");
+                true
+            }
             Err(e) => {
                 tracing::warn!(reply_to = %to, error = %e, "sending the result failed");
                 false

@@ -91,9 +91,26 @@ impl EmbeddedQueue {
         };
         let conn = Connection::open(&path).map_err(err)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
-        conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(())).map_err(err)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
-        conn.execute_batch(SCHEMA).map_err(err)?;
+        // Several processes (the worker, `enqueue`s) may create the file at once. Switching a
+        // new file to WAL takes a lock that SQLite does not wait for (it answers BUSY at
+        // once, to avoid deadlock), so wait for the winner here.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let setup = conn
+                .query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
+                .and_then(|()| conn.pragma_update(None, "synchronous", "FULL"))
+                .and_then(|()| conn.execute_batch(SCHEMA));
+            match setup {
+                Ok(()) => break,
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if matches!(e.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(err(e)),
+            }
+        }
         Ok(Self {
             path,
             name: name.to_owned(),

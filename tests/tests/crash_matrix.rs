@@ -1,0 +1,281 @@
+//! The crash matrix: for every fault point of `prepare`, `activate` and the job loop, on the
+//! `dir` and `btrfs` backends and the embedded and SQS queues, a real worker is killed there
+//! (SIGKILL from inside, no cleanup), a fresh worker takes over, and the invariants hold:
+//! every job completes exactly once, the family has exactly one base, the invocation exactly
+//! one snapshot, every volume is claimed by a record and every record's volume exists, the
+//! run history shows the resume, and no message is lost.
+//!
+//! One fault point: `THINPIPE_CRASH_POINT=fsm.after_commit@prepare-web/download_blobs
+//! cargo test -p thinpipe-tests --test crash_matrix`. A failure names the point, the
+//! backend and the queue.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use thinpipe::image::write_sample_family;
+use thinpipe::store::Store;
+use thinpipe::volume::{BtrfsBackend, DirBackend, VolumeBackend, VolumeId};
+use thinpipe_tests::{Daemon, bin, wait_until};
+
+const PREPARE_STEPS: [&str; 4] = ["fetch_manifest", "download_blobs", "prepare_thin_base", "unpack_into_base"];
+const ACTIVATE_STEPS: [&str; 2] = ["activate_snapshot", "expose"];
+
+/// Every fault point the two jobs (prepare web, activate web/inv-1) pass through, and
+/// whether a crash there leaves a run to resume.
+fn fault_points() -> Vec<(String, bool)> {
+    let mut points = Vec::new();
+    for (run, steps) in [("prepare-web", &PREPARE_STEPS[..]), ("activate-inv-1", &ACTIVATE_STEPS[..])] {
+        for step in steps {
+            for at in ["fsm.before_step", "fsm.before_commit", "fsm.after_commit"] {
+                // After the last step's commit the run is finished: nothing to resume.
+                let last = step == steps.last().unwrap_or(step);
+                points.push((format!("{at}@{run}/{step}"), !(at == "fsm.after_commit" && last)));
+            }
+        }
+    }
+    for p in [
+        "prepare.after_base_intent@web",
+        "prepare.after_base_create@web",
+        "activate.after_snapshot_intent@activate-inv-1",
+        "activate.after_snapshot_create@activate-inv-1",
+    ] {
+        points.push((p.to_owned(), true));
+    }
+    for p in ["jobloop.before_prepared_flag@web", "jobloop.before_ack@prepare-web", "jobloop.before_ack@activate-inv-1"]
+    {
+        points.push((p.to_owned(), false));
+    }
+    if let Ok(only) = std::env::var("THINPIPE_CRASH_POINT") {
+        points.retain(|(p, _)| *p == only);
+        assert!(!points.is_empty(), "THINPIPE_CRASH_POINT={only} is not a fault point of this matrix");
+    }
+    points
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Backend {
+    Dir,
+    Btrfs,
+}
+
+/// Where jobs go: the embedded queue, or SQS queues on moto.
+enum Queue {
+    Embedded,
+    Sqs { endpoint: String, jobs: String },
+}
+
+const AWS_ENV: [(&str, &str); 3] =
+    [("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_REGION", "us-east-1")];
+
+impl Queue {
+    fn sqs(endpoint: String) -> Queue {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (config, _) = rt.block_on(thinpipe::aws::test_config(&endpoint));
+        let client = thinpipe::aws::sqs_client(&config);
+        let name = format!("crash-{:x}", rand::random::<u64>());
+        let out = rt.block_on(client.create_queue().queue_name(name).send()).unwrap();
+        Queue::Sqs { endpoint, jobs: out.queue_url().unwrap().to_owned() }
+    }
+
+    fn worker_env(&self) -> Vec<(&str, &str)> {
+        match self {
+            Queue::Embedded => Vec::new(),
+            Queue::Sqs { endpoint, jobs } => {
+                let mut env = vec![
+                    ("THINPIPE_QUEUE_KIND", "sqs"),
+                    ("THINPIPE_QUEUE_URL", jobs.as_str()),
+                    ("THINPIPE_AWS_ENDPOINT", endpoint.as_str()),
+                ];
+                env.extend(AWS_ENV);
+                env
+            }
+        }
+    }
+
+    /// Posts a job and waits for its result in the background.
+    fn post(&self, state: &Path, job: &[&str]) -> Child {
+        let mut cmd = Command::new(bin("enqueue"));
+        cmd.arg("--state-dir").arg(state).args(["--wait", "--json", "--timeout", "120"]);
+        if let Queue::Sqs { endpoint, jobs } = self {
+            cmd.args(["--queue-url", jobs, "--endpoint-url", endpoint]).envs(AWS_ENV);
+        }
+        cmd.args(job).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    }
+
+    /// Messages left: visible, in flight, or dead-lettered.
+    fn leftovers(&self, state: &Path) -> u64 {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        match self {
+            Queue::Embedded => {
+                let q =
+                    thinpipe::queue::EmbeddedQueue::open(state.join("queue.db"), "jobs", Duration::from_secs(60), 5)
+                        .unwrap();
+                rt.block_on(q.depth()).unwrap() + rt.block_on(q.dead_letters()).unwrap().len() as u64
+            }
+            Queue::Sqs { endpoint, jobs } => {
+                use aws_sdk_sqs::types::QueueAttributeName as A;
+                let (config, _) = rt.block_on(thinpipe::aws::test_config(endpoint));
+                let client = thinpipe::aws::sqs_client(&config);
+                let out =
+                    rt.block_on(client.get_queue_attributes().queue_url(jobs).attribute_names(A::All).send()).unwrap();
+                let attrs = out.attributes().unwrap();
+                let n = |a: A| attrs.get(&a).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                n(A::ApproximateNumberOfMessages) + n(A::ApproximateNumberOfMessagesNotVisible)
+            }
+        }
+    }
+}
+
+/// A state directory and its volume root (on a loop-mounted btrfs for that backend).
+struct Host {
+    state: tempfile::TempDir,
+    volumes: PathBuf,
+    backend: Backend,
+    _btrfs: Option<thinpipe::volume::testfs::LoopBtrfs>,
+}
+
+impl Host {
+    fn new(backend: Backend) -> Option<Host> {
+        let state = tempfile::tempdir().unwrap();
+        let (volumes, btrfs) = match backend {
+            Backend::Dir => (state.path().join("volumes"), None),
+            Backend::Btrfs => {
+                let fs = thinpipe::volume::testfs::LoopBtrfs::new()?;
+                (fs.mount.join("volumes"), Some(fs))
+            }
+        };
+        write_sample_family(state.path(), "web").unwrap();
+        Some(Host { state, volumes, backend, _btrfs: btrfs })
+    }
+
+    fn env<'a>(&'a self, queue: &'a Queue) -> Vec<(&'a str, &'a str)> {
+        let mut env = queue.worker_env();
+        env.push(("THINPIPE_QUEUE_VISIBILITY_TIMEOUT_SECS", "2"));
+        env.push(("THINPIPE_VOLUMES_DIR", self.volumes.to_str().unwrap()));
+        if let Backend::Btrfs = self.backend {
+            env.push(("THINPIPE_BACKEND", "btrfs"));
+        }
+        env
+    }
+
+    fn backend(&self) -> Box<dyn VolumeBackend> {
+        match self.backend {
+            Backend::Dir => Box::new(DirBackend::open(&self.volumes).unwrap()),
+            Backend::Btrfs => Box::new(BtrfsBackend::open(&self.volumes).unwrap()),
+        }
+    }
+}
+
+fn result(child: Child) -> serde_json::Value {
+    let out = child.wait_with_output().unwrap();
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("no result ({e}): {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+/// One cell of the matrix.
+fn crash_at(point: &str, resumes: bool, backend: Backend, queue: &Queue) {
+    let Some(host) = Host::new(backend) else { return };
+    let state = host.state.path();
+    let ctx = format!(
+        "fault point {point}, backend {backend:?}, queue {}",
+        match queue {
+            Queue::Embedded => "embedded",
+            Queue::Sqs { .. } => "sqs",
+        }
+    );
+    let mut armed = host.env(queue);
+    armed.push(("THINPIPE_FAULT", point));
+    let mut first = Daemon::start(state, &armed);
+    let prepare = queue.post(state, &["prepare", "--family", "web"]);
+    let activate = queue.post(state, &["activate", "--family", "web", "--invocation-id", "inv-1"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while first.is_running() {
+        if std::time::Instant::now() > deadline {
+            let posted: Vec<String> = [prepare, activate]
+                .into_iter()
+                .map(|mut c| {
+                    thinpipe_tests::kill(&mut c);
+                    let out = c.wait_with_output().unwrap();
+                    String::from_utf8_lossy(&out.stderr).into_owned()
+                })
+                .collect();
+            panic!("{ctx}: the worker never reached the fault point:\n{}\nenqueue: {posted:#?}", first.log());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(first.log().contains(&format!("fault point {point} armed")), "{ctx}: died elsewhere:\n{}", first.log());
+
+    let second = Daemon::start(state, &host.env(queue));
+    let (prepared, activated) = (result(prepare), result(activate));
+    // A message whose result went out before the crash comes back after its visibility
+    // timeout; the new worker returns the stored outcome and acks it. Nothing stays behind.
+    wait_until(&format!("{ctx}: every message acked"), Duration::from_secs(60), || queue.leftovers(state) == 0);
+    let log = second.log();
+    assert!(second.stop(Duration::from_secs(60)).success(), "{ctx}");
+    assert_eq!(prepared["status"], "succeeded", "{ctx}: {prepared}\n{log}");
+    assert_eq!(activated["status"], "succeeded", "{ctx}: {activated}\n{log}");
+
+    // Exactly one base and one snapshot, each claimed by its record, and nothing else.
+    let store = Store::open(state.join("host.db")).unwrap();
+    let image = store.image("web").unwrap().unwrap();
+    assert!(image.prepared, "{ctx}");
+    let base = image.base_vol_id.unwrap();
+    assert_eq!(store.next_id("base").unwrap(), 2, "{ctx}: one base id was ever allocated");
+    let snaps = store.list_snapshots().unwrap();
+    assert_eq!(snaps.len(), 1, "{ctx}: one snapshot row for inv-1");
+    assert_eq!(snaps[0].run_id, "activate-inv-1");
+    assert_eq!(activated["snapshot_path"].as_str(), snaps[0].path.as_deref(), "{ctx}");
+    let volumes = host.backend().list().unwrap();
+    assert_eq!(volumes, [VolumeId::Base(base), VolumeId::Snap(snaps[0].id)], "{ctx}: no orphan, nothing missing");
+    assert!(host.backend().is_sealed(base).unwrap(), "{ctx}");
+
+    // The history shows the resume: the same run, picked up again.
+    if resumes {
+        let run = if point.contains("inv-1") { "activate-inv-1" } else { "prepare-web" };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let engine = rt.block_on(thinpipe::fsm::Engine::open(state.join("runs.redb"), Default::default())).unwrap();
+        let detail = engine.run_detail(run).unwrap().unwrap();
+        let events: Vec<String> = detail.events.iter().map(|e| format!("{:?}", e.kind)).collect();
+        assert!(events.iter().any(|e| e.starts_with("Resumed")), "{ctx}: {run} was resumed: {events:#?}");
+        assert_eq!(events.iter().filter(|e| e.starts_with("Started")).count(), 1, "{ctx}: one run, not a new one");
+        rt.block_on(engine.shutdown());
+    }
+    assert!(!log.contains("dead-lettering"), "{ctx}: nothing was dead-lettered:\n{log}");
+}
+
+fn matrix(backend: Backend, queue: impl Fn() -> Option<Queue>) {
+    if let Backend::Btrfs = backend
+        && Host::new(backend).is_none()
+    {
+        return; // skipped with a message (not root or no btrfs-progs); CI fails instead
+    }
+    for (point, resumes) in fault_points() {
+        let Some(q) = queue() else { return };
+        crash_at(&point, resumes, backend, &q);
+    }
+}
+
+fn sqs() -> Option<Queue> {
+    thinpipe::aws::test_endpoint().map(Queue::sqs)
+}
+
+#[test]
+fn crash_matrix_dir_embedded() {
+    matrix(Backend::Dir, || Some(Queue::Embedded));
+}
+
+#[test]
+fn crash_matrix_btrfs_embedded() {
+    matrix(Backend::Btrfs, || Some(Queue::Embedded));
+}
+
+#[test]
+fn crash_matrix_dir_sqs() {
+    matrix(Backend::Dir, sqs);
+}
+
+#[test]
+fn crash_matrix_btrfs_sqs() {
+    matrix(Backend::Btrfs, sqs);
+}
