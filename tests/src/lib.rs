@@ -55,16 +55,33 @@ pub fn bin(name: &str) -> std::path::PathBuf {
     path
 }
 
+/// Log files of the daemons this test process has running.
+static LOGS_IN_USE: std::sync::Mutex<std::collections::BTreeSet<std::path::PathBuf>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
 /// A `worker daemon` process on a state directory, stopped with SIGTERM (or killed when
 /// dropped, so a failing test leaves nothing behind).
 pub struct Daemon {
     child: Option<Child>,
     pub state: std::path::PathBuf,
+    /// `<state>/worker.log`, or `worker-N.log` for the Nth worker started on the same
+    /// state directory while earlier ones still run.
+    log: std::path::PathBuf,
 }
 
 impl Daemon {
     pub fn start(state: &Path, extra_env: &[(&str, &str)]) -> Daemon {
-        let log = std::fs::File::create(state.join("worker.log")).expect("worker.log");
+        let mut log_path = state.join("worker.log");
+        let mut n = 1;
+        {
+            let mut in_use = LOGS_IN_USE.lock().unwrap_or_else(|p| p.into_inner());
+            while in_use.contains(&log_path) {
+                n += 1;
+                log_path = state.join(format!("worker-{n}.log"));
+            }
+            in_use.insert(log_path.clone());
+        }
+        let log = std::fs::File::create(&log_path).expect("worker log");
         let mut cmd = Command::new(bin("worker"));
         cmd.arg("--state-dir")
             .arg(state)
@@ -80,8 +97,10 @@ impl Daemon {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("start worker daemon");
-        Daemon { child: Some(child), state: state.to_path_buf() }
+        Daemon { child: Some(child), state: state.to_path_buf(), log: log_path }
     }
+
+
 
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| c.try_wait().expect("try_wait").is_none())
@@ -89,6 +108,19 @@ impl Daemon {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
+    }
+
+    /// Waits up to `timeout` for the process to end by itself and returns how it ended.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the worker did not exit within {timeout:?}; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// SIGKILL: no drain, no destructors.
@@ -110,7 +142,7 @@ impl Daemon {
 
     /// The worker's log so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.state.join("worker.log")).unwrap_or_default()
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// SIGTERM, then waits up to `timeout` for the drain and exit.
@@ -139,6 +171,7 @@ impl Drop for Daemon {
         {
             kill(&mut child);
         }
+        LOGS_IN_USE.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.log);
     }
 }
 

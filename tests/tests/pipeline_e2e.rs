@@ -194,3 +194,41 @@ fn a_second_worker_refuses_naming_the_holder_and_a_dead_workers_lease_is_reclaim
     assert!(second.log().contains("took over the worker lease"), "{}", second.log());
     assert!(second.stop(Duration::from_secs(60)).success());
 }
+
+#[test]
+fn a_worker_stalled_past_its_lease_is_replaced_and_stops_when_it_wakes() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path();
+    write_sample_family(state, "web").unwrap();
+    let common = [("THINPIPE_WORKER_LEASE_TTL_SECS", "3"), ("THINPIPE_QUEUE_VISIBILITY_TIMEOUT_SECS", "2")];
+    let mut armed = common.to_vec();
+    armed.push(("THINPIPE_PAUSE", "prepare.unpack@web=3000"));
+    let mut first = Daemon::start(state, &armed);
+    let waiting = enqueue(state, &["prepare", "--family", "web"]).spawn().unwrap();
+    first.wait_for_log("pause point prepare.unpack@web", Duration::from_secs(60));
+
+    // Stalled (SIGSTOP) past its lease: a second worker that is told to wait takes over.
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(first.pid() as libc::pid_t, libc::SIGSTOP) }, 0);
+    let mut waiting_env = common.to_vec();
+    waiting_env.push(("THINPIPE_WORKER_WAIT_FOR_STATE", "true"));
+    let second_dir = state.to_path_buf();
+    let second = Daemon::start(&second_dir, &waiting_env);
+    second.wait_for_log("the state directory is in use; waiting", Duration::from_secs(30));
+    second.wait_for_log("waiting for the previous worker to release the run log", Duration::from_secs(30));
+
+    // Woken, the first notices it lost the lease and stops (exit 3), freeing the run log.
+    assert_eq!(unsafe { libc::kill(first.pid() as libc::pid_t, libc::SIGCONT) }, 0);
+    let status = first.wait_exit(Duration::from_secs(60));
+    let first_log = first.log();
+    assert!(first_log.contains("lost the worker lease"), "{first_log}");
+    assert_eq!(status.code(), Some(3), "{first_log}");
+
+    let out = waiting.wait_with_output().unwrap();
+    let r = result(&out);
+    assert_eq!(r["status"], "succeeded", "the second worker finished the job: {}", second.log());
+    assert!(second.stop(Duration::from_secs(60)).success());
+    let store = Store::open(state.join("host.db")).unwrap();
+    assert!(store.image("web").unwrap().unwrap().prepared);
+    assert_eq!(store.next_id("base").unwrap(), 2, "one base, whoever finished it");
+}

@@ -138,6 +138,10 @@ pub struct WorkerConfig {
     pub lease_ttl_secs: u64,
     /// A job that failed transiently becomes visible again after this long.
     pub retry_delay_secs: u64,
+    /// When another worker holds the state directory: false refuses at once, naming the
+    /// holder; true waits until its lease expires (it died or hangs) and its run log is
+    /// free, then takes over.
+    pub wait_for_state: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -195,7 +199,7 @@ impl Default for QueueConfig {
 
 impl Default for WorkerConfig {
     fn default() -> Self {
-        Self { concurrency: 4, drain_deadline_secs: 60, lease_ttl_secs: 30, retry_delay_secs: 10 }
+        Self { concurrency: 4, drain_deadline_secs: 60, lease_ttl_secs: 30, retry_delay_secs: 10, wait_for_state: false }
     }
 }
 

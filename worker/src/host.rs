@@ -34,29 +34,7 @@ impl Host {
             .with_context(|| format!("creating the state directory {}", config.state_dir.display()))?;
         let store = Arc::new(Store::open(config.host_db_path())?);
         let ttl = Duration::from_secs(config.worker.lease_ttl_secs);
-        let me = Holder::this_process();
-        match store.acquire_lease_reclaiming(WORKER_LEASE, me, ttl)? {
-            Acquired::Yes => {}
-            Acquired::TookOver { from } => {
-                thinpipe::telemetry::metrics().lease_takeovers.add(1, &[thinpipe::telemetry::kv("lease", "worker")]);
-                tracing::warn!(previous = %from, "took over the worker lease of a process that is gone (it crashed or was killed)");
-            }
-            Acquired::HeldBy(holder) => bail!(
-                "the state directory {} is in use by worker {holder}; stop it first, or use another --state-dir",
-                config.state_dir.display()
-            ),
-        }
-        let engine_config = EngineConfig {
-            retention: Duration::from_secs(config.engine.retention_days * 24 * 3600),
-            ..EngineConfig::default()
-        };
-        let engine = match Engine::open(config.runs_path(), engine_config).await {
-            Ok(e) => e,
-            Err(e @ OpenError::AlreadyOpen { .. }) => {
-                bail!("{e} (the worker lease was free, so the holder is not a thinpipe worker of this state directory)")
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let engine = take_state(&config, &store, ttl).await?;
         let backend: Arc<dyn VolumeBackend> = match config.backend.as_str() {
             "btrfs" => Arc::new(BtrfsBackend::open(&config.volumes_dir)?),
             _ => Arc::new(DirBackend::open(&config.volumes_dir)?),
@@ -94,6 +72,64 @@ impl Host {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "could not release the worker lease; it expires by itself"),
             Err(e) => tracing::warn!(error = %e, "could not release the worker lease; it expires by itself"),
+        }
+    }
+}
+
+/// Takes the worker lease and opens the run log. Another live worker makes this refuse
+/// (naming it), or, with `worker.wait_for_state`, wait: for its lease to expire, then for
+/// its run log to be free (a stalled holder notices the lost lease when it wakes and stops).
+async fn take_state(config: &Config, store: &Arc<Store>, ttl: Duration) -> anyhow::Result<Engine> {
+    let me = Holder::this_process();
+    let wait = config.worker.wait_for_state;
+    let poll = ttl / 3;
+    let mut told = false;
+    loop {
+        let s = store.clone();
+        let acquired = tokio::task::spawn_blocking(move || s.acquire_lease_reclaiming(WORKER_LEASE, me, ttl))
+            .await
+            .context("taking the worker lease")??;
+        match acquired {
+            Acquired::Yes => break,
+            Acquired::TookOver { from } => {
+                thinpipe::telemetry::metrics().lease_takeovers.add(1, &[thinpipe::telemetry::kv("lease", "worker")]);
+                tracing::warn!(previous = %from, "took over the worker lease of a process that is gone or stalled past its lease");
+                break;
+            }
+            Acquired::HeldBy(holder) if !wait => bail!(
+                "the state directory {} is in use by worker {holder}; stop it first, use another --state-dir, or set worker.wait_for_state=true to wait for it",
+                config.state_dir.display()
+            ),
+            Acquired::HeldBy(holder) => {
+                if !told {
+                    tracing::warn!(%holder, "the state directory is in use; waiting for that worker's lease to end");
+                    told = true;
+                }
+                tokio::time::sleep(poll).await;
+            }
+        }
+    }
+    let engine_config = EngineConfig {
+        retention: Duration::from_secs(config.engine.retention_days * 24 * 3600),
+        ..EngineConfig::default()
+    };
+    loop {
+        match Engine::open(config.runs_path(), engine_config.clone()).await {
+            Ok(e) => return Ok(e),
+            Err(e @ OpenError::AlreadyOpen { .. }) if !wait => {
+                bail!("{e} (the worker lease was free, so the holder is not a thinpipe worker of this state directory)")
+            }
+            Err(OpenError::AlreadyOpen { .. }) => {
+                // The previous holder still runs (stalled); keep our lease while it notices.
+                let s = store.clone();
+                tokio::task::spawn_blocking(move || s.renew_lease(WORKER_LEASE, me, ttl))
+                    .await
+                    .context("renewing the worker lease")?
+                    .context("the worker lease was taken while waiting for the run log")?;
+                tracing::info!("waiting for the previous worker to release the run log");
+                tokio::time::sleep(poll).await;
+            }
+            Err(e) => return Err(e.into()),
         }
     }
 }
