@@ -53,6 +53,9 @@ pub struct Job {
 #[error("{0}")]
 pub struct InvalidJob(pub String);
 
+/// The largest job message accepted (SQS's own limit is 256 KiB).
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+
 impl Job {
     pub fn new(kind: JobKind, family: &str, invocation_id: Option<&str>) -> Job {
         Job { v: 1, kind, family: family.to_owned(), invocation_id: invocation_id.map(str::to_owned), reply_to: None }
@@ -60,6 +63,12 @@ impl Job {
 
     /// Parses and validates a message body.
     pub fn parse(body: &str) -> Result<Job, InvalidJob> {
+        if body.len() > MAX_MESSAGE_BYTES {
+            return Err(InvalidJob(format!(
+                "the message is {} bytes; a job message is at most {MAX_MESSAGE_BYTES} bytes",
+                body.len()
+            )));
+        }
         let value: serde_json::Value =
             serde_json::from_str(body).map_err(|e| InvalidJob(format!("the message is not JSON: {e}")))?;
         let v = value.get("v").and_then(serde_json::Value::as_u64);

@@ -100,8 +100,6 @@ impl Daemon {
         Daemon { child: Some(child), state: state.to_path_buf(), log: log_path }
     }
 
-
-
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| c.try_wait().expect("try_wait").is_none())
     }

@@ -107,7 +107,9 @@ fn collect(rt: &tokio::runtime::Runtime, state: &Path, into: &mut HashMap<String
 #[test]
 fn two_hundred_jobs_survive_thirty_kills() {
     let seed = std::env::var("THINPIPE_SOAK_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
-    eprintln!("kill soak seed={seed} (replay: THINPIPE_SOAK_SEED={seed} cargo test -p thinpipe-tests --test kill_soak)");
+    eprintln!(
+        "kill soak seed={seed} (replay: THINPIPE_SOAK_SEED={seed} cargo test -p thinpipe-tests --test kill_soak)"
+    );
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -182,10 +184,7 @@ fn two_hundred_jobs_survive_thirty_kills() {
     // No run left active; nothing left in the queue.
     let engine = rt.block_on(thinpipe::fsm::Engine::open(state.join("runs.redb"), Default::default())).unwrap();
     let active = engine
-        .list_runs(&thinpipe::fsm::RunFilter {
-            status: Some(thinpipe::fsm::RunStatus::Active),
-            ..Default::default()
-        })
+        .list_runs(&thinpipe::fsm::RunFilter { status: Some(thinpipe::fsm::RunStatus::Active), ..Default::default() })
         .unwrap();
     assert!(active.is_empty(), "seed {seed}: runs left active: {active:?}");
     // The kills landed mid-run: some runs were picked up again by the next worker.

@@ -199,7 +199,13 @@ impl Default for QueueConfig {
 
 impl Default for WorkerConfig {
     fn default() -> Self {
-        Self { concurrency: 4, drain_deadline_secs: 60, lease_ttl_secs: 30, retry_delay_secs: 10, wait_for_state: false }
+        Self {
+            concurrency: 4,
+            drain_deadline_secs: 60,
+            lease_ttl_secs: 30,
+            retry_delay_secs: 10,
+            wait_for_state: false,
+        }
     }
 }
 

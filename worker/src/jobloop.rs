@@ -397,13 +397,13 @@ impl JobLoop {
                         JobEnd::Done(result)
                     }
                     Ok(Outcome::Failed(f)) => failed(result, &f),
-                    Err(e) => JobEnd::Retry(e.to_string()),
+                    Err(e) => not_run(e, result),
                 }
             }
             JobKind::Release => match pipeline.release(&invocation).await {
                 Ok(Outcome::Completed(_)) => JobEnd::Done(result),
                 Ok(Outcome::Failed(f)) => failed(result, &f),
-                Err(e) => JobEnd::Retry(e.to_string()),
+                Err(e) => not_run(e, result),
             },
         }
     }
@@ -618,6 +618,19 @@ impl std::fmt::Debug for Prep {
             Prep::Unknown(x) | Prep::Failed(x) => write!(f, "{x}"),
             Prep::Retry(x) => f.write_str(x),
         }
+    }
+}
+
+/// A run that could not be started or waited for: a mistake in the job (a run id reused
+/// for other work) is dead-lettered with a failure result; anything else is retried.
+fn not_run(e: RunError, mut result: JobResult) -> JobEnd {
+    match &e {
+        RunError::Start(start) if !start.is_retryable() => {
+            result.status = JobStatus::Failed;
+            result.error = Some(e.to_string());
+            JobEnd::DeadLetter(e.to_string(), Some(result))
+        }
+        _ => JobEnd::Retry(e.to_string()),
     }
 }
 

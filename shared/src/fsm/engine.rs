@@ -278,6 +278,15 @@ impl Engine {
                         requested: wf.name().to_owned(),
                     });
                 }
+                let stored = self.read_input(id).map_err(|e| StartError::Storage(e.to_string()))?;
+                if let Some(stored) = stored
+                    && stored != input
+                {
+                    return Err(StartError::InputMismatch {
+                        id: id.to_owned(),
+                        existing: String::from_utf8_lossy(&stored).into_owned(),
+                    });
+                }
                 match self.read_end(id).map_err(|e| StartError::Storage(e.to_string()))? {
                     Lookup::Active => Ok(StartOutcome::AlreadyRunning),
                     Lookup::NotFound => Err(StartError::Storage(format!("run {id} vanished during start"))),
@@ -591,6 +600,13 @@ impl Engine {
     fn read_record(&self, id: &str) -> Result<Option<Result<RunRecord, String>>, redb::Error> {
         let txn = self.inner.db.begin_read()?;
         read_header(&txn.open_table(LOG)?, id)
+    }
+
+    /// The input a run was started with, as stored.
+    fn read_input(&self, id: &str) -> Result<Option<Vec<u8>>, redb::Error> {
+        let txn = self.inner.db.begin_read()?;
+        let log = txn.open_table(LOG)?;
+        Ok(log.get(key::input_key(id).as_slice())?.map(|v| v.value().to_vec()))
     }
 
     fn read_end(&self, id: &str) -> Result<Lookup, redb::Error> {

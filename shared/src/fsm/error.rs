@@ -33,6 +33,10 @@ pub enum StartError {
     InvalidId(String),
     #[error("run {id} belongs to workflow {existing}, not {requested}")]
     WrongWorkflow { id: String, existing: String, requested: String },
+    /// A run id names one piece of work: starting it again with another input is a mistake
+    /// of the caller (say, an invocation id reused for another family), never a retry.
+    #[error("run {id} already exists with another input ({existing}); a run id cannot be reused for different work")]
+    InputMismatch { id: String, existing: String },
     #[error("cannot encode the input or initial response of run {id}: {source}")]
     Encode { id: String, source: serde_json::Error },
     #[error("run {id} cannot start: {why}")]

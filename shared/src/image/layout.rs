@@ -31,6 +31,10 @@ pub struct Manifest {
 }
 
 /// Media type of an uncompressed tar layer.
+/// The largest `index.json` or manifest read: real ones are a few KiB; a huge one is an
+/// attack or a mistake and is refused before it is read into memory.
+pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+
 pub const MEDIA_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 
 /// Family names become path components and run ids: keep them boring.

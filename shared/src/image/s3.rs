@@ -70,6 +70,18 @@ impl S3Source {
         let key = self.key(rel);
         match self.client.get_object().bucket(&self.bucket).key(&key).send().await {
             Ok(out) => {
+                let size = out.content_length().unwrap_or(0).max(0) as u64;
+                if size > layout::MAX_MANIFEST_BYTES {
+                    return Err(ImageError::BadManifest {
+                        family: rel.to_owned(),
+                        source_desc: self.describe(),
+                        detail: format!(
+                            "s3://{}/{key} is {size} bytes, more than the {} a manifest may have",
+                            self.bucket,
+                            layout::MAX_MANIFEST_BYTES
+                        ),
+                    });
+                }
                 let body = out.body.collect().await.map_err(|e| ImageError::Unavailable {
                     source_desc: self.describe(),
                     detail: format!("reading s3://{}/{key}: {e}", self.bucket),

@@ -36,8 +36,22 @@ impl LocalDir {
         Self { root: root.into() }
     }
 
+    /// A small metadata file (`index.json`, a manifest), `None` if missing.
     fn read(&self, rel: &str) -> Result<Option<Vec<u8>>, ImageError> {
         let path = self.root.join(rel);
+        if let Ok(meta) = std::fs::metadata(&path)
+            && meta.len() > layout::MAX_MANIFEST_BYTES
+        {
+            return Err(ImageError::BadManifest {
+                family: rel.to_owned(),
+                source_desc: self.describe(),
+                detail: format!(
+                    "{rel} is {} bytes, more than the {} a manifest may have",
+                    meta.len(),
+                    layout::MAX_MANIFEST_BYTES
+                ),
+            });
+        }
         match std::fs::read(&path) {
             Ok(b) => Ok(Some(b)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
