@@ -122,6 +122,9 @@ fn tar_with(name: &str, content: &[u8]) -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
+/// Writes a hostile image source into the directory it is given.
+type BuildSource = Box<dyn Fn(&Path)>;
+
 /// `worker run prepare` of family `fam` from `source`: the JSON result.
 fn prepare(state: &Path, source: &Path) -> serde_json::Value {
     let out = Command::new(bin("worker"))
@@ -139,7 +142,7 @@ fn prepare(state: &Path, source: &Path) -> serde_json::Value {
 fn bad_images_fail_naming_the_problem_and_nothing_is_prepared() {
     let layer = tar_with("etc/hostname", b"x\n");
     let missing = "ab".repeat(32);
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>, &str)> = vec![
+    let cases: Vec<(&str, BuildSource, &str)> = vec![
         (
             "a manifest that references a missing blob",
             Box::new(|dir: &Path| oci_layout(dir, &manifest(&[("ab".repeat(32), 10)]), &[])),
