@@ -202,3 +202,45 @@ pub fn tree(root: &Path) -> std::collections::BTreeMap<String, (char, u32, Strin
     }
     out
 }
+
+/// A moto server of the test's own, for a test that stops it (the shared one keeps serving
+/// the others). Killed when dropped.
+pub struct PrivateMoto {
+    child: std::process::Child,
+    pub endpoint: String,
+}
+
+impl PrivateMoto {
+    pub fn start() -> Option<PrivateMoto> {
+        let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/moto_server");
+        if !bin.exists() {
+            assert!(std::env::var("CI").is_err(), "{} is missing: scripts/test installs it", bin.display());
+            eprintln!("skipping: {} is missing (scripts/test installs it)", bin.display());
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new(bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr = format!("127.0.0.1:{port}");
+        wait_until("the private moto server to listen", std::time::Duration::from_secs(30), || {
+            std::net::TcpStream::connect(&addr).is_ok()
+        });
+        Some(PrivateMoto { child, endpoint: format!("http://{addr}") })
+    }
+
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on our own child.
+        assert_eq!(unsafe { libc::kill(self.child.id() as libc::pid_t, sig) }, 0);
+    }
+}
+
+impl Drop for PrivateMoto {
+    fn drop(&mut self) {
+        self.signal(libc::SIGCONT);
+        kill(&mut self.child);
+    }
+}

@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use thinpipe_tests::{bin, tree};
+use thinpipe_tests::{PrivateMoto, bin, tree};
 
 const AWS_ENV: [(&str, &str); 3] =
     [("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_REGION", "us-east-1")];
@@ -227,48 +227,6 @@ fn a_partial_download_is_resumed_with_a_ranged_get() {
     let (path, fetched) = rt.block_on(cache.ensure(&source, &layer)).unwrap();
     assert_eq!(fetched, 3_000_000, "only the missing bytes were fetched");
     assert!(std::fs::read(path).unwrap() == blob);
-}
-
-/// A moto server of the test's own, for a test that stops it (the shared one keeps serving
-/// the others). Killed when dropped.
-struct PrivateMoto {
-    child: std::process::Child,
-    endpoint: String,
-}
-
-impl PrivateMoto {
-    fn start() -> Option<PrivateMoto> {
-        let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/moto_server");
-        if !bin.exists() {
-            assert!(std::env::var("CI").is_err(), "{} is missing: scripts/test installs it", bin.display());
-            eprintln!("skipping: {} is missing (scripts/test installs it)", bin.display());
-            return None;
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new(bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let addr = format!("127.0.0.1:{port}");
-        thinpipe_tests::wait_until("the private moto server to listen", std::time::Duration::from_secs(30), || {
-            std::net::TcpStream::connect(&addr).is_ok()
-        });
-        Some(PrivateMoto { child, endpoint: format!("http://{addr}") })
-    }
-
-    fn signal(&self, sig: libc::c_int) {
-        // SAFETY: kill(2) on our own child.
-        assert_eq!(unsafe { libc::kill(self.child.id() as libc::pid_t, sig) }, 0);
-    }
-}
-
-impl Drop for PrivateMoto {
-    fn drop(&mut self) {
-        self.signal(libc::SIGCONT);
-        thinpipe_tests::kill(&mut self.child);
-    }
 }
 
 #[test]

@@ -33,7 +33,15 @@ pub enum ImageError {
 impl ImageError {
     /// Whether the same call may succeed later.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Io { .. } | Self::Unavailable { .. })
+        match self {
+            // A full or read-only disk does not heal by retrying at once: fail the run with
+            // the reason (a later job starts it again, reusing the half-built base).
+            Self::Io { source, .. } => {
+                !matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT | libc::EROFS))
+            }
+            Self::Unavailable { .. } => true,
+            _ => false,
+        }
     }
 
     pub(crate) fn io(context: impl Into<String>, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
