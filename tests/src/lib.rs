@@ -1,6 +1,7 @@
 //! thinpipe's end-to-end test support: helper binaries (`src/bin/`) that the tests in
 //! `tests/` run as real processes and kill, and small shared utilities for those tests.
 
+pub mod flaky;
 pub mod otlp;
 
 use std::path::Path;

@@ -293,3 +293,28 @@ fn the_s3_server_stopped_during_a_download_gives_retries_then_success() {
     });
     assert!(failed_attempts >= 1, "the outage was retried");
 }
+
+#[test]
+fn s3_answering_errors_for_a_while_gives_retries_then_success() {
+    let Some(endpoint) = thinpipe::aws::test_endpoint() else { return };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (client, bucket) = rt.block_on(bucket(&endpoint));
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    thinpipe::image::write_sample_family(&src, "fam").unwrap();
+    let to = format!("s3://{bucket}/flat");
+    rt.block_on(thinpipe::image::publish(&client, &src, "fam", &to, &|_| {})).unwrap();
+    // Every layer GET fails with 503 at first: more failures than the SDK's own retries.
+    let proxy = thinpipe_tests::flaky::FlakyProxy::start(&endpoint, "/flat/images/fam/", 8);
+    let state = dir.path().join("state");
+    let out = prepare(&state, &to, &proxy.endpoint);
+    let r = result(&out);
+    assert_eq!(r["status"], "succeeded", "{r}: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(proxy.errors_served(), 8);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("step attempt failed") && stderr.contains("503"), "the step was retried: {stderr}");
+    let from_dir = dir.path().join("state-dir");
+    let local = result(&prepare(&from_dir, &format!("dir:{}", src.display()), &endpoint));
+    assert_eq!(local["status"], "succeeded");
+    assert_eq!(tree(&state.join("volumes/bases/base-1")), tree(&from_dir.join("volumes/bases/base-1")));
+}

@@ -1,0 +1,100 @@
+//! A proxy in front of a server (moto) that answers the first `failures` requests whose
+//! path contains `needle` with `503 SlowDown`, the way S3 answers when it is overloaded,
+//! and forwards everything else unchanged. Stops when dropped.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+
+struct Shared {
+    upstream: String,
+    needle: String,
+    failures: usize,
+    failed: AtomicUsize,
+    client: reqwest::Client,
+}
+
+pub struct FlakyProxy {
+    pub endpoint: String,
+    shared: Arc<Shared>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+async fn forward(State(s): State<Arc<Shared>>, req: Request) -> Response {
+    let path = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_default();
+    if req.uri().path().contains(&s.needle) && s.failed.fetch_add(1, Ordering::SeqCst) < s.failures {
+        let body = "<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
+        return Response::builder().status(StatusCode::SERVICE_UNAVAILABLE).body(Body::from(body)).unwrap();
+    }
+    let method = req.method().clone();
+    let mut headers = HeaderMap::new();
+    for (k, v) in req.headers() {
+        if k != "host" {
+            headers.insert(k, v.clone());
+        }
+    }
+    let body: Bytes = axum::body::to_bytes(req.into_body(), usize::MAX).await.unwrap_or_default();
+    let upstream = s.client.request(method, format!("{}{path}", s.upstream)).headers(headers).body(body).send().await;
+    match upstream {
+        Ok(r) => {
+            let mut out = Response::builder().status(r.status());
+            for (k, v) in r.headers() {
+                out = out.header(k, v);
+            }
+            out.body(Body::from(r.bytes().await.unwrap_or_default())).unwrap()
+        }
+        Err(e) => Response::builder().status(StatusCode::BAD_GATEWAY).body(Body::from(e.to_string())).unwrap(),
+    }
+}
+
+impl FlakyProxy {
+    pub fn start(upstream: &str, needle: &str, failures: usize) -> FlakyProxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let shared = Arc::new(Shared {
+            upstream: upstream.trim_end_matches('/').to_owned(),
+            needle: needle.to_owned(),
+            failures,
+            failed: AtomicUsize::new(0),
+            client: reqwest::Client::new(),
+        });
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let state = shared.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let app = axum::Router::new().fallback(forward).with_state(state);
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stopped.await; // a dropped sender also means stop
+                    })
+                    .await
+                    .unwrap();
+            });
+        });
+        FlakyProxy { endpoint, shared, stop: Some(stop), thread: Some(thread) }
+    }
+
+    /// Errors answered so far.
+    pub fn errors_served(&self) -> usize {
+        self.shared.failed.load(Ordering::SeqCst).min(self.shared.failures)
+    }
+}
+
+impl Drop for FlakyProxy {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(()); // the server may have stopped already
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join(); // a panic in the proxy already failed the test
+        }
+    }
+}
