@@ -37,8 +37,10 @@ pub struct SqsQueue {
 
 type AckRequest = (Delivery, tokio::sync::oneshot::Sender<Result<(), QueueError>>);
 
-/// How long the ack batcher waits for more acks to share a request.
-const ACK_LINGER: Duration = Duration::from_millis(50);
+/// How long the ack batcher waits for more acks to share a request. Acks are off the jobs'
+/// critical path (a job's slot is free before its ack), so they can wait to fill a batch:
+/// fewer requests per job is what lets a fleet share one queue.
+const ACK_LINGER: Duration = Duration::from_millis(250);
 
 impl SqsQueue {
     pub fn new(client: Client, settings: SqsSettings) -> Self {

@@ -21,6 +21,8 @@ use std::fmt;
 use std::path::PathBuf;
 
 pub use btrfs::BtrfsBackend;
+/// The raw btrfs calls, for the benchmark's floor.
+pub use btrfs::ioctl as btrfs_ioctl;
 #[cfg(any(test, feature = "test-support"))]
 pub use btrfs::testfs;
 pub use dir::DirBackend;

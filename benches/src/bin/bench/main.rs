@@ -12,6 +12,9 @@
 //!
 //! `bench sqs`: see `sqs.rs` (jobs/s through SQS beside a boto3 consumer; idle requests).
 //!
+//! `bench activate`: see `activate.rs` (activation latency on btrfs beside the snapshot
+//! ioctl plus one durable commit; root).
+//!
 //! Scratch files go under `$BENCH_DIR` (default `target/bench`), on the disk the state
 //! directory would use, never on a tmpfs.
 
@@ -22,6 +25,7 @@ use anyhow::{Context, bail};
 use redb::{Database, Durability, TableDefinition};
 use thinpipe::fsm::{Engine, EngineConfig, Outcome, Workflow};
 
+mod activate;
 mod sqs;
 mod unpack;
 
@@ -34,7 +38,7 @@ const CONCURRENT_STEPS: usize = 100;
 fn main() -> anyhow::Result<()> {
     let which: Vec<String> = std::env::args().skip(1).collect();
     if which.is_empty() {
-        bail!("usage: bench fsm|unpack|sqs ...");
+        bail!("usage: bench fsm|unpack|sqs|activate ...");
     }
     let base = std::env::var_os("BENCH_DIR").map_or_else(|| PathBuf::from("target/bench"), PathBuf::from);
     std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
@@ -43,7 +47,8 @@ fn main() -> anyhow::Result<()> {
             "fsm" => fsm(&base)?,
             "unpack" => unpack::run(&base)?,
             "sqs" => sqs::run(&base)?,
-            other => bail!("unknown benchmark {other:?}: expected fsm, unpack or sqs"),
+            "activate" => activate::run(&base)?,
+            other => bail!("unknown benchmark {other:?}: expected fsm, unpack, sqs or activate"),
         }
     }
     Ok(())

@@ -10,7 +10,7 @@
 //! create is a race or a re-run (checked, then fine), `ENOSPC`, `EROFS`, `EPERM` and
 //! `ENOTTY` (not btrfs) abort, anything else is transient.
 
-mod ioctl;
+pub mod ioctl;
 
 use std::ffi::CString;
 use std::fs::{self, File};
