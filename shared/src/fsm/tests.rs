@@ -114,10 +114,21 @@ async fn starting_an_active_id_returns_already_running() {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let wf = engine.register(gated_workflow("g", gate.clone())).unwrap();
     assert_eq!(wf.start("x", &"1".into(), &vec![]).await.unwrap(), StartOutcome::Started);
-    assert_eq!(wf.start("x", &"2".into(), &vec![]).await.unwrap(), StartOutcome::AlreadyRunning);
+    assert_eq!(wf.start("x", &"1".into(), &vec![]).await.unwrap(), StartOutcome::AlreadyRunning);
+    // The same id for other work is the caller's mistake, never a silent success.
+    match wf.start("x", &"2".into(), &vec![]).await {
+        Err(e @ StartError::InputMismatch { .. }) => {
+            assert!(!e.is_retryable());
+            assert!(e.to_string().contains("another input"), "{e}");
+        }
+        other => panic!("expected InputMismatch, got {other:?}"),
+    }
     gate.add_permits(1);
     let out = wf.wait("x").await.unwrap();
-    assert_eq!(out, Outcome::Completed(vec!["g:first".into(), "g:gated:1".into()]), "the second start changed nothing");
+    assert_eq!(out, Outcome::Completed(vec!["g:first".into(), "g:gated:1".into()]), "the other starts changed nothing");
+    // Finished, the same holds: same input returns the outcome, other input is refused.
+    assert!(matches!(wf.start("x", &"1".into(), &vec![]).await.unwrap(), StartOutcome::Finished(_)));
+    assert!(matches!(wf.start("x", &"3".into(), &vec![]).await, Err(StartError::InputMismatch { .. })));
     engine.shutdown().await;
 }
 
