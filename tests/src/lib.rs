@@ -56,6 +56,20 @@ pub fn bin(name: &str) -> std::path::PathBuf {
     path
 }
 
+/// A tar archive holding one regular file `name` (mode 0644, owned by root, mtime 0).
+pub fn tar_of_file(name: &str, content: &[u8]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(content.len() as u64);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_cksum();
+    b.append_data(&mut h, name, content).expect("appending to an in-memory tar");
+    b.into_inner().expect("finishing an in-memory tar")
+}
+
 /// Log files of the daemons this test process has running.
 static LOGS_IN_USE: std::sync::Mutex<std::collections::BTreeSet<std::path::PathBuf>> =
     std::sync::Mutex::new(std::collections::BTreeSet::new());

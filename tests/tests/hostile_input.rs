@@ -109,19 +109,6 @@ fn manifest(layers: &[(String, usize)]) -> Vec<u8> {
     .into_bytes()
 }
 
-fn tar_with(name: &str, content: &[u8]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_gnu();
-    h.set_size(content.len() as u64);
-    h.set_mode(0o644);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(0);
-    h.set_cksum();
-    b.append_data(&mut h, name, content).unwrap();
-    b.into_inner().unwrap()
-}
-
 /// Writes a hostile image source into the directory it is given.
 type BuildSource = Box<dyn Fn(&Path)>;
 
@@ -140,7 +127,7 @@ fn prepare(state: &Path, source: &Path) -> serde_json::Value {
 
 #[test]
 fn bad_images_fail_naming_the_problem_and_nothing_is_prepared() {
-    let layer = tar_with("etc/hostname", b"x\n");
+    let layer = thinpipe_tests::tar_of_file("etc/hostname", b"x\n");
     let missing = "ab".repeat(32);
     let cases: Vec<(&str, BuildSource, &str)> = vec![
         (

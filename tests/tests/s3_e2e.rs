@@ -174,16 +174,7 @@ fn a_layer_too_large_for_one_put_is_published_in_parts_and_prepares_like_the_loc
     std::fs::create_dir_all(&family).unwrap();
     // One incompressible file makes a tar just over the multipart threshold.
     let big: Vec<u8> = (0..thinpipe::image::MULTIPART_THRESHOLD + (1 << 20)).map(|_| rand::random::<u8>()).collect();
-    let mut tar = tar::Builder::new(std::fs::File::create(family.join("0001.tar")).unwrap());
-    let mut header = tar::Header::new_gnu();
-    header.set_size(big.len() as u64);
-    header.set_mode(0o644);
-    header.set_uid(0);
-    header.set_gid(0);
-    header.set_mtime(0);
-    header.set_cksum();
-    tar.append_data(&mut header, "big.bin", big.as_slice()).unwrap();
-    tar.into_inner().unwrap().sync_all().unwrap();
+    std::fs::write(family.join("0001.tar"), thinpipe_tests::tar_of_file("big.bin", &big)).unwrap();
 
     let to = format!("s3://{bucket}/large");
     let report = publish(&endpoint, &src, &to);

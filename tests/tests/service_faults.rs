@@ -130,16 +130,7 @@ fn a_full_disk_during_unpack_fails_the_run_clearly_and_the_retry_reuses_the_base
     let family = state.join("images/big");
     std::fs::create_dir_all(&family).unwrap();
     let content: Vec<u8> = (0..12u32 << 20).map(|i| (i % 251) as u8).collect();
-    let mut tar = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_gnu();
-    h.set_size(content.len() as u64);
-    h.set_mode(0o644);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(0);
-    h.set_cksum();
-    tar.append_data(&mut h, "data.bin", content.as_slice()).unwrap();
-    std::fs::write(family.join("0001.tar"), tar.into_inner().unwrap()).unwrap();
+    std::fs::write(family.join("0001.tar"), thinpipe_tests::tar_of_file("data.bin", &content)).unwrap();
     let ballast = disk.mount.join("ballast");
     std::fs::write(&ballast, vec![0u8; 24 << 20]).unwrap();
     let volumes = disk.mount.join("volumes");

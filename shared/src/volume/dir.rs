@@ -191,22 +191,7 @@ impl VolumeBackend for DirBackend {
     }
 
     fn list(&self) -> Result<Vec<VolumeId>, VolumeError> {
-        let mut out = Vec::new();
-        for d in ["bases", "snaps"] {
-            let dir = self.root.join(d);
-            let entries = fs::read_dir(&dir).map_err(|e| VolumeError::io(dir.display(), "listing", e))?;
-            for entry in entries {
-                let entry = entry.map_err(|e| VolumeError::io(dir.display(), "listing", e))?;
-                let name = entry.file_name();
-                if let Some(vol) = name.to_str().and_then(VolumeId::parse)
-                    && entry.file_type().is_ok_and(|t| t.is_dir())
-                {
-                    out.push(vol);
-                }
-            }
-        }
-        out.sort();
-        Ok(out)
+        super::list_layout(&self.root)
     }
 }
 

@@ -85,6 +85,26 @@ impl VolumeError {
     }
 }
 
+/// The volumes under `<root>/bases` and `<root>/snaps` (the layout both file-based backends
+/// use), sorted. Names that are not `base-N` / `snap-N` directories are ignored.
+fn list_layout(root: &std::path::Path) -> Result<Vec<VolumeId>, VolumeError> {
+    let mut out = Vec::new();
+    for d in ["bases", "snaps"] {
+        let dir = root.join(d);
+        let entries = std::fs::read_dir(&dir).map_err(|e| VolumeError::io(dir.display(), "listing", e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| VolumeError::io(dir.display(), "listing", e))?;
+            if let Some(vol) = entry.file_name().to_str().and_then(VolumeId::parse)
+                && entry.file_type().is_ok_and(|t| t.is_dir())
+            {
+                out.push(vol);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// Where bases and snapshots live.
 pub trait VolumeBackend: Send + Sync {
     /// The backend's name (`dir`, `btrfs`, `dmthin`).

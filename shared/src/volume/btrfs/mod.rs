@@ -14,7 +14,6 @@ pub mod ioctl;
 
 use std::ffi::CString;
 use std::fs::{self, File};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use super::{VolumeBackend, VolumeError, VolumeId};
@@ -226,19 +225,7 @@ impl VolumeBackend for BtrfsBackend {
     }
 
     fn list(&self) -> Result<Vec<VolumeId>, VolumeError> {
-        let mut out = Vec::new();
-        for d in ["bases", "snaps"] {
-            let dir = self.root.join(d);
-            let entries = fs::read_dir(&dir).map_err(|e| VolumeError::io(dir.display(), "listing", e))?;
-            for entry in entries {
-                let entry = entry.map_err(|e| VolumeError::io(dir.display(), "listing", e))?;
-                if let Some(vol) = std::str::from_utf8(entry.file_name().as_bytes()).ok().and_then(VolumeId::parse) {
-                    out.push(vol);
-                }
-            }
-        }
-        out.sort();
-        Ok(out)
+        super::list_layout(&self.root)
     }
 }
 
