@@ -10,6 +10,8 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 
+use crate::http::TestServer;
+
 struct Shared {
     upstream: String,
     needle: String,
@@ -21,8 +23,7 @@ struct Shared {
 pub struct FlakyProxy {
     pub endpoint: String,
     shared: Arc<Shared>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _server: TestServer,
 }
 
 async fn forward(State(s): State<Arc<Shared>>, req: Request) -> Response {
@@ -54,9 +55,6 @@ async fn forward(State(s): State<Arc<Shared>>, req: Request) -> Response {
 
 impl FlakyProxy {
     pub fn start(upstream: &str, needle: &str, failures: usize) -> FlakyProxy {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let shared = Arc::new(Shared {
             upstream: upstream.trim_end_matches('/').to_owned(),
             needle: needle.to_owned(),
@@ -64,37 +62,12 @@ impl FlakyProxy {
             failed: AtomicUsize::new(0),
             client: reqwest::Client::new(),
         });
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let state = shared.clone();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async move {
-                let app = axum::Router::new().fallback(forward).with_state(state);
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = stopped.await; // a dropped sender also means stop
-                    })
-                    .await
-                    .unwrap();
-            });
-        });
-        FlakyProxy { endpoint, shared, stop: Some(stop), thread: Some(thread) }
+        let server = TestServer::start(axum::Router::new().fallback(forward).with_state(shared.clone()));
+        FlakyProxy { endpoint: server.endpoint.clone(), shared, _server: server }
     }
 
     /// Errors answered so far.
     pub fn errors_served(&self) -> usize {
         self.shared.failed.load(Ordering::SeqCst).min(self.shared.failures)
-    }
-}
-
-impl Drop for FlakyProxy {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(()); // the server may have stopped already
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join(); // a panic in the proxy already failed the test
-        }
     }
 }

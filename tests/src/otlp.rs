@@ -13,6 +13,8 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use prost::Message;
 
+use crate::http::TestServer;
+
 /// One received span, flattened.
 #[derive(Clone, Debug)]
 pub struct Span {
@@ -35,8 +37,7 @@ struct Received {
 pub struct Receiver {
     pub endpoint: String,
     received: Arc<Mutex<Received>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _server: TestServer,
 }
 
 fn text(v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> String {
@@ -101,29 +102,13 @@ fn hex(bytes: &[u8]) -> String {
 
 impl Receiver {
     pub fn start() -> Receiver {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let received: Arc<Mutex<Received>> = Arc::default();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let state = received.clone();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async move {
-                let app = axum::Router::new()
-                    .route("/v1/traces", post(traces))
-                    .route("/v1/metrics", post(metrics))
-                    .with_state(state);
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = stopped.await; // a dropped sender also means stop
-                    })
-                    .await
-                    .unwrap();
-            });
-        });
-        Receiver { endpoint, received, stop: Some(stop), thread: Some(thread) }
+        let app = axum::Router::new()
+            .route("/v1/traces", post(traces))
+            .route("/v1/metrics", post(metrics))
+            .with_state(received.clone());
+        let server = TestServer::start(app);
+        Receiver { endpoint: server.endpoint.clone(), received, _server: server }
     }
 
     /// The environment that makes a thinpipe process export here, quickly.
@@ -142,16 +127,5 @@ impl Receiver {
     /// The attribute sets of every data point received for metric `name`.
     pub fn metric(&self, name: &str) -> Vec<BTreeMap<String, String>> {
         self.received.lock().unwrap().metrics.get(name).cloned().unwrap_or_default()
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(()); // the server may have stopped already
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join(); // a panic in the receiver already failed the test
-        }
     }
 }
