@@ -16,7 +16,7 @@ use thinpipe::image::write_sample_family;
 use thinpipe::queue::{EmbeddedQueue, JobQueue};
 use thinpipe::store::{SnapshotState, Store};
 use thinpipe::volume::{DirBackend, VolumeBackend, VolumeId};
-use thinpipe_tests::{Daemon, killed};
+use thinpipe_tests::{Daemon, killed, wait_until};
 
 const FAMILIES: [&str; 3] = ["web", "api", "db"];
 const ACTIVATIONS: usize = 153;
@@ -46,7 +46,8 @@ fn job(kind: &str, family: &str, invocation: Option<&str>) -> (String, String) {
     (id, body.to_string())
 }
 
-/// Runs workers, killing each after a random while, until `done` holds; then a last one
+/// Runs workers, killing each a random moment after it is seen mid-run, at least
+/// `min_kills` times; then a last one
 /// finishes and stops cleanly. Returns the number of kills.
 fn supervise(
     state: &Path,
@@ -61,21 +62,45 @@ fn supervise(
         ("THINPIPE_WORKER_CONCURRENCY", "8"),
         ("THINPIPE_QUEUE_MAX_RECEIVES", "100"),
     ];
+    // The killed worker's address file is stale; each new worker writes its own.
+    let start = || {
+        match std::fs::remove_file(state.join("admin.addr")) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => panic!("removing the stale admin.addr: {e}"),
+        }
+        let daemon = Daemon::start(state, &env);
+        let admin = daemon.admin_url();
+        (daemon, admin)
+    };
     let mut kills = 0;
     while kills < min_kills {
-        let daemon = Daemon::start(state, &env);
-        std::thread::sleep(Duration::from_millis(rng.random_range(50..600)));
+        let (daemon, admin) = start();
+        // Kill while runs are in flight (a random moment after the worker is seen mid-run),
+        // so the kills land inside runs however fast or slow this machine is. Once every job
+        // is done, the remaining kills hit an idle worker.
+        let runs = format!("{admin}/api/runs?status=active&limit=1");
+        wait_until("the worker to have a run in flight", Duration::from_secs(60), || {
+            let mid_run = reqwest::blocking::get(&runs)
+                .and_then(|r| r.json::<Vec<serde_json::Value>>())
+                .is_ok_and(|active| !active.is_empty());
+            mid_run || done()
+        });
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..30)));
         let status = daemon.kill();
         assert!(killed(&status) || status.success(), "seed {seed}: the worker died by itself: {status:?}");
         kills += 1;
     }
-    let last = Daemon::start(state, &env);
+    // Started (its admin API up, so its signal handlers are installed) before it is stopped.
+    let (last, _) = start();
     let deadline = Instant::now() + Duration::from_secs(180);
     while !done() {
         assert!(Instant::now() < deadline, "seed {seed}: jobs did not finish after the kills:\n{}", last.log());
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(last.stop(Duration::from_secs(60)).success(), "seed {seed}");
+    let log = last.log();
+    let status = last.stop(Duration::from_secs(60));
+    assert!(status.success(), "seed {seed}: the last worker stopped with {status:?}; its log:\n{log}");
     kills
 }
 

@@ -78,8 +78,11 @@ pub async fn serve(
         .with_context(|| format!("admin.listen {addr}: cannot listen (in use? set admin.listen to another address)"))?;
     let bound = listener.local_addr().context("the admin listener's address")?;
     let addr_file = host.config.state_dir.join(ADDR_FILE);
-    std::fs::write(&addr_file, format!("http://{bound}\n"))
-        .with_context(|| format!("writing {}", addr_file.display()))?;
+    // Written whole then renamed, so a reader never sees a half-written address.
+    let tmp = addr_file.with_extension("addr.tmp");
+    std::fs::write(&tmp, format!("http://{bound}\n")).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &addr_file)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), addr_file.display()))?;
     let token = (!cfg.token.is_empty()).then(|| cfg.token.clone());
     let app = router(Admin { host, jobs, token });
     let server = tokio::spawn(async move {
