@@ -19,6 +19,7 @@ pub mod image;
 pub mod job;
 pub mod pipeline;
 pub mod queue;
+pub mod reconcile;
 pub mod store;
 pub mod telemetry;
 pub mod volume;

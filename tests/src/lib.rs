@@ -2,6 +2,7 @@
 //! `tests/` run as real processes and kill, and small shared utilities for those tests.
 
 pub mod flaky;
+pub mod guest;
 pub mod http;
 pub mod otlp;
 

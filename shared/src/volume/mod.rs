@@ -8,14 +8,16 @@
 //!
 //! Backends: `dir` (plain directories, reflink copies where the filesystem has them; no
 //! root; O(files) snapshots, and says so) and `btrfs` (subvolumes and O(1) snapshots by
-//! ioctl; root). `dmthin` is still to come.
-//! `conformance` is the one test suite every backend must pass.
+//! ioctl; root) and `dmthin` (thin devices of a device-mapper pool, by ioctl; root).
+//! `conformance` is the one test suite every backend must pass (public with `test-support`,
+//! so the dm-thin guest runs it too).
 
 mod btrfs;
 mod dir;
+pub mod dmthin;
 
-#[cfg(test)]
-pub(crate) mod conformance;
+#[cfg(any(test, feature = "test-support"))]
+pub mod conformance;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -26,6 +28,7 @@ pub use btrfs::ioctl as btrfs_ioctl;
 #[cfg(any(test, feature = "test-support"))]
 pub use btrfs::testfs;
 pub use dir::DirBackend;
+pub use dmthin::{DmThinBackend, DmThinOptions};
 
 /// A volume: a base (one per family) or a snapshot (one per activation), by sequence id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

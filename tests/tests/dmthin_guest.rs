@@ -1,0 +1,64 @@
+//! The dm-thin backend on a real kernel: Debian's kernel in QEMU (see `thinpipe_tests::guest`)
+//! with a thin pool on two virtio disks. Three boots share the disks:
+//!
+//! 1. `first`: the conformance suite, a base with 50 snapshots and copy-on-write checked,
+//!    every error case with its errno, and the pipeline (prepare, 60 activations, 30
+//!    releases, reconcile clean);
+//! 2. `crash`: a prepare dies at `dmthin.after_create_thin` (between the thin device's
+//!    creation and the step's checkpoint) and the guest loses power without a sync;
+//! 3. `resume`: the run resumes with no orphan and no id allocated twice, `reconcile` finds
+//!    and deletes a planted orphan, the activate benchmark runs (emulated), the pool is
+//!    torn down.
+//!
+//! Then `thin_check` reads the metadata disk on the host.
+
+use std::time::Duration;
+
+use thinpipe_tests::guest::Guest;
+use thinpipe_tests::{bin, run};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+
+#[test]
+fn a_thin_pool_on_a_real_kernel_survives_the_pipeline_a_power_cut_and_reconcile() {
+    let Some(guest) = Guest::prepare(&bin("dmthin-guest")) else { return };
+
+    let first = guest.boot("first", None, BOOT_TIMEOUT);
+    first.assert_ok(&[
+        "pool",
+        "state disk",
+        "conformance",
+        "fifty snapshots, copy-on-write, release",
+        "error cases by errno",
+        "pipeline: prepare, 60 activations, 30 releases, reconcile",
+    ]);
+    assert!(first.markers().contains(&"done first"), "console:\n{}", first.console);
+
+    let crash = guest.boot("crash", Some("dmthin.after_create_thin"), BOOT_TIMEOUT);
+    assert!(
+        crash.console.contains("fault point dmthin.after_create_thin@base-2 armed"),
+        "the crash boot never reached the fault point; console:\n{}",
+        crash.console
+    );
+    assert!(!crash.markers().contains(&"done crash"), "the guest binary outlived its fault point");
+
+    let resume = guest.boot("resume", None, BOOT_TIMEOUT);
+    resume.assert_ok(&["resume after a power cut: no orphan, no duplicate id", "teardown"]);
+    let bench: Vec<&str> = resume.markers().into_iter().filter_map(|m| m.strip_prefix("bench ")).collect();
+    assert_eq!(bench.len(), 3, "console:\n{}", resume.console);
+    for line in &bench {
+        println!("{line}");
+    }
+    let artifacts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    std::fs::write(artifacts.join("dmthin-guest-bench.txt"), bench.join("\n") + "\n").unwrap();
+
+    let check = run(std::process::Command::new("thin_check").arg(guest.disk("meta.img")));
+    assert!(
+        check.status.success(),
+        "thin_check on the pool's metadata: {}\n{}{}",
+        check.status,
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
