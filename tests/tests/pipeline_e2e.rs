@@ -1,7 +1,8 @@
 //! The pipeline end to end on one machine with the real `worker` daemon and `enqueue`
 //! binaries and the embedded queue: prepare once, concurrent activations, a redelivered
 //! activation, release; bad messages dead-lettered with their reason; a corrupt layer that
-//! fails naming its blob and never marks the family prepared.
+//! fails naming its blob and never marks the family prepared; `worker reconcile` finding and
+//! deleting a planted orphan.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -11,6 +12,7 @@ use std::time::Duration;
 use thinpipe::image::write_sample_family;
 use thinpipe::queue::{EmbeddedQueue, JobQueue};
 use thinpipe::store::Store;
+use thinpipe::volume::{VolumeBackend, VolumeId};
 use thinpipe_tests::{Daemon, bin, tree};
 
 fn enqueue(state: &Path, args: &[&str]) -> Command {
@@ -95,6 +97,38 @@ fn prepare_once_activate_concurrently_redeliver_and_release(state: &Path, volume
     let snapshots = store.list_snapshots().unwrap();
     assert_eq!(snapshots.len(), 3, "one row per invocation");
     assert_eq!(store.next_id("base").unwrap(), 2, "one base was ever allocated");
+
+    // `worker reconcile`: clean, then a planted orphan found, then deleted by --fix.
+    let reconcile = |args: &[&str]| {
+        let mut cmd = Command::new(bin("worker"));
+        cmd.arg("--state-dir").arg(state).arg("reconcile").args(args).envs(env.iter().copied());
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = reconcile(&[]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("clean"), "{out}");
+    let backend: Box<dyn VolumeBackend> = if env.iter().any(|(_, v)| *v == "btrfs") {
+        Box::new(thinpipe::volume::BtrfsBackend::open(volumes).unwrap())
+    } else {
+        Box::new(thinpipe::volume::DirBackend::open(volumes).unwrap())
+    };
+    backend.snapshot(base, 99).unwrap();
+    let (code, out, err) = reconcile(&[]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(out.contains("orphan  snap-99") && out.contains("--fix"), "{out}");
+    assert!(backend.exists(VolumeId::Snap(99)).unwrap(), "no --fix: nothing deleted");
+    let (code, out, err) = reconcile(&["--fix", "--json"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(err.contains("deleted an orphan volume"), "the deletion is logged: {err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["deleted"], serde_json::json!(["snap-99"]));
+    assert!(!backend.exists(VolumeId::Snap(99)).unwrap());
+    assert!(backend.exists(VolumeId::Base(base)).unwrap(), "a claimed volume is never deleted");
 }
 
 #[test]

@@ -16,11 +16,14 @@ pub struct Config {
     /// Where image families come from: `dir:<path>` (or a bare path) or `s3://bucket/prefix`,
     /// holding `images/<family>/` or an OCI layout. Default: the state directory.
     pub source: String,
-    /// Volume backend: `dir` (plain directories, no root) or `btrfs` (subvolumes and O(1)
-    /// snapshots; root, and `volumes_dir` on a btrfs filesystem).
+    /// Volume backend: `dir` (plain directories, no root), `btrfs` (subvolumes and O(1)
+    /// snapshots; root, and `volumes_dir` on a btrfs filesystem) or `dmthin` (thin devices
+    /// of the device-mapper pool `dmthin.pool`; root; production hosts).
     pub backend: String,
-    /// Where the backend keeps bases and snapshots. Default: `<state_dir>/volumes`.
+    /// Where the backend keeps bases and snapshots (for `dmthin`: mount points, seal
+    /// markers and device nodes). Default: `<state_dir>/volumes`.
     pub volumes_dir: String,
+    pub dmthin: DmThinConfig,
     /// `text` or `json`.
     pub log_format: String,
     pub queue: QueueConfig,
@@ -29,6 +32,22 @@ pub struct Config {
     pub engine: EngineSettings,
     pub aws: AwsConfig,
     pub admin: AdminConfig,
+}
+
+/// The `dmthin` backend: the thin pool the host setup created.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DmThinConfig {
+    /// The pool's device-mapper name (LVM names it `<vg>-<lv>-tpool`).
+    pub pool: String,
+    /// Virtual size of each base and snapshot, in bytes (never shrink it while bases exist).
+    pub volume_bytes: u64,
+}
+
+impl Default for DmThinConfig {
+    fn default() -> Self {
+        Self { pool: String::new(), volume_bytes: 10 << 30 }
+    }
 }
 
 /// The admin HTTP API and the inspector page (daemon only).
@@ -169,6 +188,7 @@ impl Default for Config {
             source: String::new(),
             backend: "dir".into(),
             volumes_dir: String::new(),
+            dmthin: DmThinConfig::default(),
             log_format: "text".into(),
             queue: QueueConfig::default(),
             worker: WorkerConfig::default(),
@@ -307,8 +327,11 @@ impl Config {
         if !self.admin.listen.is_empty() {
             crate::admin::check_listen(&self.admin.listen, self.admin.allow_public, &self.admin.token)?;
         }
-        if !["dir", "btrfs"].contains(&self.backend.as_str()) {
-            bail!("backend {:?}: expected dir or btrfs", self.backend);
+        if !["dir", "btrfs", "dmthin"].contains(&self.backend.as_str()) {
+            bail!("backend {:?}: expected dir, btrfs or dmthin", self.backend);
+        }
+        if self.backend == "dmthin" && self.dmthin.pool.trim().is_empty() {
+            bail!("backend = \"dmthin\" needs dmthin.pool: the device-mapper name of the host's thin pool");
         }
         if self.queue.visibility_timeout_secs < 2 {
             bail!("queue.visibility_timeout_secs must be at least 2 (the heartbeat runs at a third of it)");
@@ -468,5 +491,13 @@ mod tests {
         std::fs::write(&file, "[worker]\nspeed = 1\n").unwrap();
         let err = Config::load(Some(&file), [], &[]).unwrap_err();
         assert!(format!("{err:#}").contains("speed"), "{err:#}");
+        let err = Config::load(None, [], &["backend=lvm".into()]).unwrap_err();
+        assert!(format!("{err:#}").contains("expected dir, btrfs or dmthin"), "{err:#}");
+        let err = Config::load(None, [], &["backend=dmthin".into()]).unwrap_err();
+        assert!(format!("{err:#}").contains("needs dmthin.pool"), "{err:#}");
+        let c =
+            Config::load(None, [("THINPIPE_DMTHIN_POOL".into(), "vg0-pool-tpool".into())], &["backend=dmthin".into()])
+                .unwrap();
+        assert_eq!((c.dmthin.pool.as_str(), c.dmthin.volume_bytes), ("vg0-pool-tpool", 10 << 30));
     }
 }

@@ -9,7 +9,7 @@ use thinpipe::fsm::{Engine, EngineConfig, OpenError};
 use thinpipe::image::{ApplyOptions, BlobCache, BlobSource, LocalDir, S3Source};
 use thinpipe::pipeline::{Pipeline, PipelineContext};
 use thinpipe::store::{Acquired, Holder, Store};
-use thinpipe::volume::{BtrfsBackend, DirBackend, VolumeBackend};
+use thinpipe::volume::{BtrfsBackend, DirBackend, DmThinBackend, DmThinOptions, VolumeBackend};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -35,10 +35,7 @@ impl Host {
         let store = Arc::new(Store::open(config.host_db_path())?);
         let ttl = Duration::from_secs(config.worker.lease_ttl_secs);
         let engine = take_state(&config, &store, ttl).await?;
-        let backend: Arc<dyn VolumeBackend> = match config.backend.as_str() {
-            "btrfs" => Arc::new(BtrfsBackend::open(&config.volumes_dir)?),
-            _ => Arc::new(DirBackend::open(&config.volumes_dir)?),
-        };
+        let backend = open_backend(&config)?;
         let source: Arc<dyn BlobSource> = if config.source.starts_with("s3://") {
             let opts = config.aws.options();
             let sdk = thinpipe::aws::sdk_config(&opts).await;
@@ -190,5 +187,18 @@ pub async fn open_queues(config: &Config) -> anyhow::Result<Vec<Arc<dyn thinpipe
                 .collect()
         }
         _ => vec![Arc::new(thinpipe::queue::EmbeddedQueue::open(&q.path, &q.name, visibility, q.max_receives)?)],
+    })
+}
+
+/// The configured volume backend.
+pub fn open_backend(config: &Config) -> anyhow::Result<Arc<dyn VolumeBackend>> {
+    Ok(match config.backend.as_str() {
+        "btrfs" => Arc::new(BtrfsBackend::open(&config.volumes_dir)?),
+        "dmthin" => Arc::new(DmThinBackend::open(DmThinOptions {
+            pool: config.dmthin.pool.clone(),
+            root: config.volumes_dir.clone().into(),
+            volume_bytes: config.dmthin.volume_bytes,
+        })?),
+        _ => Arc::new(DirBackend::open(&config.volumes_dir)?),
     })
 }

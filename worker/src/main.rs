@@ -49,6 +49,17 @@ enum Command {
     Demo,
     /// Print the effective configuration as TOML (and check it). Secrets are redacted.
     Config,
+    /// Compare the volumes the backend holds with the host database's records: report
+    /// orphans (volumes no record claims) and missing volumes; `--fix` deletes the orphans.
+    /// Safe while the daemon runs. Exit 0 when no orphan is left, 1 otherwise.
+    Reconcile {
+        /// Delete every orphan.
+        #[arg(long)]
+        fix: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect runs through a running worker's admin API.
     Runs {
         #[command(subcommand)]
@@ -202,6 +213,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         Command::Demo => Ok(if worker::demo::run(config).await? { ExitCode::SUCCESS } else { ExitCode::from(1) }),
         Command::Daemon => daemon(config).await,
         Command::Runs { .. } => unreachable!("handled before the runtime starts"),
+        Command::Reconcile { fix, json } => reconcile(&config, fix, json),
         Command::Run { job, json } => {
             let host = Arc::new(Host::open(config).await?);
             host.engine.resume_all().await?;
@@ -221,6 +233,30 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             Ok(if result.status == JobStatus::Succeeded { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
     }
+}
+
+fn reconcile(config: &Config, fix: bool, json: bool) -> anyhow::Result<ExitCode> {
+    let store = thinpipe::store::Store::open(config.host_db_path())?;
+    let backend = worker::host::open_backend(config)?;
+    let report = thinpipe::reconcile::reconcile(&store, backend.as_ref(), fix).with_context(|| {
+        format!("reconciling the {} backend with {}", backend.name(), config.host_db_path().display())
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{} backend: {} volumes", backend.name(), report.volumes);
+        for o in &report.orphans {
+            let fate = if report.deleted.contains(o) { "deleted" } else { "run `worker reconcile --fix` to delete" };
+            println!("orphan  {o}  (no record claims it; {fate})");
+        }
+        for m in &report.missing {
+            println!("missing {m}  (a record claims it; its run creates it on its next attempt)");
+        }
+        if report.orphans.is_empty() && report.missing.is_empty() {
+            println!("clean: every volume has its record and every record its volume");
+        }
+    }
+    Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 async fn daemon(config: Config) -> anyhow::Result<ExitCode> {

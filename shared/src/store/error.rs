@@ -19,7 +19,7 @@ pub enum StoreError {
     )]
     CannotOpen { path: PathBuf, detail: String },
     #[error(
-        "the host database {path} is corrupt or not an SQLite database ({detail}); move it aside and run `worker reconcile` to rebuild from the volumes"
+        "the host database {path} is corrupt or not an SQLite database ({detail}); move it aside (a new one starts empty), then `worker reconcile` lists the volumes no record claims and `--fix` deletes them"
     )]
     Corrupt { path: PathBuf, detail: String },
     #[error("the disk holding the host database {path} is full")]
