@@ -1,7 +1,6 @@
 //! The dm-thin test guest: Debian's kernel booted in QEMU (TCG) from an initramfs holding
 //! busybox, the `dmthin-guest` binary with the shared libraries `ldd` lists, `mkfs.ext4`,
-//! `thin_ls` and the device-mapper and ext4 modules, with three sparse virtio disks (pool
-//! metadata, pool data, worker state) that persist across boots. The guest reports through
+//! `thin_ls` and the device-mapper and ext4 modules, with sparse virtio disks ([`DISKS`]) that persist across boots. The guest reports through
 //! `THINPIPE-GUEST ...` marker lines on the serial console.
 //!
 //! `scripts/guest-kernel` fetches the kernel and busybox into a cache folder
@@ -33,6 +32,16 @@ pub const MODULES: [&str; 17] = [
     "mbcache",
     "jbd2",
     "ext4",
+];
+
+/// The virtio disks in order (vda..vde): the pool's metadata and data, the worker's state,
+/// and a tiny pool's metadata and data (for running out of data space). Sparse files.
+const DISKS: [(&str, u64); 5] = [
+    ("meta.img", 64 << 20),
+    ("data.img", 2 << 30),
+    ("state.img", 512 << 20),
+    ("tiny-meta.img", 8 << 20),
+    ("tiny-data.img", 24 << 20),
 ];
 
 const INIT: &str = r#"#!/bin/busybox sh
@@ -149,7 +158,7 @@ impl Guest {
         }
         let guest = Guest { cache, dir: tempfile::tempdir().expect("tempdir"), qemu: qemu.expect("checked") };
         guest.build_initramfs(guest_bin);
-        for (disk, size) in [("meta.img", 64u64 << 20), ("data.img", 2 << 30), ("state.img", 512 << 20)] {
+        for (disk, size) in DISKS {
             let f = std::fs::File::create(guest.dir.path().join(disk)).expect("disk image");
             f.set_len(size).expect("sparse disk");
         }
@@ -228,7 +237,7 @@ impl Guest {
             .arg("-initrd")
             .arg(self.dir.path().join("initrd.cpio"))
             .args(["-append", &append]);
-        for disk in ["meta.img", "data.img", "state.img"] {
+        for (disk, _) in DISKS {
             cmd.arg("-drive").arg(format!("file={},if=virtio,format=raw,cache=unsafe", self.disk(disk).display()));
         }
         let mut child =

@@ -2,7 +2,7 @@
 //! with a thin pool on two virtio disks. Three boots share the disks:
 //!
 //! 1. `first`: the conformance suite, a base with 50 snapshots and copy-on-write checked,
-//!    every error case with its errno, and the pipeline (prepare, 60 activations, 30
+//!    every error case with its errno, a second pool run out of data space, and the pipeline (prepare, 60 activations, 30
 //!    releases, reconcile clean);
 //! 2. `crash`: a prepare dies at `dmthin.after_create_thin` (between the thin device's
 //!    creation and the step's checkpoint) and the guest loses power without a sync;
@@ -30,6 +30,7 @@ fn a_thin_pool_on_a_real_kernel_survives_the_pipeline_a_power_cut_and_reconcile(
         "conformance",
         "fifty snapshots, copy-on-write, release",
         "error cases by errno",
+        "a pool out of data space aborts with its status",
         "pipeline: prepare, 60 activations, 30 releases, reconcile",
     ]);
     assert!(first.markers().contains(&"done first"), "console:\n{}", first.console);

@@ -5,6 +5,9 @@
 //! `THINPIPE-GUEST ok <check>`, `THINPIPE-GUEST fail <check>: <why>`,
 //! `THINPIPE-GUEST bench <line>` and, last, `THINPIPE-GUEST done <phase>`.
 //!
+//! Disks: vda/vdb the pool's metadata and data, vdc the worker's state, vdd/vde a tiny
+//! second pool that runs out of data space.
+//!
 //! Phases (one per boot; the disks persist between boots): `first` makes a fresh pool and
 //! runs the backend checks and the pipeline; `crash` prepares a family with the
 //! `dmthin.after_create_thin` fault point armed (the process dies there, then `/init` cuts
@@ -78,11 +81,59 @@ fn sh(cmd: &str, args: &[&str]) -> Result<(), String> {
 /// The pool on vda (metadata) and vdb (data); `fresh` zeroes the metadata first.
 fn setup_pool(fresh: bool) -> Result<Pool, String> {
     if fresh {
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new().write(true).open("/dev/vda").map_err(|e| format!("/dev/vda: {e}"))?;
-        f.write_all(&[0u8; 4096]).and_then(|()| f.sync_all()).map_err(|e| format!("zeroing /dev/vda: {e}"))?;
+        zero_metadata("vda")?;
     }
-    Pool::create(POOL, sys_dev("vda")?, sys_dev("vdb")?, sys_sectors("vdb")?, 128).map_err(|e| e.to_string())
+    Pool::create(POOL, sys_dev("vda")?, sys_dev("vdb")?, sys_sectors("vdb")?, 128, &[]).map_err(|e| e.to_string())
+}
+
+fn zero_metadata(disk: &str) -> Result<(), String> {
+    use std::io::Write;
+    let path = format!("/dev/{disk}");
+    let mut f = std::fs::OpenOptions::new().write(true).open(&path).map_err(|e| format!("{path}: {e}"))?;
+    f.write_all(&[0u8; 4096]).and_then(|()| f.sync_all()).map_err(|e| format!("zeroing {path}: {e}"))
+}
+
+/// A tiny pool (vdd: metadata, vde: 24 MiB of data, `error_if_no_space`) filled past its
+/// data: the pool turns `out_of_data_space` and every failing call then aborts with the
+/// pool's status in its message.
+fn out_of_data_space() -> Result<(), String> {
+    use std::io::Write;
+    zero_metadata("vdd")?;
+    let pool = Pool::create("tiny", sys_dev("vdd")?, sys_dev("vde")?, sys_sectors("vde")?, 128, &["error_if_no_space"])
+        .map_err(|e| e.to_string())?;
+    let b = DmThinBackend::open(DmThinOptions {
+        pool: "tiny".into(),
+        root: Path::new(STATE).join("tiny-volumes"),
+        volume_bytes: 64 << 20,
+    })
+    .map_err(|e| e.to_string())?;
+    b.create_base(1).map_err(|e| e.to_string())?;
+    let root = b.reset_base(1).map_err(|e| e.to_string())?;
+    let mut f = std::fs::File::create(root.join("fill")).map_err(|e| e.to_string())?;
+    let chunk = vec![7u8; 1 << 20];
+    let mut failed = None;
+    for _ in 0..48 {
+        if let Err(e) = f.write_all(&chunk) {
+            failed = Some(e);
+            break;
+        }
+    }
+    let failed = failed.or_else(|| f.sync_all().err()).ok_or("48 MiB fitted in a 24 MiB pool")?;
+    drop(f);
+    let status = pool.status().map_err(|e| e.to_string())?;
+    if !status.contains("out_of_data_space") {
+        return Err(format!("after {failed}, the pool's status is {status:?}"));
+    }
+    let err = b.create_base(2).err().ok_or("a new base was made on a pool out of data space")?;
+    let msg = err.to_string();
+    if err.is_retryable() || !msg.contains("out_of_data_space") {
+        return Err(format!("out of data space: expected an abort with the pool's status, got {msg}"));
+    }
+    for vol in [VolumeId::Base(2), VolumeId::Base(1)] {
+        b.delete(vol).map_err(|e| format!("cleaning up {vol}: {e}"))?;
+    }
+    drop(b);
+    pool.remove().map_err(|e| e.to_string())
 }
 
 /// The worker's state disk (vdc) at /state; `fresh` makes its filesystem.
@@ -434,6 +485,7 @@ fn main() {
             });
             check("fifty snapshots, copy-on-write, release", || fifty_snapshots(&b));
             check("error cases by errno", || error_cases(&b));
+            check("a pool out of data space aborts with its status", out_of_data_space);
             drop(b);
             check("pipeline: prepare, 60 activations, 30 releases, reconcile", || {
                 rt.block_on(async {

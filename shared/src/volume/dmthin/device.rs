@@ -89,18 +89,20 @@ impl Pool {
     /// Creates and activates pool `name` on metadata device `meta` and data device `data`
     /// (`data_sectors` long, blocks of `block_sectors`). The host setup's job in production;
     /// tests and the guest use it. A fresh pool needs the first 4 KiB of `meta` zeroed.
+    /// `features`: pool table features such as `error_if_no_space`.
     pub fn create(
         name: &str,
         meta: Device,
         data: Device,
         data_sectors: u64,
         block_sectors: u64,
+        features: &[&str],
     ) -> Result<Pool, DmFailure> {
         let dm = DM::new().map_err(|e| DmFailure::new("opening /dev/mapper/control", e))?;
         let id = DevId::Name(dm_name(name)?);
         dm.device_create(dm_name(name)?, None, DmOptions::default())
             .map_err(|e| DmFailure::new(format!("creating pool device {name}"), e))?;
-        let params = format!("{meta} {data} {block_sectors} 0 0");
+        let params = format!("{meta} {data} {block_sectors} 0 {} {}", features.len(), features.join(" "));
         let table = [(0, data_sectors, "thin-pool".to_owned(), params)];
         dm.table_load(&id, &table, DmOptions::default())
             .map_err(|e| DmFailure::new(format!("loading pool {name}"), e))?;

@@ -161,14 +161,38 @@ impl DmThinBackend {
         self.root.join("bases").join(format!("{}.sealed", VolumeId::Base(id)))
     }
 
-    /// A failure, classified, with the pool's status in the message.
-    fn fail(&self, vol: impl std::fmt::Display, e: DmFailure) -> VolumeError {
+    /// The pool's status line and whether it is in `rw` mode (the only mode in which a
+    /// failure may be transient).
+    fn pool_state(&self) -> (String, bool) {
         let status = match self.pool.status() {
             Ok(s) => s,
             Err(s) => format!("unavailable: {s}"),
         };
         // status: "<transaction> <meta> <data> <held root> rw|ro|out_of_data_space ..." or "Fail".
-        let mode_ok = status.split_whitespace().nth(4) == Some("rw");
+        let rw = status.split_whitespace().nth(4) == Some("rw");
+        (status, rw)
+    }
+
+    /// Any failure of this backend while the pool is not `rw` (read-only, failed, out of
+    /// data space) is an abort, with the pool's status in the message.
+    fn checked<T>(&self, r: Result<T, VolumeError>) -> Result<T, VolumeError> {
+        match r {
+            Err(VolumeError::Transient { volume, detail }) => {
+                let (status, rw) = self.pool_state();
+                if rw {
+                    Err(VolumeError::Transient { volume, detail })
+                } else {
+                    let detail = format!("{detail} [pool {} status: {status}]", self.pool.name());
+                    Err(VolumeError::Abort { volume, detail })
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// A failure, classified, with the pool's status in the message.
+    fn fail(&self, vol: impl std::fmt::Display, e: DmFailure) -> VolumeError {
+        let (status, mode_ok) = self.pool_state();
         let detail = format!("{e} [pool {} status: {status}]", self.pool.name());
         let hard = errno_is(&e, &[libc::ENODATA, libc::EINVAL, libc::ENOSPC, libc::EBUSY, libc::EEXIST, libc::EPERM]);
         if hard || !mode_ok {
@@ -409,15 +433,7 @@ impl VolumeBackend for DmThinBackend {
         err(Display)
     )]
     fn create_base(&self, id: u64) -> Result<(), VolumeError> {
-        let vol = VolumeId::Base(id);
-        if self.is_sealed(id)? {
-            return Ok(());
-        }
-        let tid = thin_id(vol)?;
-        self.create(vol, &format!("create_thin {tid}"))?;
-        fault::point("dmthin.after_create_thin", &vol.to_string());
-        self.mount(vol, true)?;
-        Ok(())
+        self.checked(self.create_base_inner(id))
     }
 
     #[tracing::instrument(
@@ -428,34 +444,12 @@ impl VolumeBackend for DmThinBackend {
         err(Display)
     )]
     fn reset_base(&self, id: u64) -> Result<PathBuf, VolumeError> {
-        let vol = VolumeId::Base(id);
-        if self.is_sealed(id)? {
-            return Err(VolumeError::Abort { volume: vol.to_string(), detail: "sealed: cannot be written".into() });
-        }
-        let root = self.mount(vol, true)?;
-        empty_dir(&root, vol)?;
-        Ok(root)
+        self.checked(self.reset_base_inner(id))
     }
 
     #[tracing::instrument(name = "volume.seal", level = "info", skip(self), fields(backend = "dmthin"), err(Display))]
     fn seal_base(&self, id: u64) -> Result<(), VolumeError> {
-        let vol = VolumeId::Base(id);
-        if self.is_sealed(id)? {
-            return Ok(());
-        }
-        if !self.in_pool(vol)? {
-            return Err(VolumeError::Abort { volume: vol.to_string(), detail: "no such base in the pool".into() });
-        }
-        // Unmounting writes the filesystem back; deactivating makes the origin inactive.
-        self.unmount_and_deactivate(vol)?;
-        let marker = self.seal_marker(id);
-        let file = fs::File::create(&marker).map_err(|e| VolumeError::io(vol, "writing the seal marker", e))?;
-        file.sync_all().map_err(|e| VolumeError::io(vol, "syncing the seal marker", e))?;
-        let dir = self.root.join("bases");
-        fs::File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| VolumeError::io(vol, "syncing the bases directory", e))?;
-        Ok(())
+        self.checked(self.seal_base_inner(id))
     }
 
     fn is_sealed(&self, id: u64) -> Result<bool, VolumeError> {
@@ -475,6 +469,80 @@ impl VolumeBackend for DmThinBackend {
         err(Display)
     )]
     fn snapshot(&self, base: u64, snap: u64) -> Result<(), VolumeError> {
+        self.checked(self.snapshot_inner(base, snap))
+    }
+
+    #[tracing::instrument(name = "volume.expose", level = "info", skip(self), fields(backend = "dmthin"), err(Display))]
+    fn expose(&self, snap: u64) -> Result<PathBuf, VolumeError> {
+        self.checked(self.mount(VolumeId::Snap(snap), false))
+    }
+
+    #[tracing::instrument(name = "volume.delete", level = "info", skip(self), fields(backend = "dmthin"), err(Display))]
+    fn delete(&self, vol: VolumeId) -> Result<(), VolumeError> {
+        self.checked(self.delete_inner(vol))
+    }
+
+    fn exists(&self, vol: VolumeId) -> Result<bool, VolumeError> {
+        self.checked(self.in_pool(vol))
+    }
+
+    fn list(&self) -> Result<Vec<VolumeId>, VolumeError> {
+        let ids = self.checked(self.thin_ids())?;
+        let mut out: Vec<VolumeId> = ids.iter().filter_map(|&t| volume_of(t)).collect();
+        let foreign = ids.len() - out.len();
+        if foreign > 0 {
+            tracing::warn!(pool = %self.pool.name(), foreign, "thin ids outside thinpipe's ranges (not listed)");
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+/// The operations, unclassified by pool mode ([`DmThinBackend::checked`] does that).
+impl DmThinBackend {
+    fn create_base_inner(&self, id: u64) -> Result<(), VolumeError> {
+        let vol = VolumeId::Base(id);
+        if self.is_sealed(id)? {
+            return Ok(());
+        }
+        let tid = thin_id(vol)?;
+        self.create(vol, &format!("create_thin {tid}"))?;
+        fault::point("dmthin.after_create_thin", &vol.to_string());
+        self.mount(vol, true)?;
+        Ok(())
+    }
+
+    fn reset_base_inner(&self, id: u64) -> Result<PathBuf, VolumeError> {
+        let vol = VolumeId::Base(id);
+        if self.is_sealed(id)? {
+            return Err(VolumeError::Abort { volume: vol.to_string(), detail: "sealed: cannot be written".into() });
+        }
+        let root = self.mount(vol, true)?;
+        empty_dir(&root, vol)?;
+        Ok(root)
+    }
+
+    fn seal_base_inner(&self, id: u64) -> Result<(), VolumeError> {
+        let vol = VolumeId::Base(id);
+        if self.is_sealed(id)? {
+            return Ok(());
+        }
+        if !self.in_pool(vol)? {
+            return Err(VolumeError::Abort { volume: vol.to_string(), detail: "no such base in the pool".into() });
+        }
+        // Unmounting writes the filesystem back; deactivating makes the origin inactive.
+        self.unmount_and_deactivate(vol)?;
+        let marker = self.seal_marker(id);
+        let file = fs::File::create(&marker).map_err(|e| VolumeError::io(vol, "writing the seal marker", e))?;
+        file.sync_all().map_err(|e| VolumeError::io(vol, "syncing the seal marker", e))?;
+        let dir = self.root.join("bases");
+        fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| VolumeError::io(vol, "syncing the bases directory", e))?;
+        Ok(())
+    }
+
+    fn snapshot_inner(&self, base: u64, snap: u64) -> Result<(), VolumeError> {
         let (origin, vol) = (VolumeId::Base(base), VolumeId::Snap(snap));
         if !self.is_sealed(base)? {
             return Err(VolumeError::Abort { volume: vol.to_string(), detail: format!("{origin} is not sealed") });
@@ -485,13 +553,7 @@ impl VolumeBackend for DmThinBackend {
         self.create(vol, &msg)
     }
 
-    #[tracing::instrument(name = "volume.expose", level = "info", skip(self), fields(backend = "dmthin"), err(Display))]
-    fn expose(&self, snap: u64) -> Result<PathBuf, VolumeError> {
-        self.mount(VolumeId::Snap(snap), false)
-    }
-
-    #[tracing::instrument(name = "volume.delete", level = "info", skip(self), fields(backend = "dmthin"), err(Display))]
-    fn delete(&self, vol: VolumeId) -> Result<(), VolumeError> {
+    fn delete_inner(&self, vol: VolumeId) -> Result<(), VolumeError> {
         self.unmount_and_deactivate(vol)?;
         let msg = format!("delete {}", thin_id(vol)?);
         // EBUSY: the id is open elsewhere (maybe closing now): a few short retries, then abort.
@@ -510,21 +572,6 @@ impl VolumeBackend for DmThinBackend {
         }
         remove_if_present(&self.mount_point(vol), vol)?;
         remove_if_present(&self.root.join("dev").join(self.device_name(vol)), vol)
-    }
-
-    fn exists(&self, vol: VolumeId) -> Result<bool, VolumeError> {
-        self.in_pool(vol)
-    }
-
-    fn list(&self) -> Result<Vec<VolumeId>, VolumeError> {
-        let ids = self.thin_ids()?;
-        let mut out: Vec<VolumeId> = ids.iter().filter_map(|&t| volume_of(t)).collect();
-        let foreign = ids.len() - out.len();
-        if foreign > 0 {
-            tracing::warn!(pool = %self.pool.name(), foreign, "thin ids outside thinpipe's ranges (not listed)");
-        }
-        out.sort();
-        Ok(out)
     }
 }
 
