@@ -22,7 +22,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-pub fn run(base: &Path) -> anyhow::Result<()> {
+pub fn run(dir: &Path) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         println!("activate skipped: needs root for a loop-mounted btrfs");
@@ -32,7 +32,7 @@ pub fn run(base: &Path) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     // As on a host: the worker's state on the machine's disk, the volumes on their own
     // filesystem. The floor's commit goes to the same disk as ours.
-    let state_dir = tempfile::Builder::new().prefix("bench-activate-").tempdir_in(base)?;
+    let state_dir = tempfile::Builder::new().prefix("bench-activate-").tempdir_in(dir)?;
     let state = state_dir.path().join("state");
     thinpipe::image::write_sample_family(&state, "bench")?;
     let sets = [
@@ -84,7 +84,7 @@ pub fn run(base: &Path) -> anyhow::Result<()> {
         "activate_ours_btrfs p50 {:.2} ms p99 {:.2} ms ({ACTIVATIONS} activations; state on {}, volumes on a loop btrfs)",
         ms(percentile(&ours, 0.5)),
         ms(percentile(&ours, 0.99)),
-        base.display()
+        dir.display()
     );
     println!(
         "activate_floor_btrfs p50 {:.2} ms p99 {:.2} ms (snapshot ioctl + one durable redb commit)",
