@@ -15,7 +15,7 @@ use worker::config::Config;
 use worker::host::Host;
 
 #[derive(Parser)]
-#[command(version, about = "thinpipe worker: durable image preparation and snapshot activation")]
+#[command(version = env!("THINPIPE_VERSION"), about = "thinpipe worker: durable image preparation and snapshot activation")]
 struct Cli {
     /// Configuration file (TOML). Every setting can also come from THINPIPE_<KEY> or --set.
     #[arg(long, env = "THINPIPE_CONFIG", global = true)]

@@ -105,7 +105,7 @@ fn router(admin: Admin) -> Router {
         .route("/api/info", get(info))
         .layer(axum::middleware::from_fn_with_state(admin.clone(), require_token));
     Router::new()
-        .route("/healthz", get(|| async { Json(json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")})) }))
+        .route("/healthz", get(|| async { Json(json!({"status": "ok", "version": env!("THINPIPE_VERSION")})) }))
         .route("/", get(|| async { ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX_HTML) }))
         .route(
             "/inspector.js",
@@ -223,7 +223,7 @@ async fn workflows(State(admin): State<Admin>) -> Response {
 
 async fn info(State(admin): State<Admin>) -> Response {
     Json(json!({
-        "version": env!("CARGO_PKG_VERSION"),
+        "version": env!("THINPIPE_VERSION"),
         "state_dir": admin.host.config.state_dir,
         "trace_url": admin.host.config.admin.trace_url,
     }))
