@@ -30,7 +30,16 @@ down() {
       kill -KILL -- "-$pid" 2>/dev/null || true
       rm -f "$dir/$h/launcher.pid"
     fi
-    # Cgroups the launcher made (empty once its processes are gone).
+    # Everything the host ran is in its cgroup tree (sshd daemonizes out of the process
+    # group, services sit in the manager's sub-cgroups): kill it all, then remove the tree.
+    cg=/sys/fs/cgroup/systemd/thinpipe-fleet-$h
+    for _ in $(seq 1 50); do
+      [ -d "$cg" ] || break
+      pids=$(find "$cg" -name cgroup.procs -exec cat {} + 2>/dev/null)
+      [ -n "$pids" ] || break
+      kill -KILL $pids 2>/dev/null || true
+      sleep 0.1
+    done
     for hier in systemd unified; do
       cg=/sys/fs/cgroup/$hier/thinpipe-fleet-$h
       [ -d "$cg" ] && find "$cg" -depth -type d -exec rmdir {} \; 2>/dev/null || true
@@ -39,6 +48,8 @@ down() {
   done
   if [ -f "$dir/aws.pid" ]; then kill -KILL "$(cat "$dir/aws.pid")" 2>/dev/null || true; rm -f "$dir/aws.pid"; fi
   ip netns del tp-aws 2>/dev/null || true
+  # A namespace is freed asynchronously; its veth's other end may outlive the name.
+  for ns in tp-aws "${HOSTS[@]/#/tp-}"; do ip link del "v-$ns" 2>/dev/null || true; done
   ip link del "$BRIDGE" 2>/dev/null || true
   # Loop devices of btrfs images the role made under <dir>.
   losetup -nO NAME,BACK-FILE 2>/dev/null | while read -r dev file; do
