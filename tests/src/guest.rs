@@ -230,6 +230,8 @@ impl Guest {
             append.push_str(&format!(" thinpipe.fault={f}"));
         }
         let mut cmd = Command::new(&self.qemu);
+        // TCG only: this machine's /dev/kvm is a nested device on which a stock kernel hangs
+        // rather than failing, so QEMU's own fallback (`-accel kvm -accel tcg`) never kicks in.
         cmd.args(["-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "1"])
             .args(["-nographic", "-no-reboot", "-nic", "none", "-serial", "stdio", "-monitor", "none"])
             .arg("-kernel")
