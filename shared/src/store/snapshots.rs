@@ -120,8 +120,28 @@ impl Store {
         })
     }
 
+    /// Records where a snapshot is exposed. Advisory: the run's own response holds the path
+    /// durably, and a snapshot row claims its volume whether `intended` or `exposed`, so
+    /// this write does not wait for its own fsync (`synchronous=NORMAL` for this statement;
+    /// in WAL mode it becomes durable with the next FULL commit or checkpoint, and a power
+    /// loss can only lose the mark, never reorder it after a later write).
     pub fn set_snapshot_exposed(&self, id: u64, path: &str) -> Result<(), StoreError> {
-        self.update_snapshot(id, "state = 'exposed', path = ?2", params![id as i64, path])
+        let changed = self.with_conn(|c| {
+            c.pragma_update(None, "synchronous", "NORMAL")?;
+            let updated =
+                c.execute("UPDATE snapshots SET state = 'exposed', path = ?2 WHERE id = ?1", params![id as i64, path]);
+            // Back to FULL whatever happened: every other write is an intent or a lease.
+            c.pragma_update(None, "synchronous", "FULL")?;
+            updated
+        })?;
+        if changed == 0 {
+            return Err(StoreError::Invalid {
+                path: self.path.clone(),
+                what: format!("snapshot {id}"),
+                detail: "is not recorded".into(),
+            });
+        }
+        Ok(())
     }
 
     pub fn set_snapshot_released(&self, id: u64) -> Result<(), StoreError> {
