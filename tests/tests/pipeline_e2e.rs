@@ -261,7 +261,9 @@ fn a_worker_stalled_past_its_lease_is_replaced_and_stops_when_it_wakes() {
     let out = waiting.wait_with_output().unwrap();
     let r = result(&out);
     assert_eq!(r["status"], "succeeded", "the second worker finished the job: {}", second.log());
-    assert!(second.stop(Duration::from_secs(60)).success());
+    let log = second.log();
+    let stopped = second.stop(Duration::from_secs(60));
+    assert!(stopped.success(), "the second worker stopped with {stopped:?}; its log:\n{log}");
     let store = Store::open(state.join("host.db")).unwrap();
     assert!(store.image("web").unwrap().unwrap().prepared);
     assert_eq!(store.next_id("base").unwrap(), 2, "one base, whoever finished it");
