@@ -222,6 +222,13 @@ fn a_second_worker_refuses_naming_the_holder_and_a_dead_workers_lease_is_reclaim
     assert!(stderr.contains("is in use by worker") && stderr.contains(&holder), "names the holder: {stderr}");
 
     // SIGKILL leaves the lease behind; the next worker takes it over at once.
+    // One told to wait for the state directory waits, and a SIGTERM ends the wait cleanly.
+    let patient = Daemon::start(state, &[("THINPIPE_WORKER_WAIT_FOR_STATE", "true")]);
+    patient.wait_for_log("the state directory is in use; waiting", Duration::from_secs(30));
+    let log = patient.log();
+    let stopped = patient.stop(Duration::from_secs(30));
+    assert!(stopped.success(), "a waiting worker stopped with {stopped:?}; its log:\n{log}");
+
     first.kill();
     let second = Daemon::start(state, &[]);
     second.wait_for_log("worker started", Duration::from_secs(30));

@@ -260,10 +260,18 @@ fn reconcile(config: &Config, fix: bool, json: bool) -> anyhow::Result<ExitCode>
 }
 
 async fn daemon(config: Config) -> anyhow::Result<ExitCode> {
-    let queues = worker::host::open_queues(&config).await?;
-    let host = Arc::new(Host::open(config.clone()).await?);
     let shutdown = CancellationToken::new();
+    // First, so a signal while waiting for the state directory (worker.wait_for_state)
+    // ends the wait cleanly instead of killing the process by SIGTERM's default action.
     spawn_signal_handler(shutdown.clone())?;
+    let queues = worker::host::open_queues(&config).await?;
+    let host = tokio::select! {
+        host = Host::open(config.clone()) => Arc::new(host?),
+        _ = shutdown.cancelled() => {
+            tracing::info!("signal received before the worker started (while opening its state): exiting");
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
     let described: Vec<String> = queues.iter().map(|q| q.describe()).collect();
     tracing::info!(state_dir = %config.state_dir.display(), queues = %described.join(", "), "worker started");
     let job_loop = worker::jobloop::JobLoop::new(host.clone(), queues);
