@@ -120,38 +120,34 @@ impl Store {
         })
     }
 
-    /// Records where a snapshot is exposed. Advisory: the run's own response holds the path
-    /// durably, and a snapshot row claims its volume whether `intended` or `exposed`, so
-    /// this write does not wait for its own fsync (`synchronous=NORMAL` for this statement;
-    /// in WAL mode it becomes durable with the next FULL commit or checkpoint, and a power
-    /// loss can only lose the mark, never reorder it after a later write).
+    /// Records where a snapshot is exposed: an advisory write ([`Sync::Deferred`]).
     pub fn set_snapshot_exposed(&self, id: u64, path: &str) -> Result<(), StoreError> {
-        let changed = self.with_conn(|c| {
-            c.pragma_update(None, "synchronous", "NORMAL")?;
-            let updated =
-                c.execute("UPDATE snapshots SET state = 'exposed', path = ?2 WHERE id = ?1", params![id as i64, path]);
-            // Back to FULL whatever happened: every other write is an intent or a lease.
-            c.pragma_update(None, "synchronous", "FULL")?;
-            updated
-        })?;
-        if changed == 0 {
-            return Err(StoreError::Invalid {
-                path: self.path.clone(),
-                what: format!("snapshot {id}"),
-                detail: "is not recorded".into(),
-            });
-        }
-        Ok(())
+        self.update_snapshot(id, "state = 'exposed', path = ?2", params![id as i64, path], Sync::Deferred)
     }
 
     pub fn set_snapshot_released(&self, id: u64) -> Result<(), StoreError> {
         let now = epoch_ms(std::time::SystemTime::now());
-        self.update_snapshot(id, "state = 'released', released_at = ?2", params![id as i64, now])
+        self.update_snapshot(id, "state = 'released', released_at = ?2", params![id as i64, now], Sync::Full)
     }
 
-    fn update_snapshot(&self, id: u64, set: &str, params: &[&dyn rusqlite::ToSql]) -> Result<(), StoreError> {
+    fn update_snapshot(
+        &self,
+        id: u64,
+        set: &str,
+        params: &[&dyn rusqlite::ToSql],
+        sync: Sync,
+    ) -> Result<(), StoreError> {
         let sql = format!("UPDATE snapshots SET {set} WHERE id = ?1");
-        let changed = self.with_conn(|c| c.execute(&sql, params))?;
+        let changed = self.with_conn(|c| match sync {
+            Sync::Full => c.execute(&sql, params),
+            Sync::Deferred => {
+                c.pragma_update(None, "synchronous", "NORMAL")?;
+                let updated = c.execute(&sql, params);
+                // Back to FULL whatever happened: every other write is an intent or a lease.
+                c.pragma_update(None, "synchronous", "FULL")?;
+                updated
+            }
+        })?;
         if changed == 0 {
             return Err(StoreError::Invalid {
                 path: self.path.clone(),
@@ -167,4 +163,17 @@ impl SnapshotState {
     pub fn name(self) -> &'static str {
         self.as_str()
     }
+}
+
+/// Whether a write waits for its fsync.
+#[derive(Clone, Copy)]
+enum Sync {
+    /// `synchronous=FULL`: durable before the call returns (intents, releases).
+    Full,
+    /// `synchronous=NORMAL` for this statement. Only for the advisory "exposed" mark: the
+    /// run's own response holds the path durably, and a row claims its volume whether
+    /// `intended` or `exposed`. In WAL mode the write becomes durable with the next FULL
+    /// commit or checkpoint; a power loss can lose the mark, never reorder it after a
+    /// later write.
+    Deferred,
 }
