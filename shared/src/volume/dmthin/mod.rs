@@ -315,12 +315,13 @@ impl DmThinBackend {
         }
         let listed =
             Command::new("thin_ls").arg("--metadata-snap").args(["--no-headers", "-o", "DEV"]).arg(&node).output();
-        let released = self.pool.message("release_metadata_snap");
+        // Released whatever the listing did; a failed release is the error that matters more
+        // (a held metadata snapshot pins the pool's metadata until the next listing frees it).
+        self.pool.message("release_metadata_snap").map_err(|e| self.fail(&pool_vol, e))?;
         let out = listed.map_err(|e| VolumeError::Abort {
             volume: pool_vol.clone(),
             detail: format!("running thin_ls: {e} (install thin-provisioning-tools)"),
         })?;
-        released.map_err(|e| self.fail(&pool_vol, e))?;
         if !out.status.success() {
             return Err(VolumeError::Transient {
                 volume: pool_vol,
