@@ -209,14 +209,10 @@ impl Pool {
     pub fn activate(&self, name: &str, uuid: &str, thin_id: u64, sectors: u64) -> Result<Device, DmFailure> {
         let id = DevId::Name(dm_name(name)?);
         let params = format!("{} {thin_id}", self.dev);
-        if self.active(name)?.is_some() {
+        if let Some(device) = self.active(name)? {
             let table = self.table(name)?;
             match table.first() {
-                Some((_, _, target, p)) if target == "thin" && *p == params => {
-                    return self
-                        .active(name)?
-                        .ok_or_else(|| DmFailure::other(format!("activating {name}"), "vanished"));
-                }
+                Some((_, _, target, p)) if target == "thin" && *p == params => return Ok(device),
                 Some((_, _, target, p)) => {
                     return Err(DmFailure::other(
                         format!("activating {name}"),
