@@ -112,7 +112,7 @@ impl Job {
         match self.kind {
             JobKind::Prepare => prepare_run_id(&self.family),
             JobKind::Activate => activate_run_id(self.invocation_id.as_deref().unwrap_or_default()),
-            JobKind::Release => format!("release-{}", self.invocation_id.as_deref().unwrap_or_default()),
+            JobKind::Release => release_run_id(self.invocation_id.as_deref().unwrap_or_default()),
         }
     }
 
@@ -128,6 +128,10 @@ pub fn prepare_run_id(family: &str) -> String {
 
 pub fn activate_run_id(invocation_id: &str) -> String {
     format!("activate-{invocation_id}")
+}
+
+pub fn release_run_id(invocation_id: &str) -> String {
+    format!("release-{invocation_id}")
 }
 
 fn valid_id(id: &str) -> bool {
@@ -159,6 +163,10 @@ pub struct JobResult {
     pub base_vol_id: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What a successful job did when it was not the obvious (a release of an invocation
+    /// that had no snapshot, or that was already released).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use thinpipe::fsm::{Failure, FailureKind, Outcome, RunError};
 use thinpipe::job::{Job, JobKind, JobResult, JobStatus};
+use thinpipe::pipeline::PipelineError;
 use thinpipe::queue::{Delivery, JobQueue};
 use thinpipe::store::{Acquired, Holder};
 use thinpipe::{fault, telemetry};
@@ -101,6 +102,8 @@ impl JobLoop {
         self.draining.cancel();
     }
 
+    /// Whether the loop is draining, whatever started it (the admin API, a signal, a lost
+    /// lease): it takes no new jobs and is not ready.
     pub fn is_draining(&self) -> bool {
         self.draining.is_cancelled()
     }
@@ -132,9 +135,17 @@ impl JobLoop {
                     _ = lost.cancelled() => {},
                     _ = drain.cancelled() => {},
                 }
+                // Whatever started the drain, the worker is not ready from now on.
+                drain.cancel();
                 stop.cancel();
             })
         };
+        // Releases recorded whose run was lost (older versions) are finished before new work.
+        match self.host.pipeline.finish_pending_releases().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(releases = n, "finished releases recorded before this start"),
+            Err(e) => tracing::warn!(error = %e, "could not finish the releases recorded before this start"),
+        }
         // One receiver per queue; they share the job slots and hand over what they receive.
         let slots = Arc::new(tokio::sync::Semaphore::new(cfg.worker.concurrency));
         let share = cfg.worker.concurrency.div_ceil(self.queues.len()).clamp(1, 10);
@@ -156,9 +167,14 @@ impl JobLoop {
         let in_flight: Arc<Mutex<InFlight>> = Arc::default();
         let mut tasks = JoinSet::new();
         let mut out = LoopReport::default();
+        // The drain deadline counts from the signal, not from the end of the receives that
+        // were in flight then (an SQS long poll is waited out, so its messages can be handed back).
+        let mut shutdown_at = None;
         // Until every receiver has stopped (they stop when `stop` fires).
         loop {
             tokio::select! {
+                _ = shutdown.cancelled(), if shutdown_at.is_none() => shutdown_at = Some(tokio::time::Instant::now()),
+                _ = lost.cancelled(), if shutdown_at.is_none() => shutdown_at = Some(tokio::time::Instant::now()),
                 received = rx.recv() => {
                     let Some(Received { queue, delivery, permit }) = received else { break };
                     let this = self.clone();
@@ -178,7 +194,7 @@ impl JobLoop {
         }
         while receivers.join_next().await.is_some() {}
         stopper.abort();
-        if self.is_draining() && !shutdown.is_cancelled() && !lost.is_cancelled() {
+        if !shutdown.is_cancelled() && !lost.is_cancelled() {
             // An admin drain: jobs finish at their own pace; then the process waits to be
             // stopped (an upgrade replaces the binary meanwhile).
             tracing::info!(in_flight = tasks.len(), "drained: waiting for running jobs, then for shutdown");
@@ -194,7 +210,8 @@ impl JobLoop {
             }
         }
         // Drain: in-flight jobs get until the deadline.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(cfg.worker.drain_deadline_secs);
+        let deadline = shutdown_at.unwrap_or_else(tokio::time::Instant::now)
+            + Duration::from_secs(cfg.worker.drain_deadline_secs);
         tracing::info!(in_flight = tasks.len(), "draining");
         while !tasks.is_empty() {
             match tokio::time::timeout_at(deadline, tasks.join_next_with_id()).await {
@@ -363,6 +380,7 @@ impl JobLoop {
             snapshot_path: None,
             base_vol_id: None,
             error: None,
+            detail: None,
         };
         let failed = |mut result: JobResult, f: &Failure| {
             result.status = JobStatus::Failed;
@@ -373,6 +391,14 @@ impl JobLoop {
         let invocation = job.invocation_id.clone().unwrap_or_default();
         match job.kind {
             JobKind::Prepare | JobKind::Activate => {
+                // A released invocation is refused before anything is prepared for it.
+                if job.kind == JobKind::Activate {
+                    match pipeline.released_activation(&invocation).await {
+                        Ok(Some(Outcome::Failed(f))) => return failed(result, &f),
+                        Ok(_) => {}
+                        Err(e) => return JobEnd::Retry(e.to_string()),
+                    }
+                }
                 let base = match self.ensure_prepared(&job.family).await {
                     Ok(base) => base,
                     Err(Prep::Unknown(f)) => {
@@ -400,9 +426,14 @@ impl JobLoop {
                     Err(e) => not_run(e, result),
                 }
             }
-            JobKind::Release => match pipeline.release(&invocation).await {
-                Ok(Outcome::Completed(_)) => JobEnd::Done(result),
-                Ok(Outcome::Failed(f)) => failed(result, &f),
+            JobKind::Release => match pipeline.release(&job.family, &invocation).await {
+                Ok(release) => {
+                    result.detail = release.detail();
+                    match &release.outcome {
+                        Outcome::Completed(_) => JobEnd::Done(result),
+                        Outcome::Failed(f) => failed(result, f),
+                    }
+                }
                 Err(e) => not_run(e, result),
             },
         }
@@ -552,10 +583,21 @@ impl Receiver {
                 }
             }
             let asked = std::time::Instant::now();
-            let received = tokio::select! {
-                _ = self.stop.cancelled() => return,
-                r = self.queue.receive(permits.len(), self.wait) => r,
-            };
+            // Not raced against `stop`: a receive dropped half-way can take messages nobody
+            // sees. The queue ends its wait early where it can do so without losing any.
+            let received = self.queue.receive_until(permits.len(), self.wait, &self.stop).await;
+            if self.stop.is_cancelled() {
+                // Draining: what arrived is handed back at once, not run.
+                if let Ok(deliveries) = &received {
+                    for d in deliveries {
+                        release(self.queue.as_ref(), d).await;
+                    }
+                    if !deliveries.is_empty() {
+                        tracing::info!(jobs = deliveries.len(), queue = %self.queue.describe(), "draining: handed back messages received as the drain began");
+                    }
+                }
+                return;
+            }
             if let Ok(d) = &received
                 && !d.is_empty()
             {
@@ -623,9 +665,9 @@ impl std::fmt::Debug for Prep {
 
 /// A run that could not be started or waited for: a mistake in the job (a run id reused
 /// for other work) is dead-lettered with a failure result; anything else is retried.
-fn not_run(e: RunError, mut result: JobResult) -> JobEnd {
+fn not_run(e: PipelineError, mut result: JobResult) -> JobEnd {
     match &e {
-        RunError::Start(start) if !start.is_retryable() => {
+        PipelineError::Run(RunError::Start(start)) if !start.is_retryable() => {
             result.status = JobStatus::Failed;
             result.error = Some(e.to_string());
             JobEnd::DeadLetter(e.to_string(), Some(result))

@@ -252,7 +252,11 @@ fn reconcile(config: &Config, fix: bool, json: bool) -> anyhow::Result<ExitCode>
         for m in &report.missing {
             println!("missing {m}  (a record claims it; its run creates it on its next attempt)");
         }
-        if report.orphans.is_empty() && report.missing.is_empty() {
+        for c in &report.contradictions {
+            let fate = if report.repaired.contains(c) { "repaired" } else { "run `worker reconcile --fix` to repair" };
+            println!("state   {c}  ({fate})");
+        }
+        if report.orphans.is_empty() && report.missing.is_empty() && report.contradictions.is_empty() {
             println!("clean: every volume has its record and every record its volume");
         }
     }

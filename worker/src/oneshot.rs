@@ -25,13 +25,18 @@ pub async fn prepare(host: &Arc<Host>, family: &str) -> anyhow::Result<JobResult
 
 /// Activates a snapshot of `family` (preparing it first if needed).
 pub async fn activate(host: &Arc<Host>, family: &str, invocation_id: &str) -> anyhow::Result<JobResult> {
-    let prep = prepare(host, family).await?;
     let mut result = base_result(
         thinpipe::job::JobKind::Activate,
         family,
         Some(invocation_id),
         thinpipe::job::activate_run_id(invocation_id),
     );
+    // A released invocation is refused before anything is prepared for it.
+    if let Some(Outcome::Failed(f)) = host.pipeline.released_activation(invocation_id).await? {
+        fail(&mut result, f.to_string());
+        return Ok(result);
+    }
+    let prep = prepare(host, family).await?;
     let Some(base) = prep.base_vol_id else {
         fail(&mut result, prep.error.unwrap_or_default());
         return Ok(result);
@@ -45,9 +50,15 @@ pub async fn activate(host: &Arc<Host>, family: &str, invocation_id: &str) -> an
 }
 
 pub async fn release(host: &Arc<Host>, family: &str, invocation_id: &str) -> anyhow::Result<JobResult> {
-    let mut result =
-        base_result(thinpipe::job::JobKind::Release, family, Some(invocation_id), format!("release-{invocation_id}"));
-    if let Outcome::Failed(f) = host.pipeline.release(invocation_id).await.context("running release")? {
+    let mut result = base_result(
+        thinpipe::job::JobKind::Release,
+        family,
+        Some(invocation_id),
+        thinpipe::job::release_run_id(invocation_id),
+    );
+    let release = host.pipeline.release(family, invocation_id).await.context("running release")?;
+    result.detail = release.detail();
+    if let Outcome::Failed(f) = release.outcome {
         fail(&mut result, f.to_string());
     }
     Ok(result)
@@ -64,6 +75,7 @@ fn base_result(kind: thinpipe::job::JobKind, family: &str, invocation: Option<&s
         snapshot_path: None,
         base_vol_id: None,
         error: None,
+        detail: None,
     }
 }
 

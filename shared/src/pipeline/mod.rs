@@ -7,20 +7,31 @@
 //! (`Store::intend_snapshot`) before creating it. Every other step is idempotent and reads
 //! what it needs from the previous step's response. The `prepared` flag is not touched
 //! here: the worker's job loop owns it.
+//!
+//! An invocation's activation and release are ordered by its snapshot row's state in the
+//! host database (`store/snapshots.rs`): a release is recorded before its run starts, and
+//! from then on no activation step creates or exposes anything for that invocation. The
+//! steps of both hold the invocation's lock (`invocations.rs`) around their check and their
+//! volume call, so the two never run at the same time on one host.
 
 mod activate;
+mod invocations;
 mod prepare;
 mod release;
 
 use std::sync::Arc;
 
-use crate::fsm::{Engine, Outcome, RegisterError, RunError, StartOutcome, StepError, WorkflowHandle};
+use crate::fsm::{
+    Engine, Failure, FailureKind, Outcome, RegisterError, RunError, StartOutcome, StepError, WorkflowHandle,
+};
 use crate::image::{ApplyOptions, BlobCache, BlobSource, ImageError};
-use crate::job::{activate_run_id, prepare_run_id};
-use crate::store::{Store, StoreError};
-use crate::volume::{VolumeBackend, VolumeError};
+use crate::job::{activate_run_id, prepare_run_id, release_run_id};
+use crate::store::{ReleaseRequest, SnapshotRow, Store, StoreError};
+use crate::volume::{VolumeBackend, VolumeError, VolumeId};
+use crate::fault;
 
 pub use activate::{ActivateInput, ActivateState};
+pub use invocations::InvocationLocks;
 pub use prepare::{PrepareInput, PrepareState};
 pub use release::{ReleaseInput, ReleaseState};
 
@@ -31,6 +42,48 @@ pub struct PipelineContext {
     pub cache: BlobCache,
     pub source: Arc<dyn BlobSource>,
     pub apply: ApplyOptions,
+    /// Serialises the steps of one invocation's jobs.
+    pub invocations: InvocationLocks,
+}
+
+/// A pipeline call that could not produce an outcome: the run could not be started or
+/// waited for, or the host database failed before it.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Run(#[from] RunError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a release job did, beside its run's outcome.
+#[derive(Clone, Debug)]
+pub struct Release {
+    pub outcome: Outcome<ReleaseState>,
+    /// The snapshot row as the release request found or made it.
+    pub request: ReleaseRequest,
+}
+
+impl Release {
+    /// A sentence for the job's result when the release had nothing to give back.
+    pub fn detail(&self) -> Option<String> {
+        match &self.request {
+            ReleaseRequest::Releasing(_) => None,
+            ReleaseRequest::Tombstone(row) => Some(format!(
+                "{} had no snapshot; recorded as released, so a later activate of it is refused",
+                invocation_of(row)
+            )),
+            ReleaseRequest::Already(row) => Some(format!(
+                "{} was already released at {}",
+                invocation_of(row),
+                row.release_requested_at_ms.map_or_else(|| "an unknown time".into(), crate::store::rfc3339)
+            )),
+        }
+    }
+}
+
+fn invocation_of(row: &SnapshotRow) -> String {
+    format!("invocation {}", row.run_id.strip_prefix("activate-").unwrap_or(&row.run_id))
 }
 
 /// The three workflows, registered on one engine.
@@ -78,22 +131,98 @@ impl Pipeline {
         Ok(self.prepare.wait(&id).await?)
     }
 
-    /// Runs (or resumes) run `activate-<invocation_id>` from base `base_vol_id`.
+    /// Runs (or resumes) run `activate-<invocation_id>` from base `base_vol_id`. An
+    /// invocation that a release has reached fails with "was released", whether the release
+    /// came before the run, during it, or after it completed.
     pub async fn activate(
         &self,
         family: &str,
         invocation_id: &str,
         base_vol_id: u64,
-    ) -> Result<Outcome<ActivateState>, RunError> {
+    ) -> Result<Outcome<ActivateState>, PipelineError> {
+        let run_id = activate_run_id(invocation_id);
+        if let Some(released) = self.released(&run_id).await? {
+            return Ok(released);
+        }
         let input = ActivateInput { family: family.to_owned(), invocation_id: invocation_id.to_owned() };
         let initial = ActivateState { base_vol_id, snapshot_id: None, path: None };
-        self.activate.run(&activate_run_id(invocation_id), &input, &initial).await
+        let outcome = self.activate.run(&run_id, &input, &initial).await?;
+        if let Outcome::Completed(_) = outcome
+            && let Some(released) = self.released(&run_id).await?
+        {
+            return Ok(released);
+        }
+        Ok(outcome)
     }
 
-    /// Runs run `release-<invocation_id>`: deletes that activation's snapshot.
-    pub async fn release(&self, invocation_id: &str) -> Result<Outcome<ReleaseState>, RunError> {
+    /// The failed outcome an activation of `invocation_id` gets once a release has reached
+    /// it (`None` while it may still be activated).
+    pub async fn released_activation(
+        &self,
+        invocation_id: &str,
+    ) -> Result<Option<Outcome<ActivateState>>, StoreError> {
+        self.released(&activate_run_id(invocation_id)).await
+    }
+
+    async fn released(&self, run_id: &str) -> Result<Option<Outcome<ActivateState>>, StoreError> {
+        let id = run_id.to_owned();
+        let row = on_store(&self.ctx.store, move |s| s.snapshot_by_run(&id)).await?;
+        Ok(row.filter(|r| r.state.is_released()).map(|r| {
+            Outcome::Failed(Failure {
+                step: "activate_snapshot".into(),
+                error: r.released_message(),
+                kind: FailureKind::Aborted,
+            })
+        }))
+    }
+
+    /// Releases invocation `invocation_id` of `family`: records the release (a tombstone if
+    /// nothing was activated), then runs `release-<invocation_id>`, which deletes the
+    /// snapshot once no activation step of the invocation is in flight.
+    pub async fn release(&self, family: &str, invocation_id: &str) -> Result<Release, PipelineError> {
+        let run_id = release_run_id(invocation_id);
+        let (activation, f) = (activate_run_id(invocation_id), family.to_owned());
+        let request =
+            on_store(&self.ctx.store, move |s| s.request_release(&activation, &f, |id| VolumeId::Snap(id).to_string()))
+                .await?;
+        fault::point("release.after_request", &run_id);
         let input = ReleaseInput { invocation_id: invocation_id.to_owned() };
-        self.release.run(&format!("release-{invocation_id}"), &input, &ReleaseState::default()).await
+        let outcome = self.release.run(&run_id, &input, &ReleaseState::default()).await?;
+        Ok(Release { outcome, request })
+    }
+
+    /// Finishes every release recorded but not completed (rows left `releasing`, e.g. by a
+    /// release whose run was lost with an older version). Call at start, after `resume_all`.
+    pub async fn finish_pending_releases(&self) -> Result<usize, PipelineError> {
+        let pending = on_store(&self.ctx.store, |s| s.releasing_snapshots()).await?;
+        let mut finished = 0;
+        for row in pending {
+            let invocation = row.run_id.strip_prefix("activate-").unwrap_or(&row.run_id).to_owned();
+            let _serial = self.ctx.invocations.lock(&invocation).await;
+            let ctx = self.ctx.clone();
+            let detail = release_run_id(&invocation);
+            match blocking(move || release::finish_release(&ctx, &invocation, &detail)).await {
+                Ok(_) => finished += 1,
+                Err(e) => tracing::warn!(run_id = %row.run_id, error = %e, "could not finish a recorded release; the next start tries again"),
+            }
+        }
+        Ok(finished)
+    }
+}
+
+/// Runs a host database call off the async threads.
+async fn on_store<T: Send + 'static>(
+    store: &Arc<Store>,
+    f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    let s = store.clone();
+    match tokio::task::spawn_blocking(move || f(&s)).await {
+        Ok(result) => result,
+        Err(e) => Err(StoreError::Invalid {
+            path: store.path().into(),
+            what: "a host database call".into(),
+            detail: format!("its task failed: {e}"),
+        }),
     }
 }
 

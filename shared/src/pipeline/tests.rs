@@ -28,6 +28,7 @@ async fn env() -> Env {
         cache: BlobCache::open(dir.path().join("blobs")).unwrap(),
         source: Arc::new(crate::image::LocalDir::new(&images)),
         apply: ApplyOptions::default(),
+        invocations: Default::default(),
     };
     let pipeline = Pipeline::register(&engine, ctx).unwrap();
     Env { _dir: dir, engine, pipeline }
@@ -68,14 +69,31 @@ async fn prepare_activate_release() {
     let snaps: Vec<_> = backend.list().unwrap().into_iter().filter(|v| matches!(v, VolumeId::Snap(_))).collect();
     assert_eq!(snaps.len(), 2);
 
-    let Outcome::Completed(rel) = p.release("a").await.unwrap() else { panic!("release failed") };
-    assert!(!backend.exists(VolumeId::Snap(rel.snapshot_id.unwrap())).unwrap());
+    let rel = p.release("web", "a").await.unwrap();
+    let Outcome::Completed(rel_w) = &rel.outcome else { panic!("release failed") };
+    assert_eq!(rel.detail(), None, "a plain release");
+    assert!(!backend.exists(VolumeId::Snap(rel_w.snapshot_id.unwrap())).unwrap());
     assert!(paths[1].exists(), "only that one snapshot");
-    assert!(matches!(p.release("a").await.unwrap(), Outcome::Completed(_)), "release is idempotent");
-    match p.release("never").await.unwrap() {
-        Outcome::Failed(f) => assert!(f.kind == FailureKind::Aborted && f.error.contains("never"), "{f:?}"),
+    let again = p.release("web", "a").await.unwrap();
+    assert!(matches!(again.outcome, Outcome::Completed(_)), "release is idempotent");
+    assert!(again.detail().unwrap().contains("invocation a was already released at 20"), "{:?}", again.detail());
+    // Activating a released invocation fails, naming the release; it never answers the old path.
+    match p.activate("web", "a", base).await.unwrap() {
+        Outcome::Failed(f) => assert!(f.error.contains("invocation a was released at"), "{f:?}"),
         other => panic!("{other:?}"),
     }
+    // A release with no activation leaves a tombstone: the later activation is refused.
+    let never = p.release("web", "never").await.unwrap();
+    assert!(matches!(never.outcome, Outcome::Completed(_)), "{:?}", never.outcome);
+    assert!(never.detail().unwrap().contains("had no snapshot"), "{:?}", never.detail());
+    match p.activate("web", "never", base).await.unwrap() {
+        Outcome::Failed(f) => {
+            assert!(f.error.contains("invocation never was released at") && f.error.contains("new invocation id"), "{f:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let snaps: Vec<_> = backend.list().unwrap().into_iter().filter(|v| matches!(v, VolumeId::Snap(_))).collect();
+    assert_eq!(snaps.len(), 1, "only b's snapshot is left");
     env.engine.shutdown().await;
 }
 
@@ -102,5 +120,54 @@ async fn an_unknown_family_or_a_corrupt_layer_fails_and_seals_nothing() {
     let base = row.base_vol_id.unwrap();
     assert!(!p.context().backend.is_sealed(base).unwrap(), "a half-built base is never sealed");
     assert!(!row.prepared);
+    env.engine.shutdown().await;
+}
+
+/// A release that arrives while its activation's step is in flight wins: the activation fails
+/// with "released", the release deletes the snapshot, and nothing is left on disk.
+#[tokio::test]
+async fn a_release_during_an_activation_wins() {
+    let env = env().await;
+    let p = env.pipeline.clone();
+    let Outcome::Completed(prep) = p.prepare("web").await.unwrap() else { panic!("prepare failed") };
+    let base = prep.base_vol_id.unwrap();
+    for round in 0..20 {
+        let inv = format!("race-{round}");
+        // The release is recorded while the activation holds (or is about to take) the lock.
+        let held = p.context().invocations.lock(&inv).await;
+        let activation = {
+            let (p, inv) = (p.clone(), inv.clone());
+            tokio::spawn(async move { p.activate("web", &inv, base).await.unwrap() })
+        };
+        let release = {
+            let (p, inv) = (p.clone(), inv.clone());
+            tokio::spawn(async move { p.release("web", &inv).await.unwrap() })
+        };
+        // Even rounds: the release is recorded before the activation's step gets the lock.
+        // Odd rounds: the two race freely.
+        let recorded_first = round % 2 == 0;
+        if recorded_first {
+            let store = p.context().store.clone();
+            let run = format!("activate-{inv}");
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !store.snapshot_by_run(&run).unwrap().is_some_and(|r| r.state.is_released()) {
+                assert!(tokio::time::Instant::now() < deadline, "round {round}: the release was never recorded");
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+        }
+        drop(held);
+        let (activated, released) = (activation.await.unwrap(), release.await.unwrap());
+        assert!(matches!(released.outcome, Outcome::Completed(_)), "round {round}: {:?}", released.outcome);
+        let row = p.context().store.snapshot_by_run(&format!("activate-{inv}")).unwrap().unwrap();
+        assert_eq!(row.state, crate::store::SnapshotState::Released, "round {round}");
+        assert!(!p.context().backend.exists(VolumeId::Snap(row.id)).unwrap(), "round {round}: nothing left on disk");
+        match activated {
+            Outcome::Failed(f) => assert!(f.error.contains("was released at"), "round {round}: {f:?}"),
+            Outcome::Completed(w) if recorded_first => {
+                panic!("round {round}: the activation answered a path after its release: {w:?}")
+            }
+            Outcome::Completed(_) => {} // it finished before the release was recorded
+        }
+    }
     env.engine.shutdown().await;
 }

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{Delivery, JobQueue, QueueError};
@@ -186,60 +187,18 @@ impl JobQueue for EmbeddedQueue {
     }
 
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError> {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let name = self.name.clone();
-            let vis = self.visibility.as_millis() as i64;
-            let max_receives = self.max_receives;
-            let got = self
-                .with_conn(move |c| {
-                    let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-                    let now = now_ms();
-                    // Redrive: messages already received max_receives times go to dead letters.
-                    tx.execute(
-                        "INSERT INTO dead_letters (id, queue, body, attributes, reason, receive_count, dead_at)
-                         SELECT id, queue, body, attributes,
-                                'received ' || receive_count || ' times without being handled', receive_count, ?3
-                         FROM messages WHERE queue = ?1 AND visible_at <= ?3 AND receive_count >= ?2",
-                        params![name, max_receives, now],
-                    )?;
-                    tx.execute(
-                        "DELETE FROM messages WHERE queue = ?1 AND visible_at <= ?3 AND receive_count >= ?2",
-                        params![name, max_receives, now],
-                    )?;
-                    let mut out = Vec::new();
-                    {
-                        let mut stmt = tx.prepare(
-                            "UPDATE messages SET visible_at = ?2 + ?3, receive_count = receive_count + 1,
-                                    receipt = lower(hex(randomblob(12)))
-                             WHERE id IN (SELECT id FROM messages WHERE queue = ?1 AND visible_at <= ?2
-                                          ORDER BY id LIMIT ?4)
-                             RETURNING id, receipt, body, receive_count, attributes",
-                        )?;
-                        let rows = stmt.query_map(params![name, now, vis, max as i64], |r| {
-                            let attrs: String = r.get(4)?;
-                            Ok(Delivery {
-                                message_id: r.get::<_, i64>(0)?.to_string(),
-                                receipt: r.get(1)?,
-                                body: r.get(2)?,
-                                receive_count: r.get(3)?,
-                                attributes: serde_json::from_str(&attrs).unwrap_or_default(),
-                            })
-                        })?;
-                        for row in rows {
-                            out.push(row?);
-                        }
-                    }
-                    tx.commit()?;
-                    out.sort_by_key(|d: &Delivery| d.message_id.parse::<i64>().unwrap_or(0));
-                    Ok(out)
-                })
-                .await?;
-            if !got.is_empty() || tokio::time::Instant::now() >= deadline {
-                return Ok(got);
-            }
-            tokio::time::sleep(POLL.min(deadline - tokio::time::Instant::now())).await;
-        }
+        self.poll(max, wait, &CancellationToken::new()).await
+    }
+
+    /// Stops between two polls once `stop` fires; a poll that claimed messages always
+    /// returns them.
+    async fn receive_until(
+        &self,
+        max: usize,
+        wait: Duration,
+        stop: &CancellationToken,
+    ) -> Result<Vec<Delivery>, QueueError> {
+        self.poll(max, wait, stop).await
     }
 
     async fn ack(&self, d: &Delivery) -> Result<(), QueueError> {
@@ -305,6 +264,67 @@ impl JobQueue for EmbeddedQueue {
 }
 
 impl EmbeddedQueue {
+    /// Claims up to `max` visible messages, polling until `wait` has passed or `stop` fired.
+    async fn poll(&self, max: usize, wait: Duration, stop: &CancellationToken) -> Result<Vec<Delivery>, QueueError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let name = self.name.clone();
+            let vis = self.visibility.as_millis() as i64;
+            let max_receives = self.max_receives;
+            let got = self
+                .with_conn(move |c| {
+                    let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                    let now = now_ms();
+                    // Redrive: messages already received max_receives times go to dead letters.
+                    tx.execute(
+                        "INSERT INTO dead_letters (id, queue, body, attributes, reason, receive_count, dead_at)
+                         SELECT id, queue, body, attributes,
+                                'received ' || receive_count || ' times without being handled', receive_count, ?3
+                         FROM messages WHERE queue = ?1 AND visible_at <= ?3 AND receive_count >= ?2",
+                        params![name, max_receives, now],
+                    )?;
+                    tx.execute(
+                        "DELETE FROM messages WHERE queue = ?1 AND visible_at <= ?3 AND receive_count >= ?2",
+                        params![name, max_receives, now],
+                    )?;
+                    let mut out = Vec::new();
+                    {
+                        let mut stmt = tx.prepare(
+                            "UPDATE messages SET visible_at = ?2 + ?3, receive_count = receive_count + 1,
+                                    receipt = lower(hex(randomblob(12)))
+                             WHERE id IN (SELECT id FROM messages WHERE queue = ?1 AND visible_at <= ?2
+                                          ORDER BY id LIMIT ?4)
+                             RETURNING id, receipt, body, receive_count, attributes",
+                        )?;
+                        let rows = stmt.query_map(params![name, now, vis, max as i64], |r| {
+                            let attrs: String = r.get(4)?;
+                            Ok(Delivery {
+                                message_id: r.get::<_, i64>(0)?.to_string(),
+                                receipt: r.get(1)?,
+                                body: r.get(2)?,
+                                receive_count: r.get(3)?,
+                                attributes: serde_json::from_str(&attrs).unwrap_or_default(),
+                            })
+                        })?;
+                        for row in rows {
+                            out.push(row?);
+                        }
+                    }
+                    tx.commit()?;
+                    out.sort_by_key(|d: &Delivery| d.message_id.parse::<i64>().unwrap_or(0));
+                    Ok(out)
+                })
+                .await?;
+            if !got.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(got);
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(Vec::new()),
+                _ = tokio::time::sleep(POLL.min(deadline - tokio::time::Instant::now())) => {}
+            }
+        }
+    }
+
     /// Finds a dead letter by message id (for the CLI's `--wait` on a job that was refused).
     pub async fn dead_letter_of(&self, message_id: &str) -> Result<Option<DeadLetter>, QueueError> {
         let Ok(id) = message_id.parse::<i64>() else { return Ok(None) };

@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
 
 pub use embedded::{DeadLetter, EmbeddedQueue};
 pub use sqs::{REASON_ATTRIBUTE, SqsQueue, SqsSettings};
@@ -56,6 +57,18 @@ pub trait JobQueue: Send + Sync {
     fn describe(&self) -> String;
     /// Waits up to `wait` for messages; returns at most `max` (possibly none).
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError>;
+    /// Like `receive`, but may end the wait early once `stop` fires. Never loses a message:
+    /// whatever the queue handed out is returned (the caller hands it back). The default waits
+    /// the receive out, since a long poll in flight cannot be called back without leaving the
+    /// messages it took invisible for a whole visibility timeout (SQS: at most `wait`).
+    async fn receive_until(
+        &self,
+        max: usize,
+        wait: Duration,
+        _stop: &CancellationToken,
+    ) -> Result<Vec<Delivery>, QueueError> {
+        self.receive(max, wait).await
+    }
     /// Deletes a handled message.
     async fn ack(&self, d: &Delivery) -> Result<(), QueueError>;
     /// Keeps a message invisible for `visibility` from now (the heartbeat).

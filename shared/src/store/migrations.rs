@@ -2,7 +2,7 @@
 //! Never edit a shipped migration: append a new one.
 
 pub(crate) const MIGRATIONS: &[&str] = &[
-    // 1: the initial schema (DESIGN.md section 3).
+    // 1: the initial schema (see ARCHITECTURE.md, `store/`).
     "
     CREATE TABLE images (
         family          TEXT PRIMARY KEY,
@@ -35,5 +35,35 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         ns TEXT PRIMARY KEY,
         v  INTEGER NOT NULL
     ) STRICT;
+    ",
+    // 2: snapshot rows move intended → created → exposed → releasing → released, and a
+    // release that arrives before any activation leaves a tombstone (no base). Rows that an
+    // earlier release marked (released_at set) but that stayed live are `releasing`: the
+    // worker finishes them at start.
+    "
+    CREATE TABLE snapshots_v2 (
+        id                   INTEGER PRIMARY KEY,
+        run_id               TEXT NOT NULL UNIQUE,
+        family               TEXT NOT NULL,
+        base_vol_id          INTEGER,
+        vol_id               TEXT NOT NULL,
+        path                 TEXT,
+        state                TEXT NOT NULL
+                             CHECK (state IN ('intended', 'created', 'exposed', 'releasing', 'released')),
+        created_at           INTEGER NOT NULL,
+        release_requested_at INTEGER,
+        released_at          INTEGER
+    ) STRICT;
+    INSERT INTO snapshots_v2 (id, run_id, family, base_vol_id, vol_id, path, state, created_at,
+                              release_requested_at, released_at)
+        SELECT id, run_id, family, base_vol_id, vol_id, path,
+               CASE WHEN released_at IS NOT NULL AND state != 'released' THEN 'releasing' ELSE state END,
+               created_at, released_at,
+               CASE WHEN state = 'released' THEN released_at END
+        FROM snapshots;
+    DROP TABLE snapshots;
+    ALTER TABLE snapshots_v2 RENAME TO snapshots;
+    CREATE INDEX snapshots_family ON snapshots(family);
+    CREATE INDEX snapshots_releasing ON snapshots(state) WHERE state = 'releasing';
     ",
 ];

@@ -3,8 +3,8 @@
 //! One file per host, opened by every process that needs it (the worker, the CLI, tests).
 //! WAL mode with `synchronous=FULL`: an intent record (a base or snapshot id about to be
 //! created) is durable before the side effect it announces, so a power loss cannot leave an
-//! orphan (the one advisory write, a snapshot's exposed path, skips its fsync; see
-//! `set_snapshot_exposed`). A busy timeout makes short contention wait instead of fail; past it the error is
+//! orphan (the advisory writes, a snapshot's `created` and `exposed` marks, skip their fsync;
+//! see `snapshots.rs`). A busy timeout makes short contention wait instead of fail; past it the error is
 //! [`StoreError::Locked`]. Migrations run at open, in one transaction.
 //!
 //! Calls are synchronous and short (one statement, one fsync at most); async callers run
@@ -26,7 +26,7 @@ use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 pub use error::StoreError;
 pub use images::ImageRow;
 pub use lease::{Acquired, Holder, LeaseInfo};
-pub use snapshots::{SnapshotRow, SnapshotState};
+pub use snapshots::{Advance, Intent, ReleaseRequest, SnapshotRow, SnapshotState, rfc3339};
 
 /// Store settings.
 #[derive(Clone, Debug)]

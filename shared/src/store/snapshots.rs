@@ -1,52 +1,161 @@
-//! The `snapshots` table: one row per activation (run id → snapshot).
+//! The `snapshots` table: one row per invocation (keyed by its activation's run id), and
+//! the one fenced path that moves a row between states.
+//!
+//! States move one way only: `intended → created → exposed` while the snapshot is live, then
+//! `releasing → released` once a release arrived. Every change goes through [`advance_in`],
+//! whose `UPDATE … WHERE state IN (…)` only matches a row that is behind the target state;
+//! the store, not each step, decides what a move means:
+//!
+//! - a move forward happens ([`Advance::Moved`]);
+//! - a move to a state the row is already at or past, within the same half, changes nothing
+//!   ([`Advance::Unchanged`]): a re-run step after a crash;
+//! - a live move (`created`, `exposed`) on a row that a release has reached changes nothing
+//!   and says so ([`Advance::Released`]): the release won, the activation must stop.
 //!
 //! The row is written in state `intended`, with its id allocated from the `snap` sequence,
-//! before the volume is created; a resume after a crash finds it and finishes the same
-//! snapshot instead of creating a second one.
+//! before the volume is created; a resume finds it and finishes the same snapshot instead of
+//! creating a second one. A release that finds no row leaves a *tombstone* (a row born
+//! `released`, with no base), so an invocation id is single use: a later activation of it is
+//! refused instead of creating a snapshot nobody will release.
 
-use rusqlite::{OptionalExtension, params};
+use rusqlite::{OptionalExtension, Transaction, TransactionBehavior, params};
 
 use super::{Store, StoreError, epoch_ms};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Where a snapshot row is in its life. The order of the variants is the order of the states.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum SnapshotState {
+    /// The id is recorded; the volume may not exist yet.
     Intended,
+    /// The volume exists.
+    Created,
+    /// The volume is exposed at the row's path (an advisory mark).
     Exposed,
+    /// A release arrived: no activation may use the row again; the volume is being deleted.
+    Releasing,
+    /// The volume is gone (or never existed: a tombstone).
     Released,
 }
 
 impl SnapshotState {
-    fn as_str(self) -> &'static str {
+    const ALL: [SnapshotState; 5] = [Self::Intended, Self::Created, Self::Exposed, Self::Releasing, Self::Released];
+
+    pub fn name(self) -> &'static str {
         match self {
             Self::Intended => "intended",
+            Self::Created => "created",
             Self::Exposed => "exposed",
+            Self::Releasing => "releasing",
             Self::Released => "released",
         }
     }
+
     fn parse(s: &str) -> Option<Self> {
-        match s {
-            "intended" => Some(Self::Intended),
-            "exposed" => Some(Self::Exposed),
-            "released" => Some(Self::Released),
-            _ => None,
-        }
+        Self::ALL.into_iter().find(|state| state.name() == s)
+    }
+
+    /// Whether a release has reached the row.
+    pub fn is_released(self) -> bool {
+        self >= Self::Releasing
+    }
+}
+
+impl std::fmt::Display for SnapshotState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotRow {
     pub id: u64,
+    /// The activation's run id (`activate-<invocation_id>`).
     pub run_id: String,
     pub family: String,
-    pub base_vol_id: u64,
+    /// The base the snapshot is made from; `None` for a tombstone.
+    pub base_vol_id: Option<u64>,
     pub vol_id: String,
     pub path: Option<String>,
     pub state: SnapshotState,
     pub created_at_ms: i64,
+    /// When the first release of this invocation arrived.
+    pub release_requested_at_ms: Option<i64>,
+    /// When the volume was gone for good.
     pub released_at_ms: Option<i64>,
 }
 
-const COLUMNS: &str = "id, run_id, family, base_vol_id, vol_id, path, state, created_at, released_at";
+impl SnapshotRow {
+    /// A row a release made before any activation did: it never had a volume.
+    pub fn is_tombstone(&self) -> bool {
+        self.base_vol_id.is_none()
+    }
+
+    /// "invocation X was released at <time>; use a new invocation id", for a released row.
+    pub fn released_message(&self) -> String {
+        let invocation = self.run_id.strip_prefix("activate-").unwrap_or(&self.run_id);
+        let at = self.release_requested_at_ms.or(self.released_at_ms).map_or_else(|| "an unknown time".into(), rfc3339);
+        format!("invocation {invocation} was released at {at}; use a new invocation id")
+    }
+}
+
+/// Milliseconds since the epoch as RFC 3339 (UTC).
+pub fn rfc3339(ms: i64) -> String {
+    match jiff::Timestamp::from_millisecond(ms) {
+        Ok(t) => t.to_string(),
+        Err(_) => format!("{ms} ms after the epoch"),
+    }
+}
+
+/// What [`Store::intend_snapshot`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Intent {
+    /// The snapshot to create (or finish): new, or recorded by an earlier attempt.
+    Recorded(SnapshotRow),
+    /// A release reached this invocation first: nothing may be created for it.
+    Released(SnapshotRow),
+}
+
+/// What a move through the fenced path did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Advance {
+    /// The row moved; here it is after the move.
+    Moved(SnapshotRow),
+    /// The row was already at or past the target in the same half: nothing changed.
+    Unchanged(SnapshotRow),
+    /// A live move on a row a release has reached: nothing changed.
+    Released(SnapshotRow),
+}
+
+impl Advance {
+    pub fn row(&self) -> &SnapshotRow {
+        match self {
+            Advance::Moved(r) | Advance::Unchanged(r) | Advance::Released(r) => r,
+        }
+    }
+}
+
+/// What [`Store::request_release`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReleaseRequest {
+    /// A live row is now `releasing`: its volume is to be deleted.
+    Releasing(SnapshotRow),
+    /// No activation had recorded anything: a tombstone now refuses any later one.
+    Tombstone(SnapshotRow),
+    /// An earlier release got here first (the row is `releasing` or `released`).
+    Already(SnapshotRow),
+}
+
+impl ReleaseRequest {
+    pub fn row(&self) -> &SnapshotRow {
+        match self {
+            ReleaseRequest::Releasing(r) | ReleaseRequest::Tombstone(r) | ReleaseRequest::Already(r) => r,
+        }
+    }
+}
+
+const COLUMNS: &str =
+    "id, run_id, family, base_vol_id, vol_id, path, state, created_at, release_requested_at, released_at";
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotRow> {
     let state: String = r.get(6)?;
@@ -54,7 +163,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotRow> {
         id: r.get::<_, i64>(0)? as u64,
         run_id: r.get(1)?,
         family: r.get(2)?,
-        base_vol_id: r.get::<_, i64>(3)? as u64,
+        base_vol_id: r.get::<_, Option<i64>>(3)?.map(|b| b as u64),
         vol_id: r.get(4)?,
         path: r.get(5)?,
         state: SnapshotState::parse(&state).ok_or_else(|| {
@@ -65,28 +174,73 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotRow> {
             )
         })?,
         created_at_ms: r.get(7)?,
-        released_at_ms: r.get(8)?,
+        release_requested_at_ms: r.get(8)?,
+        released_at_ms: r.get(9)?,
     })
 }
 
+/// Whether a write waits for its fsync.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sync {
+    /// `synchronous=FULL`: durable before the call returns (intents, releases).
+    Full,
+    /// `synchronous=NORMAL` for this transaction. Only for the advisory `created` and
+    /// `exposed` marks: the run's own response holds the path durably, and a row claims its
+    /// volume whether `intended`, `created` or `exposed`. In WAL mode the write becomes
+    /// durable with the next FULL commit or checkpoint; a power loss can lose the mark, never
+    /// reorder it after a later write.
+    Deferred,
+}
+
+/// The one fenced move: `id` to `to`, following the rules in the module doc.
+fn advance_in(tx: &Transaction<'_>, id: u64, to: SnapshotState, path: Option<&str>, now: i64) -> rusqlite::Result<Advance> {
+    let before: Vec<String> =
+        SnapshotState::ALL.iter().filter(|s| **s < to).map(|s| format!("'{}'", s.name())).collect();
+    let current = |tx: &Transaction<'_>| {
+        tx.query_row(&format!("SELECT {COLUMNS} FROM snapshots WHERE id = ?1"), params![id as i64], row)
+    };
+    if !before.is_empty() {
+        // A live row that a release reaches keeps its path; times are set once.
+        let sql = format!(
+            "UPDATE snapshots SET state = ?2, path = COALESCE(?3, path),
+                    release_requested_at = CASE WHEN ?2 IN ('releasing', 'released')
+                                                THEN COALESCE(release_requested_at, ?4)
+                                                ELSE release_requested_at END,
+                    released_at = CASE WHEN ?2 = 'released' THEN ?4 ELSE released_at END
+             WHERE id = ?1 AND state IN ({})
+             RETURNING {COLUMNS}",
+            before.join(", ")
+        );
+        if let Some(moved) = tx.query_row(&sql, params![id as i64, to.name(), path, now], row).optional()? {
+            return Ok(Advance::Moved(moved));
+        }
+    }
+    let now_row = current(tx)?;
+    Ok(if now_row.state.is_released() && !to.is_released() { Advance::Released(now_row) } else { Advance::Unchanged(now_row) })
+}
+
 impl Store {
-    /// Records the intended snapshot of `run_id`, or returns the one already recorded.
-    /// The id comes from the `snap` sequence and is taken in the same transaction as the
-    /// row, so a crash leaves neither a row without its id nor a gap. `name` makes the
-    /// backend's volume name from the id.
+    /// Records the intended snapshot of `run_id`, or returns the one already recorded; once
+    /// a release has reached the invocation, says so instead. The id comes from the `snap`
+    /// sequence and is taken in the same transaction as the row, so a crash leaves neither a
+    /// row without its id nor a gap. `name` makes the backend's volume name from the id.
     pub fn intend_snapshot(
         &self,
         run_id: &str,
         family: &str,
         base_vol_id: u64,
         name: impl Fn(u64) -> String,
-    ) -> Result<SnapshotRow, StoreError> {
+    ) -> Result<Intent, StoreError> {
         let now = epoch_ms(std::time::SystemTime::now());
         let select = format!("SELECT {COLUMNS} FROM snapshots WHERE run_id = ?1");
         self.with_conn(|c| {
-            let tx = rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)?;
+            let tx = Transaction::new_unchecked(c, TransactionBehavior::Immediate)?;
             if let Some(existing) = tx.query_row(&select, params![run_id], row).optional()? {
-                return Ok(existing);
+                return Ok(if existing.state.is_released() {
+                    Intent::Released(existing)
+                } else {
+                    Intent::Recorded(existing)
+                });
             }
             let id = super::sequence::next_in(&tx, "snap")?;
             tx.execute(
@@ -96,7 +250,59 @@ impl Store {
             )?;
             let created = tx.query_row(&select, params![run_id], row)?;
             tx.commit()?;
-            Ok(created)
+            Ok(Intent::Recorded(created))
+        })
+    }
+
+    /// Marks the snapshot's volume as created (advisory: no fsync of its own).
+    pub fn mark_snapshot_created(&self, id: u64) -> Result<Advance, StoreError> {
+        self.advance(id, SnapshotState::Created, None, Sync::Deferred)
+    }
+
+    /// Records where a snapshot is exposed (advisory: no fsync of its own).
+    pub fn mark_snapshot_exposed(&self, id: u64, path: &str) -> Result<Advance, StoreError> {
+        self.advance(id, SnapshotState::Exposed, Some(path), Sync::Deferred)
+    }
+
+    /// Records that the snapshot's volume is gone; durable before it returns.
+    pub fn mark_snapshot_released(&self, id: u64) -> Result<Advance, StoreError> {
+        self.advance(id, SnapshotState::Released, None, Sync::Full)
+    }
+
+    /// A release of the invocation whose activation is `run_id` arrived: in one durable
+    /// transaction, a live row becomes `releasing` (no activation may use it again), or, if
+    /// no activation recorded anything yet, a tombstone is written, born `released`, so that
+    /// a later activation is refused. The tombstone takes an id from the `snap` sequence like
+    /// any row (ids are never reused).
+    pub fn request_release(
+        &self,
+        run_id: &str,
+        family: &str,
+        name: impl Fn(u64) -> String,
+    ) -> Result<ReleaseRequest, StoreError> {
+        let now = epoch_ms(std::time::SystemTime::now());
+        let select = format!("SELECT {COLUMNS} FROM snapshots WHERE run_id = ?1");
+        self.with_conn(|c| {
+            let tx = Transaction::new_unchecked(c, TransactionBehavior::Immediate)?;
+            let out = match tx.query_row(&select, params![run_id], row).optional()? {
+                Some(existing) if existing.state.is_released() => ReleaseRequest::Already(existing),
+                Some(existing) => match advance_in(&tx, existing.id, SnapshotState::Releasing, None, now)? {
+                    Advance::Moved(r) => ReleaseRequest::Releasing(r),
+                    Advance::Unchanged(r) | Advance::Released(r) => ReleaseRequest::Already(r),
+                },
+                None => {
+                    let id = super::sequence::next_in(&tx, "snap")?;
+                    tx.execute(
+                        "INSERT INTO snapshots (id, run_id, family, base_vol_id, vol_id, state, created_at,
+                                                release_requested_at, released_at)
+                         VALUES (?1, ?2, ?3, NULL, ?4, 'released', ?5, ?5, ?5)",
+                        params![id, run_id, family, name(id as u64), now],
+                    )?;
+                    ReleaseRequest::Tombstone(tx.query_row(&select, params![run_id], row)?)
+                }
+            };
+            tx.commit()?;
+            Ok(out)
         })
     }
 
@@ -110,9 +316,18 @@ impl Store {
         self.with_conn(|c| c.query_row(&sql, params![id as i64], row).optional())
     }
 
-    /// Every snapshot, oldest first.
+    /// Every snapshot row (tombstones included), oldest first.
     pub fn list_snapshots(&self) -> Result<Vec<SnapshotRow>, StoreError> {
-        let sql = format!("SELECT {COLUMNS} FROM snapshots ORDER BY id");
+        self.snapshots_where("1")
+    }
+
+    /// Rows a release reached whose volume is not yet known to be gone.
+    pub fn releasing_snapshots(&self) -> Result<Vec<SnapshotRow>, StoreError> {
+        self.snapshots_where("state = 'releasing'")
+    }
+
+    fn snapshots_where(&self, filter: &str) -> Result<Vec<SnapshotRow>, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM snapshots WHERE {filter} ORDER BY id");
         self.with_conn(|c| {
             let mut stmt = c.prepare(&sql)?;
             let rows = stmt.query_map([], row)?;
@@ -120,60 +335,33 @@ impl Store {
         })
     }
 
-    /// Records where a snapshot is exposed: an advisory write ([`Sync::Deferred`]).
-    pub fn set_snapshot_exposed(&self, id: u64, path: &str) -> Result<(), StoreError> {
-        self.update_snapshot(id, "state = 'exposed', path = ?2", params![id as i64, path], Sync::Deferred)
-    }
-
-    pub fn set_snapshot_released(&self, id: u64) -> Result<(), StoreError> {
+    fn advance(&self, id: u64, to: SnapshotState, path: Option<&str>, sync: Sync) -> Result<Advance, StoreError> {
         let now = epoch_ms(std::time::SystemTime::now());
-        self.update_snapshot(id, "state = 'released', released_at = ?2", params![id as i64, now], Sync::Full)
-    }
-
-    fn update_snapshot(
-        &self,
-        id: u64,
-        set: &str,
-        params: &[&dyn rusqlite::ToSql],
-        sync: Sync,
-    ) -> Result<(), StoreError> {
-        let sql = format!("UPDATE snapshots SET {set} WHERE id = ?1");
-        let changed = self.with_conn(|c| match sync {
-            Sync::Full => c.execute(&sql, params),
-            Sync::Deferred => {
+        let moved = self.with_conn(|c| {
+            let exists: bool =
+                c.query_row("SELECT EXISTS (SELECT 1 FROM snapshots WHERE id = ?1)", params![id as i64], |r| r.get(0))?;
+            if !exists {
+                return Ok(None);
+            }
+            if sync == Sync::Deferred {
                 c.pragma_update(None, "synchronous", "NORMAL")?;
-                let updated = c.execute(&sql, params);
+            }
+            let moved = (|| {
+                let tx = Transaction::new_unchecked(c, TransactionBehavior::Immediate)?;
+                let out = advance_in(&tx, id, to, path, now)?;
+                tx.commit()?;
+                Ok(out)
+            })();
+            if sync == Sync::Deferred {
                 // Back to FULL whatever happened: every other write is an intent or a lease.
                 c.pragma_update(None, "synchronous", "FULL")?;
-                updated
             }
+            moved.map(Some)
         })?;
-        if changed == 0 {
-            return Err(StoreError::Invalid {
-                path: self.path.clone(),
-                what: format!("snapshot {id}"),
-                detail: "is not recorded".into(),
-            });
-        }
-        Ok(())
+        moved.ok_or_else(|| StoreError::Invalid {
+            path: self.path.clone(),
+            what: format!("snapshot {id}"),
+            detail: "is not recorded".into(),
+        })
     }
-}
-
-impl SnapshotState {
-    pub fn name(self) -> &'static str {
-        self.as_str()
-    }
-}
-
-/// Whether a write waits for its fsync.
-#[derive(Clone, Copy)]
-enum Sync {
-    /// `synchronous=FULL`: durable before the call returns (intents, releases).
-    Full,
-    /// `synchronous=NORMAL` for this statement. Only for the advisory "exposed" mark: the
-    /// run's own response holds the path durably, and a row claims its volume whether
-    /// `intended` or `exposed`. In WAL mode the write becomes durable with the next FULL
-    /// commit or checkpoint; a power loss can lose the mark, never reorder it after a
-    /// later write.
-    Deferred,
 }

@@ -122,23 +122,136 @@ fn images_record_base_and_prepared_flag() {
     assert_eq!(store.intend_base("web").unwrap(), 2, "a new base after the old one was cleared");
 }
 
+fn recorded(i: Intent) -> SnapshotRow {
+    match i {
+        Intent::Recorded(row) => row,
+        Intent::Released(row) => panic!("released: {row:?}"),
+    }
+}
+
 #[test]
 fn a_snapshot_intent_is_recorded_once_per_run() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(&dir);
-    let first = store.intend_snapshot("activate-1", "web", 3, |id| format!("snap-{id}")).unwrap();
+    let first = recorded(store.intend_snapshot("activate-1", "web", 3, |id| format!("snap-{id}")).unwrap());
     assert_eq!((first.id, first.vol_id.as_str(), first.state), (1, "snap-1", SnapshotState::Intended));
-    let again = store.intend_snapshot("activate-1", "web", 3, |id| format!("snap-{id}")).unwrap();
+    let again = recorded(store.intend_snapshot("activate-1", "web", 3, |id| format!("snap-{id}")).unwrap());
     assert_eq!(again, first, "the same run finds the same snapshot");
-    let second = store.intend_snapshot("activate-2", "web", 3, |id| format!("snap-{id}")).unwrap();
+    let second = recorded(store.intend_snapshot("activate-2", "web", 3, |id| format!("snap-{id}")).unwrap());
     assert_eq!(second.id, 2);
-    store.set_snapshot_exposed(1, "/vols/snap-1").unwrap();
-    store.set_snapshot_released(2).unwrap();
+    store.mark_snapshot_exposed(1, "/vols/snap-1").unwrap();
+    store.request_release("activate-2", "web", |id| format!("snap-{id}")).unwrap();
+    store.mark_snapshot_released(2).unwrap();
     let all = store.list_snapshots().unwrap();
     assert_eq!(all[0].state, SnapshotState::Exposed);
     assert_eq!(all[0].path.as_deref(), Some("/vols/snap-1"));
     assert_eq!(all[1].state, SnapshotState::Released);
-    assert!(all[1].released_at_ms.is_some());
+    assert!(all[1].released_at_ms.is_some() && all[1].release_requested_at_ms.is_some());
+}
+
+/// Every pair (from, to) through the one fenced path: forward moves happen; backward ones
+/// change nothing; a live move on a row a release reached is refused as `Released`.
+#[test]
+fn snapshot_states_move_one_way_only() {
+    use SnapshotState::*;
+    let states = [Intended, Created, Exposed, Releasing, Released];
+    for from in states {
+        for to in [Created, Exposed, Released] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = open(&dir);
+            let row = recorded(store.intend_snapshot("activate-x", "web", 1, |id| format!("snap-{id}")).unwrap());
+            match from {
+                Intended => {}
+                Created => {
+                    store.mark_snapshot_created(row.id).unwrap();
+                }
+                Exposed => {
+                    store.mark_snapshot_exposed(row.id, "/p").unwrap();
+                }
+                Releasing | Released => {
+                    store.request_release("activate-x", "web", |_| unreachable!()).unwrap();
+                }
+            }
+            if from == Released {
+                store.mark_snapshot_released(row.id).unwrap();
+            }
+            assert_eq!(store.snapshot(row.id).unwrap().unwrap().state, from);
+            let moved = match to {
+                Created => store.mark_snapshot_created(row.id),
+                Exposed => store.mark_snapshot_exposed(row.id, "/q"),
+                _ => store.mark_snapshot_released(row.id),
+            }
+            .unwrap();
+            let after = store.snapshot(row.id).unwrap().unwrap();
+            match moved {
+                Advance::Moved(r) => {
+                    assert!(from < to, "{from} -> {to} moved");
+                    assert_eq!((r.state, after.state), (to, to));
+                }
+                Advance::Unchanged(r) => {
+                    assert!(from >= to && from.is_released() == to.is_released(), "{from} -> {to} unchanged");
+                    assert_eq!((r.state, after.state), (from, from));
+                }
+                Advance::Released(r) => {
+                    assert!(from.is_released() && !to.is_released(), "{from} -> {to} refused");
+                    assert_eq!((r.state, after.state), (from, from), "a released row never turns live again");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_release_before_any_activation_leaves_a_tombstone() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let req = store.request_release("activate-early", "web", |id| format!("snap-{id}")).unwrap();
+    let ReleaseRequest::Tombstone(tomb) = req else { panic!("{req:?}") };
+    assert!(tomb.is_tombstone() && tomb.state == SnapshotState::Released && tomb.base_vol_id.is_none());
+    match store.intend_snapshot("activate-early", "web", 1, |id| format!("snap-{id}")).unwrap() {
+        Intent::Released(row) => {
+            assert_eq!(row.id, tomb.id);
+            let msg = row.released_message();
+            assert!(msg.starts_with("invocation early was released at 20") && msg.ends_with("use a new invocation id"), "{msg}");
+        }
+        other => panic!("an activation after the release must be refused: {other:?}"),
+    }
+    let again = store.request_release("activate-early", "web", |id| format!("snap-{id}")).unwrap();
+    assert!(matches!(again, ReleaseRequest::Already(ref r) if r.id == tomb.id), "{again:?}");
+    // A live row becomes releasing; a second request finds it already on its way.
+    recorded(store.intend_snapshot("activate-live", "web", 1, |id| format!("snap-{id}")).unwrap());
+    assert!(matches!(store.request_release("activate-live", "web", |_| unreachable!()).unwrap(), ReleaseRequest::Releasing(_)));
+    assert!(matches!(store.request_release("activate-live", "web", |_| unreachable!()).unwrap(), ReleaseRequest::Already(_)));
+    assert_eq!(store.releasing_snapshots().unwrap().len(), 1);
+}
+
+/// A database written by the first schema: rows that the old release race left `exposed`
+/// with `released_at` set come out `releasing`, so the worker finishes them at start.
+#[test]
+fn the_first_schema_migrates_and_leaked_rows_become_releasing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("host.db");
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(super::migrations::MIGRATIONS[0]).unwrap();
+        c.execute_batch(
+            "PRAGMA user_version = 1;
+             INSERT INTO snapshots VALUES (1, 'activate-ok', 'web', 1, 'snap-1', '/p1', 'exposed', 10, NULL);
+             INSERT INTO snapshots VALUES (2, 'activate-gone', 'web', 1, 'snap-2', '/p2', 'released', 10, 20);
+             INSERT INTO snapshots VALUES (3, 'activate-leak', 'web', 1, 'snap-3', '/p3', 'exposed', 10, 30);",
+        )
+        .unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.schema_version().unwrap(), super::migrations::MIGRATIONS.len() as i64);
+    let rows = store.list_snapshots().unwrap();
+    let states: Vec<_> = rows.iter().map(|r| (r.id, r.state)).collect();
+    assert_eq!(
+        states,
+        [(1, SnapshotState::Exposed), (2, SnapshotState::Released), (3, SnapshotState::Releasing)]
+    );
+    assert_eq!(rows[2].release_requested_at_ms, Some(30));
+    assert_eq!(rows[2].released_at_ms, None);
 }
 
 #[test]

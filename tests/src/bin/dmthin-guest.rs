@@ -170,6 +170,7 @@ async fn host() -> Result<Host, String> {
         cache: BlobCache::open(state.join("blobs")).map_err(|e| e.to_string())?,
         source: Arc::new(LocalDir::new(state.join("images"))),
         apply: ApplyOptions::default(),
+        invocations: Default::default(),
     };
     let pipeline = Pipeline::register(&engine, ctx).map_err(|e| e.to_string())?;
     Ok(Host { engine, pipeline, store, backend })
@@ -325,7 +326,7 @@ async fn pipeline_runs(h: &Host) -> Result<(), String> {
         return Err("an activated snapshot does not hold the image".into());
     }
     for i in 0..30 {
-        if let Outcome::Failed(f) = h.pipeline.release(&format!("inv-{i}")).await.map_err(|e| e.to_string())? {
+        if let Outcome::Failed(f) = h.pipeline.release("web", &format!("inv-{i}")).await.map_err(|e| e.to_string())?.outcome {
             return Err(format!("release {i} failed: {f}"));
         }
     }

@@ -74,10 +74,14 @@ fn workflow(ctx: Arc<Ctx>) -> Workflow<u32, W> {
             async move {
                 // The guard: the intent row (with its allocated id) is durable before the
                 // volume exists, and a re-run finds it instead of allocating again.
-                let snap = ctx
+                let snap = match ctx
                     .store
                     .intend_snapshot(&req.run_id, "fam", 1, |id| format!("vol-{id}"))
-                    .map_err(StepError::transient)?;
+                    .map_err(StepError::transient)?
+                {
+                    thinpipe::store::Intent::Recorded(row) => row,
+                    thinpipe::store::Intent::Released(row) => return Err(StepError::abort(row.released_message())),
+                };
                 thinpipe::fault::point("helper.after_intent", &req.run_id);
                 let vol = ctx.state.join("vols").join(&snap.vol_id);
                 match std::fs::OpenOptions::new().write(true).create_new(true).open(&vol) {
