@@ -10,6 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::image::validate_family;
+use crate::quote::{quote, shorten};
 
 /// Message versions this build understands.
 pub const SUPPORTED_VERSIONS: &[u32] = &[1];
@@ -69,8 +70,8 @@ impl Job {
                 body.len()
             )));
         }
-        let value: serde_json::Value =
-            serde_json::from_str(body).map_err(|e| InvalidJob(format!("the message is not JSON: {e}")))?;
+        let value: serde_json::Value = serde_json::from_str(body)
+            .map_err(|e| InvalidJob(format!("the message is not JSON: {}", shorten(&e.to_string(), 300))))?;
         let v = value.get("v").and_then(serde_json::Value::as_u64);
         match v {
             None => return Err(InvalidJob("field \"v\" (the message version) is missing or not a number".into())),
@@ -81,7 +82,8 @@ impl Job {
             }
             Some(_) => {}
         }
-        let job: Job = serde_json::from_value(value).map_err(|e| InvalidJob(format!("invalid job: {e}")))?;
+        let job: Job = serde_json::from_value(value)
+            .map_err(|e| InvalidJob(format!("invalid job: {}", shorten(&e.to_string(), 300))))?;
         job.validate()?;
         Ok(job)
     }
@@ -94,7 +96,8 @@ impl Job {
             }
             (_, Some(id)) if !valid_id(id) => {
                 return Err(InvalidJob(format!(
-                    "invocation_id {id:?} is invalid: use 1 to 128 letters, digits, '.', '_' or '-'"
+                    "invocation_id {} is invalid: use 1 to 128 letters, digits, '.', '_' or '-'",
+                    quote(id)
                 )));
             }
             _ => {}
@@ -199,6 +202,13 @@ mod tests {
             (r#"{"v":1,"kind":"prepare","family":"web","familly":"x"}"#, "unknown field `familly`"),
             (r#"{"v":1,"kind":"prepare","family":7}"#, "invalid type"),
         ];
+        // Over-long input is quoted short; the explanation stays.
+        let long = format!(r#"{{"v":1,"kind":"prepare","family":"{}"}}"#, "f".repeat(5000));
+        let err = Job::parse(&long).unwrap_err();
+        assert!(err.0.len() < 300 && err.0.contains("(5000 bytes) is invalid: use 1 to 128 letters"), "{err}");
+        let long = format!(r#"{{"v":1,"kind":"{}","family":"web"}}"#, "k".repeat(5000));
+        let err = Job::parse(&long).unwrap_err();
+        assert!(err.0.len() < 400 && err.0.contains("expected one of `prepare`"), "{err}");
         for (body, expect) in cases {
             let err = Job::parse(body).unwrap_err();
             assert!(err.0.contains(expect), "{body}: {err}");

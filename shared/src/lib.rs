@@ -9,6 +9,7 @@
 //! - [`queue`]: the `JobQueue` trait, the embedded and SQS queues;
 //! - [`job`]: the job message schema and results;
 //! - [`aws`]: one AWS SDK setup for SQS and S3;
+//! - [`quote`]: quoting user input in messages, cut to a readable length;
 //! - [`fault`]: named fault points for crash tests (compiled out of release builds).
 //! - [`telemetry`]: logs, OpenTelemetry traces and metrics, trace context propagation.
 
@@ -19,6 +20,7 @@ pub mod image;
 pub mod job;
 pub mod pipeline;
 pub mod queue;
+pub mod quote;
 pub mod reconcile;
 pub mod store;
 pub mod telemetry;

@@ -46,6 +46,9 @@ enum JobEnd {
     DeadLetter(String, Option<JobResult>),
     /// Leave the message for a later try.
     Retry(String),
+    /// Draining began before the job started its run: make the message visible again now,
+    /// for another worker (or this one's next start).
+    HandBack,
 }
 
 pub struct JobLoop {
@@ -276,6 +279,7 @@ impl JobLoop {
             JobEnd::Done(_) => "failed",
             JobEnd::DeadLetter(..) => "dead_lettered",
             JobEnd::Retry(_) => "retried",
+            JobEnd::HandBack => "handed_back",
         };
         span.record("outcome", outcome);
         telemetry::metrics()
@@ -313,6 +317,10 @@ impl JobLoop {
                 }
             }
             JobEnd::Retry(reason) => self.retry_later(queue, d, &reason).await,
+            JobEnd::HandBack => {
+                tracing::info!(message_id = %d.message_id, "draining: handed back a job that had not started");
+                release(queue.as_ref(), d).await;
+            }
         }
     }
 
@@ -412,6 +420,7 @@ impl JobLoop {
                         return failed(result, &f);
                     }
                     Err(Prep::Retry(why)) => return JobEnd::Retry(why),
+                    Err(Prep::HandBack) => return JobEnd::HandBack,
                 };
                 result.base_vol_id = Some(base);
                 if job.kind == JobKind::Prepare {
@@ -445,7 +454,11 @@ impl JobLoop {
             return Ok(base);
         }
         let lock = lock(&self.prepare_locks).entry(family.to_owned()).or_default().clone();
-        let _one_at_a_time = lock.lock().await;
+        // A job waiting here has not started: once draining begins it is handed back.
+        let _one_at_a_time = tokio::select! {
+            guard = lock.lock() => guard,
+            _ = self.draining.cancelled() => return Err(Prep::HandBack),
+        };
         if let Some(base) = self.prepared_base(family).await? {
             return Ok(base); // another task of ours prepared it while we waited
         }
@@ -652,6 +665,8 @@ enum Prep {
     Unknown(Failure),
     Failed(Failure),
     Retry(String),
+    /// Draining began while the job waited for the family's prepare.
+    HandBack,
 }
 
 impl std::fmt::Debug for Prep {
@@ -659,6 +674,7 @@ impl std::fmt::Debug for Prep {
         match self {
             Prep::Unknown(x) | Prep::Failed(x) => write!(f, "{x}"),
             Prep::Retry(x) => f.write_str(x),
+            Prep::HandBack => f.write_str("handed back: draining"),
         }
     }
 }

@@ -6,7 +6,10 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ImageError {
-    #[error("image family name {0:?} is invalid: use letters, digits, '.', '_' and '-', not starting with '.'")]
+    #[error(
+        "image family name {} is invalid: use 1 to 128 letters, digits, '.', '_' and '-', not starting with '.'",
+        crate::quote::quote(.0)
+    )]
     BadFamilyName(String),
     #[error("image family {family} not found in {source_desc}: {detail}")]
     FamilyNotFound { family: String, source_desc: String, detail: String },

@@ -155,6 +155,20 @@ impl EmbeddedQueue {
         .map(|n| n as u64)
     }
 
+    /// Messages visible now: waiting to be received (not in flight).
+    pub async fn visible(&self) -> Result<u64, QueueError> {
+        let name = self.name.clone();
+        self.with_conn(move |c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM messages WHERE queue = ?1 AND visible_at <= ?2",
+                params![name, now_ms()],
+                |r| r.get::<_, i64>(0),
+            )
+        })
+        .await
+        .map(|n| n as u64)
+    }
+
     /// Dead letters of this queue, oldest first.
     pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, QueueError> {
         let name = self.name.clone();

@@ -276,7 +276,7 @@ impl JobQueue for SqsQueue {
             return Ok(());
         };
         let mut attrs = d.attributes.clone();
-        attrs.insert(REASON_ATTRIBUTE.to_owned(), reason.chars().take(1000).collect());
+        attrs.insert(REASON_ATTRIBUTE.to_owned(), crate::quote::shorten(reason, 1000));
         attrs.insert("thinpipe-source-message-id".to_owned(), d.message_id.clone());
         self.send(&dlq, &d.body, &attrs).await?;
         self.ack(d).await
