@@ -99,8 +99,7 @@ pub fn reconcile(store: &Store, backend: &dyn VolumeBackend, fix: bool) -> Resul
     // contradiction, not a second time as an orphan.
     let explained: BTreeSet<VolumeId> =
         contradicted.iter().filter(|(_, exists)| *exists).map(|(row, _)| VolumeId::Snap(row.id)).collect();
-    let orphans: Vec<VolumeId> =
-        volumes.difference(&claimed).filter(|v| !explained.contains(v)).copied().collect();
+    let orphans: Vec<VolumeId> = volumes.difference(&claimed).filter(|v| !explained.contains(v)).copied().collect();
     let mut report = Report {
         orphans: orphans.iter().map(VolumeId::to_string).collect(),
         missing: claimed.difference(&volumes).map(VolumeId::to_string).collect(),

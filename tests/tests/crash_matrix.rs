@@ -1,9 +1,12 @@
-//! The crash matrix: for every fault point of `prepare`, `activate` and the job loop, on the
-//! `dir` and `btrfs` backends and the embedded and SQS queues, a real worker is killed there
-//! (SIGKILL from inside, no cleanup), a fresh worker takes over, and the invariants hold:
-//! every job completes exactly once, the family has exactly one base, the invocation exactly
-//! one snapshot, every volume is claimed by a record and every record's volume exists, the
-//! run history shows the resume, and no message is lost.
+//! The crash matrix: for every fault point of `prepare`, `activate`, `release` and the job
+//! loop, on the `dir` and `btrfs` backends and the embedded and SQS queues, a real worker is
+//! killed there (SIGKILL from inside, no cleanup), a fresh worker takes over, and the
+//! invariants hold: every job completes exactly once, the family has exactly one base, the
+//! invocation exactly one snapshot (none once released), every volume is claimed by a record
+//! and every record's volume exists, the run history shows the resume, and no message is
+//! lost. The release cells cover a release after its activation, a release posted together
+//! with its activation (killed once the release is recorded, wherever the activation is),
+//! and a release with no activation (the tombstone, which then refuses the activation).
 //!
 //! One fault point: `THINPIPE_CRASH_POINT=fsm.after_commit@prepare-web/download_blobs
 //! cargo test -p thinpipe-tests --test crash_matrix`. A failure names the point, the
@@ -48,7 +51,39 @@ fn fault_points() -> Vec<(String, bool)> {
     }
     if let Ok(only) = std::env::var("THINPIPE_CRASH_POINT") {
         points.retain(|(p, _)| *p == only);
-        assert!(!points.is_empty(), "THINPIPE_CRASH_POINT={only} is not a fault point of this matrix");
+    }
+    points
+}
+
+/// How a release cell posts its jobs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReleaseCase {
+    /// Activate inv-1, wait for it, then release it.
+    After,
+    /// Activate and release inv-1 at the same time.
+    Together,
+    /// Release inv-1 that was never activated (a tombstone), then activate it.
+    Tombstone,
+}
+
+/// The release cells: fault point, case.
+fn release_points() -> Vec<(String, ReleaseCase)> {
+    let mut points = Vec::new();
+    for at in [
+        "release.after_request@release-inv-1",
+        "fsm.before_step@release-inv-1/release_snapshot",
+        "release.after_delete@release-inv-1",
+        "fsm.before_commit@release-inv-1/release_snapshot",
+        "fsm.after_commit@release-inv-1/release_snapshot",
+        "jobloop.before_ack@release-inv-1",
+    ] {
+        points.push((at.to_owned(), ReleaseCase::After));
+    }
+    points.push(("release.after_request@release-inv-1".to_owned(), ReleaseCase::Together));
+    points.push(("release.after_request@release-inv-1".to_owned(), ReleaseCase::Tombstone));
+    points.push(("fsm.after_commit@release-inv-1/release_snapshot".to_owned(), ReleaseCase::Tombstone));
+    if let Ok(only) = std::env::var("THINPIPE_CRASH_POINT") {
+        points.retain(|(p, _)| *p == only);
     }
     points
 }
@@ -244,15 +279,95 @@ fn crash_at(point: &str, resumes: bool, backend: Backend, queue: &Queue) {
     assert!(!log.contains("dead-lettering"), "{ctx}: nothing was dead-lettered:\n{log}");
 }
 
+/// One release cell: the worker dies at `point` while releasing inv-1 (see [`ReleaseCase`]).
+fn release_crash_at(point: &str, case: ReleaseCase, backend: Backend, queue: &Queue) {
+    let Some(host) = Host::new(backend) else { return };
+    let state = host.state.path();
+    let ctx = format!(
+        "fault point {point} ({case:?}), backend {backend:?}, queue {}",
+        match queue {
+            Queue::Embedded => "embedded",
+            Queue::Sqs { .. } => "sqs",
+        }
+    );
+    let mut armed = host.env(queue);
+    armed.push(("THINPIPE_FAULT", point));
+    let mut first = Daemon::start(state, &armed);
+    let prepared = result(queue.post(state, &["prepare", "--family", "web"]));
+    assert_eq!(prepared["status"], "succeeded", "{ctx}: {prepared}");
+    let activate = ["activate", "--family", "web", "--invocation-id", "inv-1"];
+    let release = ["release", "--family", "web", "--invocation-id", "inv-1"];
+    let (activating, releasing) = match case {
+        ReleaseCase::After => {
+            let activated = result(queue.post(state, &activate));
+            assert_eq!(activated["status"], "succeeded", "{ctx}: {activated}");
+            (None, queue.post(state, &release))
+        }
+        ReleaseCase::Together => (Some(queue.post(state, &activate)), queue.post(state, &release)),
+        ReleaseCase::Tombstone => (None, queue.post(state, &release)),
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while first.is_running() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{ctx}: the worker never reached the fault point:\n{}",
+            first.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(first.log().contains(&format!("fault point {point} armed")), "{ctx}: died elsewhere:\n{}", first.log());
+
+    let second = Daemon::start(state, &host.env(queue));
+    let released = result(releasing);
+    assert_eq!(released["status"], "succeeded", "{ctx}: {released}\n{}", second.log());
+    if let Some(activating) = activating {
+        let activated = result(activating);
+        let refused = activated["error"].as_str().is_some_and(|e| e.contains("invocation inv-1 was released at"));
+        assert!(activated["status"] == "succeeded" || refused, "{ctx}: {activated}");
+    }
+    if case == ReleaseCase::Tombstone {
+        // The invocation id is spent: a later activation is refused, naming the release.
+        let activated = result(queue.post(state, &activate));
+        assert_eq!(activated["status"], "failed", "{ctx}: {activated}");
+        let err = activated["error"].as_str().unwrap_or_default();
+        assert!(err.contains("invocation inv-1 was released at") && err.contains("new invocation id"), "{ctx}: {err}");
+    }
+    wait_until(&format!("{ctx}: every message acked"), Duration::from_secs(60), || queue.leftovers(state) == 0);
+    let log = second.log();
+    assert!(second.stop(Duration::from_secs(60)).success(), "{ctx}");
+
+    // The invocation's row is released and nothing of it is on disk: only the base is left.
+    let store = Store::open(state.join("host.db")).unwrap();
+    let base = store.image("web").unwrap().unwrap().base_vol_id.unwrap();
+    let snaps = store.list_snapshots().unwrap();
+    assert_eq!(snaps.len(), 1, "{ctx}: one row for inv-1: {snaps:?}");
+    assert_eq!(snaps[0].state, thinpipe::store::SnapshotState::Released, "{ctx}");
+    match case {
+        ReleaseCase::After => assert!(!snaps[0].is_tombstone(), "{ctx}: {:?}", snaps[0]),
+        ReleaseCase::Tombstone => assert!(snaps[0].is_tombstone(), "{ctx}: {:?}", snaps[0]),
+        ReleaseCase::Together => {} // either came first
+    }
+    assert_eq!(host.backend().list().unwrap(), [VolumeId::Base(base)], "{ctx}: the snapshot is gone, nothing orphaned");
+    let report = thinpipe::reconcile::reconcile(&store, host.backend().as_ref(), false).unwrap();
+    assert!(report.is_clean() && report.missing.is_empty(), "{ctx}: {report:?}");
+    assert!(!log.contains("dead-lettering"), "{ctx}: nothing was dead-lettered:\n{log}");
+}
+
 fn matrix(backend: Backend, queue: impl Fn() -> Option<Queue>) {
     if let Backend::Btrfs = backend
         && Host::new(backend).is_none()
     {
         return; // skipped with a message (not root or no btrfs-progs); CI fails instead
     }
-    for (point, resumes) in fault_points() {
+    let (points, releases) = (fault_points(), release_points());
+    assert!(!points.is_empty() || !releases.is_empty(), "THINPIPE_CRASH_POINT names no fault point of this matrix");
+    for (point, resumes) in points {
         let Some(q) = queue() else { return };
         crash_at(&point, resumes, backend, &q);
+    }
+    for (point, case) in releases {
+        let Some(q) = queue() else { return };
+        release_crash_at(&point, case, backend, &q);
     }
 }
 

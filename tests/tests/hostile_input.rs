@@ -30,6 +30,11 @@ fn bad_messages_are_dead_lettered_with_a_reason_naming_the_problem() {
         ("family a/b", r#"{"v":1,"kind":"prepare","family":"a/b"}"#.into(), "is invalid"),
         ("family with NUL", r#"{"v":1,"kind":"prepare","family":"a\u0000b"}"#.into(), "is invalid"),
         ("a 300 KB message", huge, "at most 262144 bytes"),
+        (
+            "a 5000-character family",
+            format!(r#"{{"v":1,"kind":"prepare","family":"{}"}}"#, "f".repeat(5000)),
+            "(5000 bytes) is invalid: use 1 to 128 letters",
+        ),
     ];
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let q = EmbeddedQueue::open(state.join("queue.db"), "jobs", Duration::from_secs(60), 5).unwrap();
@@ -67,7 +72,11 @@ fn bad_messages_are_dead_lettered_with_a_reason_naming_the_problem() {
     for ((what, _, reason), id) in cases.iter().zip(&ids) {
         let d = dead.iter().find(|d| &d.message_id == id).unwrap_or_else(|| panic!("{what}: not dead-lettered"));
         assert!(d.reason.contains(reason), "{what}: the reason {:?} should say {reason:?}", d.reason);
+        assert!(d.reason.len() < 400, "{what}: the reason quotes its input short: {} bytes", d.reason.len());
     }
+    // Log lines quote input short too: no line carries a whole hostile message.
+    let longest = daemon.log().lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 1500, "a log line of {longest} bytes:\n{}", daemon.log());
     let d = dead.iter().find(|d| d.message_id == reused_id).expect("the reused invocation id is dead-lettered");
     assert!(d.reason.contains("another input") && d.reason.contains("web"), "{}", d.reason);
     let snaps = std::fs::read_dir(state.join("volumes/snaps")).unwrap().count();

@@ -188,7 +188,9 @@ fn sigterm_hands_back_received_jobs_at_once_and_readyz_says_draining() {
             jobs.send("jobs", &body("activate", Some(&format!("held-{i}"))), &BTreeMap::new()).await.unwrap();
         }
     });
-    wait_until("the four messages to be received", Duration::from_secs(30), || rt.block_on(jobs.visible()).unwrap() == 0);
+    wait_until("the four messages to be received", Duration::from_secs(30), || {
+        rt.block_on(jobs.visible()).unwrap() == 0
+    });
     daemon.wait_for_log("pause point prepare.download@web", Duration::from_secs(30));
     let ready = reqwest::blocking::get(format!("{admin}/readyz")).unwrap();
     assert_eq!(ready.status(), 200, "ready before the signal");
@@ -197,7 +199,8 @@ fn sigterm_hands_back_received_jobs_at_once_and_readyz_says_draining() {
     assert_eq!(unsafe { libc::kill(daemon.pid() as libc::pid_t, libc::SIGTERM) }, 0);
     let signalled = std::time::Instant::now();
     wait_until("/readyz to say draining", Duration::from_secs(5), || {
-        reqwest::blocking::get(format!("{admin}/readyz")).is_ok_and(|r| r.status() == 503 && r.text().unwrap_or_default().contains("draining"))
+        reqwest::blocking::get(format!("{admin}/readyz"))
+            .is_ok_and(|r| r.status() == 503 && r.text().unwrap_or_default().contains("draining"))
     });
     // The three waiting jobs are visible again at once (the paused one runs on).
     wait_until("the waiting jobs to be handed back", Duration::from_secs(1), || {

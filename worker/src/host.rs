@@ -50,7 +50,8 @@ impl Host {
             allow_devices: config.images.allow_devices,
             ..ApplyOptions::default()
         };
-        let ctx = PipelineContext { store: store.clone(), backend, cache, source, apply, invocations: Default::default() };
+        let ctx =
+            PipelineContext { store: store.clone(), backend, cache, source, apply, invocations: Default::default() };
         let pipeline = Pipeline::register(&engine, ctx)?;
         let lease_lost = CancellationToken::new();
         let closing = CancellationToken::new();

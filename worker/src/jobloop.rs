@@ -213,8 +213,8 @@ impl JobLoop {
             }
         }
         // Drain: in-flight jobs get until the deadline.
-        let deadline = shutdown_at.unwrap_or_else(tokio::time::Instant::now)
-            + Duration::from_secs(cfg.worker.drain_deadline_secs);
+        let deadline =
+            shutdown_at.unwrap_or_else(tokio::time::Instant::now) + Duration::from_secs(cfg.worker.drain_deadline_secs);
         tracing::info!(in_flight = tasks.len(), "draining");
         while !tasks.is_empty() {
             match tokio::time::timeout_at(deadline, tasks.join_next_with_id()).await {

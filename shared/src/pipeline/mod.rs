@@ -21,6 +21,7 @@ mod release;
 
 use std::sync::Arc;
 
+use crate::fault;
 use crate::fsm::{
     Engine, Failure, FailureKind, Outcome, RegisterError, RunError, StartOutcome, StepError, WorkflowHandle,
 };
@@ -28,7 +29,6 @@ use crate::image::{ApplyOptions, BlobCache, BlobSource, ImageError};
 use crate::job::{activate_run_id, prepare_run_id, release_run_id};
 use crate::store::{ReleaseRequest, SnapshotRow, Store, StoreError};
 use crate::volume::{VolumeBackend, VolumeError, VolumeId};
-use crate::fault;
 
 pub use activate::{ActivateInput, ActivateState};
 pub use invocations::InvocationLocks;
@@ -157,10 +157,7 @@ impl Pipeline {
 
     /// The failed outcome an activation of `invocation_id` gets once a release has reached
     /// it (`None` while it may still be activated).
-    pub async fn released_activation(
-        &self,
-        invocation_id: &str,
-    ) -> Result<Option<Outcome<ActivateState>>, StoreError> {
+    pub async fn released_activation(&self, invocation_id: &str) -> Result<Option<Outcome<ActivateState>>, StoreError> {
         self.released(&activate_run_id(invocation_id)).await
     }
 
@@ -203,7 +200,9 @@ impl Pipeline {
             let detail = release_run_id(&invocation);
             match blocking(move || release::finish_release(&ctx, &invocation, &detail)).await {
                 Ok(_) => finished += 1,
-                Err(e) => tracing::warn!(run_id = %row.run_id, error = %e, "could not finish a recorded release; the next start tries again"),
+                Err(e) => {
+                    tracing::warn!(run_id = %row.run_id, error = %e, "could not finish a recorded release; the next start tries again")
+                }
             }
         }
         Ok(finished)

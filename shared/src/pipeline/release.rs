@@ -48,11 +48,9 @@ async fn release_snapshot(
 /// Deletes the volume of the invocation's `releasing` row and marks it `released`. The caller
 /// holds the invocation's lock.
 pub(super) fn finish_release(ctx: &PipelineContext, invocation: &str, detail: &str) -> Result<u64, StepError> {
-    let row = ctx
-        .store
-        .snapshot_by_run(&activate_run_id(invocation))
-        .map_err(store_err)?
-        .ok_or_else(|| StepError::abort(format!("invocation {invocation} has no release recorded in the host database")))?;
+    let row = ctx.store.snapshot_by_run(&activate_run_id(invocation)).map_err(store_err)?.ok_or_else(|| {
+        StepError::abort(format!("invocation {invocation} has no release recorded in the host database"))
+    })?;
     match row.state {
         SnapshotState::Released => return Ok(row.id),
         SnapshotState::Releasing => {}

@@ -88,7 +88,10 @@ async fn prepare_activate_release() {
     assert!(never.detail().unwrap().contains("had no snapshot"), "{:?}", never.detail());
     match p.activate("web", "never", base).await.unwrap() {
         Outcome::Failed(f) => {
-            assert!(f.error.contains("invocation never was released at") && f.error.contains("new invocation id"), "{f:?}")
+            assert!(
+                f.error.contains("invocation never was released at") && f.error.contains("new invocation id"),
+                "{f:?}"
+            )
         }
         other => panic!("{other:?}"),
     }

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use tokio_util::sync::CancellationToken;
 use rusqlite::{Connection, OptionalExtension, params};
+use tokio_util::sync::CancellationToken;
 
 use super::{Delivery, JobQueue, QueueError};
 

@@ -193,7 +193,13 @@ enum Sync {
 }
 
 /// The one fenced move: `id` to `to`, following the rules in the module doc.
-fn advance_in(tx: &Transaction<'_>, id: u64, to: SnapshotState, path: Option<&str>, now: i64) -> rusqlite::Result<Advance> {
+fn advance_in(
+    tx: &Transaction<'_>,
+    id: u64,
+    to: SnapshotState,
+    path: Option<&str>,
+    now: i64,
+) -> rusqlite::Result<Advance> {
     let before: Vec<String> =
         SnapshotState::ALL.iter().filter(|s| **s < to).map(|s| format!("'{}'", s.name())).collect();
     let current = |tx: &Transaction<'_>| {
@@ -216,7 +222,11 @@ fn advance_in(tx: &Transaction<'_>, id: u64, to: SnapshotState, path: Option<&st
         }
     }
     let now_row = current(tx)?;
-    Ok(if now_row.state.is_released() && !to.is_released() { Advance::Released(now_row) } else { Advance::Unchanged(now_row) })
+    Ok(if now_row.state.is_released() && !to.is_released() {
+        Advance::Released(now_row)
+    } else {
+        Advance::Unchanged(now_row)
+    })
 }
 
 impl Store {

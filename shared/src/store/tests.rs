@@ -212,7 +212,10 @@ fn a_release_before_any_activation_leaves_a_tombstone() {
         Intent::Released(row) => {
             assert_eq!(row.id, tomb.id);
             let msg = row.released_message();
-            assert!(msg.starts_with("invocation early was released at 20") && msg.ends_with("use a new invocation id"), "{msg}");
+            assert!(
+                msg.starts_with("invocation early was released at 20") && msg.ends_with("use a new invocation id"),
+                "{msg}"
+            );
         }
         other => panic!("an activation after the release must be refused: {other:?}"),
     }
@@ -220,8 +223,14 @@ fn a_release_before_any_activation_leaves_a_tombstone() {
     assert!(matches!(again, ReleaseRequest::Already(ref r) if r.id == tomb.id), "{again:?}");
     // A live row becomes releasing; a second request finds it already on its way.
     recorded(store.intend_snapshot("activate-live", "web", 1, |id| format!("snap-{id}")).unwrap());
-    assert!(matches!(store.request_release("activate-live", "web", |_| unreachable!()).unwrap(), ReleaseRequest::Releasing(_)));
-    assert!(matches!(store.request_release("activate-live", "web", |_| unreachable!()).unwrap(), ReleaseRequest::Already(_)));
+    assert!(matches!(
+        store.request_release("activate-live", "web", |_| unreachable!()).unwrap(),
+        ReleaseRequest::Releasing(_)
+    ));
+    assert!(matches!(
+        store.request_release("activate-live", "web", |_| unreachable!()).unwrap(),
+        ReleaseRequest::Already(_)
+    ));
     assert_eq!(store.releasing_snapshots().unwrap().len(), 1);
 }
 
@@ -246,10 +255,7 @@ fn the_first_schema_migrates_and_leaked_rows_become_releasing() {
     assert_eq!(store.schema_version().unwrap(), super::migrations::MIGRATIONS.len() as i64);
     let rows = store.list_snapshots().unwrap();
     let states: Vec<_> = rows.iter().map(|r| (r.id, r.state)).collect();
-    assert_eq!(
-        states,
-        [(1, SnapshotState::Exposed), (2, SnapshotState::Released), (3, SnapshotState::Releasing)]
-    );
+    assert_eq!(states, [(1, SnapshotState::Exposed), (2, SnapshotState::Released), (3, SnapshotState::Releasing)]);
     assert_eq!(rows[2].release_requested_at_ms, Some(30));
     assert_eq!(rows[2].released_at_ms, None);
 }

@@ -326,7 +326,9 @@ async fn pipeline_runs(h: &Host) -> Result<(), String> {
         return Err("an activated snapshot does not hold the image".into());
     }
     for i in 0..30 {
-        if let Outcome::Failed(f) = h.pipeline.release("web", &format!("inv-{i}")).await.map_err(|e| e.to_string())?.outcome {
+        if let Outcome::Failed(f) =
+            h.pipeline.release("web", &format!("inv-{i}")).await.map_err(|e| e.to_string())?.outcome
+        {
             return Err(format!("release {i} failed: {f}"));
         }
     }
