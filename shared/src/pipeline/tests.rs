@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::fsm::{EngineConfig, FailureKind};
+use crate::fsm::EngineConfig;
 use crate::image::write_sample_family;
 use crate::volume::{DirBackend, VolumeId};
 
