@@ -22,28 +22,30 @@ use thinpipe::volume::{BtrfsBackend, DirBackend, VolumeBackend, VolumeId};
 use thinpipe_tests::{Daemon, bin, wait_until};
 
 const PREPARE_STEPS: [&str; 4] = ["fetch_manifest", "download_blobs", "prepare_thin_base", "unpack_into_base"];
-const ACTIVATE_STEPS: [&str; 2] = ["activate_snapshot", "expose"];
+const ACTIVATE_STEPS: [&str; 1] = ["activate_snapshot"];
 
 /// Every fault point the two jobs (prepare web, activate web/inv-1) pass through, and
-/// whether a crash there leaves a run to resume.
+/// whether a crash there leaves a run to resume. A run's start is committed with its first
+/// transition, so a crash before that commit leaves nothing to resume: the redelivered job
+/// starts the run again, and the guards make it find and finish the same base or snapshot.
 fn fault_points() -> Vec<(String, bool)> {
     let mut points = Vec::new();
     for (run, steps) in [("prepare-web", &PREPARE_STEPS[..]), ("activate-inv-1", &ACTIVATE_STEPS[..])] {
-        for step in steps {
+        for (i, step) in steps.iter().enumerate() {
             for at in ["fsm.before_step", "fsm.before_commit", "fsm.after_commit"] {
+                let before_first_commit = i == 0 && at != "fsm.after_commit";
                 // After the last step's commit the run is finished: nothing to resume.
-                let last = step == steps.last().unwrap_or(step);
-                points.push((format!("{at}@{run}/{step}"), !(at == "fsm.after_commit" && last)));
+                let finished = i + 1 == steps.len() && at == "fsm.after_commit";
+                points.push((format!("{at}@{run}/{step}"), !before_first_commit && !finished));
             }
         }
     }
-    for p in [
-        "prepare.after_base_intent@web",
-        "prepare.after_base_create@web",
-        "activate.after_snapshot_intent@activate-inv-1",
-        "activate.after_snapshot_create@activate-inv-1",
-    ] {
+    for p in ["prepare.after_base_intent@web", "prepare.after_base_create@web"] {
         points.push((p.to_owned(), true));
+    }
+    // Inside activate's one step: before its first (and only) commit.
+    for p in ["activate.after_snapshot_intent@activate-inv-1", "activate.after_snapshot_create@activate-inv-1"] {
+        points.push((p.to_owned(), false));
     }
     for p in ["jobloop.before_prepared_flag@web", "jobloop.before_ack@prepare-web", "jobloop.before_ack@activate-inv-1"]
     {
@@ -265,17 +267,16 @@ fn crash_at(point: &str, resumes: bool, backend: Backend, queue: &Queue) {
     assert_eq!(volumes, [VolumeId::Base(base), VolumeId::Snap(snaps[0].id)], "{ctx}: no orphan, nothing missing");
     assert!(host.backend().is_sealed(base).unwrap(), "{ctx}");
 
-    // The history shows the resume: the same run, picked up again.
-    if resumes {
-        let run = if point.contains("inv-1") { "activate-inv-1" } else { "prepare-web" };
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let engine = rt.block_on(thinpipe::fsm::Engine::open(state.join("runs.redb"), Default::default())).unwrap();
-        let detail = engine.run_detail(run).unwrap().unwrap();
-        let events: Vec<String> = detail.events.iter().map(|e| format!("{:?}", e.kind)).collect();
-        assert!(events.iter().any(|e| e.starts_with("Resumed")), "{ctx}: {run} was resumed: {events:#?}");
-        assert_eq!(events.iter().filter(|e| e.starts_with("Started")).count(), 1, "{ctx}: one run, not a new one");
-        rt.block_on(engine.shutdown());
-    }
+    // The history shows one run: picked up again where it had committed something, or
+    // started afresh by the redelivered job where it had not.
+    let run = if point.contains("inv-1") { "activate-inv-1" } else { "prepare-web" };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let engine = rt.block_on(thinpipe::fsm::Engine::open(state.join("runs.redb"), Default::default())).unwrap();
+    let detail = engine.run_detail(run).unwrap().unwrap();
+    let events: Vec<String> = detail.events.iter().map(|e| format!("{:?}", e.kind)).collect();
+    assert_eq!(events.iter().any(|e| e.starts_with("Resumed")), resumes, "{ctx}: {run} resumed: {events:#?}");
+    assert_eq!(events.iter().filter(|e| e.starts_with("Started")).count(), 1, "{ctx}: one run, not a new one");
+    rt.block_on(engine.shutdown());
     assert!(!log.contains("dead-lettering"), "{ctx}: nothing was dead-lettered:\n{log}");
 }
 

@@ -1,8 +1,10 @@
 //! Crash tests of the engine with a real process: `fsm_helper` runs a four-step workflow
 //! and is killed with SIGKILL at named fault points or at a random instant; a fresh process
-//! then resumes. Proves DESIGN.md section 2, guarantees 1–4: after restart every run
-//! finishes with its own response chain, no step whose completion was committed runs
-//! again, side effects happen at least once, and exactly once where the step is guarded.
+//! then resumes (and, like a queue redelivering its jobs, starts every run again). Proves
+//! guarantees 1–4 of `shared/src/fsm/DESIGN.md`: after restart every run finishes with its
+//! own response chain, a run killed before its first commit left nothing and starts afresh,
+//! no step whose completion was committed runs again, side effects happen at least once,
+//! and exactly once where the step is guarded.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -15,7 +17,21 @@ use thinpipe_tests::{kill, killed, lines, wait_until};
 const STEPS: [&str; 4] = ["record", "allocate", "record2", "finish"];
 
 fn helper(state: &Path, runs: usize, generation: u32, fault: Option<&str>, delay_ms: u64) -> Command {
+    helper_with(state, runs, generation, fault, delay_ms, false)
+}
+
+fn helper_with(
+    state: &Path,
+    runs: usize,
+    generation: u32,
+    fault: Option<&str>,
+    delay_ms: u64,
+    durable_start: bool,
+) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_fsm_helper"));
+    if durable_start {
+        cmd.arg("--durable-start");
+    }
     cmd.arg("--state")
         .arg(state)
         .args(["--runs", &runs.to_string(), "--generation", &generation.to_string()])
@@ -83,7 +99,16 @@ fn effects(state: &Path) -> Vec<Effect> {
 
 /// Restarts the helper without faults and checks every invariant.
 fn restart_and_check(state: &Path, runs: usize, committed_before: &BTreeMap<String, BTreeSet<String>>) {
-    let out = helper(state, runs, 2, None, 0).output().unwrap();
+    restart_and_check_with(state, runs, committed_before, false)
+}
+
+fn restart_and_check_with(
+    state: &Path,
+    runs: usize,
+    committed_before: &BTreeMap<String, BTreeSet<String>>,
+    durable_start: bool,
+) {
+    let out = helper_with(state, runs, 2, None, 0, durable_start).output().unwrap();
     assert!(out.status.success(), "restart failed: {}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8(out.stdout).unwrap();
     let results: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -140,8 +165,16 @@ fn restart_and_check(state: &Path, runs: usize, committed_before: &BTreeMap<Stri
 }
 
 fn crash_at(fault: &str, runs: usize) -> (tempfile::TempDir, BTreeMap<String, BTreeSet<String>>) {
+    crash_at_with(fault, runs, false)
+}
+
+fn crash_at_with(
+    fault: &str,
+    runs: usize,
+    durable_start: bool,
+) -> (tempfile::TempDir, BTreeMap<String, BTreeSet<String>>) {
     let dir = tempfile::tempdir().unwrap();
-    let out = helper(dir.path(), runs, 1, Some(fault), 0).output().unwrap();
+    let out = helper_with(dir.path(), runs, 1, Some(fault), 0, durable_start).output().unwrap();
     assert!(
         killed(&out.status),
         "fault {fault} did not kill the helper: {:?} {}",
@@ -152,21 +185,21 @@ fn crash_at(fault: &str, runs: usize) -> (tempfile::TempDir, BTreeMap<String, BT
     (dir, committed)
 }
 
-fn run_status(state: &Path, id: &str) -> (RunStatus, u32) {
+fn run_status(state: &Path, id: &str) -> Option<(RunStatus, u32)> {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let config = EngineConfig { prune_interval: None, ..EngineConfig::default() };
         let engine = Engine::open(state.join("runs.redb"), config).await.unwrap();
-        let s = engine.run_detail(id).unwrap().unwrap().summary;
+        let s = engine.run_detail(id).unwrap().map(|d| (d.summary.status, d.summary.step_index));
         engine.shutdown().await;
-        (s.status, s.step_index)
+        s
     })
 }
 
 #[test]
 fn killed_between_a_side_effect_and_its_commit() {
     let (dir, committed) = crash_at("fsm.before_commit@run-0/record2", 1);
-    assert_eq!(run_status(dir.path(), "run-0"), (RunStatus::Active, 2));
+    assert_eq!(run_status(dir.path(), "run-0"), Some((RunStatus::Active, 2)));
     assert_eq!(committed["run-0"], BTreeSet::from(["record".into(), "allocate".into()]));
     let first = effects(dir.path());
     assert!(first.iter().any(|e| e.step == "record2"), "the side effect happened before the kill");
@@ -179,18 +212,32 @@ fn killed_between_a_side_effect_and_its_commit() {
 #[test]
 fn killed_right_after_a_commit() {
     let (dir, committed) = crash_at("fsm.after_commit@run-0/allocate", 1);
-    assert_eq!(run_status(dir.path(), "run-0"), (RunStatus::Active, 2));
+    assert_eq!(run_status(dir.path(), "run-0"), Some((RunStatus::Active, 2)));
     restart_and_check(dir.path(), 1, &committed);
     let gen2: Vec<String> = effects(dir.path()).into_iter().filter(|e| e.generation == 2).map(|e| e.step).collect();
     assert_eq!(gen2, ["record2", "finish"], "only the steps after the committed one run again");
 }
 
+/// With the engine's durable-start option, the start is on disk before the first step.
 #[test]
 fn killed_before_the_first_step_keeps_the_initial_response() {
-    let (dir, committed) = crash_at("fsm.before_step@run-0/record", 1);
-    assert_eq!(run_status(dir.path(), "run-0"), (RunStatus::Active, 0));
+    let (dir, committed) = crash_at_with("fsm.before_step@run-0/record", 1, true);
+    assert_eq!(run_status(dir.path(), "run-0"), Some((RunStatus::Active, 0)));
     assert!(effects(dir.path()).is_empty());
+    restart_and_check_with(dir.path(), 1, &committed, true);
+}
+
+/// The default (guarantee 1): a run killed after its first step's side effect and before
+/// that step's commit left nothing in the run log; started again, it runs the step again
+/// (at least once) and completes with its own initial response.
+#[test]
+fn killed_before_the_first_commit_leaves_nothing_and_starts_again() {
+    let (dir, committed) = crash_at("fsm.before_commit@run-0/record", 1);
+    assert_eq!(run_status(dir.path(), "run-0"), None, "nothing of the run is on disk");
+    assert_eq!(effects(dir.path()).len(), 1, "its first side effect happened");
     restart_and_check(dir.path(), 1, &committed);
+    let record = effects(dir.path()).into_iter().filter(|e| e.step == "record").count();
+    assert_eq!(record, 2, "the first step ran again");
 }
 
 #[test]

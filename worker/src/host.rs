@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use thinpipe::fsm::{Engine, EngineConfig, OpenError};
 use thinpipe::image::{ApplyOptions, BlobCache, BlobSource, LocalDir, S3Source};
 use thinpipe::pipeline::{Pipeline, PipelineContext};
-use thinpipe::store::{Acquired, Holder, Store};
+use thinpipe::store::{Acquired, Checkpoint, Holder, Store, StoreOptions};
 use thinpipe::volume::{BtrfsBackend, DirBackend, DmThinBackend, DmThinOptions, VolumeBackend};
 use tokio_util::sync::CancellationToken;
 
@@ -32,7 +32,12 @@ impl Host {
     pub async fn open(config: Config) -> anyhow::Result<Host> {
         std::fs::create_dir_all(&config.state_dir)
             .with_context(|| format!("creating the state directory {}", config.state_dir.display()))?;
-        let store = Arc::new(Store::open(config.host_db_path())?);
+        // The worker commits intents on the job path: WAL checkpoints run beside it, not in them.
+        let options = StoreOptions {
+            checkpoint: Checkpoint::Background { every: Duration::from_secs(1) },
+            ..StoreOptions::default()
+        };
+        let store = Arc::new(Store::open_with(config.host_db_path(), &options)?);
         let ttl = Duration::from_secs(config.worker.lease_ttl_secs);
         let engine = take_state(&config, &store, ttl).await?;
         let backend = open_backend(&config)?;

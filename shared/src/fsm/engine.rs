@@ -19,7 +19,7 @@ use super::key;
 use super::runner;
 use super::schema::{Event, EventKind, Failure, FailureKind, LOG, RUNS, RunRecord, RunStatus, now_ms};
 use super::workflow::{BoundRun, ErasedWorkflow, Workflow};
-use super::writer::{Change, Op, OpError, Reply, Update, Writer};
+use super::writer::{Change, Op, OpError, Reply, Unrecorded, Update, Writer};
 
 /// Engine settings.
 #[derive(Clone, Debug)]
@@ -141,6 +141,10 @@ pub(crate) struct Inner {
     workflows: RwLock<HashMap<&'static str, Arc<dyn ErasedWorkflow>>>,
     waiters: Mutex<HashMap<String, watch::Sender<Option<RunEnd>>>>,
     running: Mutex<HashMap<String, CancellationToken>>,
+    /// Runs started but not yet in the run log (their start commits with their first
+    /// transition). An entry leaves only after that commit, so a reader that holds this lock
+    /// and does not find an id here finds it in the run log if it was started.
+    pub(crate) unrecorded: Mutex<HashMap<String, Unrecorded>>,
     pub(crate) shutdown: CancellationToken,
     tasks: TaskTracker,
     config: EngineConfig,
@@ -180,6 +184,7 @@ impl Engine {
                 workflows: RwLock::new(HashMap::new()),
                 waiters: Mutex::new(HashMap::new()),
                 running: Mutex::new(HashMap::new()),
+                unrecorded: Mutex::new(HashMap::new()),
                 shutdown: CancellationToken::new(),
                 tasks: TaskTracker::new(),
                 config,
@@ -263,37 +268,18 @@ impl Engine {
             trace_parent: crate::telemetry::current_traceparent(),
         };
         let trace_parent = record.trace_parent.clone();
+        if !wf.durable_start() {
+            return self.start_unrecorded(wf, id, Unrecorded { record, input, w0 }, trace_parent);
+        }
         let op = Op::Start { id: id.to_owned(), record, input: input.clone(), w0: w0.clone() };
         match self.inner.writer.submit(op).await {
             Ok(Reply::Created) => {
                 let bound = wf.bind(id.into(), &input).map_err(|why| StartError::Corrupt { id: id.to_owned(), why })?;
-                self.spawn_run(wf, bound, id.to_owned(), w0, 0, 0, trace_parent);
+                let position = runner::Position { w: w0, step: 0, attempts: 0 };
+                self.spawn_run(wf, bound, id.to_owned(), position, None, trace_parent);
                 Ok(StartOutcome::Started)
             }
-            Ok(Reply::Exists(existing)) => {
-                if existing.workflow != wf.name() {
-                    return Err(StartError::WrongWorkflow {
-                        id: id.to_owned(),
-                        existing: existing.workflow,
-                        requested: wf.name().to_owned(),
-                    });
-                }
-                let stored = self.read_input(id).map_err(|e| StartError::Storage(e.to_string()))?;
-                if let Some(stored) = stored
-                    && stored != input
-                {
-                    return Err(StartError::InputMismatch {
-                        id: id.to_owned(),
-                        existing: String::from_utf8_lossy(&stored).into_owned(),
-                    });
-                }
-                match self.read_end(id).map_err(|e| StartError::Storage(e.to_string()))? {
-                    Lookup::Active => Ok(StartOutcome::AlreadyRunning),
-                    Lookup::NotFound => Err(StartError::Storage(format!("run {id} vanished during start"))),
-                    Lookup::Finished(RawOutcome::Completed(w)) => Ok(StartOutcome::Finished(Outcome::Completed(w))),
-                    Lookup::Finished(RawOutcome::Failed(f)) => Ok(StartOutcome::Finished(Outcome::Failed(f))),
-                }
-            }
+            Ok(Reply::Exists(existing)) => self.existing_run(&wf, id, &input, existing),
             Ok(Reply::Applied | Reply::Pruned(_)) => Err(StartError::Storage("unexpected reply to start".into())),
             Err(OpError::Stopped) => Err(StartError::ShutDown),
             Err(OpError::Fenced { id, why }) => Err(StartError::Corrupt { id, why }),
@@ -301,15 +287,108 @@ impl Engine {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Starts a run whose start is committed with its first transition: nothing is written
+    /// now. Decided under the `unrecorded` lock, so two starts of one id make one run.
+    fn start_unrecorded(
+        &self,
+        wf: Arc<dyn ErasedWorkflow>,
+        id: &str,
+        start: Unrecorded,
+        trace_parent: Option<String>,
+    ) -> Result<StartOutcome<Vec<u8>>, StartError> {
+        enum Found {
+            New,
+            Unrecorded(Unrecorded),
+            Recorded(RunRecord),
+        }
+        let found = {
+            let mut unrecorded = lock(&self.inner.unrecorded);
+            match unrecorded.get(id) {
+                Some(other) => Found::Unrecorded(other.clone()),
+                None => match self.read_record(id).map_err(|e| StartError::Storage(e.to_string()))? {
+                    Some(Ok(existing)) => Found::Recorded(existing),
+                    Some(Err(why)) => {
+                        let why = format!("its stored record does not decode: {why}");
+                        return Err(StartError::Corrupt { id: id.to_owned(), why });
+                    }
+                    None => {
+                        unrecorded.insert(id.to_owned(), start.clone());
+                        Found::New
+                    }
+                },
+            }
+        };
+        match found {
+            Found::New => {
+                let bound = match wf.bind(id.into(), &start.input) {
+                    Ok(b) => b,
+                    Err(why) => {
+                        lock(&self.inner.unrecorded).remove(id);
+                        return Err(StartError::Corrupt { id: id.to_owned(), why });
+                    }
+                };
+                let position = runner::Position { w: start.w0.clone(), step: 0, attempts: 0 };
+                self.spawn_run(wf, bound, id.to_owned(), position, Some(start), trace_parent);
+                Ok(StartOutcome::Started)
+            }
+            Found::Unrecorded(other) => {
+                if other.record.workflow != wf.name() {
+                    return Err(StartError::WrongWorkflow {
+                        id: id.to_owned(),
+                        existing: other.record.workflow,
+                        requested: wf.name().to_owned(),
+                    });
+                }
+                if other.input != start.input {
+                    let existing = String::from_utf8_lossy(&other.input).into_owned();
+                    return Err(StartError::InputMismatch { id: id.to_owned(), existing });
+                }
+                Ok(StartOutcome::AlreadyRunning)
+            }
+            Found::Recorded(existing) => self.existing_run(&wf, id, &start.input, existing),
+        }
+    }
+
+    /// `start` found run `id` in the run log: the same work is joined or its outcome
+    /// returned; other work under the same id is refused.
+    fn existing_run(
+        &self,
+        wf: &Arc<dyn ErasedWorkflow>,
+        id: &str,
+        input: &[u8],
+        existing: RunRecord,
+    ) -> Result<StartOutcome<Vec<u8>>, StartError> {
+        if existing.workflow != wf.name() {
+            return Err(StartError::WrongWorkflow {
+                id: id.to_owned(),
+                existing: existing.workflow,
+                requested: wf.name().to_owned(),
+            });
+        }
+        let stored = self.read_input(id).map_err(|e| StartError::Storage(e.to_string()))?;
+        if let Some(stored) = stored
+            && stored != input
+        {
+            return Err(StartError::InputMismatch {
+                id: id.to_owned(),
+                existing: String::from_utf8_lossy(&stored).into_owned(),
+            });
+        }
+        match self.read_end(id).map_err(|e| StartError::Storage(e.to_string()))? {
+            Lookup::Active => Ok(StartOutcome::AlreadyRunning),
+            Lookup::NotFound => Err(StartError::Storage(format!("run {id} vanished during start"))),
+            Lookup::Finished(RawOutcome::Completed(w)) => Ok(StartOutcome::Finished(Outcome::Completed(w))),
+            Lookup::Finished(RawOutcome::Failed(f)) => Ok(StartOutcome::Finished(Outcome::Failed(f))),
+        }
+    }
+
     fn spawn_run(
         &self,
         wf: Arc<dyn ErasedWorkflow>,
         bound: Arc<dyn BoundRun>,
         id: String,
-        w: Vec<u8>,
-        step: u32,
-        attempts: u32,
+        position: runner::Position,
+        unrecorded: Option<Unrecorded>,
         trace_parent: Option<String>,
     ) {
         let cancel = CancellationToken::new();
@@ -322,8 +401,10 @@ impl Engine {
         }
         let inner = self.inner.clone();
         self.inner.tasks.spawn(async move {
-            let position = runner::Position { w, step, attempts };
-            let end = runner::drive(&inner, wf, bound, &id, position, trace_parent.as_deref(), &cancel).await;
+            let end =
+                runner::drive(&inner, wf, bound, &id, position, unrecorded, trace_parent.as_deref(), &cancel).await;
+            // A run that stopped before its first commit leaves nothing behind.
+            lock(&inner.unrecorded).remove(&id);
             lock(&inner.running).remove(&id);
             if let Some(end) = end {
                 inner.notify(&id, end);
@@ -340,7 +421,14 @@ impl Engine {
         // Subscribe before reading, so a finish between the read and the wait is not missed.
         let mut rx =
             lock(&self.inner.waiters).entry(id.to_owned()).or_insert_with(|| watch::channel(None).0).subscribe();
-        match self.read_end(id).map_err(|e| WaitError::Storage(e.to_string()))? {
+        let mut found = self.read_end(id).map_err(|e| WaitError::Storage(e.to_string()))?;
+        if let Lookup::NotFound = found {
+            // Started but not yet recorded: wait for it. An entry leaves `unrecorded` only
+            // after its first commit, so if it is gone now, the run log has it.
+            let pending = lock(&self.inner.unrecorded).contains_key(id);
+            found = if pending { Lookup::Active } else { self.read_end(id).map_err(|e| WaitError::Storage(e.to_string()))? };
+        }
+        match found {
             Lookup::Finished(outcome) => return Ok(outcome),
             Lookup::NotFound => {
                 let mut waiters = lock(&self.inner.waiters);
@@ -367,7 +455,15 @@ impl Engine {
     /// Ends an active run as failed with `reason`. Its current step is stopped at its next
     /// await point; a transition it was about to commit is fenced out.
     pub async fn cancel(&self, id: &str, reason: &str) -> Result<(), CancelError> {
-        let record = match self.read_record(id).map_err(|e| CancelError::Storage(e.to_string()))? {
+        let (record, start) = {
+            let unrecorded = lock(&self.inner.unrecorded);
+            match unrecorded.get(id) {
+                // Not yet in the run log: the failure is recorded with its start.
+                Some(u) => (Some(Ok(u.record.clone())), Some(Box::new(u.clone()))),
+                None => (self.read_record(id).map_err(|e| CancelError::Storage(e.to_string()))?, None),
+            }
+        };
+        let record = match record {
             None => return Err(CancelError::NotFound(id.to_owned())),
             Some(Err(why)) => return Err(CancelError::Storage(format!("run {id} record does not decode: {why}"))),
             Some(Ok(r)) => r,
@@ -380,9 +476,14 @@ impl Engine {
             .map_or_else(|| format!("#{}", record.next_step), |w| w.step_name(record.next_step as usize).to_owned());
         let failure = Failure { step, error: reason.to_owned(), kind: FailureKind::Cancelled };
         let change =
-            Change { id: id.to_owned(), expect_step: None, update: Update::Fail(failure.clone()), events: Vec::new() };
+            Change { id: id.to_owned(), start, expect_step: None, update: Update::Fail(failure.clone()), events: Vec::new() };
+        let was_unrecorded = change.start.is_some();
         match self.inner.writer.submit(Op::Change(change)).await {
-            Ok(_) => {}
+            Ok(_) => {
+                if was_unrecorded {
+                    lock(&self.inner.unrecorded).remove(id);
+                }
+            }
             // It finished between our read and our write.
             Err(OpError::Fenced { .. }) => {
                 let now = self.read_record(id).map_err(|e| CancelError::Storage(e.to_string()))?;
@@ -451,6 +552,7 @@ impl Engine {
                     let step = wf.step_name(record.next_step as usize).to_owned();
                     let change = Change {
                         id: id.clone(),
+                        start: None,
                         expect_step: Some(record.next_step),
                         update: Update::Nothing,
                         events: vec![EventKind::Resumed { step, attempts: record.attempts }],
@@ -458,7 +560,8 @@ impl Engine {
                     match self.inner.writer.submit(Op::Change(change)).await {
                         Ok(_) => {
                             let trace = record.trace_parent.clone();
-                            self.spawn_run(wf, bound, id.clone(), w, record.next_step, record.attempts, trace);
+                            let position = runner::Position { w, step: record.next_step, attempts: record.attempts };
+                            self.spawn_run(wf, bound, id.clone(), position, None, trace);
                             report.resumed.push(id);
                         }
                         Err(e) => {
@@ -478,6 +581,7 @@ impl Engine {
                     };
                     let change = Change {
                         id: id.clone(),
+                        start: None,
                         expect_step: None,
                         update: Update::Fail(failure.clone()),
                         events: Vec::new(),
@@ -646,6 +750,10 @@ impl Engine {
 
     /// Runs matching `filter`, newest first.
     pub fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, ReadError> {
+        // Runs not yet in the run log are active; taken first, so a run recorded meanwhile is
+        // found in one place or the other (and listed once).
+        let unrecorded: Vec<(String, RunRecord)> =
+            lock(&self.inner.unrecorded).iter().map(|(id, u)| (id.clone(), u.record.clone())).collect();
         let txn = self.inner.db.begin_read().map_err(ReadError::from_any)?;
         let runs = txn.open_table(RUNS).map_err(ReadError::from_any)?;
         let log = txn.open_table(LOG).map_err(ReadError::from_any)?;
@@ -666,6 +774,13 @@ impl Engine {
                 _ => indexed,
             };
             out.push(summary(id.value(), record));
+        }
+        for (id, record) in unrecorded {
+            let wanted = filter.workflow.as_deref().is_none_or(|w| w == record.workflow)
+                && filter.status.is_none_or(|s| s == record.status);
+            if wanted && !out.iter().any(|r| r.id == id) {
+                out.push(summary(&id, record));
+            }
         }
         out.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms).then_with(|| a.id.cmp(&b.id)));
         if let Some(limit) = filter.limit {

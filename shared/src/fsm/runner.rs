@@ -14,7 +14,7 @@ use super::engine::{Inner, RawOutcome, RunEnd};
 use super::retry::{AttemptResult, retry};
 use super::schema::{AttemptErrorKind, EventKind, Failure, FailureKind};
 use super::workflow::{BoundRun, CallError, ErasedWorkflow, StepError};
-use super::writer::{Change, Op, OpError, Update};
+use super::writer::{Change, Op, OpError, Unrecorded, Update};
 use crate::fault;
 
 /// Why a step did not advance.
@@ -34,16 +34,54 @@ pub(crate) struct Position {
     pub attempts: u32,
 }
 
+/// The start of a run not yet in the run log: every change carries it until one commits
+/// (guarantee 1 of `fsm/DESIGN.md`: the start is durable with the first transition).
+struct StartSlot<'a> {
+    inner: &'a Arc<Inner>,
+    id: &'a str,
+    start: std::sync::Mutex<Option<Box<Unrecorded>>>,
+}
+
+impl StartSlot<'_> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Box<Unrecorded>>> {
+        self.start.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What the next change must carry.
+    fn for_change(&self) -> Option<Box<Unrecorded>> {
+        self.lock().clone()
+    }
+
+    /// A change committed: the run is in the run log from now on.
+    fn committed(&self) {
+        if self.lock().take().is_some() {
+            self.inner.unrecorded.lock().unwrap_or_else(|p| p.into_inner()).remove(self.id);
+        }
+    }
+}
+
+/// Submits `change` (with the run's start while it is unrecorded).
+async fn submit(inner: &Arc<Inner>, slot: &StartSlot<'_>, mut change: Change) -> Result<(), OpError> {
+    change.start = slot.for_change();
+    inner.submit(Op::Change(change)).await?;
+    slot.committed();
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn drive(
     inner: &Arc<Inner>,
     wf: Arc<dyn ErasedWorkflow>,
     bound: Arc<dyn BoundRun>,
     id: &str,
     position: Position,
+    unrecorded: Option<Unrecorded>,
     trace_parent: Option<&str>,
     cancel: &CancellationToken,
 ) -> Option<RunEnd> {
     let Position { mut w, mut step, mut attempts } = position;
+    let slot = StartSlot { inner, id, start: std::sync::Mutex::new(unrecorded.map(Box::new)) };
+    let slot = &slot;
     let span = tracing::info_span!("run", run_id = %id, workflow = wf.name());
     if let Some(parent) = trace_parent {
         crate::telemetry::set_parent(&span, parent);
@@ -54,7 +92,7 @@ pub(crate) async fn drive(
     let end = async move {
         loop {
             let last = step as usize + 1 == wf.step_count();
-            match run_step(inner, &*wf, &bound, id, &w, step, attempts, last, cancel).await {
+            match run_step(inner, slot, &*wf, &bound, id, &w, step, attempts, last, cancel).await {
                 Ok(next) => {
                     if last {
                         return Some(RunEnd::Finished(RawOutcome::Completed(next)));
@@ -66,11 +104,12 @@ pub(crate) async fn drive(
                 Err(StepStop::Fail { failure, last_attempt }) => {
                     let change = Change {
                         id: id.to_owned(),
+                        start: None,
                         expect_step: Some(step),
                         update: Update::Fail(failure.clone()),
                         events: last_attempt.into_iter().collect(),
                     };
-                    return match inner.submit(Op::Change(change)).await {
+                    return match submit(inner, slot, change).await {
                         Ok(_) => {
                             tracing::warn!(step = %failure.step, kind = ?failure.kind, error = %failure.error, "run failed");
                             Some(RunEnd::Finished(RawOutcome::Failed(failure)))
@@ -106,6 +145,7 @@ fn stopped(e: OpError) -> Option<RunEnd> {
 #[allow(clippy::too_many_arguments)]
 async fn run_step(
     inner: &Arc<Inner>,
+    slot: &StartSlot<'_>,
     wf: &dyn ErasedWorkflow,
     bound: &Arc<dyn BoundRun>,
     id: &str,
@@ -173,11 +213,12 @@ async fn run_step(
                     fault::point("fsm.before_commit", &fault_detail);
                     let change = Change {
                         id: id.to_owned(),
+                        start: None,
                         expect_step: Some(step),
                         update: Update::Advance { w: next.clone(), last },
                         events: vec![EventKind::StepCompleted { step: name.to_owned(), attempt, duration_ms }],
                     };
-                    match inner.submit(Op::Change(change)).await {
+                    match submit(&inner, slot, change).await {
                         Ok(_) => {
                             fault::point("fsm.after_commit", &fault_detail);
                             observe(started, "completed", None);
@@ -214,11 +255,12 @@ async fn run_step(
             // Record the failed attempt before backing off, so the count survives a restart.
             let change = Change {
                 id: id.to_owned(),
+                start: None,
                 expect_step: Some(step),
                 update: Update::CountAttempt,
                 events: vec![failed(kind, error.clone())],
             };
-            match inner.submit(Op::Change(change)).await {
+            match submit(&inner, slot, change).await {
                 Ok(_) => {}
                 Err(e @ OpError::Storage(_)) => {
                     return AttemptResult::Permanent(StepStop::Stop { why: e.to_string(), interrupted: true });

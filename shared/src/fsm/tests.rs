@@ -1,4 +1,4 @@
-//! Engine tests in one process: the guarantees of DESIGN.md section 2 that do not need a
+//! Engine tests in one process: the guarantees of `fsm/DESIGN.md` that do not need a
 //! real crash (those are in `tests/tests/fsm_crash.rs`). A shutdown followed by a reopen
 //! stands in for a restart here; the run log is the same file.
 
@@ -132,13 +132,15 @@ async fn starting_an_active_id_returns_already_running() {
     engine.shutdown().await;
 }
 
-/// superfly/fsm defect: the initial W was not saved, so a crash before the first step lost it.
+/// superfly/fsm defect: the initial W was not saved, so a crash before the first step lost
+/// it. With a durable start (the option), a restart before the first step resumes the run
+/// with its initial response.
 #[tokio::test]
 async fn initial_response_survives_a_restart_before_the_first_step() {
     let dir = tempfile::tempdir().unwrap();
     let engine = open(&dir).await;
     let never = Arc::new(tokio::sync::Semaphore::new(0));
-    let wf = Workflow::<String, Vec<String>>::new("w", 1).step("first", move |req| {
+    let wf = Workflow::<String, Vec<String>>::new("w", 1).with_durable_start().step("first", move |req| {
         let never = never.clone();
         async move {
             let _p = never.acquire().await.map_err(StepError::abort)?;
@@ -151,11 +153,64 @@ async fn initial_response_survives_a_restart_before_the_first_step() {
     drop((engine, wf));
 
     let engine = open(&dir).await;
-    let wf = engine.register(chain_workflow("w")).unwrap();
+    let wf = engine.register(chain_workflow("w").with_durable_start()).unwrap();
     let report = engine.resume_all().await.unwrap();
     assert_eq!(report.resumed, ["r"]);
     let out = wf.wait("r").await.unwrap();
     assert_eq!(out, Outcome::Completed(vec!["initial".into(), "w:a".into(), "w:b".into(), "w:c".into()]));
+    engine.shutdown().await;
+}
+
+/// Guarantee 1 (the default): a run's start is committed with its first transition. Before
+/// that nothing of it is on disk (a stop leaves nothing to resume; the caller starts it
+/// again), while it is listed as active and can be waited on; the first commit holds the
+/// start, the initial response and the first step together.
+#[tokio::test]
+async fn the_start_is_committed_with_the_first_transition() {
+    // Two steps; the first waits for the gate.
+    fn first_gated(gate: Arc<tokio::sync::Semaphore>) -> Workflow<String, Vec<String>> {
+        Workflow::new("g", 1)
+            .step("first", move |req: StepRequest<String, Vec<String>>| {
+                let gate = gate.clone();
+                async move {
+                    let _permit = gate.acquire().await.map_err(StepError::abort)?;
+                    Ok([req.w, vec!["first".into()]].concat())
+                }
+            })
+            .step("second", |req: StepRequest<String, Vec<String>>| async move {
+                Ok([req.w, vec!["second".into()]].concat())
+            })
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(&dir).await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let wf = engine.register(first_gated(gate.clone())).unwrap();
+    let commits = engine.commit_count();
+    assert_eq!(wf.start("r", &"in".into(), &vec!["initial".into()]).await.unwrap(), StartOutcome::Started);
+    assert_eq!(engine.commit_count(), commits, "nothing is written at start");
+    assert!(engine.run_detail("r").unwrap().is_none(), "not in the run log before its first commit");
+    let active = engine.list_runs(&RunFilter { status: Some(RunStatus::Active), ..Default::default() }).unwrap();
+    assert_eq!(active.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["r"], "listed while in flight");
+    assert_eq!(wf.start("r", &"in".into(), &vec![]).await.unwrap(), StartOutcome::AlreadyRunning);
+    assert!(matches!(wf.start("r", &"other".into(), &vec![]).await, Err(StartError::InputMismatch { .. })));
+    // Stopped before its first commit: nothing to resume after a restart.
+    engine.shutdown().await;
+    drop((engine, wf));
+    let engine = open(&dir).await;
+    let wf = engine.register(first_gated(gate.clone())).unwrap();
+    assert!(engine.resume_all().await.unwrap().resumed.is_empty());
+    assert!(matches!(wf.wait("r").await, Err(WaitError::NotFound(_))));
+
+    // Started again (a redelivered job): two steps, two commits, the first holding the start.
+    let commits = engine.commit_count();
+    gate.add_permits(1);
+    let out = wf.run("r", &"in".into(), &vec!["initial".into()]).await.unwrap();
+    assert_eq!(out, Outcome::Completed(vec!["initial".into(), "first".into(), "second".into()]));
+    assert_eq!(engine.commit_count() - commits, 2, "one commit per transition, none for the start");
+    let detail = engine.run_detail("r").unwrap().unwrap();
+    let kinds: Vec<String> = detail.events.iter().map(|e| format!("{:?}", e.kind)).collect();
+    assert!(kinds[0].starts_with("Started") && kinds[1].starts_with("StepCompleted"), "{kinds:?}");
+    assert_eq!(detail.responses[0].response, serde_json::json!(["initial"]), "the initial response is stored");
     engine.shutdown().await;
 }
 
@@ -374,7 +429,7 @@ async fn the_attempt_count_survives_a_restart() {
     wf.start("r", &(), &0).await.unwrap();
     // Two failed attempts recorded, then the process stops during the backoff.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while engine.run_detail("r").unwrap().unwrap().summary.attempts < 2 {
+    while !engine.run_detail("r").unwrap().is_some_and(|d| d.summary.attempts >= 2) {
         assert!(tokio::time::Instant::now() < deadline, "two attempts never recorded");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -481,6 +536,24 @@ async fn cancel_ends_an_active_run_with_the_reason() {
     assert!(matches!(engine.cancel("r", "again").await, Err(CancelError::NotActive { .. })));
     assert!(matches!(engine.cancel("zzz", "x").await, Err(CancelError::NotFound(_))));
     assert_eq!(wf.start("r", &"x".into(), &vec![]).await.unwrap(), StartOutcome::Finished(expected));
+
+    // A run not yet in the run log (its first step still running) is cancelled too: the
+    // failure is recorded with its start, and its step's late commit is fenced out.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let first_gated = Workflow::<String, Vec<String>>::new("h", 1).step("only", move |req| {
+        let gate = gate.clone();
+        async move {
+            let _permit = gate.acquire().await.map_err(StepError::abort)?;
+            Ok(req.w)
+        }
+    });
+    let wf = engine.register(first_gated).unwrap();
+    wf.start("u", &"x".into(), &vec![]).await.unwrap();
+    assert!(engine.run_detail("u").unwrap().is_none());
+    engine.cancel("u", "never mind").await.unwrap();
+    let out = wf.wait("u").await.unwrap();
+    assert!(matches!(out, Outcome::Failed(Failure { kind: FailureKind::Cancelled, .. })), "{out:?}");
+    assert_eq!(engine.run_detail("u").unwrap().unwrap().summary.status, RunStatus::Failed);
     engine.shutdown().await;
 }
 

@@ -68,6 +68,7 @@ pub struct Workflow<R, W> {
     version: u32,
     steps: Vec<StepDef<R, W>>,
     default_policy: RetryPolicy,
+    durable_start: bool,
 }
 
 impl<R, W> Workflow<R, W>
@@ -78,7 +79,16 @@ where
     /// `version` is stored with each run; a run started under another version is failed on
     /// resume instead of being fed to steps it was not written for.
     pub fn new(name: &'static str, version: u32) -> Self {
-        Self { name, version, steps: Vec::new(), default_policy: RetryPolicy::default() }
+        Self { name, version, steps: Vec::new(), default_policy: RetryPolicy::default(), durable_start: false }
+    }
+
+    /// Records each run's start on its own, durably, before its first step runs (one more
+    /// commit per run). By default the start is committed together with the run's first
+    /// transition (`fsm/DESIGN.md`, guarantee 1): right for runs whose caller starts them
+    /// again after a crash (a job whose message was not acknowledged).
+    pub fn with_durable_start(mut self) -> Self {
+        self.durable_start = true;
+        self
     }
 
     /// The policy of steps added after this call with [`Workflow::step`].
@@ -120,6 +130,7 @@ where
 pub(crate) trait ErasedWorkflow: Send + Sync {
     fn name(&self) -> &'static str;
     fn version(&self) -> u32;
+    fn durable_start(&self) -> bool;
     fn step_count(&self) -> usize;
     fn step_name(&self, index: usize) -> &'static str;
     fn policy(&self, index: usize) -> &RetryPolicy;
@@ -155,6 +166,9 @@ where
     }
     fn version(&self) -> u32 {
         self.version
+    }
+    fn durable_start(&self) -> bool {
+        self.durable_start
     }
     fn step_count(&self) -> usize {
         self.steps.len()

@@ -27,9 +27,20 @@ use super::schema::{Event, EventKind, Failure, FailureKind, LOG, RUNS, RunRecord
 /// Requests applied in one transaction at most.
 const MAX_BATCH: usize = 512;
 
+/// A run started but not yet in the run log: its record, input and initial response are
+/// written by the first change that commits (guarantee 1 of `fsm/DESIGN.md`).
+#[derive(Clone, Debug)]
+pub(crate) struct Unrecorded {
+    pub record: RunRecord,
+    pub input: Vec<u8>,
+    pub w0: Vec<u8>,
+}
+
 /// A change to one run.
 pub(crate) struct Change {
     pub id: String,
+    /// Set while the run is not yet in the run log: the change records its start first.
+    pub start: Option<Box<Unrecorded>>,
     /// The step the run must be at (active); `None` accepts any active run.
     pub expect_step: Option<u32>,
     pub update: Update,
@@ -267,7 +278,7 @@ impl Tables<'_> {
         Ok(())
     }
 
-    fn start(&mut self, id: &str, mut record: RunRecord, input: &[u8], w0: &[u8]) -> Applied {
+    fn start(&mut self, id: &str, record: RunRecord, input: &[u8], w0: &[u8]) -> Applied {
         match self.read_record(id)? {
             Some(Ok(existing)) => return Ok(Ok(Reply::Exists(existing))),
             Some(Err(why)) => {
@@ -278,17 +289,30 @@ impl Tables<'_> {
             }
             None => {}
         }
+        self.create(id, record, input, w0)?;
+        Ok(Ok(Reply::Created))
+    }
+
+    /// Writes a new run: input, initial response, `Started` event and header.
+    fn create(&mut self, id: &str, mut record: RunRecord, input: &[u8], w0: &[u8]) -> Result<RunRecord, redb::Error> {
         self.log.insert(key::input_key(id).as_slice(), input)?;
         self.log.insert(key::response_key(id, 0).as_slice(), w0)?;
         let at = record.created_at_ms;
         self.push_event(id, &mut record, EventKind::Started, at)?;
         self.put_record(id, &record, true)?;
-        Ok(Ok(Reply::Created))
+        Ok(record)
     }
 
     fn change(&mut self, c: Change) -> Applied {
         let mut record = match self.read_record(&c.id)? {
-            None => return Ok(Err(OpError::NotFound(c.id))),
+            None => match c.start {
+                // The run's first transition: its start is committed with it.
+                Some(start) => {
+                    let Unrecorded { record, input, w0 } = *start;
+                    self.create(&c.id, record, &input, &w0)?
+                }
+                None => return Ok(Err(OpError::NotFound(c.id))),
+            },
             Some(Err(why)) => {
                 return Ok(Err(OpError::Fenced { id: c.id, why: format!("its stored record does not decode: {why}") }));
             }

@@ -22,32 +22,31 @@ pub struct ActivateInput {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ActivateState {
     pub base_vol_id: u64,
-    /// Set by `activate_snapshot`.
+    /// Set by `activate_snapshot`: the snapshot and where it is exposed.
     pub snapshot_id: Option<u64>,
-    /// Set by `expose`.
     pub path: Option<String>,
 }
 
 type Req = StepRequest<ActivateInput, ActivateState>;
 
+/// Version 2: one step (version 1 had `activate_snapshot` then `expose`; its runs are failed
+/// on resume, so drain a worker before upgrading it, as the Ansible upgrade does).
 pub(super) fn workflow(ctx: Arc<PipelineContext>) -> Workflow<ActivateInput, ActivateState> {
-    let (c1, c2) = (ctx.clone(), ctx);
-    Workflow::new("activate", 1)
-        .step("activate_snapshot", move |req| activate_snapshot(c1.clone(), req))
-        .step("expose", move |req| expose(c2.clone(), req))
+    Workflow::new("activate", 2).step("activate_snapshot", move |req| activate_snapshot(ctx.clone(), req))
 }
 
-/// The guarded step: the snapshot (run id → id) is recorded before it is created, so a
+/// The one step, guarded: the snapshot (run id → id) is recorded before it is created, so a
 /// resume finds and finishes the same snapshot; a release that reached the invocation first
-/// stops it before anything is created. Runs under the invocation's lock, so a release of the
-/// same invocation cannot delete the snapshot between the check and the create.
+/// stops it before anything is created. Then the snapshot is exposed. All under the
+/// invocation's lock, so a release of the same invocation cannot delete the snapshot between
+/// a check of its row and the volume call that follows.
 async fn activate_snapshot(ctx: Arc<PipelineContext>, req: Req) -> StepResult<ActivateState> {
     let base = req.w.base_vol_id;
     let run_id = req.run_id.to_string();
     let family = req.r.family.clone();
     let _serial = ctx.invocations.lock(&req.r.invocation_id).await;
     let c = ctx.clone();
-    let snap = blocking(move || {
+    let (snap, path) = blocking(move || {
         let row = match c
             .store
             .intend_snapshot(&run_id, &family, base, |id| VolumeId::Snap(id).to_string())
@@ -61,39 +60,17 @@ async fn activate_snapshot(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Ac
         let base = row.base_vol_id.unwrap_or(base);
         c.backend.snapshot(base, row.id).map_err(volume_err)?;
         fault::point("activate.after_snapshot_create", &run_id);
-        match c.store.mark_snapshot_created(row.id).map_err(store_err)? {
-            Advance::Released(row) => Err(released(&row)),
-            Advance::Moved(_) | Advance::Unchanged(_) => Ok(row.id),
-        }
-    })
-    .await?;
-    Ok(ActivateState { snapshot_id: Some(snap), ..req.w })
-}
-
-/// Exposes the snapshot, unless a release reached the invocation meanwhile (then the release,
-/// waiting for this lock, deletes it).
-async fn expose(ctx: Arc<PipelineContext>, req: Req) -> StepResult<ActivateState> {
-    let snap = req.w.snapshot_id.ok_or_else(|| StepError::abort("the response chain has no snapshot"))?;
-    let _serial = ctx.invocations.lock(&req.r.invocation_id).await;
-    let c = ctx.clone();
-    let path = blocking(move || {
-        let row = c
-            .store
-            .snapshot(snap)
-            .map_err(store_err)?
-            .ok_or_else(|| StepError::abort(format!("snapshot {snap} is not recorded in the host database")))?;
-        if row.state.is_released() {
+        if let Advance::Released(row) = c.store.mark_snapshot_created(row.id).map_err(store_err)? {
             return Err(released(&row));
         }
-        let path = c.backend.expose(snap).map_err(volume_err)?;
-        let path = path.to_string_lossy().into_owned();
-        match c.store.mark_snapshot_exposed(snap, &path).map_err(store_err)? {
+        let path = c.backend.expose(row.id).map_err(volume_err)?.to_string_lossy().into_owned();
+        match c.store.mark_snapshot_exposed(row.id, &path).map_err(store_err)? {
             Advance::Released(row) => Err(released(&row)),
-            Advance::Moved(_) | Advance::Unchanged(_) => Ok(path),
+            Advance::Moved(_) | Advance::Unchanged(_) => Ok((row.id, path)),
         }
     })
     .await?;
-    Ok(ActivateState { path: Some(path), ..req.w })
+    Ok(ActivateState { snapshot_id: Some(snap), path: Some(path), ..req.w })
 }
 
 /// The activation stops for good: its invocation was released.

@@ -1,4 +1,4 @@
-//! The workflows of DESIGN.md section 4, written on the engine: `prepare` (family → sealed
+//! The workflows, written on the engine (ARCHITECTURE.md, `pipeline/`): `prepare` (family → sealed
 //! base), `activate` (base → one exposed snapshot per invocation) and `release`.
 //!
 //! Where the guards live: `prepare_thin_base` takes the family's base id from SQLite

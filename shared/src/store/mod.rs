@@ -33,18 +33,50 @@ pub use snapshots::{Advance, Intent, ReleaseRequest, SnapshotRow, SnapshotState,
 pub struct StoreOptions {
     /// How long a statement waits for another connection's lock before `Locked`.
     pub busy_timeout: Duration,
+    /// Who moves the WAL back into the database file.
+    pub checkpoint: Checkpoint,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { busy_timeout: Duration::from_secs(5) }
+        Self { busy_timeout: Duration::from_secs(5), checkpoint: Checkpoint::Inline }
     }
+}
+
+/// Who checkpoints the WAL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Checkpoint {
+    /// SQLite's default: the connection whose commit fills the WAL past 1,000 pages
+    /// checkpoints inside that commit. Fine for short-lived tools.
+    Inline,
+    /// A thread of the store's own checkpoints every `every` (a passive checkpoint, which
+    /// never blocks a writer), and commits never do: a job's intent commit is never the one
+    /// that pays for a checkpoint. For the worker, which commits on the job path.
+    Background { every: Duration },
 }
 
 /// The host database.
 pub struct Store {
     path: PathBuf,
     conn: Mutex<Connection>,
+    /// The background checkpointer ([`Checkpoint::Background`]); stopped and joined on drop.
+    checkpointer: Option<Checkpointer>,
+}
+
+struct Checkpointer {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Some(Checkpointer { stop, thread }) = self.checkpointer.take() {
+            drop(stop); // the thread's receive ends: it checkpoints once more and returns
+            if thread.join().is_err() {
+                tracing::warn!(path = %self.path.display(), "the WAL checkpoint thread panicked");
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -77,7 +109,16 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
         conn.pragma_update(None, "foreign_keys", "ON").map_err(err)?;
         migrate(&path, &mut conn)?;
-        Ok(Store { path, conn: Mutex::new(conn) })
+        let checkpointer = match options.checkpoint {
+            Checkpoint::Inline => None,
+            Checkpoint::Background { every } => {
+                conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(err)?;
+                let other = Connection::open_with_flags(&path, flags).map_err(err)?;
+                other.busy_timeout(options.busy_timeout).map_err(err)?;
+                Some(spawn_checkpointer(path.clone(), other, every))
+            }
+        };
+        Ok(Store { path, conn: Mutex::new(conn), checkpointer })
     }
 
     pub fn path(&self) -> &Path {
@@ -95,6 +136,27 @@ impl Store {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         f(&conn).map_err(|e| StoreError::classify(&self.path, e))
     }
+}
+
+/// Checkpoints the WAL every `every` on its own connection until the store is dropped.
+fn spawn_checkpointer(path: PathBuf, conn: Connection, every: Duration) -> Checkpointer {
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        loop {
+            let last = matches!(stopped.recv_timeout(every), Err(std::sync::mpsc::RecvTimeoutError::Disconnected));
+            // (busy, WAL pages, pages checkpointed): a busy checkpoint is simply tried again.
+            let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+            });
+            if let Err(e) = done {
+                tracing::warn!(path = %path.display(), error = %e, "WAL checkpoint failed; it is tried again");
+            }
+            if last {
+                return;
+            }
+        }
+    });
+    Checkpointer { stop, thread }
 }
 
 fn migrate(path: &Path, conn: &mut Connection) -> Result<(), StoreError> {

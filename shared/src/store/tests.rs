@@ -264,7 +264,7 @@ fn the_first_schema_migrates_and_leaked_rows_become_releasing() {
 fn a_locked_database_names_the_path() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("host.db");
-    let store = Store::open_with(&path, &StoreOptions { busy_timeout: Duration::from_millis(50) }).unwrap();
+    let store = Store::open_with(&path, &StoreOptions { busy_timeout: Duration::from_millis(50), ..StoreOptions::default() }).unwrap();
     let other = rusqlite::Connection::open(&path).unwrap();
     other.execute_batch("BEGIN EXCLUSIVE").unwrap();
     let err = store.next_id("base").unwrap_err();
@@ -329,4 +329,29 @@ fn a_lease_of_a_dead_process_is_taken_over_at_once() {
     let other = Holder::fresh();
     assert_eq!(store.acquire_lease_reclaiming("worker", &other, ttl).unwrap(), Acquired::HeldBy(me.to_string()));
     assert_eq!(Holder::pid_of(me.as_str()), Some(std::process::id()));
+}
+
+/// With a background checkpointer, commits never checkpoint (autocheckpoint is off on the
+/// store's connection), and the WAL still reaches the database file, by the thread.
+#[test]
+fn the_background_checkpointer_moves_the_wal_into_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("host.db");
+    let options =
+        StoreOptions { checkpoint: Checkpoint::Background { every: Duration::from_millis(20) }, ..Default::default() };
+    let store = Store::open_with(&path, &options).unwrap();
+    let auto: i64 = store.with_conn(|c| c.query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))).unwrap();
+    assert_eq!(auto, 0, "commits on the store's connection never checkpoint");
+    let before = std::fs::metadata(&path).unwrap().len();
+    for i in 0..2000 {
+        store.next_id(&format!("ns-{i}")).unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(&path).unwrap().len() <= before {
+        assert!(std::time::Instant::now() < deadline, "the WAL was never checkpointed into {}", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(store); // stops and joins the thread
+    let again = Store::open(&path).unwrap();
+    assert_eq!(again.next_id("ns-1999").unwrap(), 2, "nothing lost");
 }

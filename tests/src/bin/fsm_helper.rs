@@ -30,6 +30,10 @@ struct Args {
     /// Delay inside `record2`, so that runs are in flight together.
     #[arg(long, default_value_t = 0)]
     step_delay_ms: u64,
+    /// Record each run's start on its own before its first step (the engine's option);
+    /// by default the start is committed with the first transition.
+    #[arg(long)]
+    durable_start: bool,
 }
 
 struct Ctx {
@@ -130,7 +134,8 @@ async fn main() -> anyhow::Result<()> {
         delay: Duration::from_millis(args.step_delay_ms),
     });
     let engine = Engine::open(runs_path(&args.state), EngineConfig::default()).await?;
-    let wf = engine.register(workflow(ctx))?;
+    let wf = workflow(ctx);
+    let wf = engine.register(if args.durable_start { wf.with_durable_start() } else { wf })?;
     let report = engine.resume_all().await?;
     eprintln!("resumed {} runs", report.resumed.len());
     let mut waits = Vec::new();
