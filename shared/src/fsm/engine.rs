@@ -426,7 +426,11 @@ impl Engine {
             // Started but not yet recorded: wait for it. An entry leaves `unrecorded` only
             // after its first commit, so if it is gone now, the run log has it.
             let pending = lock(&self.inner.unrecorded).contains_key(id);
-            found = if pending { Lookup::Active } else { self.read_end(id).map_err(|e| WaitError::Storage(e.to_string()))? };
+            found = if pending {
+                Lookup::Active
+            } else {
+                self.read_end(id).map_err(|e| WaitError::Storage(e.to_string()))?
+            };
         }
         match found {
             Lookup::Finished(outcome) => return Ok(outcome),
@@ -475,8 +479,13 @@ impl Engine {
             .workflow(&record.workflow)
             .map_or_else(|| format!("#{}", record.next_step), |w| w.step_name(record.next_step as usize).to_owned());
         let failure = Failure { step, error: reason.to_owned(), kind: FailureKind::Cancelled };
-        let change =
-            Change { id: id.to_owned(), start, expect_step: None, update: Update::Fail(failure.clone()), events: Vec::new() };
+        let change = Change {
+            id: id.to_owned(),
+            start,
+            expect_step: None,
+            update: Update::Fail(failure.clone()),
+            events: Vec::new(),
+        };
         let was_unrecorded = change.start.is_some();
         match self.inner.writer.submit(Op::Change(change)).await {
             Ok(_) => {

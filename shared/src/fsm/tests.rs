@@ -429,7 +429,7 @@ async fn the_attempt_count_survives_a_restart() {
     wf.start("r", &(), &0).await.unwrap();
     // Two failed attempts recorded, then the process stops during the backoff.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !engine.run_detail("r").unwrap().is_some_and(|d| d.summary.attempts >= 2) {
+    while engine.run_detail("r").unwrap().is_none_or(|d| d.summary.attempts < 2) {
         assert!(tokio::time::Instant::now() < deadline, "two attempts never recorded");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

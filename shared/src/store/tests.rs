@@ -264,7 +264,9 @@ fn the_first_schema_migrates_and_leaked_rows_become_releasing() {
 fn a_locked_database_names_the_path() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("host.db");
-    let store = Store::open_with(&path, &StoreOptions { busy_timeout: Duration::from_millis(50), ..StoreOptions::default() }).unwrap();
+    let store =
+        Store::open_with(&path, &StoreOptions { busy_timeout: Duration::from_millis(50), ..StoreOptions::default() })
+            .unwrap();
     let other = rusqlite::Connection::open(&path).unwrap();
     other.execute_batch("BEGIN EXCLUSIVE").unwrap();
     let err = store.next_id("base").unwrap_err();
