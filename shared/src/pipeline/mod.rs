@@ -141,9 +141,9 @@ impl Pipeline {
         base_vol_id: u64,
     ) -> Result<Outcome<ActivateState>, PipelineError> {
         let run_id = activate_run_id(invocation_id);
-        if let Some(released) = self.released(&run_id).await? {
-            return Ok(released);
-        }
+        // No check before the run: its step refuses a released invocation itself, and the job
+        // executors ask `released_activation` first (before preparing anything). After it, a
+        // completed outcome is checked: it may be an old one, or a release may have come in.
         let input = ActivateInput { family: family.to_owned(), invocation_id: invocation_id.to_owned() };
         let initial = ActivateState { base_vol_id, snapshot_id: None, path: None };
         let outcome = self.activate.run(&run_id, &input, &initial).await?;

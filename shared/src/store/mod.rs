@@ -49,11 +49,14 @@ pub enum Checkpoint {
     /// SQLite's default: the connection whose commit fills the WAL past 1,000 pages
     /// checkpoints inside that commit. Fine for short-lived tools.
     Inline,
-    /// A thread of the store's own checkpoints every `every` (a passive checkpoint, which
-    /// never blocks a writer), and commits never do: a job's intent commit is never the one
-    /// that pays for a checkpoint. For the worker, which commits on the job path.
+    /// A thread of the store's own checkpoints (passively: it never blocks a writer) once the
+    /// WAL holds [`CHECKPOINT_PAGES`] pages, looking every `every`; commits never do, so a job's
+    /// intent commit never pays for a checkpoint. For the worker, which commits on the job path.
     Background { every: Duration },
 }
+
+/// WAL pages that make the background checkpointer act (SQLite's own autocheckpoint default).
+pub const CHECKPOINT_PAGES: i64 = 1000;
 
 /// The host database.
 pub struct Store {
@@ -112,10 +115,20 @@ impl Store {
         let checkpointer = match options.checkpoint {
             Checkpoint::Inline => None,
             Checkpoint::Background { every } => {
-                conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(err)?;
+                // The WAL hook replaces SQLite's autocheckpoint (which would run inside a
+                // commit) and only notes how long the WAL is. SQLite calls it when a statement
+                // that commits steps to its end (every transaction's COMMIT does); a commit
+                // it misses is seen at the next one, or by the checkpoint at drop.
+                let pages = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+                let seen = pages.clone();
+                conn.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, n: std::ffi::c_int| {
+                    seen.store(i64::from(n), std::sync::atomic::Ordering::Relaxed);
+                    Ok(())
+                }))
+                .map_err(err)?;
                 let other = Connection::open_with_flags(&path, flags).map_err(err)?;
                 other.busy_timeout(options.busy_timeout).map_err(err)?;
-                Some(spawn_checkpointer(path.clone(), other, every))
+                Some(spawn_checkpointer(path.clone(), other, every, pages))
             }
         };
         Ok(Store { path, conn: Mutex::new(conn), checkpointer })
@@ -138,12 +151,21 @@ impl Store {
     }
 }
 
-/// Checkpoints the WAL every `every` on its own connection until the store is dropped.
-fn spawn_checkpointer(path: PathBuf, conn: Connection, every: Duration) -> Checkpointer {
+/// Checkpoints the WAL on its own connection whenever it holds [`CHECKPOINT_PAGES`] pages
+/// (looking every `every`), and once more when the store is dropped.
+fn spawn_checkpointer(
+    path: PathBuf,
+    conn: Connection,
+    every: Duration,
+    pages: std::sync::Arc<std::sync::atomic::AtomicI64>,
+) -> Checkpointer {
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
     let thread = std::thread::spawn(move || {
         loop {
             let last = matches!(stopped.recv_timeout(every), Err(std::sync::mpsc::RecvTimeoutError::Disconnected));
+            if !last && pages.load(std::sync::atomic::Ordering::Relaxed) < CHECKPOINT_PAGES {
+                continue;
+            }
             // (busy, WAL pages, pages checkpointed): a busy checkpoint is simply tried again.
             let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
                 Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))

@@ -1,14 +1,16 @@
 //! thinpipe benchmarks. Each figure is printed beside its baseline measured in the same run,
-//! on the same disk, as `name value unit`, and each benchmark ends with a ratio line.
+//! on the same disk, as `name value unit`: every round's paired figures (and which side went
+//! first; rounds alternate), then each ratio with what it is made of, its target and
+//! `PASS`/`MISS` (`report.rs`), and the process's peak RSS.
 //!
 //! `bench fsm`: (1) the raw floor, redb single-insert commits/s with `Durability::Immediate`;
 //! (2) durable transitions/s of one run stepping sequentially; (3) durable transitions/s
-//! with 64 runs stepping concurrently (group commit). Targets: (2)/(1) >= 0.8, (3)/(1) >= 3.
+//! with 64 runs stepping concurrently (group commit); (4) the like-for-like floor of (3): raw
+//! redb committing as many inserts per transaction as (3)'s mean batch, in rows/s. Targets:
+//! (2)/(1) >= 0.8, (3)/(1) >= 3, (3)/(4) >= 0.5.
 //!
-//! `bench unpack`: the same uncompressed layer (>= 200 MB, many small files) applied by our
-//! code and by GNU `tar -x` into the same filesystem; prints both times and
-//! `unpack ratio_vs_tar=<ours/tar>` (target <= 1.25). Then the worker's peak RSS while
-//! preparing a family with a 1 GiB layer (target <= 64 MiB: blobs are streamed).
+//! `bench unpack`: see `unpack.rs` (our layer application beside GNU `tar -x`, on the disk and
+//! on a tmpfs; the worker's peak RSS while preparing a 1 GiB layer).
 //!
 //! `bench sqs`: see `sqs.rs` (jobs/s through SQS beside a boto3 consumer; idle requests).
 //!
@@ -26,10 +28,13 @@ use redb::{Database, Durability, TableDefinition};
 use thinpipe::fsm::{Engine, EngineConfig, Outcome, Workflow};
 
 mod activate;
+mod report;
 mod sqs;
 mod unpack;
 
-const ROUNDS: usize = 9;
+use report::Goal;
+
+const ROUNDS: usize = 8;
 const RAW_COMMITS: u64 = 1000;
 const SEQ_STEPS: usize = 1000;
 const CONCURRENT_RUNS: usize = 64;
@@ -39,6 +44,10 @@ fn main() -> anyhow::Result<()> {
     let which: Vec<String> = std::env::args().skip(1).collect();
     if which.is_empty() {
         bail!("usage: bench fsm|unpack|sqs|activate ...");
+    }
+    // The child process `bench activate` traces to count syncs.
+    if which[0] == "activate-syncs" {
+        return activate::syncs_child(&which[1..]);
     }
     let base = std::env::var_os("BENCH_DIR").map_or_else(|| PathBuf::from("target/bench"), PathBuf::from);
     std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
@@ -55,38 +64,69 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// The disk's fsync time drifts by tens of percent from second to second here, so the
-/// three figures are measured in interleaved rounds: each figure is the median of its
-/// rounds, each ratio the median of the per-round ratios.
+/// figures are measured in interleaved rounds (alternating whether ours or the floors go
+/// first): each figure is the median of its rounds, each ratio the median of the per-round
+/// ratios.
 fn fsm(base: &Path) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let (mut raw, mut seq, mut conc, mut conc_commits) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        raw.push(raw_commits_per_sec(base)?);
-        seq.push(rt.block_on(transitions_per_sec(base, 1, SEQ_STEPS))?.0);
-        let (c, commits) = rt.block_on(transitions_per_sec(base, CONCURRENT_RUNS, CONCURRENT_STEPS))?;
+    let (mut raw, mut seq, mut conc, mut batched) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut r_seq, mut r_conc, mut r_batched) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let floors = |batch: f64| -> anyhow::Result<(f64, f64)> {
+            Ok((raw_commits_per_sec(base, 1)?, raw_commits_per_sec(base, batch.round().max(1.0) as u64)?))
+        };
+        // The batched floor's batch size is ours measured in the same round, so ours runs
+        // first there; the other floor alternates.
+        let (r, s, c, commits, b);
+        if report::ours_first(round) {
+            s = rt.block_on(transitions_per_sec(base, 1, SEQ_STEPS))?.0;
+            (c, commits) = rt.block_on(transitions_per_sec(base, CONCURRENT_RUNS, CONCURRENT_STEPS))?;
+            (r, b) = floors(transitions_per_commit(commits))?;
+        } else {
+            r = raw_commits_per_sec(base, 1)?;
+            s = rt.block_on(transitions_per_sec(base, 1, SEQ_STEPS))?.0;
+            (c, commits) = rt.block_on(transitions_per_sec(base, CONCURRENT_RUNS, CONCURRENT_STEPS))?;
+            b = floors(transitions_per_commit(commits))?.1;
+        }
+        let per_commit = transitions_per_commit(commits);
+        println!(
+            "fsm_round{round} first={} raw {r:.0}/s seq {s:.0}/s concurrent64 {c:.0}/s ({per_commit:.1} per commit) raw_batched{:.0} {b:.0} rows/s",
+            report::side(round),
+            per_commit.round()
+        );
+        r_seq.push(s / r);
+        r_conc.push(c / r);
+        r_batched.push(c / b);
+        raw.push(r);
+        seq.push(s);
         conc.push(c);
-        conc_commits.push(commits as f64);
+        batched.push(b);
     }
-    // Ratios pair each figure with the floor measured in the same round, so the drift
-    // between rounds cancels; each reported ratio is the median of the rounds' ratios.
-    let ratio_seq = median(seq.iter().zip(&raw).map(|(s, r)| s / r).collect());
-    let ratio_conc = median(conc.iter().zip(&raw).map(|(c, r)| c / r).collect());
-    let (raw, seq, conc) = (median(raw), median(seq), median(conc));
-    println!("fsm_raw_redb_commit {raw:.0} commits/s");
-    println!("fsm_sequential_transitions {seq:.0} transitions/s");
-    println!("fsm_concurrent64_transitions {conc:.0} transitions/s");
-    let transitions = (CONCURRENT_RUNS * CONCURRENT_STEPS) as f64;
-    println!("fsm_concurrent64_transitions_per_commit {:.1} transitions/commit", transitions / median(conc_commits));
-    println!("fsm ratio_seq={ratio_seq:.2} ratio_concurrent={ratio_conc:.2}");
+    println!("fsm_raw_redb_commit {:.0} commits/s (median of rounds)", median(raw));
+    println!("fsm_sequential_transitions {:.0} transitions/s", median(seq));
+    println!("fsm_concurrent64_transitions {:.0} transitions/s", median(conc));
+    println!("fsm_raw_redb_batched {:.0} rows/s (inserts per commit = concurrent64's mean batch)", median(batched));
+    let ratio_seq = report::median_of_ratios("fsm", "ratio_seq", &r_seq);
+    let ratio_conc = report::median_of_ratios("fsm", "ratio_concurrent", &r_conc);
+    let ratio_batched = report::median_of_ratios("fsm", "ratio_batched", &r_batched);
+    report::ratio("fsm", "ratio_seq", ratio_seq, Goal::AtLeast(0.8));
+    report::ratio("fsm", "ratio_concurrent", ratio_conc, Goal::AtLeast(3.0));
+    report::ratio("fsm", "ratio_batched", ratio_batched, Goal::AtLeast(0.5));
+    report::peak_rss("fsm");
     Ok(())
+}
+
+fn transitions_per_commit(commits: u64) -> f64 {
+    (CONCURRENT_RUNS * CONCURRENT_STEPS) as f64 / commits.max(1) as f64
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    report::median_f(&v)
 }
 
-fn raw_commits_per_sec(base: &Path) -> anyhow::Result<f64> {
+/// Rows per second of raw redb, `per_commit` inserts per durable commit (1: commits/s).
+fn raw_commits_per_sec(base: &Path, per_commit: u64) -> anyhow::Result<f64> {
     let dir = tempfile::tempdir_in(base)?;
     let db = Database::create(dir.path().join("raw.redb"))?;
     let table: TableDefinition<u64, &[u8]> = TableDefinition::new("t");
@@ -95,10 +135,15 @@ fn raw_commits_per_sec(base: &Path) -> anyhow::Result<f64> {
     for i in 0..RAW_COMMITS {
         let mut txn = db.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
-        txn.open_table(table)?.insert(i, value.as_slice())?;
+        {
+            let mut t = txn.open_table(table)?;
+            for k in 0..per_commit {
+                t.insert(i * per_commit + k, value.as_slice())?;
+            }
+        }
         txn.commit()?;
     }
-    Ok(RAW_COMMITS as f64 / start.elapsed().as_secs_f64())
+    Ok((RAW_COMMITS * per_commit) as f64 / start.elapsed().as_secs_f64())
 }
 
 /// `runs` runs of a `steps`-step workflow, all started together; transitions per second

@@ -1,12 +1,18 @@
-//! `bench sqs`: jobs per second end to end through SQS (enqueue, receive, run an activate
-//! of a prepared family on the `dir` backend, ack) with concurrency 16, beside a minimal
-//! boto3 consumer (receive 10, delete batch) on the same moto server in the same run, in
-//! interleaved rounds (the ratio is the median of the rounds' ratios); and
-//! the idle worker's SQS requests per minute (long polling: target <= 3). The worker's state
-//! lives on `/dev/shm` so that the activation itself costs next to nothing.
+//! `bench sqs`: jobs end to end through SQS (enqueue, receive, run an activate of a
+//! prepared family on the `dir` backend, ack) with concurrency 16, beside a minimal boto3
+//! consumer (receive 10, delete batch) on the same moto server, in rounds alternating which
+//! goes first. moto serves about 60–70 messages/s to either, so the throughput ratio mostly
+//! measures moto; the figures that describe the worker are printed beside it:
+//! - `sqs requests_per_job=<x>`: every SQS request the worker made (counted by an SDK
+//!   interceptor, by operation) over the jobs, at saturation (target <= 0.25; no replies);
+//! - `sqs cpu_ratio_vs_boto3=<x>`: the worker's CPU per job over boto3's CPU per message
+//!   (target <= 0.5);
+//! - `sqs_idle_requests`: an idle worker's requests per minute (long polling: target <= 3).
 //!
-//! Uses `THINPIPE_TEST_AWS_ENDPOINT` if set, else starts `.venv/bin/moto_server` itself
-//! (`scripts/test` installs it).
+//! The worker's state lives on `/dev/shm` so that the activation itself costs next to nothing.
+//!
+//! Uses `THINPIPE_TEST_AWS_ENDPOINT` if set, else starts `.venv/bin/moto_server` itself; the
+//! boto3 side runs `.venv/bin/python` (both from `./scripts/test`, which makes `.venv`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -21,6 +27,8 @@ use thinpipe::fsm::Outcome;
 use thinpipe::job::{Job, JobKind};
 use thinpipe::queue::{Delivery, JobQueue, QueueError, SqsQueue, SqsSettings};
 use tokio_util::sync::CancellationToken;
+
+use crate::report::{self, Goal};
 
 const JOBS: usize = 400;
 const CONCURRENCY: usize = 16;
@@ -38,16 +46,23 @@ impl Drop for Moto {
     }
 }
 
+/// The workspace's `.venv` (made by `./scripts/test`), wherever the bench runs from.
+fn venv(tool: &str) -> anyhow::Result<std::path::PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin").join(tool);
+    ensure!(
+        path.exists(),
+        "{} is missing: run ./scripts/test once (it makes .venv with moto and boto3), then bench sqs again",
+        path.display()
+    );
+    Ok(path)
+}
+
 fn moto() -> anyhow::Result<(Moto, String)> {
+    venv("python")?;
     if let Ok(e) = std::env::var("THINPIPE_TEST_AWS_ENDPOINT") {
         return Ok((Moto(None), e));
     }
-    let bin = Path::new(".venv/bin/moto_server");
-    ensure!(
-        bin.exists(),
-        "{} is missing: run ./scripts/test once (it installs moto) or set THINPIPE_TEST_AWS_ENDPOINT",
-        bin.display()
-    );
+    let bin = venv("moto_server")?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let child = Command::new(bin)
         .args(["-H", "127.0.0.1", "-p", &port.to_string()])
@@ -105,27 +120,83 @@ impl JobQueue for Counting {
     }
 }
 
+/// Counts every request the SQS client sends, by operation (`X-Amz-Target`).
+#[derive(Clone, Debug, Default)]
+struct RequestCounter(Arc<std::sync::Mutex<BTreeMap<String, u64>>>);
+
+impl RequestCounter {
+    fn take(&self) -> BTreeMap<String, u64> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl aws_sdk_sqs::config::Intercept for RequestCounter {
+    fn name(&self) -> &'static str {
+        "RequestCounter"
+    }
+
+    fn read_before_transmit(
+        &self,
+        context: &aws_sdk_sqs::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
+        _components: &aws_sdk_sqs::config::RuntimeComponents,
+        _cfg: &mut aws_sdk_sqs::config::ConfigBag,
+    ) -> Result<(), aws_sdk_sqs::error::BoxError> {
+        let target = context.request().headers().get("x-amz-target").unwrap_or("unknown");
+        let op = target.trim_start_matches("AmazonSQS.").to_owned();
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()).entry(op).or_default() += 1;
+        Ok(())
+    }
+}
+
+/// What one saturated run of the worker measured.
+struct Ours {
+    jobs_per_sec: f64,
+    cpu_per_job: Duration,
+    requests: BTreeMap<String, u64>,
+}
+
 /// Rounds of (ours, boto3), interleaved so that both see the same server and machine state;
 /// the ratio is the median of the per-round ratios.
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 4;
 
 pub fn run(base: &Path) -> anyhow::Result<()> {
     let (_moto, endpoint) = moto()?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let mut ratios = Vec::new();
-    for round in 1..=ROUNDS {
-        let ours = rt.block_on(ours(base, &endpoint))?;
-        let boto3 = boto3(&endpoint)?;
-        println!("sqs_round{round} worker {ours:.1} jobs/s, boto3 consumer {boto3:.1} msgs/s");
-        ratios.push((ours / boto3, ours, boto3));
+    let (mut throughput, mut cpu, mut requests) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let (ours, boto3) = if report::ours_first(round) {
+            let o = rt.block_on(ours(base, &endpoint))?;
+            (o, boto3(&endpoint)?)
+        } else {
+            let b = boto3(&endpoint)?;
+            (rt.block_on(ours(base, &endpoint))?, b)
+        };
+        let total: u64 = ours.requests.values().sum();
+        let per_job = total as f64 / JOBS as f64;
+        let by_op: Vec<String> = ours.requests.iter().map(|(op, n)| format!("{op} {n}")).collect();
+        println!(
+            "sqs_round{round} first={} worker {:.1} jobs/s, {:.2} ms CPU/job, {total} requests for {JOBS} jobs ({}); boto3 {:.1} msgs/s, {:.2} ms CPU/msg",
+            report::side(round),
+            ours.jobs_per_sec,
+            ours.cpu_per_job.as_secs_f64() * 1000.0,
+            by_op.join(", "),
+            boto3.msgs_per_sec,
+            boto3.cpu_per_msg.as_secs_f64() * 1000.0
+        );
+        throughput.push(ours.jobs_per_sec / boto3.msgs_per_sec);
+        cpu.push(ours.cpu_per_job.as_secs_f64() / boto3.cpu_per_msg.as_secs_f64());
+        requests.push(per_job);
     }
-    ratios.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let (ratio, ours, boto3) = ratios[ROUNDS / 2];
-    println!("sqs_worker_jobs {ours:.1} jobs/s");
-    println!("sqs_boto3_consumer {boto3:.1} msgs/s");
-    println!("sqs ratio_vs_boto3={ratio:.2}");
+    let ratio = report::median_of_ratios("sqs", "ratio_vs_boto3", &throughput);
+    println!("sqs ratio_vs_boto3={ratio:.2} (throughput; both sides are limited by moto)");
+    let per_job = report::median_of_ratios("sqs", "requests_per_job", &requests);
+    report::ratio("sqs", "requests_per_job", per_job, Goal::AtMost(0.25));
+    let cpu_ratio = report::median_of_ratios("sqs", "cpu_ratio_vs_boto3", &cpu);
+    report::ratio("sqs", "cpu_ratio_vs_boto3", cpu_ratio, Goal::AtMost(0.5));
     let idle = rt.block_on(idle(base, &endpoint))?;
     println!("sqs_idle_requests {idle:.1} requests/min");
+    report::ratio("sqs", "idle_requests_per_min", idle, Goal::AtMost(3.0));
+    report::peak_rss("sqs");
     Ok(())
 }
 
@@ -146,6 +217,7 @@ async fn worker(
     base: &Path,
     endpoint: &str,
     url: &str,
+    counter: &RequestCounter,
 ) -> anyhow::Result<(tempfile::TempDir, Arc<worker::host::Host>, aws_sdk_sqs::Client)> {
     // The activation is meant to cost nothing next to the queue path being measured: keep
     // the worker's state (run log, database, `dir` volumes) in memory when there is a tmpfs.
@@ -166,14 +238,16 @@ async fn worker(
         Outcome::Failed(f) => bail!("preparing the bench family failed: {f}"),
     }
     let (sdk, _) = thinpipe::aws::test_config(endpoint).await;
-    Ok((state, host, thinpipe::aws::sqs_client(&sdk)))
+    let conf = aws_sdk_sqs::config::Builder::from(&sdk).interceptor(counter.clone()).build();
+    Ok((state, host, aws_sdk_sqs::Client::from_conf(conf)))
 }
 
-async fn ours(base: &Path, endpoint: &str) -> anyhow::Result<f64> {
+async fn ours(base: &Path, endpoint: &str) -> anyhow::Result<Ours> {
     let (sdk, _) = thinpipe::aws::test_config(endpoint).await;
     let client = thinpipe::aws::sqs_client(&sdk);
     let url = queue(&client, &format!("bench-jobs-{:x}", rand::random::<u32>())).await?;
-    let (_state, host, client) = worker(base, endpoint, &url).await?;
+    let counter = RequestCounter::default();
+    let (_state, host, client) = worker(base, endpoint, &url, &counter).await?;
     let sqs = SqsQueue::new(
         client.clone(),
         SqsSettings { queue_url: url.clone(), dead_letter_url: None, visibility: Duration::from_secs(60) },
@@ -185,7 +259,8 @@ async fn ours(base: &Path, endpoint: &str) -> anyhow::Result<f64> {
     let counting = Counting::new(sqs);
     let shutdown = CancellationToken::new();
     let job_loop = worker::jobloop::JobLoop::new(host.clone(), vec![counting.clone()]);
-    let cpu_before = cpu_time();
+    counter.take(); // the sends above are the bench's, not the worker's
+    let cpu_before = report::cpu_time();
     let start = Instant::now();
     let runner = {
         let (l, s) = (job_loop.clone(), shutdown.clone());
@@ -197,20 +272,22 @@ async fn ours(base: &Path, endpoint: &str) -> anyhow::Result<f64> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let elapsed = start.elapsed();
-    let cpu = cpu_time() - cpu_before;
-    println!(
-        "sqs_worker_cpu {:.2} ms per job ({:.0}% of one core)",
-        cpu.as_secs_f64() * 1000.0 / JOBS as f64,
-        100.0 * cpu.as_secs_f64() / elapsed.as_secs_f64()
-    );
+    let cpu = report::cpu_time() - cpu_before;
+    let requests = counter.take();
     ensure!(depth(&client, &url).await? == 0, "messages left in the queue after every job was acked");
     shutdown.cancel();
     runner.await??;
     host.close().await;
-    Ok(JOBS as f64 / elapsed.as_secs_f64())
+    Ok(Ours { jobs_per_sec: JOBS as f64 / elapsed.as_secs_f64(), cpu_per_job: cpu / JOBS as u32, requests })
 }
 
-fn boto3(endpoint: &str) -> anyhow::Result<f64> {
+/// What the boto3 consumer measured.
+struct Boto3 {
+    msgs_per_sec: f64,
+    cpu_per_msg: Duration,
+}
+
+fn boto3(endpoint: &str) -> anyhow::Result<Boto3> {
     let script = r#"
 import sys, time, uuid, boto3
 endpoint, n = sys.argv[1], int(sys.argv[2])
@@ -218,27 +295,32 @@ sqs = boto3.client("sqs", endpoint_url=endpoint, region_name="us-east-1", aws_ac
 url = sqs.create_queue(QueueName="bench-boto3-" + uuid.uuid4().hex[:8])["QueueUrl"]
 for i in range(0, n, 10):
     sqs.send_message_batch(QueueUrl=url, Entries=[{"Id": str(j), "MessageBody": "m"} for j in range(min(10, n - i))])
-start, done = time.monotonic(), 0
+start, cpu, done = time.monotonic(), time.process_time(), 0
 while done < n:
     msgs = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1).get("Messages", [])
     if msgs:
         sqs.delete_message_batch(QueueUrl=url, Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(msgs)])
         done += len(msgs)
-print(n / (time.monotonic() - start))
+print(n / (time.monotonic() - start), (time.process_time() - cpu) / n)
 "#;
-    let out = Command::new(".venv/bin/python")
+    let out = Command::new(venv("python")?)
         .args(["-c", script, endpoint, &JOBS.to_string()])
         .output()
         .context("running the boto3 baseline")?;
     ensure!(out.status.success(), "boto3 baseline failed: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(String::from_utf8(out.stdout)?.trim().parse()?)
+    let text = String::from_utf8(out.stdout)?;
+    let mut figures = text.split_whitespace().map(str::parse::<f64>);
+    let (Some(Ok(rate)), Some(Ok(cpu))) = (figures.next(), figures.next()) else {
+        bail!("the boto3 baseline printed {text:?}, not two figures")
+    };
+    Ok(Boto3 { msgs_per_sec: rate, cpu_per_msg: Duration::from_secs_f64(cpu) })
 }
 
 async fn idle(base: &Path, endpoint: &str) -> anyhow::Result<f64> {
     let (sdk, _) = thinpipe::aws::test_config(endpoint).await;
     let client = thinpipe::aws::sqs_client(&sdk);
     let url = queue(&client, &format!("bench-idle-{:x}", rand::random::<u32>())).await?;
-    let (_state, host, client) = worker(base, endpoint, &url).await?;
+    let (_state, host, client) = worker(base, endpoint, &url, &RequestCounter::default()).await?;
     let counting = Counting::new(SqsQueue::new(
         client,
         SqsSettings { queue_url: url, dead_letter_url: None, visibility: Duration::from_secs(60) },
@@ -259,17 +341,4 @@ async fn idle(base: &Path, endpoint: &str) -> anyhow::Result<f64> {
     ensure!(calls.len() >= 2, "the idle worker made {} receive calls in {IDLE_WINDOW:?}", calls.len());
     let span = calls[calls.len() - 1] - calls[0];
     Ok((calls.len() - 1) as f64 * 60.0 / span.as_secs_f64())
-}
-
-/// CPU time (user + system) this process has used: the worker's share of the machine that
-/// moto also runs on.
-fn cpu_time() -> Duration {
-    // SAFETY: getrusage fills the struct we pass; RUSAGE_SELF is always valid.
-    let usage = unsafe {
-        let mut u: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut u);
-        u
-    };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
