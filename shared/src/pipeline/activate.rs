@@ -60,10 +60,17 @@ async fn activate_snapshot(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Ac
         let base = row.base_vol_id.unwrap_or(base);
         c.backend.snapshot(base, row.id).map_err(volume_err)?;
         fault::point("activate.after_snapshot_create", &run_id);
-        if let Advance::Released(row) = c.store.mark_snapshot_created(row.id).map_err(store_err)? {
-            return Err(released(&row));
-        }
-        let path = c.backend.expose(row.id).map_err(volume_err)?.to_string_lossy().into_owned();
+        // One advisory write on the way (`exposed`); `created` is written only when the
+        // snapshot exists but cannot be exposed, so the row says what is on disk.
+        let path = match c.backend.expose(row.id) {
+            Ok(path) => path.to_string_lossy().into_owned(),
+            Err(e) => {
+                if let Advance::Released(row) = c.store.mark_snapshot_created(row.id).map_err(store_err)? {
+                    return Err(released(&row));
+                }
+                return Err(volume_err(e));
+            }
+        };
         match c.store.mark_snapshot_exposed(row.id, &path).map_err(store_err)? {
             Advance::Released(row) => Err(released(&row)),
             Advance::Moved(_) | Advance::Unchanged(_) => Ok((row.id, path)),

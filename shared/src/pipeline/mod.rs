@@ -142,12 +142,18 @@ impl Pipeline {
     ) -> Result<Outcome<ActivateState>, PipelineError> {
         let run_id = activate_run_id(invocation_id);
         // No check before the run: its step refuses a released invocation itself, and the job
-        // executors ask `released_activation` first (before preparing anything). After it, a
-        // completed outcome is checked: it may be an old one, or a release may have come in.
+        // executors ask `released_activation` first (before preparing anything). A run this
+        // call started answers as its step found the row; an outcome found stored (or a run
+        // joined) is checked against the row now, since a release may have come in since.
         let input = ActivateInput { family: family.to_owned(), invocation_id: invocation_id.to_owned() };
         let initial = ActivateState { base_vol_id, snapshot_id: None, path: None };
-        let outcome = self.activate.run(&run_id, &input, &initial).await?;
-        if let Outcome::Completed(_) = outcome
+        let (outcome, fresh) = match self.activate.start(&run_id, &input, &initial).await.map_err(RunError::from)? {
+            StartOutcome::Started => (self.activate.wait(&run_id).await.map_err(RunError::from)?, true),
+            StartOutcome::AlreadyRunning => (self.activate.wait(&run_id).await.map_err(RunError::from)?, false),
+            StartOutcome::Finished(outcome) => (outcome, false),
+        };
+        if !fresh
+            && let Outcome::Completed(_) = outcome
             && let Some(released) = self.released(&run_id).await?
         {
             return Ok(released);

@@ -30,6 +30,8 @@ pub enum StoreError {
     LeaseLost { key: String, holder: String },
     #[error("{what} in {path}: {detail}")]
     Invalid { path: PathBuf, what: String, detail: String },
+    #[error("a host database write was interrupted: {detail}; retry")]
+    Interrupted { detail: String },
     #[error("host database {path}: {source}")]
     Sqlite { path: PathBuf, source: rusqlite::Error },
 }
@@ -37,7 +39,7 @@ pub enum StoreError {
 impl StoreError {
     /// Whether the same call may succeed later without anyone changing anything.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Locked { .. } | Self::DiskFull { .. })
+        matches!(self, Self::Locked { .. } | Self::DiskFull { .. } | Self::Interrupted { .. })
     }
 
     pub(crate) fn classify(path: &std::path::Path, e: rusqlite::Error) -> Self {

@@ -11,6 +11,7 @@
 //! them in `spawn_blocking` when they sit on a hot path.
 
 mod error;
+mod group;
 mod images;
 mod lease;
 mod migrations;
@@ -64,6 +65,8 @@ pub struct Store {
     conn: Mutex<Connection>,
     /// The background checkpointer ([`Checkpoint::Background`]); stopped and joined on drop.
     checkpointer: Option<Checkpointer>,
+    /// Snapshot intents waiting to share a commit.
+    intents: group::IntentGroup,
 }
 
 struct Checkpointer {
@@ -131,7 +134,7 @@ impl Store {
                 Some(spawn_checkpointer(path.clone(), other, every, pages))
             }
         };
-        Ok(Store { path, conn: Mutex::new(conn), checkpointer })
+        Ok(Store { path, conn: Mutex::new(conn), checkpointer, intents: Default::default() })
     }
 
     pub fn path(&self) -> &Path {

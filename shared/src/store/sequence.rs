@@ -19,11 +19,10 @@ impl Store {
 
 /// Advances `ns` on `conn` (inside the caller's transaction, if any) and returns the value.
 pub(crate) fn next_in(conn: &rusqlite::Connection, ns: &str) -> rusqlite::Result<i64> {
-    conn.query_row(
+    conn.prepare_cached(
         "INSERT INTO sequences (ns, v) VALUES (?1, 1)
          ON CONFLICT (ns) DO UPDATE SET v = v + 1
          RETURNING v",
-        params![ns],
-        |r| r.get(0),
-    )
+    )?
+    .query_row(params![ns], |r| r.get(0))
 }

@@ -179,6 +179,12 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotRow> {
     })
 }
 
+/// One row by a cached statement: the activation's path prepares each statement once per
+/// connection, not once per call.
+fn query_one(c: &rusqlite::Connection, sql: &str, p: impl rusqlite::Params) -> rusqlite::Result<SnapshotRow> {
+    c.prepare_cached(sql)?.query_row(p, row)
+}
+
 /// Whether a write waits for its fsync.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Sync {
@@ -203,7 +209,7 @@ fn advance_in(
     let before: Vec<String> =
         SnapshotState::ALL.iter().filter(|s| **s < to).map(|s| format!("'{}'", s.name())).collect();
     let current = |tx: &Transaction<'_>| {
-        tx.query_row(&format!("SELECT {COLUMNS} FROM snapshots WHERE id = ?1"), params![id as i64], row)
+        query_one(tx, &format!("SELECT {COLUMNS} FROM snapshots WHERE id = ?1"), params![id as i64])
     };
     if !before.is_empty() {
         // A live row that a release reaches keeps its path; times are set once.
@@ -217,7 +223,7 @@ fn advance_in(
              RETURNING {COLUMNS}",
             before.join(", ")
         );
-        if let Some(moved) = tx.query_row(&sql, params![id as i64, to.name(), path, now], row).optional()? {
+        if let Some(moved) = query_one(tx, &sql, params![id as i64, to.name(), path, now]).optional()? {
             return Ok(Advance::Moved(moved));
         }
     }
@@ -227,6 +233,31 @@ fn advance_in(
     } else {
         Advance::Unchanged(now_row)
     })
+}
+
+/// Records the intended snapshot of `run_id` in `tx`, or finds the row already there.
+pub(super) fn intend_in(
+    tx: &Transaction<'_>,
+    run_id: &str,
+    family: &str,
+    base_vol_id: u64,
+    name: &dyn Fn(u64) -> String,
+    now: i64,
+) -> rusqlite::Result<Intent> {
+    let select = format!("SELECT {COLUMNS} FROM snapshots WHERE run_id = ?1");
+    if let Some(existing) = query_one(tx, &select, params![run_id]).optional()? {
+        return Ok(if existing.state.is_released() { Intent::Released(existing) } else { Intent::Recorded(existing) });
+    }
+    let id = super::sequence::next_in(tx, "snap")?;
+    let created = query_one(
+        tx,
+        &format!(
+            "INSERT INTO snapshots (id, run_id, family, base_vol_id, vol_id, state, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'intended', ?6) RETURNING {COLUMNS}"
+        ),
+        params![id, run_id, family, base_vol_id as i64, name(id as u64), now],
+    )?;
+    Ok(Intent::Recorded(created))
 }
 
 impl Store {
@@ -239,29 +270,16 @@ impl Store {
         run_id: &str,
         family: &str,
         base_vol_id: u64,
-        name: impl Fn(u64) -> String,
+        name: impl Fn(u64) -> String + Send + 'static,
     ) -> Result<Intent, StoreError> {
-        let now = epoch_ms(std::time::SystemTime::now());
-        let select = format!("SELECT {COLUMNS} FROM snapshots WHERE run_id = ?1");
-        self.with_conn(|c| {
-            let tx = Transaction::new_unchecked(c, TransactionBehavior::Immediate)?;
-            if let Some(existing) = tx.query_row(&select, params![run_id], row).optional()? {
-                return Ok(if existing.state.is_released() {
-                    Intent::Released(existing)
-                } else {
-                    Intent::Recorded(existing)
-                });
-            }
-            let id = super::sequence::next_in(&tx, "snap")?;
-            tx.execute(
-                "INSERT INTO snapshots (id, run_id, family, base_vol_id, vol_id, state, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'intended', ?6)",
-                params![id, run_id, family, base_vol_id as i64, name(id as u64), now],
-            )?;
-            let created = tx.query_row(&select, params![run_id], row)?;
-            tx.commit()?;
-            Ok(Intent::Recorded(created))
-        })
+        // Concurrent intents share one durable commit (`group.rs`).
+        let request = super::group::Request {
+            run_id: run_id.to_owned(),
+            family: family.to_owned(),
+            base_vol_id,
+            name: Box::new(name),
+        };
+        self.intents.intend(self, request)
     }
 
     /// Marks the snapshot's volume as created (advisory: no fsync of its own).
@@ -294,7 +312,7 @@ impl Store {
         let select = format!("SELECT {COLUMNS} FROM snapshots WHERE run_id = ?1");
         self.with_conn(|c| {
             let tx = Transaction::new_unchecked(c, TransactionBehavior::Immediate)?;
-            let out = match tx.query_row(&select, params![run_id], row).optional()? {
+            let out = match query_one(&tx, &select, params![run_id]).optional()? {
                 Some(existing) if existing.state.is_released() => ReleaseRequest::Already(existing),
                 Some(existing) => match advance_in(&tx, existing.id, SnapshotState::Releasing, None, now)? {
                     Advance::Moved(r) => ReleaseRequest::Releasing(r),
@@ -308,7 +326,7 @@ impl Store {
                          VALUES (?1, ?2, ?3, NULL, ?4, 'released', ?5, ?5, ?5)",
                         params![id, run_id, family, name(id as u64), now],
                     )?;
-                    ReleaseRequest::Tombstone(tx.query_row(&select, params![run_id], row)?)
+                    ReleaseRequest::Tombstone(query_one(&tx, &select, params![run_id])?)
                 }
             };
             tx.commit()?;
@@ -318,12 +336,12 @@ impl Store {
 
     pub fn snapshot_by_run(&self, run_id: &str) -> Result<Option<SnapshotRow>, StoreError> {
         let sql = format!("SELECT {COLUMNS} FROM snapshots WHERE run_id = ?1");
-        self.with_conn(|c| c.query_row(&sql, params![run_id], row).optional())
+        self.with_conn(|c| query_one(c, &sql, params![run_id]).optional())
     }
 
     pub fn snapshot(&self, id: u64) -> Result<Option<SnapshotRow>, StoreError> {
         let sql = format!("SELECT {COLUMNS} FROM snapshots WHERE id = ?1");
-        self.with_conn(|c| c.query_row(&sql, params![id as i64], row).optional())
+        self.with_conn(|c| query_one(c, &sql, params![id as i64]).optional())
     }
 
     /// Every snapshot row (tombstones included), oldest first.
@@ -348,8 +366,9 @@ impl Store {
     fn advance(&self, id: u64, to: SnapshotState, path: Option<&str>, sync: Sync) -> Result<Advance, StoreError> {
         let now = epoch_ms(std::time::SystemTime::now());
         let moved = self.with_conn(|c| {
-            let exists: bool =
-                c.query_row("SELECT EXISTS (SELECT 1 FROM snapshots WHERE id = ?1)", params![id as i64], |r| r.get(0))?;
+            let exists: bool = c
+                .prepare_cached("SELECT EXISTS (SELECT 1 FROM snapshots WHERE id = ?1)")?
+                .query_row(params![id as i64], |r| r.get(0))?;
             if !exists {
                 return Ok(None);
             }

@@ -1,5 +1,6 @@
 //! Store tests in one process. Cross-process contention is in `tests/tests/store_processes.rs`.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::*;
@@ -356,4 +357,37 @@ fn the_background_checkpointer_moves_the_wal_into_the_database() {
     drop(store); // stops and joins the thread
     let again = Store::open(&path).unwrap();
     assert_eq!(again.list_snapshots().unwrap().len(), 2000, "nothing lost");
+}
+
+/// Intents recorded by many threads at once share commits, and each still gets its own row
+/// and id: no id twice, no gap, every run's row found again.
+#[test]
+fn concurrent_intents_share_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(open(&dir));
+    let (threads, each) = (16, 40);
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                (0..each)
+                    .map(|i| {
+                        recorded(
+                            store
+                                .intend_snapshot(&format!("activate-{t}-{i}"), "web", 1, |id| format!("snap-{id}"))
+                                .unwrap(),
+                        )
+                        .id
+                    })
+                    .collect::<Vec<u64>>()
+            })
+        })
+        .collect();
+    let mut ids: Vec<u64> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    ids.sort();
+    assert_eq!(ids, (1..=(threads * each) as u64).collect::<Vec<_>>(), "every id once, no gap");
+    let commits = store.intents.commits.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(commits < (threads * each) as u64, "{commits} commits for {} intents", threads * each);
+    let again = recorded(store.intend_snapshot("activate-3-7", "web", 1, |_| unreachable!()).unwrap());
+    assert_eq!(again.run_id, "activate-3-7");
 }
