@@ -3,15 +3,20 @@
 //!
 //! Per job: an invalid message is dead-lettered with the reason. `prepare` takes the
 //! per-family lease, runs `prepare-<family>` unless the family is already prepared, and
-//! sets the `prepared` flag (only here). `activate` does that first, then runs
-//! `activate-<invocation_id>`; concurrent activations of one family wait on the same
-//! prepare run. A run that failed publishes a failure result and is acked; a prepare that
-//! failed because the family does not exist is dead-lettered too; anything transient makes
-//! the message visible again after `retry_delay_secs`.
+//! sets the `prepared` flag (only here). `activate` first refuses an invocation that a
+//! release has reached, then prepares as above, then runs `activate-<invocation_id>`;
+//! concurrent activations of one family wait on the same prepare run. `release` records the
+//! release and runs `release-<invocation_id>` (`pipeline::Pipeline::release`). A run that
+//! failed publishes a failure result and is acked; a prepare that failed because the family
+//! does not exist is dead-lettered too; anything transient makes the message visible again
+//! after `retry_delay_secs`.
 //!
-//! Shutdown: when `shutdown` fires the loop stops receiving, waits for in-flight jobs up to
-//! the drain deadline, makes the messages of jobs still running visible again, and stops
-//! the engine (their runs resume at the next start).
+//! Shutdown (a signal, a lost lease, or the admin API's drain): the loop is not ready from
+//! that moment, stops receiving (a receive in flight is finished, not dropped, and what it
+//! brought is handed back at once), hands back jobs still waiting for their family's prepare,
+//! waits for the jobs in flight up to the drain deadline (counted from the signal), makes the
+//! messages of jobs still running visible again, and stops the engine (their runs resume at
+//! the next start).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -227,13 +227,14 @@ fn syncs(dir: &Path, mount: &Path) -> anyhow::Result<()> {
         println!("activate syncs_per_activation skipped: strace is not installed (scripts/test installs it)");
         return Ok(());
     }
-    // (all sync calls, sync calls of checkpoints) of a child doing `n` activations.
-    let count = |n: usize| -> anyhow::Result<(u64, u64)> {
+    // (all sync calls, sync calls of checkpoints, sync calls between each two markers) of a
+    // child doing `n` activations.
+    let count = |n: usize| -> anyhow::Result<(u64, u64, Vec<u64>)> {
         let state = tempfile::Builder::new().prefix("bench-syncs-").tempdir_in(dir)?;
         let volumes = mount.join(format!("syncs-{n}"));
         let trace = state.path().join("strace.txt");
         let out = Command::new("strace")
-            .args(["-f", "-y", "-e", &format!("trace={}", SYNCS.join(",")), "-o"])
+            .args(["-f", "-y", "-e", &format!("trace=getppid,{}", SYNCS.join(",")), "-o"])
             .arg(&trace)
             .arg(std::env::current_exe()?)
             .arg("activate-syncs")
@@ -244,22 +245,37 @@ fn syncs(dir: &Path, mount: &Path) -> anyhow::Result<()> {
             .context("running the bench under strace")?;
         ensure!(out.status.success(), "the sync-counting child failed: {}", String::from_utf8_lossy(&out.stderr));
         let (mut all, mut checkpoint_db) = (0, 0);
+        let mut windows: Vec<u64> = Vec::new();
         for line in std::fs::read_to_string(&trace)?.lines() {
-            // `<tid> fdatasync(7</path/host.db-wal>) = 0`
+            // `<tid> fdatasync(7</path/host.db-wal>) = 0` (a call interrupted by another
+            // thread's shows as `... <unfinished ...>`, then `<... fdatasync resumed>`)
             let Some(call) = line.split_whitespace().nth(1) else { continue };
             let Some((name, rest)) = call.split_once('(') else { continue };
+            if name == "getppid" {
+                windows.push(0);
+                continue;
+            }
             if !SYNCS.contains(&name) {
                 continue;
             }
             all += 1;
+            if let Some(w) = windows.last_mut() {
+                *w += 1;
+            }
             let path = rest.split_once('<').and_then(|(_, p)| p.split_once('>')).map(|(p, _)| p);
             if path.is_some_and(|p| p.ends_with("/host.db")) {
                 checkpoint_db += 1;
             }
         }
-        Ok((all, 2 * checkpoint_db))
+        // The syncs after the last marker are the close's, not an activation's.
+        windows.pop();
+        Ok((all, 2 * checkpoint_db, windows))
     };
-    let ((none, none_ckpt), (some, some_ckpt)) = (count(0)?, count(SYNC_COUNT_ACTIVATIONS)?);
+    let ((none, none_ckpt, _), (some, some_ckpt, mut each)) = (count(0)?, count(SYNC_COUNT_ACTIVATIONS)?);
+    each.sort();
+    let median = each.get(each.len() / 2).copied().unwrap_or(0);
+    let most = each.last().copied().unwrap_or(0);
+    let above: usize = each.iter().filter(|&&c| c > median).count();
     let n = SYNC_COUNT_ACTIVATIONS as f64;
     let all = some.saturating_sub(none) as f64 / n;
     let checkpoints = some_ckpt.saturating_sub(none_ckpt) as f64 / n;
@@ -267,9 +283,13 @@ fn syncs(dir: &Path, mount: &Path) -> anyhow::Result<()> {
         "activate_syncs {some} sync calls for prepare + {SYNC_COUNT_ACTIVATIONS} activations ({some_ckpt} by WAL checkpoints), {none} for prepare alone ({none_ckpt} by checkpoints) (strace -f -y)"
     );
     println!(
-        "activate syncs_all_per_activation={all:.2} (the activation's path plus {checkpoints:.2} amortized background checkpoint syncs)"
+        "activate syncs_all_per_activation={all:.2} (every sync of the process over the activations, {checkpoints:.2} of them background WAL checkpoints')"
     );
-    report::ratio("activate", "syncs_per_activation", all - checkpoints, Goal::AtMost(2.0));
+    println!(
+        "activate_syncs_each median {median}, most {most}, {above} of {} activations above the median (syncs between two activations' starts)",
+        each.len()
+    );
+    report::ratio("activate", "syncs_per_activation", median as f64, Goal::AtMost(2.0));
     Ok(())
 }
 
@@ -279,8 +299,13 @@ pub fn syncs_child(args: &[String]) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let (host, base) = host(&rt, &PathBuf::from(state), &PathBuf::from(volumes))?;
     for i in 0..n.parse::<usize>()? {
+        // A marker in the trace between activations (`syncs` counts the syncs between two).
+        // SAFETY: getppid has no preconditions and cannot fail.
+        unsafe { libc::getppid() };
         rt.block_on(activate(&host, &format!("sync-{i}"), base))?;
     }
+    // SAFETY: as above.
+    unsafe { libc::getppid() };
     rt.block_on(host.close());
     Ok(())
 }
