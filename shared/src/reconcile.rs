@@ -154,8 +154,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn finds_and_deletes_orphans_but_never_a_claimed_volume() {
+    /// A host database and a `dir` backend with family `web`'s base sealed.
+    fn host() -> (tempfile::TempDir, Store, DirBackend, u64) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path().join("host.db")).unwrap();
         let backend = DirBackend::open(dir.path().join("volumes")).unwrap();
@@ -163,6 +163,12 @@ mod tests {
         let base = store.intend_base("web").unwrap();
         backend.create_base(base).unwrap();
         backend.seal_base(base).unwrap();
+        (dir, store, backend, base)
+    }
+
+    #[test]
+    fn finds_and_deletes_orphans_but_never_a_claimed_volume() {
+        let (_dir, store, backend, base) = host();
         let snap = intend(&store, "activate-a", base);
         backend.snapshot(base, snap.id).unwrap();
         // Planted: a snapshot and a base no record names.
@@ -187,13 +193,7 @@ mod tests {
 
     #[test]
     fn finds_and_repairs_rows_the_disk_contradicts() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path().join("host.db")).unwrap();
-        let backend = DirBackend::open(dir.path().join("volumes")).unwrap();
-        store.upsert_image("web", "local").unwrap();
-        let base = store.intend_base("web").unwrap();
-        backend.create_base(base).unwrap();
-        backend.seal_base(base).unwrap();
+        let (_dir, store, backend, base) = host();
         // A released row whose volume was left behind (what the old release race did).
         let leaked = intend(&store, "activate-leaked", base);
         backend.snapshot(base, leaked.id).unwrap();

@@ -130,6 +130,13 @@ impl Queue {
         }
     }
 
+    fn name(&self) -> &'static str {
+        match self {
+            Queue::Embedded => "embedded",
+            Queue::Sqs { .. } => "sqs",
+        }
+    }
+
     /// Posts a job and waits for its result in the background.
     fn post(&self, state: &Path, job: &[&str]) -> Child {
         let mut cmd = Command::new(bin("enqueue"));
@@ -196,6 +203,13 @@ impl Host {
         env
     }
 
+    /// A worker that SIGKILLs itself at fault `point`.
+    fn armed_worker(&self, queue: &Queue, point: &str) -> Daemon {
+        let mut armed = self.env(queue);
+        armed.push(("THINPIPE_FAULT", point));
+        Daemon::start(self.state.path(), &armed)
+    }
+
     fn backend(&self) -> Box<dyn VolumeBackend> {
         match self.backend {
             Backend::Dir => Box::new(DirBackend::open(&self.volumes).unwrap()),
@@ -214,16 +228,8 @@ fn result(child: Child) -> serde_json::Value {
 fn crash_at(point: &str, resumes: bool, backend: Backend, queue: &Queue) {
     let Some(host) = Host::new(backend) else { return };
     let state = host.state.path();
-    let ctx = format!(
-        "fault point {point}, backend {backend:?}, queue {}",
-        match queue {
-            Queue::Embedded => "embedded",
-            Queue::Sqs { .. } => "sqs",
-        }
-    );
-    let mut armed = host.env(queue);
-    armed.push(("THINPIPE_FAULT", point));
-    let mut first = Daemon::start(state, &armed);
+    let ctx = format!("fault point {point}, backend {backend:?}, queue {}", queue.name());
+    let mut first = host.armed_worker(queue, point);
     let prepare = queue.post(state, &["prepare", "--family", "web"]);
     let activate = queue.post(state, &["activate", "--family", "web", "--invocation-id", "inv-1"]);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -284,16 +290,8 @@ fn crash_at(point: &str, resumes: bool, backend: Backend, queue: &Queue) {
 fn release_crash_at(point: &str, case: ReleaseCase, backend: Backend, queue: &Queue) {
     let Some(host) = Host::new(backend) else { return };
     let state = host.state.path();
-    let ctx = format!(
-        "fault point {point} ({case:?}), backend {backend:?}, queue {}",
-        match queue {
-            Queue::Embedded => "embedded",
-            Queue::Sqs { .. } => "sqs",
-        }
-    );
-    let mut armed = host.env(queue);
-    armed.push(("THINPIPE_FAULT", point));
-    let mut first = Daemon::start(state, &armed);
+    let ctx = format!("fault point {point} ({case:?}), backend {backend:?}, queue {}", queue.name());
+    let mut first = host.armed_worker(queue, point);
     let prepared = result(queue.post(state, &["prepare", "--family", "web"]));
     assert_eq!(prepared["status"], "succeeded", "{ctx}: {prepared}");
     let activate = ["activate", "--family", "web", "--invocation-id", "inv-1"];
