@@ -1,5 +1,5 @@
 //! What an image family is: its manifest (ordered layer descriptors), read from either
-//! layout of DESIGN.md section 6. Parsing only; no I/O beyond what a caller hands in.
+//! layout (below; the README's image families). Parsing only; no I/O beyond what a caller hands in.
 //!
 //! - flat: `images/<family>/` holds the layer tarballs, applied in key (name) order;
 //! - OCI image layout: `index.json` names manifests by the `org.opencontainers.image.ref.name`
