@@ -283,6 +283,8 @@ fn print(r: &JobResult, json: bool) -> anyhow::Result<()> {
         println!("{} {} FAILED: {e}", r.kind, r.run_id);
     } else if let Some(p) = &r.snapshot_path {
         println!("{} {} ok: {p}", r.kind, r.run_id);
+    } else if let Some(d) = &r.detail {
+        println!("{} {} ok: {d}", r.kind, r.run_id);
     } else {
         println!("{} {} ok", r.kind, r.run_id);
     }
