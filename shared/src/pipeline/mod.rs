@@ -27,7 +27,7 @@ use crate::fsm::{
 };
 use crate::image::{ApplyOptions, BlobCache, BlobSource, ImageError};
 use crate::job::{activate_run_id, prepare_run_id, release_run_id};
-use crate::store::{ReleaseRequest, SnapshotRow, Store, StoreError};
+use crate::store::{ReleaseRequest, SnapshotRow, SnapshotState, Store, StoreError};
 use crate::volume::{VolumeBackend, VolumeError, VolumeId};
 
 pub use activate::{ActivateInput, ActivateState};
@@ -73,6 +73,9 @@ impl Release {
                 "{} had no snapshot; recorded as released, so a later activate of it is refused",
                 invocation_of(row)
             )),
+            // Still `releasing`: this job's own earlier delivery, or another release of the
+            // same invocation, recorded it; its run finishes it. Nothing to add.
+            ReleaseRequest::Already(row) if row.state != SnapshotState::Released => None,
             ReleaseRequest::Already(row) => Some(format!(
                 "{} was already released at {}",
                 invocation_of(row),

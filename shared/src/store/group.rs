@@ -53,25 +53,42 @@ impl IntentGroup {
             let ticket = state.next_ticket;
             state.next_ticket += 1;
             state.pending.push((ticket, request));
-            if state.leading {
-                // A commit is in progress: its leader (or the next) answers us.
+            ticket
+        };
+        loop {
+            {
+                let mut state = self.lock();
                 loop {
                     if let Some(answer) = state.answers.remove(&ticket) {
                         return answer;
                     }
+                    if !state.leading {
+                        // No commit in progress (or its leader is gone): lead one.
+                        state.leading = true;
+                        break;
+                    }
                     state = self.answered.wait(state).unwrap_or_else(|p| p.into_inner());
                 }
             }
-            state.leading = true;
-            ticket
-        };
-        // Leading: stops leading however this ends (a panic included), answering what it took.
+            self.lead(store);
+        }
+    }
+
+    /// Commits batches until the queue is empty. Stops leading in the same critical section
+    /// that finds the queue empty, so an intent queued meanwhile is never left unanswered.
+    fn lead(&self, store: &Store) {
+        // If recording panics: answers what it took, stops leading, wakes the followers (one
+        // of them leads next).
         struct Lead<'a> {
             group: &'a IntentGroup,
             taken: Vec<u64>,
+            armed: bool,
         }
         impl Drop for Lead<'_> {
             fn drop(&mut self) {
+                if !self.armed {
+                    return;
+                }
                 let mut state = self.group.lock();
                 for t in self.taken.drain(..) {
                     state.answers.entry(t).or_insert_with(|| {
@@ -83,12 +100,16 @@ impl IntentGroup {
                 self.group.answered.notify_all();
             }
         }
-        let mut lead = Lead { group: self, taken: Vec::new() };
+        let mut lead = Lead { group: self, taken: Vec::new(), armed: true };
         loop {
             let batch: Vec<(u64, Request)> = {
                 let mut state = self.lock();
                 if state.pending.is_empty() {
-                    break;
+                    state.leading = false;
+                    lead.armed = false;
+                    drop(state);
+                    self.answered.notify_all();
+                    return;
                 }
                 let batch: Vec<(u64, Request)> = state.pending.drain(..).collect();
                 lead.taken = batch.iter().map(|(t, _)| *t).collect();
@@ -102,12 +123,6 @@ impl IntentGroup {
             drop(state);
             self.answered.notify_all();
         }
-        drop(lead);
-        let mut state = self.lock();
-        state
-            .answers
-            .remove(&ticket)
-            .unwrap_or_else(|| Err(StoreError::Interrupted { detail: "no answer was recorded for this intent".into() }))
     }
 }
 
