@@ -3,17 +3,25 @@
 //!
 //! `{"v":1,"kind":"prepare"|"activate"|"release","family":"web","invocation_id":"inv-1","reply_to":"results"}`
 //!
+//! Version 2 (`schema/job.v2.schema.json`) adds two optional fields: `digest` pins a version
+//! of the family (a manifest digest) for `prepare` and `activate`, and `ttl_secs` lets the
+//! worker release an `activate`'s snapshot by itself after that long. A version 1 message
+//! means the same as it did; workers of this release accept both.
+//!
 //! `v` lets the format evolve: a worker accepts the versions it knows and dead-letters the
 //! others with a reason naming the versions it accepts. Unknown fields are refused, so a
 //! misspelt field is an error, not a silent default.
 
 use serde::{Deserialize, Serialize};
 
-use crate::image::validate_family;
+use crate::image::{Digest, validate_family};
 use crate::quote::{quote, shorten};
 
 /// Message versions this build understands.
-pub const SUPPORTED_VERSIONS: &[u32] = &[1];
+pub const SUPPORTED_VERSIONS: &[u32] = &[1, 2];
+
+/// The longest `ttl_secs` accepted (a year): anything longer is a mistake, not a lease.
+pub const MAX_TTL_SECS: u64 = 365 * 24 * 3600;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -47,6 +55,14 @@ pub struct Job {
     /// Queue to send the result to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<String>,
+    /// Version 2: the family version to use (`sha256:<64 hex>`, a manifest digest). Without
+    /// it, `prepare` takes the source's current version and `activate` the host's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// Version 2, `activate` only: the worker releases the snapshot after this many seconds
+    /// if no `release` came.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
 }
 
 /// Why a message is not a valid job (the dead-letter reason).
@@ -59,7 +75,21 @@ pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
 
 impl Job {
     pub fn new(kind: JobKind, family: &str, invocation_id: Option<&str>) -> Job {
-        Job { v: 1, kind, family: family.to_owned(), invocation_id: invocation_id.map(str::to_owned), reply_to: None }
+        Job {
+            v: 1,
+            kind,
+            family: family.to_owned(),
+            invocation_id: invocation_id.map(str::to_owned),
+            reply_to: None,
+            digest: None,
+            ttl_secs: None,
+        }
+    }
+
+    /// The lowest message version that can carry this job's fields.
+    pub fn versioned(mut self) -> Job {
+        self.v = if self.digest.is_some() || self.ttl_secs.is_some() { 2 } else { 1 };
+        self
     }
 
     /// Parses and validates a message body.
@@ -107,13 +137,48 @@ impl Job {
         {
             return Err(InvalidJob("reply_to is empty or longer than 1024 bytes".into()));
         }
+        let new_fields: Vec<&str> =
+            [("digest", self.digest.is_some()), ("ttl_secs", self.ttl_secs.is_some())]
+                .into_iter()
+                .filter_map(|(name, set)| set.then_some(name))
+                .collect();
+        if self.v < 2 && !new_fields.is_empty() {
+            return Err(InvalidJob(format!(
+                "field(s) {} need message version 2: send \"v\":2 (and upgrade workers before schedulers send it)",
+                new_fields.join(", ")
+            )));
+        }
+        if let Some(d) = &self.digest {
+            if self.kind == JobKind::Release {
+                return Err(InvalidJob("a release job takes no digest: it releases the invocation's snapshot, whatever its version".into()));
+            }
+            Digest::parse(d).map_err(|e| InvalidJob(format!("digest {}: {e}", quote(d))))?;
+        }
+        match self.ttl_secs {
+            Some(_) if self.kind != JobKind::Activate => {
+                return Err(InvalidJob(format!("ttl_secs applies to activate jobs only, not {}", self.kind)));
+            }
+            Some(t) if t == 0 || t > MAX_TTL_SECS => {
+                return Err(InvalidJob(format!("ttl_secs {t} is out of range: use 1 to {MAX_TTL_SECS} seconds")));
+            }
+            _ => {}
+        }
         Ok(())
+    }
+
+    /// The pinned version, if the job names one (valid after `validate`).
+    pub fn pinned(&self) -> Option<Digest> {
+        self.digest.as_deref().and_then(|d| Digest::parse(d).ok())
     }
 
     /// The run id of the durable run this job drives.
     pub fn run_id(&self) -> String {
         match self.kind {
-            JobKind::Prepare => prepare_run_id(&self.family),
+            // Until the version is resolved, the family's runs are named by their prefix.
+            JobKind::Prepare => match &self.digest {
+                Some(d) => prepare_run_id(&self.family, d),
+                None => format!("prepare-{}", self.family),
+            },
             JobKind::Activate => activate_run_id(self.invocation_id.as_deref().unwrap_or_default()),
             JobKind::Release => release_run_id(self.invocation_id.as_deref().unwrap_or_default()),
         }
@@ -125,8 +190,18 @@ impl Job {
     }
 }
 
-pub fn prepare_run_id(family: &str) -> String {
+/// `prepare-<family>@<first 12 hex digits of the version's digest>`.
+pub fn prepare_run_id(family: &str, digest: &str) -> String {
+    format!("prepare-{family}@{}", crate::store::short_digest(digest))
+}
+
+/// The run of a release before versions existed: `prepare-<family>`.
+pub fn legacy_prepare_run_id(family: &str) -> String {
     format!("prepare-{family}")
+}
+
+pub fn retire_run_id(base_vol_id: u64) -> String {
+    format!("retire-base-{base_vol_id}")
 }
 
 pub fn activate_run_id(invocation_id: &str) -> String {
@@ -170,6 +245,9 @@ pub struct JobResult {
     /// that had no snapshot, or that was already released).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The version (manifest digest) of the base the job prepared or its snapshot came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
 }
 
 #[cfg(test)]
@@ -182,6 +260,8 @@ mod tests {
             ("prepare", include_str!("../../schema/examples/prepare.json")),
             ("activate", include_str!("../../schema/examples/activate.json")),
             ("release", include_str!("../../schema/examples/release.json")),
+            ("activate", include_str!("../../schema/examples/activate-pinned.v2.json")),
+            ("prepare", include_str!("../../schema/examples/prepare-pinned.v2.json")),
         ] {
             let job = Job::parse(body).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_eq!(job.kind.to_string(), name);
@@ -193,7 +273,12 @@ mod tests {
         let cases = [
             ("not json", "not JSON"),
             ("{}", "\"v\""),
-            (r#"{"v":2,"kind":"prepare","family":"web"}"#, "version 2 is not supported"),
+            (r#"{"v":3,"kind":"prepare","family":"web"}"#, "version 3 is not supported"),
+            (r#"{"v":1,"kind":"activate","family":"web","invocation_id":"a","ttl_secs":5}"#, "need message version 2"),
+            (r#"{"v":2,"kind":"activate","family":"web","invocation_id":"a","digest":"sha256:12"}"#, "digest"),
+            (r#"{"v":2,"kind":"release","family":"web","invocation_id":"a","digest":"sha256:12"}"#, "takes no digest"),
+            (r#"{"v":2,"kind":"prepare","family":"web","ttl_secs":5}"#, "activate jobs only"),
+            (r#"{"v":2,"kind":"activate","family":"web","invocation_id":"a","ttl_secs":0}"#, "out of range"),
             (r#"{"v":1,"kind":"explode","family":"web"}"#, "unknown variant `explode`"),
             (r#"{"v":1,"kind":"prepare"}"#, "missing field `family`"),
             (r#"{"v":1,"kind":"prepare","family":"../etc"}"#, "family name"),
@@ -220,6 +305,8 @@ mod tests {
         let j = Job::new(JobKind::Activate, "web", Some("inv-1"));
         assert_eq!(j.run_id(), "activate-inv-1");
         assert_eq!(Job::new(JobKind::Prepare, "web", None).run_id(), "prepare-web");
+        let d = format!("sha256:{}", "ab".repeat(32));
+        assert_eq!(prepare_run_id("web", &d), "prepare-web@abababababab");
         assert_eq!(Job::parse(&j.to_json()).unwrap(), j);
     }
 }

@@ -18,6 +18,7 @@ pub mod fault;
 pub mod fsm;
 pub mod image;
 pub mod job;
+pub mod lifecycle;
 pub mod pipeline;
 pub mod queue;
 pub mod quote;

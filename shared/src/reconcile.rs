@@ -59,10 +59,8 @@ impl Report {
 pub fn reconcile(store: &Store, backend: &dyn VolumeBackend, fix: bool) -> Result<Report, ReconcileError> {
     let volumes: BTreeSet<VolumeId> = backend.list()?.into_iter().collect();
     let mut claimed = BTreeSet::new();
-    for image in store.list_images()? {
-        if let Some(base) = image.base_vol_id {
-            claimed.insert(VolumeId::Base(base));
-        }
+    for base in store.list_bases()? {
+        claimed.insert(VolumeId::Base(base.id));
     }
     let snapshots = store.list_snapshots()?;
     for snap in &snapshots {
@@ -144,13 +142,13 @@ fn contradiction(row: &crate::store::SnapshotRow, exists: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Intent, SnapshotRow};
+    use crate::store::{BaseIntent, Intent, SnapshotRow};
     use crate::volume::DirBackend;
 
     fn intend(store: &Store, run: &str, base: u64) -> SnapshotRow {
-        match store.intend_snapshot(run, "web", base, |id| VolumeId::Snap(id).to_string()).unwrap() {
+        match store.intend_snapshot(run, "web", base, None, |id| VolumeId::Snap(id).to_string()).unwrap() {
             Intent::Recorded(row) => row,
-            Intent::Released(row) => panic!("{row:?}"),
+            other => panic!("{other:?}"),
         }
     }
 
@@ -160,9 +158,11 @@ mod tests {
         let store = Store::open(dir.path().join("host.db")).unwrap();
         let backend = DirBackend::open(dir.path().join("volumes")).unwrap();
         store.upsert_image("web", "local").unwrap();
-        let base = store.intend_base("web").unwrap();
+        let BaseIntent::Ready(row) = store.intend_base("web", "sha256:v1", &[]).unwrap() else { unreachable!() };
+        let base = row.id;
         backend.create_base(base).unwrap();
         backend.seal_base(base).unwrap();
+        store.mark_base_sealed(base).unwrap();
         (dir, store, backend, base)
     }
 

@@ -168,6 +168,18 @@ pub struct Metrics {
     pub blob_bytes: Counter<u64>,
     /// Leases taken over from a dead holder, by `lease` kind.
     pub lease_takeovers: Counter<u64>,
+    /// Old bases deleted by garbage collection.
+    pub gc_bases_deleted: Counter<u64>,
+    /// Cached blobs deleted by garbage collection.
+    pub gc_blobs_deleted: Counter<u64>,
+    /// Bytes garbage collection gave back (blob bytes, plus what the volume storage's usage fell by).
+    pub gc_bytes_reclaimed: Counter<u64>,
+    /// Snapshots the worker released because their activation expired.
+    pub snapshots_expired: Counter<u64>,
+    /// Jobs refused because the host is full, by `kind`.
+    pub capacity_refusals: Counter<u64>,
+    /// The volume storage's usage in percent when last measured, by `what` (`data`, `metadata`).
+    pub capacity_used_percent: opentelemetry::metrics::Gauge<f64>,
 }
 
 /// The process's instruments, created on first use from the global meter provider (so
@@ -197,6 +209,32 @@ pub fn metrics() -> &'static Metrics {
                 .u64_counter("thinpipe.blob.bytes_downloaded")
                 .with_unit("By")
                 .with_description("Blob bytes downloaded")
+                .build(),
+            gc_bases_deleted: m
+                .u64_counter("thinpipe.gc.bases_deleted")
+                .with_description("Old bases deleted by garbage collection")
+                .build(),
+            gc_blobs_deleted: m
+                .u64_counter("thinpipe.gc.blobs_deleted")
+                .with_description("Cached blobs deleted by garbage collection")
+                .build(),
+            gc_bytes_reclaimed: m
+                .u64_counter("thinpipe.gc.bytes_reclaimed")
+                .with_unit("By")
+                .with_description("Bytes garbage collection gave back")
+                .build(),
+            snapshots_expired: m
+                .u64_counter("thinpipe.snapshots.expired")
+                .with_description("Snapshots released because their activation expired")
+                .build(),
+            capacity_refusals: m
+                .u64_counter("thinpipe.capacity.refusals")
+                .with_description("Jobs refused because the host is full")
+                .build(),
+            capacity_used_percent: m
+                .f64_gauge("thinpipe.capacity.used_percent")
+                .with_unit("%")
+                .with_description("Volume storage used, in percent, when last measured")
                 .build(),
             lease_takeovers: m
                 .u64_counter("thinpipe.lease.takeovers")

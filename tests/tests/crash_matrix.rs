@@ -261,9 +261,7 @@ fn crash_at(point: &str, resumes: bool, backend: Backend, queue: &Queue) {
 
     // Exactly one base and one snapshot, each claimed by its record, and nothing else.
     let store = Store::open(state.join("host.db")).unwrap();
-    let image = store.image("web").unwrap().unwrap();
-    assert!(image.prepared, "{ctx}");
-    let base = image.base_vol_id.unwrap();
+    let base = store.image("web").unwrap().unwrap().current_base.unwrap_or_else(|| panic!("{ctx}: no current version"));
     assert_eq!(store.next_id("base").unwrap(), 2, "{ctx}: one base id was ever allocated");
     let snaps = store.list_snapshots().unwrap();
     assert_eq!(snaps.len(), 1, "{ctx}: one snapshot row for inv-1");
@@ -337,7 +335,7 @@ fn release_crash_at(point: &str, case: ReleaseCase, backend: Backend, queue: &Qu
 
     // The invocation's row is released and nothing of it is on disk: only the base is left.
     let store = Store::open(state.join("host.db")).unwrap();
-    let base = store.image("web").unwrap().unwrap().base_vol_id.unwrap();
+    let base = store.image("web").unwrap().unwrap().current_base.unwrap();
     let snaps = store.list_snapshots().unwrap();
     assert_eq!(snaps.len(), 1, "{ctx}: one row for inv-1: {snaps:?}");
     assert_eq!(snaps[0].state, thinpipe::store::SnapshotState::Released, "{ctx}");

@@ -199,7 +199,7 @@ fn bad_images_fail_naming_the_problem_and_nothing_is_prepared() {
         let error = r["error"].as_str().unwrap_or_default();
         assert!(error.contains(expected), "{what}: the error {error:?} should say {expected:?}");
         let store = thinpipe::store::Store::open(state.join("host.db")).unwrap();
-        let prepared = store.image("fam").unwrap().is_some_and(|i| i.prepared);
+        let prepared = store.image("fam").unwrap().is_some_and(|i| i.current_base.is_some());
         assert!(!prepared, "{what}: never marked prepared");
     }
 }

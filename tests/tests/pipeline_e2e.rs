@@ -93,7 +93,7 @@ fn prepare_once_activate_concurrently_redeliver_and_release(state: &Path, volume
     assert!(daemon.stop(Duration::from_secs(60)).success());
     let store = Store::open(state.join("host.db")).unwrap();
     let image = store.image("web").unwrap().unwrap();
-    assert!(image.prepared, "the job loop set the prepared flag");
+    assert!(image.current_base.is_some(), "the job loop made the version current");
     let snapshots = store.list_snapshots().unwrap();
     assert_eq!(snapshots.len(), 3, "one row per invocation");
     assert_eq!(store.next_id("base").unwrap(), 2, "one base was ever allocated");
@@ -203,9 +203,8 @@ fn a_corrupt_layer_fails_naming_the_blob_and_the_family_is_never_prepared() {
     let error = r["error"].as_str().unwrap();
     assert!(error.contains("0001-base.tar.gz") && error.contains("unpack_into_base"), "{error}");
     let store = Store::open(state.join("host.db")).unwrap();
-    let image = store.image("broken").unwrap().unwrap();
-    assert!(!image.prepared);
-    let base = image.base_vol_id.unwrap();
+    assert_eq!(store.image("broken").unwrap().unwrap().current_base, None);
+    let base = store.list_bases().unwrap()[0].id;
     assert!(!state.join(format!("volumes/bases/base-{base}.sealed")).exists(), "the half-built base is not sealed");
 }
 
@@ -272,6 +271,6 @@ fn a_worker_stalled_past_its_lease_is_replaced_and_stops_when_it_wakes() {
     let stopped = second.stop(Duration::from_secs(60));
     assert!(stopped.success(), "the second worker stopped with {stopped:?}; its log:\n{log}");
     let store = Store::open(state.join("host.db")).unwrap();
-    assert!(store.image("web").unwrap().unwrap().prepared);
+    assert!(store.image("web").unwrap().unwrap().current_base.is_some());
     assert_eq!(store.next_id("base").unwrap(), 2, "one base, whoever finished it");
 }

@@ -141,9 +141,11 @@ fn a_full_disk_during_unpack_fails_the_run_clearly_and_the_retry_reuses_the_base
     let error = r["error"].as_str().unwrap();
     assert!(error.contains("No space left on device") && error.contains("unpack_into_base"), "{error}");
     let store = Store::open(state.join("host.db")).unwrap();
-    let image = store.image("big").unwrap().unwrap();
-    assert!(!image.prepared, "never marked prepared");
-    let base = image.base_vol_id.unwrap();
+    assert_eq!(store.image("big").unwrap().unwrap().current_base, None, "never made current");
+    let bases = store.list_bases().unwrap();
+    let [row] = bases.as_slice() else { panic!("{bases:?}") };
+    assert_eq!(row.state, thinpipe::store::BaseState::Preparing);
+    let base = row.id;
     drop(store);
 
     // Room again: the next prepare starts over on the same base, emptied first.
@@ -152,7 +154,7 @@ fn a_full_disk_during_unpack_fails_the_run_clearly_and_the_retry_reuses_the_base
     assert_eq!((code, &r["status"]), (Some(0), &serde_json::json!("succeeded")), "{r}");
     assert_eq!(r["base_vol_id"].as_u64(), Some(base), "the half-built base is reused, not leaked");
     let store = Store::open(state.join("host.db")).unwrap();
-    assert!(store.image("big").unwrap().unwrap().prepared);
+    assert_eq!(store.image("big").unwrap().unwrap().current_base, Some(base));
     assert_eq!(store.next_id("base").unwrap(), base + 1, "no second base was allocated");
     assert_eq!(std::fs::read(volumes.join(format!("bases/base-{base}/data.bin"))).unwrap().len(), 12 << 20);
 }

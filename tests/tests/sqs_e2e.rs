@@ -187,7 +187,7 @@ fn a_worker_killed_during_prepare_is_resumed_by_the_next_from_the_redelivered_me
         thinpipe::store::Store::open(&store_path)
             .ok()
             .and_then(|s| s.image("web").ok().flatten())
-            .is_some_and(|i| i.prepared)
+            .is_some_and(|i| i.current_base.is_some())
     });
     thinpipe_tests::wait_until("the message to be acked", Duration::from_secs(60), || depth(&s) == 0);
     assert!(second.stop(Duration::from_secs(60)).success());
@@ -245,6 +245,6 @@ fn the_heartbeat_keeps_a_long_job_invisible_and_sigterm_lets_it_finish() {
     let status = daemon.stop(Duration::from_secs(60));
     assert!(status.success(), "{status:?}");
     let store = thinpipe::store::Store::open(dir.path().join("host.db")).unwrap();
-    assert!(store.image("web").unwrap().unwrap().prepared, "the in-flight job finished during the drain");
+    assert!(store.image("web").unwrap().unwrap().current_base.is_some(), "the in-flight job finished during the drain");
     assert_eq!(depth(&s), 0, "and was acked");
 }

@@ -30,8 +30,60 @@ pub struct Config {
     pub worker: WorkerConfig,
     pub images: ImagesConfig,
     pub engine: EngineSettings,
+    pub capacity: CapacityConfig,
+    pub gc: GcConfig,
+    pub activations: ActivationsConfig,
     pub aws: AwsConfig,
     pub admin: AdminConfig,
+}
+
+/// Watermarks on the volume storage's usage (dm-thin: the pool's data; btrfs and dir: the
+/// volumes filesystem), as kubelet's image GC has them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CapacityConfig {
+    /// Above this, garbage is collected and unused families evicted (least recently used
+    /// first) until usage is below `low_percent`.
+    pub high_percent: f64,
+    pub low_percent: f64,
+    /// Above this, new prepares and activations fail with "host full" (and `/readyz` says so).
+    pub refuse_percent: f64,
+    /// dm-thin: refuse above this much of the pool's metadata.
+    pub refuse_metadata_percent: f64,
+}
+
+impl Default for CapacityConfig {
+    fn default() -> Self {
+        let w = thinpipe::lifecycle::Watermarks::default();
+        Self {
+            high_percent: w.high_percent,
+            low_percent: w.low_percent,
+            refuse_percent: w.refuse_percent,
+            refuse_metadata_percent: w.refuse_metadata_percent,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GcConfig {
+    /// Garbage collection and activation expiry run this often (and after a new version
+    /// becomes current, and after releases).
+    pub interval_secs: u64,
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        Self { interval_secs: 60 }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ActivationsConfig {
+    /// Live snapshots older than this are released by the worker (0: never). An activate
+    /// job's `ttl_secs` sets a deadline for its own snapshot.
+    pub max_age_secs: u64,
 }
 
 /// The `dmthin` backend: the thin pool the host setup created.
@@ -194,6 +246,9 @@ impl Default for Config {
             worker: WorkerConfig::default(),
             images: ImagesConfig::default(),
             engine: EngineSettings::default(),
+            capacity: CapacityConfig::default(),
+            gc: GcConfig::default(),
+            activations: ActivationsConfig::default(),
             aws: AwsConfig::default(),
             admin: AdminConfig::default(),
         }
@@ -339,7 +394,30 @@ impl Config {
         if self.worker.lease_ttl_secs < 3 {
             bail!("worker.lease_ttl_secs must be at least 3 (leases are renewed at a third of it)");
         }
+        self.watermarks().validate().map_err(|e| anyhow::anyhow!("{e}: fix the [capacity] settings"))?;
+        if self.gc.interval_secs == 0 {
+            bail!("gc.interval_secs must be at least 1");
+        }
         Ok(())
+    }
+
+    pub fn watermarks(&self) -> thinpipe::lifecycle::Watermarks {
+        let c = &self.capacity;
+        thinpipe::lifecycle::Watermarks {
+            high_percent: c.high_percent,
+            low_percent: c.low_percent,
+            refuse_percent: c.refuse_percent,
+            refuse_metadata_percent: c.refuse_metadata_percent,
+        }
+    }
+
+    pub fn lifecycle_settings(&self) -> thinpipe::lifecycle::Settings {
+        thinpipe::lifecycle::Settings {
+            watermarks: self.watermarks(),
+            max_activation_age: (self.activations.max_age_secs > 0)
+                .then(|| std::time::Duration::from_secs(self.activations.max_age_secs)),
+            interval: std::time::Duration::from_secs(self.gc.interval_secs),
+        }
     }
 
     /// The configuration as it may be shown: secrets replaced.

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use thinpipe::fsm::{Engine, EngineConfig, OpenError};
 use thinpipe::image::{ApplyOptions, BlobCache, BlobSource, LocalDir, S3Source};
+use thinpipe::lifecycle::Lifecycle;
 use thinpipe::pipeline::{Pipeline, PipelineContext};
 use thinpipe::store::{Acquired, Checkpoint, Holder, Store, StoreOptions};
 use thinpipe::volume::{BtrfsBackend, DirBackend, DmThinBackend, DmThinOptions, VolumeBackend};
@@ -22,6 +23,8 @@ pub struct Host {
     pub engine: Engine,
     pub store: Arc<Store>,
     pub pipeline: Pipeline,
+    /// Versions, garbage collection, capacity and expiry.
+    pub lifecycle: Arc<Lifecycle>,
     /// Fires if the worker lease is lost: the process must stop.
     pub lease_lost: CancellationToken,
     /// Stops the lease renewal at close.
@@ -58,10 +61,11 @@ impl Host {
         let ctx =
             PipelineContext { store: store.clone(), backend, cache, source, apply, invocations: Default::default() };
         let pipeline = Pipeline::register(&engine, ctx)?;
+        let lifecycle = Arc::new(Lifecycle::new(pipeline.clone(), config.lifecycle_settings()));
         let lease_lost = CancellationToken::new();
         let closing = CancellationToken::new();
         spawn_lease_renewal(store.clone(), ttl, lease_lost.clone(), closing.clone(), engine.clone());
-        Ok(Host { config, engine, store, pipeline, lease_lost, closing })
+        Ok(Host { config, engine, store, pipeline, lifecycle, lease_lost, closing })
     }
 
     /// Stops the engine (runs stay resumable) and gives the worker lease back.

@@ -23,16 +23,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use thinpipe::fsm::{Failure, FailureKind, Outcome, RunError};
-use thinpipe::job::{Job, JobKind, JobResult, JobStatus};
-use thinpipe::pipeline::PipelineError;
+use thinpipe::job::{Job, JobResult, JobStatus};
 use thinpipe::queue::{Delivery, JobQueue};
-use thinpipe::store::{Acquired, Holder};
 use thinpipe::{fault, telemetry};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::executor::{Executor, JobEnd};
 use crate::host::Host;
 
 /// What the loop did, for logs and tests.
@@ -43,25 +41,11 @@ pub struct LoopReport {
     pub released_at_drain: usize,
 }
 
-/// How one job ended.
-enum JobEnd {
-    /// Publish the result (if asked) and ack.
-    Done(JobResult),
-    /// Dead-letter with the reason (publishing a failure result first, if asked).
-    DeadLetter(String, Option<JobResult>),
-    /// Leave the message for a later try.
-    Retry(String),
-    /// Draining began before the job started its run: make the message visible again now,
-    /// for another worker (or this one's next start).
-    HandBack,
-}
-
 pub struct JobLoop {
     host: Arc<Host>,
     /// Received from in parallel (e.g. a host-specific queue and a fleet-wide one).
     queues: Vec<Arc<dyn JobQueue>>,
-    /// One prepare per family at a time in this process.
-    prepare_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    executor: Executor,
     /// Jobs running now (for the admin API).
     running: Arc<AtomicUsize>,
     /// Fired by an admin drain.
@@ -91,12 +75,13 @@ impl JobLoop {
     /// configuration requires `worker.concurrency >= queues.len()`.
     pub fn new(host: Arc<Host>, queues: Vec<Arc<dyn JobQueue>>) -> Arc<Self> {
         assert!(!queues.is_empty(), "a job loop needs a queue");
+        let draining = CancellationToken::new();
         Arc::new(Self {
+            executor: Executor::new(host.clone(), draining.clone()),
             host,
             queues,
-            prepare_locks: Mutex::new(HashMap::new()),
             running: Arc::default(),
-            draining: CancellationToken::new(),
+            draining,
             receive_failing: Arc::default(),
         })
     }
@@ -154,6 +139,12 @@ impl JobLoop {
             Ok(n) => tracing::info!(releases = n, "finished releases recorded before this start"),
             Err(e) => tracing::warn!(error = %e, "could not finish the releases recorded before this start"),
         }
+        // Expiry and garbage collection run beside the jobs until the loop stops.
+        let maintenance_stop = CancellationToken::new();
+        let maintenance = {
+            let (host, stop) = (self.host.clone(), maintenance_stop.clone());
+            tokio::spawn(async move { host.lifecycle.run(stop).await })
+        };
         // One receiver per queue; they share the job slots and hand over what they receive.
         let slots = Arc::new(tokio::sync::Semaphore::new(cfg.worker.concurrency));
         let share = cfg.worker.concurrency.div_ceil(self.queues.len()).clamp(1, 10);
@@ -233,6 +224,14 @@ impl JobLoop {
         }
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
+        // Maintenance stops between passes; a pass still running at the deadline is dropped
+        // (its retire and release runs are durable and resume at the next start).
+        maintenance_stop.cancel();
+        let mut maintenance = maintenance;
+        if tokio::time::timeout_at(deadline, &mut maintenance).await.is_err() {
+            maintenance.abort();
+            tracing::warn!("drain deadline passed during a maintenance pass; its runs resume at the next start");
+        }
         let left: Vec<(Arc<dyn JobQueue>, Delivery)> = lock(&in_flight).drain().map(|(_, d)| d).collect();
         out.released_at_drain = left.len();
         for (queue, d) in &left {
@@ -276,7 +275,7 @@ impl JobLoop {
         }
         // Dropped (and the heartbeat stopped) however this task ends, abort and panic included.
         let heartbeat = self.spawn_heartbeat(queue, d.clone()).drop_guard();
-        let end = tracing::Instrument::instrument(self.execute(&job, &d), span.clone()).await;
+        let end = tracing::Instrument::instrument(self.executor.execute(&job, &d.message_id), span.clone()).await;
         drop(permit);
         drop(heartbeat);
         let outcome = match &end {
@@ -380,170 +379,6 @@ impl JobLoop {
             }
         });
         stop
-    }
-
-    async fn execute(&self, job: &Job, d: &Delivery) -> JobEnd {
-        let mut result = JobResult {
-            job_id: d.message_id.clone(),
-            kind: job.kind,
-            family: job.family.clone(),
-            invocation_id: job.invocation_id.clone(),
-            status: JobStatus::Succeeded,
-            run_id: job.run_id(),
-            snapshot_path: None,
-            base_vol_id: None,
-            error: None,
-            detail: None,
-        };
-        let failed = |mut result: JobResult, f: &Failure| {
-            result.status = JobStatus::Failed;
-            result.error = Some(f.to_string());
-            JobEnd::Done(result)
-        };
-        let pipeline = &self.host.pipeline;
-        let invocation = job.invocation_id.clone().unwrap_or_default();
-        match job.kind {
-            JobKind::Prepare | JobKind::Activate => {
-                // A released invocation is refused before anything is prepared for it.
-                if job.kind == JobKind::Activate {
-                    match pipeline.released_activation(&invocation).await {
-                        Ok(Some(Outcome::Failed(f))) => return failed(result, &f),
-                        Ok(_) => {}
-                        Err(e) => return JobEnd::Retry(e.to_string()),
-                    }
-                }
-                let base = match self.ensure_prepared(&job.family).await {
-                    Ok(base) => base,
-                    Err(Prep::Unknown(f)) => {
-                        result.status = JobStatus::Failed;
-                        result.error = Some(f.to_string());
-                        result.run_id = thinpipe::job::prepare_run_id(&job.family);
-                        return JobEnd::DeadLetter(f.error.clone(), Some(result));
-                    }
-                    Err(Prep::Failed(f)) => {
-                        result.run_id = thinpipe::job::prepare_run_id(&job.family);
-                        return failed(result, &f);
-                    }
-                    Err(Prep::Retry(why)) => return JobEnd::Retry(why),
-                    Err(Prep::HandBack) => return JobEnd::HandBack,
-                };
-                result.base_vol_id = Some(base);
-                if job.kind == JobKind::Prepare {
-                    return JobEnd::Done(result);
-                }
-                match pipeline.activate(&job.family, &invocation, base).await {
-                    Ok(Outcome::Completed(w)) => {
-                        result.snapshot_path = w.path;
-                        JobEnd::Done(result)
-                    }
-                    Ok(Outcome::Failed(f)) => failed(result, &f),
-                    Err(e) => not_run(e, result),
-                }
-            }
-            JobKind::Release => match pipeline.release(&job.family, &invocation).await {
-                Ok(release) => {
-                    result.detail = release.detail();
-                    match &release.outcome {
-                        Outcome::Completed(_) => JobEnd::Done(result),
-                        Outcome::Failed(f) => failed(result, f),
-                    }
-                }
-                Err(e) => not_run(e, result),
-            },
-        }
-    }
-
-    /// The family's sealed base, preparing it first if needed. Owns the `prepared` flag.
-    async fn ensure_prepared(&self, family: &str) -> Result<u64, Prep> {
-        if let Some(base) = self.prepared_base(family).await? {
-            return Ok(base);
-        }
-        let lock = lock(&self.prepare_locks).entry(family.to_owned()).or_default().clone();
-        // A job waiting here has not started: once draining begins it is handed back.
-        let _one_at_a_time = tokio::select! {
-            guard = lock.lock() => guard,
-            _ = self.draining.cancelled() => return Err(Prep::HandBack),
-        };
-        if let Some(base) = self.prepared_base(family).await? {
-            return Ok(base); // another task of ours prepared it while we waited
-        }
-        let key = format!("prepare/{family}");
-        let ttl = Duration::from_secs(self.host.config.worker.lease_ttl_secs);
-        let store = self.host.store.clone();
-        let k = key.clone();
-        match blocking(move || store.acquire_lease_reclaiming(&k, Holder::this_process(), ttl)).await? {
-            Acquired::Yes => {}
-            Acquired::TookOver { from } => {
-                telemetry::metrics().lease_takeovers.add(1, &[telemetry::kv("lease", "prepare")]);
-                tracing::warn!(family, previous = %from, "took over the prepare lease of a process that is gone")
-            }
-            Acquired::HeldBy(holder) => {
-                return Err(Prep::Retry(format!("family {family} is being prepared by {holder}")));
-            }
-        }
-        let lost = CancellationToken::new();
-        let renewer = {
-            let (store, key, lost) = (self.host.store.clone(), key.clone(), lost.clone());
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(ttl / 3).await;
-                    let (s, k) = (store.clone(), key.clone());
-                    match tokio::task::spawn_blocking(move || s.renew_lease(&k, Holder::this_process(), ttl)).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) if e.is_retryable() => {
-                            tracing::warn!(error = %e, "renewing the prepare lease failed; retrying")
-                        }
-                        _ => {
-                            lost.cancel();
-                            return;
-                        }
-                    }
-                }
-            })
-        };
-        let outcome = tokio::select! {
-            o = self.host.pipeline.prepare(family) => Some(o),
-            _ = lost.cancelled() => None,
-        };
-        renewer.abort();
-        let result = match outcome {
-            None => {
-                Err(Prep::Retry(format!("lost the prepare lease of {family}; another process may be preparing it")))
-            }
-            Some(Err(e)) => Err(Prep::Retry(run_error(e))),
-            Some(Ok(Outcome::Failed(f))) => {
-                if f.step == "fetch_manifest" && f.kind == FailureKind::Aborted {
-                    Err(Prep::Unknown(f))
-                } else {
-                    Err(Prep::Failed(f))
-                }
-            }
-            Some(Ok(Outcome::Completed(w))) => match w.base_vol_id {
-                Some(base) => {
-                    fault::point("jobloop.before_prepared_flag", family);
-                    let (store, f) = (self.host.store.clone(), family.to_owned());
-                    blocking(move || store.set_prepared(&f, true)).await?;
-                    Ok(base)
-                }
-                None => Err(Prep::Failed(Failure {
-                    step: "prepare".into(),
-                    error: "prepare completed without a base".into(),
-                    kind: FailureKind::Corrupt,
-                })),
-            },
-        };
-        let (store, k) = (self.host.store.clone(), key);
-        if let Err(e) = blocking(move || store.release_lease(&k, Holder::this_process())).await {
-            tracing::warn!(family, "could not release the prepare lease ({e:?}); it expires by itself");
-        }
-        result
-    }
-
-    /// The base of a prepared family whose volume is sealed, if any.
-    async fn prepared_base(&self, family: &str) -> Result<Option<u64>, Prep> {
-        let (store, f) = (self.host.store.clone(), family.to_owned());
-        let row = blocking(move || store.image(&f)).await?;
-        Ok(row.filter(|r| r.prepared).and_then(|r| r.base_vol_id))
     }
 }
 
@@ -661,53 +496,6 @@ impl Receiver {
 async fn release(queue: &dyn JobQueue, d: &Delivery) {
     if let Err(e) = queue.release(d).await {
         tracing::warn!(message_id = %d.message_id, error = %e, "could not release a message; it returns when its visibility ends");
-    }
-}
-
-/// Why `ensure_prepared` gave no base.
-enum Prep {
-    /// The family does not resolve (no such family, no layers, malformed manifest).
-    Unknown(Failure),
-    Failed(Failure),
-    Retry(String),
-    /// Draining began while the job waited for the family's prepare.
-    HandBack,
-}
-
-impl std::fmt::Debug for Prep {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Prep::Unknown(x) | Prep::Failed(x) => write!(f, "{x}"),
-            Prep::Retry(x) => f.write_str(x),
-            Prep::HandBack => f.write_str("handed back: draining"),
-        }
-    }
-}
-
-/// A run that could not be started or waited for: a mistake in the job (a run id reused
-/// for other work) is dead-lettered with a failure result; anything else is retried.
-fn not_run(e: PipelineError, mut result: JobResult) -> JobEnd {
-    match &e {
-        PipelineError::Run(RunError::Start(start)) if !start.is_retryable() => {
-            result.status = JobStatus::Failed;
-            result.error = Some(e.to_string());
-            JobEnd::DeadLetter(e.to_string(), Some(result))
-        }
-        _ => JobEnd::Retry(e.to_string()),
-    }
-}
-
-fn run_error(e: RunError) -> String {
-    e.to_string()
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, thinpipe::store::StoreError> + Send + 'static,
-) -> Result<T, Prep> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(Prep::Retry(e.to_string())),
-        Err(e) => Err(Prep::Retry(format!("blocking task failed: {e}"))),
     }
 }
 

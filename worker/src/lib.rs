@@ -4,6 +4,8 @@
 pub mod admin;
 pub mod config;
 pub mod demo;
+pub mod executor;
 pub mod host;
+pub mod inventory;
 pub mod jobloop;
 pub mod oneshot;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use thinpipe::job::{JobResult, JobStatus};
+use thinpipe::job::{Job, JobKind, JobResult, JobStatus};
 use tokio_util::sync::CancellationToken;
 use worker::config::Config;
 use worker::host::Host;
@@ -60,6 +60,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Collect garbage now: old versions' bases no snapshot uses, unsealed bases of failed
+    /// prepares, blobs no kept base needs (and, above the high watermark, whole unused
+    /// families). Needs the state directory (stop the daemon first, or use its admin API's
+    /// POST /gc). Exit 0 unless a deletion failed.
+    Gc {
+        /// Only report what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Per family: its current version, the other versions kept, their bases, live snapshots
+    /// and last use; and the volume storage's usage. Reads the host database only (safe while
+    /// the daemon runs).
+    Images {
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect runs through a running worker's admin API.
     Runs {
         #[command(subcommand)]
@@ -91,10 +109,14 @@ enum RunsCommand {
 
 #[derive(Subcommand)]
 enum OneShot {
-    /// Prepare a family's base (once per host).
+    /// Prepare a family's version (the source's current one, or --digest) and make it the
+    /// family's current version on this host (each version is prepared once per host).
     Prepare {
         #[arg(long)]
         family: String,
+        /// The version to prepare (a manifest digest, sha256:...).
+        #[arg(long)]
+        digest: Option<String>,
         /// Image source directory (overrides the configured source).
         #[arg(long)]
         source: Option<PathBuf>,
@@ -106,6 +128,12 @@ enum OneShot {
         /// Defaults to a new id.
         #[arg(long)]
         invocation_id: Option<String>,
+        /// The version to activate (default: the family's current version on this host).
+        #[arg(long)]
+        digest: Option<String>,
+        /// Release the snapshot by itself after this many seconds.
+        #[arg(long)]
+        ttl_secs: Option<u64>,
         #[arg(long)]
         source: Option<PathBuf>,
     },
@@ -214,19 +242,30 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         Command::Daemon => daemon(config).await,
         Command::Runs { .. } => unreachable!("handled before the runtime starts"),
         Command::Reconcile { fix, json } => reconcile(&config, fix, json),
+        Command::Images { json } => worker::inventory::print(&config, json),
+        Command::Gc { dry_run, json } => {
+            let host = Arc::new(Host::open(config).await?);
+            host.engine.resume_all().await?;
+            let report = host.lifecycle.collect(dry_run).await;
+            host.close().await;
+            let report = report?;
+            worker::inventory::print_gc(&report, json)?;
+            Ok(if report.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
         Command::Run { job, json } => {
             let host = Arc::new(Host::open(config).await?);
             host.engine.resume_all().await?;
-            let result = match job {
-                OneShot::Prepare { family, .. } => worker::oneshot::prepare(&host, &family).await,
-                OneShot::Activate { family, invocation_id, .. } => {
+            let job = match job {
+                OneShot::Prepare { family, digest, .. } => {
+                    Job { digest, ..Job::new(JobKind::Prepare, &family, None) }.versioned()
+                }
+                OneShot::Activate { family, invocation_id, digest, ttl_secs, .. } => {
                     let id = invocation_id.unwrap_or_else(new_invocation_id);
-                    worker::oneshot::activate(&host, &family, &id).await
+                    Job { digest, ttl_secs, ..Job::new(JobKind::Activate, &family, Some(&id)) }.versioned()
                 }
-                OneShot::Release { family, invocation_id } => {
-                    worker::oneshot::release(&host, &family, &invocation_id).await
-                }
+                OneShot::Release { family, invocation_id } => Job::new(JobKind::Release, &family, Some(&invocation_id)),
             };
+            let result = worker::oneshot::run(&host, &job).await;
             host.close().await;
             let result = result?;
             print_result(&result, json)?;

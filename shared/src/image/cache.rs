@@ -74,6 +74,38 @@ impl BlobCache {
         self.dir.join("tmp").join(format!("{}.part", digest.hex()))
     }
 
+    /// Every complete blob in the cache, with its size in bytes.
+    pub fn list(&self) -> Result<Vec<(Digest, u64)>, ImageError> {
+        let dir = self.dir.join("sha256");
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(|e| ImageError::io("listing", &dir, e))? {
+            let entry = entry.map_err(|e| ImageError::io("listing", &dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Ok(digest) = Digest::parse(&format!("sha256:{name}")) {
+                let size = entry.metadata().map_err(|e| ImageError::io("reading", entry.path(), e))?.len();
+                out.push((digest, size));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Removes a cached blob; a later prepare that needs it downloads it again. Missing:
+    /// nothing to do.
+    pub fn remove(&self, digest: &Digest) -> Result<(), ImageError> {
+        let path = self.path(digest);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ImageError::io("removing", path, e)),
+        }
+    }
+
+    /// Bytes held by complete blobs.
+    pub fn size(&self) -> Result<u64, ImageError> {
+        Ok(self.list()?.iter().map(|(_, n)| n).sum())
+    }
+
     pub fn contains(&self, digest: &Digest) -> bool {
         self.path(digest).is_file()
     }

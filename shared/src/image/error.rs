@@ -13,6 +13,10 @@ pub enum ImageError {
     BadFamilyName(String),
     #[error("image family {family} not found in {source_desc}: {detail}")]
     FamilyNotFound { family: String, source_desc: String, detail: String },
+    #[error(
+        "version {digest} of image family {family} is not in {source_desc} ({detail}); pin a version the source has, or leave the digest out to use the family's current version"
+    )]
+    VersionNotFound { family: String, digest: String, source_desc: String, detail: String },
     #[error("image family {family} in {source_desc} has no layers")]
     NoLayers { family: String, source_desc: String },
     #[error("the manifest of {family} in {source_desc} is malformed: {detail}")]

@@ -189,6 +189,14 @@ impl BlobSource for S3Source {
         self.flat_manifest(family).await
     }
 
+    async fn manifest_at(&self, family: &str, digest: &Digest) -> Result<Manifest, ImageError> {
+        layout::validate_family(family)?;
+        match self.get_small(&format!("blobs/sha256/{}", digest.hex())).await? {
+            Some(bytes) => layout::oci_manifest(&bytes, digest.clone(), family, &self.describe()),
+            None => super::source::current_version_if(self, family, digest).await,
+        }
+    }
+
     #[tracing::instrument(
         name = "s3.get_object",
         skip(self, layer),

@@ -8,7 +8,7 @@ use std::pin::Pin;
 use async_trait::async_trait;
 use tokio::io::AsyncRead;
 
-use super::digest::hash_file;
+use super::digest::{Digest, hash_file};
 use super::error::ImageError;
 use super::layout::{self, LayerDesc, Manifest};
 
@@ -18,10 +18,33 @@ pub type BlobStream = Pin<Box<dyn AsyncRead + Send>>;
 pub trait BlobSource: Send + Sync {
     /// How this source is named in messages and in the `images` table (`dir:/srv/images`).
     fn describe(&self) -> String;
-    /// Resolves `family` to its ordered layers.
+    /// Resolves `family` to its ordered layers (its current version at the source).
     async fn manifest(&self, family: &str) -> Result<Manifest, ImageError>;
+    /// Resolves version `digest` of `family`. An OCI layout keeps every version it was given
+    /// (its manifests are blobs, found by digest); a flat family has only its current one.
+    async fn manifest_at(&self, family: &str, digest: &Digest) -> Result<Manifest, ImageError> {
+        current_version_if(self, family, digest).await
+    }
     /// Opens one layer blob for streaming from byte `offset` on (to resume a partial download).
     async fn open_blob(&self, layer: &LayerDesc, offset: u64) -> Result<BlobStream, ImageError>;
+}
+
+/// The family's current version if it is `digest`; otherwise "not found".
+pub(crate) async fn current_version_if<S: BlobSource + ?Sized>(
+    source: &S,
+    family: &str,
+    digest: &Digest,
+) -> Result<Manifest, ImageError> {
+    let current = source.manifest(family).await?;
+    if current.digest == *digest {
+        return Ok(current);
+    }
+    Err(ImageError::VersionNotFound {
+        family: family.to_owned(),
+        digest: digest.to_string(),
+        source_desc: source.describe(),
+        detail: format!("its current version is {}, and no manifest blob has that digest", current.digest),
+    })
 }
 
 /// A local directory holding `index.json` + `blobs/` (OCI layout), `images/<family>/` (flat),
@@ -126,6 +149,24 @@ impl BlobSource for LocalDir {
         })
         .await
         .map_err(|e| ImageError::io("resolving the manifest", &self.root, std::io::Error::other(e)))?
+    }
+
+    async fn manifest_at(&self, family: &str, digest: &Digest) -> Result<Manifest, ImageError> {
+        layout::validate_family(family)?;
+        let this = self.clone();
+        let (f, d) = (family.to_owned(), digest.clone());
+        let stored = tokio::task::spawn_blocking(move || {
+            match this.read(&format!("blobs/sha256/{}", d.hex()))? {
+                Some(bytes) => layout::oci_manifest(&bytes, d, &f, &this.describe()).map(Some),
+                None => Ok(None),
+            }
+        })
+        .await
+        .map_err(|e| ImageError::io("reading a manifest", &self.root, std::io::Error::other(e)))??;
+        match stored {
+            Some(manifest) => Ok(manifest),
+            None => current_version_if(self, family, digest).await,
+        }
     }
 
     async fn open_blob(&self, layer: &LayerDesc, offset: u64) -> Result<BlobStream, ImageError> {

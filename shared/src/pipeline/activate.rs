@@ -16,6 +16,9 @@ use crate::volume::VolumeId;
 pub struct ActivateInput {
     pub family: String,
     pub invocation_id: String,
+    /// The worker releases the snapshot this long after its intent, if no release came.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
 }
 
 /// The response chain of `activate`. The initial response carries the base.
@@ -25,6 +28,9 @@ pub struct ActivateState {
     /// Set by `activate_snapshot`: the snapshot and where it is exposed.
     pub snapshot_id: Option<u64>,
     pub path: Option<String>,
+    /// Set by `activate_snapshot`: the version (manifest digest) of the base.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
 }
 
 type Req = StepRequest<ActivateInput, ActivateState>;
@@ -44,16 +50,27 @@ async fn activate_snapshot(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Ac
     let base = req.w.base_vol_id;
     let run_id = req.run_id.to_string();
     let family = req.r.family.clone();
+    let expires_at = req.r.ttl_secs.map(|t| {
+        let now = crate::store::epoch_ms(std::time::SystemTime::now());
+        now.saturating_add(i64::try_from(t.saturating_mul(1000)).unwrap_or(i64::MAX))
+    });
     let _serial = ctx.invocations.lock(&req.r.invocation_id).await;
     let c = ctx.clone();
-    let (snap, path) = blocking(move || {
+    let (snap, path, digest) = blocking(move || {
         let row = match c
             .store
-            .intend_snapshot(&run_id, &family, base, |id| VolumeId::Snap(id).to_string())
+            .intend_snapshot(&run_id, &family, base, expires_at, |id| VolumeId::Snap(id).to_string())
             .map_err(store_err)?
         {
             Intent::Recorded(row) => row,
             Intent::Released(row) => return Err(released(&row)),
+            // The job resolved the base under a hold, so this is a base deleted under a
+            // resumed run: the activation cannot happen from it.
+            Intent::BaseUnavailable(why) => {
+                return Err(StepError::abort(format!(
+                    "{why}: the version this activation was started on is gone; send the activate again with a new invocation id"
+                )));
+            }
         };
         fault::point("activate.after_snapshot_intent", &run_id);
         // The row's base, not the response's: a resume finishes what the intent recorded.
@@ -73,11 +90,11 @@ async fn activate_snapshot(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Ac
         };
         match c.store.mark_snapshot_exposed(row.id, &path).map_err(store_err)? {
             Advance::Released(row) => Err(released(&row)),
-            Advance::Moved(_) | Advance::Unchanged(_) => Ok((row.id, path)),
+            Advance::Moved(_) | Advance::Unchanged(_) => Ok((row.id, path, row.digest)),
         }
     })
     .await?;
-    Ok(ActivateState { snapshot_id: Some(snap), path: Some(path), ..req.w })
+    Ok(ActivateState { snapshot_id: Some(snap), path: Some(path), digest, ..req.w })
 }
 
 /// The activation stops for good: its invocation was released.

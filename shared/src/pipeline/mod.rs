@@ -1,12 +1,14 @@
-//! The workflows, written on the engine (ARCHITECTURE.md, `pipeline/`): `prepare` (family → sealed
-//! base), `activate` (base → one exposed snapshot per invocation) and `release`.
+//! The workflows, written on the engine (ARCHITECTURE.md, `pipeline/`): `prepare` (one version
+//! of a family → sealed base), `activate` (base → one exposed snapshot per invocation),
+//! `release`, and `retire` (deletes a base garbage collection gave up).
 //!
-//! Where the guards live: `prepare_thin_base` takes the family's base id from SQLite
+//! Where the guards live: `prepare_thin_base` takes the version's base id from SQLite
 //! (`Store::intend_base`, which allocates and records it in one transaction) before it
 //! creates the volume; `activate_snapshot` records the run's snapshot
-//! (`Store::intend_snapshot`) before creating it. Every other step is idempotent and reads
-//! what it needs from the previous step's response. The `prepared` flag is not touched
-//! here: the worker's job loop owns it.
+//! (`Store::intend_snapshot`, which refuses a base that is not sealed) before creating it.
+//! Every other step is idempotent and reads what it needs from the previous step's
+//! response. The family's current-version pointer is not touched here: the worker's job
+//! loop owns it; what runs `retire` is `lifecycle/`.
 //!
 //! An invocation's activation and release are ordered by its snapshot row's state in the
 //! host database (`store/snapshots.rs`): a release is recorded before its run starts, and
@@ -18,22 +20,26 @@ mod activate;
 mod invocations;
 mod prepare;
 mod release;
+mod retire;
 
 use std::sync::Arc;
 
 use crate::fault;
 use crate::fsm::{
-    Engine, Failure, FailureKind, Outcome, RegisterError, RunError, StartOutcome, StepError, WorkflowHandle,
+    Engine, Failure, FailureKind, Outcome, RegisterError, RunError, RunFilter, RunStatus, StartOutcome, StepError,
+    WorkflowHandle,
 };
 use crate::image::{ApplyOptions, BlobCache, BlobSource, ImageError};
-use crate::job::{activate_run_id, prepare_run_id, release_run_id};
-use crate::store::{ReleaseRequest, SnapshotRow, SnapshotState, Store, StoreError};
+use crate::image::Manifest;
+use crate::job::{activate_run_id, prepare_run_id, release_run_id, retire_run_id};
+use crate::store::{BaseRow, ReleaseRequest, SnapshotRow, SnapshotState, Store, StoreError};
 use crate::volume::{VolumeBackend, VolumeError, VolumeId};
 
 pub use activate::{ActivateInput, ActivateState};
 pub use invocations::InvocationLocks;
 pub use prepare::{PrepareInput, PrepareState};
 pub use release::{ReleaseInput, ReleaseState};
+pub use retire::{RetireInput, RetireState};
 
 /// What the steps work with.
 pub struct PipelineContext {
@@ -96,6 +102,7 @@ pub struct Pipeline {
     prepare: WorkflowHandle<PrepareInput, PrepareState>,
     activate: WorkflowHandle<ActivateInput, ActivateState>,
     release: WorkflowHandle<ReleaseInput, ReleaseState>,
+    retire: WorkflowHandle<RetireInput, RetireState>,
 }
 
 impl Pipeline {
@@ -106,6 +113,7 @@ impl Pipeline {
             prepare: engine.register(prepare::workflow(ctx.clone()))?,
             activate: engine.register(activate::workflow(ctx.clone()))?,
             release: engine.register(release::workflow(ctx.clone()))?,
+            retire: engine.register(retire::workflow(ctx.clone()))?,
             ctx,
         })
     }
@@ -114,24 +122,63 @@ impl Pipeline {
         &self.ctx
     }
 
-    /// Runs (or joins) run `prepare-<family>`. A completed run's stored outcome is returned
-    /// as is; a failed one is archived (its history kept under `prepare-<family>~<time>`)
-    /// and the family prepared afresh, so a new job retries what an old one could not do.
-    pub async fn prepare(&self, family: &str) -> Result<Outcome<PrepareState>, RunError> {
-        let id = prepare_run_id(family);
-        let input = PrepareInput { family: family.to_owned() };
-        match self.prepare.start(&id, &input, &PrepareState::default()).await? {
+    /// Runs (or joins) run `prepare-<family>@<digest>` for the version `manifest` describes.
+    /// A completed run's stored outcome is returned as is; a failed one is archived (its
+    /// history kept under `<run id>~<time>`) and the version prepared afresh, so a new job
+    /// retries what an old one could not do.
+    pub async fn prepare(&self, manifest: &Manifest) -> Result<Outcome<PrepareState>, RunError> {
+        let id = prepare_run_id(&manifest.family, manifest.digest.as_str());
+        let input = PrepareInput { family: manifest.family.clone(), manifest: Some(manifest.clone()) };
+        self.run_retrying_failed(&self.prepare, &id, &input, &PrepareState::default()).await
+    }
+
+    /// Runs (or joins) run `retire-base-<id>`: deletes a base that `Store::retire_base`
+    /// marked `retiring`, then its record. A failed run is archived and run again.
+    pub async fn retire(&self, base: &BaseRow) -> Result<Outcome<RetireState>, RunError> {
+        let id = retire_run_id(base.id);
+        let input = RetireInput { base_vol_id: base.id, family: base.family.clone(), digest: base.digest.clone() };
+        self.run_retrying_failed(&self.retire, &id, &input, &RetireState::default()).await
+    }
+
+    async fn run_retrying_failed<R, W>(
+        &self,
+        handle: &WorkflowHandle<R, W>,
+        id: &str,
+        input: &R,
+        initial: &W,
+    ) -> Result<Outcome<W>, RunError>
+    where
+        R: serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static,
+        W: serde::Serialize + serde::de::DeserializeOwned + Send + 'static,
+    {
+        match handle.start(id, input, initial).await? {
             StartOutcome::Finished(Outcome::Completed(w)) => return Ok(Outcome::Completed(w)),
             StartOutcome::Finished(Outcome::Failed(f)) => {
-                let archived = self.prepare.engine().archive_failed(&id).await.map_err(|e| {
+                let archived = handle.engine().archive_failed(id).await.map_err(|e| {
                     RunError::Start(crate::fsm::StartError::Storage(format!("archiving failed run {id}: {e}")))
                 })?;
-                tracing::info!(run_id = %id, %archived, failure = %f, "retrying a failed prepare; the failed run is kept as {archived}");
-                self.prepare.start(&id, &input, &PrepareState::default()).await?;
+                tracing::info!(run_id = %id, %archived, failure = %f, "retrying a failed run; the failed one is kept as {archived}");
+                handle.start(id, input, initial).await?;
             }
             StartOutcome::Started | StartOutcome::AlreadyRunning => {}
         }
-        Ok(self.prepare.wait(&id).await?)
+        Ok(handle.wait(id).await?)
+    }
+
+    /// Whether any prepare run has not finished (a run log that cannot be read says yes).
+    pub fn prepares_in_flight(&self) -> bool {
+        let filter = RunFilter { workflow: Some("prepare".into()), status: Some(RunStatus::Active), limit: Some(1) };
+        self.prepare.engine().list_runs(&filter).map_or(true, |runs| !runs.is_empty())
+    }
+
+    /// Whether run `id` exists and has not finished (e.g. a prepare resumed at start).
+    pub fn run_in_flight(&self, id: &str) -> bool {
+        // A run log that cannot be read says "in flight": garbage collection then keeps the base.
+        match self.prepare.engine().run_detail(id) {
+            Ok(Some(detail)) => !detail.summary.status.is_finished(),
+            Ok(None) => false,
+            Err(_) => true,
+        }
     }
 
     /// Runs (or resumes) run `activate-<invocation_id>` from base `base_vol_id`. An
@@ -142,14 +189,15 @@ impl Pipeline {
         family: &str,
         invocation_id: &str,
         base_vol_id: u64,
+        ttl_secs: Option<u64>,
     ) -> Result<Outcome<ActivateState>, PipelineError> {
         let run_id = activate_run_id(invocation_id);
         // No check before the run: its step refuses a released invocation itself, and the job
         // executors ask `released_activation` first (before preparing anything). A run this
         // call started answers as its step found the row; an outcome found stored (or a run
         // joined) is checked against the row now, since a release may have come in since.
-        let input = ActivateInput { family: family.to_owned(), invocation_id: invocation_id.to_owned() };
-        let initial = ActivateState { base_vol_id, snapshot_id: None, path: None };
+        let input = ActivateInput { family: family.to_owned(), invocation_id: invocation_id.to_owned(), ttl_secs };
+        let initial = ActivateState { base_vol_id, snapshot_id: None, path: None, digest: None };
         let (outcome, fresh) = match self.activate.start(&run_id, &input, &initial).await.map_err(RunError::from)? {
             StartOutcome::Started => (self.activate.wait(&run_id).await.map_err(RunError::from)?, true),
             StartOutcome::AlreadyRunning => (self.activate.wait(&run_id).await.map_err(RunError::from)?, false),

@@ -1,5 +1,8 @@
-//! `prepare` (run id `prepare-<family>`): family → manifest → cached blobs → base volume →
-//! layers applied → sealed.
+//! `prepare` (run id `prepare-<family>@<first 12 hex digits of the version's digest>`): one
+//! version of a family → cached blobs → its own base volume → layers applied → sealed. The
+//! caller resolved the version and passes its manifest in the input, so a crash resumes the
+//! same version even if the source moved on. (Runs named `prepare-<family>` were started by
+//! releases before versions; they carry no manifest and resolve it in `fetch_manifest`.)
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,11 +13,15 @@ use super::{PipelineContext, blocking, image_err, store_err, volume_err};
 use crate::fault;
 use crate::fsm::{RetryPolicy, StepError, StepRequest, StepResult, Workflow};
 use crate::image::{ImageError, Manifest, apply_layer};
+use crate::store::{BaseIntent, BaseState};
 use crate::volume::VolumeId;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PrepareInput {
     pub family: String,
+    /// The version to prepare (absent in runs started before versions existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<Manifest>,
 }
 
 /// The response chain of `prepare`.
@@ -47,7 +54,10 @@ fn manifest_of(req: &Req) -> Result<&Manifest, StepError> {
 
 async fn fetch_manifest(ctx: Arc<PipelineContext>, req: Req) -> StepResult<PrepareState> {
     let family = req.r.family.clone();
-    let manifest = ctx.source.manifest(&family).await.map_err(image_err)?;
+    let manifest = match &req.r.manifest {
+        Some(m) => m.clone(),
+        None => ctx.source.manifest(&family).await.map_err(image_err)?,
+    };
     let source = ctx.source.describe();
     let store = ctx.store.clone();
     blocking(move || store.upsert_image(&family, &source).map_err(store_err)).await?;
@@ -84,28 +94,32 @@ async fn download_blobs(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Prepa
     Ok(PrepareState { downloaded_bytes: downloaded, ..req.w })
 }
 
-/// The guarded step: the base id is taken from (or allocated and recorded in) SQLite
-/// before the volume exists, so a crash between the two leaves a record, not an orphan.
+/// The guarded step: the version's base id is taken from (or allocated and recorded in)
+/// SQLite before the volume exists, so a crash between the two leaves a record, not an
+/// orphan. A base that garbage collection is deleting (an old, failed attempt at this
+/// version) is waited out: the retry allocates a new one once it is gone.
 async fn prepare_thin_base(ctx: Arc<PipelineContext>, req: Req) -> StepResult<PrepareState> {
-    let digest = manifest_of(&req)?.digest.to_string();
+    let manifest = manifest_of(&req)?;
+    let digest = manifest.digest.to_string();
+    let blobs: Vec<String> = manifest.layers.iter().map(|l| l.digest.to_string()).collect();
     let family = req.r.family.clone();
     let base = blocking(move || {
-        let image = ctx.store.image(&family).map_err(store_err)?;
-        // A sealed base of another manifest is not this image: it keeps serving its
-        // snapshots, and this family gets a new base.
-        if let Some(row) = image
-            && let Some(old) = row.base_vol_id
-            && ctx.backend.is_sealed(old).map_err(volume_err)?
-            && row.manifest_digest.as_deref() != Some(digest.as_str())
-        {
-            tracing::info!(%family, old_base = old, "manifest changed; allocating a new base");
-            ctx.store.clear_base_vol_id(&family).map_err(store_err)?;
-        }
-        let base = ctx.store.intend_base(&family).map_err(store_err)?;
+        let row = match ctx.store.intend_base(&family, &digest, &blobs).map_err(store_err)? {
+            BaseIntent::Ready(row) => row,
+            BaseIntent::Retiring(row) => {
+                return Err(StepError::transient(format!(
+                    "base-{} of {family}@{} is being deleted by garbage collection; a new base is made once it is gone",
+                    row.id,
+                    row.short_digest()
+                )));
+            }
+        };
         fault::point("prepare.after_base_intent", &family);
-        ctx.backend.create_base(base).map_err(volume_err)?;
+        if row.state == BaseState::Preparing {
+            ctx.backend.create_base(row.id).map_err(volume_err)?;
+        }
         fault::point("prepare.after_base_create", &family);
-        Ok(base)
+        Ok(row.id)
     })
     .await?;
     Ok(PrepareState { base_vol_id: Some(base), ..req.w })
@@ -117,20 +131,21 @@ async fn unpack_into_base(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Pre
     let base = req.w.base_vol_id.ok_or_else(|| StepError::abort("the response chain has no base volume"))?;
     let family = req.r.family.clone();
     blocking(move || {
-        if ctx.backend.is_sealed(base).map_err(volume_err)? {
-            return Ok(()); // sealed by an earlier attempt that crashed before its commit
+        // Sealed by an earlier attempt that crashed before its commit: only the record is left.
+        if !ctx.backend.is_sealed(base).map_err(volume_err)? {
+            // A rerun starts from an empty base: never apply layers over a half-applied tree.
+            let root = ctx.backend.reset_base(base).map_err(volume_err)?;
+            for layer in &manifest.layers {
+                let blob = ctx.cache.path(&layer.digest);
+                let name = format!("{} ({})", layer.digest, layer.location);
+                let stats = apply_layer(&root, &blob, &name, &ctx.apply).map_err(image_err)?;
+                tracing::debug!(%family, layer = %layer.digest, entries = stats.entries, bytes = stats.bytes, "layer applied");
+            }
+            ctx.backend.seal_base(base).map_err(volume_err)?;
+            fault::point("prepare.after_seal", &family);
         }
-        // A rerun starts from an empty base: never apply layers over a half-applied tree.
-        let root = ctx.backend.reset_base(base).map_err(volume_err)?;
-        for layer in &manifest.layers {
-            let blob = ctx.cache.path(&layer.digest);
-            let name = format!("{} ({})", layer.digest, layer.location);
-            let stats = apply_layer(&root, &blob, &name, &ctx.apply).map_err(image_err)?;
-            tracing::debug!(%family, layer = %layer.digest, entries = stats.entries, bytes = stats.bytes, "layer applied");
-        }
-        ctx.backend.seal_base(base).map_err(volume_err)?;
-        ctx.store.set_manifest_digest(&family, manifest.digest.as_str()).map_err(store_err)?;
-        tracing::info!(%family, base = %VolumeId::Base(base), layers = manifest.layers.len(), "base sealed");
+        ctx.store.mark_base_sealed(base).map_err(store_err)?;
+        tracing::info!(%family, base = %VolumeId::Base(base), version = %manifest.digest, layers = manifest.layers.len(), "base sealed");
         Ok(())
     })
     .await?;

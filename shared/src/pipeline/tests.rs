@@ -34,11 +34,17 @@ async fn env() -> Env {
     Env { _dir: dir, engine, pipeline }
 }
 
+/// Prepares the source's current version of `family`.
+async fn prepare(p: &Pipeline, family: &str) -> Outcome<PrepareState> {
+    let manifest = p.context().source.manifest(family).await.unwrap();
+    p.prepare(&manifest).await.unwrap()
+}
+
 #[tokio::test]
 async fn prepare_activate_release() {
     let env = env().await;
     let p = &env.pipeline;
-    let prep = match p.prepare("web").await.unwrap() {
+    let prep = match prepare(p, "web").await {
         Outcome::Completed(w) => w,
         Outcome::Failed(f) => panic!("prepare failed: {f}"),
     };
@@ -50,7 +56,7 @@ async fn prepare_activate_release() {
 
     let mut paths = Vec::new();
     for inv in ["a", "b"] {
-        let Outcome::Completed(act) = p.activate("web", inv, base).await.unwrap() else { panic!("activate failed") };
+        let Outcome::Completed(act) = p.activate("web", inv, base, None).await.unwrap() else { panic!("activate failed") };
         paths.push(std::path::PathBuf::from(act.path.unwrap()));
     }
     assert_ne!(paths[0], paths[1]);
@@ -64,7 +70,7 @@ async fn prepare_activate_release() {
     assert_eq!(cache, ["fresh"], "opaque directory");
 
     // The same invocation again: the stored outcome, no second snapshot.
-    let Outcome::Completed(again) = p.activate("web", "a", base).await.unwrap() else { panic!() };
+    let Outcome::Completed(again) = p.activate("web", "a", base, None).await.unwrap() else { panic!() };
     assert_eq!(std::path::PathBuf::from(again.path.unwrap()), paths[0]);
     let snaps: Vec<_> = backend.list().unwrap().into_iter().filter(|v| matches!(v, VolumeId::Snap(_))).collect();
     assert_eq!(snaps.len(), 2);
@@ -78,7 +84,7 @@ async fn prepare_activate_release() {
     assert!(matches!(again.outcome, Outcome::Completed(_)), "release is idempotent");
     assert!(again.detail().unwrap().contains("invocation a was already released at 20"), "{:?}", again.detail());
     // Activating a released invocation fails, naming the release; it never answers the old path.
-    match p.activate("web", "a", base).await.unwrap() {
+    match p.activate("web", "a", base, None).await.unwrap() {
         Outcome::Failed(f) => assert!(f.error.contains("invocation a was released at"), "{f:?}"),
         other => panic!("{other:?}"),
     }
@@ -86,7 +92,7 @@ async fn prepare_activate_release() {
     let never = p.release("web", "never").await.unwrap();
     assert!(matches!(never.outcome, Outcome::Completed(_)), "{:?}", never.outcome);
     assert!(never.detail().unwrap().contains("had no snapshot"), "{:?}", never.detail());
-    match p.activate("web", "never", base).await.unwrap() {
+    match p.activate("web", "never", base, None).await.unwrap() {
         Outcome::Failed(f) => {
             assert!(
                 f.error.contains("invocation never was released at") && f.error.contains("new invocation id"),
@@ -104,25 +110,70 @@ async fn prepare_activate_release() {
 async fn an_unknown_family_or_a_corrupt_layer_fails_and_seals_nothing() {
     let env = env().await;
     let p = &env.pipeline;
-    match p.prepare("nope").await.unwrap() {
-        Outcome::Failed(f) => assert!(f.step == "fetch_manifest" && f.error.contains("nope"), "{f:?}"),
-        other => panic!("{other:?}"),
-    }
+    let unknown = p.context().source.manifest("nope").await.unwrap_err();
+    assert!(matches!(unknown, ImageError::FamilyNotFound { .. }) && unknown.to_string().contains("nope"), "{unknown}");
     // Corrupt a layer after the manifest is resolved: the digest no longer matches.
     let dir = env._dir.path().join("images-src/images/bad");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("0001.tar"), b"this is not a tar archive at all, it is text").unwrap();
-    match p.prepare("bad").await.unwrap() {
+    match prepare(p, "bad").await {
         Outcome::Failed(f) => {
             assert_eq!(f.step, "unpack_into_base", "{f:?}");
             assert!(f.error.contains("0001.tar"), "names the blob: {}", f.error);
         }
         other => panic!("{other:?}"),
     }
-    let row = p.context().store.image("bad").unwrap().unwrap();
-    let base = row.base_vol_id.unwrap();
-    assert!(!p.context().backend.is_sealed(base).unwrap(), "a half-built base is never sealed");
-    assert!(!row.prepared);
+    let bases = p.context().store.list_bases().unwrap();
+    let [row] = bases.as_slice() else { panic!("{bases:?}") };
+    assert_eq!((row.family.as_str(), row.state), ("bad", crate::store::BaseState::Preparing));
+    assert!(!p.context().backend.is_sealed(row.id).unwrap(), "a half-built base is never sealed");
+    assert_eq!(p.context().store.image("bad").unwrap().unwrap().current_base, None);
+    env.engine.shutdown().await;
+}
+
+/// A new version gets its own run and base; the old one keeps serving its snapshot, and once
+/// that is released, `retire` deletes the old base and its record.
+#[tokio::test]
+async fn a_new_version_gets_its_own_base_and_the_old_one_can_be_retired() {
+    let env = env().await;
+    let p = &env.pipeline;
+    let Outcome::Completed(v1) = prepare(p, "web").await else { panic!("prepare v1 failed") };
+    let base1 = v1.base_vol_id.unwrap();
+    let Outcome::Completed(old) = p.activate("web", "old", base1, None).await.unwrap() else { panic!() };
+    let digest1 = v1.manifest.unwrap().digest;
+    assert_eq!(old.digest.as_deref(), Some(digest1.as_str()));
+    // v2: one more layer.
+    let layer = env._dir.path().join("images-src/images/web/9999-v2.tar");
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(3);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    b.append_data(&mut h, "etc/version", &b"v2\n"[..]).unwrap();
+    std::fs::write(&layer, b.into_inner().unwrap()).unwrap();
+    let v2 = match prepare(p, "web").await {
+        Outcome::Completed(w) => w,
+        Outcome::Failed(f) => panic!("prepare v2 failed: {f}"),
+    };
+    let base2 = v2.base_vol_id.unwrap();
+    assert_ne!(base1, base2, "a new version gets a new base");
+    let runs = env.engine.list_runs(&Default::default()).unwrap();
+    assert_eq!(runs.iter().filter(|r| r.id.starts_with("prepare-web@")).count(), 2, "one run per version");
+    let Outcome::Completed(new) = p.activate("web", "new", base2, None).await.unwrap() else { panic!() };
+    assert_eq!(std::fs::read_to_string(std::path::Path::new(&new.path.unwrap()).join("etc/version")).unwrap(), "v2\n");
+    assert!(!std::path::Path::new(&old.path.clone().unwrap()).join("etc/version").exists(), "v1 untouched");
+
+    let store = &p.context().store;
+    store.make_current("web", base2).unwrap();
+    assert!(matches!(store.retire_base(base1, |_| None).unwrap(), crate::store::Retire::Kept(_)), "a live snapshot");
+    p.release("web", "old").await.unwrap();
+    let crate::store::Retire::Marked(row) = store.retire_base(base1, |_| None).unwrap() else { panic!() };
+    assert!(matches!(p.retire(&row).await.unwrap(), Outcome::Completed(_)));
+    assert!(!p.context().backend.exists(VolumeId::Base(base1)).unwrap());
+    assert!(store.base(base1).unwrap().is_none());
+    assert!(p.context().backend.exists(VolumeId::Base(base2)).unwrap());
     env.engine.shutdown().await;
 }
 
@@ -132,7 +183,7 @@ async fn an_unknown_family_or_a_corrupt_layer_fails_and_seals_nothing() {
 async fn a_release_during_an_activation_wins() {
     let env = env().await;
     let p = env.pipeline.clone();
-    let Outcome::Completed(prep) = p.prepare("web").await.unwrap() else { panic!("prepare failed") };
+    let Outcome::Completed(prep) = prepare(&p, "web").await else { panic!("prepare failed") };
     let base = prep.base_vol_id.unwrap();
     for round in 0..20 {
         let inv = format!("race-{round}");
@@ -140,7 +191,7 @@ async fn a_release_during_an_activation_wins() {
         let held = p.context().invocations.lock(&inv).await;
         let activation = {
             let (p, inv) = (p.clone(), inv.clone());
-            tokio::spawn(async move { p.activate("web", &inv, base).await.unwrap() })
+            tokio::spawn(async move { p.activate("web", &inv, base, None).await.unwrap() })
         };
         let release = {
             let (p, inv) = (p.clone(), inv.clone());

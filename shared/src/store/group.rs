@@ -21,6 +21,7 @@ pub(super) struct Request {
     pub run_id: String,
     pub family: String,
     pub base_vol_id: u64,
+    pub expires_at_ms: Option<i64>,
     pub name: Box<dyn Fn(u64) -> String + Send>,
 }
 
@@ -133,7 +134,7 @@ fn record(store: &Store, batch: &[(u64, Request)]) -> Vec<(u64, Result<Intent, S
         let tx = rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)?;
         let mut out = Vec::with_capacity(batch.len());
         for (ticket, r) in batch {
-            out.push((*ticket, intend_in(&tx, &r.run_id, &r.family, r.base_vol_id, &*r.name, now)?));
+            out.push((*ticket, intend_in(&tx, r, now)?));
         }
         tx.commit()?;
         Ok(out)
@@ -148,7 +149,7 @@ fn record(store: &Store, batch: &[(u64, Request)]) -> Vec<(u64, Result<Intent, S
 fn record_one(store: &Store, r: &Request, now: i64) -> Result<Intent, StoreError> {
     store.with_conn(|c| {
         let tx = rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)?;
-        let out = intend_in(&tx, &r.run_id, &r.family, r.base_vol_id, &*r.name, now)?;
+        let out = intend_in(&tx, r, now)?;
         tx.commit()?;
         Ok(out)
     })

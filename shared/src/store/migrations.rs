@@ -66,4 +66,42 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     CREATE INDEX snapshots_family ON snapshots(family);
     CREATE INDEX snapshots_releasing ON snapshots(state) WHERE state = 'releasing';
     ",
+    // 3: a family has versions. Each version prepared on this host is a `bases` row (its
+    // manifest digest, its base volume, its blob digests, `preparing → sealed → retiring`);
+    // `images.current_base` points at the family's current version (once the `prepared` flag).
+    // Snapshots remember their version's digest and may expire.
+    "
+    CREATE TABLE bases (
+        id                INTEGER PRIMARY KEY,
+        family            TEXT NOT NULL,
+        digest            TEXT NOT NULL,
+        blobs             TEXT,
+        state             TEXT NOT NULL CHECK (state IN ('preparing', 'sealed', 'retiring')),
+        created_at        INTEGER NOT NULL,
+        sealed_at         INTEGER,
+        last_activated_at INTEGER,
+        retiring_at       INTEGER,
+        UNIQUE (family, digest)
+    ) STRICT;
+    INSERT INTO bases (id, family, digest, state, created_at, sealed_at)
+        SELECT base_vol_id, family, COALESCE(manifest_digest, 'unknown:base-' || base_vol_id),
+               CASE WHEN prepared THEN 'sealed' ELSE 'preparing' END, created_at, prepared_at
+        FROM images WHERE base_vol_id IS NOT NULL;
+    CREATE TABLE images_v3 (
+        family       TEXT PRIMARY KEY,
+        source       TEXT NOT NULL,
+        current_base INTEGER REFERENCES bases (id),
+        created_at   INTEGER NOT NULL,
+        updated_at   INTEGER NOT NULL
+    ) STRICT;
+    INSERT INTO images_v3 (family, source, current_base, created_at, updated_at)
+        SELECT family, source, CASE WHEN prepared THEN base_vol_id END, created_at, updated_at FROM images;
+    DROP TABLE images;
+    ALTER TABLE images_v3 RENAME TO images;
+    ALTER TABLE snapshots ADD COLUMN digest TEXT;
+    ALTER TABLE snapshots ADD COLUMN expires_at INTEGER;
+    UPDATE snapshots SET digest = (SELECT digest FROM bases WHERE bases.id = snapshots.base_vol_id);
+    CREATE INDEX snapshots_live_base ON snapshots (base_vol_id) WHERE state != 'released';
+    CREATE INDEX snapshots_expiring ON snapshots (expires_at) WHERE expires_at IS NOT NULL AND state NOT IN ('releasing', 'released');
+    ",
 ];

@@ -10,6 +10,7 @@
 //! Calls are synchronous and short (one statement, one fsync at most); async callers run
 //! them in `spawn_blocking` when they sit on a hot path.
 
+mod bases;
 mod error;
 mod group;
 mod images;
@@ -24,6 +25,7 @@ use std::time::{Duration, SystemTime};
 
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
+pub use bases::{BaseIntent, BaseRow, BaseState, Retire, short_digest};
 pub use error::StoreError;
 pub use images::ImageRow;
 pub use lease::{Acquired, Holder, LeaseInfo};

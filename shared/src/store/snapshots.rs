@@ -83,6 +83,10 @@ pub struct SnapshotRow {
     pub release_requested_at_ms: Option<i64>,
     /// When the volume was gone for good.
     pub released_at_ms: Option<i64>,
+    /// The version (manifest digest) of the base it was made from.
+    pub digest: Option<String>,
+    /// When the worker releases it by itself (the activation's `ttl_secs`).
+    pub expires_at_ms: Option<i64>,
 }
 
 impl SnapshotRow {
@@ -114,6 +118,8 @@ pub enum Intent {
     Recorded(SnapshotRow),
     /// A release reached this invocation first: nothing may be created for it.
     Released(SnapshotRow),
+    /// The base is not a sealed base of this host (being deleted, or unknown): the reason.
+    BaseUnavailable(String),
 }
 
 /// What a move through the fenced path did.
@@ -154,8 +160,8 @@ impl ReleaseRequest {
     }
 }
 
-const COLUMNS: &str =
-    "id, run_id, family, base_vol_id, vol_id, path, state, created_at, release_requested_at, released_at";
+const COLUMNS: &str = "id, run_id, family, base_vol_id, vol_id, path, state, created_at, release_requested_at, \
+                       released_at, digest, expires_at";
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotRow> {
     let state: String = r.get(6)?;
@@ -176,6 +182,8 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotRow> {
         created_at_ms: r.get(7)?,
         release_requested_at_ms: r.get(8)?,
         released_at_ms: r.get(9)?,
+        digest: r.get(10)?,
+        expires_at_ms: r.get(11)?,
     })
 }
 
@@ -235,27 +243,42 @@ fn advance_in(
     })
 }
 
-/// Records the intended snapshot of `run_id` in `tx`, or finds the row already there.
-pub(super) fn intend_in(
-    tx: &Transaction<'_>,
-    run_id: &str,
-    family: &str,
-    base_vol_id: u64,
-    name: &dyn Fn(u64) -> String,
-    now: i64,
-) -> rusqlite::Result<Intent> {
+/// Records the intended snapshot of `run_id` in `tx`, or finds the row already there. A new
+/// row is refused unless its base is sealed (a base being deleted is `retiring`: see
+/// `bases.rs`); recording one notes the base's last activation.
+pub(super) fn intend_in(tx: &Transaction<'_>, request: &super::group::Request, now: i64) -> rusqlite::Result<Intent> {
     let select = format!("SELECT {COLUMNS} FROM snapshots WHERE run_id = ?1");
-    if let Some(existing) = query_one(tx, &select, params![run_id]).optional()? {
+    if let Some(existing) = query_one(tx, &select, params![request.run_id]).optional()? {
         return Ok(if existing.state.is_released() { Intent::Released(existing) } else { Intent::Recorded(existing) });
     }
+    let base = super::bases::base_in(tx, request.base_vol_id)?;
+    let digest = match base {
+        Some(b) if b.state == super::BaseState::Sealed && b.family == request.family => b.digest,
+        Some(b) if b.family != request.family => {
+            return Ok(Intent::BaseUnavailable(format!("base-{} belongs to family {}", b.id, b.family)));
+        }
+        Some(b) => return Ok(Intent::BaseUnavailable(format!("base-{} is {}", b.id, b.state))),
+        None => return Ok(Intent::BaseUnavailable(format!("base-{} is not recorded", request.base_vol_id))),
+    };
     let id = super::sequence::next_in(tx, "snap")?;
+    tx.prepare_cached("UPDATE bases SET last_activated_at = ?2 WHERE id = ?1")?
+        .execute(params![request.base_vol_id as i64, now])?;
     let created = query_one(
         tx,
         &format!(
-            "INSERT INTO snapshots (id, run_id, family, base_vol_id, vol_id, state, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, 'intended', ?6) RETURNING {COLUMNS}"
+            "INSERT INTO snapshots (id, run_id, family, base_vol_id, vol_id, state, created_at, digest, expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'intended', ?6, ?7, ?8) RETURNING {COLUMNS}"
         ),
-        params![id, run_id, family, base_vol_id as i64, name(id as u64), now],
+        params![
+            id,
+            request.run_id,
+            request.family,
+            request.base_vol_id as i64,
+            (request.name)(id as u64),
+            now,
+            digest,
+            request.expires_at_ms
+        ],
     )?;
     Ok(Intent::Recorded(created))
 }
@@ -270,6 +293,7 @@ impl Store {
         run_id: &str,
         family: &str,
         base_vol_id: u64,
+        expires_at_ms: Option<i64>,
         name: impl Fn(u64) -> String + Send + 'static,
     ) -> Result<Intent, StoreError> {
         // Concurrent intents share one durable commit (`group.rs`).
@@ -277,6 +301,7 @@ impl Store {
             run_id: run_id.to_owned(),
             family: family.to_owned(),
             base_vol_id,
+            expires_at_ms,
             name: Box::new(name),
         };
         self.intents.intend(self, request)
@@ -347,6 +372,16 @@ impl Store {
     /// Every snapshot row (tombstones included), oldest first.
     pub fn list_snapshots(&self) -> Result<Vec<SnapshotRow>, StoreError> {
         self.snapshots_where("1")
+    }
+
+    /// Live rows whose activation's time to live ran out by `now_ms`, or (with `max_age_ms`)
+    /// that were recorded more than `max_age_ms` before it.
+    pub fn expired_snapshots(&self, now_ms: i64, max_age_ms: Option<i64>) -> Result<Vec<SnapshotRow>, StoreError> {
+        let too_old = max_age_ms.map_or_else(String::new, |age| format!("OR created_at < {}", now_ms.saturating_sub(age)));
+        self.snapshots_where(&format!(
+            "state NOT IN ('releasing', 'released') AND base_vol_id IS NOT NULL
+             AND ((expires_at IS NOT NULL AND expires_at <= {now_ms}) {too_old})"
+        ))
     }
 
     /// Rows a release reached whose volume is not yet known to be gone.

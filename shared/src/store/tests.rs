@@ -99,34 +99,66 @@ fn pid_reuse_cannot_make_two_holders_equal() {
 }
 
 #[test]
-fn images_record_base_and_prepared_flag() {
+fn versions_have_their_own_bases_and_one_current_pointer() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(&dir);
     assert!(store.image("web").unwrap().is_none());
     store.upsert_image("web", "dir:/srv/images").unwrap();
-    assert_eq!(store.intend_base("web").unwrap(), 1);
-    assert_eq!(store.intend_base("web").unwrap(), 1, "the recorded base is returned again");
-    store.set_manifest_digest("web", "sha256:abc").unwrap();
-    let row = store.image("web").unwrap().unwrap();
-    assert_eq!((row.base_vol_id, row.prepared, row.manifest_digest.as_deref()), (Some(1), false, Some("sha256:abc")));
-    store.set_prepared("web", true).unwrap();
-    assert!(store.image("web").unwrap().unwrap().prepared);
+    let ready = |i: BaseIntent| match i {
+        BaseIntent::Ready(row) => row,
+        BaseIntent::Retiring(row) => panic!("retiring: {row:?}"),
+    };
+    let v1 = ready(store.intend_base("web", "sha256:aaaa", &["sha256:l1".into()]).unwrap());
+    assert_eq!((v1.id, v1.state), (1, BaseState::Preparing));
+    assert_eq!(ready(store.intend_base("web", "sha256:aaaa", &[]).unwrap()).id, 1, "the recorded base again");
+    assert!(store.make_current("web", 1).is_err(), "an unsealed base cannot be current");
+    store.mark_base_sealed(1).unwrap();
+    assert_eq!(store.make_current("web", 1).unwrap(), None);
+    let v2 = ready(store.intend_base("web", "sha256:bbbb", &["sha256:l2".into()]).unwrap());
+    assert_eq!(v2.id, 2, "a new version gets a new base");
+    store.mark_base_sealed(2).unwrap();
+    assert_eq!(store.make_current("web", 2).unwrap(), Some(1));
+    assert_eq!(store.current_base("web").unwrap().unwrap().digest, "sha256:bbbb");
+    assert_eq!(store.base_of_version("web", "sha256:aaaa").unwrap().unwrap().blobs, Some(vec!["sha256:l1".into()]));
     store.upsert_image("web", "dir:/elsewhere").unwrap();
     let row = store.image("web").unwrap().unwrap();
-    assert_eq!(
-        (row.base_vol_id, row.prepared, row.source.as_str()),
-        (Some(1), true, "dir:/elsewhere"),
-        "upsert keeps what is known"
-    );
-    assert!(matches!(store.intend_base("nope"), Err(StoreError::Invalid { .. })));
-    store.clear_base_vol_id("web").unwrap();
-    assert_eq!(store.intend_base("web").unwrap(), 2, "a new base after the old one was cleared");
+    assert_eq!((row.current_base, row.source.as_str()), (Some(2), "dir:/elsewhere"), "upsert keeps what is known");
+    assert!(store.make_current("other", 1).is_err(), "a base of another family");
+
+    // Retiring: the current version is kept; an old one without snapshots is marked, and a
+    // snapshot intent on it is refused in its own transaction.
+    assert!(matches!(store.retire_base(2, |_| None).unwrap(), Retire::Kept(why) if why.contains("current version")));
+    assert!(matches!(store.retire_base(1, |_| Some("in use".into())).unwrap(), Retire::Kept(why) if why == "in use"));
+    assert!(matches!(store.retire_base(1, |_| None).unwrap(), Retire::Marked(row) if row.state == BaseState::Retiring));
+    assert!(matches!(
+        store.intend_snapshot("activate-late", "web", 1, None, |id| format!("snap-{id}")).unwrap(),
+        Intent::BaseUnavailable(why) if why.contains("retiring")
+    ));
+    assert!(matches!(store.intend_base("web", "sha256:aaaa", &[]).unwrap(), BaseIntent::Retiring(_)));
+    assert!(store.forget_base(2).is_err(), "only a retiring base is forgotten");
+    store.forget_base(1).unwrap();
+    store.forget_base(1).unwrap();
+    assert!(matches!(store.retire_base(1, |_| None).unwrap(), Retire::Gone));
+    assert_eq!(ready(store.intend_base("web", "sha256:aaaa", &[]).unwrap()).id, 3, "collected, then prepared anew");
+
+    // A live snapshot keeps its (non-current) base.
+    store.mark_base_sealed(3).unwrap();
+    recorded(store.intend_snapshot("activate-old", "web", 3, None, |id| format!("snap-{id}")).unwrap());
+    assert!(matches!(store.retire_base(3, |_| None).unwrap(), Retire::Kept(why) if why.contains("1 live snapshot")));
+    assert!(store.base(3).unwrap().unwrap().last_activated_at_ms.is_some());
+}
+
+/// Family `web`'s sealed base (made on first use).
+fn web_base(store: &Store) -> u64 {
+    store.upsert_image("web", "dir:/srv/images").unwrap();
+    let (BaseIntent::Ready(row) | BaseIntent::Retiring(row)) = store.intend_base("web", "sha256:web", &[]).unwrap();
+    store.mark_base_sealed(row.id).unwrap().id
 }
 
 fn recorded(i: Intent) -> SnapshotRow {
     match i {
         Intent::Recorded(row) => row,
-        Intent::Released(row) => panic!("released: {row:?}"),
+        other => panic!("not recorded: {other:?}"),
     }
 }
 
@@ -134,11 +166,11 @@ fn recorded(i: Intent) -> SnapshotRow {
 fn a_snapshot_intent_is_recorded_once_per_run() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(&dir);
-    let first = recorded(store.intend_snapshot("activate-1", "web", 3, |id| format!("snap-{id}")).unwrap());
+    let first = recorded(store.intend_snapshot("activate-1", "web", web_base(&store), None, |id| format!("snap-{id}")).unwrap());
     assert_eq!((first.id, first.vol_id.as_str(), first.state), (1, "snap-1", SnapshotState::Intended));
-    let again = recorded(store.intend_snapshot("activate-1", "web", 3, |id| format!("snap-{id}")).unwrap());
+    let again = recorded(store.intend_snapshot("activate-1", "web", web_base(&store), None, |id| format!("snap-{id}")).unwrap());
     assert_eq!(again, first, "the same run finds the same snapshot");
-    let second = recorded(store.intend_snapshot("activate-2", "web", 3, |id| format!("snap-{id}")).unwrap());
+    let second = recorded(store.intend_snapshot("activate-2", "web", web_base(&store), None, |id| format!("snap-{id}")).unwrap());
     assert_eq!(second.id, 2);
     store.mark_snapshot_exposed(1, "/vols/snap-1").unwrap();
     store.request_release("activate-2", "web", |id| format!("snap-{id}")).unwrap();
@@ -160,7 +192,7 @@ fn snapshot_states_move_one_way_only() {
         for to in [Created, Exposed, Released] {
             let dir = tempfile::tempdir().unwrap();
             let store = open(&dir);
-            let row = recorded(store.intend_snapshot("activate-x", "web", 1, |id| format!("snap-{id}")).unwrap());
+            let row = recorded(store.intend_snapshot("activate-x", "web", web_base(&store), None, |id| format!("snap-{id}")).unwrap());
             match from {
                 Intended => {}
                 Created => {
@@ -209,7 +241,7 @@ fn a_release_before_any_activation_leaves_a_tombstone() {
     let req = store.request_release("activate-early", "web", |id| format!("snap-{id}")).unwrap();
     let ReleaseRequest::Tombstone(tomb) = req else { panic!("{req:?}") };
     assert!(tomb.is_tombstone() && tomb.state == SnapshotState::Released && tomb.base_vol_id.is_none());
-    match store.intend_snapshot("activate-early", "web", 1, |id| format!("snap-{id}")).unwrap() {
+    match store.intend_snapshot("activate-early", "web", web_base(&store), None, |id| format!("snap-{id}")).unwrap() {
         Intent::Released(row) => {
             assert_eq!(row.id, tomb.id);
             let msg = row.released_message();
@@ -223,7 +255,7 @@ fn a_release_before_any_activation_leaves_a_tombstone() {
     let again = store.request_release("activate-early", "web", |id| format!("snap-{id}")).unwrap();
     assert!(matches!(again, ReleaseRequest::Already(ref r) if r.id == tomb.id), "{again:?}");
     // A live row becomes releasing; a second request finds it already on its way.
-    recorded(store.intend_snapshot("activate-live", "web", 1, |id| format!("snap-{id}")).unwrap());
+    recorded(store.intend_snapshot("activate-live", "web", web_base(&store), None, |id| format!("snap-{id}")).unwrap());
     assert!(matches!(
         store.request_release("activate-live", "web", |_| unreachable!()).unwrap(),
         ReleaseRequest::Releasing(_)
@@ -259,6 +291,40 @@ fn the_first_schema_migrates_and_leaked_rows_become_releasing() {
     assert_eq!(states, [(1, SnapshotState::Exposed), (2, SnapshotState::Released), (3, SnapshotState::Releasing)]);
     assert_eq!(rows[2].release_requested_at_ms, Some(30));
     assert_eq!(rows[2].released_at_ms, None);
+}
+
+/// A database from before versions: each family's base becomes a version (sealed if it was
+/// prepared, with its recorded digest), the prepared ones current; snapshots learn their
+/// version's digest.
+#[test]
+fn bases_of_the_second_schema_become_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("host.db");
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(super::migrations::MIGRATIONS[0]).unwrap();
+        c.execute_batch(super::migrations::MIGRATIONS[1]).unwrap();
+        c.execute_batch(
+            "PRAGMA user_version = 2;
+             INSERT INTO images VALUES ('web', 'dir:/x', 'sha256:aaaa', 1, 1, 50, 10, 50);
+             INSERT INTO images VALUES ('api', 'dir:/x', NULL, 2, 0, NULL, 10, 10);
+             INSERT INTO images VALUES ('new', 'dir:/x', NULL, NULL, 0, NULL, 10, 10);
+             INSERT INTO snapshots (id, run_id, family, base_vol_id, vol_id, state, created_at)
+                 VALUES (1, 'activate-a', 'web', 1, 'snap-1', 'exposed', 60);",
+        )
+        .unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    let bases = store.list_bases().unwrap();
+    let got: Vec<_> = bases.iter().map(|b| (b.id, b.family.as_str(), b.digest.as_str(), b.state)).collect();
+    assert_eq!(
+        got,
+        [(2, "api", "unknown:base-2", BaseState::Preparing), (1, "web", "sha256:aaaa", BaseState::Sealed)]
+    );
+    assert_eq!(store.current_base("web").unwrap().unwrap().id, 1);
+    assert!(store.current_base("api").unwrap().is_none() && store.current_base("new").unwrap().is_none());
+    assert_eq!(store.snapshot(1).unwrap().unwrap().digest.as_deref(), Some("sha256:aaaa"));
+    assert!(bases.iter().all(|b| b.blobs.is_none()), "the blob lists are unknown");
 }
 
 #[test]
@@ -347,7 +413,7 @@ fn the_background_checkpointer_moves_the_wal_into_the_database() {
     let before = std::fs::metadata(&path).unwrap().len();
     // More commits than CHECKPOINT_PAGES: the thread notices and checkpoints.
     for i in 0..2000 {
-        recorded(store.intend_snapshot(&format!("activate-{i}"), "web", 1, |id| format!("snap-{id}")).unwrap());
+        recorded(store.intend_snapshot(&format!("activate-{i}"), "web", web_base(&store), None, |id| format!("snap-{id}")).unwrap());
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while std::fs::metadata(&path).unwrap().len() <= before {
@@ -374,7 +440,7 @@ fn concurrent_intents_share_commits() {
                     .map(|i| {
                         recorded(
                             store
-                                .intend_snapshot(&format!("activate-{t}-{i}"), "web", 1, |id| format!("snap-{id}"))
+                                .intend_snapshot(&format!("activate-{t}-{i}"), "web", web_base(&store), None, |id| format!("snap-{id}"))
                                 .unwrap(),
                         )
                         .id
@@ -388,6 +454,6 @@ fn concurrent_intents_share_commits() {
     assert_eq!(ids, (1..=(threads * each) as u64).collect::<Vec<_>>(), "every id once, no gap");
     let commits = store.intents.commits.load(std::sync::atomic::Ordering::Relaxed);
     assert!(commits < (threads * each) as u64, "{commits} commits for {} intents", threads * each);
-    let again = recorded(store.intend_snapshot("activate-3-7", "web", 1, |_| unreachable!()).unwrap());
+    let again = recorded(store.intend_snapshot("activate-3-7", "web", web_base(&store), None, |_| unreachable!()).unwrap());
     assert_eq!(again.run_id, "activate-3-7");
 }

@@ -193,6 +193,10 @@ impl VolumeBackend for DirBackend {
     fn list(&self) -> Result<Vec<VolumeId>, VolumeError> {
         super::list_layout(&self.root)
     }
+
+    fn usage(&self) -> Result<super::Usage, VolumeError> {
+        super::filesystem_usage(&self.root)
+    }
 }
 
 /// syncfs(2) on the filesystem holding `path`.

@@ -130,4 +130,44 @@ pub trait VolumeBackend: Send + Sync {
     fn exists(&self, vol: VolumeId) -> Result<bool, VolumeError>;
     /// Every volume this backend holds.
     fn list(&self) -> Result<Vec<VolumeId>, VolumeError>;
+    /// How full the storage under the volumes is.
+    fn usage(&self) -> Result<Usage, VolumeError>;
+}
+
+/// How full a backend's storage is.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Usage {
+    /// What was measured, for messages: "pool data", "volumes filesystem".
+    pub what: String,
+    pub used_bytes: u64,
+    pub total_bytes: u64,
+    /// dm-thin only: the pool's metadata blocks, used and total.
+    pub metadata_blocks: Option<(u64, u64)>,
+}
+
+impl Usage {
+    /// Data used, in percent of the total.
+    pub fn percent(&self) -> f64 {
+        percent(self.used_bytes, self.total_bytes)
+    }
+
+    /// Metadata used, in percent (dm-thin only).
+    pub fn metadata_percent(&self) -> Option<f64> {
+        self.metadata_blocks.map(|(used, total)| percent(used, total))
+    }
+}
+
+fn percent(used: u64, total: u64) -> f64 {
+    if total == 0 { 100.0 } else { used as f64 * 100.0 / total as f64 }
+}
+
+/// The usage of the filesystem holding `path`, as `df` computes it: used over used plus
+/// what an unprivileged writer may still use.
+fn filesystem_usage(path: &std::path::Path) -> Result<Usage, VolumeError> {
+    let st = nix::sys::statvfs::statvfs(path)
+        .map_err(|e| VolumeError::io(path.display(), "measuring the filesystem", std::io::Error::from(e)))?;
+    let unit = st.fragment_size() as u64;
+    let used = (st.blocks() as u64).saturating_sub(st.blocks_free() as u64) * unit;
+    let available = st.blocks_available() as u64 * unit;
+    Ok(Usage { what: "volumes filesystem".into(), used_bytes: used, total_bytes: used + available, metadata_blocks: None })
 }

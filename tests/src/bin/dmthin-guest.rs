@@ -309,15 +309,21 @@ fn error_cases(b: &DmThinBackend) -> Result<(), String> {
     Ok(())
 }
 
+/// Prepares the source's current version of `family`.
+async fn prepare(h: &Host, family: &str) -> Result<Outcome<thinpipe::pipeline::PrepareState>, String> {
+    let manifest = h.pipeline.context().source.manifest(family).await.map_err(|e| e.to_string())?;
+    h.pipeline.prepare(&manifest).await.map_err(|e| e.to_string())
+}
+
 async fn pipeline_runs(h: &Host) -> Result<(), String> {
     write_sample_family(&Path::new(STATE).join("images"), "web").map_err(|e| e.to_string())?;
-    let base = match h.pipeline.prepare("web").await.map_err(|e| e.to_string())? {
+    let base = match prepare(h, "web").await? {
         Outcome::Completed(w) => w.base_vol_id.ok_or("no base")?,
         Outcome::Failed(f) => return Err(format!("prepare failed: {f}")),
     };
     let mut paths = Vec::new();
     for i in 0..60 {
-        match h.pipeline.activate("web", &format!("inv-{i}"), base).await.map_err(|e| e.to_string())? {
+        match h.pipeline.activate("web", &format!("inv-{i}"), base, None).await.map_err(|e| e.to_string())? {
             Outcome::Completed(w) => paths.push(PathBuf::from(w.path.ok_or("no path")?)),
             Outcome::Failed(f) => return Err(format!("activation {i} failed: {f}")),
         }
@@ -341,10 +347,10 @@ async fn pipeline_runs(h: &Host) -> Result<(), String> {
 
 async fn resume_after_power_cut(h: &Host) -> Result<(), String> {
     let report = h.engine.resume_all().await.map_err(|e| e.to_string())?;
-    if !report.resumed.iter().any(|r| r == "prepare-api") {
+    if !report.resumed.iter().any(|r| r.starts_with("prepare-api@")) {
         return Err(format!("prepare-api was not resumed: {report:?}"));
     }
-    let base = match h.pipeline.prepare("api").await.map_err(|e| e.to_string())? {
+    let base = match prepare(h, "api").await? {
         Outcome::Completed(w) => w.base_vol_id.ok_or("no base")?,
         Outcome::Failed(f) => return Err(format!("the resumed prepare failed: {f}")),
     };
@@ -392,7 +398,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 /// floor (create_snap + activate by ioctl + one durable redb commit), interleaved.
 async fn bench(h: &Host) -> Result<(), String> {
     const N: usize = 40;
-    let base = h.store.image("web").map_err(|e| e.to_string())?.and_then(|i| i.base_vol_id).ok_or("no web base")?;
+    let bases = h.store.list_bases().map_err(|e| e.to_string())?;
+    let base = bases.iter().find(|b| b.family == "web").map(|b| b.id).ok_or("no web base")?;
     let db = redb::Database::create(Path::new(STATE).join("floor.redb")).map_err(|e| e.to_string())?;
     const T: redb::TableDefinition<u64, u64> = redb::TableDefinition::new("t");
     let pool = h.backend.pool();
@@ -400,7 +407,7 @@ async fn bench(h: &Host) -> Result<(), String> {
     let (mut ours, mut floor) = (Vec::new(), Vec::new());
     for n in 0..N {
         let started = Instant::now();
-        match h.pipeline.activate("web", &format!("bench-{n}"), base).await.map_err(|e| e.to_string())? {
+        match h.pipeline.activate("web", &format!("bench-{n}"), base, None).await.map_err(|e| e.to_string())? {
             Outcome::Completed(_) => ours.push(started.elapsed()),
             Outcome::Failed(f) => return Err(format!("bench activation {n} failed: {f}")),
         }
@@ -506,7 +513,7 @@ fn main() {
                 rt.block_on(async {
                     write_sample_family(&Path::new(STATE).join("images"), "api").map_err(|e| e.to_string())?;
                     let h = host().await?;
-                    let outcome = h.pipeline.prepare("api").await;
+                    let outcome = prepare(&h, "api").await;
                     Err(format!("the fault point did not fire: {outcome:?}"))
                 })
             });

@@ -80,11 +80,12 @@ fn workflow(ctx: Arc<Ctx>) -> Workflow<u32, W> {
                 // volume exists, and a re-run finds it instead of allocating again.
                 let snap = match ctx
                     .store
-                    .intend_snapshot(&req.run_id, "fam", 1, |id| format!("vol-{id}"))
+                    .intend_snapshot(&req.run_id, "fam", 1, None, |id| format!("vol-{id}"))
                     .map_err(StepError::transient)?
                 {
                     thinpipe::store::Intent::Recorded(row) => row,
                     thinpipe::store::Intent::Released(row) => return Err(StepError::abort(row.released_message())),
+                    thinpipe::store::Intent::BaseUnavailable(why) => return Err(StepError::abort(why)),
                 };
                 thinpipe::fault::point("helper.after_intent", &req.run_id);
                 let vol = ctx.state.join("vols").join(&snap.vol_id);
@@ -127,6 +128,11 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     std::fs::create_dir_all(args.state.join("vols")).context("creating vols/")?;
     let store = Store::open(args.state.join("host.db"))?;
+    // The snapshots' base: one sealed version of family `fam`.
+    store.upsert_image("fam", "helper")?;
+    let (thinpipe::store::BaseIntent::Ready(base) | thinpipe::store::BaseIntent::Retiring(base)) =
+        store.intend_base("fam", "sha256:helper", &[])?;
+    store.mark_base_sealed(base.id)?;
     let ctx = Arc::new(Ctx {
         state: args.state.clone(),
         store,

@@ -46,15 +46,17 @@ fn host(rt: &tokio::runtime::Runtime, state: &Path, volumes: &Path) -> anyhow::R
     ];
     let config = worker::config::Config::load(None, [], &sets)?;
     let host = Arc::new(rt.block_on(worker::host::Host::open(config))?);
-    let base = match rt.block_on(host.pipeline.prepare("bench"))? {
-        Outcome::Completed(w) => w.base_vol_id.context("prepare gave no base")?,
-        Outcome::Failed(f) => bail!("preparing the bench family failed: {f}"),
+    let job = thinpipe::job::Job::new(thinpipe::job::JobKind::Prepare, "bench", None);
+    let prepared = rt.block_on(worker::oneshot::run(&host, &job))?;
+    let base = match prepared.base_vol_id {
+        Some(base) => base,
+        None => bail!("preparing the bench family failed: {}", prepared.error.unwrap_or_default()),
     };
     Ok((host, base))
 }
 
 async fn activate(host: &worker::host::Host, name: &str, base: u64) -> anyhow::Result<()> {
-    match host.pipeline.activate("bench", name, base).await? {
+    match host.pipeline.activate("bench", name, base, None).await? {
         Outcome::Completed(_) => Ok(()),
         Outcome::Failed(f) => bail!("activation {name} failed: {f}"),
     }

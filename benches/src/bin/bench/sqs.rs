@@ -240,9 +240,10 @@ async fn worker(
     ];
     let config = worker::config::Config::load(None, [], &sets)?;
     let host = Arc::new(worker::host::Host::open(config).await?);
-    match host.pipeline.prepare("bench").await? {
-        Outcome::Completed(_) => {}
-        Outcome::Failed(f) => bail!("preparing the bench family failed: {f}"),
+    let job = thinpipe::job::Job::new(thinpipe::job::JobKind::Prepare, "bench", None);
+    let prepared = worker::oneshot::run(&host, &job).await?;
+    if prepared.base_vol_id.is_none() {
+        bail!("preparing the bench family failed: {}", prepared.error.unwrap_or_default());
     }
     let (sdk, _) = thinpipe::aws::test_config(endpoint).await;
     let conf = aws_sdk_sqs::config::Builder::from(&sdk).interceptor(counter.clone()).build();
@@ -259,7 +260,7 @@ async fn ours(base: &Path, endpoint: &str) -> anyhow::Result<Ours> {
     let base = base_of(&host).await?;
     let cpu_before = report::cpu_time();
     for i in 0..JOBS {
-        match host.pipeline.activate("bench", &format!("direct-{i}"), base).await? {
+        match host.pipeline.activate("bench", &format!("direct-{i}"), base, None).await? {
             Outcome::Completed(_) => {}
             Outcome::Failed(f) => bail!("a direct activation failed: {f}"),
         }
@@ -306,8 +307,8 @@ async fn ours(base: &Path, endpoint: &str) -> anyhow::Result<Ours> {
 /// The prepared bench family's base.
 async fn base_of(host: &worker::host::Host) -> anyhow::Result<u64> {
     let store = host.store.clone();
-    let row = tokio::task::spawn_blocking(move || store.image("bench")).await??;
-    row.and_then(|r| r.base_vol_id).context("the bench family has no base")
+    let row = tokio::task::spawn_blocking(move || store.current_base("bench")).await??;
+    row.map(|r| r.id).context("the bench family has no current version")
 }
 
 /// What the boto3 consumer measured.

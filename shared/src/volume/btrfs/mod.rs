@@ -227,6 +227,10 @@ impl VolumeBackend for BtrfsBackend {
     fn list(&self) -> Result<Vec<VolumeId>, VolumeError> {
         super::list_layout(&self.root)
     }
+
+    fn usage(&self) -> Result<super::Usage, VolumeError> {
+        super::filesystem_usage(&self.root)
+    }
 }
 
 /// A btrfs filesystem on a loop device, mounted for a test and removed when dropped

@@ -35,7 +35,7 @@ use std::process::Command;
 
 use devicemapper::Device;
 
-use super::{VolumeBackend, VolumeError, VolumeId};
+use super::{Usage, VolumeBackend, VolumeError, VolumeId};
 use crate::fault;
 use device::{DmFailure, Pool};
 
@@ -487,6 +487,22 @@ impl VolumeBackend for DmThinBackend {
         self.checked(self.in_pool(vol))
     }
 
+    fn usage(&self) -> Result<Usage, VolumeError> {
+        let volume = format!("pool {}", self.pool.name());
+        let status = self.pool.status().map_err(|e| self.fail(&volume, e))?;
+        let table = self.pool.table(&self.pool.name()).map_err(|e| self.fail(&volume, e))?;
+        let block_sectors = table.first().and_then(|(_, _, _, p)| p.split_whitespace().nth(2)?.parse::<u64>().ok());
+        let bad = || VolumeError::Abort { volume: volume.clone(), detail: format!("unexpected pool status {status:?}") };
+        let (meta, data) = parse_pool_usage(&status).ok_or_else(bad)?;
+        let block_bytes = block_sectors.ok_or_else(bad)? * 512;
+        Ok(Usage {
+            what: "pool data".into(),
+            used_bytes: data.0 * block_bytes,
+            total_bytes: data.1 * block_bytes,
+            metadata_blocks: Some(meta),
+        })
+    }
+
     fn list(&self) -> Result<Vec<VolumeId>, VolumeError> {
         let ids = self.checked(self.thin_ids())?;
         let mut out: Vec<VolumeId> = ids.iter().filter_map(|&t| volume_of(t)).collect();
@@ -597,4 +613,15 @@ mod tests {
         assert_eq!(volume_of(0), None);
         assert_eq!(volume_of(THIN_ID_LIMIT), None);
     }
+}
+
+/// The (used, total) metadata and data blocks of a pool status line
+/// (`<transaction> <meta used>/<total> <data used>/<total> ...`).
+fn parse_pool_usage(status: &str) -> Option<((u64, u64), (u64, u64))> {
+    let mut fields = status.split_whitespace().skip(1);
+    let mut pair = || {
+        let (used, total) = fields.next()?.split_once('/')?;
+        Some((used.parse().ok()?, total.parse().ok()?))
+    };
+    Some((pair()?, pair()?))
 }

@@ -1,0 +1,238 @@
+//! Garbage collection: bases no job can use again, and blobs no kept base needs.
+//!
+//! Roots: a base is kept while it is its family's current version, while a live (not
+//! released) snapshot was made from it, and while a job in flight holds its version
+//! (`in_use.rs`) or its prepare run is in flight. Everything else is garbage: old versions
+//! without live snapshots, unsealed bases of failed prepares. Each is decided on its own in
+//! one SQLite transaction (`Store::retire_base`) and deleted by its own `retire` run, so a
+//! stuck deletion fails alone and is tried again next pass. No lock is held across a
+//! deletion: activations wait at most for one decision's transaction.
+//!
+//! Above the high watermark, whole families with no live snapshot are evicted, least
+//! recently used first, until usage is below the low watermark. Blobs are collected last,
+//! when no prepare runs (a prepare downloads its blobs before its base records them).
+
+use std::collections::BTreeSet;
+
+use serde::Serialize;
+
+use super::{Lifecycle, LifecycleError, Pressure};
+use crate::fsm::Outcome;
+use crate::job::{legacy_prepare_run_id, prepare_run_id};
+use crate::pipeline::Pipeline;
+use crate::store::{BaseRow, BaseState, Retire};
+use crate::telemetry::metrics;
+use crate::volume::Usage;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BaseSummary {
+    pub id: u64,
+    pub family: String,
+    pub digest: String,
+    pub state: BaseState,
+}
+
+impl From<&BaseRow> for BaseSummary {
+    fn from(b: &BaseRow) -> Self {
+        BaseSummary { id: b.id, family: b.family.clone(), digest: b.digest.clone(), state: b.state }
+    }
+}
+
+/// A base left alone, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Kept {
+    pub base: BaseSummary,
+    pub reason: String,
+}
+
+/// What one pass did (with `dry_run`, what it would do).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct GcReport {
+    pub dry_run: bool,
+    /// Bases deleted (dry run: that would be).
+    pub deleted: Vec<BaseSummary>,
+    /// Old versions kept, and why.
+    pub kept: Vec<Kept>,
+    /// Deletions that failed this pass (tried again next pass), with the error.
+    pub failed: Vec<Kept>,
+    /// Families evicted whole because the host was above its high watermark.
+    pub evicted_families: Vec<String>,
+    pub blobs_deleted: usize,
+    pub blob_bytes_deleted: u64,
+    /// Why blobs were not collected this pass, if they were not.
+    pub blobs_skipped: Option<String>,
+    /// Blob bytes deleted plus what the volume storage's usage fell by.
+    pub bytes_reclaimed: u64,
+    pub usage_before: Option<Usage>,
+    pub usage_after: Option<Usage>,
+}
+
+impl GcReport {
+    pub fn did_something(&self) -> bool {
+        !self.deleted.is_empty() || !self.failed.is_empty() || self.blobs_deleted > 0
+    }
+}
+
+/// Why a job in flight keeps `row`, if one does. Asked with the registry locked.
+fn in_use_reason(held: &super::in_use::Held, row: &BaseRow, pipeline: &Pipeline) -> Option<String> {
+    if held.contains_key(&(row.family.clone(), row.digest.clone())) {
+        return Some("a job in flight uses this version".into());
+    }
+    if row.state == BaseState::Preparing {
+        let runs = [prepare_run_id(&row.family, &row.digest), legacy_prepare_run_id(&row.family)];
+        if let Some(run) = runs.iter().find(|id| pipeline.run_in_flight(id)) {
+            return Some(format!("its prepare run {run} is in flight"));
+        }
+    }
+    None
+}
+
+impl Lifecycle {
+    /// One garbage collection pass (see the module doc). With `dry_run`, nothing is marked or
+    /// deleted: the report says what would be.
+    pub async fn collect(&self, dry_run: bool) -> Result<GcReport, LifecycleError> {
+        let _one_pass = self.pass.lock().await;
+        let mut report = GcReport { dry_run, usage_before: self.measure().await.ok(), ..GcReport::default() };
+        let bases = self.on_store(|s| s.list_bases()).await?;
+        let current: BTreeSet<u64> =
+            self.on_store(|s| s.list_images()).await?.into_iter().filter_map(|i| i.current_base).collect();
+        let mut marked = Vec::new();
+        for base in bases.iter().filter(|b| !current.contains(&b.id)) {
+            match self.decide(base, dry_run).await? {
+                Retire::Marked(row) => marked.push(row),
+                Retire::Kept(reason) => report.kept.push(Kept { base: base.into(), reason }),
+                Retire::Gone => {}
+            }
+        }
+        if dry_run {
+            report.deleted = marked.iter().map(BaseSummary::from).collect();
+        } else {
+            self.retire_all(marked, &mut report).await;
+            self.evict(&mut report).await?;
+        }
+        self.collect_blobs(&mut report).await?;
+        report.usage_after = self.measure().await.ok();
+        if let (Some(before), Some(after)) = (&report.usage_before, &report.usage_after) {
+            report.bytes_reclaimed = before.used_bytes.saturating_sub(after.used_bytes);
+        }
+        report.bytes_reclaimed += report.blob_bytes_deleted;
+        if !dry_run {
+            metrics().gc_bases_deleted.add(report.deleted.len() as u64, &[]);
+            metrics().gc_blobs_deleted.add(report.blobs_deleted as u64, &[]);
+            metrics().gc_bytes_reclaimed.add(report.bytes_reclaimed, &[]);
+        }
+        Ok(report)
+    }
+
+    /// Marks `base` retiring if nothing keeps it (dry run: says whether it would).
+    async fn decide(&self, base: &BaseRow, dry_run: bool) -> Result<Retire, LifecycleError> {
+        let (registry, pipeline, id) = (self.in_use.registry(), self.pipeline.clone(), base.id);
+        let row = base.clone();
+        Ok(self
+            .on_store(move |s| {
+                let held = super::lock(&registry);
+                if dry_run {
+                    let live = s.live_snapshots_of(id)?;
+                    return Ok(if live > 0 {
+                        Retire::Kept(format!("{live} live snapshot(s) were made from it"))
+                    } else if let Some(why) = in_use_reason(&held, &row, &pipeline) {
+                        Retire::Kept(why)
+                    } else {
+                        Retire::Marked(row)
+                    });
+                }
+                s.retire_base(id, |row| in_use_reason(&held, row, &pipeline))
+            })
+            .await?)
+    }
+
+    /// Runs the `retire` run of every marked base at once; a failure is reported, not fatal.
+    async fn retire_all(&self, marked: Vec<BaseRow>, report: &mut GcReport) {
+        let runs = marked.iter().map(|row| self.pipeline.retire(row));
+        for (row, outcome) in marked.iter().zip(futures::future::join_all(runs).await) {
+            match outcome {
+                Ok(Outcome::Completed(_)) => report.deleted.push(row.into()),
+                Ok(Outcome::Failed(f)) => report.failed.push(Kept { base: row.into(), reason: f.to_string() }),
+                Err(e) => report.failed.push(Kept { base: row.into(), reason: e.to_string() }),
+            }
+        }
+    }
+
+    /// Above the high watermark: evicts families with no live snapshot, least recently
+    /// used first, until usage is below the low watermark.
+    async fn evict(&self, report: &mut GcReport) -> Result<(), LifecycleError> {
+        let watermarks = self.settings.watermarks.clone();
+        let usage = self.measure().await?;
+        if watermarks.assess(&usage) == Pressure::Normal {
+            return Ok(());
+        }
+        let families = self.on_store(|s| s.families_by_last_use()).await?;
+        for (family, _) in families {
+            if watermarks.below_low(&self.measure().await?) {
+                break;
+            }
+            let (registry, pipeline, f) = (self.in_use.registry(), self.pipeline.clone(), family.clone());
+            let evicted = self
+                .on_store(move |s| {
+                    let held = super::lock(&registry);
+                    s.evict_family(&f, |row| in_use_reason(&held, row, &pipeline))
+                })
+                .await?;
+            match evicted {
+                Ok(rows) => {
+                    tracing::info!(%family, bases = rows.len(), used_percent = usage.percent(), "evicting a family to free space");
+                    report.evicted_families.push(family);
+                    self.retire_all(rows, report).await;
+                }
+                Err(why) => tracing::debug!(%family, %why, "family kept"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes cached blobs that no base still needs, when no prepare runs.
+    async fn collect_blobs(&self, report: &mut GcReport) -> Result<(), LifecycleError> {
+        let Some(_no_prepare) = self.in_use.collect_blobs() else {
+            report.blobs_skipped = Some("a prepare is running".into());
+            return Ok(());
+        };
+        if self.pipeline.prepares_in_flight() {
+            report.blobs_skipped = Some("a prepare run is in flight".into());
+            return Ok(());
+        }
+        let bases = self.on_store(|s| s.list_bases()).await?;
+        let mut needed = BTreeSet::new();
+        for base in bases.iter().filter(|b| b.state != BaseState::Retiring) {
+            match &base.blobs {
+                Some(blobs) => needed.extend(blobs.iter().cloned()),
+                None => {
+                    report.blobs_skipped = Some(format!(
+                        "base-{} was recorded before versions existed and has no blob list; its blobs are kept until it is collected",
+                        base.id
+                    ));
+                    return Ok(());
+                }
+            }
+        }
+        let cache = self.pipeline.context().cache.clone();
+        let dry_run = report.dry_run;
+        let (count, bytes) = tokio::task::spawn_blocking(move || -> Result<(usize, u64), crate::image::ImageError> {
+            let (mut count, mut bytes) = (0, 0);
+            for (digest, size) in cache.list()? {
+                if !needed.contains(digest.as_str()) {
+                    if !dry_run {
+                        cache.remove(&digest)?;
+                    }
+                    count += 1;
+                    bytes += size;
+                }
+            }
+            Ok((count, bytes))
+        })
+        .await
+        .map_err(|e| LifecycleError::Task(format!("the blob collection task failed: {e}")))??;
+        report.blobs_deleted = count;
+        report.blob_bytes_deleted = bytes;
+        Ok(())
+    }
+}

@@ -1,0 +1,316 @@
+//! The job executor, shared by the daemon's job loop and the one-shot commands: one job in,
+//! how it ended out. It owns the family's current-version pointer (`Lifecycle::make_current`
+//! is called only here).
+//!
+//! - `prepare`: resolves the version (the source's current one, or the pinned `digest`),
+//!   prepares it unless this host has it sealed, and makes it the family's current version.
+//! - `activate`: refuses an invocation a release has reached; uses the host's current version
+//!   (no source lookup) or the pinned one, preparing it first if needed; then runs
+//!   `activate-<invocation_id>`.
+//! - `release`: records the release and runs `release-<invocation_id>`.
+//!
+//! Prepares and activations are refused while the host is full (`Lifecycle::admit`): a failed
+//! result that says so, neither retried here nor dead-lettered. A version being prepared is
+//! prepared once per host: one task per family in this process (a lock), one process per
+//! family (the `prepare/<family>` lease).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use thinpipe::fsm::{Failure, FailureKind, Outcome, RunError};
+use thinpipe::image::Manifest;
+use thinpipe::job::{Job, JobKind, JobResult, JobStatus, prepare_run_id};
+use thinpipe::lifecycle::{Hold, ResolveError, Target, Want};
+use thinpipe::pipeline::PipelineError;
+use thinpipe::store::{Acquired, BaseRow, Holder, StoreError};
+use thinpipe::telemetry;
+use tokio_util::sync::CancellationToken;
+
+use crate::host::Host;
+
+/// How one job ended.
+pub enum JobEnd {
+    /// Publish the result (if asked) and ack.
+    Done(JobResult),
+    /// Dead-letter with the reason (publishing a failure result first, if asked).
+    DeadLetter(String, Option<JobResult>),
+    /// Leave the message for a later try.
+    Retry(String),
+    /// Draining began before the job started its run: make the message visible again now,
+    /// for another worker (or this one's next start).
+    HandBack,
+}
+
+pub struct Executor {
+    host: Arc<Host>,
+    /// One prepare per family at a time in this process.
+    prepare_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Fired when draining begins: jobs still waiting for a prepare are handed back.
+    draining: CancellationToken,
+}
+
+impl Executor {
+    pub fn new(host: Arc<Host>, draining: CancellationToken) -> Executor {
+        Executor { host, prepare_locks: Mutex::new(HashMap::new()), draining }
+    }
+
+    /// Runs `job` (delivered as message `job_id`) to its end.
+    pub async fn execute(&self, job: &Job, job_id: &str) -> JobEnd {
+        let result = JobResult {
+            job_id: job_id.to_owned(),
+            kind: job.kind,
+            family: job.family.clone(),
+            invocation_id: job.invocation_id.clone(),
+            status: JobStatus::Succeeded,
+            run_id: job.run_id(),
+            snapshot_path: None,
+            base_vol_id: None,
+            error: None,
+            detail: None,
+            digest: job.digest.clone(),
+        };
+        match job.kind {
+            JobKind::Prepare | JobKind::Activate => self.prepare_or_activate(job, result).await,
+            JobKind::Release => {
+                let mut result = result;
+                let invocation = job.invocation_id.clone().unwrap_or_default();
+                let end = match self.host.pipeline.release(&job.family, &invocation).await {
+                    Ok(release) => {
+                        result.detail = release.detail();
+                        match &release.outcome {
+                            Outcome::Completed(_) => JobEnd::Done(result),
+                            Outcome::Failed(f) => failed(result, &f.to_string()),
+                        }
+                    }
+                    Err(e) => not_run(e, result),
+                };
+                // The released snapshot's base may be garbage now.
+                self.host.lifecycle.wake();
+                end
+            }
+        }
+    }
+
+    async fn prepare_or_activate(&self, job: &Job, mut result: JobResult) -> JobEnd {
+        let pipeline = &self.host.pipeline;
+        let invocation = job.invocation_id.clone().unwrap_or_default();
+        // A released invocation is refused before anything is prepared for it.
+        if job.kind == JobKind::Activate {
+            match pipeline.released_activation(&invocation).await {
+                Ok(Some(Outcome::Failed(f))) => return failed(result, &f.to_string()),
+                Ok(_) => {}
+                Err(e) => return JobEnd::Retry(e.to_string()),
+            }
+        }
+        if let Err(full) = self.host.lifecycle.admit().await {
+            telemetry::metrics().capacity_refusals.add(1, &[telemetry::kv("kind", job.kind.to_string())]);
+            tracing::warn!(reason = %full, "refused: the host is full");
+            return failed(result, &full);
+        }
+        let want = match (job.kind, job.pinned()) {
+            (_, Some(digest)) => Want::Pinned(digest),
+            (JobKind::Prepare, None) => Want::Latest,
+            _ => Want::Current,
+        };
+        let (hold, base) = match self.ensure_version(&job.family, &want, job.kind == JobKind::Prepare).await {
+            Ok(v) => v,
+            Err(Prep::Unknown(why)) => {
+                result.status = JobStatus::Failed;
+                result.error = Some(why.clone());
+                return JobEnd::DeadLetter(why, Some(result));
+            }
+            Err(Prep::Failed { run_id, failure }) => {
+                result.run_id = run_id;
+                return failed(result, &failure.to_string());
+            }
+            Err(Prep::Retry(why)) => return JobEnd::Retry(why),
+            Err(Prep::HandBack) => return JobEnd::HandBack,
+        };
+        result.base_vol_id = Some(base.id);
+        result.digest = Some(base.digest.clone());
+        if job.kind == JobKind::Prepare {
+            result.run_id = prepare_run_id(&base.family, &base.digest);
+            return JobEnd::Done(result);
+        }
+        let outcome = pipeline.activate(&job.family, &invocation, base.id, job.ttl_secs).await;
+        // The snapshot's row (live) keeps the base from now on.
+        drop(hold);
+        match outcome {
+            Ok(Outcome::Completed(w)) => {
+                result.snapshot_path = w.path;
+                if w.digest.is_some() {
+                    result.digest = w.digest;
+                }
+                JobEnd::Done(result)
+            }
+            Ok(Outcome::Failed(f)) => failed(result, &f.to_string()),
+            Err(e) => not_run(e, result),
+        }
+    }
+
+    /// The sealed base of the version `want` names, preparing it first if needed, held
+    /// against garbage collection. A prepare job (`make_current`) makes it the family's
+    /// current version; an activation only if the family has none.
+    async fn ensure_version(&self, family: &str, want: &Want, make_current: bool) -> Result<(Hold, BaseRow), Prep> {
+        let lifecycle = &self.host.lifecycle;
+        let version = lifecycle.resolve(family, want).await.map_err(|e| match e {
+            e if e.is_retryable() => Prep::Retry(e.to_string()),
+            ResolveError::Source(e) => Prep::Unknown(e.to_string()),
+            ResolveError::Store(e) => Prep::Retry(e.to_string()),
+        })?;
+        let base = match version.target {
+            Target::Sealed(row) => row,
+            Target::Prepare(manifest) => self.prepare(&manifest).await?,
+        };
+        lifecycle.make_current(&base, make_current).await.map_err(|e| Prep::Retry(e.to_string()))?;
+        Ok((version.hold, base))
+    }
+
+    /// Prepares the version `manifest` describes: one task per family in this process, one
+    /// process per family on this host.
+    async fn prepare(&self, manifest: &Manifest) -> Result<BaseRow, Prep> {
+        let family = manifest.family.as_str();
+        let lock = lock(&self.prepare_locks).entry(family.to_owned()).or_default().clone();
+        // A job waiting here has not started: once draining begins it is handed back.
+        let _one_at_a_time = tokio::select! {
+            guard = lock.lock() => guard,
+            _ = self.draining.cancelled() => return Err(Prep::HandBack),
+        };
+        if let Some(base) = self.sealed(manifest).await? {
+            return Ok(base); // another task of ours prepared it while we waited
+        }
+        let key = format!("prepare/{family}");
+        let ttl = Duration::from_secs(self.host.config.worker.lease_ttl_secs);
+        let store = self.host.store.clone();
+        let k = key.clone();
+        match blocking(move || store.acquire_lease_reclaiming(&k, Holder::this_process(), ttl)).await? {
+            Acquired::Yes => {}
+            Acquired::TookOver { from } => {
+                telemetry::metrics().lease_takeovers.add(1, &[telemetry::kv("lease", "prepare")]);
+                tracing::warn!(family, previous = %from, "took over the prepare lease of a process that is gone")
+            }
+            Acquired::HeldBy(holder) => {
+                return Err(Prep::Retry(format!("family {family} is being prepared by {holder}")));
+            }
+        }
+        let lost = CancellationToken::new();
+        let renewer = {
+            let (store, key, lost) = (self.host.store.clone(), key.clone(), lost.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(ttl / 3).await;
+                    let (s, k) = (store.clone(), key.clone());
+                    match tokio::task::spawn_blocking(move || s.renew_lease(&k, Holder::this_process(), ttl)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) if e.is_retryable() => {
+                            tracing::warn!(error = %e, "renewing the prepare lease failed; retrying")
+                        }
+                        _ => {
+                            lost.cancel();
+                            return;
+                        }
+                    }
+                }
+            })
+        };
+        // Blob collection waits while a prepare downloads and applies blobs.
+        let blobs = self.host.lifecycle.in_use().prepare().await;
+        let outcome = tokio::select! {
+            o = self.host.pipeline.prepare(manifest) => Some(o),
+            _ = lost.cancelled() => None,
+        };
+        drop(blobs);
+        renewer.abort();
+        let run_id = prepare_run_id(family, manifest.digest.as_str());
+        let result = match outcome {
+            None => {
+                Err(Prep::Retry(format!("lost the prepare lease of {family}; another process may be preparing it")))
+            }
+            Some(Err(e)) => Err(Prep::Retry(run_error(e))),
+            Some(Ok(Outcome::Failed(failure))) => Err(Prep::Failed { run_id, failure }),
+            Some(Ok(Outcome::Completed(_))) => match self.sealed(manifest).await? {
+                Some(base) => Ok(base),
+                None => Err(Prep::Failed {
+                    run_id,
+                    failure: Failure {
+                        step: "prepare".into(),
+                        error: format!("prepare completed but {family}@{} has no sealed base", manifest.digest),
+                        kind: FailureKind::Corrupt,
+                    },
+                }),
+            },
+        };
+        let (store, k) = (self.host.store.clone(), key);
+        if let Err(e) = blocking(move || store.release_lease(&k, Holder::this_process())).await {
+            tracing::warn!(family, "could not release the prepare lease ({e:?}); it expires by itself");
+        }
+        result
+    }
+
+    /// The sealed base of `manifest`'s version, if this host has one.
+    async fn sealed(&self, manifest: &Manifest) -> Result<Option<BaseRow>, Prep> {
+        let (store, f, d) = (self.host.store.clone(), manifest.family.clone(), manifest.digest.to_string());
+        let row = blocking(move || store.base_of_version(&f, &d)).await?;
+        Ok(row.filter(|r| r.state == thinpipe::store::BaseState::Sealed))
+    }
+}
+
+/// Why `ensure_version` gave no base.
+enum Prep {
+    /// The version does not resolve (no such family or version, no layers, a malformed
+    /// manifest): the job is a mistake and is dead-lettered.
+    Unknown(String),
+    Failed {
+        run_id: String,
+        failure: Failure,
+    },
+    Retry(String),
+    /// Draining began while the job waited for the family's prepare.
+    HandBack,
+}
+
+impl std::fmt::Debug for Prep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Prep::Unknown(x) | Prep::Retry(x) => f.write_str(x),
+            Prep::Failed { failure, .. } => write!(f, "{failure}"),
+            Prep::HandBack => f.write_str("handed back: draining"),
+        }
+    }
+}
+
+fn failed(mut result: JobResult, error: &str) -> JobEnd {
+    result.status = JobStatus::Failed;
+    result.error = Some(error.to_owned());
+    JobEnd::Done(result)
+}
+
+/// A run that could not be started or waited for: a mistake in the job (a run id reused
+/// for other work) is dead-lettered with a failure result; anything else is retried.
+fn not_run(e: PipelineError, mut result: JobResult) -> JobEnd {
+    match &e {
+        PipelineError::Run(RunError::Start(start)) if !start.is_retryable() => {
+            result.status = JobStatus::Failed;
+            result.error = Some(e.to_string());
+            JobEnd::DeadLetter(e.to_string(), Some(result))
+        }
+        _ => JobEnd::Retry(e.to_string()),
+    }
+}
+
+fn run_error(e: RunError) -> String {
+    e.to_string()
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, StoreError> + Send + 'static) -> Result<T, Prep> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(Prep::Retry(e.to_string())),
+        Err(e) => Err(Prep::Retry(format!("blocking task failed: {e}"))),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

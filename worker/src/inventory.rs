@@ -1,0 +1,124 @@
+//! `worker images` and `worker gc`: what the host holds, and what a collection pass did, as
+//! text for people or JSON for tools.
+
+use anyhow::Context;
+use serde::Serialize;
+use thinpipe::image::BlobCache;
+use thinpipe::lifecycle::inventory::{FamilyView, VersionView, families};
+use thinpipe::lifecycle::{GcReport, Watermarks};
+use thinpipe::store::Store;
+use thinpipe::volume::Usage;
+
+use crate::config::Config;
+
+/// The whole view: families, storage usage, blob cache.
+#[derive(Serialize)]
+pub struct Images {
+    pub families: Vec<FamilyView>,
+    pub usage: Option<Usage>,
+    /// Why usage could not be measured (e.g. dm-thin without root).
+    pub usage_error: Option<String>,
+    pub watermarks: Watermarks,
+    pub blob_cache_bytes: u64,
+}
+
+pub fn collect(config: &Config) -> anyhow::Result<Images> {
+    let store = Store::open(config.host_db_path())?;
+    let cache = BlobCache::open(config.blob_cache_dir())?;
+    let (usage, usage_error) = match crate::host::open_backend(config).and_then(|b| Ok(b.usage()?)) {
+        Ok(u) => (Some(u), None),
+        Err(e) => (None, Some(format!("{e:#}"))),
+    };
+    Ok(Images {
+        families: families(&store, Some(&cache))?,
+        usage,
+        usage_error,
+        watermarks: config.watermarks(),
+        blob_cache_bytes: cache.size().context("measuring the blob cache")?,
+    })
+}
+
+pub fn print(config: &Config, json: bool) -> anyhow::Result<std::process::ExitCode> {
+    let images = collect(config)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&images)?);
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    if images.families.is_empty() {
+        println!("no families prepared on this host");
+    }
+    for f in &images.families {
+        println!(
+            "{}  ({} live snapshot(s), last used {}, source {})",
+            f.family,
+            f.live_snapshots,
+            f.last_used.as_deref().unwrap_or("never"),
+            f.source
+        );
+        match &f.current {
+            Some(v) => println!("  current  {}", version_line(v)),
+            None => println!("  current  none (prepared on the next prepare or activate)"),
+        }
+        for v in &f.others {
+            println!("  kept     {}", version_line(v));
+        }
+    }
+    match (&images.usage, &images.usage_error) {
+        (Some(u), _) => println!(
+            "\nstorage: {} {:.1}% used ({} of {} bytes){}; high {}%, low {}%, refuse {}%",
+            u.what,
+            u.percent(),
+            u.used_bytes,
+            u.total_bytes,
+            u.metadata_percent().map(|m| format!(", metadata {m:.1}%")).unwrap_or_default(),
+            images.watermarks.high_percent,
+            images.watermarks.low_percent,
+            images.watermarks.refuse_percent
+        ),
+        (None, Some(e)) => println!("\nstorage: not measured: {e}"),
+        (None, None) => {}
+    }
+    println!("blob cache: {} bytes", images.blob_cache_bytes);
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn version_line(v: &VersionView) -> String {
+    format!(
+        "{} {} {} live={} layers={}B last_activated={}",
+        v.digest,
+        v.base,
+        v.state,
+        v.live_snapshots,
+        v.layer_bytes,
+        v.last_activated_at.as_deref().unwrap_or("never")
+    )
+}
+
+pub fn print_gc(report: &GcReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    let verb = if report.dry_run { "would delete" } else { "deleted" };
+    for b in &report.deleted {
+        println!("{verb} base-{} ({}@{})", b.id, b.family, b.digest);
+    }
+    for k in &report.kept {
+        println!("kept base-{} ({}@{}): {}", k.base.id, k.base.family, k.base.digest, k.reason);
+    }
+    for k in &report.failed {
+        println!("FAILED to delete base-{} ({}@{}): {}", k.base.id, k.base.family, k.base.digest, k.reason);
+    }
+    for f in &report.evicted_families {
+        println!("evicted family {f} (the host was above its high watermark)");
+    }
+    println!(
+        "{verb} {} base(s), {} blob(s) ({} bytes){}; {} bytes reclaimed",
+        report.deleted.len(),
+        report.blobs_deleted,
+        report.blob_bytes_deleted,
+        report.blobs_skipped.as_deref().map(|s| format!(" [blobs skipped: {s}]")).unwrap_or_default(),
+        report.bytes_reclaimed
+    );
+    Ok(())
+}
