@@ -52,10 +52,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Kind {
-    /// Prepare a family's base volume.
+    /// Prepare a family's version (the source's current one, or --digest) and make it the
+    /// family's current version on the worker's host.
     Prepare {
         #[arg(long)]
         family: String,
+        /// The version (manifest digest, sha256:...); sends a version 2 message.
+        #[arg(long)]
+        digest: Option<String>,
     },
     /// Activate a fresh snapshot for one invocation.
     Activate {
@@ -63,6 +67,13 @@ enum Kind {
         family: String,
         #[arg(long)]
         invocation_id: String,
+        /// The version (default: the host's current one); sends a version 2 message.
+        #[arg(long)]
+        digest: Option<String>,
+        /// The worker releases the snapshot after this many seconds unless released before;
+        /// sends a version 2 message.
+        #[arg(long)]
+        ttl_secs: Option<u64>,
     },
     /// Release the snapshot of one invocation.
     Release {
@@ -98,8 +109,15 @@ fn run(cli: &Cli) -> ExitCode {
         return run_async(tracing::Instrument::instrument(publish(cli, dir, family, to), span));
     }
     let job = match &cli.kind {
-        Kind::Prepare { family } => Job::new(JobKind::Prepare, family, None),
-        Kind::Activate { family, invocation_id } => Job::new(JobKind::Activate, family, Some(invocation_id)),
+        Kind::Prepare { family, digest } => {
+            Job { digest: digest.clone(), ..Job::new(JobKind::Prepare, family, None) }.versioned()
+        }
+        Kind::Activate { family, invocation_id, digest, ttl_secs } => Job {
+            digest: digest.clone(),
+            ttl_secs: *ttl_secs,
+            ..Job::new(JobKind::Activate, family, Some(invocation_id))
+        }
+        .versioned(),
         Kind::Release { family, invocation_id } => Job::new(JobKind::Release, family, Some(invocation_id)),
         Kind::Publish { .. } => unreachable!("handled above"),
     };
@@ -153,14 +171,15 @@ async fn publish(cli: &Cli, dir: &std::path::Path, family: &str, to: &str) -> an
     if cli.json {
         println!(
             "{}",
-            serde_json::json!({"uploaded": report.uploaded, "skipped": report.skipped, "bytes": report.bytes})
+            serde_json::json!({"uploaded": report.uploaded, "skipped": report.skipped, "bytes": report.bytes, "version": report.version})
         );
     } else {
         println!(
-            "published {family} to {to}: {} uploaded, {} already there, {} bytes",
+            "published {family} to {to}: {} uploaded, {} already there, {} bytes{}",
             report.uploaded.len(),
             report.skipped.len(),
-            report.bytes
+            report.bytes,
+            report.version.as_deref().map(|v| format!("; version {v}")).unwrap_or_default()
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -279,14 +298,8 @@ async fn post_embedded(cli: &Cli, mut job: Job) -> anyhow::Result<ExitCode> {
 fn print(r: &JobResult, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(r)?);
-    } else if let Some(e) = &r.error {
-        println!("{} {} FAILED: {e}", r.kind, r.run_id);
-    } else if let Some(p) = &r.snapshot_path {
-        println!("{} {} ok: {p}", r.kind, r.run_id);
-    } else if let Some(d) = &r.detail {
-        println!("{} {} ok: {d}", r.kind, r.run_id);
     } else {
-        println!("{} {} ok", r.kind, r.run_id);
+        println!("{r}");
     }
     Ok(())
 }

@@ -250,6 +250,30 @@ pub struct JobResult {
     pub digest: Option<String>,
 }
 
+/// One line for people: `<kind> <run id> ok: <what>` or `<kind> <run id> FAILED: <error>`.
+impl std::fmt::Display for JobResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} ", self.kind, self.run_id)?;
+        if let (JobStatus::Failed, Some(e)) = (self.status, &self.error) {
+            return write!(f, "FAILED: {e}");
+        }
+        if self.status == JobStatus::Failed {
+            return f.write_str("FAILED");
+        }
+        f.write_str("ok")?;
+        match (&self.snapshot_path, &self.detail, self.base_vol_id) {
+            (Some(path), _, _) => write!(f, ": {path}")?,
+            (None, Some(detail), _) => write!(f, ": {detail}")?,
+            (None, None, Some(base)) => write!(f, ": base-{base}")?,
+            (None, None, None) => {}
+        }
+        match &self.digest {
+            Some(d) if self.kind != JobKind::Release => write!(f, " (version {d})"),
+            _ => Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

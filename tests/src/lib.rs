@@ -1,6 +1,7 @@
 //! thinpipe's end-to-end test support: helper binaries (`src/bin/`) that the tests in
 //! `tests/` run as real processes and kill, and small shared utilities for those tests.
 
+pub mod aws;
 pub mod flaky;
 pub mod guest;
 pub mod http;
@@ -70,6 +71,34 @@ pub fn tar_of_file(name: &str, content: &[u8]) -> Vec<u8> {
     h.set_cksum();
     b.append_data(&mut h, name, content).expect("appending to an in-memory tar");
     b.into_inner().expect("finishing an in-memory tar")
+}
+
+/// Runs `umoci` in `dir` (scripts/test installs it).
+pub fn umoci(dir: &Path, args: &[&str]) {
+    let out = Command::new("umoci").current_dir(dir).args(args).output().expect("umoci (scripts/test installs it)");
+    assert!(out.status.success(), "umoci {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Makes `family` in the OCI layout `<dir>/oci` (created if needed) a new image with no layer
+/// of an earlier version: one layer per entry of `layers`, each writing its (path, content)
+/// files. Earlier versions' manifests and blobs stay in the layout.
+pub fn oci_version(dir: &Path, family: &str, layers: &[&[(&str, &str)]]) -> std::path::PathBuf {
+    if !dir.join("oci/index.json").exists() {
+        umoci(dir, &["init", "--layout", "oci"]);
+    }
+    let image = format!("oci:{family}");
+    umoci(dir, &["new", "--image", &image]);
+    for files in layers {
+        umoci(dir, &["unpack", "--image", &image, "work"]);
+        for (path, content) in *files {
+            let p = dir.join("work/rootfs").join(path);
+            std::fs::create_dir_all(p.parent().expect("a file in a directory")).expect("creating a directory");
+            std::fs::write(&p, content).expect("writing a file");
+        }
+        umoci(dir, &["repack", "--image", &image, "work"]);
+        std::fs::remove_dir_all(dir.join("work")).expect("removing the work tree");
+    }
+    dir.join("oci")
 }
 
 /// Log files of the daemons this test process has running.

@@ -8,39 +8,8 @@ use std::time::Duration;
 
 use thinpipe::image::write_sample_family;
 use thinpipe::queue::{JobQueue, REASON_ATTRIBUTE, SqsQueue, SqsSettings};
+use thinpipe_tests::aws::{AWS_ENV, Sqs, sqs};
 use thinpipe_tests::{Daemon, bin};
-
-struct Sqs {
-    endpoint: String,
-    client: aws_sdk_sqs::Client,
-    jobs: String,
-    dlq: String,
-}
-
-async fn sqs(endpoint: String) -> Sqs {
-    let (config, _) = thinpipe::aws::test_config(&endpoint).await;
-    let client = thinpipe::aws::sqs_client(&config);
-    let suffix = format!("{:x}", rand::random::<u64>());
-    let jobs = client.create_queue().queue_name(format!("jobs-{suffix}")).send().await.unwrap();
-    let dlq = client.create_queue().queue_name(format!("dlq-{suffix}")).send().await.unwrap();
-    Sqs { endpoint, client, jobs: jobs.queue_url().unwrap().to_owned(), dlq: dlq.queue_url().unwrap().to_owned() }
-}
-
-const AWS_ENV: [(&str, &str); 3] =
-    [("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_REGION", "us-east-1")];
-
-/// The worker's environment for this test's queues, with a visibility timeout in seconds.
-fn worker_env<'a>(s: &'a Sqs, visibility: &'a str) -> Vec<(&'a str, &'a str)> {
-    let mut env = vec![
-        ("THINPIPE_QUEUE_KIND", "sqs"),
-        ("THINPIPE_QUEUE_URL", s.jobs.as_str()),
-        ("THINPIPE_QUEUE_DEAD_LETTER_URL", s.dlq.as_str()),
-        ("THINPIPE_AWS_ENDPOINT", s.endpoint.as_str()),
-        ("THINPIPE_QUEUE_VISIBILITY_TIMEOUT_SECS", visibility),
-    ];
-    env.extend(AWS_ENV);
-    env
-}
 
 fn enqueue(s: &Sqs, args: &[&str]) -> serde_json::Value {
     let out = Command::new(bin("enqueue"))
@@ -63,7 +32,7 @@ fn enqueued_jobs_run_on_a_worker_and_reply_and_a_repeat_makes_no_second_snapshot
     let s = rt.block_on(sqs(endpoint));
     let dir = tempfile::tempdir().unwrap();
     write_sample_family(dir.path(), "web").unwrap();
-    let daemon = Daemon::start(dir.path(), &worker_env(&s, "10"));
+    let daemon = Daemon::start(dir.path(), &s.worker_env("10"));
 
     let first = enqueue(&s, &["activate", "--family", "web", "--invocation-id", "inv-1"]);
     assert_eq!(first["status"], "succeeded", "{first} {}", daemon.log());
@@ -85,7 +54,7 @@ fn one_worker_receives_from_its_own_queue_and_a_fleet_wide_one() {
     let fleet = rt.block_on(sqs(endpoint));
     let dir = tempfile::tempdir().unwrap();
     write_sample_family(dir.path(), "web").unwrap();
-    let mut env = worker_env(&host, "10");
+    let mut env = host.worker_env("10");
     env.push(("THINPIPE_QUEUE_EXTRA_URLS", fleet.jobs.as_str()));
     let daemon = Daemon::start(dir.path(), &env);
 
@@ -110,7 +79,7 @@ fn malformed_messages_land_in_the_dlq_with_their_reason_and_the_worker_keeps_run
     let s = rt.block_on(sqs(endpoint));
     let dir = tempfile::tempdir().unwrap();
     write_sample_family(dir.path(), "web").unwrap();
-    let mut daemon = Daemon::start(dir.path(), &worker_env(&s, "10"));
+    let mut daemon = Daemon::start(dir.path(), &s.worker_env("10"));
     let q = SqsQueue::new(
         s.client.clone(),
         SqsSettings { queue_url: s.jobs.clone(), dead_letter_url: None, visibility: Duration::from_secs(30) },
@@ -169,7 +138,7 @@ fn a_worker_killed_during_prepare_is_resumed_by_the_next_from_the_redelivered_me
     let s = rt.block_on(sqs(endpoint));
     let dir = tempfile::tempdir().unwrap();
     write_sample_family(dir.path(), "web").unwrap();
-    let env = worker_env(&s, "3");
+    let env = s.worker_env("3");
     let mut armed = env.clone();
     armed.push(("THINPIPE_FAULT", "prepare.after_base_create@web"));
 
@@ -220,7 +189,7 @@ fn the_heartbeat_keeps_a_long_job_invisible_and_sigterm_lets_it_finish() {
     let dir = tempfile::tempdir().unwrap();
     write_sample_family(dir.path(), "web").unwrap();
     // The job runs ~8 s: four visibility timeouts of 2 s.
-    let mut env = worker_env(&s, "2");
+    let mut env = s.worker_env("2");
     env.push(("THINPIPE_PAUSE", "prepare.unpack@web=8000"));
     let daemon = Daemon::start(dir.path(), &env);
     post(&s, r#"{"v":1,"kind":"prepare","family":"web"}"#);

@@ -376,13 +376,8 @@ fn new_invocation_id() -> String {
 fn print_result(r: &JobResult, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(r)?);
-        return Ok(());
-    }
-    match (&r.status, &r.snapshot_path, &r.error, &r.detail) {
-        (JobStatus::Failed, _, Some(e), _) => println!("{} {} FAILED: {e}", r.kind, r.run_id),
-        (_, Some(path), _, _) => println!("{} {} ok: {path}", r.kind, r.run_id),
-        (_, _, _, Some(detail)) => println!("{} {} ok: {detail}", r.kind, r.run_id),
-        _ => println!("{} {} ok{}", r.kind, r.run_id, r.base_vol_id.map(|b| format!(": base-{b}")).unwrap_or_default()),
+    } else {
+        println!("{r}");
     }
     Ok(())
 }

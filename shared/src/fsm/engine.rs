@@ -657,16 +657,21 @@ impl Engine {
         self.inner.writer.stop();
     }
 
-    /// Moves failed run `id`, with its whole history, to `<id>~<finished ms>` and returns
-    /// that id, so `id` can be started afresh (a new job retrying a failed prepare) while
-    /// the failure stays inspectable.
-    pub async fn archive_failed(&self, id: &str) -> Result<String, CancelError> {
+    /// Moves finished run `id`, with its whole history, to `<id>~<finished ms>` and returns
+    /// that id, so `id` can be started afresh (a new job retrying a failed prepare, or
+    /// preparing again a version whose base was collected) while the old run stays
+    /// inspectable. An active run is refused.
+    pub async fn archive_finished(&self, id: &str) -> Result<String, CancelError> {
+        if lock(&self.inner.unrecorded).contains_key(id) {
+            // Started, its start not committed yet (guarantee 1): active.
+            return Err(CancelError::NotActive { id: id.to_owned(), status: RunStatus::Active });
+        }
         let record = match self.read_record(id).map_err(|e| CancelError::Storage(e.to_string()))? {
             None => return Err(CancelError::NotFound(id.to_owned())),
             Some(Err(why)) => return Err(CancelError::Storage(format!("run {id} record does not decode: {why}"))),
             Some(Ok(r)) => r,
         };
-        if record.status != RunStatus::Failed {
+        if !record.status.is_finished() {
             return Err(CancelError::NotActive { id: id.to_owned(), status: record.status });
         }
         let to = format!("{id}~{}", record.finished_at_ms.unwrap_or(record.updated_at_ms));

@@ -687,7 +687,7 @@ async fn arbitrary_ids_are_kept_apart() {
 }
 
 #[tokio::test]
-async fn a_failed_run_can_be_archived_and_its_id_started_again() {
+async fn a_finished_run_can_be_archived_and_its_id_started_again() {
     let dir = tempfile::tempdir().unwrap();
     let engine = open(&dir).await;
     let fail = Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -699,8 +699,8 @@ async fn a_failed_run_can_be_archived_and_its_id_started_again() {
         }))
         .unwrap();
     assert!(matches!(wf.run("prepare-web", &(), &0).await.unwrap(), Outcome::Failed(_)));
-    assert!(matches!(engine.archive_failed("nope").await, Err(CancelError::NotFound(_))));
-    let archived = engine.archive_failed("prepare-web").await.unwrap();
+    assert!(matches!(engine.archive_finished("nope").await, Err(CancelError::NotFound(_))));
+    let archived = engine.archive_finished("prepare-web").await.unwrap();
     assert!(archived.starts_with("prepare-web~"));
     let old = engine.run_detail(&archived).unwrap().unwrap();
     assert_eq!(old.summary.status, RunStatus::Failed);
@@ -708,10 +708,26 @@ async fn a_failed_run_can_be_archived_and_its_id_started_again() {
     assert!(engine.run_detail("prepare-web").unwrap().is_none());
     fail.store(false, Ordering::SeqCst);
     assert_eq!(wf.run("prepare-web", &(), &0).await.unwrap(), Outcome::Completed(7));
-    assert!(
-        matches!(engine.archive_failed("prepare-web").await, Err(CancelError::NotActive { .. })),
-        "only failed runs"
-    );
     assert_eq!(engine.list_runs(&RunFilter::default()).unwrap().len(), 2);
+    // A completed run too; an active one is refused.
+    let completed = engine.archive_finished("prepare-web").await.unwrap();
+    assert_eq!(engine.run_detail(&completed).unwrap().unwrap().summary.status, RunStatus::Completed);
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let released = Arc::new(tokio::sync::Mutex::new(Some(released)));
+    let slow = engine
+        .register(Workflow::<(), u32>::new("slow", 1).step("s", move |_r| {
+            let released = released.clone();
+            async move {
+                if let Some(rx) = released.lock().await.take() {
+                    rx.await.map_err(StepError::transient)?;
+                }
+                Ok(1)
+            }
+        }))
+        .unwrap();
+    slow.start("busy", &(), &0).await.unwrap();
+    assert!(matches!(engine.archive_finished("busy").await, Err(CancelError::NotActive { .. })), "not while active");
+    release.send(()).unwrap();
+    assert_eq!(slow.wait("busy").await.unwrap(), Outcome::Completed(1));
     engine.shutdown().await;
 }

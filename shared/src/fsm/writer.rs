@@ -390,9 +390,9 @@ impl Tables<'_> {
     fn archive(&mut self, id: &str, to: &str) -> Applied {
         match self.read_record(id)? {
             None => return Ok(Err(OpError::NotFound(id.to_owned()))),
-            Some(Ok(r)) if r.status == RunStatus::Failed => {}
+            Some(Ok(r)) if r.status.is_finished() => {}
             Some(_) => {
-                let why = "only a failed run can be archived".to_owned();
+                let why = "only a finished run can be archived".to_owned();
                 return Ok(Err(OpError::Fenced { id: id.to_owned(), why }));
             }
         }

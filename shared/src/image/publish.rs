@@ -28,6 +28,8 @@ pub struct PublishReport {
     pub uploaded: Vec<String>,
     pub skipped: Vec<String>,
     pub bytes: u64,
+    /// The version published (an OCI layout's manifest digest: what a job's `digest` pins).
+    pub version: Option<String>,
 }
 
 struct Target<'a> {
@@ -188,6 +190,7 @@ async fn publish_oci(
         })?
         .clone();
     let manifest_digest = Digest::parse(entry.digest().as_ref()).map_err(desc_of)?;
+    report.version = Some(manifest_digest.to_string());
     let blob = |d: &Digest| -> PathBuf { dir.join("blobs/sha256").join(d.hex()) };
     let manifest_bytes =
         std::fs::read(blob(&manifest_digest)).map_err(|e| ImageError::io("reading", blob(&manifest_digest), e))?;

@@ -123,13 +123,27 @@ impl Pipeline {
     }
 
     /// Runs (or joins) run `prepare-<family>@<digest>` for the version `manifest` describes.
-    /// A completed run's stored outcome is returned as is; a failed one is archived (its
-    /// history kept under `<run id>~<time>`) and the version prepared afresh, so a new job
-    /// retries what an old one could not do.
+    /// A completed run's stored outcome is returned as is (unless its base was collected
+    /// since); a failed one is archived (its history kept under `<run id>~<time>`) and the
+    /// version prepared afresh, so a new job retries what an old one could not do.
     pub async fn prepare(&self, manifest: &Manifest) -> Result<Outcome<PrepareState>, RunError> {
         let id = prepare_run_id(&manifest.family, manifest.digest.as_str());
         let input = PrepareInput { family: manifest.family.clone(), manifest: Some(manifest.clone()) };
-        self.run_retrying_failed(&self.prepare, &id, &input, &PrepareState::default()).await
+        let outcome = self.run_retrying_failed(&self.prepare, &id, &input, &PrepareState::default()).await?;
+        // A version prepared before, whose base garbage collection has since deleted: the
+        // old run stays in the log under another id, and the version is prepared afresh.
+        if let Outcome::Completed(w) = &outcome
+            && let Some(base) = w.base_vol_id
+            && on_store(&self.ctx.store, move |s| s.base(base)).await.map_err(|e| {
+                RunError::Start(crate::fsm::StartError::Storage(format!("reading base-{base}: {e}")))
+            })?
+            .is_none()
+        {
+            let archived = self.archive(&id).await?;
+            tracing::info!(run_id = %id, %archived, "preparing again a version whose base was collected");
+            return self.run_retrying_failed(&self.prepare, &id, &input, &PrepareState::default()).await;
+        }
+        Ok(outcome)
     }
 
     /// Runs (or joins) run `retire-base-<id>`: deletes a base that `Store::retire_base`
@@ -154,15 +168,20 @@ impl Pipeline {
         match handle.start(id, input, initial).await? {
             StartOutcome::Finished(Outcome::Completed(w)) => return Ok(Outcome::Completed(w)),
             StartOutcome::Finished(Outcome::Failed(f)) => {
-                let archived = handle.engine().archive_failed(id).await.map_err(|e| {
-                    RunError::Start(crate::fsm::StartError::Storage(format!("archiving failed run {id}: {e}")))
-                })?;
+                let archived = self.archive(id).await?;
                 tracing::info!(run_id = %id, %archived, failure = %f, "retrying a failed run; the failed one is kept as {archived}");
                 handle.start(id, input, initial).await?;
             }
             StartOutcome::Started | StartOutcome::AlreadyRunning => {}
         }
         Ok(handle.wait(id).await?)
+    }
+
+    /// Moves finished run `id` aside (kept under `<id>~<time>`) so the id can run again.
+    async fn archive(&self, id: &str) -> Result<String, RunError> {
+        self.prepare.engine().archive_finished(id).await.map_err(|e| {
+            RunError::Start(crate::fsm::StartError::Storage(format!("archiving finished run {id}: {e}")))
+        })
     }
 
     /// Whether any prepare run has not finished (a run log that cannot be read says yes).
