@@ -137,11 +137,10 @@ impl Job {
         {
             return Err(InvalidJob("reply_to is empty or longer than 1024 bytes".into()));
         }
-        let new_fields: Vec<&str> =
-            [("digest", self.digest.is_some()), ("ttl_secs", self.ttl_secs.is_some())]
-                .into_iter()
-                .filter_map(|(name, set)| set.then_some(name))
-                .collect();
+        let new_fields: Vec<&str> = [("digest", self.digest.is_some()), ("ttl_secs", self.ttl_secs.is_some())]
+            .into_iter()
+            .filter_map(|(name, set)| set.then_some(name))
+            .collect();
         if self.v < 2 && !new_fields.is_empty() {
             return Err(InvalidJob(format!(
                 "field(s) {} need message version 2: send \"v\":2 (and upgrade workers before schedulers send it)",
@@ -150,7 +149,9 @@ impl Job {
         }
         if let Some(d) = &self.digest {
             if self.kind == JobKind::Release {
-                return Err(InvalidJob("a release job takes no digest: it releases the invocation's snapshot, whatever its version".into()));
+                return Err(InvalidJob(
+                    "a release job takes no digest: it releases the invocation's snapshot, whatever its version".into(),
+                ));
             }
             Digest::parse(d).map_err(|e| InvalidJob(format!("digest {}: {e}", quote(d))))?;
         }

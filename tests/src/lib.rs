@@ -73,6 +73,17 @@ pub fn tar_of_file(name: &str, content: &[u8]) -> Vec<u8> {
     b.into_inner().expect("finishing an in-memory tar")
 }
 
+/// The run id of the prepare of `family`'s current version in the local source `source`
+/// (`prepare-<family>@<digest prefix>`).
+pub fn prepare_run(source: &Path, family: &str) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread().build().expect("a runtime");
+    let source = thinpipe::image::LocalDir::new(source);
+    let manifest = rt
+        .block_on(thinpipe::image::BlobSource::manifest(&source, family))
+        .unwrap_or_else(|e| panic!("resolving {family}: {e}"));
+    thinpipe::job::prepare_run_id(family, manifest.digest.as_str())
+}
+
 /// Runs `umoci` in `dir` (scripts/test installs it).
 pub fn umoci(dir: &Path, args: &[&str]) {
     let out = Command::new("umoci").current_dir(dir).args(args).output().expect("umoci (scripts/test installs it)");

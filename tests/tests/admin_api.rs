@@ -43,6 +43,7 @@ fn health_runs_workflows_and_the_page() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path();
     write_sample_family(state, "web").unwrap();
+    let prep = thinpipe_tests::prepare_run(state, "web");
     let daemon = Daemon::start(state, &[]);
     let api = daemon.admin_url();
 
@@ -63,17 +64,17 @@ fn health_runs_workflows_and_the_page() {
 
     let (_, runs) = get(&format!("{api}/api/runs"));
     let ids: Vec<&str> = runs.as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
-    assert_eq!(ids, ["activate-a1", "prepare-web"], "newest first");
+    assert_eq!(ids, ["activate-a1", prep.as_str()], "newest first");
     let (_, only) = get(&format!("{api}/api/runs?workflow=prepare&status=completed&limit=5"));
     assert_eq!(only.as_array().unwrap().len(), 1);
-    assert_eq!(only[0]["id"], "prepare-web");
+    assert_eq!(only[0]["id"], prep.as_str());
     let (_, none) = get(&format!("{api}/api/runs?status=failed"));
     assert_eq!(none.as_array().unwrap().len(), 0);
     let (status, bad) = get(&format!("{api}/api/runs?status=sideways"));
     assert_eq!(status, 400, "{bad}");
     assert!(bad["error"].as_str().unwrap().contains("sideways"));
 
-    let (status, run) = get(&format!("{api}/api/runs/prepare-web"));
+    let (status, run) = get(&format!("{api}/api/runs/{}", prep.replace('@', "%40")));
     assert_eq!(status, 200);
     assert_eq!(run["status"], "completed");
     assert_eq!(run["input"]["family"], "web", "{run}");
@@ -94,8 +95,8 @@ fn health_runs_workflows_and_the_page() {
     // The CLI reads the same API.
     let out = worker(state, &["runs", "list"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && text.contains("prepare-web") && text.contains("completed"), "{text}");
-    let out = worker(state, &["runs", "show", "prepare-web"]);
+    assert!(out.status.success() && text.contains(&prep) && text.contains("completed"), "{text}");
+    let out = worker(state, &["runs", "show", &prep]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("fetch_manifest completed") && text.contains("finished completed"), "{text}");
     let out = worker(state, &["runs", "show", "nope"]);

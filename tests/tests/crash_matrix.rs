@@ -7,10 +7,14 @@
 //! lost. The release cells cover a release after its activation, a release posted together
 //! with its activation (killed once the release is recorded, wherever the activation is),
 //! and a release with no activation (the tombstone, which then refuses the activation).
+//! The lifecycle cells roll `web` forward to a second version and collect the first once its
+//! snapshot is released, killed at the version switch, at garbage collection's mark, and
+//! around the deletion of the old base: no live snapshot's base is ever deleted, nothing is
+//! orphaned, and the old base is gone in the end.
 //!
-//! One fault point: `THINPIPE_CRASH_POINT=fsm.after_commit@prepare-web/download_blobs
-//! cargo test -p thinpipe-tests --test crash_matrix`. A failure names the point, the
-//! backend and the queue.
+//! One fault point: `THINPIPE_CRASH_POINT=gc.before_delete@retire-base-1 cargo test -p
+//! thinpipe-tests --test crash_matrix` (the prepare run of the sample family is
+//! `prepare-web@<digest prefix>`). A failure names the point, the backend and the queue.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -30,7 +34,8 @@ const ACTIVATE_STEPS: [&str; 1] = ["activate_snapshot"];
 /// starts the run again, and the guards make it find and finish the same base or snapshot.
 fn fault_points() -> Vec<(String, bool)> {
     let mut points = Vec::new();
-    for (run, steps) in [("prepare-web", &PREPARE_STEPS[..]), ("activate-inv-1", &ACTIVATE_STEPS[..])] {
+    let prepare = web_run();
+    for (run, steps) in [(prepare.as_str(), &PREPARE_STEPS[..]), ("activate-inv-1", &ACTIVATE_STEPS[..])] {
         for (i, step) in steps.iter().enumerate() {
             for at in ["fsm.before_step", "fsm.before_commit", "fsm.after_commit"] {
                 let before_first_commit = i == 0 && at != "fsm.after_commit";
@@ -47,14 +52,53 @@ fn fault_points() -> Vec<(String, bool)> {
     for p in ["activate.after_snapshot_intent@activate-inv-1", "activate.after_snapshot_create@activate-inv-1"] {
         points.push((p.to_owned(), false));
     }
-    for p in ["jobloop.before_prepared_flag@web", "jobloop.before_ack@prepare-web", "jobloop.before_ack@activate-inv-1"]
-    {
+    let switch = format!("lifecycle.before_make_current@web@{}", &prepare["prepare-web@".len()..]);
+    for p in [switch.as_str(), "jobloop.before_ack@prepare-web", "jobloop.before_ack@activate-inv-1"] {
         points.push((p.to_owned(), false));
     }
     if let Ok(only) = std::env::var("THINPIPE_CRASH_POINT") {
         points.retain(|(p, _)| *p == only);
     }
     points
+}
+
+/// The prepare run of the sample family `web` (its digest is fixed).
+fn web_run() -> String {
+    static RUN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    RUN.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        write_sample_family(dir.path(), "web").unwrap();
+        thinpipe_tests::prepare_run(dir.path(), "web")
+    })
+    .clone()
+}
+
+/// The lifecycle cells: v1 prepared and activated (inv-1), v2 published, prepared (the
+/// switch) and activated (inv-2), inv-1 released, base 1 collected.
+fn lifecycle_points() -> Vec<String> {
+    let mut points = vec![
+        "gc.after_mark@retire-base-1".to_owned(),
+        "fsm.before_step@retire-base-1/delete_base_volume".to_owned(),
+        "gc.before_delete@retire-base-1".to_owned(),
+        "gc.after_delete@retire-base-1".to_owned(),
+        "fsm.after_commit@retire-base-1/delete_base_volume".to_owned(),
+        "fsm.before_commit@retire-base-1/forget_base".to_owned(),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    write_sample_family(dir.path(), "web").unwrap();
+    publish_v2(dir.path());
+    let v2 = thinpipe_tests::prepare_run(dir.path(), "web");
+    points.push(format!("lifecycle.before_make_current@web@{}", &v2["prepare-web@".len()..]));
+    if let Ok(only) = std::env::var("THINPIPE_CRASH_POINT") {
+        points.retain(|p| *p == only);
+    }
+    points
+}
+
+/// Adds a layer to the sample family `web` in `state`: its second version.
+fn publish_v2(state: &Path) {
+    let layer = thinpipe_tests::tar_of_file("etc/version", b"v2\n");
+    std::fs::write(state.join("images/web/0099-v2.tar"), layer).unwrap();
 }
 
 /// How a release cell posts its jobs.
@@ -273,7 +317,8 @@ fn crash_at(point: &str, resumes: bool, backend: Backend, queue: &Queue) {
 
     // The history shows one run: picked up again where it had committed something, or
     // started afresh by the redelivered job where it had not.
-    let run = if point.contains("inv-1") { "activate-inv-1" } else { "prepare-web" };
+    let prepare = web_run();
+    let run = if point.contains("inv-1") { "activate-inv-1" } else { prepare.as_str() };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let engine = rt.block_on(thinpipe::fsm::Engine::open(state.join("runs.redb"), Default::default())).unwrap();
     let detail = engine.run_detail(run).unwrap().unwrap();
@@ -350,14 +395,87 @@ fn release_crash_at(point: &str, case: ReleaseCase, backend: Backend, queue: &Qu
     assert!(!log.contains("dead-lettering"), "{ctx}: nothing was dead-lettered:\n{log}");
 }
 
+/// One lifecycle cell: the worker dies at `point` while a second version rolls out and the
+/// first is collected.
+fn lifecycle_crash_at(point: &str, backend: Backend, queue: &Queue) {
+    let Some(host) = Host::new(backend) else { return };
+    let state = host.state.path();
+    let ctx = format!("lifecycle fault point {point}, backend {backend:?}, queue {}", queue.name());
+    let mut worker = host.armed_worker(queue, point);
+    let mut restarted = false;
+    // Once the armed worker has died at the fault point, a fresh one takes over.
+    let take_over = |worker: &mut Daemon, restarted: &mut bool| {
+        if !*restarted && !worker.is_running() {
+            assert!(
+                worker.log().contains(&format!("fault point {point} armed")),
+                "{ctx}: died elsewhere:\n{}",
+                worker.log()
+            );
+            *worker = Daemon::start(state, &host.env(queue));
+            *restarted = true;
+        }
+    };
+    // Runs one job to its result, the worker taken over if it dies meanwhile.
+    let job = |args: &[&str], worker: &mut Daemon, restarted: &mut bool| -> serde_json::Value {
+        let mut child = queue.post(state, args);
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while child.try_wait().unwrap().is_none() {
+            take_over(worker, restarted);
+            assert!(std::time::Instant::now() < deadline, "{ctx}: {args:?} never finished:\n{}", worker.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let r = result(child);
+        assert_eq!(r["status"], "succeeded", "{ctx}: {args:?}: {r}\n{}", worker.log());
+        r
+    };
+    let v1 = job(&["prepare", "--family", "web"], &mut worker, &mut restarted);
+    job(&["activate", "--family", "web", "--invocation-id", "inv-1"], &mut worker, &mut restarted);
+    publish_v2(state);
+    let v2 = job(&["prepare", "--family", "web"], &mut worker, &mut restarted);
+    let (base1, base2) = (v1["base_vol_id"].as_u64().unwrap(), v2["base_vol_id"].as_u64().unwrap());
+    assert_eq!((base1, base2), (1, 2), "{ctx}");
+    let inv2 = job(&["activate", "--family", "web", "--invocation-id", "inv-2"], &mut worker, &mut restarted);
+    assert_eq!(inv2["base_vol_id"].as_u64(), Some(2), "{ctx}: the new version is current");
+    job(&["release", "--family", "web", "--invocation-id", "inv-1"], &mut worker, &mut restarted);
+    // Garbage collection runs after the release, beside the jobs: the fault may fire now.
+    let store = Store::open(state.join("host.db")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    // Every lifecycle point is on this path, so the cell waits for both: the fault fired
+    // (and a fresh worker took over), and base 1 is gone.
+    while !restarted || store.base(base1).unwrap().is_some() {
+        take_over(&mut worker, &mut restarted);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{ctx}: the fault never fired (restarted: {restarted}) or base 1 was never collected:\n{}",
+            worker.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_until(&format!("{ctx}: every message acked"), Duration::from_secs(60), || queue.leftovers(state) == 0);
+    let log = worker.log();
+    assert!(worker.stop(Duration::from_secs(60)).success(), "{ctx}");
+
+    // v2 current with its live snapshot; base 1 and inv-1's snapshot gone; nothing orphaned.
+    assert_eq!(store.image("web").unwrap().unwrap().current_base, Some(base2), "{ctx}");
+    assert_eq!(store.next_id("base").unwrap(), 3, "{ctx}: one base per version, ever");
+    let live = store.list_snapshots().unwrap().into_iter().find(|s| s.run_id == "activate-inv-2").unwrap();
+    assert_eq!(host.backend().list().unwrap(), [VolumeId::Base(base2), VolumeId::Snap(live.id)], "{ctx}");
+    let report = thinpipe::reconcile::reconcile(&store, host.backend().as_ref(), false).unwrap();
+    assert!(report.is_clean() && report.missing.is_empty(), "{ctx}: {report:?}");
+    assert!(!log.contains("dead-lettering"), "{ctx}: nothing was dead-lettered:\n{log}");
+}
+
 fn matrix(backend: Backend, queue: impl Fn() -> Option<Queue>) {
     if let Backend::Btrfs = backend
         && Host::new(backend).is_none()
     {
         return; // skipped with a message (not root or no btrfs-progs); CI fails instead
     }
-    let (points, releases) = (fault_points(), release_points());
-    assert!(!points.is_empty() || !releases.is_empty(), "THINPIPE_CRASH_POINT names no fault point of this matrix");
+    let (points, releases, lifecycle) = (fault_points(), release_points(), lifecycle_points());
+    assert!(
+        !points.is_empty() || !releases.is_empty() || !lifecycle.is_empty(),
+        "THINPIPE_CRASH_POINT names no fault point of this matrix"
+    );
     for (point, resumes) in points {
         let Some(q) = queue() else { return };
         crash_at(&point, resumes, backend, &q);
@@ -365,6 +483,10 @@ fn matrix(backend: Backend, queue: impl Fn() -> Option<Queue>) {
     for (point, case) in releases {
         let Some(q) = queue() else { return };
         release_crash_at(&point, case, backend, &q);
+    }
+    for point in lifecycle {
+        let Some(q) = queue() else { return };
+        lifecycle_crash_at(&point, backend, &q);
     }
 }
 

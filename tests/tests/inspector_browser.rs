@@ -57,7 +57,7 @@ fn the_inspector_shows_runs_steps_attempts_and_plays_the_history() {
         .arg("inspector.mjs")
         .arg(daemon.admin_url())
         .arg(&screenshot)
-        .args(["prepare-web", "prepare-broken"])
+        .args([thinpipe_tests::prepare_run(state, "web"), thinpipe_tests::prepare_run(state, "broken")])
         .output()
         .expect("node (scripts/test installs it)");
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

@@ -132,11 +132,13 @@ fn a_deleted_blob_fails_naming_bucket_and_key_and_a_corrupted_one_fails_its_dige
     let state = dir.path().join("s2");
     let out = prepare(&state, &format!("s3://{bucket}/corrupt"), &endpoint);
     assert_eq!(out.status.code(), Some(1));
-    let error = result(&out)["error"].as_str().unwrap().to_owned();
+    let r = result(&out);
+    let error = r["error"].as_str().unwrap().to_owned();
     assert!(error.contains("does not match its digest") && error.contains("download_blobs"), "{error}");
+    let run = r["run_id"].as_str().unwrap().to_owned();
     let attempts = rt.block_on(async {
         let engine = thinpipe::fsm::Engine::open(state.join("runs.redb"), Default::default()).await.unwrap();
-        let d = engine.run_detail("prepare-fam").unwrap().unwrap();
+        let d = engine.run_detail(&run).unwrap().unwrap();
         engine.shutdown().await;
         d.events.iter().filter(|e| matches!(e.kind, thinpipe::fsm::EventKind::AttemptFailed { .. })).count()
     });
@@ -273,7 +275,7 @@ fn the_s3_server_stopped_during_a_download_gives_retries_then_success() {
     assert_eq!(r["status"], "succeeded");
     let failed_attempts = rt.block_on(async {
         let engine = thinpipe::fsm::Engine::open(state.join("runs.redb"), Default::default()).await.unwrap();
-        let d = engine.run_detail("prepare-fam").unwrap().unwrap();
+        let d = engine.run_detail(r["run_id"].as_str().unwrap()).unwrap().unwrap();
         engine.shutdown().await;
         d.events
             .iter()

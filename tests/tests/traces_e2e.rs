@@ -41,6 +41,7 @@ fn one_trace_follows_a_job_from_enqueue_through_sqs_to_its_steps() {
     let otel = receiver.env();
     let dir = tempfile::tempdir().unwrap();
     write_sample_family(dir.path(), "web").unwrap();
+    let prep = thinpipe_tests::prepare_run(dir.path(), "web");
     let mut env: Vec<(&str, &str)> = otel.iter().map(|(k, v)| (*k, v.as_str())).collect();
     env.extend([
         ("THINPIPE_QUEUE_KIND", "sqs"),
@@ -71,7 +72,7 @@ fn one_trace_follows_a_job_from_enqueue_through_sqs_to_its_steps() {
     // The job ran prepare-web (first use of the family) and activate-inv-1, each under it.
     let runs = find(&spans, "run", &trace);
     let run_ids: Vec<&str> = runs.iter().map(|r| r.attributes["run_id"].as_str()).collect();
-    assert!(run_ids.contains(&"prepare-web") && run_ids.contains(&"activate-inv-1"), "{run_ids:?}");
+    assert!(run_ids.contains(&prep.as_str()) && run_ids.contains(&"activate-inv-1"), "{run_ids:?}");
     for run in &runs {
         assert_eq!(run.parent_span_id, job[0].span_id, "runs are children of the job span");
         let steps: Vec<&Span> =
@@ -108,6 +109,7 @@ fn a_run_resumed_after_a_crash_keeps_the_trace_of_the_job_that_started_it() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path();
     write_sample_family(state, "web").unwrap();
+    let prep = thinpipe_tests::prepare_run(state, "web");
     let mut env: Vec<(&str, &str)> = otel.iter().map(|(k, v)| (*k, v.as_str())).collect();
     env.push(("THINPIPE_QUEUE_VISIBILITY_TIMEOUT_SECS", "2"));
     let mut armed = env.clone();
@@ -127,7 +129,7 @@ fn a_run_resumed_after_a_crash_keeps_the_trace_of_the_job_that_started_it() {
     let spans = receiver.spans();
     let runs: Vec<&Span> = spans
         .iter()
-        .filter(|s| s.name == "run" && s.attributes.get("run_id").map(String::as_str) == Some("prepare-web"))
+        .filter(|s| s.name == "run" && s.attributes.get("run_id").map(String::as_str) == Some(prep.as_str()))
         .collect();
     // Only the second worker finished the run, so only it ended (and exported) a run span.
     assert_eq!(runs.len(), 1, "{runs:#?}");
@@ -141,6 +143,7 @@ fn json_logs_carry_the_run_and_step_on_every_line_inside_a_run() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path();
     write_sample_family(state, "web").unwrap();
+    let prep = thinpipe_tests::prepare_run(state, "web");
     let out = Command::new(bin("worker"))
         .arg("--state-dir")
         .arg(state)
@@ -158,7 +161,7 @@ fn json_logs_carry_the_run_and_step_on_every_line_inside_a_run() {
         lines.iter().filter(|l| l["spans"].to_string().contains("\"name\":\"step\"")).collect();
     assert!(in_steps.len() >= 2, "the retried attempt and the steps log: {lines:#?}");
     for l in &in_steps {
-        assert_eq!(l["span"]["run_id"], "prepare-web", "{l}");
+        assert_eq!(l["span"]["run_id"], prep.as_str(), "{l}");
         assert!(l["span"]["step"].is_string(), "{l}");
     }
     let retried =

@@ -145,13 +145,8 @@ impl Host {
     /// A read-only command of the worker (safe while the daemon runs), as JSON.
     fn worker_json(&self, args: &[&str]) -> Value {
         let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let out = Command::new(bin("worker"))
-            .arg("--state-dir")
-            .arg(&self.state)
-            .args(args)
-            .envs(env)
-            .output()
-            .unwrap();
+        let out =
+            Command::new(bin("worker")).arg("--state-dir").arg(&self.state).args(args).envs(env).output().unwrap();
         serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| panic!("worker {args:?} ({e}): {}", String::from_utf8_lossy(&out.stderr)))
     }
@@ -244,7 +239,11 @@ fn rollout(h: &mut Host) {
             assert_eq!(r["status"], "succeeded", "{r}\n{}", h.log());
             assert_ne!(r["base_vol_id"].as_u64(), Some(base1), "a new base for the re-prepared version");
             assert_eq!(read(&Path::new(r["snapshot_path"].as_str().unwrap()).join("etc/version")), "v1\n");
-            assert_eq!(store.current_base(FAMILY).unwrap().unwrap().id, base2, "a pinned activation keeps the current version");
+            assert_eq!(
+                store.current_base(FAMILY).unwrap().unwrap().id,
+                base2,
+                "a pinned activation keeps the current version"
+            );
         }
     }
     let daemon = h.daemon.take().unwrap();

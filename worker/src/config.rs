@@ -70,11 +70,16 @@ pub struct GcConfig {
     /// Garbage collection and activation expiry run this often (and after a new version
     /// becomes current, and after releases).
     pub interval_secs: u64,
+    /// A version that was never its family's current one (prepared for a pinned activation,
+    /// or whose job has not switched to it yet) is kept this long after it was prepared or
+    /// last used. Capacity eviction does not wait for it.
+    pub grace_secs: u64,
 }
 
 impl Default for GcConfig {
     fn default() -> Self {
-        Self { interval_secs: 60 }
+        let s = thinpipe::lifecycle::Settings::default();
+        Self { interval_secs: s.interval.as_secs(), grace_secs: s.grace.as_secs() }
     }
 }
 
@@ -417,6 +422,7 @@ impl Config {
             max_activation_age: (self.activations.max_age_secs > 0)
                 .then(|| std::time::Duration::from_secs(self.activations.max_age_secs)),
             interval: std::time::Duration::from_secs(self.gc.interval_secs),
+            grace: std::time::Duration::from_secs(self.gc.grace_secs),
         }
     }
 

@@ -155,11 +155,9 @@ impl BlobSource for LocalDir {
         layout::validate_family(family)?;
         let this = self.clone();
         let (f, d) = (family.to_owned(), digest.clone());
-        let stored = tokio::task::spawn_blocking(move || {
-            match this.read(&format!("blobs/sha256/{}", d.hex()))? {
-                Some(bytes) => layout::oci_manifest(&bytes, d, &f, &this.describe()).map(Some),
-                None => Ok(None),
-            }
+        let stored = tokio::task::spawn_blocking(move || match this.read(&format!("blobs/sha256/{}", d.hex()))? {
+            Some(bytes) => layout::oci_manifest(&bytes, d, &f, &this.describe()).map(Some),
+            None => Ok(None),
         })
         .await
         .map_err(|e| ImageError::io("reading a manifest", &self.root, std::io::Error::other(e)))??;

@@ -28,7 +28,9 @@ impl Lifecycle {
                         tracing::warn!(invocation = %invocation, failure = %f, "releasing an expired activation failed")
                     }
                 },
-                Err(e) => tracing::warn!(invocation = %invocation, error = %e, "releasing an expired activation failed"),
+                Err(e) => {
+                    tracing::warn!(invocation = %invocation, error = %e, "releasing an expired activation failed")
+                }
             }
         }
         if released > 0 {

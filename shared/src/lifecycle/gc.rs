@@ -1,8 +1,10 @@
 //! Garbage collection: bases no job can use again, and blobs no kept base needs.
 //!
 //! Roots: a base is kept while it is its family's current version, while a live (not
-//! released) snapshot was made from it, and while a job in flight holds its version
-//! (`in_use.rs`) or its prepare run is in flight. Everything else is garbage: old versions
+//! released) snapshot was made from it, while a job in flight holds its version
+//! (`in_use.rs`) or its prepare run is in flight, and, for `gc.grace_secs` after it was
+//! prepared or last used, while it is a version that was never current (its job may not
+//! have made it current yet). Everything else is garbage: old versions
 //! without live snapshots, unsealed bases of failed prepares. Each is decided on its own in
 //! one SQLite transaction (`Store::retire_base`) and deleted by its own `retire` run, so a
 //! stuck deletion fails alone and is tried again next pass. No lock is held across a
@@ -99,7 +101,10 @@ impl Lifecycle {
         let mut marked = Vec::new();
         for base in bases.iter().filter(|b| !current.contains(&b.id)) {
             match self.decide(base, dry_run).await? {
-                Retire::Marked(row) => marked.push(row),
+                Retire::Marked(row) => {
+                    crate::fault::point("gc.after_mark", &crate::job::retire_run_id(row.id));
+                    marked.push(row)
+                }
                 Retire::Kept(reason) => report.kept.push(Kept { base: base.into(), reason }),
                 Retire::Gone => {}
             }
@@ -127,21 +132,12 @@ impl Lifecycle {
     /// Marks `base` retiring if nothing keeps it (dry run: says whether it would).
     async fn decide(&self, base: &BaseRow, dry_run: bool) -> Result<Retire, LifecycleError> {
         let (registry, pipeline, id) = (self.in_use.registry(), self.pipeline.clone(), base.id);
-        let row = base.clone();
+        let grace = i64::try_from(self.settings.grace.as_millis()).unwrap_or(i64::MAX);
         Ok(self
             .on_store(move |s| {
                 let held = super::lock(&registry);
-                if dry_run {
-                    let live = s.live_snapshots_of(id)?;
-                    return Ok(if live > 0 {
-                        Retire::Kept(format!("{live} live snapshot(s) were made from it"))
-                    } else if let Some(why) = in_use_reason(&held, &row, &pipeline) {
-                        Retire::Kept(why)
-                    } else {
-                        Retire::Marked(row)
-                    });
-                }
-                s.retire_base(id, |row| in_use_reason(&held, row, &pipeline))
+                let in_use = |row: &BaseRow| in_use_reason(&held, row, &pipeline);
+                if dry_run { s.retire_check(id, grace, in_use) } else { s.retire_base(id, grace, in_use) }
             })
             .await?)
     }

@@ -36,11 +36,18 @@ pub struct Settings {
     pub max_activation_age: Option<Duration>,
     /// How often the maintenance task runs without being woken.
     pub interval: Duration,
+    /// How long a version that was never current is kept after it was prepared or used.
+    pub grace: Duration,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { watermarks: Watermarks::default(), max_activation_age: None, interval: Duration::from_secs(60) }
+        Settings {
+            watermarks: Watermarks::default(),
+            max_activation_age: None,
+            interval: Duration::from_secs(60),
+            grace: Duration::from_secs(600),
+        }
     }
 }
 
@@ -82,14 +89,18 @@ impl Lifecycle {
         self.wake.notify_one();
     }
 
-    /// The maintenance task: until `stop`, every interval or when woken, releases expired
-    /// activations and collects garbage. A failed pass is logged and tried again next time.
+    /// The maintenance task: at once (finishing what a crash interrupted), then every
+    /// interval or when woken, until `stop`: releases expired activations and collects
+    /// garbage. A failed pass is logged and tried again next time.
     pub async fn run(&self, stop: CancellationToken) {
+        let mut first = true;
         loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(self.settings.interval) => {}
+            if !std::mem::take(&mut first) {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(self.settings.interval) => {}
+                }
             }
             match self.release_expired().await {
                 Ok(0) => {}
@@ -126,9 +137,8 @@ impl Lifecycle {
     /// Measures the backend's usage now.
     pub async fn measure(&self) -> Result<Usage, VolumeError> {
         let backend = self.pipeline.context().backend.clone();
-        let usage = tokio::task::spawn_blocking(move || backend.usage()).await.map_err(|e| VolumeError::Transient {
-            volume: "usage".into(),
-            detail: format!("the measuring task failed: {e}"),
+        let usage = tokio::task::spawn_blocking(move || backend.usage()).await.map_err(|e| {
+            VolumeError::Transient { volume: "usage".into(), detail: format!("the measuring task failed: {e}") }
         })??;
         let m = crate::telemetry::metrics();
         m.capacity_used_percent.record(usage.percent(), &[crate::telemetry::kv("what", "data")]);
@@ -184,7 +194,11 @@ impl Lifecycle {
         let store = self.store();
         let path = store.path().to_path_buf();
         tokio::task::spawn_blocking(move || f(&store)).await.unwrap_or_else(|e| {
-            Err(StoreError::Invalid { path, what: "a host database call".into(), detail: format!("its task failed: {e}") })
+            Err(StoreError::Invalid {
+                path,
+                what: "a host database call".into(),
+                detail: format!("its task failed: {e}"),
+            })
         })
     }
 }

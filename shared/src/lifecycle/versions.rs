@@ -99,16 +99,17 @@ impl Lifecycle {
     /// Returns whether the pointer moved. Only the job executor calls this.
     pub async fn make_current(&self, base: &BaseRow, always: bool) -> Result<bool, StoreError> {
         let (family, id) = (base.family.clone(), base.id);
-        let current = self.on_store({
-            let f = family.clone();
-            move |s| s.image(&f)
-        })
-        .await?
-        .and_then(|i| i.current_base);
+        let current = self
+            .on_store({
+                let f = family.clone();
+                move |s| s.image(&f)
+            })
+            .await?
+            .and_then(|i| i.current_base);
         if current == Some(id) || (!always && current.is_some()) {
             return Ok(false);
         }
-        crate::fault::point("lifecycle.before_make_current", &family);
+        crate::fault::point("lifecycle.before_make_current", &format!("{family}@{}", base.short_digest()));
         let previous = self.on_store(move |s| s.make_current(&family, id)).await?;
         tracing::info!(family = %base.family, version = %base.digest, base = id, previous = ?previous, "current version");
         if previous.is_some() {

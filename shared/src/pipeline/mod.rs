@@ -29,8 +29,8 @@ use crate::fsm::{
     Engine, Failure, FailureKind, Outcome, RegisterError, RunError, RunFilter, RunStatus, StartOutcome, StepError,
     WorkflowHandle,
 };
-use crate::image::{ApplyOptions, BlobCache, BlobSource, ImageError};
 use crate::image::Manifest;
+use crate::image::{ApplyOptions, BlobCache, BlobSource, ImageError};
 use crate::job::{activate_run_id, prepare_run_id, release_run_id, retire_run_id};
 use crate::store::{BaseRow, ReleaseRequest, SnapshotRow, SnapshotState, Store, StoreError};
 use crate::volume::{VolumeBackend, VolumeError, VolumeId};
@@ -134,10 +134,10 @@ impl Pipeline {
         // old run stays in the log under another id, and the version is prepared afresh.
         if let Outcome::Completed(w) = &outcome
             && let Some(base) = w.base_vol_id
-            && on_store(&self.ctx.store, move |s| s.base(base)).await.map_err(|e| {
-                RunError::Start(crate::fsm::StartError::Storage(format!("reading base-{base}: {e}")))
-            })?
-            .is_none()
+            && on_store(&self.ctx.store, move |s| s.base(base))
+                .await
+                .map_err(|e| RunError::Start(crate::fsm::StartError::Storage(format!("reading base-{base}: {e}"))))?
+                .is_none()
         {
             let archived = self.archive(&id).await?;
             tracing::info!(run_id = %id, %archived, "preparing again a version whose base was collected");
@@ -179,9 +179,11 @@ impl Pipeline {
 
     /// Moves finished run `id` aside (kept under `<id>~<time>`) so the id can run again.
     async fn archive(&self, id: &str) -> Result<String, RunError> {
-        self.prepare.engine().archive_finished(id).await.map_err(|e| {
-            RunError::Start(crate::fsm::StartError::Storage(format!("archiving finished run {id}: {e}")))
-        })
+        self.prepare
+            .engine()
+            .archive_finished(id)
+            .await
+            .map_err(|e| RunError::Start(crate::fsm::StartError::Storage(format!("archiving finished run {id}: {e}"))))
     }
 
     /// Whether any prepare run has not finished (a run log that cannot be read says yes).

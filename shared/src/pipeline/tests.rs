@@ -56,7 +56,9 @@ async fn prepare_activate_release() {
 
     let mut paths = Vec::new();
     for inv in ["a", "b"] {
-        let Outcome::Completed(act) = p.activate("web", inv, base, None).await.unwrap() else { panic!("activate failed") };
+        let Outcome::Completed(act) = p.activate("web", inv, base, None).await.unwrap() else {
+            panic!("activate failed")
+        };
         paths.push(std::path::PathBuf::from(act.path.unwrap()));
     }
     assert_ne!(paths[0], paths[1]);
@@ -167,9 +169,9 @@ async fn a_new_version_gets_its_own_base_and_the_old_one_can_be_retired() {
 
     let store = &p.context().store;
     store.make_current("web", base2).unwrap();
-    assert!(matches!(store.retire_base(base1, |_| None).unwrap(), crate::store::Retire::Kept(_)), "a live snapshot");
+    assert!(matches!(store.retire_base(base1, 0, |_| None).unwrap(), crate::store::Retire::Kept(_)), "a live snapshot");
     p.release("web", "old").await.unwrap();
-    let crate::store::Retire::Marked(row) = store.retire_base(base1, |_| None).unwrap() else { panic!() };
+    let crate::store::Retire::Marked(row) = store.retire_base(base1, 0, |_| None).unwrap() else { panic!() };
     assert!(matches!(p.retire(&row).await.unwrap(), Outcome::Completed(_)));
     assert!(!p.context().backend.exists(VolumeId::Base(base1)).unwrap());
     assert!(store.base(base1).unwrap().is_none());

@@ -64,6 +64,8 @@ pub struct BaseRow {
     pub sealed_at_ms: Option<i64>,
     /// When a snapshot of it was last recorded (what capacity eviction orders by).
     pub last_activated_at_ms: Option<i64>,
+    /// When another version replaced it as its family's current one.
+    pub superseded_at_ms: Option<i64>,
     pub retiring_at_ms: Option<i64>,
 }
 
@@ -101,14 +103,13 @@ pub enum Retire {
 }
 
 const COLUMNS: &str =
-    "id, family, digest, blobs, state, created_at, sealed_at, last_activated_at, retiring_at";
+    "id, family, digest, blobs, state, created_at, sealed_at, last_activated_at, retiring_at, superseded_at";
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BaseRow> {
     let state: String = r.get(4)?;
     let blobs: Option<String> = r.get(3)?;
-    let bad = |i: usize, what: String| {
-        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, what.into())
-    };
+    let bad =
+        |i: usize, what: String| rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, what.into());
     Ok(BaseRow {
         id: r.get::<_, i64>(0)? as u64,
         family: r.get(1)?,
@@ -121,11 +122,14 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BaseRow> {
         sealed_at_ms: r.get(6)?,
         last_activated_at_ms: r.get(7)?,
         retiring_at_ms: r.get(8)?,
+        superseded_at_ms: r.get(9)?,
     })
 }
 
 pub(super) fn base_in(c: &rusqlite::Connection, id: u64) -> rusqlite::Result<Option<BaseRow>> {
-    c.prepare_cached(&format!("SELECT {COLUMNS} FROM bases WHERE id = ?1"))?.query_row(params![id as i64], row).optional()
+    c.prepare_cached(&format!("SELECT {COLUMNS} FROM bases WHERE id = ?1"))?
+        .query_row(params![id as i64], row)
+        .optional()
 }
 
 impl Store {
@@ -190,6 +194,10 @@ impl Store {
                         "UPDATE images SET current_base = ?2, updated_at = ?3 WHERE family = ?1",
                         params![family, id as i64, now],
                     )?;
+                    tx.execute(
+                        "UPDATE bases SET superseded_at = ?2 WHERE id = ?1 AND id != ?3",
+                        params![previous, now, id as i64],
+                    )?;
                     Ok(previous.map(|p| p as u64))
                 }
                 (_, None) => Err("the family is not recorded".to_owned()),
@@ -215,9 +223,7 @@ impl Store {
 
     /// The current version of `family`, if it has one.
     pub fn current_base(&self, family: &str) -> Result<Option<BaseRow>, StoreError> {
-        let sql = format!(
-            "SELECT {COLUMNS} FROM bases WHERE id = (SELECT current_base FROM images WHERE family = ?1)"
-        );
+        let sql = format!("SELECT {COLUMNS} FROM bases WHERE id = (SELECT current_base FROM images WHERE family = ?1)");
         self.with_conn(|c| c.query_row(&sql, params![family], row).optional())
     }
 
@@ -236,11 +242,15 @@ impl Store {
         self.with_conn(|c| live_in(c, id))
     }
 
-    /// In one transaction: if nothing refers to base `id` (it is no family's current
-    /// version, no snapshot of it is live, and `in_use` has no reason to keep it), marks it
-    /// `retiring`. `in_use` is asked inside the transaction, so whatever it consults (the
-    /// worker's in-flight registry) must be held by the caller across this call.
-    pub fn retire_base(&self, id: u64, in_use: impl FnOnce(&BaseRow) -> Option<String>) -> Result<Retire, StoreError> {
+    /// In one transaction: if nothing keeps base `id` ([`keep_reason`]; `in_use` is asked
+    /// inside the transaction, so whatever it consults, the worker's in-flight registry, must
+    /// be held by the caller across this call), marks it `retiring`.
+    pub fn retire_base(
+        &self,
+        id: u64,
+        grace_ms: i64,
+        in_use: impl FnOnce(&BaseRow) -> Option<String>,
+    ) -> Result<Retire, StoreError> {
         let now = epoch_ms(std::time::SystemTime::now());
         self.with_conn(|c| {
             let tx = Transaction::new_unchecked(c, TransactionBehavior::Immediate)?;
@@ -250,27 +260,34 @@ impl Store {
             if base.state == BaseState::Retiring {
                 return Ok(Retire::Marked(base));
             }
-            let current: Option<String> = tx
-                .query_row("SELECT family FROM images WHERE current_base = ?1", params![id as i64], |r| r.get(0))
-                .optional()?;
-            let live = live_in(&tx, id)?;
-            let keep = if let Some(family) = current {
-                Some(format!("it is the current version of family {family}"))
-            } else if live > 0 {
-                Some(format!("{live} live snapshot(s) were made from it"))
-            } else {
-                in_use(&base)
-            };
-            if let Some(why) = keep {
+            if let Some(why) = keep_reason(&tx, &base, grace_ms, now)?.or_else(|| in_use(&base)) {
                 return Ok(Retire::Kept(why));
             }
-            tx.execute(
-                "UPDATE bases SET state = 'retiring', retiring_at = ?2 WHERE id = ?1",
-                params![id as i64, now],
-            )?;
+            tx.execute("UPDATE bases SET state = 'retiring', retiring_at = ?2 WHERE id = ?1", params![id as i64, now])?;
             let marked = base_in(&tx, id)?;
             tx.commit()?;
             Ok(marked.map_or(Retire::Gone, Retire::Marked))
+        })
+    }
+
+    /// Why base `id` is kept now ([`keep_reason`], then `in_use`), without marking anything
+    /// (`worker gc --dry-run`). `None`: it would be retired.
+    pub fn retire_check(
+        &self,
+        id: u64,
+        grace_ms: i64,
+        in_use: impl FnOnce(&BaseRow) -> Option<String>,
+    ) -> Result<Retire, StoreError> {
+        let now = epoch_ms(std::time::SystemTime::now());
+        self.with_conn(|c| {
+            let Some(base) = base_in(c, id)? else { return Ok(Retire::Gone) };
+            if base.state == BaseState::Retiring {
+                return Ok(Retire::Marked(base));
+            }
+            Ok(match keep_reason(c, &base, grace_ms, now)?.or_else(|| in_use(&base)) {
+                Some(why) => Retire::Kept(why),
+                None => Retire::Marked(base),
+            })
         })
     }
 
@@ -299,7 +316,10 @@ impl Store {
                     return Ok(Err(why));
                 }
             }
-            tx.execute("UPDATE images SET current_base = NULL, updated_at = ?2 WHERE family = ?1", params![family, now])?;
+            tx.execute(
+                "UPDATE images SET current_base = NULL, updated_at = ?2 WHERE family = ?1",
+                params![family, now],
+            )?;
             tx.execute(
                 "UPDATE bases SET state = 'retiring', retiring_at = COALESCE(retiring_at, ?2) WHERE family = ?1",
                 params![family, now],
@@ -346,6 +366,33 @@ impl Store {
     fn invalid(&self, what: &str, detail: String) -> StoreError {
         StoreError::Invalid { path: self.path.clone(), what: what.to_owned(), detail }
     }
+}
+
+/// Why the records keep `base`: it is a family's current version; a snapshot of it is live;
+/// or it is a sealed version that was never current and was prepared or used within
+/// `grace_ms` (its prepare completed but the job has not made it current yet, e.g. after a
+/// crash between the two; the redelivered job does it).
+fn keep_reason(c: &rusqlite::Connection, base: &BaseRow, grace_ms: i64, now: i64) -> rusqlite::Result<Option<String>> {
+    let current: Option<String> = c
+        .prepare_cached("SELECT family FROM images WHERE current_base = ?1")?
+        .query_row(params![base.id as i64], |r| r.get(0))
+        .optional()?;
+    if let Some(family) = current {
+        return Ok(Some(format!("it is the current version of family {family}")));
+    }
+    let live = live_in(c, base.id)?;
+    if live > 0 {
+        return Ok(Some(format!("{live} live snapshot(s) were made from it")));
+    }
+    let last_use = base.last_activated_at_ms.or(base.sealed_at_ms).unwrap_or(base.created_at_ms);
+    if base.state == BaseState::Sealed && base.superseded_at_ms.is_none() && now - last_use < grace_ms {
+        return Ok(Some(format!(
+            "it was never its family's current version and was prepared or used {}s ago (kept for {}s)",
+            (now - last_use) / 1000,
+            grace_ms / 1000
+        )));
+    }
+    Ok(None)
 }
 
 fn live_in(c: &rusqlite::Connection, id: u64) -> rusqlite::Result<u64> {

@@ -80,6 +80,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         created_at        INTEGER NOT NULL,
         sealed_at         INTEGER,
         last_activated_at INTEGER,
+        superseded_at     INTEGER,
         retiring_at       INTEGER,
         UNIQUE (family, digest)
     ) STRICT;

@@ -377,7 +377,8 @@ impl Store {
     /// Live rows whose activation's time to live ran out by `now_ms`, or (with `max_age_ms`)
     /// that were recorded more than `max_age_ms` before it.
     pub fn expired_snapshots(&self, now_ms: i64, max_age_ms: Option<i64>) -> Result<Vec<SnapshotRow>, StoreError> {
-        let too_old = max_age_ms.map_or_else(String::new, |age| format!("OR created_at < {}", now_ms.saturating_sub(age)));
+        let too_old =
+            max_age_ms.map_or_else(String::new, |age| format!("OR created_at < {}", now_ms.saturating_sub(age)));
         self.snapshots_where(&format!(
             "state NOT IN ('releasing', 'released') AND base_vol_id IS NOT NULL
              AND ((expires_at IS NOT NULL AND expires_at <= {now_ms}) {too_old})"

@@ -127,9 +127,13 @@ fn versions_have_their_own_bases_and_one_current_pointer() {
 
     // Retiring: the current version is kept; an old one without snapshots is marked, and a
     // snapshot intent on it is refused in its own transaction.
-    assert!(matches!(store.retire_base(2, |_| None).unwrap(), Retire::Kept(why) if why.contains("current version")));
-    assert!(matches!(store.retire_base(1, |_| Some("in use".into())).unwrap(), Retire::Kept(why) if why == "in use"));
-    assert!(matches!(store.retire_base(1, |_| None).unwrap(), Retire::Marked(row) if row.state == BaseState::Retiring));
+    assert!(matches!(store.retire_base(2, 0, |_| None).unwrap(), Retire::Kept(why) if why.contains("current version")));
+    assert!(
+        matches!(store.retire_base(1, 0, |_| Some("in use".into())).unwrap(), Retire::Kept(why) if why == "in use")
+    );
+    assert!(
+        matches!(store.retire_base(1, 0, |_| None).unwrap(), Retire::Marked(row) if row.state == BaseState::Retiring)
+    );
     assert!(matches!(
         store.intend_snapshot("activate-late", "web", 1, None, |id| format!("snap-{id}")).unwrap(),
         Intent::BaseUnavailable(why) if why.contains("retiring")
@@ -138,14 +142,26 @@ fn versions_have_their_own_bases_and_one_current_pointer() {
     assert!(store.forget_base(2).is_err(), "only a retiring base is forgotten");
     store.forget_base(1).unwrap();
     store.forget_base(1).unwrap();
-    assert!(matches!(store.retire_base(1, |_| None).unwrap(), Retire::Gone));
+    assert!(matches!(store.retire_base(1, 0, |_| None).unwrap(), Retire::Gone));
     assert_eq!(ready(store.intend_base("web", "sha256:aaaa", &[]).unwrap()).id, 3, "collected, then prepared anew");
 
     // A live snapshot keeps its (non-current) base.
     store.mark_base_sealed(3).unwrap();
     recorded(store.intend_snapshot("activate-old", "web", 3, None, |id| format!("snap-{id}")).unwrap());
-    assert!(matches!(store.retire_base(3, |_| None).unwrap(), Retire::Kept(why) if why.contains("1 live snapshot")));
+    assert!(matches!(store.retire_base(3, 0, |_| None).unwrap(), Retire::Kept(why) if why.contains("1 live snapshot")));
     assert!(store.base(3).unwrap().unwrap().last_activated_at_ms.is_some());
+
+    // A sealed version that was never current (its job has not switched to it yet) is kept
+    // for the grace period; one that was superseded is not.
+    let fresh = ready(store.intend_base("web", "sha256:cccc", &[]).unwrap());
+    store.mark_base_sealed(fresh.id).unwrap();
+    let kept = store.retire_base(fresh.id, 60_000, |_| None).unwrap();
+    assert!(matches!(&kept, Retire::Kept(why) if why.contains("never its family's current version")), "{kept:?}");
+    assert!(matches!(store.retire_check(fresh.id, 0, |_| None).unwrap(), Retire::Marked(_)), "would go without grace");
+    assert_eq!(store.base(fresh.id).unwrap().unwrap().state, BaseState::Sealed, "a check marks nothing");
+    store.make_current("web", fresh.id).unwrap();
+    assert!(store.base(2).unwrap().unwrap().superseded_at_ms.is_some());
+    assert!(matches!(store.retire_base(2, 60_000, |_| None).unwrap(), Retire::Marked(_)), "superseded: no grace");
 }
 
 /// Family `web`'s sealed base (made on first use).
@@ -166,11 +182,17 @@ fn recorded(i: Intent) -> SnapshotRow {
 fn a_snapshot_intent_is_recorded_once_per_run() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(&dir);
-    let first = recorded(store.intend_snapshot("activate-1", "web", web_base(&store), None, |id| format!("snap-{id}")).unwrap());
+    let first = recorded(
+        store.intend_snapshot("activate-1", "web", web_base(&store), None, |id| format!("snap-{id}")).unwrap(),
+    );
     assert_eq!((first.id, first.vol_id.as_str(), first.state), (1, "snap-1", SnapshotState::Intended));
-    let again = recorded(store.intend_snapshot("activate-1", "web", web_base(&store), None, |id| format!("snap-{id}")).unwrap());
+    let again = recorded(
+        store.intend_snapshot("activate-1", "web", web_base(&store), None, |id| format!("snap-{id}")).unwrap(),
+    );
     assert_eq!(again, first, "the same run finds the same snapshot");
-    let second = recorded(store.intend_snapshot("activate-2", "web", web_base(&store), None, |id| format!("snap-{id}")).unwrap());
+    let second = recorded(
+        store.intend_snapshot("activate-2", "web", web_base(&store), None, |id| format!("snap-{id}")).unwrap(),
+    );
     assert_eq!(second.id, 2);
     store.mark_snapshot_exposed(1, "/vols/snap-1").unwrap();
     store.request_release("activate-2", "web", |id| format!("snap-{id}")).unwrap();
@@ -192,7 +214,9 @@ fn snapshot_states_move_one_way_only() {
         for to in [Created, Exposed, Released] {
             let dir = tempfile::tempdir().unwrap();
             let store = open(&dir);
-            let row = recorded(store.intend_snapshot("activate-x", "web", web_base(&store), None, |id| format!("snap-{id}")).unwrap());
+            let row = recorded(
+                store.intend_snapshot("activate-x", "web", web_base(&store), None, |id| format!("snap-{id}")).unwrap(),
+            );
             match from {
                 Intended => {}
                 Created => {
@@ -317,10 +341,7 @@ fn bases_of_the_second_schema_become_versions() {
     let store = Store::open(&path).unwrap();
     let bases = store.list_bases().unwrap();
     let got: Vec<_> = bases.iter().map(|b| (b.id, b.family.as_str(), b.digest.as_str(), b.state)).collect();
-    assert_eq!(
-        got,
-        [(2, "api", "unknown:base-2", BaseState::Preparing), (1, "web", "sha256:aaaa", BaseState::Sealed)]
-    );
+    assert_eq!(got, [(2, "api", "unknown:base-2", BaseState::Preparing), (1, "web", "sha256:aaaa", BaseState::Sealed)]);
     assert_eq!(store.current_base("web").unwrap().unwrap().id, 1);
     assert!(store.current_base("api").unwrap().is_none() && store.current_base("new").unwrap().is_none());
     assert_eq!(store.snapshot(1).unwrap().unwrap().digest.as_deref(), Some("sha256:aaaa"));
@@ -413,7 +434,11 @@ fn the_background_checkpointer_moves_the_wal_into_the_database() {
     let before = std::fs::metadata(&path).unwrap().len();
     // More commits than CHECKPOINT_PAGES: the thread notices and checkpoints.
     for i in 0..2000 {
-        recorded(store.intend_snapshot(&format!("activate-{i}"), "web", web_base(&store), None, |id| format!("snap-{id}")).unwrap());
+        recorded(
+            store
+                .intend_snapshot(&format!("activate-{i}"), "web", web_base(&store), None, |id| format!("snap-{id}"))
+                .unwrap(),
+        );
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while std::fs::metadata(&path).unwrap().len() <= before {
@@ -440,7 +465,9 @@ fn concurrent_intents_share_commits() {
                     .map(|i| {
                         recorded(
                             store
-                                .intend_snapshot(&format!("activate-{t}-{i}"), "web", web_base(&store), None, |id| format!("snap-{id}"))
+                                .intend_snapshot(&format!("activate-{t}-{i}"), "web", web_base(&store), None, |id| {
+                                    format!("snap-{id}")
+                                })
                                 .unwrap(),
                         )
                         .id
@@ -454,6 +481,7 @@ fn concurrent_intents_share_commits() {
     assert_eq!(ids, (1..=(threads * each) as u64).collect::<Vec<_>>(), "every id once, no gap");
     let commits = store.intents.commits.load(std::sync::atomic::Ordering::Relaxed);
     assert!(commits < (threads * each) as u64, "{commits} commits for {} intents", threads * each);
-    let again = recorded(store.intend_snapshot("activate-3-7", "web", web_base(&store), None, |_| unreachable!()).unwrap());
+    let again =
+        recorded(store.intend_snapshot("activate-3-7", "web", web_base(&store), None, |_| unreachable!()).unwrap());
     assert_eq!(again.run_id, "activate-3-7");
 }

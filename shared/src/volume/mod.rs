@@ -169,5 +169,10 @@ fn filesystem_usage(path: &std::path::Path) -> Result<Usage, VolumeError> {
     let unit = st.fragment_size() as u64;
     let used = (st.blocks() as u64).saturating_sub(st.blocks_free() as u64) * unit;
     let available = st.blocks_available() as u64 * unit;
-    Ok(Usage { what: "volumes filesystem".into(), used_bytes: used, total_bytes: used + available, metadata_blocks: None })
+    Ok(Usage {
+        what: "volumes filesystem".into(),
+        used_bytes: used,
+        total_bytes: used + available,
+        metadata_blocks: None,
+    })
 }

@@ -492,7 +492,8 @@ impl VolumeBackend for DmThinBackend {
         let status = self.pool.status().map_err(|e| self.fail(&volume, e))?;
         let table = self.pool.table(&self.pool.name()).map_err(|e| self.fail(&volume, e))?;
         let block_sectors = table.first().and_then(|(_, _, _, p)| p.split_whitespace().nth(2)?.parse::<u64>().ok());
-        let bad = || VolumeError::Abort { volume: volume.clone(), detail: format!("unexpected pool status {status:?}") };
+        let bad =
+            || VolumeError::Abort { volume: volume.clone(), detail: format!("unexpected pool status {status:?}") };
         let (meta, data) = parse_pool_usage(&status).ok_or_else(bad)?;
         let block_bytes = block_sectors.ok_or_else(bad)? * 512;
         Ok(Usage {
@@ -592,8 +593,26 @@ impl DmThinBackend {
     }
 }
 
+/// The (used, total) metadata and data blocks of a pool status line
+/// (`<transaction> <meta used>/<total> <data used>/<total> ...`).
+fn parse_pool_usage(status: &str) -> Option<((u64, u64), (u64, u64))> {
+    let mut fields = status.split_whitespace().skip(1);
+    let mut pair = || {
+        let (used, total) = fields.next()?.split_once('/')?;
+        Some((used.parse().ok()?, total.parse().ok()?))
+    };
+    Some((pair()?, pair()?))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn pool_usage_is_read_from_the_status_line() {
+        let status = "5 281/4096 1920/8192 - rw no_discard_passdown queue_if_no_space - 1024";
+        assert_eq!(super::parse_pool_usage(status), Some(((281, 4096), (1920, 8192))));
+        assert_eq!(super::parse_pool_usage("Fail"), None);
+    }
+
     use super::*;
 
     #[test]
@@ -613,15 +632,4 @@ mod tests {
         assert_eq!(volume_of(0), None);
         assert_eq!(volume_of(THIN_ID_LIMIT), None);
     }
-}
-
-/// The (used, total) metadata and data blocks of a pool status line
-/// (`<transaction> <meta used>/<total> <data used>/<total> ...`).
-fn parse_pool_usage(status: &str) -> Option<((u64, u64), (u64, u64))> {
-    let mut fields = status.split_whitespace().skip(1);
-    let mut pair = || {
-        let (used, total) = fields.next()?.split_once('/')?;
-        Some((used.parse().ok()?, total.parse().ok()?))
-    };
-    Some((pair()?, pair()?))
 }
