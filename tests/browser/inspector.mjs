@@ -25,6 +25,16 @@ try {
   const ids = await page.locator("[data-testid=run-row]").evaluateAll(rows => rows.map(r => r.dataset.runId));
   check(ids.length >= 2, "at least two runs listed: " + ids);
 
+  // The families panel: web's current version (the one whose prepare retried) with its one
+  // live snapshot; the broken family has no current version; storage usage is shown.
+  const web = page.locator('[data-testid=family-row][data-family="web"][data-kind="current"]');
+  await web.waitFor();
+  const webText = await web.textContent();
+  check(webText.includes(retried.split("@")[1]) && webText.includes("sealed"), "web's current version: " + webText);
+  check((await web.locator("td").nth(3).textContent()) === "1", "web has one live snapshot");
+  check((await page.locator('[data-testid=family-row][data-family="broken"][data-kind="current"]').count()) === 0, "broken has no current version");
+  check((await page.locator("[data-testid=usage]").textContent()).includes("% used"), "usage is shown");
+
   // The status filter.
   await page.selectOption("[data-testid=filter-status]", "failed");
   await page.waitForFunction(id => [...document.querySelectorAll("[data-testid=run-row]")].every(r => r.dataset.runId === id), failed);

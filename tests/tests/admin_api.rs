@@ -87,6 +87,16 @@ fn health_runs_workflows_and_the_page() {
     assert_eq!(run["responses"].as_array().unwrap().len(), completed + 1, "the initial response and one per step");
     assert_eq!(get(&format!("{api}/api/runs/no-such-run")).0, 404);
 
+    // Families and storage, and a garbage collection pass on request.
+    let (status, images) = get(&format!("{api}/api/images"));
+    assert_eq!(status, 200, "{images}");
+    let web = &images["families"][0];
+    assert_eq!((web["family"].as_str(), web["current"]["live_snapshots"].as_u64()), (Some("web"), Some(1)), "{images}");
+    assert!(images["usage"]["total_bytes"].as_u64().unwrap() > 0, "{images}");
+    let (status, gc) = post(&format!("{api}/api/gc?dry_run=true"));
+    assert_eq!((status, &gc["dry_run"]), (200, &Value::Bool(true)), "{gc}");
+    assert_eq!(gc["deleted"], serde_json::json!([]), "nothing is garbage: {gc}");
+
     let page = reqwest::blocking::get(format!("{api}/")).unwrap().text().unwrap();
     assert!(page.contains("thinpipe inspector"));
     let js = reqwest::blocking::get(format!("{api}/inspector.js")).unwrap().text().unwrap();

@@ -22,20 +22,34 @@ pub struct Images {
     pub blob_cache_bytes: u64,
 }
 
+impl Images {
+    /// The view from the host database, the blob cache and a usage measurement.
+    pub fn gather(
+        store: &Store,
+        cache: &BlobCache,
+        usage: Result<Usage, String>,
+        watermarks: Watermarks,
+    ) -> anyhow::Result<Images> {
+        let (usage, usage_error) = match usage {
+            Ok(u) => (Some(u), None),
+            Err(e) => (None, Some(e)),
+        };
+        Ok(Images {
+            families: families(store, Some(cache))?,
+            usage,
+            usage_error,
+            watermarks,
+            blob_cache_bytes: cache.size().context("measuring the blob cache")?,
+        })
+    }
+}
+
+/// The view for `worker images`: opens the host database (safe while the daemon runs).
 pub fn collect(config: &Config) -> anyhow::Result<Images> {
     let store = Store::open(config.host_db_path())?;
     let cache = BlobCache::open(config.blob_cache_dir())?;
-    let (usage, usage_error) = match crate::host::open_backend(config).and_then(|b| Ok(b.usage()?)) {
-        Ok(u) => (Some(u), None),
-        Err(e) => (None, Some(format!("{e:#}"))),
-    };
-    Ok(Images {
-        families: families(&store, Some(&cache))?,
-        usage,
-        usage_error,
-        watermarks: config.watermarks(),
-        blob_cache_bytes: cache.size().context("measuring the blob cache")?,
-    })
+    let usage = crate::host::open_backend(config).and_then(|b| Ok(b.usage()?)).map_err(|e| format!("{e:#}"));
+    Images::gather(&store, &cache, usage, config.watermarks())
 }
 
 pub fn print(config: &Config, json: bool) -> anyhow::Result<std::process::ExitCode> {

@@ -5,10 +5,13 @@
 //! the page's static files requires it.
 //!
 //! - `GET /healthz`: the process is alive.
-//! - `GET /readyz`: store, queue and volume backend usable and not draining (503 otherwise,
-//!   with the reasons).
+//! - `GET /readyz`: store, queue and volume backend usable, not draining, and the host not
+//!   full (503 otherwise, with the reasons, e.g. "host full: pool data 96% used (limit 95%)").
 //! - `POST /drain`: stop taking jobs; `GET /drain`: whether draining, and jobs in flight.
 //! - `GET /api/runs?workflow=&status=&limit=`, `GET /api/runs/{id}`, `GET /api/workflows`.
+//! - `GET /api/images`: families, their versions and live snapshots, storage usage (what
+//!   `worker images --json` prints); `POST /api/gc?dry_run=true|false`: one garbage
+//!   collection pass now, its report.
 //! - `GET /`: the inspector page (assets embedded in the binary).
 //!
 //! The server stops when the worker's shutdown token fires.
@@ -102,6 +105,8 @@ fn router(admin: Admin) -> Router {
         .route("/api/runs", get(list_runs))
         .route("/api/runs/{id}", get(run_detail))
         .route("/api/workflows", get(workflows))
+        .route("/api/images", get(images))
+        .route("/api/gc", axum::routing::post(gc))
         .route("/api/info", get(info))
         .layer(axum::middleware::from_fn_with_state(admin.clone(), require_token));
     Router::new()
@@ -157,6 +162,9 @@ async fn readyz(State(admin): State<Admin>) -> Response {
     }
     if admin.host.lease_lost.is_cancelled() {
         reasons.push("the worker lease was lost".to_owned());
+    }
+    if let Some(full) = admin.host.lifecycle.full().await {
+        reasons.push(full);
     }
     let ready = reasons.is_empty();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
@@ -219,6 +227,34 @@ async fn run_detail(State(admin): State<Admin>, Path(id): Path<String>) -> Respo
 
 async fn workflows(State(admin): State<Admin>) -> Response {
     Json(admin.host.engine.workflows()).into_response()
+}
+
+async fn images(State(admin): State<Admin>) -> Response {
+    let usage = admin.host.lifecycle.usage().await.map_err(|e| e.to_string());
+    let host = admin.host.clone();
+    let gathered = tokio::task::spawn_blocking(move || {
+        let ctx = host.pipeline.context();
+        crate::inventory::Images::gather(&host.store, &ctx.cache, usage, host.config.watermarks())
+    })
+    .await;
+    match gathered {
+        Ok(Ok(images)) => Json(images).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+struct GcQuery {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn gc(State(admin): State<Admin>, Query(q): Query<GcQuery>) -> Response {
+    match admin.host.lifecycle.collect(q.dry_run).await {
+        Ok(report) => Json(report).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 async fn info(State(admin): State<Admin>) -> Response {

@@ -51,6 +51,36 @@ async function loadRuns() {
   }
 }
 
+// ---- families -----------------------------------------------------------------------
+
+async function loadFamilies() {
+  const err = document.getElementById("runs-error");
+  try {
+    const images = await api("/api/images");
+    const u = images.usage;
+    document.getElementById("usage").textContent = u
+      ? `${u.what} ${(100 * u.used_bytes / Math.max(u.total_bytes, 1)).toFixed(1)}% used · refuse at ${images.watermarks.refuse_percent}%`
+      : `storage not measured: ${images.usage_error}`;
+    const rows = [];
+    for (const f of images.families) {
+      const versions = (f.current ? [["current", f.current]] : []).concat(f.others.map(v => ["kept", v]));
+      if (versions.length === 0) rows.push(el("tr", { "data-testid": "family-row", "data-family": f.family }, el("td", {}, f.family), el("td", {}, "none"), el("td"), el("td", {}, 0), el("td")));
+      for (const [kind, v] of versions) {
+        rows.push(el("tr", { "data-testid": "family-row", "data-family": f.family, "data-kind": kind },
+          el("td", {}, f.family),
+          el("td", { title: v.digest }, `${kind} ${v.digest.replace(/^sha256:/, "").slice(0, 12)}`),
+          el("td", {}, `${v.base} (${v.state})`),
+          el("td", {}, v.live_snapshots),
+          el("td", {}, v.last_activated_at ? fmtTime(Date.parse(v.last_activated_at)) : "never")));
+      }
+    }
+    document.querySelector("#families tbody").replaceChildren(...rows);
+  } catch (e) {
+    err.textContent = e.message;
+    err.hidden = false;
+  }
+}
+
 // ---- one run ------------------------------------------------------------------------
 
 async function openRun(id) {
@@ -264,7 +294,8 @@ async function start() {
   document.getElementById("back").addEventListener("click", () => move(-1));
   document.getElementById("fwd").addEventListener("click", () => move(1));
   await loadRuns();
-  setInterval(() => { if (document.getElementById("live").checked) loadRuns(); }, 2000);
+  await loadFamilies();
+  setInterval(() => { if (document.getElementById("live").checked) { loadRuns(); loadFamilies(); } }, 2000);
   const wanted = new URLSearchParams(location.search).get("run");
   if (wanted) await openRun(wanted);
 }
