@@ -89,6 +89,10 @@ fn in_use_reason(held: &super::in_use::Held, row: &BaseRow, pipeline: &Pipeline)
     None
 }
 
+/// How long eviction waits for a deletion's space to come back (btrfs frees a deleted
+/// subvolume's blocks after up to two transaction commits; the default commit interval is 30 s).
+const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
+
 impl Lifecycle {
     /// One garbage collection pass (see the module doc). With `dry_run`, nothing is marked or
     /// deleted: the report says what would be.
@@ -176,14 +180,27 @@ impl Lifecycle {
                 .await?;
             match evicted {
                 Ok(rows) => {
-                    tracing::info!(%family, bases = rows.len(), used_percent = usage.percent(), "evicting a family to free space");
+                    let used = self.measure().await?.percent();
+                    tracing::info!(%family, bases = rows.len(), used_percent = used, "evicting a family to free space");
                     report.evicted_families.push(family);
                     self.retire_all(rows, report).await;
+                    self.settle().await;
                 }
                 Err(why) => tracing::debug!(%family, %why, "family kept"),
             }
         }
         Ok(())
+    }
+
+    /// Waits (up to [`SETTLE_TIMEOUT`]) until the evicted bases' space counts as free, so
+    /// eviction does not take more than it must.
+    async fn settle(&self) {
+        let backend = self.pipeline.context().backend.clone();
+        match tokio::task::spawn_blocking(move || backend.wait_reclaimed(SETTLE_TIMEOUT)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "deleted space has not come back yet; evicting more would guess"),
+            Err(e) => tracing::warn!(error = %e, "waiting for deleted space failed"),
+        }
     }
 
     /// Deletes cached blobs that no base still needs, when no prepare runs.

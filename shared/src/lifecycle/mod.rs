@@ -102,25 +102,32 @@ impl Lifecycle {
                     _ = tokio::time::sleep(self.settings.interval) => {}
                 }
             }
-            match self.release_expired().await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(released = n, "released expired activations"),
-                Err(e) => tracing::warn!(error = %e, "releasing expired activations failed; tried again next pass"),
+            // A pass is dropped where it stands when `stop` fires: its decisions are
+            // committed one transaction at a time, and its runs are durable and resume.
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = self.pass() => {}
             }
-            if stop.is_cancelled() {
-                return;
-            }
-            match self.collect(false).await {
-                Ok(report) if report.did_something() => tracing::info!(
-                    deleted = report.deleted.len(),
-                    evicted = ?report.evicted_families,
-                    blobs = report.blobs_deleted,
-                    failed = report.failed.len(),
-                    "garbage collected"
-                ),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "garbage collection failed; tried again next pass"),
-            }
+        }
+    }
+
+    /// One maintenance pass: expired activations, then garbage.
+    async fn pass(&self) {
+        match self.release_expired().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(released = n, "released expired activations"),
+            Err(e) => tracing::warn!(error = %e, "releasing expired activations failed; tried again next pass"),
+        }
+        match self.collect(false).await {
+            Ok(report) if report.did_something() => tracing::info!(
+                deleted = report.deleted.len(),
+                evicted = ?report.evicted_families,
+                blobs = report.blobs_deleted,
+                failed = report.failed.len(),
+                "garbage collected"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "garbage collection failed; tried again next pass"),
         }
     }
 
@@ -169,17 +176,16 @@ impl Lifecycle {
     }
 
     /// Admits a new prepare or activation: refused with the reason while the host is above
-    /// its refusal limit even after a collection pass.
+    /// its refusal limit. A refusal wakes the maintenance task, which frees what it can; the
+    /// job is not held while it does (space may come back only after the filesystem's next
+    /// commit), so a scheduler places it elsewhere or tries again.
     pub async fn admit(&self) -> Result<(), String> {
-        if self.full().await.is_none() {
-            return Ok(());
-        }
-        if let Err(e) = self.collect(false).await {
-            tracing::warn!(error = %e, "garbage collection for a full host failed");
-        }
-        match self.measure().await.map(|u| self.settings.watermarks.assess(&u)) {
-            Ok(Pressure::Full(why)) => Err(why),
-            _ => Ok(()),
+        match self.full().await {
+            None => Ok(()),
+            Some(why) => {
+                self.wake();
+                Err(why)
+            }
         }
     }
 

@@ -132,6 +132,13 @@ pub trait VolumeBackend: Send + Sync {
     fn list(&self) -> Result<Vec<VolumeId>, VolumeError>;
     /// How full the storage under the volumes is.
     fn usage(&self) -> Result<Usage, VolumeError>;
+    /// Waits (at most `timeout`) until the space of volumes deleted so far counts as free.
+    /// Immediate on backends whose `delete` frees it (dir, dm-thin); btrfs frees a deleted
+    /// subvolume's blocks in the kernel's cleaner, after a transaction commit (up to a
+    /// minute later with the default `commit=30`).
+    fn wait_reclaimed(&self, _timeout: std::time::Duration) -> Result<(), VolumeError> {
+        Ok(())
+    }
 }
 
 /// How full a backend's storage is.

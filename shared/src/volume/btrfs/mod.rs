@@ -37,6 +37,38 @@ fn open_dir(path: &Path, vol: impl std::fmt::Display) -> Result<File, VolumeErro
     File::open(path).map_err(|e| classify(vol, &format!("opening {}", path.display()), e))
 }
 
+/// Runs a btrfs-progs command, killed after `timeout` (a transient failure).
+fn run_within(cmd: &mut std::process::Command, timeout: std::time::Duration, root: &str) -> Result<(), VolumeError> {
+    let what = format!("{cmd:?}");
+    let fail = |detail: String| VolumeError::Transient { volume: root.to_owned(), detail };
+    let mut child = cmd
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(format!("{what}: {e} (btrfs-progs is needed to wait for deleted space)")))?;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(status)) => {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    // The message is only for the error; a failed read leaves it empty.
+                    std::io::Read::read_to_string(&mut e, &mut err).unwrap_or_default();
+                }
+                return Err(fail(format!("{what}: {status}: {}", err.trim())));
+            }
+            Ok(None) if std::time::Instant::now() >= deadline => {
+                // Killing a child we spawned; it may have exited meanwhile, which is fine.
+                child.kill().unwrap_or_default();
+                child.wait().map_err(|e| fail(format!("{what}: {e}")))?;
+                return Err(fail(format!("{what} did not finish within {timeout:?}")));
+            }
+            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(50)),
+            Err(e) => return Err(fail(format!("{what}: {e}"))),
+        }
+    }
+}
+
 fn c_name(vol: VolumeId) -> CString {
     // `base-N` / `snap-N` never contain NUL.
     CString::new(vol.to_string()).unwrap_or_default()
@@ -231,6 +263,19 @@ impl VolumeBackend for BtrfsBackend {
     fn usage(&self) -> Result<super::Usage, VolumeError> {
         super::filesystem_usage(&self.root)
     }
+
+    fn wait_reclaimed(&self, timeout: std::time::Duration) -> Result<(), VolumeError> {
+        // `btrfs subvolume sync` waits for the cleaner to finish every deleted subvolume
+        // (polling each second); a commit then makes their blocks count as free in statvfs.
+        // The CLI works on every kernel; the wait ioctl needs 6.13.
+        let root = self.root.display().to_string();
+        let mut wait = std::process::Command::new("btrfs");
+        wait.args(["subvolume", "sync", &root]).stdout(std::process::Stdio::null());
+        run_within(&mut wait, timeout, &root)?;
+        let mut commit = std::process::Command::new("btrfs");
+        commit.args(["filesystem", "sync", &root]).stdout(std::process::Stdio::null());
+        run_within(&mut commit, timeout, &root)
+    }
 }
 
 /// A btrfs filesystem on a loop device, mounted for a test and removed when dropped
@@ -254,8 +299,14 @@ pub mod testfs {
     }
 
     impl LoopBtrfs {
-        /// `None` (test skipped) without root or `mkfs.btrfs`, unless `CI` is set.
+        /// A 512 MiB btrfs; `None` (test skipped) without root or `mkfs.btrfs`, unless `CI` is set.
         pub fn new() -> Option<LoopBtrfs> {
+            Self::with(512, "loop")
+        }
+
+        /// A btrfs of `mib` MiB mounted with `options` (which must include `loop`), e.g.
+        /// `loop,commit=1` so that deleted subvolumes' space comes back within a second or two.
+        pub fn with(mib: u64, options: &str) -> Option<LoopBtrfs> {
             // SAFETY: geteuid has no preconditions.
             let root = unsafe { libc::geteuid() } == 0;
             let tools = Path::new("/usr/sbin/mkfs.btrfs").exists() || Path::new("/sbin/mkfs.btrfs").exists();
@@ -271,10 +322,10 @@ pub mod testfs {
             let image = dir.path().join("btrfs.img");
             let mount = dir.path().join("mnt");
             std::fs::create_dir(&mount).expect("mount point");
-            std::fs::File::create(&image).and_then(|f| f.set_len(512 << 20)).expect("sparse image");
+            std::fs::File::create(&image).and_then(|f| f.set_len(mib << 20)).expect("sparse image");
             run(Command::new("mkfs.btrfs").arg("-q").arg(&image)).expect("mkfs.btrfs");
             // `mount -o loop` attaches a loop device that umount detaches again (autoclear).
-            run(Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&mount)).expect("mount");
+            run(Command::new("mount").args(["-o", options]).arg(&image).arg(&mount)).expect("mount");
             Some(LoopBtrfs { mount, _dir: dir })
         }
     }
