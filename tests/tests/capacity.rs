@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
-use thinpipe::queue::{EmbeddedQueue, JobQueue};
+use thinpipe::queue::EmbeddedQueue;
 use thinpipe::store::Store;
 use thinpipe_tests::{Daemon, bin, tar_of_file, wait_until};
 
