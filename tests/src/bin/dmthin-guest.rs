@@ -350,13 +350,23 @@ async fn resume_after_power_cut(h: &Host) -> Result<(), String> {
     if !report.resumed.iter().any(|r| r.starts_with("prepare-api@")) {
         return Err(format!("prepare-api was not resumed: {report:?}"));
     }
-    let base = match prepare(h, "api").await? {
+    // Join the resumed run with the version it recorded (the source files written just
+    // before the power cut may not have survived it; the run's input did).
+    let run = report.resumed.iter().find(|r| r.starts_with("prepare-api@")).ok_or("no prepare-api run")?;
+    let detail = h.engine.run_detail(run).map_err(|e| e.to_string())?.ok_or("the resumed run is gone")?;
+    let input: thinpipe::pipeline::PrepareInput = serde_json::from_value(detail.input).map_err(|e| e.to_string())?;
+    let manifest = input.manifest.ok_or("the resumed run recorded no manifest")?;
+    let base = match h.pipeline.prepare(&manifest).await.map_err(|e| e.to_string())? {
         Outcome::Completed(w) => w.base_vol_id.ok_or("no base")?,
         Outcome::Failed(f) => return Err(format!("the resumed prepare failed: {f}")),
     };
     // web took base 1 on the first boot; api's intent (base 2) survived the power cut.
     if base != 2 {
-        return Err(format!("api's base is {base}, expected 2 (the id recorded before the crash)"));
+        let bases = h.store.list_bases().map_err(|e| e.to_string())?;
+        return Err(format!(
+            "api's base is {base}, expected 2 (the id recorded before the crash); resumed {:?}; bases {bases:?}",
+            report.resumed
+        ));
     }
     let next = h.store.next_id("base").map_err(|e| e.to_string())?;
     if next != 3 {
