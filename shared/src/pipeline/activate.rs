@@ -50,16 +50,13 @@ async fn activate_snapshot(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Ac
     let base = req.w.base_vol_id;
     let run_id = req.run_id.to_string();
     let family = req.r.family.clone();
-    let expires_at = req.r.ttl_secs.map(|t| {
-        let now = crate::store::epoch_ms(std::time::SystemTime::now());
-        now.saturating_add(i64::try_from(t.saturating_mul(1000)).unwrap_or(i64::MAX))
-    });
+    let ttl = req.r.ttl_secs.map(std::time::Duration::from_secs);
     let _serial = ctx.invocations.lock(&req.r.invocation_id).await;
     let c = ctx.clone();
     let (snap, path, digest) = blocking(move || {
         let row = match c
             .store
-            .intend_snapshot(&run_id, &family, base, expires_at, |id| VolumeId::Snap(id).to_string())
+            .intend_snapshot(&run_id, &family, base, ttl, |id| VolumeId::Snap(id).to_string())
             .map_err(store_err)?
         {
             Intent::Recorded(row) => row,

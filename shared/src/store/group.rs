@@ -21,7 +21,8 @@ pub(super) struct Request {
     pub run_id: String,
     pub family: String,
     pub base_vol_id: u64,
-    pub expires_at_ms: Option<i64>,
+    /// The snapshot expires this long after its intent is recorded.
+    pub ttl: Option<std::time::Duration>,
     pub name: Box<dyn Fn(u64) -> String + Send>,
 }
 

@@ -277,7 +277,7 @@ pub(super) fn intend_in(tx: &Transaction<'_>, request: &super::group::Request, n
             (request.name)(id as u64),
             now,
             digest,
-            request.expires_at_ms
+            request.ttl.map(|ttl| now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)))
         ],
     )?;
     Ok(Intent::Recorded(created))
@@ -287,13 +287,15 @@ impl Store {
     /// Records the intended snapshot of `run_id`, or returns the one already recorded; once
     /// a release has reached the invocation, says so instead. The id comes from the `snap`
     /// sequence and is taken in the same transaction as the row, so a crash leaves neither a
-    /// row without its id nor a gap. `name` makes the backend's volume name from the id.
+    /// row without its id nor a gap. `name` makes the backend's volume name from the id; with
+    /// `ttl`, the row expires that long after this intent. Refused
+    /// ([`Intent::BaseUnavailable`]) unless the base is a sealed base of `family`.
     pub fn intend_snapshot(
         &self,
         run_id: &str,
         family: &str,
         base_vol_id: u64,
-        expires_at_ms: Option<i64>,
+        ttl: Option<std::time::Duration>,
         name: impl Fn(u64) -> String + Send + 'static,
     ) -> Result<Intent, StoreError> {
         // Concurrent intents share one durable commit (`group.rs`).
@@ -301,7 +303,7 @@ impl Store {
             run_id: run_id.to_owned(),
             family: family.to_owned(),
             base_vol_id,
-            expires_at_ms,
+            ttl,
             name: Box::new(name),
         };
         self.intents.intend(self, request)

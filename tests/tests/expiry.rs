@@ -1,0 +1,89 @@
+//! Forgotten activations, with the real worker: an activation's `ttl_secs`, and the worker's
+//! `activations.max_age_secs`, make the worker release the snapshot itself through the
+//! release workflow (a log line and the `thinpipe.snapshots.expired` metric); the invocation
+//! is then spent like any released one, and its scheduler's late `release` is answered.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use thinpipe::image::write_sample_family;
+use thinpipe::store::{SnapshotState, Store};
+use thinpipe_tests::otlp::Receiver;
+use thinpipe_tests::{Daemon, bin, wait_until};
+
+fn enqueue(state: &Path, args: &[&str]) -> Value {
+    let out = Command::new(bin("enqueue"))
+        .arg("--state-dir")
+        .arg(state)
+        .args(["--wait", "--json", "--timeout", "120"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("no result for {args:?} ({e}): {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+fn released(store: &Store, invocation: &str) -> bool {
+    store
+        .snapshot_by_run(&format!("activate-{invocation}"))
+        .unwrap()
+        .is_some_and(|r| r.state == SnapshotState::Released)
+}
+
+#[test]
+fn an_activation_past_its_ttl_or_the_max_age_is_released_by_the_worker() {
+    let receiver = Receiver::start();
+    let otel = receiver.env();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path();
+    write_sample_family(state, "web").unwrap();
+    let mut env: Vec<(&str, &str)> = otel.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    env.extend([("THINPIPE_GC_INTERVAL_SECS", "1"), ("THINPIPE_ACTIVATIONS_MAX_AGE_SECS", "8")]);
+    let daemon = Daemon::start(state, &env);
+    let store = Store::open(state.join("host.db")).unwrap();
+
+    // A short TTL, a long one, and none (only the worker's max age applies to those two).
+    let short = enqueue(state, &["activate", "--family", "web", "--invocation-id", "short", "--ttl-secs", "2"]);
+    assert_eq!(short["status"], "succeeded", "{short}\n{}", daemon.log());
+    let path = short["snapshot_path"].as_str().unwrap().to_owned();
+    let long = enqueue(state, &["activate", "--family", "web", "--invocation-id", "long", "--ttl-secs", "3600"]);
+    let plain = enqueue(state, &["activate", "--family", "web", "--invocation-id", "plain"]);
+    assert_eq!((&long["status"], &plain["status"]), (&"succeeded".into(), &"succeeded".into()));
+    let row = store.snapshot_by_run("activate-short").unwrap().unwrap();
+    assert!(row.expires_at_ms.is_some_and(|t| t - row.created_at_ms == 2000), "{row:?}");
+
+    wait_until("the short activation expires", Duration::from_secs(30), || released(&store, "short"));
+    assert!(!Path::new(&path).exists(), "its snapshot is gone");
+    assert!(!released(&store, "long") && !released(&store, "plain"), "the others are not expired yet");
+    assert!(daemon.log().contains("released an expired activation"), "{}", daemon.log());
+    wait_until("the expiry metric", Duration::from_secs(30), || {
+        receiver.metric("thinpipe.snapshots.expired").iter().any(|a| a.get("why").map(String::as_str) == Some("ttl"))
+    });
+
+    // The invocation is spent; the scheduler's late release is answered, not failed.
+    let again = enqueue(state, &["activate", "--family", "web", "--invocation-id", "short"]);
+    assert_eq!(again["status"], "failed", "{again}");
+    assert!(again["error"].as_str().unwrap().contains("invocation short was released at"), "{again}");
+    let late = enqueue(state, &["release", "--family", "web", "--invocation-id", "short"]);
+    assert_eq!(late["status"], "succeeded", "{late}");
+    assert!(late["detail"].as_str().unwrap().contains("already released"), "{late}");
+
+    // The worker's max age takes the others, whatever their own TTL.
+    wait_until("the max age releases the rest", Duration::from_secs(60), || {
+        released(&store, "long") && released(&store, "plain")
+    });
+    wait_until("the max-age metric", Duration::from_secs(30), || {
+        receiver
+            .metric("thinpipe.snapshots.expired")
+            .iter()
+            .any(|a| a.get("why").map(String::as_str) == Some("max_age"))
+    });
+    let volumes: Vec<_> = std::fs::read_dir(state.join("volumes/snaps")).unwrap().collect();
+    assert!(volumes.is_empty(), "no snapshot left on disk: {volumes:?}");
+    let log = daemon.log();
+    assert!(daemon.stop(Duration::from_secs(60)).success(), "{log}");
+}
