@@ -2,11 +2,16 @@
 //! by a worker that a supervisor SIGKILLs at random moments (at least 30 times, seeded),
 //! then a last worker finishes. Releases are posted at random times relative to their
 //! activations: before them, right after them (so the two run together), and after every
-//! activation is done. At the end every job has its result, each family exactly one base,
-//! every released invocation a `released` row and no volume, every other one exactly one
-//! exposed snapshot, no volume without a record and no record without its volume,
-//! `worker reconcile` clean, no run left active, no message left behind, and at least a third
-//! of the kills came right after a run was seen in flight.
+//! activation is done. Between the two phases two families get a second version; the second
+//! phase prepares it among more activations and the late releases, while garbage collection
+//! (every second, and after each release) takes old bases and gets killed too. At the end
+//! every job has its result, each version at most one base ever, every released invocation a
+//! `released` row and no volume, every other one exactly one exposed snapshot whose base
+//! exists, no volume without a record and no record without its volume, no base left that is
+//! neither current nor under a live snapshot (after a last `worker gc`), the blob cache
+//! holding exactly the kept bases' blobs, `worker reconcile` clean, no run left active, no
+//! message left behind, and at least a third of the kills came right after a run was seen in
+//! flight.
 //!
 //! A failure prints the seed; replay with `THINPIPE_SOAK_SEED=<seed> cargo test -p
 //! thinpipe-tests --test kill_soak`.
@@ -24,6 +29,10 @@ use thinpipe_tests::{Daemon, killed, wait_until};
 
 const FAMILIES: [&str; 3] = ["web", "api", "db"];
 const ACTIVATIONS: usize = 153;
+/// Activations in the second phase, while the second versions roll out.
+const LATE_ACTIVATIONS: usize = 20;
+/// The families that get a second version between the phases.
+const UPDATED: [&str; 2] = ["web", "api"];
 const RELEASES: usize = 44;
 const MIN_KILLS: usize = 30;
 
@@ -41,8 +50,13 @@ fn post(rt: &tokio::runtime::Runtime, state: &Path, jobs: &[(String, String)]) {
     });
 }
 
-fn job(kind: &str, family: &str, invocation: Option<&str>) -> (String, String) {
-    let id = format!("{kind}/{family}/{}", invocation.unwrap_or("-"));
+/// A job, with the id its result is filed under: a prepare's run id (it names the version
+/// prepared, resolved from `state`'s source now), else `<kind>/<family>/<invocation>`.
+fn job(state: &Path, kind: &str, family: &str, invocation: Option<&str>) -> (String, String) {
+    let id = match kind {
+        "prepare" => thinpipe_tests::prepare_run(state, family),
+        _ => format!("{kind}/{family}/{}", invocation.unwrap_or("-")),
+    };
     let mut body = serde_json::json!({"v": 1, "kind": kind, "family": family, "reply_to": "results"});
     if let Some(inv) = invocation {
         body["invocation_id"] = inv.into();
@@ -71,6 +85,7 @@ fn supervise(
         ("THINPIPE_QUEUE_VISIBILITY_TIMEOUT_SECS", "2"),
         ("THINPIPE_WORKER_CONCURRENCY", "8"),
         ("THINPIPE_QUEUE_MAX_RECEIVES", "100"),
+        ("THINPIPE_GC_INTERVAL_SECS", "1"),
     ];
     // The killed worker's address file is stale; each new worker writes its own.
     let start = || {
@@ -130,12 +145,16 @@ fn collect(rt: &tokio::runtime::Runtime, state: &Path, into: &mut HashMap<String
             }
             for d in got {
                 let r: serde_json::Value = serde_json::from_str(&d.body).unwrap();
-                let id = format!(
-                    "{}/{}/{}",
-                    r["kind"].as_str().unwrap(),
-                    r["family"].as_str().unwrap(),
-                    r["invocation_id"].as_str().unwrap_or("-")
-                );
+                let id = match r["kind"].as_str().unwrap() {
+                    "prepare" => r["run_id"].as_str().unwrap().to_owned(),
+                    kind => {
+                        format!(
+                            "{kind}/{}/{}",
+                            r["family"].as_str().unwrap(),
+                            r["invocation_id"].as_str().unwrap_or("-")
+                        )
+                    }
+                };
                 into.entry(id).or_default().push(r);
                 results.ack(&d).await.unwrap();
             }
@@ -159,11 +178,11 @@ fn two_hundred_jobs_survive_thirty_kills() {
 
     // Phase 1: prepares and activations, interleaved, with a third of the releases among
     // them: some posted before their activation, some right after it.
-    let mut first: Vec<(String, String)> = FAMILIES.iter().map(|f| job("prepare", f, None)).collect();
+    let mut first: Vec<(String, String)> = FAMILIES.iter().map(|f| job(state, "prepare", f, None)).collect();
     let invocations: Vec<(String, &str)> =
         (0..ACTIVATIONS).map(|i| (format!("inv-{i}"), FAMILIES[rng.random_range(0..FAMILIES.len())])).collect();
     for (inv, family) in &invocations {
-        first.push(job("activate", family, Some(inv)));
+        first.push(job(state, "activate", family, Some(inv)));
     }
     let released: Vec<&(String, &str)> = invocations.iter().take(RELEASES).collect();
     let (early, late) = released.split_at(RELEASES / 3);
@@ -174,20 +193,17 @@ fn two_hundred_jobs_survive_thirty_kills() {
         } else {
             (activate + 1 + rng.random_range(0..3)).min(first.len()) // while it runs
         };
-        first.insert(at, job("release", family, Some(inv)));
+        first.insert(at, job(state, "release", family, Some(inv)));
     }
-    // Phase 2: the other releases, after every activation is done.
-    let second: Vec<(String, String)> = late.iter().map(|(inv, f)| job("release", f, Some(inv))).collect();
-    assert!(first.len() + second.len() >= 200);
-
     let mut results: HashMap<String, Vec<serde_json::Value>> = HashMap::new();
-    let (mut kills, mut mid_run) = (0, 0);
-    for (phase, jobs) in [&first, &second].into_iter().enumerate() {
+    let (mut kills, mut mid_run, mut posted) = (0, 0, 0);
+    let mut run_phase = |jobs: &[(String, String)], phase: usize, rng: &mut rand::rngs::StdRng| {
         post(&rt, state, jobs);
+        posted += jobs.len();
         let wanted: BTreeSet<&String> = jobs.iter().map(|(id, _)| id).collect();
         let k = supervise(
             state,
-            &mut rng,
+            rng,
             MIN_KILLS / 2 + phase,
             || {
                 collect(&rt, state, &mut results);
@@ -197,7 +213,29 @@ fn two_hundred_jobs_survive_thirty_kills() {
         );
         kills += k.total;
         mid_run += k.mid_run;
+    };
+    run_phase(&first, 0, &mut rng);
+
+    // Phase 2, after every job of phase 1 is done: two families get a second version; their
+    // prepares go among the other releases and more activations (of whichever version is
+    // current when they run).
+    for f in UPDATED {
+        let layer = thinpipe_tests::tar_of_file("etc/version", b"v2\n");
+        std::fs::write(state.join("images").join(f).join("0099-v2.tar"), layer).unwrap();
     }
+    let mut second: Vec<(String, String)> = late.iter().map(|(inv, f)| job(state, "release", f, Some(inv))).collect();
+    let late_invocations: Vec<(String, &str)> =
+        (0..LATE_ACTIVATIONS).map(|i| (format!("late-{i}"), FAMILIES[rng.random_range(0..FAMILIES.len())])).collect();
+    for (inv, family) in &late_invocations {
+        let at = rng.random_range(0..=second.len());
+        second.insert(at, job(state, "activate", family, Some(inv)));
+    }
+    for f in UPDATED {
+        let at = rng.random_range(0..=second.len());
+        second.insert(at, job(state, "prepare", f, None));
+    }
+    assert!(first.len() + second.len() >= 200);
+    run_phase(&second, 1, &mut rng);
     assert!(kills >= MIN_KILLS, "seed {seed}: {kills} kills");
 
     // Every job succeeded, except activations of released invocations, which may fail
@@ -218,22 +256,45 @@ fn two_hundred_jobs_survive_thirty_kills() {
                 continue;
             }
             assert_eq!(r["status"], "succeeded", "seed {seed}: {id}: {r}");
-            assert_eq!(r["snapshot_path"], rs[0]["snapshot_path"], "seed {seed}: {id}: one snapshot per invocation");
+            if r["kind"] == "activate" {
+                assert_eq!(
+                    r["snapshot_path"], rs[0]["snapshot_path"],
+                    "seed {seed}: {id}: one snapshot per invocation"
+                );
+            }
         }
     }
-    assert_eq!(results.len(), first.len() + second.len(), "seed {seed}: a result for every job");
+    assert_eq!(results.len(), posted, "seed {seed}: a result for every job");
 
-    // Volumes and records match exactly.
+    // A last collection pass (the workers' passes may have been killed or not come round).
+    let gc = std::process::Command::new(thinpipe_tests::bin("worker"))
+        .arg("--state-dir")
+        .arg(state)
+        .args(["gc", "--json"])
+        .output()
+        .unwrap();
+    assert!(gc.status.success(), "seed {seed}: worker gc: {}", String::from_utf8_lossy(&gc.stderr));
+
+    // Volumes and records match exactly: the current versions, the versions under live
+    // snapshots, the live snapshots; nothing else.
     let store = Store::open(state.join("host.db")).unwrap();
     let mut expected = BTreeSet::new();
+    let mut kept_bases = BTreeSet::new();
     for f in FAMILIES {
         let image = store.image(f).unwrap().unwrap();
         let base = image.current_base.unwrap_or_else(|| panic!("seed {seed}: {f} has no current version"));
-        expected.insert(VolumeId::Base(base));
+        kept_bases.insert(base);
+        let current = store.base(base).unwrap().unwrap();
+        assert_eq!(
+            thinpipe::job::prepare_run_id(f, &current.digest),
+            thinpipe_tests::prepare_run(state, f),
+            "seed {seed}: {f}'s current version is the source's"
+        );
     }
-    assert_eq!(store.next_id("base").unwrap(), FAMILIES.len() as u64 + 1, "seed {seed}: one base per family, ever");
+    let versions = FAMILIES.len() + UPDATED.len();
+    assert!(store.next_id("base").unwrap() <= versions as u64 + 1, "seed {seed}: at most one base per version, ever");
     let snaps = store.list_snapshots().unwrap();
-    assert_eq!(snaps.len(), ACTIVATIONS, "seed {seed}: one snapshot record per invocation");
+    assert_eq!(snaps.len(), ACTIVATIONS + LATE_ACTIVATIONS, "seed {seed}: one snapshot record per invocation");
     let released_runs: BTreeSet<String> = released.iter().map(|(inv, _)| format!("activate-{inv}")).collect();
     for s in &snaps {
         if released_runs.contains(&s.run_id) {
@@ -241,8 +302,26 @@ fn two_hundred_jobs_survive_thirty_kills() {
         } else {
             assert_eq!(s.state, SnapshotState::Exposed, "seed {seed}: {}", s.run_id);
             expected.insert(VolumeId::Snap(s.id));
+            let base = s.base_vol_id.unwrap();
+            let row = store
+                .base(base)
+                .unwrap()
+                .unwrap_or_else(|| panic!("seed {seed}: {}'s base-{base} was deleted", s.run_id));
+            assert_eq!(Some(&row.digest), s.digest.as_ref(), "seed {seed}: {}", s.run_id);
+            kept_bases.insert(base);
         }
     }
+    let bases = store.list_bases().unwrap();
+    let recorded: BTreeSet<u64> = bases.iter().map(|b| b.id).collect();
+    assert_eq!(recorded, kept_bases, "seed {seed}: only current versions and versions under live snapshots are kept");
+    expected.extend(kept_bases.iter().map(|b| VolumeId::Base(*b)));
+    // The blob cache holds exactly the kept versions' blobs.
+    let needed: BTreeSet<String> = bases.iter().flat_map(|b| b.blobs.clone().unwrap()).collect();
+    let cached: BTreeSet<String> = std::fs::read_dir(state.join("blobs/sha256"))
+        .unwrap()
+        .map(|e| format!("sha256:{}", e.unwrap().file_name().to_string_lossy()))
+        .collect();
+    assert_eq!(cached, needed, "seed {seed}: the blob cache holds exactly the kept bases' blobs");
     let backend = DirBackend::open(state.join("volumes")).unwrap();
     let actual: BTreeSet<VolumeId> = backend.list().unwrap().into_iter().collect();
     assert_eq!(actual, expected, "seed {seed}: volumes on disk = volumes the records claim");
