@@ -8,6 +8,9 @@
 //!   200 activations in 4 rounds that alternate which side goes first;
 //! - `activate concurrent_ratio=<ours / floor>` (>= 1.0): 16 activations at a time against
 //!   16 threads each doing the floor's ioctl and commit, in activations per second;
+//! - `activate gc_p99_ratio=<p99 during GC / p99 without>` (<= 2): activations one at a time
+//!   while garbage collection deletes 50 old bases (each with a small tree) in the
+//!   background, beside the same number of activations without it, in alternating rounds;
 //! - `activate syncs_per_activation=<n>` (<= 2): fsync/fdatasync calls on an activation's
 //!   path, counted by `strace -f -y` on a child process doing N activations, minus the same
 //!   child doing none (so setup and prepare cancel out), minus the background WAL
@@ -212,11 +215,135 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
     }
     let ratio = report::median_of_ratios("activate", "concurrent_ratio", &ratios);
     report::ratio("activate", "concurrent_ratio", ratio, Goal::AtLeast(1.0));
+
+    gc_p99(&rt, &host, &floor, base, &mut next)?;
     rt.block_on(host.close());
     drop(rt);
 
     syncs(dir, &fs.mount)?;
     report::peak_rss("activate");
+    Ok(())
+}
+
+/// Old bases garbage collection deletes in each `gc_p99` round.
+const GC_BASES: usize = 50;
+const GC_ROUNDS: usize = 2;
+/// The most activations sampled in one GC window.
+const GC_MAX_SAMPLES: usize = 300;
+
+/// Activation p99 while garbage collection deletes [`GC_BASES`] old bases, beside p99
+/// without it, in rounds alternating which goes first. "While" is from the pass's start
+/// until the space of what it deleted counts as free again (on btrfs the pass itself is a
+/// few ms of ioctls; the kernel's cleaner then frees the subvolumes' blocks for seconds):
+/// the GC side samples activations in that window, up to [`GC_MAX_SAMPLES`]; the other side
+/// takes as many with nothing in the background. The floor (snapshot ioctl + one redb commit)
+/// is interleaved on both sides, one for one, to tell what the filesystem's own cleaner costs
+/// every snapshot from what thinpipe adds.
+fn gc_p99(
+    rt: &tokio::runtime::Runtime,
+    host: &Arc<worker::host::Host>,
+    floor: &Floor,
+    base: u64,
+    next: &mut u64,
+) -> anyhow::Result<()> {
+    let (mut with_gc, mut without) = (Vec::new(), Vec::new());
+    let (mut floor_gc, mut floor_quiet) = (Vec::new(), Vec::new());
+    let mut windows = Vec::new();
+    for round in 0..GC_ROUNDS {
+        old_bases(host, round, base)?;
+        let mut taken = 0;
+        for gc_turn in if report::ours_first(round) { [true, false] } else { [false, true] } {
+            if gc_turn {
+                let (lifecycle, backend) = (host.lifecycle.clone(), host.pipeline.context().backend.clone());
+                let started = Instant::now();
+                let window = rt.spawn(async move {
+                    let report = lifecycle.collect(false).await?;
+                    tokio::task::spawn_blocking(move || backend.wait_reclaimed(std::time::Duration::from_secs(120)))
+                        .await??;
+                    anyhow::Ok(report)
+                });
+                let mut samples = Vec::new();
+                while !window.is_finished() && samples.len() < GC_MAX_SAMPLES {
+                    *next += 1;
+                    let t = Instant::now();
+                    rt.block_on(activate(host, &format!("gc-{next}"), base))?;
+                    samples.push(t.elapsed());
+                    *next += 1;
+                    let t = Instant::now();
+                    floor.once(*next)?;
+                    floor_gc.push(t.elapsed());
+                }
+                let report = rt.block_on(window)??;
+                ensure!(report.deleted.len() == GC_BASES, "the pass deleted {} bases: {report:?}", report.deleted.len());
+                windows.push(started.elapsed());
+                taken = samples.len();
+                with_gc.extend(samples);
+            } else {
+                let n = if taken > 0 { taken } else { GC_MAX_SAMPLES / 2 };
+                for _ in 0..n {
+                    *next += 1;
+                    let t = Instant::now();
+                    rt.block_on(activate(host, &format!("gc-{next}"), base))?;
+                    without.push(t.elapsed());
+                    *next += 1;
+                    let t = Instant::now();
+                    floor.once(*next)?;
+                    floor_quiet.push(t.elapsed());
+                }
+            }
+        }
+    }
+    ensure!(with_gc.len() >= 20, "only {} activations ran during garbage collection: too few to measure", with_gc.len());
+    with_gc.sort();
+    without.sort();
+    floor_gc.sort();
+    floor_quiet.sort();
+    println!(
+        "activate_gc_floor p99 {:.2} ms during GC, {:.2} ms without (ratio {:.2}): the filesystem's own cost to every snapshot while its cleaner frees the deleted subvolumes",
+        ms(percentile(&floor_gc, 0.99)),
+        ms(percentile(&floor_quiet, 0.99)),
+        ms(percentile(&floor_gc, 0.99)) / ms(percentile(&floor_quiet, 0.99))
+    );
+    let windows: Vec<String> = windows.iter().map(|w| format!("{:.1}s", w.as_secs_f64())).collect();
+    println!(
+        "activate_gc p99 {:.2} ms over {} activations while GC deleted {GC_BASES} bases (x{GC_ROUNDS}, windows {}); without GC p99 {:.2} ms over {}",
+        ms(percentile(&with_gc, 0.99)),
+        with_gc.len(),
+        windows.join(", "),
+        ms(percentile(&without, 0.99)),
+        without.len()
+    );
+    report::ratio(
+        "activate",
+        "gc_p99_ratio",
+        ms(percentile(&with_gc, 0.99)) / ms(percentile(&without, 0.99)),
+        Goal::AtMost(2.0),
+    );
+    Ok(())
+}
+
+/// Makes [`GC_BASES`] sealed old versions of the bench family, each with a small tree, that
+/// garbage collection may delete (each was current, then replaced), and makes `current`
+/// current again.
+fn old_bases(host: &worker::host::Host, round: usize, current: u64) -> anyhow::Result<()> {
+    let (store, backend) = (&host.store, &host.pipeline.context().backend);
+    for i in 0..GC_BASES {
+        let digest = format!("sha256:{:064x}", (round * GC_BASES + i + 1) as u128);
+        let thinpipe::store::BaseIntent::Ready(row) = store.intend_base("bench", &digest, &[])? else {
+            bail!("old base {digest} is retiring");
+        };
+        backend.create_base(row.id)?;
+        let root = backend.reset_base(row.id)?;
+        for f in 0..100 {
+            let dir = root.join(format!("d{}", f % 10));
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join(format!("f{f}")), vec![b'x'; 4096])?;
+        }
+        backend.seal_base(row.id)?;
+        store.mark_base_sealed(row.id)?;
+        store.make_current("bench", row.id)?;
+    }
+    store.make_current("bench", current)?;
     Ok(())
 }
 
