@@ -34,14 +34,17 @@ pub const MODULES: [&str; 17] = [
     "ext4",
 ];
 
-/// The virtio disks in order (vda..vde): the pool's metadata and data, the worker's state,
-/// and a tiny pool's metadata and data (for running out of data space). Sparse files.
-const DISKS: [(&str, u64); 5] = [
+/// The virtio disks in order (vda..vdg): the pool's metadata and data, the worker's state,
+/// a tiny pool's metadata and data (for running out of data space), and a small pool's (for
+/// garbage collection and capacity watermarks). Sparse files.
+const DISKS: [(&str, u64); 7] = [
     ("meta.img", 64 << 20),
     ("data.img", 2 << 30),
     ("state.img", 512 << 20),
     ("tiny-meta.img", 8 << 20),
     ("tiny-data.img", 24 << 20),
+    ("small-meta.img", 8 << 20),
+    ("small-data.img", 128 << 20),
 ];
 
 const INIT: &str = r#"#!/bin/busybox sh

@@ -2,15 +2,17 @@
 //! with a thin pool on two virtio disks. Three boots share the disks:
 //!
 //! 1. `first`: the conformance suite, a base with 50 snapshots and copy-on-write checked,
-//!    every error case with its errno, a second pool run out of data space, and the pipeline (prepare, 60 activations, 30
-//!    releases, reconcile clean);
+//!    every error case with its errno, a second pool run out of data space, the pipeline
+//!    (prepare, 60 activations, 30 releases, reconcile clean), and a third, small pool driven
+//!    through the lifecycle (a collected version's blocks come back; admission refuses with
+//!    "host full" while the pool is still `rw`; releases bring admission back);
 //! 2. `crash`: a prepare dies at `dmthin.after_create_thin` (between the thin device's
 //!    creation and the step's checkpoint) and the guest loses power without a sync;
 //! 3. `resume`: the run resumes with no orphan and no id allocated twice, `reconcile` finds
 //!    and deletes a planted orphan, the activate benchmark runs (emulated), the pool is
 //!    torn down.
 //!
-//! Then `thin_check` reads the metadata disk on the host.
+//! Then `thin_check` reads the metadata disks of the main and the small pool on the host.
 
 use std::time::Duration;
 
@@ -32,6 +34,7 @@ fn a_thin_pool_on_a_real_kernel_survives_the_pipeline_a_power_cut_and_reconcile(
         "error cases by errno",
         "a pool out of data space aborts with its status",
         "pipeline: prepare, 60 activations, 30 releases, reconcile",
+        "a small pool: garbage collection gives blocks back, admission refuses before it fills",
     ]);
     assert!(first.markers().contains(&"done first"), "console:\n{}", first.console);
 
@@ -54,12 +57,14 @@ fn a_thin_pool_on_a_real_kernel_survives_the_pipeline_a_power_cut_and_reconcile(
     std::fs::create_dir_all(&artifacts).unwrap();
     std::fs::write(artifacts.join("dmthin-guest-bench.txt"), bench.join("\n") + "\n").unwrap();
 
-    let check = run(std::process::Command::new("thin_check").arg(guest.disk("meta.img")));
-    assert!(
-        check.status.success(),
-        "thin_check on the pool's metadata: {}\n{}{}",
-        check.status,
-        String::from_utf8_lossy(&check.stdout),
-        String::from_utf8_lossy(&check.stderr)
-    );
+    for disk in ["meta.img", "small-meta.img"] {
+        let check = run(std::process::Command::new("thin_check").arg(guest.disk(disk)));
+        assert!(
+            check.status.success(),
+            "thin_check on {disk}: {}\n{}{}",
+            check.status,
+            String::from_utf8_lossy(&check.stdout),
+            String::from_utf8_lossy(&check.stderr)
+        );
+    }
 }

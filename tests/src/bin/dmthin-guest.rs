@@ -6,7 +6,8 @@
 //! `THINPIPE-GUEST bench <line>` and, last, `THINPIPE-GUEST done <phase>`.
 //!
 //! Disks: vda/vdb the pool's metadata and data, vdc the worker's state, vdd/vde a tiny
-//! second pool that runs out of data space.
+//! second pool that runs out of data space, vdf/vdg a small third pool that garbage
+//! collection and the capacity watermarks keep from running out of data space.
 //!
 //! Phases (one per boot; the disks persist between boots): `first` makes a fresh pool and
 //! runs the backend checks and the pipeline; `crash` prepares a family with the
@@ -134,6 +135,141 @@ fn out_of_data_space() -> Result<(), String> {
     }
     drop(b);
     pool.remove().map_err(|e| e.to_string())
+}
+
+/// A small pool (vdf: metadata, vdg: 128 MiB of data, `error_if_no_space` so that running out
+/// would fail writes instead of queueing them) driven through the lifecycle: a collected old
+/// version gives its data blocks back to the pool; families activated (each snapshot
+/// written to) up to the refusal limit are refused with "host full" while the pool is still
+/// `rw`, never out of data space; releases and a collection pass bring admission back.
+async fn small_pool_lifecycle() -> Result<(), String> {
+    use thinpipe::lifecycle::{Lifecycle, Settings, Target, Want, Watermarks};
+    let e = |e: &dyn std::fmt::Display| e.to_string();
+    zero_metadata("vdf")?;
+    let pool =
+        Pool::create("small", sys_dev("vdf")?, sys_dev("vdg")?, sys_sectors("vdg")?, 128, &["error_if_no_space"])
+            .map_err(|x| e(&x))?;
+    let dir = Path::new(STATE).join("small");
+    std::fs::create_dir_all(dir.join("images")).map_err(|x| e(&x))?;
+    let backend = Arc::new(
+        DmThinBackend::open(DmThinOptions { pool: "small".into(), root: dir.join("volumes"), volume_bytes: 32 << 20 })
+            .map_err(|x| e(&x))?,
+    );
+    let engine = Engine::open(dir.join("runs.redb"), EngineConfig { prune_interval: None, ..Default::default() })
+        .await
+        .map_err(|x| e(&x))?;
+    let ctx = PipelineContext {
+        store: Arc::new(Store::open(dir.join("host.db")).map_err(|x| e(&x))?),
+        backend: backend.clone(),
+        cache: BlobCache::open(dir.join("blobs")).map_err(|x| e(&x))?,
+        source: Arc::new(LocalDir::new(dir.join("images"))),
+        apply: ApplyOptions::default(),
+        invocations: Default::default(),
+    };
+    let pipeline = Pipeline::register(&engine, ctx).map_err(|x| e(&x))?;
+    let watermarks =
+        Watermarks { high_percent: 50.0, low_percent: 35.0, refuse_percent: 70.0, refuse_metadata_percent: 90.0 };
+    let lifecycle = Lifecycle::new(pipeline.clone(), Settings { watermarks, ..Settings::default() });
+    let status_ok = || -> Result<(), String> {
+        let status = pool.status().map_err(|x| e(&x))?;
+        if status.split_whitespace().nth(4) == Some("rw") { Ok(()) } else { Err(format!("pool status {status:?}")) }
+    };
+    // A family version: one layer of `mib` MiB of random bytes (a new layer file each call).
+    let mut layer_no = 0;
+    let mut publish = |family: &str, mib: usize| -> Result<(), String> {
+        layer_no += 1;
+        let mut content = vec![0u8; mib << 20];
+        rand::fill(&mut content[..]);
+        let fam = dir.join("images/images").join(family);
+        std::fs::create_dir_all(&fam).map_err(|x| e(&x))?;
+        std::fs::write(fam.join(format!("{layer_no:04}.tar")), thinpipe_tests::tar_of_file("data.bin", &content))
+            .map_err(|x| e(&x))
+    };
+    // Prepares the source's current version and makes it current, as the job executor does.
+    let prepare = |family: String| {
+        let (lifecycle, pipeline) = (&lifecycle, &pipeline);
+        async move {
+            let version = lifecycle.resolve(&family, &Want::Latest).await.map_err(|x| e(&x))?;
+            let base = match version.target {
+                Target::Sealed(row) => row,
+                Target::Prepare(manifest) => match pipeline.prepare(&manifest).await.map_err(|x| e(&x))? {
+                    Outcome::Completed(w) => {
+                        let id = w.base_vol_id.ok_or("no base")?;
+                        pipeline.context().store.base(id).map_err(|x| e(&x))?.ok_or("no base row")?
+                    }
+                    Outcome::Failed(f) => return Err(format!("prepare {family}: {f}")),
+                },
+            };
+            lifecycle.make_current(&base, true).await.map_err(|x| e(&x))?;
+            Ok::<_, String>(base.id)
+        }
+    };
+
+    // An old version, collected: its blocks go back to the pool.
+    publish("g", 12)?;
+    prepare("g".into()).await?;
+    publish("g", 1)?;
+    prepare("g".into()).await?;
+    let before = lifecycle.measure().await.map_err(|x| e(&x))?;
+    let report = lifecycle.collect(false).await.map_err(|x| e(&x))?;
+    if report.deleted.len() != 1 {
+        return Err(format!("the old version was not collected: {report:?}"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = lifecycle.measure().await.map_err(|x| e(&x))?;
+        if now.used_bytes + (10 << 20) <= before.used_bytes {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the pool's data blocks did not come back: {before:?} then {now:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Families activated (and written to) until admission refuses: never out of data space.
+    let mut refused = None;
+    let mut live = Vec::new();
+    for i in 0..20 {
+        if let Err(full) = lifecycle.admit().await {
+            refused = Some(full);
+            break;
+        }
+        let family = format!("f{i}");
+        publish(&family, 8)?;
+        let base = prepare(family.clone()).await?;
+        let inv = format!("small-{i}");
+        let path = match pipeline.activate(&family, &inv, base, None).await.map_err(|x| e(&x))? {
+            Outcome::Completed(w) => PathBuf::from(w.path.ok_or("no path")?),
+            Outcome::Failed(f) => return Err(format!("activation {inv}: {f}")),
+        };
+        let mut junk = vec![0u8; 4 << 20];
+        rand::fill(&mut junk[..]);
+        std::fs::write(path.join("written"), &junk).map_err(|x| e(&x))?;
+        sh("sync", &[])?;
+        status_ok()?;
+        live.push((family, inv));
+    }
+    let refused = refused.ok_or("twenty families fitted in a 128 MiB pool")?;
+    if !refused.starts_with("host full: pool data") {
+        return Err(format!("refused with {refused:?}"));
+    }
+    status_ok()?;
+    // Releases, then a pass: unused families are evicted and admission comes back.
+    for (family, inv) in &live {
+        pipeline.release(family, inv).await.map_err(|x| e(&x))?;
+    }
+    lifecycle.collect(false).await.map_err(|x| e(&x))?;
+    lifecycle.admit().await.map_err(|why| format!("still refused after releases: {why}"))?;
+    status_ok()?;
+    engine.shutdown().await;
+    for vol in backend.list().map_err(|x| e(&x))? {
+        backend.delete(vol).map_err(|x| format!("cleaning up {vol}: {x}"))?;
+    }
+    drop(backend);
+    drop(lifecycle);
+    drop(pipeline);
+    pool.remove().map_err(|x| e(&x))
 }
 
 /// The worker's state disk (vdc) at /state; `fresh` makes its filesystem.
@@ -514,6 +650,9 @@ fn main() {
                     h.engine.shutdown().await;
                     r
                 })
+            });
+            check("a small pool: garbage collection gives blocks back, admission refuses before it fills", || {
+                rt.block_on(small_pool_lifecycle())
             });
             // Volumes stay mounted, as on a host that powers off; /init syncs first.
         }

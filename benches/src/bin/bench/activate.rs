@@ -274,7 +274,11 @@ fn gc_p99(
                     floor_gc.push(t.elapsed());
                 }
                 let report = rt.block_on(window)??;
-                ensure!(report.deleted.len() == GC_BASES, "the pass deleted {} bases: {report:?}", report.deleted.len());
+                ensure!(
+                    report.deleted.len() == GC_BASES,
+                    "the pass deleted {} bases: {report:?}",
+                    report.deleted.len()
+                );
                 windows.push(started.elapsed());
                 taken = samples.len();
                 with_gc.extend(samples);
@@ -293,7 +297,11 @@ fn gc_p99(
             }
         }
     }
-    ensure!(with_gc.len() >= 20, "only {} activations ran during garbage collection: too few to measure", with_gc.len());
+    ensure!(
+        with_gc.len() >= 20,
+        "only {} activations ran during garbage collection: too few to measure",
+        with_gc.len()
+    );
     with_gc.sort();
     without.sort();
     floor_gc.sort();
