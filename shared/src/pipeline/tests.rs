@@ -227,3 +227,22 @@ async fn a_release_during_an_activation_wins() {
     }
     env.engine.shutdown().await;
 }
+
+/// A run named `prepare-<family>` by the release before versions (no manifest in its input)
+/// still runs: it resolves the family itself, and the version it prepared is the one a
+/// versioned prepare then finds, with no second base.
+#[tokio::test]
+async fn a_prepare_run_from_before_versions_still_completes_and_its_base_is_found() {
+    let env = env().await;
+    let p = &env.pipeline;
+    let legacy = PrepareInput { family: "web".into(), manifest: None };
+    let Outcome::Completed(old) = p.prepare.run("prepare-web", &legacy, &PrepareState::default()).await.unwrap()
+    else {
+        panic!("the legacy run failed")
+    };
+    let base = old.base_vol_id.unwrap();
+    let Outcome::Completed(new) = prepare(p, "web").await else { panic!("the versioned prepare failed") };
+    assert_eq!(new.base_vol_id, Some(base), "the same version's base, found by its digest");
+    assert_eq!(p.context().store.next_id("base").unwrap(), 2, "no second base was allocated");
+    env.engine.shutdown().await;
+}
