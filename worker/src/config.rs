@@ -400,6 +400,7 @@ impl Config {
             bail!("worker.lease_ttl_secs must be at least 3 (leases are renewed at a third of it)");
         }
         self.watermarks().validate().map_err(|e| anyhow::anyhow!("{e}: fix the [capacity] settings"))?;
+        self.source_spec()?;
         if self.gc.interval_secs == 0 {
             bail!("gc.interval_secs must be at least 1");
         }
@@ -449,13 +450,41 @@ impl Config {
     pub fn blob_cache_dir(&self) -> PathBuf {
         self.state_dir.join("blobs")
     }
-    /// The source's directory for a `dir:` source.
+    /// Where image families come from, parsed: one syntax for `source` and `--source`.
+    pub fn source_spec(&self) -> anyhow::Result<SourceSpec> {
+        SourceSpec::parse(&self.source)
+    }
+
+    /// The source's directory, for a local source.
     pub fn source_dir(&self) -> anyhow::Result<PathBuf> {
-        let path = self.source.strip_prefix("dir:").unwrap_or(&self.source);
-        if path.contains("://") {
-            bail!("source {:?} is not a local directory (dir:<path>)", self.source);
+        match self.source_spec()? {
+            SourceSpec::Dir(path) => Ok(path),
+            SourceSpec::S3(url) => bail!("source {url:?} is not a local directory: this needs a path or dir:<path>"),
         }
-        Ok(PathBuf::from(path))
+    }
+}
+
+/// Where image families come from: `<path>`, `dir:<path>` or `s3://bucket/prefix`, the same
+/// in the `source` setting and in `--source`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceSpec {
+    Dir(PathBuf),
+    S3(String),
+}
+
+impl SourceSpec {
+    pub fn parse(source: &str) -> anyhow::Result<SourceSpec> {
+        if source.starts_with("s3://") {
+            if thinpipe::image::parse_s3_url(source).is_none() {
+                bail!("source {source:?}: expected s3://bucket/prefix");
+            }
+            return Ok(SourceSpec::S3(source.to_owned()));
+        }
+        let path = source.strip_prefix("dir:").unwrap_or(source);
+        if path.contains("://") || path.is_empty() {
+            bail!("source {source:?}: expected a path, dir:<path> or s3://bucket/prefix");
+        }
+        Ok(SourceSpec::Dir(PathBuf::from(path)))
     }
 }
 
@@ -525,6 +554,18 @@ fn set(root: &mut toml::Value, key: &str, raw: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_source_syntax() {
+        assert_eq!(SourceSpec::parse("/srv/images").unwrap(), SourceSpec::Dir("/srv/images".into()));
+        assert_eq!(SourceSpec::parse("dir:/srv/images").unwrap(), SourceSpec::Dir("/srv/images".into()));
+        assert_eq!(SourceSpec::parse("s3://b/p").unwrap(), SourceSpec::S3("s3://b/p".into()));
+        for bad in ["http://x/y", "s3://", "dir:", ""] {
+            assert!(SourceSpec::parse(bad).is_err(), "{bad}");
+        }
+        let config = Config::load(None, [], &["source=ftp://nope".to_owned()]).unwrap_err();
+        assert!(format!("{config:#}").contains("expected a path, dir:<path> or s3://bucket/prefix"), "{config:#}");
+    }
 
     #[test]
     fn file_then_environment_then_flags() {

@@ -13,7 +13,7 @@ use thinpipe::store::{Acquired, Checkpoint, Holder, Store, StoreOptions};
 use thinpipe::volume::{BtrfsBackend, DirBackend, DmThinBackend, DmThinOptions, VolumeBackend};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, SourceSpec};
 
 /// The lease that makes one worker process the owner of a state directory.
 const WORKER_LEASE: &str = "worker";
@@ -44,12 +44,13 @@ impl Host {
         let ttl = Duration::from_secs(config.worker.lease_ttl_secs);
         let engine = take_state(&config, &store, ttl).await?;
         let backend = open_backend(&config)?;
-        let source: Arc<dyn BlobSource> = if config.source.starts_with("s3://") {
-            let opts = config.aws.options();
-            let sdk = thinpipe::aws::sdk_config(&opts).await;
-            Arc::new(S3Source::new(thinpipe::aws::s3_client(&sdk, &opts), &config.source)?)
-        } else {
-            Arc::new(LocalDir::new(config.source_dir()?))
+        let source: Arc<dyn BlobSource> = match config.source_spec()? {
+            SourceSpec::S3(url) => {
+                let opts = config.aws.options();
+                let sdk = thinpipe::aws::sdk_config(&opts).await;
+                Arc::new(S3Source::new(thinpipe::aws::s3_client(&sdk, &opts), &url)?)
+            }
+            SourceSpec::Dir(path) => Arc::new(LocalDir::new(path)),
         };
         let cache = BlobCache::open(config.blob_cache_dir())?
             .with_stall_timeout(Duration::from_secs(config.images.stall_timeout_secs));

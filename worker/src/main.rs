@@ -117,9 +117,10 @@ enum OneShot {
         /// The version to prepare (a manifest digest, sha256:...).
         #[arg(long)]
         digest: Option<String>,
-        /// Image source directory (overrides the configured source).
+        /// Where image families come from (overrides `source`): a path, dir:<path> or
+        /// s3://bucket/prefix.
         #[arg(long)]
-        source: Option<PathBuf>,
+        source: Option<String>,
     },
     /// Activate a fresh snapshot of a family (preparing it first if needed).
     Activate {
@@ -134,8 +135,10 @@ enum OneShot {
         /// Release the snapshot by itself after this many seconds.
         #[arg(long)]
         ttl_secs: Option<u64>,
+        /// Where image families come from (overrides `source`): a path, dir:<path> or
+        /// s3://bucket/prefix.
         #[arg(long)]
-        source: Option<PathBuf>,
+        source: Option<String>,
     },
     /// Release the snapshot of one activation.
     Release {
@@ -160,7 +163,7 @@ fn main() -> ExitCode {
         ..
     } = &cli.command
     {
-        sets.push(format!("source=dir:{}", s.display()));
+        sets.push(format!("source={s}"));
     }
     let config = match Config::load(cli.config.as_deref(), std::env::vars(), &sets) {
         Ok(c) => c,

@@ -31,7 +31,7 @@ pub use engine::{
     StartOutcome, WorkflowHandle, WorkflowInfo,
 };
 pub use error::{CancelError, OpenError, ReadError, RegisterError, StartError, WaitError};
-pub use retry::RetryPolicy;
+pub use retry::{RetryPolicy, retry_transient};
 pub use schema::{AttemptErrorKind, Event, EventKind, Failure, FailureKind, RunStatus};
 pub use workflow::{StepError, StepRequest, StepResult, Workflow};
 

@@ -92,6 +92,36 @@ where
     .await
 }
 
+/// Calls `f` until it succeeds, fails with an error `transient` says is not worth retrying,
+/// or the policy's attempts (counted here) or time run out; the last error is returned. For
+/// work outside a run that still deserves a step's patience (resolving a family at its
+/// source before a prepare).
+pub async fn retry_transient<T, E, F, Fut>(
+    policy: &RetryPolicy,
+    transient: impl Fn(&E) -> bool,
+    mut f: F,
+) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut attempts = 0;
+    retry(policy, || {
+        attempts += 1;
+        let last = attempts >= policy.max_attempts;
+        let fut = f();
+        let transient = &transient;
+        async move {
+            match fut.await {
+                Ok(v) => AttemptResult::Done(v),
+                Err(e) if transient(&e) && !last => AttemptResult::Transient(e),
+                Err(e) => AttemptResult::Permanent(e),
+            }
+        }
+    })
+    .await
+}
+
 /// `backoff`'s elapsed-time bound on tokio's clock, so a paused clock pauses it too.
 #[derive(Clone, Copy, Debug, Default)]
 struct TokioClock;

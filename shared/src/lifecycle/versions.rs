@@ -7,6 +7,9 @@
 //!   pinned one; a version not prepared yet is prepared first. An activation makes a version
 //!   current only if the family had none.
 
+use std::time::Duration;
+
+use crate::fsm::{RetryPolicy, retry_transient};
 use crate::image::{Digest, ImageError, Manifest};
 use crate::store::{BaseRow, BaseState, StoreError};
 
@@ -52,6 +55,34 @@ impl ResolveError {
     }
 }
 
+/// A source lookup, retried while its errors are transient (an S3 outage, throttling), with
+/// a prepare step's patience: the lookup happens before the run, outside its retries.
+async fn at_source<F, Fut>(mut lookup: F) -> Result<Manifest, ImageError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Manifest, ImageError>>,
+{
+    let policy = RetryPolicy {
+        max_attempts: 10,
+        max_interval: Duration::from_secs(30),
+        max_elapsed: Duration::from_secs(120),
+        ..RetryPolicy::default()
+    };
+    retry_transient(&policy, ImageError::is_retryable, || {
+        let attempt = lookup();
+        async move {
+            let result = attempt.await;
+            if let Err(e) = &result
+                && e.is_retryable()
+            {
+                tracing::warn!(error = %e, "looking the family up at its source failed; retrying");
+            }
+            result
+        }
+    })
+    .await
+}
+
 impl Lifecycle {
     /// Resolves `want` for `family` and holds the version. A base that garbage collection
     /// took before the hold is treated as not prepared.
@@ -76,7 +107,7 @@ impl Lifecycle {
                 (hold, None, d.clone())
             }
             Want::Latest | Want::Current => {
-                let m = source.manifest(family).await?;
+                let m = at_source(|| source.manifest(family)).await?;
                 let hold = self.in_use.hold(family, m.digest.as_str());
                 let d = m.digest.clone();
                 (hold, Some(m), d)
@@ -90,7 +121,7 @@ impl Lifecycle {
         }
         let manifest = match manifest {
             Some(m) => m,
-            None => source.manifest_at(family, &digest).await?,
+            None => at_source(|| source.manifest_at(family, &digest)).await?,
         };
         Ok(Version { hold, target: Target::Prepare(manifest) })
     }

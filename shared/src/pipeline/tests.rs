@@ -236,8 +236,7 @@ async fn a_prepare_run_from_before_versions_still_completes_and_its_base_is_foun
     let env = env().await;
     let p = &env.pipeline;
     let legacy = PrepareInput { family: "web".into(), manifest: None };
-    let Outcome::Completed(old) = p.prepare.run("prepare-web", &legacy, &PrepareState::default()).await.unwrap()
-    else {
+    let Outcome::Completed(old) = p.prepare.run("prepare-web", &legacy, &PrepareState::default()).await.unwrap() else {
         panic!("the legacy run failed")
     };
     let base = old.base_vol_id.unwrap();
