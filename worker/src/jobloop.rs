@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::executor::{Executor, JobEnd};
 use crate::host::Host;
+use crate::order::{JobOrder, Turn};
 
 /// What the loop did, for logs and tests.
 #[derive(Debug, Default)]
@@ -46,6 +47,8 @@ pub struct JobLoop {
     /// Received from in parallel (e.g. a host-specific queue and a fleet-wide one).
     queues: Vec<Arc<dyn JobQueue>>,
     executor: Executor,
+    /// Keeps each invocation's jobs in receive order.
+    order: Arc<JobOrder>,
     /// Jobs running now (for the admin API).
     running: Arc<AtomicUsize>,
     /// Fired by an admin drain.
@@ -78,6 +81,7 @@ impl JobLoop {
         let draining = CancellationToken::new();
         Arc::new(Self {
             executor: Executor::new(host.clone(), draining.clone()),
+            order: Arc::default(),
             host,
             queues,
             running: Arc::default(),
@@ -179,8 +183,10 @@ impl JobLoop {
                     let this = self.clone();
                     let (q, d) = (queue.clone(), delivery.clone());
                     let running = Running::start(&self.running);
+                    // Taken here, in receive order: an invocation's jobs run in that order.
+                    let turn = self.order.take(invocation_of(&delivery.body).as_deref());
                     let handle = tasks.spawn(async move {
-                        this.handle(&q, d, permit).await;
+                        this.handle(&q, d, permit, turn).await;
                         drop(running);
                     });
                     lock(&in_flight).insert(handle.id(), (queue, delivery));
@@ -246,7 +252,7 @@ impl JobLoop {
     /// Handles one delivery from start to ack. The job slot `permit` is given back as soon
     /// as the job's work is done, before the result is sent and the message acked (acks are
     /// batched and may linger).
-    async fn handle(&self, queue: &Arc<dyn JobQueue>, d: Delivery, permit: OwnedSemaphorePermit) {
+    async fn handle(&self, queue: &Arc<dyn JobQueue>, d: Delivery, permit: OwnedSemaphorePermit, mut turn: Turn) {
         let job = match Job::parse(&d.body) {
             Ok(job) => job,
             Err(reason) => {
@@ -275,6 +281,7 @@ impl JobLoop {
         }
         // Dropped (and the heartbeat stopped) however this task ends, abort and panic included.
         let heartbeat = self.spawn_heartbeat(queue, d.clone()).drop_guard();
+        turn.wait().await;
         let end = tracing::Instrument::instrument(self.executor.execute(&job, &d.message_id), span.clone()).await;
         drop(permit);
         drop(heartbeat);
@@ -497,6 +504,13 @@ async fn release(queue: &dyn JobQueue, d: &Delivery) {
     if let Err(e) = queue.release(d).await {
         tracing::warn!(message_id = %d.message_id, error = %e, "could not release a message; it returns when its visibility ends");
     }
+}
+
+/// The invocation a message is about, if it names one (an unreadable body has none; the
+/// job's task dead-letters it).
+fn invocation_of(body: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    v.get("invocation_id")?.as_str().map(str::to_owned)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -9,3 +9,4 @@ pub mod host;
 pub mod inventory;
 pub mod jobloop;
 pub mod oneshot;
+pub mod order;

@@ -1,6 +1,7 @@
 //! The SQS queue: long polling, visibility heartbeats, batch deletes, a dead-letter queue
-//! with the reason as a message attribute, FIFO queues (group = family, dedup id =
-//! invocation id). One `SqsQueue` receives from one queue URL; `send` resolves any queue by
+//! with the reason as a message attribute, FIFO queues ([`fifo_ids`]: an invocation's jobs
+//! are ordered and different invocations run in parallel; a family's prepares are ordered;
+//! a re-sent job is deduplicated). One `SqsQueue` receives from one queue URL; `send` resolves any queue by
 //! URL or name.
 
 use std::collections::{BTreeMap, HashMap};
@@ -211,6 +212,26 @@ fn fifo(url: &str) -> bool {
     url.ends_with(".fifo")
 }
 
+/// A FIFO message's group and deduplication ids. A job (or result) about an invocation is
+/// grouped by the invocation: its activate and release stay in order, and activations of one
+/// family run in parallel. Anything else (a prepare) is grouped by family, so a family's
+/// prepares are ordered. A re-sent job is deduplicated: by kind and invocation, else by body.
+fn fifo_ids(body: &str) -> (String, String) {
+    // A body that is not JSON still gets ids (its own group); the receiver dead-letters it.
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    let text = |k: &str| v.get(k).and_then(|x| x.as_str());
+    let group = match (text("invocation_id"), text("family")) {
+        (Some(inv), _) => format!("invocation-{inv}"),
+        (None, Some(family)) => format!("family-{family}"),
+        (None, None) => "thinpipe".to_owned(),
+    };
+    let dedup = match (text("kind"), text("invocation_id")) {
+        (Some(kind), Some(inv)) => format!("{kind}-{inv}"),
+        _ => crate::image::Digest::of_bytes(body.as_bytes()).hex().to_owned(),
+    };
+    (group, dedup)
+}
+
 #[async_trait]
 impl JobQueue for SqsQueue {
     fn describe(&self) -> String {
@@ -294,14 +315,7 @@ impl JobQueue for SqsQueue {
             req = req.message_attributes(k, value);
         }
         if fifo(&url) {
-            // One family's jobs are ordered; a re-sent job with the same invocation is deduplicated.
-            let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
-            let group = v.get("family").and_then(|f| f.as_str()).unwrap_or("thinpipe").to_owned();
-            let dedup = match (v.get("kind").and_then(|k| k.as_str()), v.get("invocation_id").and_then(|i| i.as_str()))
-            {
-                (Some(kind), Some(inv)) => format!("{kind}-{inv}"),
-                _ => crate::image::Digest::of_bytes(body.as_bytes()).hex().to_owned(),
-            };
+            let (group, dedup) = fifo_ids(body);
             req = req.message_group_id(group).message_deduplication_id(dedup);
         }
         let out = req.send().await.map_err(|e| classify(&url, "sending", e))?;
@@ -392,8 +406,18 @@ mod tests {
         assert!(q.receive(1, Duration::from_secs(1)).await.unwrap().is_empty(), "deleted from the source");
     }
 
+    #[test]
+    fn fifo_groups_are_per_invocation_and_prepares_per_family() {
+        let (g, d) = fifo_ids(r#"{"v":1,"kind":"activate","family":"web","invocation_id":"a"}"#);
+        assert_eq!((g.as_str(), d.as_str()), ("invocation-a", "activate-a"));
+        assert_eq!(fifo_ids(r#"{"v":1,"kind":"release","family":"web","invocation_id":"a"}"#).0, "invocation-a");
+        let (g, d) = fifo_ids(r#"{"v":1,"kind":"prepare","family":"web"}"#);
+        assert_eq!(g, "family-web");
+        assert_eq!(d.len(), 64, "a prepare is deduplicated by its body");
+    }
+
     #[tokio::test]
-    async fn fifo_queues_group_by_family_and_deduplicate_by_invocation() {
+    async fn fifo_queues_order_each_invocation_run_invocations_in_parallel_and_deduplicate() {
         let Some(endpoint) = aws::test_endpoint() else { return };
         let (config, _) = aws::test_config(&endpoint).await;
         let client = aws::sqs_client(&config);
@@ -410,20 +434,32 @@ mod tests {
             client,
             SqsSettings { queue_url: url.clone(), dead_letter_url: None, visibility: Duration::from_secs(30) },
         );
-        let job = r#"{"v":1,"kind":"activate","family":"web","invocation_id":"inv-1"}"#;
-        q.send(&url, job, &BTreeMap::new()).await.unwrap();
-        q.send(&url, job, &BTreeMap::new()).await.unwrap();
-        q.send(&url, r#"{"v":1,"kind":"activate","family":"web","invocation_id":"inv-2"}"#, &BTreeMap::new())
-            .await
-            .unwrap();
-        let mut bodies = Vec::new();
+        let activate = |inv: &str| format!(r#"{{"v":1,"kind":"activate","family":"web","invocation_id":"{inv}"}}"#);
+        let release = r#"{"v":1,"kind":"release","family":"web","invocation_id":"inv-1"}"#;
+        q.send(&url, &activate("inv-1"), &BTreeMap::new()).await.unwrap();
+        q.send(&url, &activate("inv-1"), &BTreeMap::new()).await.unwrap();
+        q.send(&url, release, &BTreeMap::new()).await.unwrap();
+        q.send(&url, &activate("inv-2"), &BTreeMap::new()).await.unwrap();
+        // inv-1's activation in flight: inv-2's (same family, another group) is delivered;
+        // inv-1's release waits behind its activation; the duplicate was dropped.
+        let head = q.receive(1, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(head.iter().map(|d| d.body.as_str()).collect::<Vec<_>>(), [activate("inv-1").as_str()]);
+        let mut more = Vec::new();
+        for _ in 0..3 {
+            more.extend(q.receive(10, Duration::from_secs(1)).await.unwrap());
+        }
+        let bodies: Vec<&str> = more.iter().map(|d| d.body.as_str()).collect();
+        assert_eq!(bodies, [activate("inv-2").as_str()], "only the other invocation's job, in parallel");
+        for d in head.iter().chain(&more) {
+            q.ack(d).await.unwrap();
+        }
+        let mut then = Vec::new();
         for _ in 0..3 {
             for d in q.receive(10, Duration::from_secs(1)).await.unwrap() {
-                bodies.push(d.body.clone());
+                then.push(d.body.clone());
                 q.ack(&d).await.unwrap();
             }
         }
-        assert_eq!(bodies.len(), 2, "the duplicate was dropped by its deduplication id: {bodies:?}");
-        assert!(bodies[0].contains("inv-1") && bodies[1].contains("inv-2"), "in order within the family's group");
+        assert_eq!(then, [release], "inv-1's release comes after its activation was done");
     }
 }
