@@ -249,6 +249,13 @@ pub struct JobResult {
     /// The version (manifest digest) of the base the job prepared or its snapshot came from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
+    /// The host that ran the job (`worker.host_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_id: Option<String>,
+    /// The queue that reaches that host alone (`worker.host_queue_url`): where anything
+    /// about this invocation goes next, its release included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_queue: Option<String>,
 }
 
 /// One line for people: `<kind> <run id> ok: <what>` or `<kind> <run id> FAILED: <error>`.
@@ -323,6 +330,13 @@ mod tests {
             let err = Job::parse(body).unwrap_err();
             assert!(err.0.contains(expect), "{body}: {err}");
         }
+    }
+
+    #[test]
+    fn the_published_result_example_is_a_result() {
+        let r: JobResult = serde_json::from_str(include_str!("../../schema/examples/result-activate.json")).unwrap();
+        assert_eq!((r.host_id.as_deref(), r.status), (Some("worker-eu1-017"), JobStatus::Succeeded));
+        assert!(r.host_queue.unwrap().ends_with("thinpipe-worker-eu1-017"));
     }
 
     #[test]

@@ -146,7 +146,7 @@ mod tests {
     use crate::volume::DirBackend;
 
     fn intend(store: &Store, run: &str, base: u64) -> SnapshotRow {
-        match store.intend_snapshot(run, "web", base, None, |id| VolumeId::Snap(id).to_string()).unwrap() {
+        match store.intend_snapshot(run, "web", base, None, None, |id| VolumeId::Snap(id).to_string()).unwrap() {
             Intent::Recorded(row) => row,
             other => panic!("{other:?}"),
         }

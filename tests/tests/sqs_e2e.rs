@@ -56,6 +56,7 @@ fn one_worker_receives_from_its_own_queue_and_a_fleet_wide_one() {
     write_sample_family(dir.path(), "web").unwrap();
     let mut env = host.worker_env("10");
     env.push(("THINPIPE_QUEUE_EXTRA_URLS", fleet.jobs.as_str()));
+    env.push(("THINPIPE_WORKER_HOST_ID", "h1"));
     let daemon = Daemon::start(dir.path(), &env);
 
     // Each queue is long-polled on its own: a job on either runs while the other is idle.
@@ -68,6 +69,29 @@ fn one_worker_receives_from_its_own_queue_and_a_fleet_wide_one() {
     assert_eq!(from_host["base_vol_id"], from_fleet["base_vol_id"], "one base whatever the queue");
     let snaps = std::fs::read_dir(dir.path().join("volumes/snaps")).unwrap().count();
     assert_eq!(snaps, 3);
+
+    // Every result names the host and the queue that reaches it alone, whichever queue the
+    // job came from; the snapshot's record keeps the host.
+    for r in [&from_fleet, &from_host, &again] {
+        assert_eq!((r["host_id"].as_str(), r["host_queue"].as_str()), (Some("h1"), Some(host.jobs.as_str())), "{r}");
+    }
+    let store = thinpipe::store::Store::open(dir.path().join("host.db")).unwrap();
+    let row = store.snapshot_by_run("activate-fleet-1").unwrap().unwrap();
+    assert_eq!(row.host_id.as_deref(), Some("h1"));
+    // The release goes to the host queue in the result; one that reaches a host that never
+    // saw the invocation (activated elsewhere) says so, naming the host, and is not
+    // dead-lettered.
+    let released = enqueue(&host, &["release", "--family", "web", "--invocation-id", "fleet-1"]);
+    assert_eq!(released["status"], "succeeded", "{released}");
+    let misrouted = enqueue(&host, &["release", "--family", "web", "--invocation-id", "elsewhere-1"]);
+    assert_eq!(misrouted["status"], "failed", "{misrouted}");
+    let error = misrouted["error"].as_str().unwrap();
+    assert!(
+        error.contains("invocation elsewhere-1 is not on host h1")
+            && error.contains("host queue in the activation's result"),
+        "{error}"
+    );
+    assert_eq!(misrouted["host_id"], "h1");
     assert!(daemon.stop(Duration::from_secs(60)).success());
     assert_eq!(depth(&host) + depth(&fleet), 0, "every message was acked");
 }

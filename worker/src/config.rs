@@ -218,6 +218,12 @@ pub struct WorkerConfig {
     /// holder; true waits until its lease expires (it died or hangs) and its run log is
     /// free, then takes over.
     pub wait_for_state: bool,
+    /// This host's name in every result, snapshot record, trace and log line (default: the
+    /// machine's hostname).
+    pub host_id: String,
+    /// The queue that reaches this host alone, named in every result so a scheduler sends
+    /// an invocation's release there (default: `queue.url` for SQS).
+    pub host_queue_url: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -285,6 +291,8 @@ impl Default for WorkerConfig {
             lease_ttl_secs: 30,
             retry_delay_secs: 10,
             wait_for_state: false,
+            host_id: String::new(),
+            host_queue_url: String::new(),
         }
     }
 }
@@ -354,6 +362,15 @@ impl Config {
         if self.queue.path.is_empty() {
             self.queue.path = state.join("queue.db").display().to_string();
         }
+        if self.worker.host_id.is_empty() {
+            // A machine without a readable hostname keeps the empty id; validate says so.
+            if let Ok(name) = nix::unistd::gethostname() {
+                self.worker.host_id = name.to_string_lossy().into_owned();
+            }
+        }
+        if self.worker.host_queue_url.is_empty() && self.queue.kind == "sqs" {
+            self.worker.host_queue_url = self.queue.url.clone();
+        }
     }
 
     fn validate(&self) -> anyhow::Result<()> {
@@ -401,6 +418,10 @@ impl Config {
         }
         self.watermarks().validate().map_err(|e| anyhow::anyhow!("{e}: fix the [capacity] settings"))?;
         self.source_spec()?;
+        let h = &self.worker.host_id;
+        if h.is_empty() || h.len() > 255 || h.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            bail!("worker.host_id {h:?}: set a name of 1 to 255 characters without spaces (default: the hostname)");
+        }
         if self.gc.interval_secs == 0 {
             bail!("gc.interval_secs must be at least 1");
         }

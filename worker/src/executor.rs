@@ -23,7 +23,7 @@ use thinpipe::image::Manifest;
 use thinpipe::job::{Job, JobKind, JobResult, JobStatus, prepare_run_id};
 use thinpipe::lifecycle::{Hold, ResolveError, Target, Want};
 use thinpipe::pipeline::PipelineError;
-use thinpipe::store::{Acquired, BaseRow, Holder, StoreError};
+use thinpipe::store::{Acquired, BaseRow, Holder, ReleaseRequest, StoreError};
 use thinpipe::telemetry;
 use tokio_util::sync::CancellationToken;
 
@@ -69,6 +69,8 @@ impl Executor {
             error: None,
             detail: None,
             digest: job.digest.clone(),
+            host_id: Some(self.host.config.worker.host_id.clone()),
+            host_queue: Some(self.host.config.worker.host_queue_url.clone()).filter(|q| !q.is_empty()),
         };
         match job.kind {
             JobKind::Prepare | JobKind::Activate => self.prepare_or_activate(job, result).await,
@@ -76,6 +78,21 @@ impl Executor {
                 let mut result = result;
                 let invocation = job.invocation_id.clone().unwrap_or_default();
                 let end = match self.host.pipeline.release(&job.family, &invocation).await {
+                    // In a fleet (a shared queue beside the host's own), an invocation this host
+                    // never saw was activated elsewhere: the release went to the wrong host.
+                    // The tombstone stays (an activation of it arriving here later is refused).
+                    Ok(release)
+                        if matches!(release.request, ReleaseRequest::Tombstone(_))
+                            && !self.host.config.queue.extra_urls.is_empty() =>
+                    {
+                        let host = &self.host.config.worker.host_id;
+                        failed(
+                            result,
+                            &format!(
+                                "invocation {invocation} is not on host {host}; send the release to the host queue in the activation's result"
+                            ),
+                        )
+                    }
                     Ok(release) => {
                         result.detail = release.detail();
                         match &release.outcome {

@@ -59,8 +59,15 @@ impl Host {
             allow_devices: config.images.allow_devices,
             ..ApplyOptions::default()
         };
-        let ctx =
-            PipelineContext { store: store.clone(), backend, cache, source, apply, invocations: Default::default() };
+        let ctx = PipelineContext {
+            store: store.clone(),
+            backend,
+            cache,
+            source,
+            apply,
+            invocations: Default::default(),
+            host_id: Some(config.worker.host_id.clone()),
+        };
         let pipeline = Pipeline::register(&engine, ctx)?;
         let lifecycle = Arc::new(Lifecycle::new(pipeline.clone(), config.lifecycle_settings()));
         let lease_lost = CancellationToken::new();

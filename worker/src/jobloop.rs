@@ -273,6 +273,7 @@ impl JobLoop {
             family = %job.family,
             invocation_id = job.invocation_id.as_deref().unwrap_or_default(),
             run_id = %job.run_id(),
+            host_id = %self.host.config.worker.host_id,
             outcome = tracing::field::Empty,
         );
         // The job continues the trace of whoever posted it.

@@ -26,6 +26,8 @@ pub async fn run(host: &Arc<Host>, job: &Job) -> anyhow::Result<JobResult> {
         error: Some(error),
         detail: None,
         digest: job.digest.clone(),
+        host_id: Some(host.config.worker.host_id.clone()),
+        host_queue: None,
     };
     Ok(match executor.execute(job, "one-shot").await {
         JobEnd::Done(result) | JobEnd::DeadLetter(_, Some(result)) => result,

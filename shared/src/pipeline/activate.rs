@@ -56,7 +56,7 @@ async fn activate_snapshot(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Ac
     let (snap, path, digest) = blocking(move || {
         let row = match c
             .store
-            .intend_snapshot(&run_id, &family, base, ttl, |id| VolumeId::Snap(id).to_string())
+            .intend_snapshot(&run_id, &family, base, ttl, c.host_id.as_deref(), |id| VolumeId::Snap(id).to_string())
             .map_err(store_err)?
         {
             Intent::Recorded(row) => row,

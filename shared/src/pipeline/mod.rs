@@ -50,6 +50,8 @@ pub struct PipelineContext {
     pub apply: ApplyOptions,
     /// Serialises the steps of one invocation's jobs.
     pub invocations: InvocationLocks,
+    /// This host's name, kept in each snapshot's record.
+    pub host_id: Option<String>,
 }
 
 /// A pipeline call that could not produce an outcome: the run could not be started or

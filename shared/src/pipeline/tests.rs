@@ -29,6 +29,7 @@ async fn env() -> Env {
         source: Arc::new(crate::image::LocalDir::new(&images)),
         apply: ApplyOptions::default(),
         invocations: Default::default(),
+        host_id: None,
     };
     let pipeline = Pipeline::register(&engine, ctx).unwrap();
     Env { _dir: dir, engine, pipeline }

@@ -23,6 +23,7 @@ pub(super) struct Request {
     pub base_vol_id: u64,
     /// The snapshot expires this long after its intent is recorded.
     pub ttl: Option<std::time::Duration>,
+    pub host_id: Option<String>,
     pub name: Box<dyn Fn(u64) -> String + Send>,
 }
 

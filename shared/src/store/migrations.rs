@@ -101,6 +101,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ALTER TABLE images_v3 RENAME TO images;
     ALTER TABLE snapshots ADD COLUMN digest TEXT;
     ALTER TABLE snapshots ADD COLUMN expires_at INTEGER;
+    ALTER TABLE snapshots ADD COLUMN host_id TEXT;
     UPDATE snapshots SET digest = (SELECT digest FROM bases WHERE bases.id = snapshots.base_vol_id);
     CREATE INDEX snapshots_live_base ON snapshots (base_vol_id) WHERE state != 'released';
     CREATE INDEX snapshots_expiring ON snapshots (expires_at) WHERE expires_at IS NOT NULL AND state NOT IN ('releasing', 'released');

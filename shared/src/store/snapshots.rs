@@ -87,6 +87,8 @@ pub struct SnapshotRow {
     pub digest: Option<String>,
     /// When the worker releases it by itself (the activation's `ttl_secs`).
     pub expires_at_ms: Option<i64>,
+    /// The host whose activation made it (`worker.host_id`).
+    pub host_id: Option<String>,
 }
 
 impl SnapshotRow {
@@ -161,7 +163,7 @@ impl ReleaseRequest {
 }
 
 const COLUMNS: &str = "id, run_id, family, base_vol_id, vol_id, path, state, created_at, release_requested_at, \
-                       released_at, digest, expires_at";
+                       released_at, digest, expires_at, host_id";
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotRow> {
     let state: String = r.get(6)?;
@@ -184,6 +186,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotRow> {
         released_at_ms: r.get(9)?,
         digest: r.get(10)?,
         expires_at_ms: r.get(11)?,
+        host_id: r.get(12)?,
     })
 }
 
@@ -266,8 +269,8 @@ pub(super) fn intend_in(tx: &Transaction<'_>, request: &super::group::Request, n
     let created = query_one(
         tx,
         &format!(
-            "INSERT INTO snapshots (id, run_id, family, base_vol_id, vol_id, state, created_at, digest, expires_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, 'intended', ?6, ?7, ?8) RETURNING {COLUMNS}"
+            "INSERT INTO snapshots (id, run_id, family, base_vol_id, vol_id, state, created_at, digest, expires_at, host_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'intended', ?6, ?7, ?8, ?9) RETURNING {COLUMNS}"
         ),
         params![
             id,
@@ -277,7 +280,8 @@ pub(super) fn intend_in(tx: &Transaction<'_>, request: &super::group::Request, n
             (request.name)(id as u64),
             now,
             digest,
-            request.ttl.map(|ttl| now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)))
+            request.ttl.map(|ttl| now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX))),
+            request.host_id
         ],
     )?;
     Ok(Intent::Recorded(created))
@@ -296,6 +300,7 @@ impl Store {
         family: &str,
         base_vol_id: u64,
         ttl: Option<std::time::Duration>,
+        host_id: Option<&str>,
         name: impl Fn(u64) -> String + Send + 'static,
     ) -> Result<Intent, StoreError> {
         // Concurrent intents share one durable commit (`group.rs`).
@@ -304,6 +309,7 @@ impl Store {
             family: family.to_owned(),
             base_vol_id,
             ttl,
+            host_id: host_id.map(str::to_owned),
             name: Box::new(name),
         };
         self.intents.intend(self, request)

@@ -135,7 +135,7 @@ fn versions_have_their_own_bases_and_one_current_pointer() {
         matches!(store.retire_base(1, 0, |_| None).unwrap(), Retire::Marked(row) if row.state == BaseState::Retiring)
     );
     assert!(matches!(
-        store.intend_snapshot("activate-late", "web", 1, None, |id| format!("snap-{id}")).unwrap(),
+        store.intend_snapshot("activate-late", "web", 1, None, None, |id| format!("snap-{id}")).unwrap(),
         Intent::BaseUnavailable(why) if why.contains("retiring")
     ));
     assert!(matches!(store.intend_base("web", "sha256:aaaa", &[]).unwrap(), BaseIntent::Retiring(_)));
@@ -147,7 +147,7 @@ fn versions_have_their_own_bases_and_one_current_pointer() {
 
     // A live snapshot keeps its (non-current) base.
     store.mark_base_sealed(3).unwrap();
-    recorded(store.intend_snapshot("activate-old", "web", 3, None, |id| format!("snap-{id}")).unwrap());
+    recorded(store.intend_snapshot("activate-old", "web", 3, None, None, |id| format!("snap-{id}")).unwrap());
     assert!(matches!(store.retire_base(3, 0, |_| None).unwrap(), Retire::Kept(why) if why.contains("1 live snapshot")));
     assert!(store.base(3).unwrap().unwrap().last_activated_at_ms.is_some());
 
@@ -183,15 +183,15 @@ fn a_snapshot_intent_is_recorded_once_per_run() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(&dir);
     let first = recorded(
-        store.intend_snapshot("activate-1", "web", web_base(&store), None, |id| format!("snap-{id}")).unwrap(),
+        store.intend_snapshot("activate-1", "web", web_base(&store), None, None, |id| format!("snap-{id}")).unwrap(),
     );
     assert_eq!((first.id, first.vol_id.as_str(), first.state), (1, "snap-1", SnapshotState::Intended));
     let again = recorded(
-        store.intend_snapshot("activate-1", "web", web_base(&store), None, |id| format!("snap-{id}")).unwrap(),
+        store.intend_snapshot("activate-1", "web", web_base(&store), None, None, |id| format!("snap-{id}")).unwrap(),
     );
     assert_eq!(again, first, "the same run finds the same snapshot");
     let second = recorded(
-        store.intend_snapshot("activate-2", "web", web_base(&store), None, |id| format!("snap-{id}")).unwrap(),
+        store.intend_snapshot("activate-2", "web", web_base(&store), None, None, |id| format!("snap-{id}")).unwrap(),
     );
     assert_eq!(second.id, 2);
     store.mark_snapshot_exposed(1, "/vols/snap-1").unwrap();
@@ -215,7 +215,9 @@ fn snapshot_states_move_one_way_only() {
             let dir = tempfile::tempdir().unwrap();
             let store = open(&dir);
             let row = recorded(
-                store.intend_snapshot("activate-x", "web", web_base(&store), None, |id| format!("snap-{id}")).unwrap(),
+                store
+                    .intend_snapshot("activate-x", "web", web_base(&store), None, None, |id| format!("snap-{id}"))
+                    .unwrap(),
             );
             match from {
                 Intended => {}
@@ -265,7 +267,10 @@ fn a_release_before_any_activation_leaves_a_tombstone() {
     let req = store.request_release("activate-early", "web", |id| format!("snap-{id}")).unwrap();
     let ReleaseRequest::Tombstone(tomb) = req else { panic!("{req:?}") };
     assert!(tomb.is_tombstone() && tomb.state == SnapshotState::Released && tomb.base_vol_id.is_none());
-    match store.intend_snapshot("activate-early", "web", web_base(&store), None, |id| format!("snap-{id}")).unwrap() {
+    match store
+        .intend_snapshot("activate-early", "web", web_base(&store), None, None, |id| format!("snap-{id}"))
+        .unwrap()
+    {
         Intent::Released(row) => {
             assert_eq!(row.id, tomb.id);
             let msg = row.released_message();
@@ -279,7 +284,9 @@ fn a_release_before_any_activation_leaves_a_tombstone() {
     let again = store.request_release("activate-early", "web", |id| format!("snap-{id}")).unwrap();
     assert!(matches!(again, ReleaseRequest::Already(ref r) if r.id == tomb.id), "{again:?}");
     // A live row becomes releasing; a second request finds it already on its way.
-    recorded(store.intend_snapshot("activate-live", "web", web_base(&store), None, |id| format!("snap-{id}")).unwrap());
+    recorded(
+        store.intend_snapshot("activate-live", "web", web_base(&store), None, None, |id| format!("snap-{id}")).unwrap(),
+    );
     assert!(matches!(
         store.request_release("activate-live", "web", |_| unreachable!()).unwrap(),
         ReleaseRequest::Releasing(_)
@@ -436,7 +443,9 @@ fn the_background_checkpointer_moves_the_wal_into_the_database() {
     for i in 0..2000 {
         recorded(
             store
-                .intend_snapshot(&format!("activate-{i}"), "web", web_base(&store), None, |id| format!("snap-{id}"))
+                .intend_snapshot(&format!("activate-{i}"), "web", web_base(&store), None, None, |id| {
+                    format!("snap-{id}")
+                })
                 .unwrap(),
         );
     }
@@ -465,9 +474,14 @@ fn concurrent_intents_share_commits() {
                     .map(|i| {
                         recorded(
                             store
-                                .intend_snapshot(&format!("activate-{t}-{i}"), "web", web_base(&store), None, |id| {
-                                    format!("snap-{id}")
-                                })
+                                .intend_snapshot(
+                                    &format!("activate-{t}-{i}"),
+                                    "web",
+                                    web_base(&store),
+                                    None,
+                                    None,
+                                    |id| format!("snap-{id}"),
+                                )
                                 .unwrap(),
                         )
                         .id
@@ -481,7 +495,8 @@ fn concurrent_intents_share_commits() {
     assert_eq!(ids, (1..=(threads * each) as u64).collect::<Vec<_>>(), "every id once, no gap");
     let commits = store.intents.commits.load(std::sync::atomic::Ordering::Relaxed);
     assert!(commits < (threads * each) as u64, "{commits} commits for {} intents", threads * each);
-    let again =
-        recorded(store.intend_snapshot("activate-3-7", "web", web_base(&store), None, |_| unreachable!()).unwrap());
+    let again = recorded(
+        store.intend_snapshot("activate-3-7", "web", web_base(&store), None, None, |_| unreachable!()).unwrap(),
+    );
     assert_eq!(again.run_id, "activate-3-7");
 }

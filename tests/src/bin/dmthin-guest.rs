@@ -165,6 +165,7 @@ async fn small_pool_lifecycle() -> Result<(), String> {
         source: Arc::new(LocalDir::new(dir.join("images"))),
         apply: ApplyOptions::default(),
         invocations: Default::default(),
+        host_id: None,
     };
     let pipeline = Pipeline::register(&engine, ctx).map_err(|x| e(&x))?;
     let watermarks =
@@ -307,6 +308,7 @@ async fn host() -> Result<Host, String> {
         source: Arc::new(LocalDir::new(state.join("images"))),
         apply: ApplyOptions::default(),
         invocations: Default::default(),
+        host_id: None,
     };
     let pipeline = Pipeline::register(&engine, ctx).map_err(|e| e.to_string())?;
     Ok(Host { engine, pipeline, store, backend })

@@ -80,7 +80,7 @@ fn workflow(ctx: Arc<Ctx>) -> Workflow<u32, W> {
                 // volume exists, and a re-run finds it instead of allocating again.
                 let snap = match ctx
                     .store
-                    .intend_snapshot(&req.run_id, "fam", 1, None, |id| format!("vol-{id}"))
+                    .intend_snapshot(&req.run_id, "fam", 1, None, None, |id| format!("vol-{id}"))
                     .map_err(StepError::transient)?
                 {
                     thinpipe::store::Intent::Recorded(row) => row,

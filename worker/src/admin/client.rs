@@ -95,6 +95,9 @@ pub fn print_run(run: &Value) -> String {
         text(&run["attempts"]),
         age(&run["created_at_ms"])
     );
+    if let Some(h) = run["host_id"].as_str() {
+        out += &format!("host {h}\n");
+    }
     if let Some(t) = run["trace_id"].as_str() {
         out += &format!("trace {t}\n");
     }

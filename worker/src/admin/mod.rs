@@ -218,7 +218,14 @@ async fn run_detail(State(admin): State<Admin>, Path(id): Path<String>) -> Respo
     let engine = admin.host.engine.clone();
     let lookup = id.clone();
     match tokio::task::spawn_blocking(move || engine.run_detail(&lookup)).await {
-        Ok(Ok(Some(run))) => Json(run).into_response(),
+        Ok(Ok(Some(run))) => match serde_json::to_value(run) {
+            // The host that holds the run, for `worker runs show` and scripts.
+            Ok(mut v) => {
+                v["host_id"] = json!(admin.host.config.worker.host_id);
+                Json(v).into_response()
+            }
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        },
         Ok(Ok(None)) => error(StatusCode::NOT_FOUND, format!("no run {id}")),
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
@@ -261,6 +268,8 @@ async fn info(State(admin): State<Admin>) -> Response {
     Json(json!({
         "version": env!("THINPIPE_VERSION"),
         "state_dir": admin.host.config.state_dir,
+        "host_id": admin.host.config.worker.host_id,
+        "host_queue": admin.host.config.worker.host_queue_url,
         "trace_url": admin.host.config.admin.trace_url,
     }))
     .into_response()
