@@ -149,12 +149,18 @@ fn a_flat_family_published_to_s3_prepares_like_the_local_one() {
     thinpipe::image::write_sample_family(&src, "fam").unwrap();
     let to = format!("s3://{bucket}/flat");
     let report = publish(&endpoint, &src, &to);
-    assert_eq!(report["uploaded"].as_array().unwrap().len(), 3, "{report}");
+    let uploaded: Vec<&str> = report["uploaded"].as_array().unwrap().iter().map(|k| k.as_str().unwrap()).collect();
+    assert_eq!(uploaded.len(), 4, "three blobs by digest, then the manifest object: {report}");
+    assert!(uploaded[..3].iter().all(|k| k.starts_with("flat/blobs/sha256/")), "{report}");
+    assert_eq!(uploaded[3], "flat/families/fam.json", "the version becomes visible last: {report}");
+    let again = publish(&endpoint, &src, &to);
+    assert_eq!(again["skipped"].as_array().unwrap().len(), 3, "blobs already there by digest are skipped: {again}");
     let from_s3 = dir.path().join("state-s3");
     let from_dir = dir.path().join("state-dir");
     for (state, source) in [(&from_s3, to.clone()), (&from_dir, format!("dir:{}", src.display()))] {
         let r = result(&prepare(state, &source, &endpoint));
         assert_eq!(r["status"], "succeeded", "{source}: {r}");
+        assert_eq!(r["digest"], report["version"], "{source}: the same layers are the same version");
     }
     assert_eq!(tree(&from_s3.join("volumes/bases/base-1")), tree(&from_dir.join("volumes/bases/base-1")));
 }
@@ -174,12 +180,12 @@ fn a_layer_too_large_for_one_put_is_published_in_parts_and_prepares_like_the_loc
 
     let to = format!("s3://{bucket}/large");
     let report = publish(&endpoint, &src, &to);
-    assert_eq!(report["uploaded"].as_array().unwrap().len(), 1, "{report}");
-    let head = rt.block_on(client.head_object().bucket(&bucket).key("large/images/fam/0001.tar").send()).unwrap();
+    assert_eq!(report["uploaded"].as_array().unwrap().len(), 2, "the blob and the manifest object: {report}");
+    let digest = thinpipe::image::Digest::of_bytes(&std::fs::read(family.join("0001.tar")).unwrap());
+    let key = format!("large/blobs/sha256/{}", digest.hex());
+    let head = rt.block_on(client.head_object().bucket(&bucket).key(&key).send()).unwrap();
     let etag = head.e_tag().unwrap_or_default();
     assert!(etag.contains('-'), "uploaded in parts (a multipart ETag ends in -<parts>): {etag}");
-    let sidecar = rt.block_on(client.get_object().bucket(&bucket).key("large/images/fam/0001.tar.sha256").send());
-    assert!(sidecar.is_ok(), "the whole object's sha256 is written beside it");
 
     let from_s3 = dir.path().join("state-s3");
     let from_dir = dir.path().join("state-dir");
@@ -292,7 +298,7 @@ fn s3_answering_errors_for_a_while_gives_retries_then_success() {
     let to = format!("s3://{bucket}/flat");
     rt.block_on(thinpipe::image::publish(&client, &src, "fam", &to, &|_| {})).unwrap();
     // Every layer GET fails with 503 at first: more failures than the SDK's own retries.
-    let proxy = thinpipe_tests::flaky::FlakyProxy::start(&endpoint, "/flat/images/fam/", 8);
+    let proxy = thinpipe_tests::flaky::FlakyProxy::start(&endpoint, "/flat/blobs/sha256/", 8);
     let state = dir.path().join("state");
     let out = prepare(&state, &to, &proxy.endpoint);
     let r = result(&out);

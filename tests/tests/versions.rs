@@ -278,3 +278,42 @@ fn a_family_published_to_s3_rolls_forward_through_sqs() {
     let mut h = Host::new(Source::S3 { endpoint, bucket, sqs }, None, Vec::new());
     rollout(&mut h);
 }
+
+/// A flat family listed from its files is only as atomic as its writer: one rewritten while a
+/// prepare downloads it is never sealed as a mix. The prepare sees the change, the job is
+/// retried, and the version then current is prepared whole.
+#[test]
+fn a_flat_family_rewritten_during_its_prepare_is_never_sealed_as_a_mix() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path();
+    let family = state.join("images/mix");
+    std::fs::create_dir_all(&family).unwrap();
+    std::fs::write(family.join("0001-a.tar"), tar_of_file("etc/a", b"1\n")).unwrap();
+    std::fs::write(family.join("0002-b.tar"), tar_of_file("etc/b", b"1\n")).unwrap();
+    let daemon = Daemon::start(state, &[("THINPIPE_PAUSE", "prepare.download@mix=1500")]);
+    let waiting = Command::new(bin("enqueue"))
+        .arg("--state-dir")
+        .arg(state)
+        .args(["--wait", "--json", "--timeout", "120", "prepare", "--family", "mix"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    daemon.wait_for_log("pause point prepare.download@mix", Duration::from_secs(60));
+    // The second layer is rewritten while the first attempt waits to download.
+    std::fs::write(family.join("0002-b.tar"), tar_of_file("etc/b", b"2\n")).unwrap();
+    let out = waiting.wait_with_output().unwrap();
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["status"], "succeeded", "{r}\n{}", daemon.log());
+    let now = thinpipe_tests::prepare_run(state, "mix");
+    assert_eq!(r["run_id"].as_str(), Some(now.as_str()), "the version current after the rewrite: {r}");
+    let base = r["base_vol_id"].as_u64().unwrap();
+    assert_eq!(read(&state.join(format!("volumes/bases/base-{base}/etc/b"))), "2\n");
+    assert!(daemon.log().contains("changed at"), "the change was seen and the job retried:\n{}", daemon.log());
+    let store = Store::open(state.join("host.db")).unwrap();
+    let sealed: Vec<_> =
+        store.list_bases().unwrap().into_iter().filter(|b| b.state == thinpipe::store::BaseState::Sealed).collect();
+    assert_eq!(sealed.len(), 1, "one sealed base, of the whole new version: {sealed:?}");
+    let log = daemon.log();
+    assert!(daemon.stop(Duration::from_secs(60)).success(), "{log}");
+}

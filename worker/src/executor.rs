@@ -178,15 +178,16 @@ impl Executor {
         })?;
         let base = match version.target {
             Target::Sealed(row) => row,
-            Target::Prepare(manifest) => self.prepare(&manifest).await?,
+            Target::Prepare(manifest) => self.prepare(&manifest, !matches!(want, Want::Pinned(_))).await?,
         };
         lifecycle.make_current(&base, make_current).await.map_err(|e| Prep::Retry(e.to_string()))?;
         Ok((version.hold, base))
     }
 
     /// Prepares the version `manifest` describes: one task per family in this process, one
-    /// process per family on this host.
-    async fn prepare(&self, manifest: &Manifest) -> Result<BaseRow, Prep> {
+    /// process per family on this host. `current` says the version was the source's current
+    /// one: if it no longer is when its prepare fails, the job is retried with the new one.
+    async fn prepare(&self, manifest: &Manifest, current: bool) -> Result<BaseRow, Prep> {
         let family = manifest.family.as_str();
         let lock = lock(&self.prepare_locks).entry(family.to_owned()).or_default().clone();
         // A job waiting here has not started: once draining begins it is handed back.
@@ -245,7 +246,19 @@ impl Executor {
                 Err(Prep::Retry(format!("lost the prepare lease of {family}; another process may be preparing it")))
             }
             Some(Err(e)) => Err(Prep::Retry(run_error(e))),
-            Some(Ok(Outcome::Failed(failure))) => Err(Prep::Failed { run_id, failure }),
+            Some(Ok(Outcome::Failed(failure))) => {
+                // A version the source no longer has as current (its files rewritten during the
+                // prepare) is not worth a failed result: the job is retried with the new one.
+                // A lookup that fails here changes nothing: the failure is reported as it is.
+                let now = if current { self.host.pipeline.context().source.manifest(family).await.ok() } else { None };
+                match now {
+                    Some(now) if now.digest != manifest.digest => Err(Prep::Retry(format!(
+                        "family {family} changed at its source while version {} was being prepared ({failure}); retrying with {}",
+                        manifest.digest, now.digest
+                    ))),
+                    _ => Err(Prep::Failed { run_id, failure }),
+                }
+            }
             Some(Ok(Outcome::Completed(_))) => match self.sealed(manifest).await? {
                 Some(base) => Ok(base),
                 None => Err(Prep::Failed {

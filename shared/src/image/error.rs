@@ -17,6 +17,10 @@ pub enum ImageError {
         "version {digest} of image family {family} is not in {source_desc} ({detail}); pin a version the source has, or leave the digest out to use the family's current version"
     )]
     VersionNotFound { family: String, digest: String, source_desc: String, detail: String },
+    #[error(
+        "image family {family} changed at {source_desc} while version {was} was being prepared (now {now}): its files were rewritten meanwhile, perhaps by a publish in progress. A family listed from its files is only as atomic as its writer (`enqueue publish` writes a manifest object instead); the next prepare takes the version then current"
+    )]
+    FamilyChanged { family: String, source_desc: String, was: String, now: String },
     #[error("image family {family} in {source_desc} has no layers")]
     NoLayers { family: String, source_desc: String },
     #[error("the manifest of {family} in {source_desc} is malformed: {detail}")]

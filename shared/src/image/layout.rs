@@ -72,6 +72,72 @@ pub fn flat_manifest(family: &str, source_desc: &str, layers: Vec<LayerDesc>) ->
     Ok(Manifest { family: family.to_owned(), digest: Digest::of_bytes(list.join("\n").as_bytes()), layers })
 }
 
+/// Where a published flat family's manifest object lives: `families/<family>.json`. It names
+/// the family's layers in order, by digest, each stored once under `blobs/sha256/<hex>`;
+/// `enqueue publish` writes it last, in one object write, so a reader sees the old version
+/// or the new one, never a mix.
+pub fn family_file_path(family: &str) -> String {
+    format!("families/{family}.json")
+}
+
+/// A published flat family's manifest object.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FamilyFile {
+    pub schema_version: u32,
+    pub family: String,
+    pub layers: Vec<FamilyLayer>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FamilyLayer {
+    /// The layer's file name where it was published from (for messages and media type).
+    pub name: String,
+    pub digest: Digest,
+    pub size: u64,
+}
+
+/// A flat family's manifest from its manifest object; the version is the digest of the
+/// layer list, as for a listed flat family, so the same layers are the same version however
+/// they are read.
+pub fn family_file_manifest(bytes: &[u8], family: &str, source_desc: &str) -> Result<Manifest, ImageError> {
+    let file: FamilyFile = serde_json::from_slice(bytes).map_err(|e| ImageError::BadManifest {
+        family: family.to_owned(),
+        source_desc: source_desc.to_owned(),
+        detail: format!("{}: {e}", family_file_path(family)),
+    })?;
+    if file.schema_version != 1 || file.family != family {
+        return Err(ImageError::BadManifest {
+            family: family.to_owned(),
+            source_desc: source_desc.to_owned(),
+            detail: format!(
+                "{} is schema {} of family {:?}; expected schema 1 of {family:?}",
+                family_file_path(family),
+                file.schema_version,
+                file.family
+            ),
+        });
+    }
+    let layers = file
+        .layers
+        .into_iter()
+        .map(|l| LayerDesc {
+            media_type: flat_media_type(&l.name),
+            location: format!("blobs/sha256/{}", l.digest.hex()),
+            digest: l.digest,
+            size: l.size,
+        })
+        .collect();
+    flat_manifest(family, source_desc, layers)
+}
+
+/// Whether a manifest came from listing a flat family's files (`images/<family>/`): such a
+/// source is only as atomic as its writer, so a prepare checks it did not change meanwhile.
+pub fn is_listed(manifest: &Manifest) -> bool {
+    manifest.layers.iter().any(|l| l.location.starts_with("images/"))
+}
+
 /// Finds `family` in an OCI `index.json`: the manifest descriptor's digest.
 pub fn oci_find_manifest(index_json: &[u8], family: &str, source_desc: &str) -> Result<Digest, ImageError> {
     let bad = |detail: String| ImageError::BadManifest {

@@ -18,7 +18,9 @@ pub use apply::{ApplyOptions, ApplyStats, apply_layer};
 pub use cache::BlobCache;
 pub use digest::{Digest, Hasher};
 pub use error::ImageError;
-pub use layout::{LayerDesc, MEDIA_TAR, Manifest, validate_family};
+pub use layout::{
+    FamilyFile, FamilyLayer, LayerDesc, MEDIA_TAR, Manifest, family_file_path, is_listed, validate_family,
+};
 pub use publish::{MULTIPART_THRESHOLD, PublishReport, publish};
 pub use s3::{S3Source, parse_s3_url};
 pub use sample::write_sample_family;

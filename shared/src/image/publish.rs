@@ -260,25 +260,38 @@ async fn publish_flat(
         return Err(ImageError::NoLayers { family: family.to_owned(), source_desc: src.display().to_string() });
     }
     names.sort();
+    // Content-addressed blobs first (one copy per digest, skipped when already there), then
+    // the manifest object that makes the version visible, in one write.
+    let mut layers = Vec::with_capacity(names.len());
     for name in names {
         let path = src.join(&name);
-        let (digest, _) = hash_file(&path).map_err(|e| ImageError::io("hashing", &path, e))?;
-        let key = t.key(&format!("images/{family}/{name}"));
-        let size = t.upload(&path, &key, Some(&digest), progress).await?;
-        if size >= MULTIPART_THRESHOLD {
-            // A multipart object's checksum is not the whole object's: write it beside.
-            let sidecar = format!("{key}.sha256");
-            t.client
-                .put_object()
-                .bucket(&t.bucket)
-                .key(&sidecar)
-                .body(ByteStream::from(digest.to_string().into_bytes()))
-                .send()
-                .await
-                .map_err(|e| t.err(&sidecar, "uploading", e))?;
+        let (digest, size) = hash_file(&path).map_err(|e| ImageError::io("hashing", &path, e))?;
+        let key = t.key(&format!("blobs/sha256/{}", digest.hex()));
+        if t.exists(&key).await? {
+            report.skipped.push(key);
+        } else {
+            report.bytes += t.upload(&path, &key, Some(&digest), progress).await?;
+            report.uploaded.push(key);
         }
-        report.bytes += size;
-        report.uploaded.push(key);
+        layers.push(layout::FamilyLayer { name, digest, size });
     }
+    let file = layout::FamilyFile { schema_version: 1, family: family.to_owned(), layers };
+    let manifest = layout::family_file_manifest(
+        &serde_json::to_vec(&file).map_err(|e| t.err(family, "encoding the manifest of", e))?,
+        family,
+        &t.url,
+    )?;
+    let key = t.key(&layout::family_file_path(family));
+    let body = serde_json::to_vec_pretty(&file).map_err(|e| t.err(&key, "encoding", e))?;
+    t.client
+        .put_object()
+        .bucket(&t.bucket)
+        .key(&key)
+        .body(ByteStream::from(body))
+        .send()
+        .await
+        .map_err(|e| t.err(&key, "uploading", e))?;
+    report.uploaded.push(key);
+    report.version = Some(manifest.digest.to_string());
     Ok(())
 }

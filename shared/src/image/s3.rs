@@ -123,6 +123,9 @@ impl S3Source {
     }
 
     async fn flat_manifest(&self, family: &str) -> Result<Manifest, ImageError> {
+        if let Some(bytes) = self.get_small(&layout::family_file_path(family)).await? {
+            return layout::family_file_manifest(&bytes, family, &self.describe());
+        }
         let dir = self.key(&format!("images/{family}/"));
         let mut keys = Vec::new();
         let mut pages = self.client.list_objects_v2().bucket(&self.bucket).prefix(&dir).into_paginator().send();

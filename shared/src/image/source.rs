@@ -83,6 +83,9 @@ impl LocalDir {
     }
 
     fn flat_manifest(&self, family: &str) -> Result<Manifest, ImageError> {
+        if let Some(bytes) = self.read(&layout::family_file_path(family))? {
+            return layout::family_file_manifest(&bytes, family, &self.describe());
+        }
         let dir = self.root.join("images").join(family);
         let entries = match std::fs::read_dir(&dir) {
             Ok(e) => e,

@@ -83,6 +83,10 @@ async fn download_blobs(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Prepa
     while let Some(result) = downloads.next().await {
         match result {
             Ok((_, n)) => downloaded += n,
+            // A listed family whose files were rewritten since the listing: not this version.
+            Err(ImageError::DigestMismatch { .. }) if let Some(changed) = changed(&ctx, manifest).await? => {
+                return Err(StepError::abort(changed));
+            }
             // A mismatch may be a torn transfer: one more try, then it is the source.
             Err(e @ ImageError::DigestMismatch { .. }) if req.attempt < 2 => return Err(StepError::transient(e)),
             Err(e @ ImageError::DigestMismatch { .. }) => return Err(StepError::abort(e)),
@@ -90,8 +94,28 @@ async fn download_blobs(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Prepa
         }
     }
     drop(downloads);
+    // A listed family rewritten while its blobs were downloaded may have been listed half
+    // old, half new: never seal that; the next prepare takes the version then current.
+    if let Some(changed) = changed(&ctx, manifest).await? {
+        return Err(StepError::abort(changed));
+    }
     tracing::info!(family = %req.r.family, layers = manifest.layers.len(), downloaded, "blobs cached");
     Ok(PrepareState { downloaded_bytes: downloaded, ..req.w })
+}
+
+/// For a family listed from its files (not a published manifest object): whether it now
+/// resolves to another version than `manifest`, as [`ImageError::FamilyChanged`].
+async fn changed(ctx: &PipelineContext, manifest: &Manifest) -> Result<Option<ImageError>, StepError> {
+    if !crate::image::is_listed(manifest) {
+        return Ok(None);
+    }
+    let now = ctx.source.manifest(&manifest.family).await.map_err(image_err)?;
+    Ok((now.digest != manifest.digest).then(|| ImageError::FamilyChanged {
+        family: manifest.family.clone(),
+        source_desc: ctx.source.describe(),
+        was: manifest.digest.to_string(),
+        now: now.digest.to_string(),
+    }))
 }
 
 /// The guarded step: the version's base id is taken from (or allocated and recorded in)
