@@ -191,9 +191,10 @@ fn a_worker_killed_during_prepare_is_resumed_by_the_next_from_the_redelivered_me
         .filter(|n| !n.ends_with(".sealed"))
         .collect();
     assert_eq!(bases, ["base-1"], "exactly one base");
+    let run = thinpipe_tests::prepare_run(dir.path(), "web");
     let detail = rt.block_on(async {
         let engine = thinpipe::fsm::Engine::open(dir.path().join("runs.redb"), Default::default()).await.unwrap();
-        let d = engine.run_detail(&thinpipe_tests::prepare_run(dir.path(), "web")).unwrap().unwrap();
+        let d = engine.run_detail(&run).unwrap().unwrap();
         let all = engine.list_runs(&Default::default()).unwrap();
         engine.shutdown().await;
         (d, all)

@@ -35,7 +35,7 @@ pub struct Delivery {
     pub attributes: BTreeMap<String, String>,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum QueueError {
     #[error("queue {queue}: message {message_id} was redelivered to another receiver (its visibility timed out)")]

@@ -1,4 +1,5 @@
-//! The SQS queue: long polling, visibility heartbeats, batch deletes, a dead-letter queue
+//! The SQS queue: long polling, visibility heartbeats, batch deletes and sends (`sends.rs`),
+//! a dead-letter queue
 //! with the reason as a message attribute, FIFO queues ([`fifo_ids`]: an invocation's jobs
 //! are ordered and different invocations run in parallel; a family's prepares are ordered;
 //! a re-sent job is deduplicated). One `SqsQueue` receives from one queue URL; `send` resolves any queue by
@@ -8,10 +9,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
+mod sends;
+
 use async_trait::async_trait;
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, MessageAttributeValue, MessageSystemAttributeName};
+use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, MessageSystemAttributeName};
 
 use super::{Delivery, JobQueue, QueueError};
 
@@ -34,6 +37,8 @@ pub struct SqsQueue {
     urls: Mutex<HashMap<String, String>>,
     /// Acks are gathered into `DeleteMessageBatch` calls of up to 10 by one task.
     acks: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<AckRequest>>,
+    /// Sends are gathered into `SendMessageBatch` calls by another.
+    sends: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<sends::SendRequest>>,
 }
 
 type AckRequest = (Delivery, tokio::sync::oneshot::Sender<Result<(), QueueError>>);
@@ -46,7 +51,21 @@ const ACK_LINGER: Duration = Duration::from_millis(250);
 impl SqsQueue {
     pub fn new(client: Client, settings: SqsSettings) -> Self {
         // `urls` caches name → URL lookups for `send`.
-        Self { client, settings, urls: Mutex::new(HashMap::new()), acks: std::sync::OnceLock::new() }
+        Self {
+            client,
+            settings,
+            urls: Mutex::new(HashMap::new()),
+            acks: std::sync::OnceLock::new(),
+            sends: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn send_sender(&self) -> &tokio::sync::mpsc::UnboundedSender<sends::SendRequest> {
+        self.sends.get_or_init(|| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(sends::send_batcher(self.client.clone(), rx));
+            tx
+        })
     }
 
     fn ack_sender(&self) -> &tokio::sync::mpsc::UnboundedSender<AckRequest> {
@@ -305,21 +324,12 @@ impl JobQueue for SqsQueue {
 
     async fn send(&self, to: &str, body: &str, attributes: &BTreeMap<String, String>) -> Result<String, QueueError> {
         let url = self.url_of(to).await?;
-        let mut req = self.client.send_message().queue_url(&url).message_body(body);
-        for (k, v) in attributes {
-            let value = MessageAttributeValue::builder()
-                .data_type("String")
-                .string_value(v)
-                .build()
-                .map_err(|e| QueueError::Invalid { queue: url.clone(), detail: e.to_string() })?;
-            req = req.message_attributes(k, value);
-        }
-        if fifo(&url) {
-            let (group, dedup) = fifo_ids(body);
-            req = req.message_group_id(group).message_deduplication_id(dedup);
-        }
-        let out = req.send().await.map_err(|e| classify(&url, "sending", e))?;
-        Ok(out.message_id().unwrap_or_default().to_owned())
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let request =
+            sends::SendRequest { url: url.clone(), body: body.to_owned(), attributes: attributes.clone(), answer };
+        let stopped = || QueueError::Unavailable { queue: url.clone(), detail: "the send batcher stopped".into() };
+        self.send_sender().send(request).map_err(|_| stopped())?;
+        answered.await.map_err(|_| stopped())?
     }
 }
 
