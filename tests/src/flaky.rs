@@ -1,6 +1,7 @@
 //! A proxy in front of a server (moto) that answers the first `failures` requests whose
 //! path contains `needle` with `503 SlowDown`, the way S3 answers when it is overloaded,
-//! and forwards everything else unchanged. Stops when dropped.
+//! and forwards everything else unchanged; it counts the requests it saw for the needle
+//! (with no failures, a request counter). Stops when dropped.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -69,5 +70,11 @@ impl FlakyProxy {
     /// Errors answered so far.
     pub fn errors_served(&self) -> usize {
         self.shared.failed.load(Ordering::SeqCst).min(self.shared.failures)
+    }
+
+    /// Requests whose path contained the needle so far (answered or forwarded): with no
+    /// failures, a request counter.
+    pub fn matching_requests(&self) -> usize {
+        self.shared.failed.load(Ordering::SeqCst)
     }
 }

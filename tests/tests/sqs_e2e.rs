@@ -242,3 +242,73 @@ fn the_heartbeat_keeps_a_long_job_invisible_and_sigterm_lets_it_finish() {
     assert!(store.image("web").unwrap().unwrap().current_base.is_some(), "the in-flight job finished during the drain");
     assert_eq!(depth(&s), 0, "and was acked");
 }
+
+/// On a FIFO queue each invocation's activate and release run in the order they were posted
+/// (even when one receive brings both), while activations of one family run in parallel.
+#[test]
+fn on_a_fifo_queue_an_invocations_jobs_keep_their_order_and_invocations_run_in_parallel() {
+    let Some(endpoint) = thinpipe::aws::test_endpoint() else { return };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (config, _) = rt.block_on(thinpipe::aws::test_config(&endpoint));
+    let client = thinpipe::aws::sqs_client(&config);
+    let suffix = format!("{:x}", rand::random::<u64>());
+    let fifo = rt
+        .block_on(
+            client
+                .create_queue()
+                .queue_name(format!("jobs-{suffix}.fifo"))
+                .attributes(aws_sdk_sqs::types::QueueAttributeName::FifoQueue, "true")
+                .send(),
+        )
+        .unwrap();
+    let results = rt.block_on(client.create_queue().queue_name(format!("results-{suffix}")).send()).unwrap();
+    let s = Sqs {
+        endpoint: endpoint.clone(),
+        client: client.clone(),
+        jobs: fifo.queue_url().unwrap().to_owned(),
+        dlq: results.queue_url().unwrap().to_owned(),
+    };
+    let results_url = results.queue_url().unwrap().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    write_sample_family(dir.path(), "web").unwrap();
+    let mut env = s.worker_env("10");
+    env.retain(|(k, _)| *k != "THINPIPE_QUEUE_DEAD_LETTER_URL");
+    env.push(("THINPIPE_WORKER_CONCURRENCY", "8"));
+    let daemon = Daemon::start(dir.path(), &env);
+    post(&s, &format!(r#"{{"v":1,"kind":"prepare","family":"web","reply_to":"{results_url}"}}"#));
+    // Each invocation: activate then release, posted back to back; all invocations at once.
+    const N: usize = 6;
+    for i in 0..N {
+        for kind in ["activate", "release"] {
+            post(
+                &s,
+                &format!(
+                    r#"{{"v":1,"kind":"{kind}","family":"web","invocation_id":"f-{i}","reply_to":"{results_url}"}}"#
+                ),
+            );
+        }
+    }
+    let q = SqsQueue::new(
+        client,
+        SqsSettings { queue_url: results_url.clone(), dead_letter_url: None, visibility: Duration::from_secs(30) },
+    );
+    let mut got: Vec<serde_json::Value> = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while got.len() < 1 + 2 * N {
+        assert!(std::time::Instant::now() < deadline, "results: {got:#?}\n{}", daemon.log());
+        for d in rt.block_on(q.receive(10, Duration::from_secs(1))).unwrap() {
+            got.push(serde_json::from_str(&d.body).unwrap());
+            rt.block_on(q.ack(&d)).unwrap();
+        }
+    }
+    for i in 0..N {
+        let inv = format!("f-{i}");
+        let of = |kind: &str| got.iter().find(|r| r["kind"] == kind && r["invocation_id"] == inv.as_str()).unwrap();
+        assert_eq!(of("activate")["status"], "succeeded", "{inv}: the activation ran first: {}", of("activate"));
+        let release = of("release");
+        assert_eq!(release["status"], "succeeded", "{release}");
+        assert!(release["detail"].is_null(), "{inv}: the release found the snapshot to give back: {release}");
+    }
+    assert!(std::fs::read_dir(dir.path().join("volumes/snaps")).unwrap().next().is_none(), "nothing left");
+    assert!(daemon.stop(Duration::from_secs(60)).success());
+}
