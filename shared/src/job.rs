@@ -258,10 +258,13 @@ pub struct JobResult {
     pub host_queue: Option<String>,
 }
 
-/// One line for people: `<kind> <run id> ok: <what>` or `<kind> <run id> FAILED: <error>`.
+/// One line for people: `<kind> <run id> [on <host>] ok: <what>` or `... FAILED: <error>`.
 impl std::fmt::Display for JobResult {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} {} ", self.kind, self.run_id)?;
+        if let Some(host) = &self.host_id {
+            write!(f, "on {host} ")?;
+        }
         if let (JobStatus::Failed, Some(e)) = (self.status, &self.error) {
             return write!(f, "FAILED: {e}");
         }
