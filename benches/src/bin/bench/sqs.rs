@@ -5,6 +5,8 @@
 //! measures moto; the figures that describe the worker are printed beside it:
 //! - `sqs requests_per_job=<x>`: every SQS request the worker made (counted by an SDK
 //!   interceptor, by operation) over the jobs, at saturation (target <= 0.25; no replies);
+//! - `sqs requests_per_job_with_replies=<x>`: the same with every job sending its result to a
+//!   reply queue (results share `SendMessageBatch` calls; target <= 0.35);
 //! - `sqs cpu_ratio_vs_boto3=<x>`: the worker's CPU per job spent on the queue path (its CPU
 //!   per job minus the CPU of the same activation run directly, measured just before in the
 //!   same process) over boto3's CPU per message, which does nothing with its messages
@@ -169,11 +171,11 @@ pub fn run(base: &Path) -> anyhow::Result<()> {
     let (mut throughput, mut cpu, mut requests) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..ROUNDS {
         let (ours, boto3) = if report::ours_first(round) {
-            let o = rt.block_on(ours(base, &endpoint))?;
+            let o = rt.block_on(ours(base, &endpoint, false))?;
             (o, boto3(&endpoint)?)
         } else {
             let b = boto3(&endpoint)?;
-            (rt.block_on(ours(base, &endpoint))?, b)
+            (rt.block_on(ours(base, &endpoint, false))?, b)
         };
         let total: u64 = ours.requests.values().sum();
         let per_job = total as f64 / JOBS as f64;
@@ -200,6 +202,17 @@ pub fn run(base: &Path) -> anyhow::Result<()> {
     report::ratio("sqs", "requests_per_job", per_job, Goal::AtMost(0.25));
     let cpu_ratio = report::median_of_ratios("sqs", "cpu_ratio_vs_boto3", &cpu);
     report::ratio("sqs", "cpu_ratio_vs_boto3", cpu_ratio, Goal::AtMost(0.5));
+    // With a result per job: results of jobs that end together share SendMessageBatch calls.
+    let mut with_replies = Vec::new();
+    for round in 0..2 {
+        let ours = rt.block_on(ours(base, &endpoint, true))?;
+        let total: u64 = ours.requests.values().sum();
+        let by_op: Vec<String> = ours.requests.iter().map(|(op, n)| format!("{op} {n}")).collect();
+        println!("sqs_replies_round{round} {total} requests for {JOBS} jobs with results ({})", by_op.join(", "));
+        with_replies.push(total as f64 / JOBS as f64);
+    }
+    let per_job = report::median_of_ratios("sqs", "requests_per_job_with_replies", &with_replies);
+    report::ratio("sqs", "requests_per_job_with_replies", per_job, Goal::AtMost(0.35));
     let idle = rt.block_on(idle(base, &endpoint))?;
     println!("sqs_idle_requests {idle:.1} requests/min");
     report::ratio("sqs", "idle_requests_per_min", idle, Goal::AtMost(3.0));
@@ -250,7 +263,7 @@ async fn worker(
     Ok((state, host, aws_sdk_sqs::Client::from_conf(conf)))
 }
 
-async fn ours(base: &Path, endpoint: &str) -> anyhow::Result<Ours> {
+async fn ours(base: &Path, endpoint: &str, replies: bool) -> anyhow::Result<Ours> {
     let (sdk, _) = thinpipe::aws::test_config(endpoint).await;
     let client = thinpipe::aws::sqs_client(&sdk);
     let url = queue(&client, &format!("bench-jobs-{:x}", rand::random::<u32>())).await?;
@@ -270,8 +283,10 @@ async fn ours(base: &Path, endpoint: &str) -> anyhow::Result<Ours> {
         client.clone(),
         SqsSettings { queue_url: url.clone(), dead_letter_url: None, visibility: Duration::from_secs(60) },
     );
+    let reply_to =
+        if replies { Some(queue(&client, &format!("bench-results-{:x}", rand::random::<u32>())).await?) } else { None };
     for i in 0..JOBS {
-        let job = Job::new(JobKind::Activate, "bench", Some(&format!("b-{i}")));
+        let job = Job { reply_to: reply_to.clone(), ..Job::new(JobKind::Activate, "bench", Some(&format!("b-{i}"))) };
         sqs.send(&url, &job.to_json(), &BTreeMap::new()).await?;
     }
     let counting = Counting::new(sqs);
