@@ -319,7 +319,12 @@ async fn daemon(config: Config) -> anyhow::Result<ExitCode> {
         }
     };
     let described: Vec<String> = queues.iter().map(|q| q.describe()).collect();
-    tracing::info!(state_dir = %config.state_dir.display(), queues = %described.join(", "), "worker started");
+    tracing::info!(
+        host_id = %config.worker.host_id,
+        state_dir = %config.state_dir.display(),
+        queues = %described.join(", "),
+        "worker started"
+    );
     let job_loop = worker::jobloop::JobLoop::new(host.clone(), queues);
     let admin_stop = CancellationToken::new();
     let admin = if config.admin.listen.is_empty() {
