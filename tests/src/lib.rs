@@ -147,6 +147,11 @@ impl Daemon {
             .env("THINPIPE_WORKER_RETRY_DELAY_SECS", "1")
             // Tests run side by side: each worker's admin API on a free port.
             .env("THINPIPE_ADMIN_LISTEN", "127.0.0.1:0")
+            // The `dir` backend's volumes share the machine's disk with everything else: the
+            // watermarks are tested by capacity.rs on a filesystem of its own, not here.
+            .env("THINPIPE_CAPACITY_HIGH_PERCENT", "100")
+            .env("THINPIPE_CAPACITY_LOW_PERCENT", "99")
+            .env("THINPIPE_CAPACITY_REFUSE_PERCENT", "100")
             .env_remove("THINPIPE_FAULT")
             .stdout(std::process::Stdio::null())
             .stderr(log);
