@@ -84,7 +84,10 @@ pub fn init(service: &str, log_format: &str, default_level: &str) -> Telemetry {
     let otel = tracing_opentelemetry::layer()
         .with_tracer(tracer.tracer("thinpipe"))
         .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colour only for a person at a terminal, and never with NO_COLOR: a log file or a
+    // journal must not fill with escape codes.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(colour);
     let registry = tracing_subscriber::registry().with(otel);
     let installed = if log_format == "json" {
         registry.with(fmt.json().with_current_span(true).with_span_list(true).with_filter(filter)).try_init()

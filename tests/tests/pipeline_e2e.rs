@@ -198,6 +198,7 @@ fn a_corrupt_layer_fails_naming_the_blob_and_the_family_is_never_prepared() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "exit code 1 = the job failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(!out.stderr.is_empty() && !out.stderr.contains(&0x1b), "logs to a pipe carry no colour codes");
     let r = result(&out);
     assert_eq!(r["status"], "failed");
     let error = r["error"].as_str().unwrap();
