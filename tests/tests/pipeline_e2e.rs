@@ -275,3 +275,26 @@ fn a_worker_stalled_past_its_lease_is_replaced_and_stops_when_it_wakes() {
     assert!(store.image("web").unwrap().unwrap().current_base.is_some());
     assert_eq!(store.next_id("base").unwrap(), 2, "one base, whoever finished it");
 }
+
+/// On a fresh host the daemon makes its state directory, as `run` and `demo` do.
+#[test]
+fn the_daemon_makes_its_state_directory_on_a_fresh_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("srv/thinpipe");
+    let log = std::fs::File::create(dir.path().join("worker.log")).unwrap();
+    let mut child = Command::new(bin("worker"))
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--set", "admin.listen=127.0.0.1:0", "daemon"])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    thinpipe_tests::wait_until("the daemon to listen", Duration::from_secs(60), || state.join("admin.addr").exists());
+    // SAFETY: kill(2) on the child we spawned, with a valid signal.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let log = std::fs::read_to_string(dir.path().join("worker.log")).unwrap();
+    assert!(status.success(), "{status:?}: {log}");
+    assert!(state.join("host.db").exists() && state.join("queue.db").exists(), "{log}");
+}

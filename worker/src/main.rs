@@ -310,6 +310,10 @@ async fn daemon(config: Config) -> anyhow::Result<ExitCode> {
     // First, so a signal while waiting for the state directory (worker.wait_for_state)
     // ends the wait cleanly instead of killing the process by SIGTERM's default action.
     spawn_signal_handler(shutdown.clone())?;
+    // A fresh host: the state directory (which holds the embedded queue) is made here, as
+    // `run` and `demo` make it.
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("creating the state directory {}", config.state_dir.display()))?;
     let queues = worker::host::open_queues(&config).await?;
     let host = tokio::select! {
         host = Host::open(config.clone()) => Arc::new(host?),
