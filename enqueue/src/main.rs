@@ -280,6 +280,14 @@ async fn wait_for_result(
 }
 
 async fn post_embedded(cli: &Cli, mut job: Job) -> anyhow::Result<ExitCode> {
+    if cli.queue_path.is_none() && !cli.state_dir.is_dir() {
+        // A mistyped directory would get a new queue that no worker reads.
+        eprintln!(
+            "enqueue: the state directory {} does not exist: pass the worker's --state-dir (or start the worker there first)",
+            cli.state_dir.display()
+        );
+        return Ok(ExitCode::from(2));
+    }
     let path = cli.queue_path.clone().unwrap_or_else(|| cli.state_dir.join("queue.db"));
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

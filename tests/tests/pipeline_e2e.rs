@@ -298,3 +298,20 @@ fn the_daemon_makes_its_state_directory_on_a_fresh_host() {
     assert!(status.success(), "{status:?}: {log}");
     assert!(state.join("host.db").exists() && state.join("queue.db").exists(), "{log}");
 }
+
+/// `enqueue` refuses a state directory that does not exist instead of making a queue that no
+/// worker reads.
+#[test]
+fn enqueue_refuses_a_state_directory_that_does_not_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let typo = dir.path().join("thinpipee");
+    let out = Command::new(bin("enqueue"))
+        .arg("--state-dir")
+        .arg(&typo)
+        .args(["prepare", "--family", "web"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+    assert!(!typo.exists(), "nothing was created");
+}
