@@ -7,6 +7,9 @@
 //! [`pause`] is the same for a delay (`THINPIPE_PAUSE=name@detail=ms`), and [`fail`] for
 //! a transient error the first N times the point is reached (`THINPIPE_FAIL=name@detail*N`).
 
+/// Whether this build has the fault points (a test build). A production binary must not.
+pub const COMPILED_IN: bool = cfg!(feature = "fault-injection");
+
 #[cfg(feature = "fault-injection")]
 pub fn point(name: &str, detail: &str) {
     use std::sync::OnceLock;

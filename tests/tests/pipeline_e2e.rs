@@ -315,3 +315,13 @@ fn enqueue_refuses_a_state_directory_that_does_not_exist() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
     assert!(!typo.exists(), "nothing was created");
 }
+
+/// `worker --version` names the commit and says when the binary is a test build (these
+/// tests run binaries built with the fault points in).
+#[test]
+fn the_version_names_the_commit_and_a_test_build() {
+    let out = Command::new(bin("worker")).arg("--version").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.starts_with("worker 0.") && text.contains("(commit "), "{text}");
+    assert!(text.contains("TEST BUILD: fault points compiled in"), "{text}");
+}

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use thinpipe::job::{Job, JobKind, JobResult, JobStatus};
 use tokio_util::sync::CancellationToken;
 use worker::config::Config;
@@ -149,8 +149,26 @@ enum OneShot {
     },
 }
 
+/// `worker --version`: the version (with the build id), the commit, and whether this is a
+/// test build with fault points compiled in.
+fn version() -> &'static str {
+    let commit = match env!("THINPIPE_COMMIT") {
+        "" => "unknown",
+        c => c,
+    };
+    let test = if thinpipe::fault::COMPILED_IN { ", TEST BUILD: fault points compiled in" } else { "" };
+    // Built once per process, for the parser, which wants a static string.
+    Box::leak(format!("{} (commit {commit}{test})", env!("THINPIPE_VERSION")).into_boxed_str())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::command().version(version()).try_get_matches() {
+        Ok(m) => match Cli::from_arg_matches(&m) {
+            Ok(cli) => cli,
+            Err(e) => e.exit(),
+        },
+        Err(e) => e.exit(),
+    };
     let mut sets = cli.sets.clone();
     if let Some(dir) = &cli.state_dir {
         sets.push(format!("state_dir={}", dir.display()));
