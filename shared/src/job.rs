@@ -153,7 +153,11 @@ impl Job {
                     "a release job takes no digest: it releases the invocation's snapshot, whatever its version".into(),
                 ));
             }
-            Digest::parse(d).map_err(|e| InvalidJob(format!("digest {}: {e}", quote(d))))?;
+            Digest::parse(d).map_err(|e| {
+                InvalidJob(format!(
+                    "field \"digest\": {e}; pin a version by its manifest digest, sha256:<64 hex digits>"
+                ))
+            })?;
         }
         match self.ttl_secs {
             Some(_) if self.kind != JobKind::Activate => {
