@@ -153,9 +153,10 @@ impl Job {
                     "a release job takes no digest: it releases the invocation's snapshot, whatever its version".into(),
                 ));
             }
-            Digest::parse(d).map_err(|e| {
+            Digest::parse(d).map_err(|_| {
                 InvalidJob(format!(
-                    "field \"digest\": {e}; pin a version by its manifest digest, sha256:<64 hex digits>"
+                    "digest {} is not a manifest digest: use sha256:<64 lowercase hex digits>",
+                    quote(d)
                 ))
             })?;
         }
