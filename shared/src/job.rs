@@ -251,6 +251,10 @@ pub struct JobResult {
     /// that had no snapshot, or that was already released).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// Device nodes the image's layers carried that its prepare did not create
+    /// (`images.devices = "skip"`); only on the job that ran the prepare.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices_skipped: Option<u64>,
     /// The version (manifest digest) of the base the job prepared or its snapshot came from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,

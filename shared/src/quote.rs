@@ -12,6 +12,21 @@ pub fn quote(s: &str) -> String {
     if shown.len() == s.len() { format!("{s:?}") } else { format!("{:?} ({} bytes)", format!("{shown}…"), s.len()) }
 }
 
+/// `s` with control characters and U+FFFD (what a lossy decoding of binary bytes leaves)
+/// escaped (`\u{1b}`, `\u{fffd}`), so a message about a corrupt input never prints its
+/// bytes raw into a terminal or a log line. Other text, non-ASCII included, stays as it is.
+pub fn escape_unprintable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() || c == '\u{fffd}' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// A message cut to at most `max` characters by dropping its middle, so both its start (what
 /// failed) and its end (what to do, what was expected) stay.
 pub fn shorten(message: &str, max: usize) -> String {
@@ -28,6 +43,13 @@ pub fn shorten(message: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn binary_bytes_are_escaped_and_text_kept() {
+        let lossy = String::from_utf8_lossy(b"Q\xff*1V\x1b[31m\x00");
+        assert_eq!(escape_unprintable(&lossy), "Q\\u{fffd}*1V\\u{1b}[31m\\u{0}");
+        assert_eq!(escape_unprintable("usr/share/zoneinfo/Am\u{e9}rica"), "usr/share/zoneinfo/Am\u{e9}rica");
+    }
 
     #[test]
     fn long_input_is_cut_and_escaped() {

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
+use thinpipe::image::DevicePolicy;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -231,7 +232,10 @@ pub struct WorkerConfig {
 pub struct ImagesConfig {
     /// Total file bytes one layer may write.
     pub max_layer_bytes: u64,
-    /// Allow character and block devices in layers.
+    /// Device nodes in layers (`dev/console`, ... of bootstrap-made images): `skip` (counted
+    /// and named in one warning), `create` (needs root) or `refuse` (the prepare fails).
+    pub devices: DevicePolicy,
+    /// The older switch: `true` means `devices = "create"`.
     pub allow_devices: bool,
     /// A blob download that yields no data this long fails (and is retried).
     pub stall_timeout_secs: u64,
@@ -299,7 +303,14 @@ impl Default for WorkerConfig {
 
 impl Default for ImagesConfig {
     fn default() -> Self {
-        Self { max_layer_bytes: 64 << 30, allow_devices: false, stall_timeout_secs: 60 }
+        Self { max_layer_bytes: 64 << 30, devices: DevicePolicy::Skip, allow_devices: false, stall_timeout_secs: 60 }
+    }
+}
+
+impl ImagesConfig {
+    /// What device nodes become, `allow_devices` included.
+    pub fn device_policy(&self) -> DevicePolicy {
+        if self.allow_devices { DevicePolicy::Create } else { self.devices }
     }
 }
 
@@ -376,6 +387,15 @@ impl Config {
     fn validate(&self) -> anyhow::Result<()> {
         if self.worker.concurrency == 0 {
             bail!("worker.concurrency must be at least 1");
+        }
+        if self.images.allow_devices
+            && self.images.devices != DevicePolicy::Create
+            && self.images.devices != DevicePolicy::Skip
+        {
+            bail!(
+                "images.allow_devices = true contradicts images.devices = \"{}\": remove images.allow_devices and keep images.devices",
+                self.images.devices
+            );
         }
         if !["text", "json"].contains(&self.log_format.as_str()) {
             bail!("log_format {:?}: expected text or json", self.log_format);

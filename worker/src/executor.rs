@@ -68,6 +68,7 @@ impl Executor {
             base_vol_id: None,
             error: None,
             detail: None,
+            devices_skipped: None,
             digest: job.digest.clone(),
             host_id: Some(self.host.config.worker.host_id.clone()),
             host_queue: Some(self.host.config.worker.host_queue_url.clone()).filter(|q| !q.is_empty()),
@@ -130,22 +131,29 @@ impl Executor {
             (JobKind::Prepare, None) => Want::Latest,
             _ => Want::Current,
         };
-        let (hold, base) = match self.ensure_version(&job.family, &want, job.kind == JobKind::Prepare).await {
-            Ok(v) => v,
-            Err(Prep::Unknown(why)) => {
-                result.status = JobStatus::Failed;
-                result.error = Some(why.clone());
-                return JobEnd::DeadLetter(why, Some(result));
-            }
-            Err(Prep::Failed { run_id, failure }) => {
-                result.run_id = run_id;
-                return failed(result, &failure.to_string());
-            }
-            Err(Prep::Retry(why)) => return JobEnd::Retry(why),
-            Err(Prep::HandBack) => return JobEnd::HandBack,
-        };
+        let (hold, base, devices_skipped) =
+            match self.ensure_version(&job.family, &want, job.kind == JobKind::Prepare).await {
+                Ok(v) => v,
+                Err(Prep::Unknown(why)) => {
+                    result.status = JobStatus::Failed;
+                    result.error = Some(why.clone());
+                    return JobEnd::DeadLetter(why, Some(result));
+                }
+                Err(Prep::Failed { run_id, failure }) => {
+                    result.run_id = run_id;
+                    return failed(result, &failure.to_string());
+                }
+                Err(Prep::Retry(why)) => return JobEnd::Retry(why),
+                Err(Prep::HandBack) => return JobEnd::HandBack,
+            };
         result.base_vol_id = Some(base.id);
         result.digest = Some(base.digest.clone());
+        if devices_skipped > 0 {
+            result.devices_skipped = Some(devices_skipped);
+            result.detail = Some(format!(
+                "{devices_skipped} device nodes in the image's layers were not created (images.devices = \"skip\")"
+            ));
+        }
         if job.kind == JobKind::Prepare {
             result.run_id = prepare_run_id(&base.family, &base.digest);
             return JobEnd::Done(result);
@@ -169,25 +177,31 @@ impl Executor {
     /// The sealed base of the version `want` names, preparing it first if needed, held
     /// against garbage collection. A prepare job (`make_current`) makes it the family's
     /// current version; an activation only if the family has none.
-    async fn ensure_version(&self, family: &str, want: &Want, make_current: bool) -> Result<(Hold, BaseRow), Prep> {
+    /// Also says how many device nodes a prepare it ran skipped.
+    async fn ensure_version(
+        &self,
+        family: &str,
+        want: &Want,
+        make_current: bool,
+    ) -> Result<(Hold, BaseRow, u64), Prep> {
         let lifecycle = &self.host.lifecycle;
         let version = lifecycle.resolve(family, want).await.map_err(|e| match e {
             e if e.is_retryable() => Prep::Retry(e.to_string()),
             ResolveError::Source(e) => Prep::Unknown(e.to_string()),
             ResolveError::Store(e) => Prep::Retry(e.to_string()),
         })?;
-        let base = match version.target {
-            Target::Sealed(row) => row,
+        let (base, devices_skipped) = match version.target {
+            Target::Sealed(row) => (row, 0),
             Target::Prepare(manifest) => self.prepare(&manifest, !matches!(want, Want::Pinned(_))).await?,
         };
         lifecycle.make_current(&base, make_current).await.map_err(|e| Prep::Retry(e.to_string()))?;
-        Ok((version.hold, base))
+        Ok((version.hold, base, devices_skipped))
     }
 
     /// Prepares the version `manifest` describes: one task per family in this process, one
     /// process per family on this host. `current` says the version was the source's current
     /// one: if it no longer is when its prepare fails, the job is retried with the new one.
-    async fn prepare(&self, manifest: &Manifest, current: bool) -> Result<BaseRow, Prep> {
+    async fn prepare(&self, manifest: &Manifest, current: bool) -> Result<(BaseRow, u64), Prep> {
         let family = manifest.family.as_str();
         let lock = lock(&self.prepare_locks).entry(family.to_owned()).or_default().clone();
         // A job waiting here has not started: once draining begins it is handed back.
@@ -196,7 +210,7 @@ impl Executor {
             _ = self.draining.cancelled() => return Err(Prep::HandBack),
         };
         if let Some(base) = self.sealed(manifest).await? {
-            return Ok(base); // another task of ours prepared it while we waited
+            return Ok((base, 0)); // another task of ours prepared it while we waited
         }
         let key = format!("prepare/{family}");
         let ttl = Duration::from_secs(self.host.config.worker.lease_ttl_secs);
@@ -259,8 +273,8 @@ impl Executor {
                     _ => Err(Prep::Failed { run_id, failure }),
                 }
             }
-            Some(Ok(Outcome::Completed(_))) => match self.sealed(manifest).await? {
-                Some(base) => Ok(base),
+            Some(Ok(Outcome::Completed(w))) => match self.sealed(manifest).await? {
+                Some(base) => Ok((base, w.devices_skipped)),
                 None => Err(Prep::Failed {
                     run_id,
                     failure: Failure {

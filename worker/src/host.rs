@@ -56,7 +56,7 @@ impl Host {
             .with_stall_timeout(Duration::from_secs(config.images.stall_timeout_secs));
         let apply = ApplyOptions {
             max_layer_bytes: config.images.max_layer_bytes,
-            allow_devices: config.images.allow_devices,
+            devices: config.images.device_policy(),
             ..ApplyOptions::default()
         };
         let ctx = PipelineContext {

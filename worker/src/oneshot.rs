@@ -25,6 +25,7 @@ pub async fn run(host: &Arc<Host>, job: &Job) -> anyhow::Result<JobResult> {
         base_vol_id: None,
         error: Some(error),
         detail: None,
+        devices_skipped: None,
         digest: job.digest.clone(),
         host_id: Some(host.config.worker.host_id.clone()),
         host_queue: None,

@@ -3,12 +3,17 @@
 //! ownership (as root), mtimes and xattrs (where the filesystem takes them); tar, tar+gzip
 //! and tar+zstd detected from the content's magic bytes.
 //!
+//! Whiteouts hide what lower layers have, never the entries of their own layer: a whiteout
+//! beneath a file or symlink its layer wrote (what umoci writes when a directory becomes a
+//! file or a symlink) does nothing, and a whiteout never creates a directory.
+//!
 //! Security: every entry path is relative and `..`-free; its parent is resolved inside the
-//! root one component at a time without following a symlink that is absolute or climbs out
-//! of the root; an existing final component is removed, never followed; hardlink targets
-//! obey the same rules; device nodes are refused unless allowed; the layer's total size is
-//! capped. A refused entry stops the layer with [`ImageError::Refused`] naming the entry
-//! and the rule.
+//! root one component at a time, with the root as `/`: an absolute symlink target is
+//! resolved from the volume root (as umoci and containerd do), and a target whose `..`
+//! would climb above the root is refused; an existing final component is removed, never
+//! followed; hardlink targets obey the same rules; device nodes are skipped unless
+//! [`DevicePolicy`] says otherwise; the layer's total size is capped. A refused entry stops
+//! the layer with [`ImageError::Refused`] naming the entry and the rule.
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
@@ -24,8 +29,8 @@ use super::error::ImageError;
 pub struct ApplyOptions {
     /// Total uncompressed bytes of file content one layer may write.
     pub max_layer_bytes: u64,
-    /// Create character and block devices (otherwise they are refused).
-    pub allow_devices: bool,
+    /// What to do with character and block device nodes.
+    pub devices: DevicePolicy,
     /// Set owners from the tar headers (needs root); otherwise files belong to us.
     pub preserve_owners: bool,
 }
@@ -34,10 +39,35 @@ impl Default for ApplyOptions {
     fn default() -> Self {
         Self {
             max_layer_bytes: 64 << 30,
-            allow_devices: false,
+            devices: DevicePolicy::default(),
             // SAFETY: geteuid has no preconditions and cannot fail.
             preserve_owners: unsafe { libc::geteuid() } == 0,
         }
+    }
+}
+
+/// What a layer's character and block device nodes become. Images made from a bootstrap
+/// tarball (`debootstrap`, `mmdebstrap`, `docker import`) carry `dev/console`, `dev/null`, ...;
+/// a container runtime mounts its own `/dev`, so skipping them is what their users expect.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DevicePolicy {
+    /// Not created; counted in [`ApplyStats::devices_skipped`].
+    #[default]
+    Skip,
+    /// Created with `mknod` (needs root).
+    Create,
+    /// The layer is refused.
+    Refuse,
+}
+
+impl std::fmt::Display for DevicePolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Skip => "skip",
+            Self::Create => "create",
+            Self::Refuse => "refuse",
+        })
     }
 }
 
@@ -47,6 +77,18 @@ pub struct ApplyStats {
     pub entries: u64,
     pub bytes: u64,
     pub whiteouts: u64,
+    /// Device nodes not created ([`DevicePolicy::Skip`]).
+    pub devices_skipped: u64,
+}
+
+/// How [`Applier::walk_dir`] treats what it finds on the way.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Walk {
+    /// For an entry: create missing directories, replace a file by a directory.
+    Create,
+    /// For a whiteout: change nothing; stop at anything missing, at a non-directory and at
+    /// a symlink this layer wrote (what is beneath it is not a lower layer's).
+    Lookup,
 }
 
 const WHITEOUT_PREFIX: &str = ".wh.";
@@ -88,7 +130,9 @@ impl Applier<'_> {
     }
 
     fn corrupt(&self, detail: impl std::fmt::Display) -> ImageError {
-        ImageError::Corrupt { layer: self.layer.to_owned(), detail: detail.to_string() }
+        // A corrupt header's bytes end up in the tar crate's messages: never print them raw.
+        let detail = crate::quote::escape_unprintable(&detail.to_string());
+        ImageError::Corrupt { layer: self.layer.to_owned(), detail: crate::quote::shorten(&detail, 300) }
     }
 
     fn run(mut self, stream: Box<dyn Read>) -> Result<ApplyStats, ImageError> {
@@ -126,18 +170,39 @@ impl Applier<'_> {
         self.stats.entries += 1;
 
         if name_str == OPAQUE {
-            let dir = self.resolve_dir(raw, &parent_rel)?;
-            self.clear_unwritten(&dir, &parent_rel)?;
+            if let Some(dir) = self.walk_dir(raw, &parent_rel, Walk::Lookup)? {
+                self.clear_unwritten(&dir, &parent_rel)?;
+            }
             return Ok(None);
         }
         if let Some(hidden) = name_str.strip_prefix(WHITEOUT_PREFIX) {
             if hidden.is_empty() || hidden == "." || hidden == ".." {
                 return Err(self.refuse(raw, "whiteout names no entry"));
             }
-            let dir = self.resolve_dir(raw, &parent_rel)?;
-            self.remove_existing(&dir.join(hidden))?;
             self.stats.whiteouts += 1;
+            // Only lower layers' entries are hidden: this layer's own entry stays.
+            if self.written.contains(&parent_rel.join(hidden)) {
+                return Ok(None);
+            }
+            if let Some(dir) = self.walk_dir(raw, &parent_rel, Walk::Lookup)? {
+                self.remove_existing(&dir.join(hidden))?;
+            }
             return Ok(None);
+        }
+        if matches!(entry.header().entry_type(), tar::EntryType::Char | tar::EntryType::Block) {
+            match self.opts.devices {
+                DevicePolicy::Create => {}
+                DevicePolicy::Skip => {
+                    self.stats.devices_skipped += 1;
+                    return Ok(None);
+                }
+                DevicePolicy::Refuse => {
+                    return Err(self.refuse(
+                        raw,
+                        "device nodes are refused (images.devices = \"refuse\"; \"skip\" leaves them out, \"create\" makes them)",
+                    ));
+                }
+            }
         }
 
         let header = entry.header();
@@ -245,9 +310,7 @@ impl Applier<'_> {
                 }
             }
             tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
-                if kind != tar::EntryType::Fifo && !self.opts.allow_devices {
-                    return Err(self.refuse(raw, "device nodes are not allowed (set allow_devices to permit them)"));
-                }
+                // Device nodes reach here only under DevicePolicy::Create.
                 self.remove_existing(&dest)?;
                 let (type_bits, dev) = if kind == tar::EntryType::Fifo {
                     (libc::S_IFIFO, 0)
@@ -290,12 +353,21 @@ impl Applier<'_> {
         Ok(out)
     }
 
-    /// Resolves relative directory `rel` inside the root, creating missing directories, and
-    /// following only symlinks whose targets stay inside the root (relative, not climbing
-    /// above it). Returns the absolute path.
+    /// Resolves relative directory `rel` inside the root, creating missing directories.
     fn resolve_dir(&mut self, entry: &Path, rel: &Path) -> Result<PathBuf, ImageError> {
+        match self.walk_dir(entry, rel, Walk::Create)? {
+            Some(dir) => Ok(dir),
+            None => Err(self.refuse(entry, "its directory could not be made")),
+        }
+    }
+
+    /// Resolves relative directory `rel` inside the root one component at a time, with the
+    /// root as `/`: symlinks are followed (absolute targets from the root), and a target
+    /// whose `..` climbs above the root is refused. Returns the absolute path, or `None`
+    /// when `mode` is [`Walk::Lookup`] and there is no such directory to look into.
+    fn walk_dir(&mut self, entry: &Path, rel: &Path, mode: Walk) -> Result<Option<PathBuf>, ImageError> {
         if rel.as_os_str().is_empty() || self.known_dirs.contains(rel) {
-            return Ok(self.root.join(rel));
+            return Ok(Some(self.root.join(rel)));
         }
         let mut pending: Vec<std::ffi::OsString> = rel.components().rev().map(|c| c.as_os_str().to_owned()).collect();
         let mut cur = PathBuf::new();
@@ -306,6 +378,9 @@ impl Applier<'_> {
             match fs::symlink_metadata(&next) {
                 Ok(m) if m.is_dir() => cur = next_rel,
                 Ok(m) if m.file_type().is_symlink() => {
+                    if mode == Walk::Lookup && self.written.contains(&next_rel) {
+                        return Ok(None);
+                    }
                     hops += 1;
                     if hops > MAX_SYMLINK_HOPS {
                         return Err(self.refuse(entry, "too many levels of symlinks"));
@@ -321,38 +396,37 @@ impl Applier<'_> {
                             ),
                         )
                     };
-                    if target.is_absolute() {
-                        return Err(escapes());
-                    }
-                    // Lexically resolve the target against the symlink's directory.
+                    // Lexically resolve the target against the symlink's directory, or
+                    // against the root when it is absolute.
                     let mut base: Vec<std::ffi::OsString> =
                         cur.components().map(|c| c.as_os_str().to_owned()).collect();
-                    let mut expanded = Vec::new();
                     for c in target.components() {
                         match c {
-                            Component::Normal(n) => expanded.push(n.to_owned()),
+                            Component::Normal(n) => base.push(n.to_owned()),
                             Component::CurDir => {}
+                            Component::RootDir => base.clear(),
                             Component::ParentDir => {
-                                if expanded.pop().is_none() && base.pop().is_none() {
+                                if base.pop().is_none() {
                                     return Err(escapes());
                                 }
                             }
-                            Component::RootDir | Component::Prefix(_) => return Err(escapes()),
+                            Component::Prefix(_) => return Err(escapes()),
                         }
                     }
-                    base.extend(expanded);
                     // Restart from the root with the target's components, then what remained.
                     for c in base.into_iter().rev() {
                         pending.push(c);
                     }
                     cur = PathBuf::new();
                 }
+                Ok(_) if mode == Walk::Lookup => return Ok(None),
                 Ok(_) => {
                     // A file where the layer needs a directory: the later layer wins.
                     self.remove_existing(&next)?;
                     self.mkdir(&next)?;
                     cur = next_rel;
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && mode == Walk::Lookup => return Ok(None),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     self.mkdir(&next)?;
                     cur = next_rel;
@@ -363,7 +437,7 @@ impl Applier<'_> {
         if cur == rel {
             self.known_dirs.insert(cur.clone());
         }
-        Ok(self.root.join(cur))
+        Ok(Some(self.root.join(cur)))
     }
 
     fn mkdir(&self, path: &Path) -> Result<(), ImageError> {

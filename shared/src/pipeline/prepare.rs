@@ -33,6 +33,10 @@ pub struct PrepareState {
     pub downloaded_bytes: u64,
     /// Set by `prepare_thin_base`.
     pub base_vol_id: Option<u64>,
+    /// Set by `unpack_into_base`: device nodes the layers carried that were not created
+    /// (`DevicePolicy::Skip`).
+    #[serde(default)]
+    pub devices_skipped: u64,
 }
 
 type Req = StepRequest<PrepareInput, PrepareState>;
@@ -154,7 +158,8 @@ async fn unpack_into_base(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Pre
     let manifest = manifest_of(&req)?.clone();
     let base = req.w.base_vol_id.ok_or_else(|| StepError::abort("the response chain has no base volume"))?;
     let family = req.r.family.clone();
-    blocking(move || {
+    let devices_skipped = blocking(move || {
+        let mut devices_skipped = 0;
         // Sealed by an earlier attempt that crashed before its commit: only the record is left.
         if !ctx.backend.is_sealed(base).map_err(volume_err)? {
             // A rerun starts from an empty base: never apply layers over a half-applied tree.
@@ -164,14 +169,22 @@ async fn unpack_into_base(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Pre
                 let name = format!("{} ({})", layer.digest, layer.location);
                 let stats = apply_layer(&root, &blob, &name, &ctx.apply).map_err(image_err)?;
                 tracing::debug!(%family, layer = %layer.digest, entries = stats.entries, bytes = stats.bytes, "layer applied");
+                devices_skipped += stats.devices_skipped;
+            }
+            if devices_skipped > 0 {
+                tracing::warn!(
+                    %family,
+                    devices_skipped,
+                    "skipped {devices_skipped} device nodes in the layers of {family} (images.devices = \"skip\"; \"create\" makes them, \"refuse\" fails such images)"
+                );
             }
             ctx.backend.seal_base(base).map_err(volume_err)?;
             fault::point("prepare.after_seal", &family);
         }
         ctx.store.mark_base_sealed(base).map_err(store_err)?;
         tracing::info!(%family, base = %VolumeId::Base(base), version = %manifest.digest, layers = manifest.layers.len(), "base sealed");
-        Ok(())
+        Ok(devices_skipped)
     })
     .await?;
-    Ok(req.w)
+    Ok(PrepareState { devices_skipped, ..req.w })
 }

@@ -20,6 +20,9 @@ pub fn run(b: &dyn VolumeBackend) {
     fs::create_dir(root.join("etc")).unwrap();
     fs::write(root.join("etc/hostname"), b"base\n").unwrap();
     std::os::unix::fs::symlink("hostname", root.join("etc/link")).unwrap();
+    // Hardlink groups of files and of symlinks (what `ln etc/os-release ...` makes).
+    fs::hard_link(root.join("etc/hostname"), root.join("etc/hostname.hard")).unwrap();
+    fs::hard_link(root.join("etc/link"), root.join("etc/link.hard")).unwrap();
 
     assert!(b.snapshot(1, 1).is_err(), "no snapshot of an unsealed base");
     b.seal_base(1).unwrap();
@@ -35,6 +38,13 @@ pub fn run(b: &dyn VolumeBackend) {
     assert_ne!(p1, p2);
     assert_eq!(fs::read(p1.join("etc/hostname")).unwrap(), b"base\n");
     assert_eq!(fs::read_link(p1.join("etc/link")).unwrap().to_str(), Some("hostname"));
+    {
+        use std::os::unix::fs::MetadataExt;
+        for (a, b) in [("etc/hostname", "etc/hostname.hard"), ("etc/link", "etc/link.hard")] {
+            let (ma, mb) = (fs::symlink_metadata(p1.join(a)).unwrap(), fs::symlink_metadata(p1.join(b)).unwrap());
+            assert_eq!((ma.ino(), ma.nlink()), (mb.ino(), 2), "{a} and {b} stay one hardlink group");
+        }
+    }
     fs::write(p1.join("etc/hostname"), b"changed\n").unwrap();
     assert_eq!(fs::read(p2.join("etc/hostname")).unwrap(), b"base\n", "snapshots are independent");
     // The base, seen through a snapshot taken after the write (a sealed base need not stay

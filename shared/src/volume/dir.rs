@@ -248,16 +248,17 @@ fn copy_entry(
         dirs.push((dst.to_path_buf(), meta));
         return Ok(());
     }
+    // Hardlinks of every kind of non-directory (symlinks too: `ln` links a symlink itself).
+    if meta.nlink() > 1 {
+        let key = (meta.dev(), meta.ino());
+        if let Some(first) = links.get(&key) {
+            return fs::hard_link(first, dst);
+        }
+        links.insert(key, dst.to_path_buf());
+    }
     if ft.is_symlink() {
         std::os::unix::fs::symlink(fs::read_link(src)?, dst)?;
     } else if ft.is_file() {
-        if meta.nlink() > 1 {
-            let key = (meta.dev(), meta.ino());
-            if let Some(first) = links.get(&key) {
-                return fs::hard_link(first, dst);
-            }
-            links.insert(key, dst.to_path_buf());
-        }
         reflink_copy::reflink_or_copy(src, dst)?;
     } else {
         // FIFOs and device nodes: recreate them.

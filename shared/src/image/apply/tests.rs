@@ -47,6 +47,8 @@ fn tar_of(entries: &[E<'_>]) -> Vec<u8> {
             E::Char(p) => {
                 h.set_entry_type(tar::EntryType::Char);
                 h.set_mode(0o600);
+                h.set_device_major(1).unwrap();
+                h.set_device_minor(3).unwrap();
                 (p, &[])
             }
             E::Fifo(p) => {
@@ -216,19 +218,38 @@ fn hostile_layers_are_refused_with_the_entry_and_the_rule() {
             "points outside the volume root",
         ),
         (
-            "symlink-abs",
-            tar_of(&[E::Symlink("evil", "/tmp"), E::File("evil/escaped", b"x", 0o644)]),
+            "symlink-abs-dotdot",
+            tar_of(&[E::Symlink("evil", "/../outside-dir"), E::File("evil/escaped", b"x", 0o644)]),
             "evil/escaped",
+            "points outside the volume root",
+        ),
+        (
+            "symlink-abs-deep-dotdot",
+            tar_of(&[E::Dir("a/", 0o755), E::Symlink("a/evil", "/a/../.."), E::File("a/evil/escaped", b"x", 0o644)]),
+            "a/evil/escaped",
+            "points outside the volume root",
+        ),
+        (
+            "whiteout-through-symlink-out",
+            tar_of(&[E::Symlink("evil", "../.."), E::File("x", b"x", 0o644)]),
+            "evil/.wh.outside-file",
             "points outside the volume root",
         ),
         ("hardlink-out", tar_of(&[E::Hardlink("h", "../outside-file")]), "h", "outside the volume root"),
         ("hardlink-abs", tar_of(&[E::Hardlink("h", "/etc/passwd")]), "h", "outside the volume root"),
-        ("device", tar_of(&[E::Char("dev/null")]), "dev/null", "device nodes are not allowed"),
+        ("device", tar_of(&[E::Char("dev/null")]), "dev/null", "device nodes are refused"),
     ];
+    let refuse_devices = ApplyOptions { devices: DevicePolicy::Refuse, ..ApplyOptions::default() };
     for (name, layer, entry, rule) in cases {
         let f = Fixture::new();
         fs::write(f.dir.path().join("outside-file"), b"secret").unwrap();
-        let err = f.apply("layer", &layer).unwrap_err();
+        let err = if name == "whiteout-through-symlink-out" {
+            // The symlink comes from a lower layer; the whiteout in the next one.
+            f.apply("layer0", &layer).unwrap();
+            f.apply("layer", &tar_of(&[E::File(entry, b"", 0o644)])).unwrap_err()
+        } else {
+            f.apply_with("layer", &layer, &refuse_devices).unwrap_err()
+        };
         match &err {
             ImageError::Refused { entry: e, rule: r, .. } => {
                 assert_eq!(e, entry, "{name}");
@@ -264,4 +285,123 @@ fn a_truncated_layer_is_corrupt() {
     let err = f.apply("layer", &layer).unwrap_err();
     assert!(matches!(err, ImageError::Corrupt { .. }), "{err}");
     assert!(!err.is_retryable());
+}
+
+/// umoci writes a directory that became a file (or a symlink) as the new entry followed by
+/// whiteouts of the old directory's children, in the same layer: the whiteouts hide only
+/// what lower layers had, so the new entry stays, and nothing is created or followed.
+#[test]
+fn whiteouts_never_touch_their_own_layer() {
+    let f = Fixture::new();
+    f.apply(
+        "layer1",
+        &tar_of(&[
+            E::File("opt/becomes-file/inner", b"old", 0o644),
+            E::File("usr/share/info/coreutils.info.gz", b"info", 0o644),
+            E::File("usr/share/info/dir", b"dir", 0o644),
+            E::File("usr/share/man/man1/ls.1.gz", b"man", 0o644),
+            E::File("usr/share/doc/README", b"doc", 0o644),
+            E::File("srv/rel/x", b"x", 0o644),
+            E::Dir("srv/target/", 0o755),
+        ]),
+    )
+    .unwrap();
+    let stats = f
+        .apply(
+            "layer2",
+            &tar_of(&[
+                E::File("opt/becomes-file", b"now a file", 0o644),
+                E::File("opt/becomes-file/.wh.inner", b"", 0o644),
+                E::Symlink("usr/share/info", "/usr/share/doc"),
+                E::File("usr/share/info/.wh.coreutils.info.gz", b"", 0o644),
+                E::File("usr/share/info/.wh.dir", b"", 0o644),
+                E::File("usr/share/man", b"a file now", 0o644),
+                E::File("usr/share/man/man1/.wh.ls.1.gz", b"", 0o644),
+                E::File("usr/share/man/.wh..wh..opq", b"", 0o644),
+                E::Symlink("srv/rel", "target"),
+                E::File("srv/rel/.wh.x", b"", 0o644),
+                // Written, then whited out in the same layer: it stays.
+                E::File("etc/kept", b"kept", 0o644),
+                E::File("etc/.wh.kept", b"", 0o644),
+                // A whiteout where nothing is: nothing is made.
+                E::File("var/none/deeper/.wh.thing", b"", 0o644),
+            ]),
+        )
+        .unwrap();
+    assert_eq!(stats.whiteouts, 7);
+    assert_eq!(f.read("opt/becomes-file"), "now a file");
+    assert_eq!(fs::read_link(f.root().join("usr/share/info")).unwrap(), PathBuf::from("/usr/share/doc"));
+    assert_eq!(f.read("usr/share/man"), "a file now");
+    assert_eq!(fs::read_link(f.root().join("srv/rel")).unwrap(), PathBuf::from("target"));
+    let doc: Vec<_> = fs::read_dir(f.root().join("usr/share/doc")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(doc, ["README"], "nothing written or removed through the layer's own symlink");
+    assert_eq!(fs::read_dir(f.root().join("srv/target")).unwrap().count(), 0);
+    assert_eq!(f.read("etc/kept"), "kept");
+    assert!(!f.exists("var"), "a whiteout creates nothing");
+}
+
+/// Absolute symlinks of lower layers resolve with the volume root as `/`, as umoci and
+/// containerd resolve them.
+#[test]
+fn absolute_symlinks_resolve_inside_the_root() {
+    let f = Fixture::new();
+    f.apply(
+        "layer1",
+        &tar_of(&[
+            E::Dir("usr/lib/", 0o755),
+            E::Symlink("lib", "/usr/lib"),
+            E::Symlink("tmp-link", "/tmp"),
+            E::Symlink("chain", "/lib/../usr/./lib"),
+            E::File("usr/lib/old", b"old", 0o644),
+        ]),
+    )
+    .unwrap();
+    f.apply(
+        "layer2",
+        &tar_of(&[
+            E::File("lib/x", b"x", 0o644),
+            E::File("tmp-link/t", b"t", 0o644),
+            E::File("chain/y", b"y", 0o644),
+            E::File("lib/.wh.old", b"", 0o644),
+        ]),
+    )
+    .unwrap();
+    assert_eq!((f.read("usr/lib/x"), f.read("tmp/t"), f.read("usr/lib/y")), ("x".into(), "t".into(), "y".into()));
+    assert!(!f.exists("usr/lib/old"), "a whiteout through a lower layer's symlink hides its target");
+    assert_eq!(f.outside(), Vec::<String>::new());
+}
+
+#[test]
+fn device_nodes_are_skipped_by_default_and_counted() {
+    let f = Fixture::new();
+    let layer = tar_of(&[E::Char("dev/console"), E::Char("dev/null"), E::File("etc/hostname", b"h", 0o644)]);
+    let stats = f.apply("layer", &layer).unwrap();
+    assert_eq!(stats.devices_skipped, 2);
+    assert!(!f.exists("dev/console") && !f.exists("dev/null"));
+    assert_eq!(f.read("etc/hostname"), "h");
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let g = Fixture::new();
+        let create = ApplyOptions { devices: DevicePolicy::Create, ..ApplyOptions::default() };
+        let stats = g.apply_with("layer", &layer, &create).unwrap();
+        assert_eq!(stats.devices_skipped, 0);
+        use std::os::unix::fs::FileTypeExt;
+        assert!(fs::symlink_metadata(g.root().join("dev/null")).unwrap().file_type().is_char_device());
+    }
+}
+
+/// A header whose numeric field holds binary bytes: the error quotes them escaped.
+#[test]
+fn binary_bytes_of_a_corrupt_layer_are_escaped_in_the_error() {
+    let f = Fixture::new();
+    let mut layer = tar_of(&[E::File("a", b"x", 0o644)]);
+    layer[100..108].copy_from_slice(b"Q\xff*1V\x1b\x07\x00"); // the mode field
+    let mut h = tar::Header::new_old();
+    h.as_mut_bytes().copy_from_slice(&layer[..512]);
+    h.set_cksum();
+    layer[..512].copy_from_slice(h.as_bytes());
+    let err = f.apply("layer", &layer).unwrap_err().to_string();
+    assert!(matches!(f.apply("layer", &layer), Err(ImageError::Corrupt { .. })), "{err}");
+    assert!(!err.chars().any(|c| c.is_control() || c == '\u{fffd}'), "raw bytes in {err:?}");
+    assert!(err.contains("\\u{fffd}") || err.contains("\\u{1b}"), "{err}");
 }
