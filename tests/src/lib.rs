@@ -3,6 +3,7 @@
 
 pub mod aws;
 pub mod flaky;
+pub mod fstree;
 pub mod guest;
 pub mod http;
 pub mod otlp;

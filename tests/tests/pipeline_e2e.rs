@@ -325,3 +325,68 @@ fn the_version_names_the_commit_and_a_test_build() {
     assert!(out.status.success() && text.starts_with("worker 0.") && text.contains("(commit "), "{text}");
     assert!(text.contains("TEST BUILD: fault points compiled in"), "{text}");
 }
+
+/// A bootstrap-made image (`debootstrap`, `mmdebstrap`, `docker import`) carries device nodes
+/// in `dev/`: skipped by default, with one warning naming how many, and counted in the
+/// result; `images.devices = "refuse"` fails the prepare naming the entry.
+#[test]
+fn device_nodes_are_skipped_with_one_warning_and_counted_or_refused_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path();
+    let family = state.join("images/bootstrap");
+    std::fs::create_dir_all(&family).unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, minor) in [("dev/null", 3), ("dev/zero", 5), ("dev/console", 1)] {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Char);
+        h.set_mode(0o666);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h.set_device_major(if name == "dev/console" { 5 } else { 1 }).unwrap();
+        h.set_device_minor(minor).unwrap();
+        h.set_size(0);
+        h.set_path(name).unwrap();
+        h.set_cksum();
+        b.append(&h, &[][..]).unwrap();
+    }
+    let mut h = tar::Header::new_ustar();
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1_700_000_000);
+    h.set_size(5);
+    h.set_path("etc/hostname").unwrap();
+    h.set_cksum();
+    b.append(&h, &b"boot\n"[..]).unwrap();
+    std::fs::write(family.join("0001-rootfs.tar"), b.into_inner().unwrap()).unwrap();
+    let prepare = |state: &Path, extra: &[&str]| {
+        Command::new(bin("worker"))
+            .arg("--state-dir")
+            .arg(state)
+            .args(extra)
+            .args(["run", "prepare", "--family", "bootstrap", "--source"])
+            .arg(dir.path())
+            .arg("--json")
+            .output()
+            .unwrap()
+    };
+
+    let out = prepare(&state.join("skip"), &[]);
+    let r = result(&out);
+    assert_eq!(r["status"], "succeeded", "{r}");
+    assert_eq!(r["devices_skipped"], 3, "{r}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains("device nodes")).collect();
+    assert_eq!(warnings.len(), 1, "one warning line: {stderr}");
+    assert!(warnings[0].contains("skipped 3 device nodes") && warnings[0].contains("images.devices"), "{stderr}");
+    let base = state.join("skip/volumes/bases/base-1");
+    assert_eq!(std::fs::read_to_string(base.join("etc/hostname")).unwrap(), "boot\n");
+    assert!(!base.join("dev/null").exists());
+
+    let out = prepare(&state.join("refuse"), &["--set", "images.devices=refuse"]);
+    let r = result(&out);
+    assert_eq!(r["status"], "failed", "{r}");
+    let error = r["error"].as_str().unwrap();
+    assert!(error.contains("dev/null") && error.contains("device nodes are refused"), "{error}");
+}

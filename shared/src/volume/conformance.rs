@@ -23,6 +23,8 @@ pub fn run(b: &dyn VolumeBackend) {
     // Hardlink groups of files and of symlinks (what `ln etc/os-release ...` makes).
     fs::hard_link(root.join("etc/hostname"), root.join("etc/hostname.hard")).unwrap();
     fs::hard_link(root.join("etc/link"), root.join("etc/link.hard")).unwrap();
+    // Extended attributes (file capabilities live there), where the filesystem has them.
+    let xattrs = xattr::set(root.join("etc/hostname"), "user.thinpipe", b"kept").is_ok();
 
     assert!(b.snapshot(1, 1).is_err(), "no snapshot of an unsealed base");
     b.seal_base(1).unwrap();
@@ -44,6 +46,10 @@ pub fn run(b: &dyn VolumeBackend) {
             let (ma, mb) = (fs::symlink_metadata(p1.join(a)).unwrap(), fs::symlink_metadata(p1.join(b)).unwrap());
             assert_eq!((ma.ino(), ma.nlink()), (mb.ino(), 2), "{a} and {b} stay one hardlink group");
         }
+    }
+    if xattrs {
+        let got = xattr::get(p1.join("etc/hostname"), "user.thinpipe").unwrap();
+        assert_eq!(got.as_deref(), Some(&b"kept"[..]), "extended attributes are kept");
     }
     fs::write(p1.join("etc/hostname"), b"changed\n").unwrap();
     assert_eq!(fs::read(p2.join("etc/hostname")).unwrap(), b"base\n", "snapshots are independent");

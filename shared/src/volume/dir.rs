@@ -244,6 +244,7 @@ fn copy_entry(
         if as_root {
             std::os::unix::fs::lchown(dst, Some(meta.uid()), Some(meta.gid()))?;
         }
+        copy_xattrs(src, dst)?;
         fs::set_permissions(dst, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
         dirs.push((dst.to_path_buf(), meta));
         return Ok(());
@@ -272,11 +273,29 @@ fn copy_entry(
     if as_root {
         std::os::unix::fs::lchown(dst, Some(meta.uid()), Some(meta.gid()))?;
     }
+    // After the owner: chown drops file capabilities (security.capability).
+    copy_xattrs(src, dst)?;
     if !ft.is_symlink() {
         fs::set_permissions(dst, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
     }
     let t = filetime::FileTime::from_last_modification_time(&meta);
     filetime::set_symlink_file_times(dst, t, t)
+}
+
+/// Copies `src`'s extended attributes (capabilities, ACLs, user attributes) to `dst`, never
+/// following a symlink. A filesystem without xattr support has none to copy.
+fn copy_xattrs(src: &Path, dst: &Path) -> std::io::Result<()> {
+    let names = match xattr::list(src) {
+        Ok(names) => names,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for name in names {
+        if let Some(value) = xattr::get(src, &name)? {
+            xattr::set(dst, &name, &value)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
