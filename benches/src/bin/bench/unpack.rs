@@ -6,8 +6,11 @@
 //! with the layer and both trees on a tmpfs (`/dev/shm`), where what remains is each
 //! program's own cost. Each ratio is the median of its rounds' paired ratios, printed with
 //! them: `unpack ratio_vs_tar=<x>` (target <= 1.25) and `unpack ratio_vs_tar_tmpfs=<x>`
-//! (target <= 1.0). Then the worker's peak RSS while preparing a family with a 1 GiB layer
-//! (target <= 64 MiB: blobs are streamed).
+//! (target <= 1.0). Then the real Debian image (`scripts/real-image`, four gzip layers):
+//! `worker run prepare` of it (blob cache warm) beside `umoci unpack` of the same layout,
+//! both on this disk, alternating order: `unpack ratio_vs_umoci=<x>` (target <= 1.0); umoci is
+//! what a user would otherwise run. Then the worker's peak RSS while preparing a family with
+//! a 1 GiB layer (target <= 64 MiB: blobs are streamed).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -47,9 +50,98 @@ pub fn run(base: &Path) -> anyhow::Result<()> {
     } else {
         println!("unpack ratio_vs_tar_tmpfs skipped: no /dev/shm");
     }
+    match real_image() {
+        Some(layout) => {
+            let ratio = versus_umoci(base, &layout)?;
+            report::ratio("unpack", "ratio_vs_umoci", ratio, Goal::AtMost(1.0));
+        }
+        None => println!(
+            "unpack ratio_vs_umoci skipped: needs root and the real image (THINPIPE_REAL_IMAGE=$(scripts/real-image); benches/run sets it as root)"
+        ),
+    }
     peak_rss(base)?;
     report::peak_rss("unpack");
     Ok(())
+}
+
+/// The real image's OCI layout, when we are root and it is built.
+fn real_image() -> Option<PathBuf> {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let layout = PathBuf::from(std::env::var_os("THINPIPE_REAL_IMAGE")?).join("layout");
+    (root && layout.join("index.json").is_file()).then_some(layout)
+}
+
+/// Rounds of `worker run prepare` (a fresh state directory whose blob cache already holds the
+/// layers) and `umoci unpack`, alternating which goes first; the median of the rounds' ratios.
+fn versus_umoci(base: &Path, layout: &Path) -> anyhow::Result<f64> {
+    let worker = worker_bin()?;
+    let blobs: Vec<PathBuf> =
+        std::fs::read_dir(layout.join("blobs/sha256"))?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
+    let mut ratios = Vec::new();
+    for round in 0..ROUNDS {
+        let (mut ours, mut umoci) = (Duration::ZERO, Duration::ZERO);
+        let order = if report::ours_first(round) { ["ours", "umoci"] } else { ["umoci", "ours"] };
+        for which in order {
+            let dir = tempfile::tempdir_in(base)?;
+            let elapsed = if which == "ours" {
+                // The cache warm: the layout's blobs copied in where the worker keeps them.
+                let cache = dir.path().join("blobs/sha256");
+                std::fs::create_dir_all(&cache)?;
+                for blob in &blobs {
+                    std::fs::copy(blob, cache.join(blob.file_name().context("a blob has a name")?))?;
+                }
+                syncfs(base)?;
+                let t = Instant::now();
+                let out = Command::new(&worker)
+                    .arg("--state-dir")
+                    .arg(dir.path())
+                    .args(["run", "prepare", "--family", "debian", "--json", "--source"])
+                    .arg(format!("dir:{}", layout.display()))
+                    .env("RUST_LOG", "warn")
+                    .output()
+                    .context("running worker run prepare")?;
+                let elapsed = t.elapsed();
+                ensure!(out.status.success(), "worker run prepare failed: {}", String::from_utf8_lossy(&out.stderr));
+                elapsed
+            } else {
+                syncfs(base)?;
+                let t = Instant::now();
+                let out = Command::new("umoci")
+                    .args(["unpack", "--image"])
+                    .arg(format!("{}:debian", layout.display()))
+                    .arg(dir.path().join("bundle"))
+                    .output()
+                    .context("running umoci (apt-get install umoci)")?;
+                let elapsed = t.elapsed();
+                ensure!(out.status.success(), "umoci unpack failed: {}", String::from_utf8_lossy(&out.stderr));
+                elapsed
+            };
+            if which == "ours" {
+                ours = elapsed
+            } else {
+                umoci = elapsed
+            }
+            drop(dir);
+        }
+        let ratio = ours.as_secs_f64() / umoci.as_secs_f64();
+        println!(
+            "unpack_debian_round{round} first={} ours {:.3} s umoci {:.3} s ratio {ratio:.2}",
+            order[0],
+            ours.as_secs_f64(),
+            umoci.as_secs_f64()
+        );
+        ratios.push(ratio);
+    }
+    Ok(report::median_of_ratios("unpack", "ratio_vs_umoci", &ratios))
+}
+
+fn worker_bin() -> anyhow::Result<PathBuf> {
+    let worker = std::env::current_exe()?.parent().context("bench has no directory")?.join("worker");
+    if !worker.exists() {
+        bail!("{} is not built: run `cargo build --release -p worker` (benches/run does)", worker.display());
+    }
+    Ok(worker)
 }
 
 /// Rounds of (ours, tar) into `base`, alternating which goes first; returns the median of
@@ -160,10 +252,7 @@ fn write_layer(path: &Path, files: usize, size: usize) -> anyhow::Result<()> {
 
 /// Runs `worker run prepare` on a family with one 1 GiB layer and reads its peak RSS.
 fn peak_rss(base: &Path) -> anyhow::Result<()> {
-    let worker = std::env::current_exe()?.parent().context("bench has no directory")?.join("worker");
-    if !worker.exists() {
-        bail!("{} is not built: run `cargo build --release -p worker` (benches/run does)", worker.display());
-    }
+    let worker = worker_bin()?;
     let source = base.join("big-source");
     let family = source.join("images/big");
     let layer = family.join("0001-big.tar");
