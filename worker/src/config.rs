@@ -666,4 +666,18 @@ mod tests {
                 .unwrap();
         assert_eq!((c.dmthin.pool.as_str(), c.dmthin.volume_bytes), ("vg0-pool-tpool", 10 << 30));
     }
+
+    #[test]
+    fn device_nodes_are_skipped_unless_set_and_the_old_switch_still_creates_them() {
+        assert_eq!(Config::default().images.device_policy(), DevicePolicy::Skip);
+        let c = Config::load(None, [("THINPIPE_IMAGES_DEVICES".into(), "refuse".into())], &[]).unwrap();
+        assert_eq!(c.images.device_policy(), DevicePolicy::Refuse);
+        let c = Config::load(None, [], &["images.allow_devices=true".into()]).unwrap();
+        assert_eq!(c.images.device_policy(), DevicePolicy::Create);
+        let err =
+            Config::load(None, [], &["images.allow_devices=true".into(), "images.devices=refuse".into()]).unwrap_err();
+        assert!(format!("{err:#}").contains("contradicts"), "{err:#}");
+        let err = Config::load(None, [], &["images.devices=maybe".into()]).unwrap_err();
+        assert!(format!("{err:#}").contains("skip"), "names the choices: {err:#}");
+    }
 }
