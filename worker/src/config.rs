@@ -337,8 +337,9 @@ impl Config {
             merge(&mut value, from_file);
         }
         let env: std::collections::HashMap<String, String> = env.into_iter().collect();
+        check_env_names(&value, &keys, env.keys())?;
         for key in &keys {
-            let var = format!("THINPIPE_{}", key.replace('.', "_").to_uppercase());
+            let var = env_name(key);
             if let Some(v) = env.get(&var) {
                 set(&mut value, key, v).with_context(|| format!("environment variable {var}"))?;
             }
@@ -529,6 +530,55 @@ impl SourceSpec {
     }
 }
 
+/// `THINPIPE_*` variables that are not settings but are read by name elsewhere.
+const NOT_SETTINGS: [&str; 6] = [
+    "THINPIPE_CONFIG",     // --config
+    "THINPIPE_QUEUE_PATH", // enqueue's --queue-path
+    "THINPIPE_BUILD_ID",   // stamped into builds
+    "THINPIPE_FAULT",      // fault points of test builds
+    "THINPIPE_PAUSE",
+    "THINPIPE_FAIL",
+];
+
+/// The environment variable of setting `key`: `queue.name` → `THINPIPE_QUEUE_NAME`.
+fn env_name(key: &str) -> String {
+    format!("THINPIPE_{}", key.replace('.', "_").to_uppercase())
+}
+
+/// Refuses a `THINPIPE_*` variable that looks like a setting but is none (a typo in an
+/// EnvironmentFile must not pass silently, as `--set queue.nmae=x` does not): one in a
+/// section's namespace (`THINPIPE_QUEUE_...`), or within two edits of a setting's name.
+fn check_env_names<'a>(
+    defaults: &toml::Value,
+    keys: &[String],
+    vars: impl Iterator<Item = &'a String>,
+) -> anyhow::Result<()> {
+    let known: Vec<String> = keys.iter().map(|k| env_name(k)).collect();
+    let sections: Vec<String> = match defaults {
+        toml::Value::Table(t) => t.iter().filter(|(_, v)| v.is_table()).map(|(k, _)| env_name(k) + "_").collect(),
+        _ => Vec::new(),
+    };
+    let mut vars: Vec<&String> = vars.filter(|v| v.starts_with("THINPIPE_")).collect();
+    vars.sort();
+    for var in vars {
+        if known.contains(var) || NOT_SETTINGS.contains(&var.as_str()) {
+            continue;
+        }
+        let nearest = known.iter().min_by_key(|k| strsim::levenshtein(k, var));
+        let close = nearest.filter(|k| strsim::levenshtein(k, var) <= 2);
+        if close.is_some() || sections.iter().any(|s| var.starts_with(s.as_str())) {
+            let hint = match nearest {
+                Some(k) => format!(" (did you mean {k}?)"),
+                None => String::new(),
+            };
+            bail!(
+                "environment variable {var} is not a setting{hint}: fix its name or unset it; `worker config` lists every setting"
+            );
+        }
+    }
+    Ok(())
+}
+
 fn leaf_keys(v: &toml::Value, prefix: &str) -> Vec<String> {
     match v {
         toml::Value::Table(t) => t
@@ -665,6 +715,20 @@ mod tests {
             Config::load(None, [("THINPIPE_DMTHIN_POOL".into(), "vg0-pool-tpool".into())], &["backend=dmthin".into()])
                 .unwrap();
         assert_eq!((c.dmthin.pool.as_str(), c.dmthin.volume_bytes), ("vg0-pool-tpool", 10 << 30));
+    }
+
+    #[test]
+    fn a_misspelt_environment_variable_is_refused_naming_the_setting() {
+        let err = Config::load(None, [("THINPIPE_QUEUE_NMAE".into(), "x".into())], &[]).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("THINPIPE_QUEUE_NMAE is not a setting") && msg.contains("THINPIPE_QUEUE_NAME"), "{msg}");
+        let err = Config::load(None, [("THINPIPE_BACKNED".into(), "btrfs".into())], &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("did you mean THINPIPE_BACKEND"), "{err:#}");
+        let err = Config::load(None, [("THINPIPE_CAPACITY_WHATEVER".into(), "1".into())], &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("THINPIPE_CAPACITY_WHATEVER"), "{err:#}");
+        // Variables of other tools and of the tests, far from any setting, pass.
+        let fine = [("THINPIPE_TEST_AWS_ENDPOINT", "x"), ("THINPIPE_CONFIG", "x"), ("THINPIPE_FAULT", "x")];
+        Config::load(None, fine.map(|(k, v)| (k.to_owned(), v.to_owned())), &[]).unwrap();
     }
 
     #[test]
