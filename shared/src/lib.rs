@@ -10,6 +10,7 @@
 //! - [`job`]: the job message schema and results;
 //! - [`aws`]: one AWS SDK setup for SQS and S3;
 //! - [`quote`]: quoting user input in messages, cut to a readable length;
+//! - [`sigpipe`]: one-shot commands end quietly when their output pipe closes;
 //! - [`fault`]: named fault points for crash tests (compiled out of release builds).
 //! - [`telemetry`]: logs, OpenTelemetry traces and metrics, trace context propagation.
 
@@ -23,6 +24,7 @@ pub mod pipeline;
 pub mod queue;
 pub mod quote;
 pub mod reconcile;
+pub mod sigpipe;
 pub mod store;
 pub mod telemetry;
 pub mod volume;

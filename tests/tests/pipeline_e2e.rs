@@ -390,3 +390,38 @@ fn device_nodes_are_skipped_with_one_warning_and_counted_or_refused_when_asked()
     let error = r["error"].as_str().unwrap();
     assert!(error.contains("dev/null") && error.contains("device nodes are refused"), "{error}");
 }
+
+/// `worker runs list --json | head -c 100` and the like: a command whose output pipe is
+/// closed ends quietly (SIGPIPE, as Unix tools do), never with a panic and a backtrace.
+#[test]
+fn commands_end_quietly_when_their_output_pipe_is_closed() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path();
+    write_sample_family(state, "web").unwrap();
+    let s = state.to_str().unwrap();
+    let commands: [(&str, Vec<&str>); 4] = [
+        ("worker", vec!["--state-dir", s, "config"]),
+        ("worker", vec!["--state-dir", s, "run", "prepare", "--family", "web", "--json"]),
+        ("worker", vec!["--state-dir", s, "images", "--json"]),
+        ("enqueue", vec!["--state-dir", s, "prepare", "--family", "web"]),
+    ];
+    for (binary, args) in commands {
+        // A pipe whose reading end is closed before the command starts: its first write fails.
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe() returns.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both descriptors were just created and are owned here alone.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        drop(read);
+        let out = Command::new(bin(binary)).args(&args).stdout(Stdio::from(write)).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked") && !stderr.contains("Broken pipe"), "{binary} {args:?}: {stderr}");
+        assert!(
+            out.status.signal() == Some(libc::SIGPIPE) || out.status.success(),
+            "{binary} {args:?} ended with {:?}: {stderr}",
+            out.status
+        );
+    }
+}

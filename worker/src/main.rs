@@ -169,6 +169,9 @@ fn main() -> ExitCode {
         },
         Err(e) => e.exit(),
     };
+    if !matches!(cli.command, Command::Daemon) {
+        thinpipe::sigpipe::end_quietly_on_broken_pipe();
+    }
     let mut sets = cli.sets.clone();
     if let Some(dir) = &cli.state_dir {
         sets.push(format!("state_dir={}", dir.display()));
