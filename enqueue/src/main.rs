@@ -82,6 +82,13 @@ enum Kind {
         #[arg(long)]
         invocation_id: String,
     },
+    /// The embedded queue's dead letters: list them, send them back, or delete them (an SQS
+    /// dead-letter queue has its own redrive: the SQS console's "Start DLQ redrive" or
+    /// `aws sqs start-message-move-task`).
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
     /// Upload an image (OCI layout dir, or a dir holding images/<family>/) to S3.
     Publish {
         /// The OCI layout directory, or the directory holding images/<family>/.
@@ -104,7 +111,41 @@ fn main() -> ExitCode {
     code
 }
 
+#[derive(Subcommand)]
+enum DeadLetterAction {
+    /// Each dead letter: its message id, why it was dead-lettered, how often it was received,
+    /// its body.
+    List,
+    /// Move dead letters back into the queue (visible now, receive count reset, same ids).
+    Redrive {
+        /// The one message to move (an id from `list`).
+        #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+        id: Option<String>,
+        /// Move every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete dead letters for good.
+    Purge {
+        /// The one message to delete (an id from `list`).
+        #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+        id: Option<String>,
+        /// Delete every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
 fn run(cli: &Cli) -> ExitCode {
+    if let Kind::DeadLetters { action } = &cli.kind {
+        if cli.queue_url.is_some() {
+            eprintln!(
+                "enqueue: dead-letters manages the embedded queue; an SQS dead-letter queue is redriven by SQS itself (the console's \"Start DLQ redrive\", or `aws sqs start-message-move-task --source-arn <DLQ ARN>`)"
+            );
+            return ExitCode::from(2);
+        }
+        return run_async(dead_letters(cli, action));
+    }
     if let Kind::Publish { dir, family, to } = &cli.kind {
         let span = tracing::info_span!("publish", family = %family, to = %to);
         return run_async(tracing::Instrument::instrument(publish(cli, dir, family, to), span));
@@ -120,7 +161,7 @@ fn run(cli: &Cli) -> ExitCode {
         }
         .versioned(),
         Kind::Release { family, invocation_id } => Job::new(JobKind::Release, family, Some(invocation_id)),
-        Kind::Publish { .. } => unreachable!("handled above"),
+        Kind::Publish { .. } | Kind::DeadLetters { .. } => unreachable!("handled above"),
     };
     if let Err(e) = job.validate() {
         eprintln!("enqueue: {e}");
@@ -152,6 +193,63 @@ fn run_async(f: impl std::future::Future<Output = anyhow::Result<ExitCode>>) -> 
             ExitCode::from(3)
         }
     }
+}
+
+async fn dead_letters(cli: &Cli, action: &DeadLetterAction) -> anyhow::Result<ExitCode> {
+    let queue = match embedded_queue(cli) {
+        Ok(q) => q,
+        Err(code) => return Ok(code),
+    };
+    match action {
+        DeadLetterAction::List => {
+            let dead = queue.dead_letters().await?;
+            if cli.json {
+                let rows: Vec<serde_json::Value> = dead
+                    .iter()
+                    .map(|d| {
+                        serde_json::json!({"message_id": d.message_id, "reason": d.reason, "receive_count": d.receive_count, "body": d.body})
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(rows));
+            } else if dead.is_empty() {
+                println!("no dead letters in {}", queue.describe());
+            } else {
+                for d in &dead {
+                    println!("{}  received {}x  {}\n    {}", d.message_id, d.receive_count, d.reason, d.body);
+                }
+            }
+        }
+        DeadLetterAction::Redrive { id, .. } | DeadLetterAction::Purge { id, .. } => {
+            let redrive = matches!(action, DeadLetterAction::Redrive { .. });
+            let n = if redrive {
+                queue.redrive(id.as_deref()).await
+            } else {
+                queue.purge_dead_letters(id.as_deref()).await
+            };
+            let n = match n {
+                Ok(n) => n,
+                Err(e @ thinpipe::queue::QueueError::Invalid { .. }) => {
+                    eprintln!("enqueue: {e}");
+                    return Ok(ExitCode::from(2));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if let (Some(id), 0) = (id, n) {
+                eprintln!(
+                    "enqueue: no dead letter {id} in {}; `enqueue dead-letters list` shows them",
+                    queue.describe()
+                );
+                return Ok(ExitCode::from(1));
+            }
+            let verb = if redrive { "redriven" } else { "purged" };
+            if cli.json {
+                println!("{}", serde_json::json!({ verb: n }));
+            } else {
+                println!("{n} dead letters {verb}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn publish(cli: &Cli, dir: &std::path::Path, family: &str, to: &str) -> anyhow::Result<ExitCode> {
@@ -280,20 +378,33 @@ async fn wait_for_result(
     }
 }
 
-async fn post_embedded(cli: &Cli, mut job: Job) -> anyhow::Result<ExitCode> {
+/// The embedded queue `cli` names, or the exit code of a usage error (said on stderr).
+fn embedded_queue(cli: &Cli) -> Result<EmbeddedQueue, ExitCode> {
     if cli.queue_path.is_none() && !cli.state_dir.is_dir() {
         // A mistyped directory would get a new queue that no worker reads.
         eprintln!(
             "enqueue: the state directory {} does not exist: pass the worker's --state-dir (or start the worker there first)",
             cli.state_dir.display()
         );
-        return Ok(ExitCode::from(2));
+        return Err(ExitCode::from(2));
     }
     let path = cli.queue_path.clone().unwrap_or_else(|| cli.state_dir.join("queue.db"));
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let queue = EmbeddedQueue::open(&path, &cli.queue, Duration::from_secs(60), 5)?;
+    let opened = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .map_or(Ok(()), |dir| std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display())))
+        .and_then(|()| Ok(EmbeddedQueue::open(&path, &cli.queue, Duration::from_secs(60), 5)?));
+    opened.map_err(|e| {
+        eprintln!("enqueue: {e:#}");
+        ExitCode::from(3)
+    })
+}
+
+async fn post_embedded(cli: &Cli, mut job: Job) -> anyhow::Result<ExitCode> {
+    let queue = match embedded_queue(cli) {
+        Ok(q) => q,
+        Err(code) => return Ok(code),
+    };
     let reply_to = cli.wait.then(|| format!("reply-{}-{}", std::process::id(), job.run_id()));
     job.reply_to = reply_to.clone();
     let id = queue.send(&cli.queue, &job.to_json(), &trace_attributes()).await?;

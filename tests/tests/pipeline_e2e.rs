@@ -13,7 +13,7 @@ use thinpipe::image::write_sample_family;
 use thinpipe::queue::{EmbeddedQueue, JobQueue};
 use thinpipe::store::Store;
 use thinpipe::volume::{VolumeBackend, VolumeId};
-use thinpipe_tests::{Daemon, bin, tree};
+use thinpipe_tests::{Daemon, bin, tree, wait_until};
 
 fn enqueue(state: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(bin("enqueue"));
@@ -424,4 +424,55 @@ fn commands_end_quietly_when_their_output_pipe_is_closed() {
             out.status
         );
     }
+}
+
+/// A job dead-lettered for a cause since fixed (its family did not exist yet) is sent back
+/// with `enqueue dead-letters redrive` and runs; `list` and `purge` show and delete.
+#[test]
+fn dead_letters_are_listed_redriven_after_a_fix_and_purged() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path();
+    let daemon = Daemon::start(state, &[]);
+    let run = |args: &[&str]| Command::new(bin("enqueue")).arg("--state-dir").arg(state).args(args).output().unwrap();
+    let list = || -> Vec<serde_json::Value> {
+        let out = run(&["--json", "dead-letters", "list"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    for family in ["ghost", "phantom"] {
+        assert!(run(&["prepare", "--family", family]).status.success());
+    }
+    wait_until("both jobs dead-lettered", Duration::from_secs(30), || list().len() == 2);
+    let dead = list();
+    let id_of = |family: &str| {
+        let d = dead.iter().find(|d| d["reason"].as_str().unwrap().contains(family));
+        d.unwrap_or_else(|| panic!("the reason names the family {family}: {dead:?}"))["message_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (ghost, phantom) = (id_of("ghost"), id_of("phantom"));
+    let (ghost, phantom) = (ghost.as_str(), phantom.as_str());
+
+    write_sample_family(state, "ghost").unwrap();
+    let out = run(&["--json", "dead-letters", "redrive", "--id", ghost]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["redriven"], 1);
+    let store = Store::open(state.join("host.db")).unwrap();
+    wait_until("the redriven prepare to run", Duration::from_secs(60), || {
+        store.image("ghost").unwrap().is_some_and(|i| i.current_base.is_some())
+    });
+    assert_eq!(list().len(), 1, "the other stays");
+
+    // Mistakes: neither --id nor --all, an unknown id, an SQS queue.
+    assert_eq!(run(&["dead-letters", "purge"]).status.code(), Some(2));
+    assert_eq!(run(&["dead-letters", "purge", "--id", "424242"]).status.code(), Some(1));
+    let sqs = run(&["--queue-url", "https://sqs.example/q", "dead-letters", "list"]);
+    assert_eq!(sqs.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&sqs.stderr).contains("start-message-move-task"));
+
+    let out = run(&["dead-letters", "purge", "--id", phantom]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(list().is_empty());
+    assert!(daemon.stop(Duration::from_secs(30)).success());
 }

@@ -63,6 +63,9 @@ fn run(state: &Path, settings: &[String], args: &[&str]) -> serde_json::Value {
     for s in settings {
         cmd.args(["--set", s]);
     }
+    // The disk the tests run on may be fuller than the default refusal watermark.
+    let capacity = [("THINPIPE_CAPACITY_HIGH_PERCENT", "100"), ("THINPIPE_CAPACITY_LOW_PERCENT", "99")];
+    cmd.envs(capacity).env("THINPIPE_CAPACITY_REFUSE_PERCENT", "100");
     let out = cmd.arg("run").args(args).arg("--json").envs(AWS_ENV).output().unwrap();
     let result: serde_json::Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("worker run {args:?}: no result ({e}): {}", String::from_utf8_lossy(&out.stderr)));

@@ -182,6 +182,51 @@ impl EmbeddedQueue {
         .await
     }
 
+    /// Moves dead letters of this queue (all, or the one with `message_id`) back into the
+    /// queue, visible now with their receive count reset, under their message ids. Returns
+    /// how many moved.
+    pub async fn redrive(&self, message_id: Option<&str>) -> Result<u64, QueueError> {
+        let (name, id) = (self.name.clone(), self.dead_letter_id(message_id)?);
+        self.with_conn(move |c| {
+            let tx = c.transaction()?;
+            let moved = tx.execute(
+                "INSERT INTO messages (id, queue, body, attributes, visible_at, receive_count, receipt, sent_at)
+                 SELECT id, queue, body, attributes, ?3, 0, NULL, ?3 FROM dead_letters
+                 WHERE queue = ?1 AND (?2 IS NULL OR id = ?2)",
+                params![name, id, now_ms()],
+            )?;
+            tx.execute("DELETE FROM dead_letters WHERE queue = ?1 AND (?2 IS NULL OR id = ?2)", params![name, id])?;
+            tx.commit()?;
+            Ok(moved as u64)
+        })
+        .await
+    }
+
+    /// Deletes dead letters of this queue (all, or the one with `message_id`). Returns how
+    /// many were deleted.
+    pub async fn purge_dead_letters(&self, message_id: Option<&str>) -> Result<u64, QueueError> {
+        let (name, id) = (self.name.clone(), self.dead_letter_id(message_id)?);
+        self.with_conn(move |c| {
+            c.execute("DELETE FROM dead_letters WHERE queue = ?1 AND (?2 IS NULL OR id = ?2)", params![name, id])
+                .map(|n| n as u64)
+        })
+        .await
+    }
+
+    fn dead_letter_id(&self, message_id: Option<&str>) -> Result<Option<i64>, QueueError> {
+        message_id
+            .map(|m| {
+                m.parse::<i64>().map_err(|_| QueueError::Invalid {
+                    queue: self.describe(),
+                    detail: format!(
+                        "message id {} is not one of this queue's (they are numbers)",
+                        crate::quote::quote(m)
+                    ),
+                })
+            })
+            .transpose()
+    }
+
     fn stale(&self, d: &Delivery) -> QueueError {
         QueueError::ReceiptStale { queue: self.describe(), message_id: d.message_id.clone() }
     }
@@ -364,5 +409,32 @@ mod tests {
         let q = EmbeddedQueue::open(dir.path().join("queue.db"), "jobs", Duration::from_millis(300), 3).unwrap();
         super::super::conformance::run(&q, &q.named("jobs-dlq"), true).await;
         assert_eq!(q.dead_letters().await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn dead_letters_are_redriven_under_their_ids_or_purged() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = EmbeddedQueue::open(dir.path().join("queue.db"), "jobs", Duration::from_secs(30), 1).unwrap();
+        for body in ["a", "b", "c"] {
+            q.send("jobs", body, &BTreeMap::new()).await.unwrap();
+        }
+        for d in q.receive(10, Duration::ZERO).await.unwrap() {
+            q.dead_letter(&d, "bad").await.unwrap();
+        }
+        let dead = q.dead_letters().await.unwrap();
+        assert_eq!((dead.len(), q.depth().await.unwrap()), (3, 0));
+        assert_eq!(q.redrive(Some(&dead[0].message_id)).await.unwrap(), 1);
+        let back = q.receive(10, Duration::ZERO).await.unwrap();
+        assert_eq!(
+            (back.len(), back[0].message_id.as_str(), back[0].body.as_str()),
+            (1, dead[0].message_id.as_str(), "a")
+        );
+        assert_eq!(back[0].receive_count, 1, "the count starts again");
+        assert_eq!(q.purge_dead_letters(Some(&dead[1].message_id)).await.unwrap(), 1);
+        assert_eq!(q.redrive(None).await.unwrap(), 1, "only c is left to redrive");
+        assert!(q.dead_letters().await.unwrap().is_empty());
+        assert_eq!(q.purge_dead_letters(None).await.unwrap(), 0);
+        assert!(q.redrive(Some("x")).await.is_err(), "a malformed id is refused");
+        assert_eq!(q.redrive(Some("999")).await.unwrap(), 0, "an unknown id moves nothing");
     }
 }

@@ -99,6 +99,10 @@ fn versus_umoci(base: &Path, layout: &Path) -> anyhow::Result<f64> {
                     .args(["run", "prepare", "--family", "debian", "--json", "--source"])
                     .arg(format!("dir:{}", layout.display()))
                     .env("RUST_LOG", "warn")
+                    // The disk may be fuller than the default refusal watermark.
+                    .env("THINPIPE_CAPACITY_HIGH_PERCENT", "100")
+                    .env("THINPIPE_CAPACITY_LOW_PERCENT", "99")
+                    .env("THINPIPE_CAPACITY_REFUSE_PERCENT", "100")
                     .output()
                     .context("running worker run prepare")?;
                 let elapsed = t.elapsed();
