@@ -14,8 +14,12 @@ use clap::{Parser, Subcommand};
 use thinpipe::job::{Job, JobKind, JobResult, JobStatus};
 use thinpipe::queue::{EmbeddedQueue, JobQueue};
 
+const EXIT_CODES: &str = "Exit codes: 0 posted (with --wait: succeeded); 1 the job failed or was refused \
+(dead-lettered), or a dead letter named does not exist; 2 usage error; 3 the queue could not be used, or --wait \
+timed out.";
+
 #[derive(Parser)]
-#[command(version, about = "Post thinpipe jobs and wait for their results")]
+#[command(version, about = "Post thinpipe jobs and wait for their results", after_help = EXIT_CODES)]
 struct Cli {
     /// The worker's state directory (its embedded queue is <state-dir>/queue.db).
     #[arg(long, env = "THINPIPE_STATE_DIR", default_value = ".thinpipe", global = true)]
@@ -40,7 +44,7 @@ struct Cli {
     /// Wait for the result and print it.
     #[arg(long, global = true)]
     wait: bool,
-    /// How long --wait waits, in seconds.
+    /// How long --wait waits for the job's result, in seconds.
     #[arg(long, default_value_t = 600, global = true)]
     timeout: u64,
     /// Print the result as JSON.
@@ -55,6 +59,7 @@ enum Kind {
     /// Prepare a family's version (the source's current one, or --digest) and make it the
     /// family's current version on the worker's host.
     Prepare {
+        /// The image family (its name at the source).
         #[arg(long)]
         family: String,
         /// The version (manifest digest, sha256:...); sends a version 2 message.
@@ -63,8 +68,10 @@ enum Kind {
     },
     /// Activate a fresh snapshot for one invocation.
     Activate {
+        /// The image family (its name at the source).
         #[arg(long)]
         family: String,
+        /// The invocation this snapshot is for: single use; its release names it again.
         #[arg(long)]
         invocation_id: String,
         /// The version (default: the host's current one); sends a version 2 message.
@@ -77,8 +84,10 @@ enum Kind {
     },
     /// Release the snapshot of one invocation.
     Release {
+        /// The image family of the activation.
         #[arg(long)]
         family: String,
+        /// The invocation whose snapshot to release.
         #[arg(long)]
         invocation_id: String,
     },
@@ -93,6 +102,7 @@ enum Kind {
     Publish {
         /// The OCI layout directory, or the directory holding images/<family>/.
         dir: PathBuf,
+        /// The family to publish (the OCI layout's ref name, or images/<family>/).
         #[arg(long)]
         family: String,
         /// Destination: s3://bucket/prefix.
@@ -301,6 +311,19 @@ fn trace_attributes() -> BTreeMap<String, String> {
 }
 
 /// `trace <id>` for messages, so a person can find the job in a trace backend.
+/// Without --wait, what was posted: a line on stderr, and with --json the message id, run
+/// id, queue and trace id on stdout.
+fn posted(cli: &Cli, job: &Job, id: &str, queue: &str) {
+    eprintln!("posted {} job {id} ({}{}) to {queue}", job.kind, job.run_id(), trace_note());
+    if cli.json && !cli.wait {
+        let trace = thinpipe::telemetry::trace_id_of(&tracing::Span::current());
+        println!(
+            "{}",
+            serde_json::json!({"message_id": id, "kind": job.kind, "run_id": job.run_id(), "queue": queue, "trace_id": trace})
+        );
+    }
+}
+
 fn trace_note() -> String {
     thinpipe::telemetry::trace_id_of(&tracing::Span::current()).map(|t| format!(", trace {t}")).unwrap_or_default()
 }
@@ -331,11 +354,12 @@ async fn post_sqs(cli: &Cli, mut job: Job, url: &str) -> anyhow::Result<ExitCode
         job.reply_to = Some(reply);
     }
     let id = queue.send(url, &job.to_json(), &trace_attributes()).await?;
-    eprintln!("posted {} job {id} ({}{}) to {url}", job.kind, job.run_id(), trace_note());
+    posted(cli, &job, &id, url);
     let outcome = match &job.reply_to {
         None => Ok(ExitCode::SUCCESS),
         Some(reply) => {
-            wait_for_result(cli, &thinpipe::queue::SqsQueue::new(client.clone(), settings(reply)), &id, None).await
+            let replies = thinpipe::queue::SqsQueue::new(client.clone(), settings(reply));
+            wait_for_result(cli, &replies, &id, url, None).await
         }
     };
     if let Some(u) = temporary
@@ -350,6 +374,7 @@ async fn wait_for_result(
     cli: &Cli,
     replies: &dyn JobQueue,
     id: &str,
+    jobs: &str,
     embedded: Option<&EmbeddedQueue>,
 ) -> anyhow::Result<ExitCode> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(cli.timeout);
@@ -369,7 +394,7 @@ async fn wait_for_result(
         }
         if tokio::time::Instant::now() > deadline {
             eprintln!(
-                "enqueue: no result for job {id} after {}s; is a worker running on {}?",
+                "enqueue: no result for job {id} after {}s (--timeout); is a worker reading {jobs}? (results were awaited on {})",
                 cli.timeout,
                 replies.describe()
             );
@@ -409,10 +434,10 @@ async fn post_embedded(cli: &Cli, mut job: Job) -> anyhow::Result<ExitCode> {
     job.reply_to = reply_to.clone();
     let id = queue.send(&cli.queue, &job.to_json(), &trace_attributes()).await?;
     if !cli.json || !cli.wait {
-        eprintln!("posted {} job {id} ({}{}) to {}", job.kind, job.run_id(), trace_note(), queue.describe());
+        posted(cli, &job, &id, &queue.describe());
     }
     let Some(reply_to) = reply_to else { return Ok(ExitCode::SUCCESS) };
-    wait_for_result(cli, &queue.named(&reply_to), &id, Some(&queue)).await
+    wait_for_result(cli, &queue.named(&reply_to), &id, &queue.describe(), Some(&queue)).await
 }
 
 fn print(r: &JobResult, json: bool) -> anyhow::Result<()> {
@@ -422,4 +447,37 @@ fn print(r: &JobResult, json: bool) -> anyhow::Result<()> {
         println!("{r}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Every option, argument and command says what it is, and `--help` ends with the exit
+    /// codes.
+    #[test]
+    fn every_argument_has_help_and_the_exit_codes_are_in_help() {
+        fn check(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if !["help", "version"].contains(&id) && arg.get_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path} {} (the command)", sub.get_name()));
+                }
+                check(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let cmd = Cli::command();
+        let mut missing = Vec::new();
+        check(&cmd, cmd.get_name(), &mut missing);
+        assert!(missing.is_empty(), "without help: {missing:?}");
+        let help = cmd.clone().render_long_help().to_string();
+        assert!(help.contains("Exit codes: 0"), "{help}");
+    }
 }

@@ -476,3 +476,24 @@ fn dead_letters_are_listed_redriven_after_a_fix_and_purged() {
     assert!(list().is_empty());
     assert!(daemon.stop(Duration::from_secs(30)).success());
 }
+
+/// `enqueue --json` without `--wait` prints what it posted (message id, run id, queue) as JSON.
+#[test]
+fn enqueue_json_without_wait_prints_the_posted_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path();
+    let out = Command::new(bin("enqueue"))
+        .arg("--state-dir")
+        .arg(state)
+        .args(["--json", "activate", "--family", "web", "--invocation-id", "inv-9"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let posted: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((posted["kind"].as_str(), posted["run_id"].as_str()), (Some("activate"), Some("activate-inv-9")));
+    let queue = EmbeddedQueue::open(state.join("queue.db"), "jobs", Duration::from_secs(60), 5).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let got = rt.block_on(queue.receive(10, Duration::ZERO)).unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(posted["message_id"].as_str(), Some(got[0].message_id.as_str()));
+}

@@ -14,8 +14,16 @@ use tokio_util::sync::CancellationToken;
 use worker::config::Config;
 use worker::host::Host;
 
+const EXIT_CODES: &str = "Exit codes: 0 success; 1 the job (or check) ran and failed; 2 usage or configuration \
+error; 3 the command could not run (storage, queue, another worker holding the state directory); \
+130 stopped by a second SIGINT or SIGTERM.";
+
 #[derive(Parser)]
-#[command(version = env!("THINPIPE_VERSION"), about = "thinpipe worker: durable image preparation and snapshot activation")]
+#[command(
+    version = env!("THINPIPE_VERSION"),
+    about = "thinpipe worker: durable image preparation and snapshot activation",
+    after_help = EXIT_CODES
+)]
 struct Cli {
     /// Configuration file (TOML). Every setting can also come from THINPIPE_<KEY> or --set.
     #[arg(long, env = "THINPIPE_CONFIG", global = true)]
@@ -68,6 +76,7 @@ enum Command {
         /// Only report what would be deleted.
         #[arg(long)]
         dry_run: bool,
+        /// Print the report as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -75,6 +84,7 @@ enum Command {
     /// and last use; and the volume storage's usage. Reads the host database only (safe while
     /// the daemon runs).
     Images {
+        /// Print the inventory as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -95,16 +105,21 @@ enum Command {
 enum RunsCommand {
     /// Runs, newest first.
     List {
+        /// Only runs of this workflow: prepare, activate, release or retire-base.
         #[arg(long)]
         workflow: Option<String>,
         /// active, completed or failed.
         #[arg(long)]
         status: Option<String>,
+        /// At most this many runs.
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
     /// One run: input, history, recorded responses.
-    Show { id: String },
+    Show {
+        /// The run id, as `runs list` shows it (prepare-web@5cb5a41d4c9b, activate-inv-1, ...).
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -112,6 +127,7 @@ enum OneShot {
     /// Prepare a family's version (the source's current one, or --digest) and make it the
     /// family's current version on this host (each version is prepared once per host).
     Prepare {
+        /// The image family (its name at the source).
         #[arg(long)]
         family: String,
         /// The version to prepare (a manifest digest, sha256:...).
@@ -124,9 +140,11 @@ enum OneShot {
     },
     /// Activate a fresh snapshot of a family (preparing it first if needed).
     Activate {
+        /// The image family (its name at the source).
         #[arg(long)]
         family: String,
-        /// Defaults to a new id.
+        /// The invocation this snapshot is for (single use). Defaults to a new id, printed
+        /// in the result (`invocation_id`) for the release.
         #[arg(long)]
         invocation_id: Option<String>,
         /// The version to activate (default: the family's current version on this host).
@@ -142,8 +160,10 @@ enum OneShot {
     },
     /// Release the snapshot of one activation.
     Release {
+        /// The image family of the activation.
         #[arg(long)]
         family: String,
+        /// The invocation whose snapshot to release.
         #[arg(long)]
         invocation_id: String,
     },
@@ -413,4 +433,37 @@ fn print_result(r: &JobResult, json: bool) -> anyhow::Result<()> {
         println!("{r}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Every option, argument and command says what it is, and `--help` ends with the exit
+    /// codes.
+    #[test]
+    fn every_argument_has_help_and_the_exit_codes_are_in_help() {
+        fn check(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if !["help", "version"].contains(&id) && arg.get_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path} {} (the command)", sub.get_name()));
+                }
+                check(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let cmd = Cli::command();
+        let mut missing = Vec::new();
+        check(&cmd, cmd.get_name(), &mut missing);
+        assert!(missing.is_empty(), "without help: {missing:?}");
+        let help = cmd.clone().render_long_help().to_string();
+        assert!(help.contains("Exit codes: 0"), "{help}");
+    }
 }
