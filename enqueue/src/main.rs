@@ -262,7 +262,32 @@ async fn dead_letters(cli: &Cli, action: &DeadLetterAction) -> anyhow::Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
+/// What `publish` is given, checked before any AWS call: a usage error says what to pass.
+fn check_publish_args(dir: &std::path::Path, family: &str, to: &str) -> Result<(), String> {
+    thinpipe::image::validate_family(family).map_err(|e| e.to_string())?;
+    if thinpipe::image::parse_s3_url(to).is_none() {
+        return Err(format!("--to {}: expected s3://bucket/prefix", thinpipe::quote::quote(to)));
+    }
+    if !dir.is_dir() {
+        return Err(format!(
+            "{} is not a directory: pass an OCI layout or a directory holding images/{family}/",
+            dir.display()
+        ));
+    }
+    if !dir.join("index.json").is_file() && !dir.join("images").join(family).is_dir() {
+        return Err(format!(
+            "{} is neither an OCI layout (no index.json) nor a directory holding images/{family}/",
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
 async fn publish(cli: &Cli, dir: &std::path::Path, family: &str, to: &str) -> anyhow::Result<ExitCode> {
+    if let Err(usage) = check_publish_args(dir, family, to) {
+        eprintln!("enqueue: {usage}");
+        return Ok(ExitCode::from(2));
+    }
     let opts = thinpipe::aws::AwsOptions {
         endpoint: cli.endpoint_url.clone(),
         s3_path_style: cli.endpoint_url.is_some(),

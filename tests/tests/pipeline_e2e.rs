@@ -497,3 +497,59 @@ fn enqueue_json_without_wait_prints_the_posted_message() {
     assert_eq!(got.len(), 1);
     assert_eq!(posted["message_id"].as_str(), Some(got[0].message_id.as_str()));
 }
+
+/// The README's first command: the demo prepares and activates, says how to release the
+/// snapshots it leaves, and the printed command releases them.
+#[test]
+fn the_demo_runs_and_says_how_to_release_its_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let out = Command::new(bin("worker")).arg("--state-dir").arg(&state).arg("demo").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let releases: Vec<&str> = stdout.lines().filter(|l| l.trim_start().starts_with("worker --state-dir")).collect();
+    assert_eq!(releases.len(), 2, "{stdout}");
+    let store = Store::open(state.join("host.db")).unwrap();
+    let live = || {
+        store.list_snapshots().unwrap().iter().filter(|s| s.state == thinpipe::store::SnapshotState::Exposed).count()
+    };
+    assert_eq!(live(), 2);
+    for line in releases {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let out = Command::new(bin("worker")).args(&words[1..]).output().unwrap();
+        assert!(out.status.success(), "{line}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(live(), 0, "the printed commands released both snapshots");
+}
+
+/// Mistakes in where images come from are named as such, before anything else is tried.
+#[test]
+fn a_missing_source_directory_and_bad_publish_arguments_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-dir");
+    let out = Command::new(bin("worker"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args(["run", "prepare", "--family", "web", "--json", "--source"])
+        .arg(&missing)
+        .output()
+        .unwrap();
+    let r = result(&out);
+    let error = r["error"].as_str().unwrap();
+    assert!(error.contains(&format!("the source directory {} does not exist", missing.display())), "{error}");
+
+    write_sample_family(dir.path(), "web").unwrap();
+    let publish = |src: &Path, to: &str| {
+        Command::new(bin("enqueue")).args(["publish"]).arg(src).args(["--family", "web", "--to", to]).output().unwrap()
+    };
+    for (src, to, says) in [
+        (dir.path(), "./out", "expected s3://bucket/prefix"),
+        (missing.as_path(), "s3://bucket/p", "is not a directory"),
+        (&dir.path().join("images"), "s3://bucket/p", "neither an OCI layout"),
+    ] {
+        let out = publish(src, to);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{src:?} {to}: {stderr}");
+        assert!(stderr.contains(says) && stderr.lines().count() == 1, "one line naming the mistake: {stderr}");
+    }
+}

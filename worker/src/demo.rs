@@ -1,6 +1,8 @@
 //! `worker demo`: the main job on embedded defaults. Builds the sample family if absent,
 //! enqueues one prepare and two activations on the embedded queue, runs the job loop
-//! until their results arrive, prints each snapshot's path and run id, and stops.
+//! until their results arrive, prints each snapshot's path and run id, and stops. The
+//! snapshots are kept for a look (an hour's time to live: a worker started on the state
+//! directory releases them after that) and the commands that release them now are printed.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,6 +19,8 @@ use crate::host::Host;
 use crate::jobloop::JobLoop;
 
 pub const DEMO_FAMILY: &str = "demo";
+/// How long the demo's snapshots live unless released before.
+const DEMO_TTL_SECS: u64 = 3600;
 
 /// Runs the demo; `Ok(true)` if every job succeeded.
 pub async fn run(config: Config) -> anyhow::Result<bool> {
@@ -32,11 +36,14 @@ pub async fn run(config: Config) -> anyhow::Result<bool> {
     let queue = EmbeddedQueue::open(&q.path, &q.name, Duration::from_secs(q.visibility_timeout_secs), q.max_receives)?;
     let stamp = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_secs();
     let reply_to = format!("demo-results-{stamp}-{}", std::process::id());
-    let jobs = [
-        Job::new(JobKind::Prepare, DEMO_FAMILY, None),
-        Job::new(JobKind::Activate, DEMO_FAMILY, Some(&format!("demo-{stamp}-1"))),
-        Job::new(JobKind::Activate, DEMO_FAMILY, Some(&format!("demo-{stamp}-2"))),
-    ];
+    let activate = |n: u32| {
+        Job {
+            ttl_secs: Some(DEMO_TTL_SECS),
+            ..Job::new(JobKind::Activate, DEMO_FAMILY, Some(&format!("demo-{stamp}-{n}")))
+        }
+        .versioned()
+    };
+    let jobs = [Job::new(JobKind::Prepare, DEMO_FAMILY, None), activate(1), activate(2)];
     for mut job in jobs.clone() {
         job.reply_to = Some(reply_to.clone());
         queue.send(&q.name, &job.to_json(), &BTreeMap::new()).await?;
@@ -95,5 +102,22 @@ pub async fn run(config: Config) -> anyhow::Result<bool> {
         println!("{status:6} {:8} run {:28} {}", r.kind.to_string(), r.run_id, r.error.as_deref().unwrap_or(&what));
     }
     println!("\nrun log: {}   host db: {}", config.runs_path().display(), config.host_db_path().display());
+    let live: Vec<&str> = results
+        .iter()
+        .filter(|r| r.kind == JobKind::Activate && r.status == JobStatus::Succeeded)
+        .filter_map(|r| r.invocation_id.as_deref())
+        .collect();
+    if !live.is_empty() {
+        println!(
+            "\nThe snapshots are released after an hour by the next worker on {}, or now with:",
+            config.state_dir.display()
+        );
+        for inv in live {
+            println!(
+                "  worker --state-dir {} run release --family {DEMO_FAMILY} --invocation-id {inv}",
+                config.state_dir.display()
+            );
+        }
+    }
     Ok(ok)
 }

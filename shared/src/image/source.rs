@@ -90,10 +90,15 @@ impl LocalDir {
         let entries = match std::fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let detail = if self.root.is_dir() {
+                    format!("neither index.json nor {} names it", dir.display())
+                } else {
+                    format!("the source directory {} does not exist: check `source` (or --source)", self.root.display())
+                };
                 return Err(ImageError::FamilyNotFound {
                     family: family.to_owned(),
                     source_desc: self.describe(),
-                    detail: format!("neither index.json nor {} names it", dir.display()),
+                    detail,
                 });
             }
             Err(e) => return Err(ImageError::io("listing", dir, e)),
