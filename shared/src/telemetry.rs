@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram, UpDownCounter};
@@ -23,6 +24,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::Layer as _;
+use tracing_subscriber::filter::FilterExt as _;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -79,8 +81,11 @@ pub fn init(service: &str, log_format: &str, default_level: &str) -> Telemetry {
 
     // Logs follow RUST_LOG; spans for traces are kept at info and above whatever the log
     // level, so a quiet command still carries and exports its trace context.
+    // The OpenTelemetry SDK's own log lines (an unreachable collector: an ERROR per export)
+    // are left out; an export failure is one WARN line at shutdown.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level))
+        .and(tracing_subscriber::filter::filter_fn(|m| !m.target().starts_with("opentelemetry")));
     let otel = tracing_opentelemetry::layer()
         .with_tracer(tracer.tracer("thinpipe"))
         .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
@@ -103,17 +108,41 @@ pub fn init(service: &str, log_format: &str, default_level: &str) -> Telemetry {
     Telemetry { tracer, meter }
 }
 
+/// How long a process's exit waits for its last traces and metrics to go out.
+pub const EXPORT_BUDGET: Duration = Duration::from_millis(200);
+
 impl Telemetry {
-    /// Flushes pending spans and metrics and stops the exporters. Call it outside any
-    /// async runtime, after the work is done.
+    /// Flushes pending spans and metrics and stops the exporters, waiting at most
+    /// [`EXPORT_BUDGET`]: a collector that is down or does not answer delays no exit by more,
+    /// and costs one WARN line. Call it outside any async runtime, after the work is done.
     pub fn shutdown(self) {
-        if let Err(e) = self.tracer.shutdown() {
-            eprintln!("flushing traces: {e}");
-        }
-        if let Some(m) = self.meter
-            && let Err(e) = m.shutdown()
-        {
-            eprintln!("flushing metrics: {e}");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (tracer, meter) = (self.tracer, self.meter);
+        std::thread::spawn(move || {
+            let mut failed = Vec::new();
+            if let Err(e) = tracer.shutdown() {
+                failed.push(format!("traces: {e}"));
+            }
+            if let Some(m) = meter
+                && let Err(e) = m.shutdown()
+            {
+                failed.push(format!("metrics: {e}"));
+            }
+            // The waiter may have given up already; then there is no one left to tell.
+            let _ = tx.send(failed);
+        });
+        match rx.recv_timeout(EXPORT_BUDGET) {
+            Ok(failed) if failed.is_empty() => {}
+            Ok(failed) => {
+                tracing::warn!(
+                    "the OTLP collector did not take this process's telemetry ({}); it is lost",
+                    failed.join("; ")
+                )
+            }
+            Err(_) => tracing::warn!(
+                "the OTLP collector did not take this process's telemetry within {} ms; it is lost",
+                EXPORT_BUDGET.as_millis()
+            ),
         }
     }
 }

@@ -168,3 +168,41 @@ fn json_logs_carry_the_run_and_step_on_every_line_inside_a_run() {
         in_steps.iter().find(|l| l["fields"]["message"] == "step attempt failed").expect("the failed attempt");
     assert_eq!(retried["span"]["step"], "download_blobs");
 }
+
+/// A collector that takes connections but never answers: a one-shot command still exits
+/// promptly (within the export budget, not the exporter's timeout), with one WARN line and
+/// none of the SDK's own ERROR lines.
+#[test]
+fn an_unresponsive_collector_costs_one_warning_and_no_wait() {
+    // Connections complete in the kernel's backlog; nothing ever reads or answers them.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", silent.local_addr().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    write_sample_family(dir.path(), "web").unwrap();
+    let run = |state: &str, otel: Option<&str>| {
+        let mut cmd = Command::new(bin("worker"));
+        cmd.arg("--state-dir").arg(dir.path().join(state)).args(["run", "prepare", "--family", "web", "--source"]);
+        cmd.arg(dir.path()).env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
+        if let Some(e) = otel {
+            cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", e);
+        }
+        let started = std::time::Instant::now();
+        let out = cmd.output().unwrap();
+        (out, started.elapsed())
+    };
+    let (plain, plain_took) = run("plain", None);
+    assert!(plain.status.success(), "{}", String::from_utf8_lossy(&plain.stderr));
+    let (out, took) = run("silent", Some(&endpoint));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("ERROR") && !stderr.contains("opentelemetry"), "the SDK's own lines: {stderr}");
+    let warnings = stderr.lines().filter(|l| l.contains("OTLP collector")).count();
+    assert_eq!(warnings, 1, "one warning: {stderr}");
+    // The exporter's own timeout is 10 s; the exit waits at most the budget (200 ms). The
+    // margin covers the run itself varying between the two commands.
+    assert!(
+        took < plain_took + Duration::from_secs(2),
+        "the exit waited for the collector: {took:?} against {plain_took:?} without one"
+    );
+    drop(silent);
+}
