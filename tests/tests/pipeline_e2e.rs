@@ -474,6 +474,20 @@ fn dead_letters_are_listed_redriven_after_a_fix_and_purged() {
     let out = run(&["dead-letters", "purge", "--id", phantom]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(list().is_empty());
+
+    // Every job is logged when received and when done (outcome, duration); failures of any
+    // cause at WARN: dead-lettered above, failed here (an activation of a released invocation).
+    let wait = |args: &[&str]| enqueue(state, args).output().unwrap();
+    assert!(wait(&["release", "--family", "ghost", "--invocation-id", "gone"]).status.success());
+    assert_eq!(wait(&["activate", "--family", "ghost", "--invocation-id", "gone"]).status.code(), Some(1));
+    let log = daemon.log();
+    let done: Vec<&str> = log.lines().filter(|l| l.contains("job done")).collect();
+    assert!(log.lines().filter(|l| l.contains("job received")).count() >= 5, "{log}");
+    let at = |level: &str, outcome: &str| {
+        done.iter()
+            .any(|l| l.contains(level) && l.contains(&format!("outcome=\"{outcome}\"")) && l.contains("duration_ms"))
+    };
+    assert!(at("INFO", "succeeded") && at("WARN", "failed") && at("WARN", "dead_lettered"), "{log}");
     assert!(daemon.stop(Duration::from_secs(30)).success());
 }
 

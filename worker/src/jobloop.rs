@@ -280,6 +280,8 @@ impl JobLoop {
         if let Some(parent) = d.attributes.get(telemetry::TRACEPARENT) {
             telemetry::set_parent(&span, parent);
         }
+        let started = std::time::Instant::now();
+        span.in_scope(|| tracing::info!(receive_count = d.receive_count, "job received"));
         // Dropped (and the heartbeat stopped) however this task ends, abort and panic included.
         let heartbeat = self.spawn_heartbeat(queue, d.clone()).drop_guard();
         turn.wait().await;
@@ -297,11 +299,20 @@ impl JobLoop {
         telemetry::metrics()
             .jobs
             .add(1, &[telemetry::kv("kind", job.kind.to_string()), telemetry::kv("outcome", outcome)]);
-        tracing::Instrument::instrument(self.finish(queue, &d, &job, end), span).await;
+        tracing::Instrument::instrument(self.finish(queue, &d, &job, end, started), span).await;
     }
 
     /// Publishes a finished job's result and acks, dead-letters or delays its message.
-    async fn finish(&self, queue: &Arc<dyn JobQueue>, d: &Delivery, job: &Job, end: JobEnd) {
+    /// Logs `job done` with its outcome and duration: at INFO when it succeeded, at WARN when
+    /// it failed (every failure, whatever its cause, at one level).
+    async fn finish(
+        &self,
+        queue: &Arc<dyn JobQueue>,
+        d: &Delivery,
+        job: &Job,
+        end: JobEnd,
+        started: std::time::Instant,
+    ) {
         match end {
             JobEnd::Done(result) => {
                 if !self.reply(queue, job, &result).await {
@@ -309,8 +320,18 @@ impl JobLoop {
                     return;
                 }
                 fault::point("jobloop.before_ack", &job.run_id());
+                let duration_ms = started.elapsed().as_millis() as u64;
                 match queue.ack(d).await {
-                    Ok(()) => tracing::info!(message_id = %d.message_id, status = ?result.status, "job done"),
+                    Ok(()) if result.status == JobStatus::Succeeded => {
+                        tracing::info!(message_id = %d.message_id, outcome = "succeeded", duration_ms, "job done")
+                    }
+                    Ok(()) => tracing::warn!(
+                        message_id = %d.message_id,
+                        outcome = "failed",
+                        duration_ms,
+                        error = result.error.as_deref().unwrap_or_default(),
+                        "job done"
+                    ),
                     Err(e) => {
                         tracing::warn!(message_id = %d.message_id, error = %e, "ack failed; the job will be redelivered and its stored outcome returned")
                     }
@@ -323,7 +344,8 @@ impl JobLoop {
                     self.retry_later(queue, d, "the result could not be sent").await;
                     return;
                 }
-                tracing::warn!(message_id = %d.message_id, %reason, "dead-lettering the job");
+                let duration_ms = started.elapsed().as_millis() as u64;
+                tracing::warn!(message_id = %d.message_id, outcome = "dead_lettered", duration_ms, %reason, "job done: dead-lettering it");
                 if let Err(e) = queue.dead_letter(d, &reason).await {
                     tracing::error!(message_id = %d.message_id, error = %e, "could not dead-letter the job; it will come back");
                 }
