@@ -567,3 +567,37 @@ fn a_missing_source_directory_and_bad_publish_arguments_are_named() {
         assert!(stderr.contains(says) && stderr.lines().count() == 1, "one line naming the mistake: {stderr}");
     }
 }
+
+/// `worker runs list|show` with no worker running (after `worker run` or the demo, or with
+/// the address file a killed worker left) reads the run log itself.
+#[test]
+fn runs_list_and_show_work_without_a_running_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path();
+    write_sample_family(state, "web").unwrap();
+    let worker = |args: &[&str]| Command::new(bin("worker")).arg("--state-dir").arg(state).args(args).output().unwrap();
+    let out = worker(&["runs", "list"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no run log"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!state.join("runs.redb").exists(), "reading creates nothing");
+
+    let prepared = result(&worker(&["run", "prepare", "--family", "web", "--json"]));
+    let run_id = prepared["run_id"].as_str().unwrap();
+    // A worker killed earlier left its address file; nothing answers there.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    for stale in [false, true] {
+        if stale {
+            std::fs::write(state.join("admin.addr"), format!("http://{closed}")).unwrap();
+        }
+        let out = worker(&["runs", "list", "--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let runs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(runs.iter().any(|r| r["id"] == run_id && r["status"] == "completed"), "{runs:?}");
+        let out = worker(&["runs", "show", run_id]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains(run_id) && text.contains("completed"), "{text}");
+    }
+    let out = worker(&["runs", "show", "no-such-run"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no run no-such-run"));
+}

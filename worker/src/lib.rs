@@ -10,3 +10,4 @@ pub mod inventory;
 pub mod jobloop;
 pub mod oneshot;
 pub mod order;
+pub mod runlog;

@@ -88,7 +88,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Inspect runs through a running worker's admin API.
+    /// Inspect runs: through the admin API of the worker running on the state directory, or
+    /// read from its run log when none runs.
     Runs {
         #[command(subcommand)]
         cmd: RunsCommand,
@@ -99,6 +100,17 @@ enum Command {
         #[arg(long, global = true)]
         json: bool,
     },
+}
+
+impl RunsCommand {
+    fn query(&self) -> worker::runlog::Query {
+        match self {
+            RunsCommand::List { workflow, status, limit } => {
+                worker::runlog::Query::List { workflow: workflow.clone(), status: status.clone(), limit: *limit }
+            }
+            RunsCommand::Show { id } => worker::runlog::Query::Show(id.clone()),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -245,18 +257,35 @@ fn main() -> ExitCode {
     code
 }
 
+/// `worker runs`: through the admin API of the worker running on the state directory (or
+/// `--admin-url`), else straight from the run log when no worker runs there.
 fn runs(config: &Config, cmd: &RunsCommand, admin_url: Option<&str>, json: bool) -> anyhow::Result<()> {
     use worker::admin::client;
-    let base = client::base_url(config, admin_url)?;
-    let (value, text): (serde_json::Value, fn(&serde_json::Value) -> String) = match cmd {
-        RunsCommand::List { workflow, status, limit } => {
-            let enc = |s: &Option<String>| s.as_deref().map(encode).unwrap_or_default();
-            let path = format!("/api/runs?limit={limit}&workflow={}&status={}", enc(workflow), enc(status));
-            (client::get(config, &base, &path)?, client::print_list)
+    let text: fn(&serde_json::Value) -> String = match cmd {
+        RunsCommand::List { .. } => client::print_list,
+        RunsCommand::Show { .. } => client::print_run,
+    };
+    let running = admin_url.is_some() || config.state_dir.join(worker::admin::ADDR_FILE).exists();
+    let through_api = || -> anyhow::Result<serde_json::Value> {
+        let base = client::base_url(config, admin_url)?;
+        match cmd {
+            RunsCommand::List { workflow, status, limit } => {
+                let enc = |s: &Option<String>| s.as_deref().map(encode).unwrap_or_default();
+                let path = format!("/api/runs?limit={limit}&workflow={}&status={}", enc(workflow), enc(status));
+                client::get(config, &base, &path)
+            }
+            RunsCommand::Show { id } => client::get(config, &base, &format!("/api/runs/{}", encode(id))),
         }
-        RunsCommand::Show { id } => {
-            (client::get(config, &base, &format!("/api/runs/{}", encode(id)))?, client::print_run)
-        }
+    };
+    let value = match (running, admin_url) {
+        (true, Some(_)) => through_api()?,
+        // The address file of a worker that was killed stays behind: no answer means no worker.
+        (true, None) => match through_api() {
+            Ok(v) => v,
+            Err(e) if client::is_unreachable(&e) => worker::runlog::read(config, cmd.query())?,
+            Err(e) => return Err(e),
+        },
+        (false, _) => worker::runlog::read(config, cmd.query())?,
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&value)?);

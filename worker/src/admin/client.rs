@@ -44,6 +44,11 @@ pub fn get(config: &Config, base: &str, path: &str) -> anyhow::Result<Value> {
     Ok(body)
 }
 
+/// Whether `e` (from [`get`]) means nothing answered at the address: no worker is there.
+pub fn is_unreachable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<reqwest::Error>().is_some_and(reqwest::Error::is_connect))
+}
+
 fn text(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
