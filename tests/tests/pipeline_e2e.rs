@@ -601,3 +601,14 @@ fn runs_list_and_show_work_without_a_running_worker() {
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no run no-such-run"));
 }
+
+/// An error's cause is said once: `worker --state-dir /proc/x demo` names the path and the
+/// OS error, not the OS error twice.
+#[test]
+fn an_error_says_its_cause_once() {
+    let out = Command::new(bin("worker")).args(["--state-dir", "/proc/thinpipe-no-such-dir", "demo"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("/proc/thinpipe-no-such-dir"), "{stderr}");
+    assert_eq!(stderr.matches("No such file or directory").count(), 1, "{stderr}");
+}

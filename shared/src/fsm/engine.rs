@@ -164,7 +164,7 @@ impl Engine {
         let db = match Database::create(&path) {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(OpenError::AlreadyOpen { path }),
-            Err(source) => return Err(OpenError::Open { path, source }),
+            Err(error) => return Err(OpenError::Open { path, error }),
         };
         let init = |db: &Database| -> Result<(), redb::Error> {
             let txn = db.begin_write()?;
@@ -173,7 +173,7 @@ impl Engine {
             txn.commit()?;
             Ok(())
         };
-        init(&db).map_err(|source| OpenError::Init { path: path.clone(), source })?;
+        init(&db).map_err(|error| OpenError::Init { path: path.clone(), error })?;
         let db = Arc::new(db);
         let writer = Writer::new(db.clone());
         let engine = Engine {
@@ -930,7 +930,7 @@ where
 
     /// Records the run (id, input, initial response) durably, then starts its first step.
     pub async fn start(&self, id: &str, input: &R, initial: &W) -> Result<StartOutcome<W>, StartError> {
-        let encode = |source| StartError::Encode { id: id.to_owned(), source };
+        let encode = |error| StartError::Encode { id: id.to_owned(), error };
         let input = serde_json::to_vec(input).map_err(encode)?;
         let w0 = serde_json::to_vec(initial).map_err(encode)?;
         let wf = self

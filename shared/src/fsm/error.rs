@@ -11,10 +11,11 @@ pub enum OpenError {
         "the run log {path} is already open in another process (one worker per host owns it); stop that process or point this one at another state directory"
     )]
     AlreadyOpen { path: PathBuf },
-    #[error("cannot open the run log {path}: {source}")]
-    Open { path: PathBuf, source: redb::DatabaseError },
-    #[error("cannot initialise the run log {path}: {source}")]
-    Init { path: PathBuf, source: redb::Error },
+    // The cause is in the message, and not also a `source()`: `{:#}` would print it twice.
+    #[error("cannot open the run log {path}: {error}")]
+    Open { path: PathBuf, error: redb::DatabaseError },
+    #[error("cannot initialise the run log {path}: {error}")]
+    Init { path: PathBuf, error: redb::Error },
     #[error("Engine::open must be called inside a tokio runtime")]
     NoRuntime,
 }
@@ -37,8 +38,8 @@ pub enum StartError {
     /// of the caller (say, an invocation id reused for another family), never a retry.
     #[error("run {id} already exists with another input ({existing}); a run id cannot be reused for different work")]
     InputMismatch { id: String, existing: String },
-    #[error("cannot encode the input or initial response of run {id}: {source}")]
-    Encode { id: String, source: serde_json::Error },
+    #[error("cannot encode the input or initial response of run {id}: {error}")]
+    Encode { id: String, error: serde_json::Error },
     #[error("run {id} cannot start: {why}")]
     Corrupt { id: String, why: String },
     #[error("run log storage failed: {0}")]
@@ -88,7 +89,14 @@ pub enum CancelError {
 /// A read of the run log failed.
 #[derive(Debug, thiserror::Error)]
 #[error("reading the run log failed: {0}")]
-pub struct ReadError(#[from] pub redb::Error);
+pub struct ReadError(pub redb::Error);
+
+// Not `#[from]`: that would also make the cause a `source()`, printed twice by `{:#}`.
+impl From<redb::Error> for ReadError {
+    fn from(e: redb::Error) -> Self {
+        ReadError(e)
+    }
+}
 
 impl ReadError {
     pub(crate) fn from_any(e: impl Into<redb::Error>) -> Self {

@@ -37,8 +37,9 @@ pub enum ImageError {
     Refused { layer: String, entry: String, rule: String },
     #[error("layer {layer} is truncated or corrupt: {detail}")]
     Corrupt { layer: String, detail: String },
-    #[error("{context} ({path}): {source}")]
-    Io { context: String, path: PathBuf, source: std::io::Error },
+    // The cause is in the message, and not also a `source()`: `{:#}` would print it twice.
+    #[error("{context} ({path}): {error}")]
+    Io { context: String, path: PathBuf, error: std::io::Error },
 }
 
 impl ImageError {
@@ -47,15 +48,13 @@ impl ImageError {
         match self {
             // A full or read-only disk does not heal by retrying at once: fail the run with
             // the reason (a later job starts it again, reusing the half-built base).
-            Self::Io { source, .. } => {
-                !matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT | libc::EROFS))
-            }
+            Self::Io { error, .. } => !matches!(error.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT | libc::EROFS)),
             Self::Unavailable { .. } => true,
             _ => false,
         }
     }
 
     pub(crate) fn io(context: impl Into<String>, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io { context: context.into(), path: path.into(), source }
+        Self::Io { context: context.into(), path: path.into(), error: source }
     }
 }

@@ -32,8 +32,9 @@ pub enum StoreError {
     Invalid { path: PathBuf, what: String, detail: String },
     #[error("a host database write was interrupted: {detail}; retry")]
     Interrupted { detail: String },
-    #[error("host database {path}: {source}")]
-    Sqlite { path: PathBuf, source: rusqlite::Error },
+    // The cause is in the message, and not also a `source()`: `{:#}` would print it twice.
+    #[error("host database {path}: {error}")]
+    Sqlite { path: PathBuf, error: rusqlite::Error },
 }
 
 impl StoreError {
@@ -52,7 +53,7 @@ impl StoreError {
             Some(C::CannotOpen | C::PermissionDenied) => Self::CannotOpen { path, detail },
             Some(C::DatabaseCorrupt | C::NotADatabase) => Self::Corrupt { path, detail },
             Some(C::DiskFull) => Self::DiskFull { path },
-            _ => Self::Sqlite { path, source: e },
+            _ => Self::Sqlite { path, error: e },
         }
     }
 }
