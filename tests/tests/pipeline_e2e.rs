@@ -534,6 +534,16 @@ fn the_demo_runs_and_says_how_to_release_its_snapshots() {
         assert!(out.status.success(), "{line}: {}", String::from_utf8_lossy(&out.stderr));
     }
     assert_eq!(live(), 0, "the printed commands released both snapshots");
+
+    // The same as JSON on stdout (the narration on stderr), and the configuration too.
+    let out = Command::new(bin("worker")).arg("--state-dir").arg(&state).args(["demo", "--json"]).output().unwrap();
+    let demo: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(demo["ok"], true, "{demo}");
+    assert_eq!((demo["results"].as_array().unwrap().len(), demo["release_commands"].as_array().unwrap().len()), (3, 2));
+    let out = Command::new(bin("worker")).arg("--state-dir").arg(&state).args(["config", "--json"]).output().unwrap();
+    let config: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(config["state_dir"].as_str(), state.to_str());
 }
 
 /// Mistakes in where images come from are named as such, before anything else is tried.

@@ -22,19 +22,24 @@ pub const DEMO_FAMILY: &str = "demo";
 /// How long the demo's snapshots live unless released before.
 const DEMO_TTL_SECS: u64 = 3600;
 
-/// Runs the demo; `Ok(true)` if every job succeeded.
-pub async fn run(config: Config) -> anyhow::Result<bool> {
+/// Runs the demo; `Ok(true)` if every job succeeded. With `json`, stdout carries one JSON
+/// object (the results and the release commands) and the narration goes to stderr.
+pub async fn run(config: Config, json: bool) -> anyhow::Result<bool> {
+    // The narration: for a person on stdout, beside the JSON on stderr.
+    let say = |line: String| if json { eprintln!("{line}") } else { println!("{line}") };
     let images = config.source_dir()?;
     let wrote = write_sample_family(&images, DEMO_FAMILY)?;
-    println!(
+    say(format!(
         "{} sample family {DEMO_FAMILY:?} in {}",
         if wrote { "built the" } else { "using the existing" },
         images.join("images").join(DEMO_FAMILY).display()
-    );
+    ));
     let host = Arc::new(Host::open(config.clone()).await?);
     let q = &config.queue;
     let queue = EmbeddedQueue::open(&q.path, &q.name, Duration::from_secs(q.visibility_timeout_secs), q.max_receives)?;
-    let stamp = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_secs();
+    // Invocation ids are single use: two demos in one second must not share them.
+    let stamp =
+        format!("{}-{}", SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_micros(), std::process::id());
     let reply_to = format!("demo-results-{stamp}-{}", std::process::id());
     let activate = |n: u32| {
         Job {
@@ -48,7 +53,7 @@ pub async fn run(config: Config) -> anyhow::Result<bool> {
         job.reply_to = Some(reply_to.clone());
         queue.send(&q.name, &job.to_json(), &BTreeMap::new()).await?;
     }
-    println!("enqueued {} jobs on {}", jobs.len(), queue.describe());
+    say(format!("enqueued {} jobs on {}", jobs.len(), queue.describe()));
 
     let shutdown = CancellationToken::new();
     let job_loop = JobLoop::new(host.clone(), vec![Arc::new(queue.clone())]);
@@ -86,37 +91,39 @@ pub async fn run(config: Config) -> anyhow::Result<bool> {
     runner.await.context("job loop task")??;
     host.close().await;
 
-    println!();
-    let mut ok = true;
     results.sort_by(|a, b| a.run_id.cmp(&b.run_id));
+    let ok = results.iter().all(|r| r.status == JobStatus::Succeeded);
+    let releases: Vec<String> = results
+        .iter()
+        .filter(|r| r.kind == JobKind::Activate && r.status == JobStatus::Succeeded)
+        .filter_map(|r| r.invocation_id.as_deref())
+        .map(|inv| {
+            format!(
+                "worker --state-dir {} run release --family {DEMO_FAMILY} --invocation-id {inv}",
+                config.state_dir.display()
+            )
+        })
+        .collect();
+    if json {
+        let out = serde_json::json!({"ok": ok, "results": results, "release_commands": releases});
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(ok);
+    }
+    println!();
     for r in &results {
-        let status = match r.status {
-            JobStatus::Succeeded => "ok",
-            JobStatus::Failed => {
-                ok = false;
-                "FAILED"
-            }
-        };
+        let status = if r.status == JobStatus::Succeeded { "ok" } else { "FAILED" };
         let what =
             r.snapshot_path.as_deref().map_or_else(|| format!("base-{}", r.base_vol_id.unwrap_or(0)), |p| p.to_owned());
         println!("{status:6} {:8} run {:28} {}", r.kind.to_string(), r.run_id, r.error.as_deref().unwrap_or(&what));
     }
     println!("\nrun log: {}   host db: {}", config.runs_path().display(), config.host_db_path().display());
-    let live: Vec<&str> = results
-        .iter()
-        .filter(|r| r.kind == JobKind::Activate && r.status == JobStatus::Succeeded)
-        .filter_map(|r| r.invocation_id.as_deref())
-        .collect();
-    if !live.is_empty() {
+    if !releases.is_empty() {
         println!(
             "\nThe snapshots are released after an hour by the next worker on {}, or now with:",
             config.state_dir.display()
         );
-        for inv in live {
-            println!(
-                "  worker --state-dir {} run release --family {DEMO_FAMILY} --invocation-id {inv}",
-                config.state_dir.display()
-            );
+        for command in &releases {
+            println!("  {command}");
         }
     }
     Ok(ok)

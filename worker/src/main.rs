@@ -54,9 +54,17 @@ enum Command {
         json: bool,
     },
     /// The main job on embedded defaults: sample family, prepare, two activations.
-    Demo,
+    Demo {
+        /// Print the results (and the commands that release the snapshots) as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the effective configuration as TOML (and check it). Secrets are redacted.
-    Config,
+    Config {
+        /// Print it as JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
     /// Compare the volumes the backend holds with the host database's records: report
     /// orphans (volumes no record claims) and missing volumes; `--fix` deletes the orphans.
     /// Safe while the daemon runs. Exit 0 when no orphan is left, 1 otherwise.
@@ -235,7 +243,7 @@ fn main() -> ExitCode {
         };
     }
     // The demo talks to a person through its progress bar; keep the log to warnings there.
-    let level = if matches!(cli.command, Command::Demo) { "warn" } else { "info" };
+    let level = if matches!(cli.command, Command::Demo { .. }) { "warn" } else { "info" };
     let telemetry = thinpipe::telemetry::init("thinpipe-worker", &config.log_format, level);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -307,11 +315,17 @@ fn encode(s: &str) -> String {
 
 async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Config => {
-            print!("{}", toml::to_string_pretty(&config.redacted()).context("encoding the configuration")?);
+        Command::Config { json } => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&config.redacted()).context("encoding the configuration")?);
+            } else {
+                print!("{}", toml::to_string_pretty(&config.redacted()).context("encoding the configuration")?);
+            }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo => Ok(if worker::demo::run(config).await? { ExitCode::SUCCESS } else { ExitCode::from(1) }),
+        Command::Demo { json } => {
+            Ok(if worker::demo::run(config, json).await? { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
         Command::Daemon => daemon(config).await,
         Command::Runs { .. } => unreachable!("handled before the runtime starts"),
         Command::Reconcile { fix, json } => reconcile(&config, fix, json),
