@@ -81,6 +81,7 @@ pub struct RunSummary {
     pub status: RunStatus,
     /// The step to run next (active), or the number of steps (completed).
     pub step_index: u32,
+    /// Attempts of all steps so far, the failed ones included.
     pub attempts: u32,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
@@ -260,6 +261,7 @@ impl Engine {
             status: RunStatus::Active,
             next_step: 0,
             attempts: 0,
+            failed_attempts: 0,
             next_event: 0,
             created_at_ms: now,
             updated_at_ms: now,
@@ -874,7 +876,9 @@ fn summary(id: &str, r: RunRecord) -> RunSummary {
         version: r.version,
         status: r.status,
         step_index: r.next_step,
-        attempts: r.attempts,
+        // Every attempt of every step: each step done took one that succeeded, plus the
+        // failed ones (a failed run's last attempt among them).
+        attempts: r.next_step + r.failed_attempts,
         created_at_ms: r.created_at_ms,
         updated_at_ms: r.updated_at_ms,
         finished_at_ms: r.finished_at_ms,

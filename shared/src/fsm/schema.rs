@@ -86,6 +86,10 @@ pub struct RunRecord {
     pub next_step: u32,
     /// Failed attempts of `next_step` so far (restored on resume).
     pub attempts: u32,
+    /// Failed attempts over the whole run, every step (absent in records written before it
+    /// was kept: then 0).
+    #[serde(default)]
+    pub failed_attempts: u32,
     /// Sequence number of the next history event.
     pub next_event: u64,
     pub created_at_ms: u64,

@@ -313,6 +313,28 @@ async fn retries_stop_at_the_policys_bound() {
         .filter(|e| matches!(e.kind, EventKind::AttemptFailed { .. }))
         .count();
     assert_eq!(failed_attempts, 4, "every failed attempt is in the history");
+    let summary = engine.list_runs(&RunFilter::default()).unwrap().remove(0);
+    assert_eq!(summary.attempts, 4, "the listing counts the attempts the history shows");
+    engine.shutdown().await;
+}
+
+/// A run listing's attempts: every step's successful attempt plus the failed ones.
+#[tokio::test(start_paused = true)]
+async fn a_listing_counts_every_attempt_of_every_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(&dir).await;
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let wf = Workflow::<(), ()>::new("two", 1)
+        .step_with("flaky", quick(5), move |_req| {
+            let n = c.fetch_add(1, Ordering::SeqCst);
+            async move { if n < 2 { Err(StepError::transient("not yet")) } else { Ok(()) } }
+        })
+        .step("then", |_req| async move { Ok(()) });
+    let wf = engine.register(wf).unwrap();
+    assert!(matches!(wf.run("r", &(), &()).await.unwrap(), Outcome::Completed(_)));
+    let summary = engine.list_runs(&RunFilter::default()).unwrap().remove(0);
+    assert_eq!(summary.attempts, 4, "two steps done, two failed attempts of the first");
     engine.shutdown().await;
 }
 

@@ -330,6 +330,9 @@ impl Tables<'_> {
         }
         let now = now_ms();
         for kind in c.events {
+            if matches!(kind, EventKind::AttemptFailed { .. }) {
+                record.failed_attempts += 1;
+            }
             self.push_event(&c.id, &mut record, kind, now)?;
         }
         match c.update {
@@ -374,6 +377,7 @@ impl Tables<'_> {
             status: RunStatus::Failed,
             next_step: 0,
             attempts: 0,
+            failed_attempts: 0,
             next_event,
             created_at_ms: now,
             updated_at_ms: now,
