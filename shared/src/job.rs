@@ -281,6 +281,10 @@ impl std::fmt::Display for JobResult {
             return f.write_str("FAILED");
         }
         f.write_str("ok")?;
+        // The invocation is what its release names: said, not left to be read out of the run id.
+        if let (JobKind::Activate, Some(inv)) = (self.kind, &self.invocation_id) {
+            write!(f, " (invocation {inv})")?;
+        }
         match (&self.snapshot_path, &self.detail, self.base_vol_id) {
             (Some(path), _, _) => write!(f, ": {path}")?,
             (None, Some(detail), _) => write!(f, ": {detail}")?,
@@ -297,6 +301,16 @@ impl std::fmt::Display for JobResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_activation_result_names_its_invocation() {
+        let r: JobResult = serde_json::from_value(serde_json::json!({
+            "job_id": "7", "kind": "activate", "family": "web", "invocation_id": "inv-1712",
+            "status": "succeeded", "run_id": "activate-inv-1712", "snapshot_path": "/v/snap-3", "host_id": "h1"
+        }))
+        .unwrap();
+        assert_eq!(r.to_string(), "activate activate-inv-1712 on h1 ok (invocation inv-1712): /v/snap-3");
+    }
 
     #[test]
     fn the_published_examples_are_valid_jobs() {
