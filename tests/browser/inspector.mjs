@@ -41,9 +41,17 @@ try {
   await page.selectOption("[data-testid=filter-status]", "");
   await row(retried).waitFor();
 
-  // The run that retried: every step done, the retried one shows both attempts.
+  // Each row says how long its run took, and a failed run why it failed.
+  const cell = (id, testid) => row(id).locator(`[data-testid=${testid}]`).textContent();
+  check(/\d( ms| s| min| h)/.test(await cell(retried, "run-duration")), "the retried run's duration: " + await cell(retried, "run-duration"));
+  check((await cell(retried, "run-failure-reason")) === "", "a completed run has no failure reason");
+  check((await cell(failed, "run-failure-reason")).includes(":"), "the failed run's reason: " + await cell(failed, "run-failure-reason"));
+
+  // The run that retried: every step done, the retried one shows both attempts. Opening it
+  // puts it in the URL, to be shared.
   await row(retried).click();
   await page.waitForFunction(id => document.querySelector("[data-testid=run-title]").textContent.startsWith(id), retried);
+  check(new URL(page.url()).searchParams.get("run") === retried, "the URL names the run: " + page.url());
   const nodes = page.locator("[data-testid=step-node]");
   const statuses = await nodes.evaluateAll(ns => ns.map(n => [n.dataset.step, n.dataset.status]));
   check(statuses.length >= 3, "the workflow is drawn: " + JSON.stringify(statuses));
@@ -99,6 +107,19 @@ try {
   check(failedNodes === 1, "exactly one step is marked failed");
 
   await page.screenshot({ path: screenshot, fullPage: true });
+  // A shared link opens its run; an unknown run says so, and the message stays.
+  await page.goto(base + "/?run=" + encodeURIComponent(failed));
+  await page.waitForFunction(id => document.querySelector("[data-testid=run-title]").textContent.startsWith(id), failed);
+  await page.goto(base + "/?run=no-such-run");
+  const runError = page.locator("[data-testid=run-error]");
+  await runError.waitFor();
+  // Past one refresh of the runs list (its rows are replaced), which must not hide it.
+  await page.locator("[data-testid=run-row]").first().waitFor();
+  await page.evaluate(() => { window.rowBefore = document.querySelector("[data-testid=run-row]"); });
+  await page.waitForFunction(() => document.querySelector("[data-testid=run-row]") !== window.rowBefore);
+  check(await runError.isVisible(), "the unknown run's error stays");
+  check((await runError.textContent()).includes("no-such-run"), "it names the run: " + await runError.textContent());
+
   check(errors.length === 0, "no script errors on the page: " + errors.join("; "));
   console.log(`inspector ok: ${ids.length} runs, ${events} events played, screenshot ${screenshot}`);
 } catch (e) {

@@ -23,6 +23,14 @@ function el(tag, attrs = {}, ...children) {
 }
 
 const fmtTime = ms => new Date(ms).toLocaleString();
+// A duration for people: 850 ms, 12.3 s, 4 min 05 s, 2 h 10 min.
+function fmtDuration(ms) {
+  if (ms < 1000) return `${ms} ms`;
+  if (ms < 60000) return `${(ms / 1000).toFixed(1)} s`;
+  const s = Math.round(ms / 1000);
+  if (s < 3600) return `${Math.floor(s / 60)} min ${String(s % 60).padStart(2, "0")} s`;
+  return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+}
 const pretty = v => JSON.stringify(v, null, 2);
 
 // ---- runs list ----------------------------------------------------------------------
@@ -41,7 +49,10 @@ async function loadRuns() {
         el("td", {}, r.id),
         el("td", {}, el("span", { class: "badge " + r.status }, r.status)),
         el("td", {}, `${Math.min(r.step_index, steps.length)}/${steps.length}`),
-        el("td", {}, fmtTime(r.created_at_ms)));
+        el("td", {}, fmtTime(r.created_at_ms)),
+        el("td", { "data-testid": "run-duration" }, fmtDuration((r.finished_at_ms || Date.now()) - r.created_at_ms)),
+        el("td", { "data-testid": "run-failure-reason", class: "reason", title: r.failure ? r.failure.error : "" },
+          r.failure ? `${r.failure.step}: ${r.failure.error}` : ""));
       if (r.id === state.runId) tr.classList.add("selected");
       return tr;
     }));
@@ -83,10 +94,26 @@ async function loadFamilies() {
 
 // ---- one run ------------------------------------------------------------------------
 
+// Opens run `id`; the page's URL names it (`?run=<id>`) so it can be shared. A run that
+// cannot be shown says why, and the message stays until another run opens.
 async function openRun(id) {
   stop();
+  const runError = document.getElementById("run-error");
+  let run;
+  try {
+    run = await api("/api/runs/" + encodeURIComponent(id));
+  } catch (e) {
+    runError.textContent = `run ${id} cannot be shown: ${e.message}`;
+    runError.hidden = false;
+    document.getElementById("run-pane").hidden = true;
+    return;
+  }
+  runError.hidden = true;
+  const url = new URL(location.href);
+  url.searchParams.set("run", id);
+  history.replaceState(null, "", url);
   state.runId = id;
-  state.run = await api("/api/runs/" + encodeURIComponent(id));
+  state.run = run;
   state.selected = null;
   state.cursor = null; // null: show the final state
   document.getElementById("run-pane").hidden = false;
