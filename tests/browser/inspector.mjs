@@ -75,6 +75,8 @@ try {
   check(await cursor() === String(events - 1), "one step back from the end");
   for (let i = 0; i < events - 1; i++) await page.click("[data-testid=step-back]");
   check(await cursor() === "0", "back at the start");
+  // At the start of the replay the selected step has not run: its output is not shown yet.
+  check((await page.locator("[data-testid=step-output]").textContent()) === "(not reached)", "no output before the step ran");
   for (let i = 1; i <= events; i++) {
     await page.click("[data-testid=step-forward]");
     check(await cursor() === String(i), "forward to event " + i);
@@ -82,6 +84,7 @@ try {
     const expected = await page.locator("[data-testid=event]").nth(i - 1).getAttribute("data-seq");
     check(current === expected, `event ${i} is highlighted`);
   }
+  check((await page.locator("[data-testid=step-output]").textContent()).includes("sha256:"), "the output once the replay reached it");
   // Play (from the end, it starts over) walks the whole history by itself, in order.
   await page.selectOption("[data-testid=speed]", "16");
   const seen = [];
@@ -96,6 +99,15 @@ try {
   check(order.every((c, i) => i === 0 || c > order[i - 1]), "in order: " + order);
   const end = await page.locator("[data-testid=end-node]").getAttribute("class");
   check(end.includes("done"), "the end node shows completion: " + end);
+  // Its label fits inside its box and inside the drawing.
+  const fits = await page.evaluate(() => {
+    const g = document.querySelector("[data-testid=end-node]");
+    const t = g.querySelector("text").getBBox(), r = g.querySelector("rect").getBBox();
+    const vb = document.getElementById("machine").viewBox.baseVal;
+    const m = g.transform.baseVal.consolidate().matrix;
+    return { inBox: t.x >= r.x && t.x + t.width <= r.x + r.width, inDrawing: m.e + r.x + r.width <= vb.x + vb.width };
+  });
+  check(fits.inBox && fits.inDrawing, "the end node's label is not clipped: " + JSON.stringify(fits));
 
   // The failed run: its failure and the step it failed at.
   await row(failed).click();

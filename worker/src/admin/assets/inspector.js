@@ -171,7 +171,8 @@ function replay(n) {
   return { info, finished, lit };
 }
 
-const NODE_W = 130, NODE_H = 36, GAP = 40, TERM_W = 60;
+// END_W: the end node says "completed" or "failed", longer than "start".
+const NODE_W = 130, NODE_H = 36, GAP = 40, TERM_W = 60, END_W = 90;
 
 function render() {
   const r = state.run;
@@ -189,7 +190,7 @@ function render() {
   const xs = [10];
   info.forEach((_, i) => xs.push(10 + TERM_W + GAP + i * (NODE_W + GAP)));
   const endX = 10 + TERM_W + GAP + info.length * (NODE_W + GAP);
-  svg.setAttribute("viewBox", `0 0 ${endX + TERM_W + 10} 150`);
+  svg.setAttribute("viewBox", `0 0 ${endX + END_W + 10} 150`);
   const edge = (x1, x2, name) => {
     const e = s("path", { d: `M${x1},${y} L${x2 - 2},${y}`, class: "edge", "data-edge": name });
     if (lit === "edge:" + name || (lit === "start" && name === "start")) e.classList.add("lit");
@@ -222,7 +223,7 @@ function render() {
     }
     g.addEventListener("click", () => { state.selected = st.name; render(); });
   });
-  const end = node(endX, TERM_W, finished || "end", "terminal", { "data-testid": "end-node" });
+  const end = node(endX, END_W, finished || "end", "terminal", { "data-testid": "end-node" });
   if (finished === "completed") end.classList.replace("terminal", "done");
   if (finished === "failed") end.classList.replace("terminal", "failed");
 
@@ -261,11 +262,14 @@ function renderStep(info) {
   if (i < 0) { box.replaceChildren(el("p", { class: "hint" }, "Click a step to see its input, output and attempts.")); return; }
   const st = info[i];
   const response = idx => (r.responses.find(x => x.index === idx) || {}).response;
-  const input = response(i), output = response(i + 1);
+  // While the history is replayed, a step shows only what the replay has reached: its input
+  // once the step has begun, its output once it completed.
+  const input = st.status === "unreached" ? undefined : response(i);
+  const output = st.status === "done" ? response(i + 1) : undefined;
   box.replaceChildren(
     el("h3", { "data-testid": "step-name" }, `${st.name} `, el("span", { class: "badge " + st.status }, st.status)),
     el("h4", {}, "input (the previous step's response)"),
-    el("pre", { "data-testid": "step-input" }, input === undefined ? "(not recorded)" : pretty(input)),
+    el("pre", { "data-testid": "step-input" }, input === undefined ? "(not reached)" : pretty(input)),
     el("h4", {}, "output"),
     el("pre", { "data-testid": "step-output" }, output === undefined ? "(not reached)" : pretty(output)),
     el("h4", {}, "attempts"),
