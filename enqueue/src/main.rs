@@ -465,9 +465,14 @@ async fn post_embedded(cli: &Cli, mut job: Job) -> anyhow::Result<ExitCode> {
     wait_for_result(cli, &queue.named(&reply_to), &id, &queue.describe(), Some(&queue)).await
 }
 
+/// The result; as JSON with the trace id of this job (`trace_id`) beside its fields.
 fn print(r: &JobResult, json: bool) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(r)?);
+        let mut v = serde_json::to_value(r)?;
+        if let Some(trace) = thinpipe::telemetry::trace_id_of(&tracing::Span::current()) {
+            v["trace_id"] = trace.into();
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("{r}");
     }

@@ -61,6 +61,8 @@ fn one_trace_follows_a_job_from_enqueue_through_sqs_to_its_steps() {
     assert_eq!(posted.len(), 1, "{spans:#?}");
     let (root, trace) = (posted[0], posted[0].trace_id.clone());
     assert_eq!(root.service, "thinpipe-enqueue");
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(printed["trace_id"].as_str(), Some(trace.as_str()), "--wait --json names the trace");
     assert_eq!(root.attributes.get("family").map(String::as_str), Some("web"));
 
     let job = find(&spans, "job", &trace);
