@@ -20,13 +20,13 @@ pub struct Config {
     /// Volume backend: `dir` (plain directories, no root), `btrfs` (subvolumes and O(1)
     /// snapshots; root, and `volumes_dir` on a btrfs filesystem) or `dmthin` (thin devices
     /// of the device-mapper pool `dmthin.pool`; root; production hosts).
-    pub backend: String,
+    pub backend: BackendKind,
     /// Where the backend keeps bases and snapshots (for `dmthin`: mount points, seal
     /// markers and device nodes). Default: `<state_dir>/volumes`.
     pub volumes_dir: String,
     pub dmthin: DmThinConfig,
     /// `text` or `json`.
-    pub log_format: String,
+    pub log_format: LogFormat,
     pub queue: QueueConfig,
     pub worker: WorkerConfig,
     pub images: ImagesConfig,
@@ -177,11 +177,57 @@ impl AwsConfig {
     }
 }
 
+/// The volume backend (`backend`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Dir,
+    Btrfs,
+    Dmthin,
+}
+
+/// Where jobs come from (`queue.kind`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueKind {
+    Embedded,
+    Sqs,
+}
+
+/// How log lines are written (`log_format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The names the settings take, for messages and for the telemetry setup.
+macro_rules! names {
+    ($($t:ty { $($v:ident => $n:literal),* })*) => {$(
+        impl $t {
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$v => $n),* }
+            }
+        }
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    )*};
+}
+names! {
+    BackendKind { Dir => "dir", Btrfs => "btrfs", Dmthin => "dmthin" }
+    QueueKind { Embedded => "embedded", Sqs => "sqs" }
+    LogFormat { Text => "text", Json => "json" }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueConfig {
     /// `embedded` (SQLite, one machine) or `sqs`.
-    pub kind: String,
+    pub kind: QueueKind,
     /// SQS: the URL of the queue jobs are received from.
     pub url: String,
     /// SQS: further queues received from at the same time, e.g. a fleet-wide queue beside
@@ -253,10 +299,10 @@ impl Default for Config {
         Self {
             state_dir: PathBuf::from(".thinpipe"),
             source: String::new(),
-            backend: "dir".into(),
+            backend: BackendKind::Dir,
             volumes_dir: String::new(),
             dmthin: DmThinConfig::default(),
-            log_format: "text".into(),
+            log_format: LogFormat::Text,
             queue: QueueConfig::default(),
             worker: WorkerConfig::default(),
             images: ImagesConfig::default(),
@@ -273,7 +319,7 @@ impl Default for Config {
 impl Default for QueueConfig {
     fn default() -> Self {
         Self {
-            kind: "embedded".into(),
+            kind: QueueKind::Embedded,
             url: String::new(),
             extra_urls: Vec::new(),
             dead_letter_url: String::new(),
@@ -380,7 +426,7 @@ impl Config {
                 self.worker.host_id = name.to_string_lossy().into_owned();
             }
         }
-        if self.worker.host_queue_url.is_empty() && self.queue.kind == "sqs" {
+        if self.worker.host_queue_url.is_empty() && self.queue.kind == QueueKind::Sqs {
             self.worker.host_queue_url = self.queue.url.clone();
         }
     }
@@ -398,19 +444,11 @@ impl Config {
                 self.images.devices
             );
         }
-        if !["text", "json"].contains(&self.log_format.as_str()) {
-            bail!("log_format {:?}: expected text or json", self.log_format);
+        if self.queue.kind == QueueKind::Sqs && self.queue.url.is_empty() {
+            bail!("queue.kind is sqs but queue.url is empty: set the job queue's URL")
         }
-        match self.queue.kind.as_str() {
-            "embedded" => {}
-            "sqs" if self.queue.url.is_empty() => {
-                bail!("queue.kind is sqs but queue.url is empty: set the job queue's URL")
-            }
-            "sqs" => {}
-            other => bail!("queue.kind {other:?}: expected embedded or sqs"),
-        }
-        if self.queue.kind != "sqs" && !self.queue.extra_urls.is_empty() {
-            bail!("queue.extra_urls is set but queue.kind is {:?}: extra queues are SQS queues", self.queue.kind);
+        if self.queue.kind != QueueKind::Sqs && !self.queue.extra_urls.is_empty() {
+            bail!("queue.extra_urls is set but queue.kind is \"{}\": extra queues are SQS queues", self.queue.kind);
         }
         if let Some(blank) = self.queue.extra_urls.iter().find(|u| u.trim().is_empty()) {
             bail!("queue.extra_urls contains an empty URL ({blank:?}); remove it");
@@ -425,10 +463,7 @@ impl Config {
         if !self.admin.listen.is_empty() {
             crate::admin::check_listen(&self.admin.listen, self.admin.allow_public, &self.admin.token)?;
         }
-        if !["dir", "btrfs", "dmthin"].contains(&self.backend.as_str()) {
-            bail!("backend {:?}: expected dir, btrfs or dmthin", self.backend);
-        }
-        if self.backend == "dmthin" && self.dmthin.pool.trim().is_empty() {
+        if self.backend == BackendKind::Dmthin && self.dmthin.pool.trim().is_empty() {
             bail!("backend = \"dmthin\" needs dmthin.pool: the device-mapper name of the host's thin pool");
         }
         if self.queue.visibility_timeout_secs < 2 {
@@ -708,7 +743,11 @@ mod tests {
         let err = Config::load(Some(&file), [], &[]).unwrap_err();
         assert!(format!("{err:#}").contains("speed"), "{err:#}");
         let err = Config::load(None, [], &["backend=lvm".into()]).unwrap_err();
-        assert!(format!("{err:#}").contains("expected dir, btrfs or dmthin"), "{err:#}");
+        assert!(format!("{err:#}").contains("expected one of `dir`, `btrfs`, `dmthin`"), "{err:#}");
+        let err = Config::load(None, [], &["queue.kind=kafka".into()]).unwrap_err();
+        assert!(format!("{err:#}").contains("expected `embedded` or `sqs`"), "{err:#}");
+        let err = Config::load(None, [], &["log_format=xml".into()]).unwrap_err();
+        assert!(format!("{err:#}").contains("expected `text` or `json`"), "{err:#}");
         let err = Config::load(None, [], &["backend=dmthin".into()]).unwrap_err();
         assert!(format!("{err:#}").contains("needs dmthin.pool"), "{err:#}");
         let c =

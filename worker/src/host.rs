@@ -13,7 +13,7 @@ use thinpipe::store::{Acquired, Checkpoint, Holder, Store, StoreOptions};
 use thinpipe::volume::{BtrfsBackend, DirBackend, DmThinBackend, DmThinOptions, VolumeBackend};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, SourceSpec};
+use crate::config::{BackendKind, Config, QueueKind, SourceSpec};
 
 /// The lease that makes one worker process the owner of a state directory.
 const WORKER_LEASE: &str = "worker";
@@ -186,8 +186,8 @@ fn spawn_lease_renewal(
 pub async fn open_queues(config: &Config) -> anyhow::Result<Vec<Arc<dyn thinpipe::queue::JobQueue>>> {
     let q = &config.queue;
     let visibility = Duration::from_secs(q.visibility_timeout_secs);
-    Ok(match q.kind.as_str() {
-        "sqs" => {
+    Ok(match q.kind {
+        QueueKind::Sqs => {
             let sdk = thinpipe::aws::sdk_config(&config.aws.options()).await;
             let client = thinpipe::aws::sqs_client(&sdk);
             config
@@ -204,19 +204,21 @@ pub async fn open_queues(config: &Config) -> anyhow::Result<Vec<Arc<dyn thinpipe
                 })
                 .collect()
         }
-        _ => vec![Arc::new(thinpipe::queue::EmbeddedQueue::open(&q.path, &q.name, visibility, q.max_receives)?)],
+        QueueKind::Embedded => {
+            vec![Arc::new(thinpipe::queue::EmbeddedQueue::open(&q.path, &q.name, visibility, q.max_receives)?)]
+        }
     })
 }
 
 /// The configured volume backend.
 pub fn open_backend(config: &Config) -> anyhow::Result<Arc<dyn VolumeBackend>> {
-    Ok(match config.backend.as_str() {
-        "btrfs" => Arc::new(BtrfsBackend::open(&config.volumes_dir)?),
-        "dmthin" => Arc::new(DmThinBackend::open(DmThinOptions {
+    Ok(match config.backend {
+        BackendKind::Btrfs => Arc::new(BtrfsBackend::open(&config.volumes_dir)?),
+        BackendKind::Dmthin => Arc::new(DmThinBackend::open(DmThinOptions {
             pool: config.dmthin.pool.clone(),
             root: config.volumes_dir.clone().into(),
             volume_bytes: config.dmthin.volume_bytes,
         })?),
-        _ => Arc::new(DirBackend::open(&config.volumes_dir)?),
+        BackendKind::Dir => Arc::new(DirBackend::open(&config.volumes_dir)?),
     })
 }

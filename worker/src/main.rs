@@ -244,7 +244,7 @@ fn main() -> ExitCode {
     }
     // The demo talks to a person through its progress bar; keep the log to warnings there.
     let level = if matches!(cli.command, Command::Demo { .. }) { "warn" } else { "info" };
-    let telemetry = thinpipe::telemetry::init("thinpipe-worker", &config.log_format, level);
+    let telemetry = thinpipe::telemetry::init("thinpipe-worker", config.log_format.as_str(), level);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
