@@ -60,6 +60,7 @@ pub fn s3_client(config: &SdkConfig, opts: &AwsOptions) -> aws_sdk_s3::Client {
 
 /// The endpoint of the test server (`THINPIPE_TEST_AWS_ENDPOINT`, set by `scripts/test`).
 /// Without it, AWS tests are skipped, except under CI, where they fail.
+#[cfg(any(test, feature = "test-support"))]
 pub fn test_endpoint() -> Option<String> {
     match std::env::var("THINPIPE_TEST_AWS_ENDPOINT") {
         Ok(e) if !e.is_empty() => Some(e),
@@ -74,6 +75,7 @@ pub fn test_endpoint() -> Option<String> {
 }
 
 /// SDK options for the test server, with static test credentials.
+#[cfg(any(test, feature = "test-support"))]
 pub async fn test_config(endpoint: &str) -> (SdkConfig, AwsOptions) {
     let opts = AwsOptions {
         endpoint: Some(endpoint.to_owned()),
