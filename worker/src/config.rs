@@ -130,6 +130,28 @@ impl Default for AdminConfig {
     }
 }
 
+impl AdminConfig {
+    /// The address to listen on, checked against the rules: loopback unless `allow_public`,
+    /// and then only with a `token`.
+    pub fn listen_addr(&self) -> anyhow::Result<std::net::SocketAddr> {
+        let listen = &self.listen;
+        let addr: std::net::SocketAddr = listen
+            .parse()
+            .with_context(|| format!("admin.listen {listen:?} is not an address such as 127.0.0.1:9185"))?;
+        if !addr.ip().is_loopback() {
+            if !self.allow_public {
+                bail!(
+                    "admin.listen {addr} is not a loopback address: set admin.allow_public=true and admin.token to expose the admin API"
+                );
+            }
+            if self.token.is_empty() {
+                bail!("admin.listen {addr} is public: set admin.token (clients send it as a bearer token)");
+            }
+        }
+        Ok(addr)
+    }
+}
+
 /// AWS access for SQS and S3. Credentials and region come from the standard chain
 /// (environment, profile, instance role); `AWS_ENDPOINT_URL[_SQS|_S3]` are honoured too.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -461,7 +483,7 @@ impl Config {
             );
         }
         if !self.admin.listen.is_empty() {
-            crate::admin::check_listen(&self.admin.listen, self.admin.allow_public, &self.admin.token)?;
+            self.admin.listen_addr()?;
         }
         if self.backend == BackendKind::Dmthin && self.dmthin.pool.trim().is_empty() {
             bail!("backend = \"dmthin\" needs dmthin.pool: the device-mapper name of the host's thin pool");
@@ -754,6 +776,21 @@ mod tests {
             Config::load(None, [("THINPIPE_DMTHIN_POOL".into(), "vg0-pool-tpool".into())], &["backend=dmthin".into()])
                 .unwrap();
         assert_eq!((c.dmthin.pool.as_str(), c.dmthin.volume_bytes), ("vg0-pool-tpool", 10 << 30));
+    }
+
+    #[test]
+    fn public_admin_addresses_need_the_flag_and_a_token() {
+        let check = |listen: &str, allow_public: bool, token: &str| {
+            AdminConfig { listen: listen.into(), allow_public, token: token.into(), ..AdminConfig::default() }
+                .listen_addr()
+                .map_err(|e| e.to_string())
+        };
+        assert!(check("127.0.0.1:0", false, "").is_ok());
+        assert!(check("[::1]:9185", false, "").is_ok());
+        assert!(check("0.0.0.0:9185", false, "").unwrap_err().contains("allow_public"));
+        assert!(check("0.0.0.0:9185", true, "").unwrap_err().contains("admin.token"));
+        assert!(check("0.0.0.0:9185", true, "s3cret").is_ok());
+        assert!(check("localhost", false, "").is_err(), "an address, not a name");
     }
 
     #[test]
