@@ -101,6 +101,59 @@ fn the_role_and_playbooks_pass_lint_and_syntax_checks() {
     }
 }
 
+/// The role's config template, rendered by Ansible itself with values holding quotes,
+/// backslashes and newlines, is read back by the worker with every value intact: a value
+/// cannot break the file or add a setting.
+#[test]
+fn the_config_template_keeps_awkward_values_inside_their_strings() {
+    if !ready_to_run(false) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let awkward = serde_json::json!({
+        "thinpipe_worker_host_id": "h\"1\\",
+        "thinpipe_worker_source": "dir:/srv/im\\ages \"new\"",
+        "thinpipe_worker_state_dir": dir.path().join("st\"ate").to_str().unwrap(),
+        "thinpipe_worker_volumes_dir": "/var/lib/thin\tpipe/vol\n[admin]\nlisten = \"0.0.0.0:1\"",
+        "thinpipe_worker_aws_region": "eu-west-1",
+        "thinpipe_worker_queue_url": "https://sqs.eu-west-1.amazonaws.com/1/jobs?x=\"y\"",
+        "inventory_hostname": "unused",
+    });
+    let vars = dir.path().join("vars.json");
+    std::fs::write(&vars, awkward.to_string()).unwrap();
+    let rendered = dir.path().join("worker.toml");
+    let role = repo().join("ansible/roles/thinpipe_worker");
+    let out = ansible_cmd("ansible")
+        .args(["localhost", "-i", "localhost,", "-c", "local", "-m", "ansible.builtin.template", "-a"])
+        .arg(format!("src={} dest={}", role.join("templates/worker.toml.j2").display(), rendered.display()))
+        .arg("-e")
+        .arg(format!("@{}", role.join("defaults/main.yml").display()))
+        .arg("-e")
+        .arg(format!("@{}", vars.display()))
+        .output()
+        .expect("ansible");
+    assert!(out.status.success(), "ansible template: {}", text(&out));
+    let out = Command::new(thinpipe_tests::bin("worker"))
+        .arg("--config")
+        .arg(&rendered)
+        .args(["config", "--json"])
+        .output()
+        .unwrap();
+    let config: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: the worker did not read the rendered file: {}\n{}",
+            text(&out),
+            std::fs::read_to_string(&rendered).unwrap()
+        )
+    });
+    assert_eq!(config["worker"]["host_id"], awkward["thinpipe_worker_host_id"]);
+    assert_eq!(config["source"], awkward["thinpipe_worker_source"]);
+    assert_eq!(config["state_dir"], awkward["thinpipe_worker_state_dir"]);
+    assert_eq!(config["volumes_dir"], awkward["thinpipe_worker_volumes_dir"]);
+    assert_eq!(config["queue"]["url"], awkward["thinpipe_worker_queue_url"]);
+    assert_eq!(config["admin"]["listen"], "127.0.0.1:9185", "the value did not add a setting");
+}
+
 /// The hosts and the AWS namespace; torn down on drop, even when the test fails.
 struct Fleet {
     dir: tempfile::TempDir,
