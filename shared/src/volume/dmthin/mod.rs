@@ -16,8 +16,8 @@
 //!
 //! `device.rs` holds the raw ioctls; this file decides what an errno means: `EEXIST` on
 //! create is checked (the id must really be in the pool) and then taken as a re-run;
-//! `ENODATA` (no such device or origin), `EINVAL`, `ENOSPC`, `EBUSY` (after the retries
-//! of `device.rs`) and any error while the pool is not in `rw` mode abort with the pool's
+//! `ENODATA` (no such device or origin), `EINVAL`, `ENOSPC`, `EBUSY` (after a few short
+//! retries here; `device.rs` has none) and any error while the pool is not in `rw` mode abort with the pool's
 //! status in the message; anything else is transient. Device nodes are made by this
 //! backend under `<root>/dev` from major:minor: no udev, no `/dev/mapper/*`.
 //!
