@@ -480,14 +480,22 @@ fn dead_letters_are_listed_redriven_after_a_fix_and_purged() {
     let wait = |args: &[&str]| enqueue(state, args).output().unwrap();
     assert!(wait(&["release", "--family", "ghost", "--invocation-id", "gone"]).status.success());
     assert_eq!(wait(&["activate", "--family", "ghost", "--invocation-id", "gone"]).status.code(), Some(1));
-    let log = daemon.log();
-    let done: Vec<&str> = log.lines().filter(|l| l.contains("job done")).collect();
-    assert!(log.lines().filter(|l| l.contains("job received")).count() >= 5, "{log}");
-    let at = |level: &str, outcome: &str| {
-        done.iter()
-            .any(|l| l.contains(level) && l.contains(&format!("outcome=\"{outcome}\"")) && l.contains("duration_ms"))
+    // "job done" is written after the result is sent and the message acked: waited for.
+    let logged = |log: &str| {
+        let at = |level: &str, outcome: &str| {
+            log.lines().any(|l| {
+                l.contains("job done")
+                    && l.contains(level)
+                    && l.contains(&format!("outcome=\"{outcome}\""))
+                    && l.contains("duration_ms")
+            })
+        };
+        log.lines().filter(|l| l.contains("job received")).count() >= 5
+            && at("INFO", "succeeded")
+            && at("WARN", "failed")
+            && at("WARN", "dead_lettered")
     };
-    assert!(at("INFO", "succeeded") && at("WARN", "failed") && at("WARN", "dead_lettered"), "{log}");
+    wait_until("every job logged when received and done", Duration::from_secs(30), || logged(&daemon.log()));
     assert!(daemon.stop(Duration::from_secs(30)).success());
 }
 
