@@ -76,7 +76,9 @@ pub fn read(root: &Path) -> Tree {
             let mut xattrs = BTreeMap::new();
             // Not following symlinks: a symlink's own attributes, if any.
             for name in xattr::list(&path).unwrap_or_else(|e| panic!("xattrs of {}: {e}", path.display())) {
-                let value = xattr::get(&path, &name).ok().flatten().unwrap_or_default();
+                let value = xattr::get(&path, &name)
+                    .unwrap_or_else(|e| panic!("xattr {name:?} of {}: {e}", path.display()))
+                    .unwrap_or_default();
                 xattrs.insert(name.to_string_lossy().into_owned(), hex::encode(value));
             }
             out.insert(
