@@ -114,7 +114,7 @@ enum Kind {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     thinpipe::sigpipe::end_quietly_on_broken_pipe();
-    let telemetry = thinpipe::telemetry::init("thinpipe-enqueue", "text", "warn");
+    let telemetry = thinpipe::telemetry::init("thinpipe-enqueue", "text", "warn", false);
     let code = run(&cli);
     // The enqueue span goes out before the process ends.
     telemetry.shutdown();

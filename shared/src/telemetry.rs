@@ -6,6 +6,8 @@
 //! (or the per-signal `..._TRACES_ENDPOINT` / `..._METRICS_ENDPOINT`) is set; the standard
 //! `OTEL_*` variables (service name, resource attributes, sampler, export interval) apply.
 //! [`Telemetry::shutdown`] flushes what is pending: call it before the process exits.
+//! The daemon also reads the same instruments in the Prometheus text format
+//! ([`PrometheusMetrics`], served at the admin API's `/metrics`).
 //!
 //! Trace context crosses process boundaries as a `traceparent` string: `enqueue` puts it in
 //! the message, the worker's job span takes it as parent, and the engine stores it with each
@@ -16,7 +18,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Counter, Histogram, UpDownCounter};
+use opentelemetry::metrics::{Counter, Gauge, Histogram, UpDownCounter};
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry_sdk::metrics::SdkMeterProvider;
@@ -35,6 +37,30 @@ pub const TRACEPARENT: &str = "traceparent";
 pub struct Telemetry {
     tracer: SdkTracerProvider,
     meter: Option<SdkMeterProvider>,
+    prometheus: Option<PrometheusMetrics>,
+}
+
+/// The process's metrics, read on demand in the Prometheus text format.
+#[derive(Clone)]
+pub struct PrometheusMetrics {
+    registry: prometheus::Registry,
+}
+
+impl PrometheusMetrics {
+    /// Every instrument's current value, in the Prometheus text exposition format.
+    pub fn render(&self) -> Result<String, String> {
+        let mut out = String::new();
+        prometheus::TextEncoder::new()
+            .encode_utf8(&self.registry.gather(), &mut out)
+            .map_err(|e| format!("encoding the metrics: {e}"))?;
+        Ok(out)
+    }
+}
+
+/// Whether metrics go out over OTLP (an endpoint is set): then values that cost a request
+/// to read (queue backlogs) are read on a timer, not only when `/metrics` is scraped.
+pub fn otlp_metrics_enabled() -> bool {
+    endpoint_set("METRICS")
 }
 
 fn endpoint_set(signal: &str) -> bool {
@@ -44,9 +70,10 @@ fn endpoint_set(signal: &str) -> bool {
 
 /// Sets up logging and OpenTelemetry for a process named `service` (unless
 /// `OTEL_SERVICE_NAME` names it). `log_format` is `text` or `json`; `default_level` applies
-/// when `RUST_LOG` is unset. Call it outside any async runtime (the blocking HTTP client
+/// when `RUST_LOG` is unset. With `prometheus` the metrics can also be read with
+/// [`Telemetry::prometheus`]. Call it outside any async runtime (the blocking HTTP client
 /// of the exporter cannot be built inside one).
-pub fn init(service: &str, log_format: &str, default_level: &str) -> Telemetry {
+pub fn init(service: &str, log_format: &str, default_level: &str, prometheus: bool) -> Telemetry {
     let mut resource = opentelemetry_sdk::Resource::builder();
     if std::env::var("OTEL_SERVICE_NAME").is_err() {
         resource = resource.with_service_name(service.to_owned());
@@ -61,19 +88,31 @@ pub fn init(service: &str, log_format: &str, default_level: &str) -> Telemetry {
         }
     }
     let tracer = tracer.build();
-    let meter = if endpoint_set("METRICS") {
+    let mut meter = SdkMeterProvider::builder().with_resource(resource);
+    let mut readers = 0;
+    if endpoint_set("METRICS") {
         match opentelemetry_otlp::MetricExporter::builder().with_http().build() {
             Ok(exporter) => {
-                Some(SdkMeterProvider::builder().with_resource(resource).with_periodic_exporter(exporter).build())
+                meter = meter.with_periodic_exporter(exporter);
+                readers += 1;
             }
-            Err(e) => {
-                problems.push(format!("OTLP metric export is off: {e}"));
-                None
-            }
+            Err(e) => problems.push(format!("OTLP metric export is off: {e}")),
         }
-    } else {
-        None
-    };
+    }
+    let mut prometheus_metrics = None;
+    if prometheus {
+        let registry = prometheus::Registry::new();
+        match opentelemetry_prometheus::exporter().with_registry(registry.clone()).build() {
+            Ok(reader) => {
+                meter = meter.with_reader(reader);
+                prometheus_metrics = Some(PrometheusMetrics { registry });
+                readers += 1;
+            }
+            Err(e) => problems.push(format!("the Prometheus metrics are off: {e}")),
+        }
+    }
+    // Without a reader the instruments stay the global no-ops.
+    let meter = (readers > 0).then(|| meter.build());
     if let Some(m) = &meter {
         opentelemetry::global::set_meter_provider(m.clone());
     }
@@ -105,13 +144,18 @@ pub fn init(service: &str, log_format: &str, default_level: &str) -> Telemetry {
     for p in problems {
         tracing::warn!("{p}");
     }
-    Telemetry { tracer, meter }
+    Telemetry { tracer, meter, prometheus: prometheus_metrics }
 }
 
 /// How long a process's exit waits for its last traces and metrics to go out.
 pub const EXPORT_BUDGET: Duration = Duration::from_millis(200);
 
 impl Telemetry {
+    /// The metrics in the Prometheus format, when [`init`] was asked for them.
+    pub fn prometheus(&self) -> Option<PrometheusMetrics> {
+        self.prometheus.clone()
+    }
+
     /// Flushes pending spans and metrics and stops the exporters, waiting at most
     /// [`EXPORT_BUDGET`]: a collector that is down or does not answer delays no exit by more,
     /// and costs one WARN line. Call it outside any async runtime, after the work is done.
@@ -211,7 +255,18 @@ pub struct Metrics {
     /// Jobs refused because the host is full, by `kind`.
     pub capacity_refusals: Counter<u64>,
     /// The volume storage's usage in percent when last measured, by `what` (`data`, `metadata`).
-    pub capacity_used_percent: opentelemetry::metrics::Gauge<f64>,
+    pub capacity_used_percent: Gauge<f64>,
+    /// The volume storage's used and total bytes when last measured, by `what` (`data`) and
+    /// `of` (`used`, `total`).
+    pub volume_bytes: Gauge<u64>,
+    /// Messages in a queue the worker reads, by `queue` and `state` (`waiting`, `in_flight`),
+    /// when last read (SQS: approximate, read at most once a minute).
+    pub queue_messages: Gauge<u64>,
+    /// Dead letters of a queue the worker reads, by `queue`, when last read.
+    pub queue_dead_letters: Gauge<u64>,
+    /// 1 while the worker is ready for jobs (what `/readyz` answers), else 0; read at each
+    /// scrape of `/metrics`.
+    pub ready: Gauge<u64>,
 }
 
 /// The process's instruments, created on first use from the global meter provider (so
@@ -264,10 +319,24 @@ pub fn metrics() -> &'static Metrics {
                 .with_description("Jobs refused because the host is full")
                 .build(),
             capacity_used_percent: m
-                .f64_gauge("thinpipe.capacity.used_percent")
+                .f64_gauge("thinpipe.capacity.used")
                 .with_unit("%")
                 .with_description("Volume storage used, in percent, when last measured")
                 .build(),
+            volume_bytes: m
+                .u64_gauge("thinpipe.volume.storage")
+                .with_unit("By")
+                .with_description("Volume storage used and total, in bytes, when last measured")
+                .build(),
+            queue_messages: m
+                .u64_gauge("thinpipe.queue.messages")
+                .with_description("Messages waiting or in flight in a queue the worker reads, when last read")
+                .build(),
+            queue_dead_letters: m
+                .u64_gauge("thinpipe.queue.dead_letters")
+                .with_description("Dead letters of a queue the worker reads, when last read")
+                .build(),
+            ready: m.u64_gauge("thinpipe.ready").with_description("1 while the worker is ready for jobs").build(),
             lease_takeovers: m
                 .u64_counter("thinpipe.lease.takeovers")
                 .with_description("Leases taken over from a holder that is gone")

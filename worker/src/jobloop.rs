@@ -30,6 +30,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::backlog::Backlog;
 use crate::executor::{Executor, JobEnd};
 use crate::host::Host;
 use crate::order::{JobOrder, Turn};
@@ -55,6 +56,8 @@ pub struct JobLoop {
     draining: CancellationToken,
     /// Queues whose last receive failed.
     receive_failing: Arc<AtomicUsize>,
+    /// The queues' backlog gauges.
+    backlog: Arc<Backlog>,
 }
 
 /// Counts a running job for as long as it lives (panics and aborts included).
@@ -81,6 +84,7 @@ impl JobLoop {
         let draining = CancellationToken::new();
         Arc::new(Self {
             executor: Executor::new(host.clone(), draining.clone()),
+            backlog: Arc::new(Backlog::new(&queues)),
             order: Arc::default(),
             host,
             queues,
@@ -108,6 +112,11 @@ impl JobLoop {
     /// Jobs running now.
     pub fn in_flight(&self) -> usize {
         self.running.load(Ordering::SeqCst)
+    }
+
+    /// The backlog gauges of the queues this loop reads.
+    pub fn backlog(&self) -> &Backlog {
+        &self.backlog
     }
 
     /// Whether the last receive from some queue failed (the queue is not usable now).
@@ -149,6 +158,12 @@ impl JobLoop {
             let (host, stop) = (self.host.clone(), maintenance_stop.clone());
             tokio::spawn(async move { host.lifecycle.run(stop).await })
         };
+        // The backlog gauges follow a timer only when metrics go out over OTLP; a scrape of
+        // `/metrics` refreshes them itself.
+        let backlog = telemetry::otlp_metrics_enabled().then(|| {
+            let (backlog, stop) = (self.backlog.clone(), maintenance_stop.clone());
+            tokio::spawn(async move { backlog.run(stop).await })
+        });
         // One receiver per queue; they share the job slots and hand over what they receive.
         let slots = Arc::new(tokio::sync::Semaphore::new(cfg.worker.concurrency));
         let share = cfg.worker.concurrency.div_ceil(self.queues.len()).clamp(1, 10);
@@ -237,6 +252,11 @@ impl JobLoop {
         if tokio::time::timeout_at(deadline, &mut maintenance).await.is_err() {
             maintenance.abort();
             tracing::warn!("drain deadline passed during a maintenance pass; its runs resume at the next start");
+        }
+        if let Some(backlog) = backlog
+            && let Err(e) = backlog.await
+        {
+            tracing::warn!(error = %e, "the backlog gauges' task ended abnormally");
         }
         let left: Vec<(Arc<dyn JobQueue>, Delivery)> = lock(&in_flight).drain().map(|(_, d)| d).collect();
         out.released_at_drain = left.len();

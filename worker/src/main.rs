@@ -244,7 +244,9 @@ fn main() -> ExitCode {
     }
     // The demo talks to a person through its progress bar; keep the log to warnings there.
     let level = if matches!(cli.command, Command::Demo { .. }) { "warn" } else { "info" };
-    let telemetry = thinpipe::telemetry::init("thinpipe-worker", config.log_format.as_str(), level);
+    // The daemon also serves its metrics at the admin API's /metrics.
+    let prometheus = matches!(cli.command, Command::Daemon) && !config.admin.listen.is_empty();
+    let telemetry = thinpipe::telemetry::init("thinpipe-worker", config.log_format.as_str(), level, prometheus);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -252,7 +254,7 @@ fn main() -> ExitCode {
             return ExitCode::from(3);
         }
     };
-    let code = match runtime.block_on(run(cli.command, config)) {
+    let code = match runtime.block_on(run(cli.command, config, telemetry.prometheus())) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("worker: {e:#}");
@@ -313,7 +315,11 @@ fn encode(s: &str) -> String {
         .collect()
 }
 
-async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
+async fn run(
+    command: Command,
+    config: Config,
+    prometheus: Option<thinpipe::telemetry::PrometheusMetrics>,
+) -> anyhow::Result<ExitCode> {
     match command {
         Command::Config { json } => {
             if json {
@@ -326,7 +332,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         Command::Demo { json } => {
             Ok(if worker::demo::run(config, json).await? { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
-        Command::Daemon => daemon(config).await,
+        Command::Daemon => daemon(config, prometheus).await,
         Command::Runs { .. } => unreachable!("handled before the runtime starts"),
         Command::Reconcile { fix, json } => reconcile(&config, fix, json),
         Command::Images { json } => worker::inventory::print(&config, json),
@@ -389,59 +395,18 @@ fn reconcile(config: &Config, fix: bool, json: bool) -> anyhow::Result<ExitCode>
     Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-async fn daemon(config: Config) -> anyhow::Result<ExitCode> {
+async fn daemon(
+    config: Config,
+    prometheus: Option<thinpipe::telemetry::PrometheusMetrics>,
+) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
     // First, so a signal while waiting for the state directory (worker.wait_for_state)
     // ends the wait cleanly instead of killing the process by SIGTERM's default action.
     spawn_signal_handler(shutdown.clone())?;
-    // A fresh host: the state directory (which holds the embedded queue) is made here, as
-    // `run` and `demo` make it.
-    std::fs::create_dir_all(&config.state_dir)
-        .with_context(|| format!("creating the state directory {}", config.state_dir.display()))?;
-    let queues = worker::host::open_queues(&config).await?;
-    let host = tokio::select! {
-        host = Host::open(config.clone()) => Arc::new(host?),
-        _ = shutdown.cancelled() => {
-            tracing::info!("signal received before the worker started (while opening its state): exiting");
-            return Ok(ExitCode::SUCCESS);
-        }
-    };
-    let described: Vec<String> = queues.iter().map(|q| q.describe()).collect();
-    tracing::info!(
-        host_id = %config.worker.host_id,
-        state_dir = %config.state_dir.display(),
-        queues = %described.join(", "),
-        "worker started"
-    );
-    let job_loop = worker::jobloop::JobLoop::new(host.clone(), queues);
-    let admin_stop = CancellationToken::new();
-    let admin = if config.admin.listen.is_empty() {
-        None
-    } else {
-        match worker::admin::serve(host.clone(), job_loop.clone(), admin_stop.clone()).await {
-            Ok((_, server)) => Some(server),
-            Err(e) => {
-                host.close().await;
-                return Err(e);
-            }
-        }
-    };
-    let report = job_loop.run(shutdown).await;
-    // The admin API answers until the jobs are drained, then stops with the process.
-    admin_stop.cancel();
-    if let Some(server) = admin {
-        if let Err(e) = server.await {
-            tracing::warn!(error = %e, "the admin API task ended abnormally");
-        }
-        let addr_file = config.state_dir.join(worker::admin::ADDR_FILE);
-        if let Err(e) = std::fs::remove_file(&addr_file) {
-            tracing::warn!(path = %addr_file.display(), error = %e, "could not remove the admin address file");
-        }
-    }
-    host.close().await;
-    let report = report?;
-    tracing::info!(handled = report.handled, released = report.released_at_drain, "worker stopped");
-    Ok(if host.lease_lost.is_cancelled() { ExitCode::from(3) } else { ExitCode::SUCCESS })
+    Ok(match worker::daemon::run(config, prometheus, shutdown).await? {
+        worker::daemon::Stopped::Drained => ExitCode::SUCCESS,
+        worker::daemon::Stopped::LeaseLost => ExitCode::from(3),
+    })
 }
 
 /// First SIGTERM/SIGINT: drain. Second: exit now (runs stay resumable).

@@ -149,6 +149,9 @@ impl Lifecycle {
         })??;
         let m = crate::telemetry::metrics();
         m.capacity_used_percent.record(usage.percent(), &[crate::telemetry::kv("what", "data")]);
+        for (of, bytes) in [("used", usage.used_bytes), ("total", usage.total_bytes)] {
+            m.volume_bytes.record(bytes, &[crate::telemetry::kv("what", "data"), crate::telemetry::kv("of", of)]);
+        }
         if let Some(meta) = usage.metadata_percent() {
             m.capacity_used_percent.record(meta, &[crate::telemetry::kv("what", "metadata")]);
         }

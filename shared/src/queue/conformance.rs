@@ -11,12 +11,15 @@ use super::JobQueue;
 pub(crate) async fn run(q: &dyn JobQueue, other: &dyn JobQueue, fenced_receipts: bool) {
     let none = BTreeMap::new();
     assert!(q.receive(10, Duration::from_millis(50)).await.unwrap().is_empty(), "starts empty");
+    let backlog = |s: super::QueueStats| (s.waiting, s.in_flight);
+    assert_eq!(backlog(q.stats().await.unwrap()), (0, 0), "an empty queue's backlog");
 
     let id1 = q.send("jobs", "one", &none).await.unwrap();
     let mut attrs = BTreeMap::new();
     attrs.insert("traceparent".to_owned(), "00-abc-def-01".to_owned());
     q.send("jobs", "two", &attrs).await.unwrap();
     other.send("jobs-dlq", "elsewhere", &none).await.unwrap();
+    assert_eq!(backlog(q.stats().await.unwrap()), (2, 0), "two waiting");
 
     let got = q.receive(10, Duration::from_secs(1)).await.unwrap();
     assert_eq!(got.iter().map(|d| d.body.as_str()).collect::<Vec<_>>(), ["one", "two"], "in order, own queue only");
@@ -24,6 +27,7 @@ pub(crate) async fn run(q: &dyn JobQueue, other: &dyn JobQueue, fenced_receipts:
     assert_eq!(got[0].receive_count, 1);
     assert_eq!(got[1].attributes.get("traceparent").map(String::as_str), Some("00-abc-def-01"));
     assert!(q.receive(10, Duration::from_millis(50)).await.unwrap().is_empty(), "in flight: invisible");
+    assert_eq!(backlog(q.stats().await.unwrap()), (0, 2), "two in flight");
 
     // Ack one; let the other's visibility lapse: it comes back with a new receipt.
     q.ack(&got[0]).await.unwrap();
@@ -49,8 +53,11 @@ pub(crate) async fn run(q: &dyn JobQueue, other: &dyn JobQueue, fenced_receipts:
     assert_eq!(third[0].receive_count, 3);
 
     // Dead letter with a reason.
+    let dead = || async { q.stats().await.unwrap().dead_letters.expect("the queue under test has dead letters") };
+    let dead_before = dead().await;
     q.dead_letter(&third[0], "not a job").await.unwrap();
     assert!(q.receive(10, Duration::from_millis(50)).await.unwrap().is_empty());
+    assert_eq!(dead().await, dead_before + 1, "the dead letter is counted");
 
     // Redrive: a message received max_receives times without an ack is dead-lettered.
     q.send("jobs", "poison", &none).await.unwrap();
@@ -60,6 +67,8 @@ pub(crate) async fn run(q: &dyn JobQueue, other: &dyn JobQueue, fenced_receipts:
         q.release(&d[0]).await.unwrap();
     }
     assert!(q.receive(1, Duration::from_millis(50)).await.unwrap().is_empty(), "poison went to the dead letters");
+    assert_eq!(dead().await, dead_before + 2, "the redriven poison is counted");
+    assert_eq!(backlog(q.stats().await.unwrap()), (0, 0), "nothing left");
     let in_other: Vec<String> =
         other.receive(10, Duration::from_millis(50)).await.unwrap().into_iter().map(|d| d.body).collect();
     assert!(in_other.contains(&"elsewhere".to_owned()), "{in_other:?}");

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio_util::sync::CancellationToken;
 
-use super::{Delivery, JobQueue, QueueError};
+use super::{Delivery, JobQueue, QueueError, QueueStats};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS messages (
@@ -243,6 +243,22 @@ impl EmbeddedQueue {
 impl JobQueue for EmbeddedQueue {
     fn describe(&self) -> String {
         format!("embedded:{}#{}", self.path.display(), self.name)
+    }
+
+    async fn stats(&self) -> Result<QueueStats, QueueError> {
+        let name = self.name.clone();
+        self.with_conn(move |c| {
+            let (waiting, in_flight) = c.query_row(
+                "SELECT COALESCE(SUM(visible_at <= ?2), 0), COALESCE(SUM(visible_at > ?2), 0)
+                 FROM messages WHERE queue = ?1",
+                params![name, now_ms()],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+            )?;
+            let dead: i64 =
+                c.query_row("SELECT COUNT(*) FROM dead_letters WHERE queue = ?1", params![name], |r| r.get(0))?;
+            Ok(QueueStats { waiting: waiting as u64, in_flight: in_flight as u64, dead_letters: Some(dead as u64) })
+        })
+        .await
     }
 
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError> {

@@ -35,6 +35,18 @@ pub struct Delivery {
     pub attributes: BTreeMap<String, String>,
 }
 
+/// A queue's backlog, for the gauges an SRE alerts on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Messages waiting to be received.
+    pub waiting: u64,
+    /// Messages received and neither acked nor visible again yet.
+    pub in_flight: u64,
+    /// Dead letters; `None` when the queue knows of no dead-letter queue of its own (SQS
+    /// without `queue.dead_letter_url`).
+    pub dead_letters: Option<u64>,
+}
+
 #[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum QueueError {
@@ -79,4 +91,11 @@ pub trait JobQueue: Send + Sync {
     async fn dead_letter(&self, d: &Delivery, reason: &str) -> Result<(), QueueError>;
     /// Sends a message to queue `to` (a result to `reply_to`, or a job).
     async fn send(&self, to: &str, body: &str, attributes: &BTreeMap<String, String>) -> Result<String, QueueError>;
+    /// The backlog now (SQS: approximate).
+    async fn stats(&self) -> Result<QueueStats, QueueError>;
+    /// The least time worth leaving between two [`JobQueue::stats`] calls: SQS bills each
+    /// request, and a fleet of thousands of hosts must not pay for its dashboards.
+    fn stats_interval(&self) -> Duration {
+        Duration::ZERO
+    }
 }

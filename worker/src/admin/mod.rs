@@ -7,6 +7,8 @@
 //! - `GET /healthz`: the process is alive.
 //! - `GET /readyz`: store, queue and volume backend usable, not draining, and the host not
 //!   full (503 otherwise, with the reasons, e.g. "host full: pool data 96% used (limit 95%)").
+//! - `GET /metrics`: the worker's metrics in the Prometheus text format (the instruments that
+//!   go out over OTLP, the queues' backlog and dead letters, volume storage, readiness).
 //! - `POST /drain`: stop taking jobs; `GET /drain`: whether draining, and jobs in flight.
 //! - `GET /api/runs?workflow=&status=&limit=`, `GET /api/runs/{id}`, `GET /api/workflows`.
 //! - `GET /api/images`: families, their versions and live snapshots, storage usage (what
@@ -31,6 +33,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 use thinpipe::fsm::{RunFilter, RunStatus};
+use thinpipe::telemetry::{self, PrometheusMetrics};
 use tokio_util::sync::CancellationToken;
 
 use crate::host::Host;
@@ -48,13 +51,16 @@ pub const ADDR_FILE: &str = "admin.addr";
 struct Admin {
     host: Arc<Host>,
     jobs: Arc<JobLoop>,
+    prometheus: Option<PrometheusMetrics>,
     token: Option<String>,
 }
 
 /// Binds the admin API and serves it until `shutdown` fires. Returns the bound address.
+/// `/metrics` answers 404 without `prometheus`.
 pub async fn serve(
     host: Arc<Host>,
     jobs: Arc<JobLoop>,
+    prometheus: Option<PrometheusMetrics>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let cfg = &host.config.admin;
@@ -70,7 +76,7 @@ pub async fn serve(
     std::fs::rename(&tmp, &addr_file)
         .with_context(|| format!("renaming {} to {}", tmp.display(), addr_file.display()))?;
     let token = (!cfg.token.is_empty()).then(|| cfg.token.clone());
-    let app = router(Admin { host, jobs, token });
+    let app = router(Admin { host, jobs, prometheus, token });
     let server = tokio::spawn(async move {
         let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
         if let Err(e) = served {
@@ -84,6 +90,7 @@ pub async fn serve(
 fn router(admin: Admin) -> Router {
     let api = Router::new()
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/drain", get(drain_status).post(drain))
         .route("/api/runs", get(list_runs))
         .route("/api/runs/{id}", get(run_detail))
@@ -120,6 +127,29 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 async fn readyz(State(admin): State<Admin>) -> Response {
+    let reasons = not_ready_because(&admin).await;
+    let ready = reasons.is_empty();
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(json!({"ready": ready, "reasons": reasons}))).into_response()
+}
+
+async fn metrics(State(admin): State<Admin>) -> Response {
+    let Some(prometheus) = &admin.prometheus else {
+        return error(StatusCode::NOT_FOUND, "this process does not collect metrics for Prometheus");
+    };
+    // What costs a call to read is read now (each queue no more often than it allows);
+    // readiness also measures the volume storage (at most every few seconds).
+    admin.jobs.backlog().refresh().await;
+    let ready = not_ready_because(&admin).await.is_empty();
+    telemetry::metrics().ready.record(u64::from(ready), &[]);
+    match prometheus.render() {
+        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+/// Why the worker should not get jobs now (empty: ready).
+async fn not_ready_because(admin: &Admin) -> Vec<String> {
     let mut reasons = Vec::new();
     if admin.jobs.is_draining() {
         reasons.push("draining".to_owned());
@@ -149,9 +179,7 @@ async fn readyz(State(admin): State<Admin>) -> Response {
     if let Some(full) = admin.host.lifecycle.full().await {
         reasons.push(full);
     }
-    let ready = reasons.is_empty();
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(json!({"ready": ready, "reasons": reasons}))).into_response()
+    reasons
 }
 
 fn drain_body(admin: &Admin) -> serde_json::Value {

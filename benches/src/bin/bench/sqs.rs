@@ -29,7 +29,7 @@ use anyhow::{Context, bail, ensure};
 use async_trait::async_trait;
 use thinpipe::fsm::Outcome;
 use thinpipe::job::{Job, JobKind};
-use thinpipe::queue::{Delivery, JobQueue, QueueError, SqsQueue, SqsSettings};
+use thinpipe::queue::{Delivery, JobQueue, QueueError, QueueStats, SqsQueue, SqsSettings};
 use tokio_util::sync::CancellationToken;
 
 use crate::report::{self, Goal};
@@ -121,6 +121,12 @@ impl JobQueue for Counting {
     }
     async fn send(&self, to: &str, body: &str, a: &BTreeMap<String, String>) -> Result<String, QueueError> {
         self.inner.send(to, body, a).await
+    }
+    async fn stats(&self) -> Result<QueueStats, QueueError> {
+        self.inner.stats().await
+    }
+    fn stats_interval(&self) -> Duration {
+        self.inner.stats_interval()
     }
 }
 

@@ -3,7 +3,7 @@
 //! with the reason as a message attribute, FIFO queues ([`fifo_ids`]: an invocation's jobs
 //! are ordered and different invocations run in parallel; a family's prepares are ordered;
 //! a re-sent job is deduplicated). One `SqsQueue` receives from one queue URL; `send` resolves any queue by
-//! URL or name.
+//! URL or name. The backlog gauges come from `GetQueueAttributes`, at most once a minute.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -14,9 +14,9 @@ mod sends;
 use async_trait::async_trait;
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, MessageSystemAttributeName};
+use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, MessageSystemAttributeName, QueueAttributeName};
 
-use super::{Delivery, JobQueue, QueueError};
+use super::{Delivery, JobQueue, QueueError, QueueStats};
 
 /// The message attribute that carries a dead letter's reason.
 pub const REASON_ATTRIBUTE: &str = "thinpipe-dead-letter-reason";
@@ -101,6 +101,33 @@ impl SqsQueue {
             .to_owned();
         self.urls.lock().unwrap_or_else(|p| p.into_inner()).insert(to.to_owned(), url.clone());
         Ok(url)
+    }
+
+    /// `ApproximateNumberOfMessages` and `...NotVisible` of the queue at `url`.
+    async fn counts(&self, url: &str) -> Result<(u64, u64), QueueError> {
+        let out = self
+            .client
+            .get_queue_attributes()
+            .queue_url(url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .map_err(|e| classify(url, "reading the queue's attributes", e))?;
+        let count = |name: QueueAttributeName| -> Result<u64, QueueError> {
+            let value = out.attributes().and_then(|a| a.get(&name)).ok_or_else(|| QueueError::Invalid {
+                queue: url.to_owned(),
+                detail: format!("GetQueueAttributes did not return {name}"),
+            })?;
+            value.parse().map_err(|e| QueueError::Invalid {
+                queue: url.to_owned(),
+                detail: format!("GetQueueAttributes returned {name}={value:?}: {e}"),
+            })
+        };
+        Ok((
+            count(QueueAttributeName::ApproximateNumberOfMessages)?,
+            count(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)?,
+        ))
     }
 
     async fn change_visibility(&self, d: &Delivery, secs: i32) -> Result<(), QueueError> {
@@ -255,6 +282,20 @@ fn fifo_ids(body: &str) -> (String, String) {
 impl JobQueue for SqsQueue {
     fn describe(&self) -> String {
         format!("sqs:{}", self.settings.queue_url)
+    }
+
+    async fn stats(&self) -> Result<QueueStats, QueueError> {
+        let (waiting, in_flight) = self.counts(&self.settings.queue_url).await?;
+        let dead_letters = match &self.settings.dead_letter_url {
+            // Messages in a dead-letter queue are never received, so all of them wait.
+            Some(dlq) => Some(self.counts(dlq).await?.0),
+            None => None,
+        };
+        Ok(QueueStats { waiting, in_flight, dead_letters })
+    }
+
+    fn stats_interval(&self) -> Duration {
+        Duration::from_secs(60)
     }
 
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError> {

@@ -1,0 +1,78 @@
+//! The daemon: a host's state, its queues, the job loop and the admin API, run until
+//! `shutdown` fires (or the worker lease is lost), then stopped in order: the job loop
+//! drains, the admin API stops, the host closes. `main.rs` only turns signals into
+//! `shutdown` and the outcome into an exit code.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use thinpipe::telemetry::PrometheusMetrics;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::host::Host;
+
+/// Why the daemon stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// Told to (`shutdown`, or before it started): drained.
+    Drained,
+    /// Another process took the worker lease: this one stopped without being told.
+    LeaseLost,
+}
+
+/// Runs the worker on `config` until `shutdown` fires. `prometheus` is what `/metrics` serves.
+pub async fn run(
+    config: Config,
+    prometheus: Option<PrometheusMetrics>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Stopped> {
+    // A fresh host: the state directory (which holds the embedded queue) is made here, as
+    // `run` and `demo` make it.
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("creating the state directory {}", config.state_dir.display()))?;
+    let queues = crate::host::open_queues(&config).await?;
+    let host = tokio::select! {
+        host = Host::open(config.clone()) => Arc::new(host?),
+        _ = shutdown.cancelled() => {
+            tracing::info!("signal received before the worker started (while opening its state): exiting");
+            return Ok(Stopped::Drained);
+        }
+    };
+    let described: Vec<String> = queues.iter().map(|q| q.describe()).collect();
+    tracing::info!(
+        host_id = %config.worker.host_id,
+        state_dir = %config.state_dir.display(),
+        queues = %described.join(", "),
+        "worker started"
+    );
+    let job_loop = crate::jobloop::JobLoop::new(host.clone(), queues);
+    let admin_stop = CancellationToken::new();
+    let admin = if config.admin.listen.is_empty() {
+        None
+    } else {
+        match crate::admin::serve(host.clone(), job_loop.clone(), prometheus, admin_stop.clone()).await {
+            Ok((_, server)) => Some(server),
+            Err(e) => {
+                host.close().await;
+                return Err(e);
+            }
+        }
+    };
+    let report = job_loop.run(shutdown).await;
+    // The admin API answers until the jobs are drained, then stops with the process.
+    admin_stop.cancel();
+    if let Some(server) = admin {
+        if let Err(e) = server.await {
+            tracing::warn!(error = %e, "the admin API task ended abnormally");
+        }
+        let addr_file = config.state_dir.join(crate::admin::ADDR_FILE);
+        if let Err(e) = std::fs::remove_file(&addr_file) {
+            tracing::warn!(path = %addr_file.display(), error = %e, "could not remove the admin address file");
+        }
+    }
+    host.close().await;
+    let report = report?;
+    tracing::info!(handled = report.handled, released = report.released_at_drain, "worker stopped");
+    Ok(if host.lease_lost.is_cancelled() { Stopped::LeaseLost } else { Stopped::Drained })
+}
