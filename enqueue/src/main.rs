@@ -38,7 +38,7 @@ struct Cli {
     /// created and deleted by this command).
     #[arg(long, global = true)]
     reply_queue_url: Option<String>,
-    /// AWS endpoint for SQS (a local server such as moto).
+    /// AWS endpoint for SQS and S3 (a local server such as moto).
     #[arg(long, env = "THINPIPE_AWS_ENDPOINT", global = true)]
     endpoint_url: Option<String>,
     /// Wait for the result and print it.
@@ -111,8 +111,61 @@ enum Kind {
     },
 }
 
+/// The options each subcommand that is not a job takes; the job options it does not take
+/// are hidden from its help and refused on its command line.
+const OWN_OPTIONS: [(&str, &[&str]); 2] = [
+    ("publish", &["endpoint_url", "json"]),
+    ("dead-letters", &["state_dir", "queue_path", "queue", "queue_url", "json"]),
+];
+
+/// The job options: global, so that they may come before or after the job's name.
+const JOB_OPTIONS: [&str; 9] =
+    ["state_dir", "queue_path", "queue", "queue_url", "reply_queue_url", "endpoint_url", "wait", "timeout", "json"];
+
+/// The command line, with each subcommand's help listing only the options it takes.
+fn command() -> clap::Command {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    let globals: Vec<clap::Arg> = cmd.get_arguments().filter(|a| a.is_global_set()).cloned().collect();
+    for (name, own) in OWN_OPTIONS {
+        // A hidden copy in the subcommand takes the place of the global option clap would
+        // copy in (and passes on to the subcommand's own subcommands, hidden).
+        let hidden = globals.iter().filter(|a| !own.contains(&a.get_id().as_str())).map(|a| a.clone().hide(true));
+        let hidden: Vec<clap::Arg> = hidden.collect();
+        cmd = cmd.mut_subcommand(name, |c| c.args(hidden));
+    }
+    cmd
+}
+
+/// A job option given on the command line to a subcommand that does not take it.
+fn misplaced_option(matches: &clap::ArgMatches) -> Option<String> {
+    let (name, mut sub) = matches.subcommand()?;
+    let (_, own) = OWN_OPTIONS.iter().find(|(n, _)| *n == name)?;
+    loop {
+        for id in JOB_OPTIONS.iter().filter(|id| !own.contains(id)) {
+            if sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
+                return Some(format!(
+                    "--{} does not apply to `enqueue {name}` (see `enqueue {name} --help`)",
+                    id.replace('_', "-")
+                ));
+            }
+        }
+        match sub.subcommand() {
+            Some((_, deeper)) => sub = deeper,
+            None => return None,
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = command().get_matches();
+    if let Some(usage) = misplaced_option(&matches) {
+        eprintln!("enqueue: {usage}");
+        return ExitCode::from(2);
+    }
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     thinpipe::sigpipe::end_quietly_on_broken_pipe();
     let telemetry = thinpipe::telemetry::init("thinpipe-enqueue", "text", "warn", false);
     let code = run(&cli);

@@ -584,6 +584,24 @@ fn a_missing_source_directory_and_bad_publish_arguments_are_named() {
         assert_eq!(out.status.code(), Some(2), "{src:?} {to}: {stderr}");
         assert!(stderr.contains(says) && stderr.lines().count() == 1, "one line naming the mistake: {stderr}");
     }
+
+    // `publish` takes its own options; the job options are neither in its help nor accepted.
+    let help = Command::new(bin("enqueue")).args(["publish", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    let listed = help.split_once("Options:").map_or("", |(_, options)| options);
+    let options: Vec<&str> = listed.split_whitespace().filter(|w| w.starts_with("--")).collect();
+    assert_eq!(options, ["--family", "--to", "--endpoint-url", "--json", "--help"], "{help}");
+    for misplaced in [&["--wait", "publish"][..], &["publish", "--queue-url", "https://sqs.example/q"]] {
+        let out = Command::new(bin("enqueue"))
+            .args(misplaced)
+            .arg(dir.path())
+            .args(["--family", "web", "--to", "s3://bucket/p"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{misplaced:?}: {stderr}");
+        assert!(stderr.contains("does not apply to `enqueue publish`"), "{stderr}");
+    }
 }
 
 /// `worker runs list|show` with no worker running (after `worker run` or the demo, or with
