@@ -50,6 +50,10 @@ struct Cli {
     /// Print the result as JSON.
     #[arg(long, global = true)]
     json: bool,
+    /// With --wait on a terminal: the worker's admin API, read for the job's progress
+    /// (default with the embedded queue: the address the worker wrote in <state-dir>/admin.addr).
+    #[arg(long, global = true)]
+    admin_url: Option<String>,
     #[command(subcommand)]
     kind: Kind,
 }
@@ -119,8 +123,18 @@ const OWN_OPTIONS: [(&str, &[&str]); 2] = [
 ];
 
 /// The job options: global, so that they may come before or after the job's name.
-const JOB_OPTIONS: [&str; 9] =
-    ["state_dir", "queue_path", "queue", "queue_url", "reply_queue_url", "endpoint_url", "wait", "timeout", "json"];
+const JOB_OPTIONS: [&str; 10] = [
+    "state_dir",
+    "queue_path",
+    "queue",
+    "queue_url",
+    "reply_queue_url",
+    "endpoint_url",
+    "wait",
+    "timeout",
+    "json",
+    "admin_url",
+];
 
 /// The command line, with each subcommand's help listing only the options it takes.
 fn command() -> clap::Command {
@@ -437,7 +451,7 @@ async fn post_sqs(cli: &Cli, mut job: Job, url: &str) -> anyhow::Result<ExitCode
         None => Ok(ExitCode::SUCCESS),
         Some(reply) => {
             let replies = thinpipe::queue::SqsQueue::new(client.clone(), settings(reply));
-            wait_for_result(cli, &replies, &id, url, None).await
+            with_progress(cli, &job, false, wait_for_result(cli, &replies, &id, url, None)).await
         }
     };
     if let Some(u) = temporary
@@ -515,7 +529,46 @@ async fn post_embedded(cli: &Cli, mut job: Job) -> anyhow::Result<ExitCode> {
         posted(cli, &job, &id, &queue.describe());
     }
     let Some(reply_to) = reply_to else { return Ok(ExitCode::SUCCESS) };
-    wait_for_result(cli, &queue.named(&reply_to), &id, &queue.describe(), Some(&queue)).await
+    let (replies, described) = (queue.named(&reply_to), queue.describe());
+    with_progress(cli, &job, true, wait_for_result(cli, &replies, &id, &described, Some(&queue))).await
+}
+
+/// Awaits `waited` while a terminal shows the job's progress, read from the worker's admin
+/// API (`--admin-url`, or for the embedded queue the address in the state directory).
+async fn with_progress<T>(cli: &Cli, job: &Job, embedded: bool, waited: impl std::future::Future<Output = T>) -> T {
+    let view = thinpipe::progress::ProgressView::on_terminal(
+        &job.family,
+        &format!("waiting for {} (no progress from the worker yet)", job.run_id()),
+    );
+    let given = cli.admin_url.clone();
+    let addr_file = embedded.then(|| cli.state_dir.join("admin.addr"));
+    let read = async || {
+        let (given, addr_file) = (given.clone(), addr_file.clone());
+        // Progress is only shown: when the worker cannot be asked, the bar waits.
+        tokio::task::spawn_blocking(move || worker_progress(given, addr_file)).await.unwrap_or_default()
+    };
+    thinpipe::progress::while_running(view, read, waited).await
+}
+
+/// The steps the worker is running, from its admin API; empty when it cannot be asked.
+fn worker_progress(
+    given: Option<String>,
+    addr_file: Option<std::path::PathBuf>,
+) -> Vec<thinpipe::progress::StepProgress> {
+    let url = match (given, addr_file) {
+        (Some(url), _) => url,
+        (None, Some(file)) => match std::fs::read_to_string(file) {
+            Ok(url) => url.trim().to_owned(),
+            Err(_) => return Vec::new(),
+        },
+        (None, None) => return Vec::new(),
+    };
+    let client = match reqwest::blocking::Client::builder().timeout(Duration::from_secs(1)).build() {
+        Ok(c) => c,
+        Err(_) => return Vec::new(),
+    };
+    let answer = client.get(format!("{}/api/progress", url.trim_end_matches('/'))).send();
+    answer.and_then(|r| r.error_for_status()).and_then(|r| r.json()).unwrap_or_default()
 }
 
 /// The result; as JSON with the trace id of this job (`trace_id`) beside its fields.

@@ -6,6 +6,7 @@
 //! - [`image`]: blob sources, manifests, the blob cache, layer application;
 //! - [`volume`]: the `VolumeBackend` trait and its backends;
 //! - [`pipeline`]: the prepare, activate and release workflows;
+//! - [`progress`]: how far the running steps have got, and the terminal bar that shows it;
 //! - [`queue`]: the `JobQueue` trait, the embedded and SQS queues;
 //! - [`job`]: the job message schema and results;
 //! - [`aws`]: one AWS SDK setup for SQS and S3;
@@ -21,6 +22,7 @@ pub mod image;
 pub mod job;
 pub mod lifecycle;
 pub mod pipeline;
+pub mod progress;
 pub mod queue;
 pub mod quote;
 pub mod reconcile;

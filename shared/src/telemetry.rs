@@ -131,7 +131,7 @@ pub fn init(service: &str, log_format: &str, default_level: &str, prometheus: bo
     // Colour only for a person at a terminal, and never with NO_COLOR: a log file or a
     // journal must not fill with escape codes.
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(colour);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(|| LogWriter).with_ansi(colour);
     let registry = tracing_subscriber::registry().with(otel);
     let installed = if log_format == "json" {
         registry.with(fmt.json().with_current_span(true).with_span_list(true).with_filter(filter)).try_init()
@@ -145,6 +145,19 @@ pub fn init(service: &str, log_format: &str, default_level: &str, prometheus: bo
         tracing::warn!("{p}");
     }
     Telemetry { tracer, meter, prometheus: prometheus_metrics }
+}
+
+/// Log lines go to stderr, above the progress bar when one is shown (each event is one write).
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        crate::progress::above_the_bar(|| std::io::stderr().write(buf))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
 }
 
 /// How long a process's exit waits for its last traces and metrics to go out.

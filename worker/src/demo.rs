@@ -72,13 +72,23 @@ pub async fn run(config: Config, json: bool) -> anyhow::Result<bool> {
     let replies = queue.named(&reply_to);
     let mut results: Vec<JobResult> = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    let board = host.pipeline.context().progress.clone();
     while results.len() < jobs.len() {
+        // The step running now, and its bytes when it moves some.
+        if let Some(p) = board.current().first() {
+            let bytes = if p.total_bytes > 0 {
+                format!(" {}/{}", indicatif::HumanBytes(p.done_bytes), indicatif::HumanBytes(p.total_bytes))
+            } else {
+                String::new()
+            };
+            bar.set_message(format!("{}{bytes} ({})", p.step, p.run_id));
+        }
         if tokio::time::Instant::now() > deadline {
             bar.abandon_with_message("timed out");
             shutdown.cancel();
             bail!("the demo's jobs did not finish within 10 minutes; see the log above");
         }
-        for d in replies.receive(10, Duration::from_millis(500)).await? {
+        for d in replies.receive(10, Duration::from_millis(200)).await? {
             let result: JobResult = serde_json::from_str(&d.body).context("decoding a result")?;
             bar.set_message(format!("{} {}", result.kind, result.run_id));
             bar.inc(1);

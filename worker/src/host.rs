@@ -67,6 +67,7 @@ impl Host {
             apply,
             invocations: Default::default(),
             host_id: Some(config.worker.host_id.clone()),
+            progress: Default::default(),
         };
         let pipeline = Pipeline::register(&engine, ctx)?;
         let lifecycle = Arc::new(Lifecycle::new(pipeline.clone(), config.lifecycle_settings()));

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use thinpipe::job::{Job, JobKind, JobResult, JobStatus};
+use thinpipe::progress::{self, ProgressView};
 use tokio_util::sync::CancellationToken;
 use worker::config::Config;
 use worker::host::Host;
@@ -358,7 +359,10 @@ async fn run(
                 }
                 OneShot::Release { family, invocation_id } => Job::new(JobKind::Release, &family, Some(&invocation_id)),
             };
-            let result = worker::oneshot::run(&host, &job).await;
+            let board = host.pipeline.context().progress.clone();
+            let view = ProgressView::on_terminal(&job.family, &format!("{} {}", job.kind, job.family));
+            let result =
+                progress::while_running(view, async || board.current(), worker::oneshot::run(&host, &job)).await;
             host.close().await;
             let result = result?;
             print_result(&result, json)?;

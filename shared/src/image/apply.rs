@@ -97,10 +97,21 @@ const MAX_SYMLINK_HOPS: usize = 40;
 
 /// Applies the layer blob at `blob` (tar, gzip or zstd) onto `root`.
 pub fn apply_layer(root: &Path, blob: &Path, layer: &str, opts: &ApplyOptions) -> Result<ApplyStats, ImageError> {
+    apply_layer_reporting(root, blob, layer, opts, &|_| {})
+}
+
+/// [`apply_layer`], calling `on_read` with the number of blob bytes read as it goes.
+pub fn apply_layer_reporting(
+    root: &Path,
+    blob: &Path,
+    layer: &str,
+    opts: &ApplyOptions,
+    on_read: &dyn Fn(u64),
+) -> Result<ApplyStats, ImageError> {
     let file = fs::File::open(blob).map_err(|e| ImageError::io("opening layer", blob, e))?;
-    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut reader = BufReader::with_capacity(1 << 20, Counted { inner: file, on_read });
     let magic = reader.fill_buf().map_err(|e| ImageError::io("reading layer", blob, e))?;
-    let stream: Box<dyn Read> = if magic.starts_with(&[0x1f, 0x8b]) {
+    let stream: Box<dyn Read + '_> = if magic.starts_with(&[0x1f, 0x8b]) {
         Box::new(flate2::bufread::MultiGzDecoder::new(reader))
     } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         Box::new(
@@ -111,6 +122,20 @@ pub fn apply_layer(root: &Path, blob: &Path, layer: &str, opts: &ApplyOptions) -
     };
     Applier { root, layer, opts, stats: ApplyStats::default(), written: HashSet::new(), known_dirs: HashSet::new() }
         .run(stream)
+}
+
+/// A reader that reports how many bytes it has read.
+struct Counted<'a, R> {
+    inner: R,
+    on_read: &'a dyn Fn(u64),
+}
+
+impl<R: Read> Read for Counted<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        (self.on_read)(n as u64);
+        Ok(n)
+    }
 }
 
 struct Applier<'a> {
@@ -135,7 +160,7 @@ impl Applier<'_> {
         ImageError::Corrupt { layer: self.layer.to_owned(), detail: crate::quote::shorten(&detail, 300) }
     }
 
-    fn run(mut self, stream: Box<dyn Read>) -> Result<ApplyStats, ImageError> {
+    fn run(mut self, stream: Box<dyn Read + '_>) -> Result<ApplyStats, ImageError> {
         let mut archive = tar::Archive::new(stream);
         let mut dir_times = Vec::new();
         let entries = archive.entries().map_err(|e| self.corrupt(e))?;

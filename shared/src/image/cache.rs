@@ -119,6 +119,16 @@ impl BlobCache {
         err(Display)
     )]
     pub async fn ensure(&self, source: &dyn BlobSource, layer: &LayerDesc) -> Result<(PathBuf, u64), ImageError> {
+        self.ensure_reporting(source, layer, &|_| {}).await
+    }
+
+    /// [`BlobCache::ensure`], calling `on_bytes` with each chunk's size as it is downloaded.
+    pub async fn ensure_reporting(
+        &self,
+        source: &dyn BlobSource,
+        layer: &LayerDesc,
+        on_bytes: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<(PathBuf, u64), ImageError> {
         let dest = self.path(&layer.digest);
         if dest.is_file() {
             return Ok((dest, 0));
@@ -133,7 +143,7 @@ impl BlobCache {
         }
         let part = self.partial_path(&layer.digest);
         // On error the partial stays for the next attempt, unless it failed its digest.
-        let fetched = self.download(source, layer, &part, &dest).await?;
+        let fetched = self.download(source, layer, &part, &dest, on_bytes).await?;
         tracing::Span::current().record("fetched", fetched);
         Ok((dest, fetched))
     }
@@ -144,6 +154,7 @@ impl BlobCache {
         layer: &LayerDesc,
         part: &Path,
         dest: &Path,
+        on_bytes: &(dyn Fn(u64) + Send + Sync),
     ) -> Result<u64, ImageError> {
         let mut file = tokio::fs::OpenOptions::new()
             .create(true)
@@ -173,7 +184,8 @@ impl BlobCache {
         }
         let mut fetched = 0u64;
         if have < layer.size || layer.size == 0 {
-            let streamed = self.stream_into(source, layer, have, &mut file, part, &mut hasher, &mut fetched).await;
+            let streamed =
+                self.stream_into(source, layer, have, &mut file, part, &mut hasher, &mut fetched, on_bytes).await;
             // tokio's File writes in the background: flush before anyone reopens the partial,
             // error or not, so the next attempt sees every byte counted in `fetched`.
             let flushed = file.flush().await.map_err(|e| ImageError::io("writing", part, e));
@@ -214,6 +226,7 @@ impl BlobCache {
         part: &Path,
         hasher: &mut Hasher,
         fetched: &mut u64,
+        on_bytes: &(dyn Fn(u64) + Send + Sync),
     ) -> Result<(), ImageError> {
         let mut reader = source.open_blob(layer, from).await?;
         let mut buf = vec![0u8; 256 * 1024];
@@ -234,6 +247,7 @@ impl BlobCache {
             hasher.update(&buf[..n]);
             file.write_all(&buf[..n]).await.map_err(|e| ImageError::io("writing", part, e))?;
             *fetched += n as u64;
+            on_bytes(n as u64);
             crate::telemetry::metrics().blob_bytes.add(n as u64, &[]);
         }
     }

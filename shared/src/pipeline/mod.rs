@@ -52,6 +52,8 @@ pub struct PipelineContext {
     pub invocations: InvocationLocks,
     /// This host's name, kept in each snapshot's record.
     pub host_id: Option<String>,
+    /// How far the running steps have got (for progress bars and the admin API).
+    pub progress: crate::progress::ProgressBoard,
 }
 
 /// A pipeline call that could not produce an outcome: the run could not be started or

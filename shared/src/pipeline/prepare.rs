@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::{PipelineContext, blocking, image_err, store_err, volume_err};
 use crate::fault;
 use crate::fsm::{RetryPolicy, StepError, StepRequest, StepResult, Workflow};
-use crate::image::{ImageError, Manifest, apply_layer};
+use crate::image::{ImageError, Manifest, apply_layer_reporting};
 use crate::store::{BaseIntent, BaseState};
 use crate::volume::VolumeId;
 
@@ -57,6 +57,7 @@ fn manifest_of(req: &Req) -> Result<&Manifest, StepError> {
 }
 
 async fn fetch_manifest(ctx: Arc<PipelineContext>, req: Req) -> StepResult<PrepareState> {
+    let _progress = ctx.progress.begin(&req.run_id, &req.r.family, "fetch_manifest", 0);
     let family = req.r.family.clone();
     let manifest = match &req.r.manifest {
         Some(m) => m.clone(),
@@ -73,14 +74,22 @@ const PARALLEL_DOWNLOADS: usize = 4;
 
 async fn download_blobs(ctx: Arc<PipelineContext>, req: Req) -> StepResult<PrepareState> {
     use futures::StreamExt;
+    let manifest = manifest_of(&req)?;
+    let total = manifest.layers.iter().map(|l| l.size).sum();
+    let progress = Arc::new(ctx.progress.begin(&req.run_id, &req.r.family, "download_blobs", total));
     fault::pause("prepare.download", &req.r.family).await;
     fault::fail("prepare.download", &req.r.family).map_err(StepError::transient)?;
-    let manifest = manifest_of(&req)?;
     // Owned futures: borrowed ones trip the compiler's Send check for the step's future.
     let mut downloads = futures::stream::iter(manifest.layers.clone())
         .map(|layer| {
-            let ctx = ctx.clone();
-            async move { ctx.cache.ensure(ctx.source.as_ref(), &layer).await }
+            let (ctx, progress) = (ctx.clone(), progress.clone());
+            async move {
+                let (path, fetched) =
+                    ctx.cache.ensure_reporting(ctx.source.as_ref(), &layer, &|n| progress.advance(n)).await?;
+                // Bytes cached before (the whole blob, or a partial resumed) count as done.
+                progress.advance(layer.size.saturating_sub(fetched));
+                Ok::<_, ImageError>((path, fetched))
+            }
         })
         .buffer_unordered(PARALLEL_DOWNLOADS);
     let mut downloaded = 0;
@@ -127,6 +136,7 @@ async fn changed(ctx: &PipelineContext, manifest: &Manifest) -> Result<Option<Im
 /// orphan. A base that garbage collection is deleting (an old, failed attempt at this
 /// version) is waited out: the retry allocates a new one once it is gone.
 async fn prepare_thin_base(ctx: Arc<PipelineContext>, req: Req) -> StepResult<PrepareState> {
+    let _progress = ctx.progress.begin(&req.run_id, &req.r.family, "prepare_thin_base", 0);
     let manifest = manifest_of(&req)?;
     let digest = manifest.digest.to_string();
     let blobs: Vec<String> = manifest.layers.iter().map(|l| l.digest.to_string()).collect();
@@ -154,8 +164,10 @@ async fn prepare_thin_base(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Pr
 }
 
 async fn unpack_into_base(ctx: Arc<PipelineContext>, req: Req) -> StepResult<PrepareState> {
-    fault::pause("prepare.unpack", &req.r.family).await;
     let manifest = manifest_of(&req)?.clone();
+    let total = manifest.layers.iter().map(|l| l.size).sum();
+    let progress = ctx.progress.begin(&req.run_id, &req.r.family, "unpack_into_base", total);
+    fault::pause("prepare.unpack", &req.r.family).await;
     let base = req.w.base_vol_id.ok_or_else(|| StepError::abort("the response chain has no base volume"))?;
     let family = req.r.family.clone();
     let devices_skipped = blocking(move || {
@@ -167,7 +179,8 @@ async fn unpack_into_base(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Pre
             for layer in &manifest.layers {
                 let blob = ctx.cache.path(&layer.digest);
                 let name = format!("{} ({})", layer.digest, layer.location);
-                let stats = apply_layer(&root, &blob, &name, &ctx.apply).map_err(image_err)?;
+                let stats = apply_layer_reporting(&root, &blob, &name, &ctx.apply, &|n| progress.advance(n))
+                    .map_err(image_err)?;
                 tracing::debug!(%family, layer = %layer.digest, entries = stats.entries, bytes = stats.bytes, "layer applied");
                 devices_skipped += stats.devices_skipped;
             }

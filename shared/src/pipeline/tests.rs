@@ -30,6 +30,7 @@ async fn env() -> Env {
         apply: ApplyOptions::default(),
         invocations: Default::default(),
         host_id: None,
+        progress: Default::default(),
     };
     let pipeline = Pipeline::register(&engine, ctx).unwrap();
     Env { _dir: dir, engine, pipeline }

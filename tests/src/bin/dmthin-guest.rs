@@ -166,6 +166,7 @@ async fn small_pool_lifecycle() -> Result<(), String> {
         apply: ApplyOptions::default(),
         invocations: Default::default(),
         host_id: None,
+        progress: Default::default(),
     };
     let pipeline = Pipeline::register(&engine, ctx).map_err(|x| e(&x))?;
     let watermarks =
@@ -309,6 +310,7 @@ async fn host() -> Result<Host, String> {
         apply: ApplyOptions::default(),
         invocations: Default::default(),
         host_id: None,
+        progress: Default::default(),
     };
     let pipeline = Pipeline::register(&engine, ctx).map_err(|e| e.to_string())?;
     Ok(Host { engine, pipeline, store, backend })

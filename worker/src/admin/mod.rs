@@ -11,6 +11,8 @@
 //!   go out over OTLP, the queues' backlog and dead letters, volume storage, readiness).
 //! - `POST /drain`: stop taking jobs; `GET /drain`: whether draining, and jobs in flight.
 //! - `GET /api/runs?workflow=&status=&limit=`, `GET /api/runs/{id}`, `GET /api/workflows`.
+//! - `GET /api/progress`: the steps running now, with bytes done and total for those that
+//!   move bytes (what `enqueue --wait` draws on a terminal).
 //! - `GET /api/images`: families, their versions and live snapshots, storage usage (what
 //!   `worker images --json` prints); `POST /api/gc?dry_run=true|false`: one garbage
 //!   collection pass now, its report.
@@ -95,6 +97,7 @@ fn router(admin: Admin) -> Router {
         .route("/api/runs", get(list_runs))
         .route("/api/runs/{id}", get(run_detail))
         .route("/api/workflows", get(workflows))
+        .route("/api/progress", get(progress))
         .route("/api/images", get(images))
         .route("/api/gc", axum::routing::post(gc))
         .route("/api/info", get(info))
@@ -241,6 +244,10 @@ async fn run_detail(State(admin): State<Admin>, Path(id): Path<String>) -> Respo
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+async fn progress(State(admin): State<Admin>) -> Response {
+    Json(admin.host.pipeline.context().progress.current()).into_response()
 }
 
 async fn workflows(State(admin): State<Admin>) -> Response {

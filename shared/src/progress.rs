@@ -1,0 +1,197 @@
+//! How far the steps running in this process have got: which step of which run, and for
+//! the steps that move bytes (downloading and unpacking a version's layers) how many of how
+//! many. In memory only: the run log says which steps completed; this says how far the
+//! running one is. Read by the admin API (`GET /api/progress`) and drawn by [`ProgressView`]
+//! (`worker run`, the demo, `enqueue --wait`) when stderr is a terminal.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// One running step.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepProgress {
+    pub run_id: String,
+    pub family: String,
+    pub step: String,
+    /// Bytes this step has moved (downloaded, or read from the cached layers while unpacking).
+    pub done_bytes: u64,
+    /// What the step moves in all; 0 for a step that moves no bytes of its own.
+    pub total_bytes: u64,
+}
+
+/// The steps running now, by run id. Cloning shares the board.
+#[derive(Clone, Debug, Default)]
+pub struct ProgressBoard {
+    running: Arc<Mutex<BTreeMap<String, StepProgress>>>,
+}
+
+impl ProgressBoard {
+    /// Records that `step` of `run_id` started; it is on the board until the returned
+    /// tracker is dropped (however the step ends).
+    pub fn begin(&self, run_id: &str, family: &str, step: &str, total_bytes: u64) -> StepTracker {
+        let entry = StepProgress {
+            run_id: run_id.to_owned(),
+            family: family.to_owned(),
+            step: step.to_owned(),
+            done_bytes: 0,
+            total_bytes,
+        };
+        self.lock().insert(run_id.to_owned(), entry);
+        StepTracker { board: self.clone(), run_id: run_id.to_owned(), step: step.to_owned() }
+    }
+
+    /// The steps running now, ordered by run id.
+    pub fn current(&self) -> Vec<StepProgress> {
+        self.lock().values().cloned().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, StepProgress>> {
+        // The map is whole after any panic (each change is one insert, remove or add).
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A step's place on the board; dropping it takes the step off.
+#[derive(Debug)]
+pub struct StepTracker {
+    board: ProgressBoard,
+    run_id: String,
+    step: String,
+}
+
+impl StepTracker {
+    /// Counts `n` more bytes done.
+    pub fn advance(&self, n: u64) {
+        if let Some(p) = self.board.lock().get_mut(&self.run_id)
+            && p.step == self.step
+        {
+            p.done_bytes = p.done_bytes.saturating_add(n);
+        }
+    }
+}
+
+impl Drop for StepTracker {
+    fn drop(&mut self) {
+        let mut running = self.board.lock();
+        // A later step of the same run may have taken the entry over already.
+        if running.get(&self.run_id).is_some_and(|p| p.step == self.step) {
+            running.remove(&self.run_id);
+        }
+    }
+}
+
+/// The bar on stderr now, if any: log lines are written above it ([`above_the_bar`]).
+static SHOWN: Mutex<Option<indicatif::ProgressBar>> = Mutex::new(None);
+
+/// Runs `write` (a write to stderr) with the bar shown now, if any, cleared from the
+/// terminal meanwhile and drawn again after: a log line goes above the bar, not through it.
+pub fn above_the_bar<T>(write: impl FnOnce() -> T) -> T {
+    let shown = SHOWN.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    match shown {
+        Some(bar) => bar.suspend(write),
+        None => write(),
+    }
+}
+
+/// A progress bar on stderr following the steps of one family's runs: the step's name, and
+/// for a step that moves bytes a bar with bytes done, total and rate.
+pub struct ProgressView {
+    bar: indicatif::ProgressBar,
+    family: String,
+}
+
+impl ProgressView {
+    /// A view of `family`'s runs, or `None` when stderr is not a terminal (a log file or a
+    /// pipe gets no bar).
+    pub fn on_terminal(family: &str, waiting: &str) -> Option<ProgressView> {
+        if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            return None;
+        }
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(Self::spinner());
+        bar.set_message(waiting.to_owned());
+        bar.enable_steady_tick(Duration::from_millis(100));
+        *SHOWN.lock().unwrap_or_else(|p| p.into_inner()) = Some(bar.clone());
+        Some(ProgressView { bar, family: family.to_owned() })
+    }
+
+    fn spinner() -> indicatif::ProgressStyle {
+        indicatif::ProgressStyle::with_template("{spinner} {elapsed} {wide_msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner())
+    }
+
+    fn bytes() -> indicatif::ProgressStyle {
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {elapsed} [{bar:20}] {bytes}/{total_bytes} {binary_bytes_per_sec} {wide_msg}",
+        )
+        .map(|s| s.progress_chars("=> "))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+    }
+
+    /// Shows the first of `running` that belongs to the family (the board as read now);
+    /// with none, keeps what it showed.
+    pub fn show(&self, running: &[StepProgress]) {
+        let Some(p) = running.iter().find(|p| p.family == self.family) else { return };
+        let message = format!("{} ({})", p.step, p.run_id);
+        if p.total_bytes > 0 {
+            self.bar.set_style(Self::bytes());
+            self.bar.set_length(p.total_bytes);
+            self.bar.set_position(p.done_bytes);
+        } else {
+            self.bar.set_style(Self::spinner());
+        }
+        self.bar.set_message(message);
+    }
+
+    /// Clears the bar (before the result is printed).
+    pub fn finish(self) {
+        *SHOWN.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.bar.finish_and_clear();
+    }
+}
+
+/// Awaits `work` while `view` (if any) shows what `read` returns, read five times a second.
+pub async fn while_running<T>(
+    view: Option<ProgressView>,
+    mut read: impl AsyncFnMut() -> Vec<StepProgress>,
+    work: impl Future<Output = T>,
+) -> T {
+    let Some(view) = view else { return work.await };
+    let mut work = std::pin::pin!(work);
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            out = &mut work => {
+                view.finish();
+                return out;
+            }
+            _ = tick.tick() => view.show(&read().await),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_step_is_on_the_board_while_its_tracker_lives() {
+        let board = ProgressBoard::default();
+        let download = board.begin("prepare-web@1", "web", "download_blobs", 100);
+        download.advance(30);
+        download.advance(20);
+        assert_eq!(board.current()[0].done_bytes, 50);
+        assert_eq!(board.current()[0].step, "download_blobs");
+        // The next step takes the run's place; the old tracker's end leaves it there.
+        let unpack = board.begin("prepare-web@1", "web", "unpack_into_base", 10);
+        download.advance(5);
+        drop(download);
+        assert_eq!(board.current().len(), 1);
+        assert_eq!((board.current()[0].step.as_str(), board.current()[0].done_bytes), ("unpack_into_base", 0));
+        drop(unpack);
+        assert!(board.current().is_empty());
+    }
+}

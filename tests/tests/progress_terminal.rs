@@ -1,0 +1,75 @@
+//! Progress on a terminal: `worker run prepare` and `enqueue --wait` (reading the worker's
+//! `/api/progress`) draw the running step and its bytes when stderr is a terminal (a real
+//! pseudo-terminal, made by util-linux `script`), and nothing of the kind into a pipe.
+//! The download step is held for 1.5 s by a pause point so that the bar is drawn while it runs.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use thinpipe::image::write_sample_family;
+use thinpipe_tests::{Daemon, bin};
+
+/// Runs `args` under a pseudo-terminal; returns what the terminal showed.
+fn on_terminal(args: &[&str], env: &[(&str, &str)]) -> (Output, String) {
+    let line: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+    let mut cmd = Command::new("script");
+    cmd.args(["--quiet", "--return", "--command", &line.join(" "), "/dev/null"]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("util-linux script");
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    (out, shown)
+}
+
+fn state(dir: &Path) -> String {
+    dir.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn worker_run_prepare_draws_its_steps_and_bytes_on_a_terminal_only() {
+    let dir = tempfile::tempdir().unwrap();
+    write_sample_family(dir.path(), "web").unwrap();
+    let worker = bin("worker");
+    let pause = [("THINPIPE_PAUSE", "prepare.download@web=1500")];
+    let (out, shown) = on_terminal(
+        &[worker.to_str().unwrap(), "--state-dir", &state(dir.path()), "run", "prepare", "--family", "web"],
+        &pause,
+    );
+    assert!(out.status.success(), "{shown}");
+    assert!(shown.contains("download_blobs (prepare-web@"), "the step is named: {shown}");
+    assert!(shown.contains("] 0 B/"), "a bar with bytes done of the total: {shown}");
+    assert!(shown.contains("ok: base-"), "the result follows: {shown}");
+
+    // Into a pipe: the result and the log, no bar.
+    let again = tempfile::tempdir().unwrap();
+    write_sample_family(again.path(), "web").unwrap();
+    let piped = Command::new(&worker)
+        .arg("--state-dir")
+        .arg(again.path())
+        .args(["run", "prepare", "--family", "web"])
+        .env("THINPIPE_PAUSE", "prepare.download@web=1500")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&piped.stderr);
+    assert!(piped.status.success(), "{stderr}");
+    assert!(!stderr.contains("download_blobs (") && !stderr.contains('\u{1b}'), "no bar, no escapes: {stderr}");
+}
+
+#[test]
+fn enqueue_wait_draws_the_workers_progress_on_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    write_sample_family(dir.path(), "web").unwrap();
+    let daemon = Daemon::start(dir.path(), &[("THINPIPE_PAUSE", "prepare.download@web=1500")]);
+    daemon.admin_url();
+    let enqueue = bin("enqueue");
+    let (out, shown) = on_terminal(
+        &[enqueue.to_str().unwrap(), "--state-dir", &state(dir.path()), "--wait", "prepare", "--family", "web"],
+        &[],
+    );
+    assert!(out.status.success(), "{shown}\n{}", daemon.log());
+    assert!(shown.contains("download_blobs (prepare-web@"), "the worker's step is shown: {shown}");
+    assert!(shown.contains("] 0 B/"), "with its bytes: {shown}");
+    daemon.stop(Duration::from_secs(30));
+}
