@@ -38,7 +38,7 @@ pub enum ImageError {
     #[error("layer {layer} is truncated or corrupt: {detail}")]
     Corrupt { layer: String, detail: String },
     // The cause is in the message, and not also a `source()`: `{:#}` would print it twice.
-    #[error("{context} ({path}): {error}")]
+    #[error("{context} {path}: {error}", path = path.display())]
     Io { context: String, path: PathBuf, error: std::io::Error },
 }
 
