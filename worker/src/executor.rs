@@ -343,7 +343,7 @@ fn not_run(e: PipelineError, mut result: JobResult) -> JobEnd {
     }
 }
 
-fn run_error(e: RunError) -> String {
+fn run_error(e: PipelineError) -> String {
     e.to_string()
 }
 

@@ -1,24 +1,25 @@
-//! The engine: owns the run log, starts, resumes, waits on and cancels runs, and serves the
-//! history. The per-run loop is in `runner`; every write goes through `writer`.
+//! The engine: owns the run log; starts, resumes, waits on, cancels, archives and prunes
+//! runs, and shuts down. The per-run loop is in `runner`, the state both share in `state`,
+//! the history reads in `history`, the typed handle in `handle`; every write goes through
+//! `writer`.
 
 use std::collections::HashMap;
-use std::marker::PhantomData;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use redb::{Database, ReadableDatabase, ReadableTable};
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::error::{CancelError, OpenError, ReadError, RegisterError, StartError, WaitError};
+use super::error::{ArchiveError, CancelError, OpenError, PruneError, ReadError, StartError, WaitError};
 use super::key;
 use super::runner;
-use super::schema::{Event, EventKind, Failure, FailureKind, LOG, RUNS, RunRecord, RunStatus, now_ms};
-use super::workflow::{BoundRun, ErasedWorkflow, Workflow};
+use super::schema::{EventKind, Failure, FailureKind, LOG, RUNS, RunRecord, RunStatus, now_ms, read_header};
+use super::state::{Inner, RawOutcome, RunEnd, lock};
+use super::workflow::{BoundRun, ErasedWorkflow};
 use super::writer::{Change, Op, OpError, Reply, Unrecorded, Update, Writer};
 
 /// Engine settings.
@@ -64,96 +65,10 @@ pub struct ResumeReport {
     pub unknown_workflow: Vec<String>,
 }
 
-/// Filters for [`Engine::list_runs`].
-#[derive(Clone, Debug, Default)]
-pub struct RunFilter {
-    pub workflow: Option<String>,
-    pub status: Option<RunStatus>,
-    pub limit: Option<usize>,
-}
-
-/// One line of a run listing.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct RunSummary {
-    pub id: String,
-    pub workflow: String,
-    pub version: u32,
-    pub status: RunStatus,
-    /// The step to run next (active), or the number of steps (completed).
-    pub step_index: u32,
-    /// Attempts of all steps so far, the failed ones included.
-    pub attempts: u32,
-    pub created_at_ms: u64,
-    pub updated_at_ms: u64,
-    pub finished_at_ms: Option<u64>,
-    pub failure: Option<Failure>,
-    /// The trace the run belongs to (32 hex digits), if it was started inside one.
-    pub trace_id: Option<String>,
-}
-
-/// A response recorded in the chain: index 0 is the initial one, index i is step i−1's.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct RecordedResponse {
-    pub index: u32,
-    pub response: serde_json::Value,
-}
-
-/// One run with everything recorded about it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct RunDetail {
-    #[serde(flatten)]
-    pub summary: RunSummary,
-    pub input: serde_json::Value,
-    pub responses: Vec<RecordedResponse>,
-    pub events: Vec<Event>,
-}
-
-/// A registered workflow's shape.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct WorkflowInfo {
-    pub name: String,
-    pub version: u32,
-    pub steps: Vec<String>,
-}
-
-#[derive(Clone, Debug)]
-pub(crate) enum RawOutcome {
-    Completed(Vec<u8>),
-    Failed(Failure),
-}
-
-/// How a run's task ended, as told to waiters.
-#[derive(Clone, Debug)]
-pub(crate) enum RunEnd {
-    Finished(RawOutcome),
-    Interrupted(String),
-}
-
 /// The durable FSM engine. Cheap to clone; all clones share one run log.
 #[derive(Clone)]
 pub struct Engine {
     pub(crate) inner: Arc<Inner>,
-}
-
-pub(crate) struct Inner {
-    pub(crate) path: PathBuf,
-    pub(crate) db: Arc<Database>,
-    pub(crate) writer: Writer,
-    workflows: RwLock<HashMap<&'static str, Arc<dyn ErasedWorkflow>>>,
-    waiters: Mutex<HashMap<String, watch::Sender<Option<RunEnd>>>>,
-    running: Mutex<HashMap<String, CancellationToken>>,
-    /// Runs started but not yet in the run log (their start commits with their first
-    /// transition). An entry leaves only after that commit, so a reader that holds this lock
-    /// and does not find an id here finds it in the run log if it was started.
-    pub(crate) unrecorded: Mutex<HashMap<String, Unrecorded>>,
-    pub(crate) shutdown: CancellationToken,
-    tasks: TaskTracker,
-    config: EngineConfig,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding these maps leaves them consistent (single inserts/removes).
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Engine {
@@ -167,16 +82,8 @@ impl Engine {
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(OpenError::AlreadyOpen { path }),
             Err(error) => return Err(OpenError::Open { path, error }),
         };
-        let init = |db: &Database| -> Result<(), redb::Error> {
-            let txn = db.begin_write()?;
-            txn.open_table(RUNS)?;
-            txn.open_table(LOG)?;
-            txn.commit()?;
-            Ok(())
-        };
-        init(&db).map_err(|error| OpenError::Init { path: path.clone(), error })?;
         let db = Arc::new(db);
-        let writer = Writer::new(db.clone());
+        let writer = Writer::open(db.clone()).map_err(|error| OpenError::Init { path: path.clone(), error })?;
         let engine = Engine {
             inner: Arc::new(Inner {
                 path,
@@ -188,10 +95,9 @@ impl Engine {
                 unrecorded: Mutex::new(HashMap::new()),
                 shutdown: CancellationToken::new(),
                 tasks: TaskTracker::new(),
-                config,
             }),
         };
-        engine.spawn_pruner();
+        engine.spawn_pruner(&config);
         Ok(engine)
     }
 
@@ -200,37 +106,7 @@ impl Engine {
         &self.inner.path
     }
 
-    /// Registers a workflow and returns the typed handle to start and wait on its runs.
-    pub fn register<R, W>(&self, workflow: Workflow<R, W>) -> Result<WorkflowHandle<R, W>, RegisterError>
-    where
-        R: Serialize + DeserializeOwned + Send + Sync + 'static,
-        W: Serialize + DeserializeOwned + Send + 'static,
-    {
-        let name = workflow.name();
-        let mut map = self.inner.workflows.write().unwrap_or_else(|p| p.into_inner());
-        if map.contains_key(name) {
-            return Err(RegisterError::Duplicate(name.to_owned()));
-        }
-        map.insert(name, Arc::new(workflow));
-        Ok(WorkflowHandle { engine: self.clone(), name, _types: PhantomData })
-    }
-
-    /// Every registered workflow and its steps, in order.
-    pub fn workflows(&self) -> Vec<WorkflowInfo> {
-        let map = self.inner.workflows.read().unwrap_or_else(|p| p.into_inner());
-        let mut out: Vec<WorkflowInfo> = map
-            .values()
-            .map(|w| WorkflowInfo {
-                name: w.name().to_owned(),
-                version: w.version(),
-                steps: (0..w.step_count()).map(|i| w.step_name(i).to_owned()).collect(),
-            })
-            .collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        out
-    }
-
-    fn workflow(&self, name: &str) -> Option<Arc<dyn ErasedWorkflow>> {
+    pub(super) fn workflow(&self, name: &str) -> Option<Arc<dyn ErasedWorkflow>> {
         let map = self.inner.workflows.read().unwrap_or_else(|p| p.into_inner());
         map.get(name).cloned()
     }
@@ -241,7 +117,7 @@ impl Engine {
         self.inner.writer.commits()
     }
 
-    async fn start_raw(
+    pub(super) async fn start_raw(
         &self,
         wf: Arc<dyn ErasedWorkflow>,
         id: &str,
@@ -415,7 +291,7 @@ impl Engine {
     }
 
     /// Waits for a run to finish and returns its stored outcome, raw.
-    async fn wait_raw(&self, id: &str) -> Result<RawOutcome, WaitError> {
+    pub(super) async fn wait_raw(&self, id: &str) -> Result<RawOutcome, WaitError> {
         let interrupted = |reason: &str| WaitError::Interrupted { id: id.to_owned(), reason: reason.to_owned() };
         if self.inner.shutdown.is_cancelled() {
             return Err(interrupted("the engine shut down"));
@@ -663,44 +539,45 @@ impl Engine {
     /// that id, so `id` can be started afresh (a new job retrying a failed prepare, or
     /// preparing again a version whose base was collected) while the old run stays
     /// inspectable. An active run is refused.
-    pub async fn archive_finished(&self, id: &str) -> Result<String, CancelError> {
+    pub async fn archive_finished(&self, id: &str) -> Result<String, ArchiveError> {
         if lock(&self.inner.unrecorded).contains_key(id) {
             // Started, its start not committed yet (guarantee 1): active.
-            return Err(CancelError::NotActive { id: id.to_owned(), status: RunStatus::Active });
+            return Err(ArchiveError::StillActive(id.to_owned()));
         }
-        let record = match self.read_record(id).map_err(|e| CancelError::Storage(e.to_string()))? {
-            None => return Err(CancelError::NotFound(id.to_owned())),
-            Some(Err(why)) => return Err(CancelError::Storage(format!("run {id} record does not decode: {why}"))),
+        let record = match self.read_record(id).map_err(|e| ArchiveError::Storage(e.to_string()))? {
+            None => return Err(ArchiveError::NotFound(id.to_owned())),
+            Some(Err(why)) => return Err(ArchiveError::Storage(format!("run {id} record does not decode: {why}"))),
             Some(Ok(r)) => r,
         };
         if !record.status.is_finished() {
-            return Err(CancelError::NotActive { id: id.to_owned(), status: record.status });
+            return Err(ArchiveError::StillActive(id.to_owned()));
         }
         let to = format!("{id}~{}", record.finished_at_ms.unwrap_or(record.updated_at_ms));
         match self.inner.writer.submit(Op::Archive { id: id.to_owned(), to: to.clone() }).await {
             Ok(_) => Ok(to),
-            Err(OpError::NotFound(_)) => Err(CancelError::NotFound(id.to_owned())),
-            Err(OpError::Stopped) => Err(CancelError::ShutDown),
-            Err(e) => Err(CancelError::Storage(e.to_string())),
+            Err(OpError::NotFound(_)) => Err(ArchiveError::NotFound(id.to_owned())),
+            Err(OpError::Stopped) => Err(ArchiveError::ShutDown),
+            Err(e) => Err(ArchiveError::Storage(e.to_string())),
         }
     }
 
     /// Deletes finished runs that finished before `cutoff_ms` (ms since the epoch).
-    pub async fn prune_finished_before(&self, cutoff_ms: u64) -> Result<usize, ReadError> {
+    pub async fn prune_finished_before(&self, cutoff_ms: u64) -> Result<usize, PruneError> {
         match self.inner.writer.submit(Op::Prune { finished_before_ms: cutoff_ms }).await {
             Ok(Reply::Pruned(n)) => Ok(n),
-            Ok(_) => Ok(0),
-            Err(e) => Err(ReadError(redb::Error::from(std::io::Error::other(e.to_string())))),
+            Ok(_) => Err(PruneError::Storage("the writer answered a prune with something else".into())),
+            Err(OpError::Stopped) => Err(PruneError::ShutDown),
+            Err(e) => Err(PruneError::Storage(e.to_string())),
         }
     }
 
-    fn spawn_pruner(&self) {
+    fn spawn_pruner(&self, config: &EngineConfig) {
         let engine = self.clone();
         let shutdown = self.inner.shutdown.clone();
-        let Some(interval) = self.inner.config.prune_interval else {
+        let Some(interval) = config.prune_interval else {
             return;
         };
-        let retention = self.inner.config.retention;
+        let retention = config.retention;
         self.inner.tasks.spawn(async move {
             loop {
                 tokio::select! {
@@ -763,87 +640,6 @@ impl Engine {
             }
         })
     }
-
-    /// Runs matching `filter`, newest first.
-    pub fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, ReadError> {
-        // Runs not yet in the run log are active; taken first, so a run recorded meanwhile is
-        // found in one place or the other (and listed once).
-        let unrecorded: Vec<(String, RunRecord)> =
-            lock(&self.inner.unrecorded).iter().map(|(id, u)| (id.clone(), u.record.clone())).collect();
-        let txn = self.inner.db.begin_read().map_err(ReadError::from_any)?;
-        let runs = txn.open_table(RUNS).map_err(ReadError::from_any)?;
-        let log = txn.open_table(LOG).map_err(ReadError::from_any)?;
-        let mut out = Vec::new();
-        for entry in runs.iter().map_err(ReadError::from_any)? {
-            let (id, value) = entry.map_err(ReadError::from_any)?;
-            // The index has the workflow and the status; the header has the live step.
-            let Ok(indexed) = serde_json::from_slice::<RunRecord>(value.value()) else {
-                continue; // resume marks it failed; until then it cannot be listed
-            };
-            if filter.workflow.as_deref().is_some_and(|w| w != indexed.workflow)
-                || filter.status.is_some_and(|s| s != indexed.status)
-            {
-                continue;
-            }
-            let record = match read_header(&log, id.value()).map_err(ReadError::from_any)? {
-                Some(Ok(r)) => r,
-                _ => indexed,
-            };
-            out.push(summary(id.value(), record));
-        }
-        for (id, record) in unrecorded {
-            let wanted = filter.workflow.as_deref().is_none_or(|w| w == record.workflow)
-                && filter.status.is_none_or(|s| s == record.status);
-            if wanted && !out.iter().any(|r| r.id == id) {
-                out.push(summary(&id, record));
-            }
-        }
-        out.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms).then_with(|| a.id.cmp(&b.id)));
-        if let Some(limit) = filter.limit {
-            out.truncate(limit);
-        }
-        Ok(out)
-    }
-
-    /// One run with its input, every recorded response and every event; `None` if unknown.
-    pub fn run_detail(&self, id: &str) -> Result<Option<RunDetail>, ReadError> {
-        let txn = self.inner.db.begin_read().map_err(ReadError::from_any)?;
-        let log = txn.open_table(LOG).map_err(ReadError::from_any)?;
-        let record = match read_header(&log, id).map_err(ReadError::from_any)? {
-            Some(Ok(r)) => r,
-            None | Some(Err(_)) => return Ok(None),
-        };
-        let input = log
-            .get(key::input_key(id).as_slice())
-            .map_err(ReadError::from_any)?
-            .map_or(serde_json::Value::Null, |v| json_or_text(v.value()));
-        let (lo, hi) = key::response_range(id);
-        let mut responses = Vec::new();
-        for entry in log.range(lo.as_slice()..=hi.as_slice()).map_err(ReadError::from_any)? {
-            let (k, v) = entry.map_err(ReadError::from_any)?;
-            if let Some(index) = key::response_index(k.value()) {
-                responses.push(RecordedResponse { index: index as u32, response: json_or_text(v.value()) });
-            }
-        }
-        let (lo, hi) = key::event_range(id);
-        let mut events = Vec::new();
-        for entry in log.range(lo.as_slice()..=hi.as_slice()).map_err(ReadError::from_any)? {
-            let (_, v) = entry.map_err(ReadError::from_any)?;
-            match serde_json::from_slice::<Event>(v.value()) {
-                Ok(e) => events.push(e),
-                Err(e) => tracing::warn!(run_id = %id, error = %e, "skipping an undecodable history event"),
-            }
-        }
-        Ok(Some(RunDetail { summary: summary(id, record), input, responses, events }))
-    }
-}
-
-/// A run's live header: `None` if there is no such run, `Some(Err)` if it does not decode.
-fn read_header(
-    log: &redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
-    id: &str,
-) -> Result<Option<Result<RunRecord, String>>, redb::Error> {
-    Ok(log.get(key::header_key(id).as_slice())?.map(|v| serde_json::from_slice(v.value()).map_err(|e| e.to_string())))
 }
 
 enum ResumeBlocker {
@@ -867,125 +663,4 @@ enum Lookup {
     NotFound,
     Active,
     Finished(RawOutcome),
-}
-
-fn summary(id: &str, r: RunRecord) -> RunSummary {
-    RunSummary {
-        id: id.to_owned(),
-        workflow: r.workflow,
-        version: r.version,
-        status: r.status,
-        step_index: r.next_step,
-        // Every attempt of every step: each step done took one that succeeded, plus the
-        // failed ones (a failed run's last attempt among them).
-        attempts: r.next_step + r.failed_attempts,
-        created_at_ms: r.created_at_ms,
-        updated_at_ms: r.updated_at_ms,
-        finished_at_ms: r.finished_at_ms,
-        failure: r.failure,
-        // traceparent = version-traceid-spanid-flags
-        trace_id: r.trace_parent.as_deref().and_then(|tp| tp.split('-').nth(1)).map(str::to_owned),
-    }
-}
-
-/// For display: the stored JSON, or the bytes as text if they are not JSON.
-fn json_or_text(bytes: &[u8]) -> serde_json::Value {
-    serde_json::from_slice(bytes)
-        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(bytes).into_owned()))
-}
-
-impl Inner {
-    pub(crate) fn notify(&self, id: &str, end: RunEnd) {
-        if let Some(tx) = lock(&self.waiters).remove(id) {
-            tx.send_replace(Some(end));
-        }
-    }
-
-    pub(crate) async fn submit(&self, op: Op) -> Result<Reply, OpError> {
-        self.writer.submit(op).await
-    }
-}
-
-/// The typed face of one registered workflow.
-pub struct WorkflowHandle<R, W> {
-    engine: Engine,
-    name: &'static str,
-    _types: PhantomData<fn(R) -> W>,
-}
-
-impl<R, W> Clone for WorkflowHandle<R, W> {
-    fn clone(&self) -> Self {
-        Self { engine: self.engine.clone(), name: self.name, _types: PhantomData }
-    }
-}
-
-impl<R, W> WorkflowHandle<R, W>
-where
-    R: Serialize + DeserializeOwned + Send + Sync + 'static,
-    W: Serialize + DeserializeOwned + Send + 'static,
-{
-    pub fn name(&self) -> &'static str {
-        self.name
-    }
-
-    pub fn engine(&self) -> &Engine {
-        &self.engine
-    }
-
-    /// Records the run (id, input, initial response) durably, then starts its first step.
-    pub async fn start(&self, id: &str, input: &R, initial: &W) -> Result<StartOutcome<W>, StartError> {
-        let encode = |error| StartError::Encode { id: id.to_owned(), error };
-        let input = serde_json::to_vec(input).map_err(encode)?;
-        let w0 = serde_json::to_vec(initial).map_err(encode)?;
-        let wf = self
-            .engine
-            .workflow(self.name)
-            .ok_or_else(|| StartError::Storage(format!("workflow {} is not registered", self.name)))?;
-        Ok(match self.engine.start_raw(wf, id, input, w0).await? {
-            StartOutcome::Started => StartOutcome::Started,
-            StartOutcome::AlreadyRunning => StartOutcome::AlreadyRunning,
-            StartOutcome::Finished(raw) => StartOutcome::Finished(
-                decode_outcome(id, raw_of(raw))
-                    .map_err(|e| StartError::Corrupt { id: id.to_owned(), why: e.to_string() })?,
-            ),
-        })
-    }
-
-    /// Waits for the run to finish; after a restart too. Unknown id: `NotFound`.
-    pub async fn wait(&self, id: &str) -> Result<Outcome<W>, WaitError> {
-        decode_outcome(id, self.engine.wait_raw(id).await?)
-    }
-
-    /// `start`, then `wait`: whether the run is new, already running, or finished.
-    pub async fn run(&self, id: &str, input: &R, initial: &W) -> Result<Outcome<W>, RunError> {
-        match self.start(id, input, initial).await? {
-            StartOutcome::Finished(outcome) => Ok(outcome),
-            StartOutcome::Started | StartOutcome::AlreadyRunning => Ok(self.wait(id).await?),
-        }
-    }
-}
-
-/// `WorkflowHandle::run` failed to start or to wait.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error(transparent)]
-    Start(#[from] StartError),
-    #[error(transparent)]
-    Wait(#[from] WaitError),
-}
-
-fn raw_of(o: Outcome<Vec<u8>>) -> RawOutcome {
-    match o {
-        Outcome::Completed(w) => RawOutcome::Completed(w),
-        Outcome::Failed(f) => RawOutcome::Failed(f),
-    }
-}
-
-fn decode_outcome<W: DeserializeOwned>(id: &str, raw: RawOutcome) -> Result<Outcome<W>, WaitError> {
-    match raw {
-        RawOutcome::Failed(f) => Ok(Outcome::Failed(f)),
-        RawOutcome::Completed(bytes) => serde_json::from_slice(&bytes)
-            .map(Outcome::Completed)
-            .map_err(|e| WaitError::Decode { id: id.to_owned(), error: e.to_string() }),
-    }
 }

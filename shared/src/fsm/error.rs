@@ -42,6 +42,8 @@ pub enum StartError {
     Encode { id: String, error: serde_json::Error },
     #[error("run {id} cannot start: {why}")]
     Corrupt { id: String, why: String },
+    #[error("workflow {0} is not registered with this engine")]
+    NotRegistered(String),
     #[error("run log storage failed: {0}")]
     Storage(String),
     #[error("the engine is shutting down")]
@@ -81,6 +83,34 @@ pub enum CancelError {
     #[error("run {id} is already {status:?}; only active runs can be cancelled")]
     NotActive { id: String, status: RunStatus },
     #[error("run log storage failed: {0}")]
+    Storage(String),
+    #[error("the engine is shutting down")]
+    ShutDown,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ArchiveError {
+    #[error("no run with id {0}")]
+    NotFound(String),
+    #[error("run {0} is still active; only a finished run can be archived")]
+    StillActive(String),
+    #[error("run log storage failed: {0}")]
+    Storage(String),
+    #[error("the engine is shutting down")]
+    ShutDown,
+}
+
+impl ArchiveError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Storage(_) | Self::ShutDown)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PruneError {
+    #[error("pruning the run log failed: {0}")]
     Storage(String),
     #[error("the engine is shutting down")]
     ShutDown,

@@ -10,27 +10,30 @@
 //!
 //! The engine knows nothing of images, volumes or queues.
 //!
-//! Layout: `workflow` (the typed definition), `engine` (start, wait, cancel, resume,
-//! shutdown, history reads), `runner` (one run's loop), `retry` (the only user of
-//! `backoff`), `writer` (every redb write; leader/follower group commit in the caller's
-//! thread), `schema` (tables and
-//! records), `key` (collision-free composite keys). The commit protocol and crash
+//! Layout: `workflow` (the typed definition), `engine` (open, register, start, wait,
+//! cancel, resume, archive, prune, shutdown), `state` (what the engine and its run tasks
+//! share), `runner` (one run's loop), `history` (listings and run details), `handle` (the
+//! typed face of a workflow), `retry` (the only user of `backoff`), `writer` (every redb
+//! write, table creation included; leader/follower group commit in the caller's thread),
+//! `schema` (tables and records), `key` (collision-free composite keys). The commit protocol and crash
 //! assumptions are in `DESIGN.md` beside this file.
 
 mod engine;
 mod error;
+mod handle;
+mod history;
 pub mod key;
 mod retry;
 mod runner;
 mod schema;
+mod state;
 mod workflow;
 mod writer;
 
-pub use engine::{
-    Engine, EngineConfig, Outcome, RecordedResponse, ResumeReport, RunDetail, RunError, RunFilter, RunSummary,
-    StartOutcome, WorkflowHandle, WorkflowInfo,
-};
-pub use error::{CancelError, OpenError, ReadError, RegisterError, StartError, WaitError};
+pub use engine::{Engine, EngineConfig, Outcome, ResumeReport, StartOutcome};
+pub use error::{ArchiveError, CancelError, OpenError, PruneError, ReadError, RegisterError, StartError, WaitError};
+pub use handle::{RunError, WorkflowHandle};
+pub use history::{RecordedResponse, RunDetail, RunFilter, RunSummary, WorkflowInfo};
 pub use retry::{RetryPolicy, retry_transient};
 pub use schema::{AttemptErrorKind, Event, EventKind, Failure, FailureKind, RunStatus};
 pub use workflow::{StepError, StepRequest, StepResult, Workflow};

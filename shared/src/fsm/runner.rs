@@ -10,9 +10,9 @@ use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::engine::{Inner, RawOutcome, RunEnd};
 use super::retry::{AttemptResult, retry};
 use super::schema::{AttemptErrorKind, EventKind, Failure, FailureKind};
+use super::state::{Inner, RawOutcome, RunEnd};
 use super::workflow::{BoundRun, CallError, ErasedWorkflow, StepError};
 use super::writer::{Change, Op, OpError, Unrecorded, Update};
 use crate::fault;

@@ -17,6 +17,8 @@
 use redb::TableDefinition;
 use serde::{Deserialize, Serialize};
 
+use super::key;
+
 pub(crate) const RUNS: TableDefinition<&str, &[u8]> = TableDefinition::new("runs");
 pub(crate) const LOG: TableDefinition<&[u8], &[u8]> = TableDefinition::new("log");
 
@@ -153,4 +155,12 @@ pub enum EventKind {
 
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// A run's live header: `None` if there is no such run, `Some(Err)` if it does not decode.
+pub(super) fn read_header(
+    log: &redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
+    id: &str,
+) -> Result<Option<Result<RunRecord, String>>, redb::Error> {
+    Ok(log.get(key::header_key(id).as_slice())?.map(|v| serde_json::from_slice(v.value()).map_err(|e| e.to_string())))
 }

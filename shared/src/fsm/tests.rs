@@ -721,7 +721,7 @@ async fn a_finished_run_can_be_archived_and_its_id_started_again() {
         }))
         .unwrap();
     assert!(matches!(wf.run("prepare-web", &(), &0).await.unwrap(), Outcome::Failed(_)));
-    assert!(matches!(engine.archive_finished("nope").await, Err(CancelError::NotFound(_))));
+    assert!(matches!(engine.archive_finished("nope").await, Err(ArchiveError::NotFound(_))));
     let archived = engine.archive_finished("prepare-web").await.unwrap();
     assert!(archived.starts_with("prepare-web~"));
     let old = engine.run_detail(&archived).unwrap().unwrap();
@@ -748,7 +748,7 @@ async fn a_finished_run_can_be_archived_and_its_id_started_again() {
         }))
         .unwrap();
     slow.start("busy", &(), &0).await.unwrap();
-    assert!(matches!(engine.archive_finished("busy").await, Err(CancelError::NotActive { .. })), "not while active");
+    assert!(matches!(engine.archive_finished("busy").await, Err(ArchiveError::StillActive(_))), "not while active");
     release.send(()).unwrap();
     assert_eq!(slow.wait("busy").await.unwrap(), Outcome::Completed(1));
     engine.shutdown().await;

@@ -125,8 +125,13 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    pub(crate) fn new(db: Arc<Database>) -> Self {
-        Self { db, queue: Mutex::new(Queue::default()), commits: AtomicU64::new(0) }
+    /// The writer of the run log `db`, whose tables it creates if they do not exist yet.
+    pub(crate) fn open(db: Arc<Database>) -> Result<Self, redb::Error> {
+        let txn = db.begin_write()?;
+        txn.open_table(RUNS)?;
+        txn.open_table(LOG)?;
+        txn.commit()?;
+        Ok(Self { db, queue: Mutex::new(Queue::default()), commits: AtomicU64::new(0) })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {

@@ -26,8 +26,8 @@ use std::sync::Arc;
 
 use crate::fault;
 use crate::fsm::{
-    Engine, Failure, FailureKind, Outcome, RegisterError, RunError, RunFilter, RunStatus, StartOutcome, StepError,
-    WorkflowHandle,
+    ArchiveError, Engine, Failure, FailureKind, Outcome, RegisterError, RunError, RunFilter, RunStatus, StartOutcome,
+    StepError, WorkflowHandle,
 };
 use crate::image::Manifest;
 use crate::image::{ApplyOptions, BlobCache, BlobSource, ImageError};
@@ -62,6 +62,9 @@ pub struct PipelineContext {
 pub enum PipelineError {
     #[error(transparent)]
     Run(#[from] RunError),
+    /// A finished run could not be moved aside for its id to run again.
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -130,7 +133,7 @@ impl Pipeline {
     /// A completed run's stored outcome is returned as is (unless its base was collected
     /// since); a failed one is archived (its history kept under `<run id>~<time>`) and the
     /// version prepared afresh, so a new job retries what an old one could not do.
-    pub async fn prepare(&self, manifest: &Manifest) -> Result<Outcome<PrepareState>, RunError> {
+    pub async fn prepare(&self, manifest: &Manifest) -> Result<Outcome<PrepareState>, PipelineError> {
         let id = prepare_run_id(&manifest.family, manifest.digest.as_str());
         let input = PrepareInput { family: manifest.family.clone(), manifest: Some(manifest.clone()) };
         let outcome = self.run_retrying_failed(&self.prepare, &id, &input, &PrepareState::default()).await?;
@@ -138,10 +141,7 @@ impl Pipeline {
         // old run stays in the log under another id, and the version is prepared afresh.
         if let Outcome::Completed(w) = &outcome
             && let Some(base) = w.base_vol_id
-            && on_store(&self.ctx.store, move |s| s.base(base))
-                .await
-                .map_err(|e| RunError::Start(crate::fsm::StartError::Storage(format!("reading base-{base}: {e}"))))?
-                .is_none()
+            && on_store(&self.ctx.store, move |s| s.base(base)).await?.is_none()
         {
             let archived = self.archive(&id).await?;
             tracing::info!(run_id = %id, %archived, "preparing again a version whose base was collected");
@@ -152,7 +152,7 @@ impl Pipeline {
 
     /// Runs (or joins) run `retire-base-<id>`: deletes a base that `Store::retire_base`
     /// marked `retiring`, then its record. A failed run is archived and run again.
-    pub async fn retire(&self, base: &BaseRow) -> Result<Outcome<RetireState>, RunError> {
+    pub async fn retire(&self, base: &BaseRow) -> Result<Outcome<RetireState>, PipelineError> {
         let id = retire_run_id(base.id);
         let input = RetireInput { base_vol_id: base.id, family: base.family.clone(), digest: base.digest.clone() };
         self.run_retrying_failed(&self.retire, &id, &input, &RetireState::default()).await
@@ -164,30 +164,26 @@ impl Pipeline {
         id: &str,
         input: &R,
         initial: &W,
-    ) -> Result<Outcome<W>, RunError>
+    ) -> Result<Outcome<W>, PipelineError>
     where
         R: serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static,
         W: serde::Serialize + serde::de::DeserializeOwned + Send + 'static,
     {
-        match handle.start(id, input, initial).await? {
+        match handle.start(id, input, initial).await.map_err(RunError::from)? {
             StartOutcome::Finished(Outcome::Completed(w)) => return Ok(Outcome::Completed(w)),
             StartOutcome::Finished(Outcome::Failed(f)) => {
                 let archived = self.archive(id).await?;
                 tracing::info!(run_id = %id, %archived, failure = %f, "retrying a failed run; the failed one is kept as {archived}");
-                handle.start(id, input, initial).await?;
+                handle.start(id, input, initial).await.map_err(RunError::from)?;
             }
             StartOutcome::Started | StartOutcome::AlreadyRunning => {}
         }
-        Ok(handle.wait(id).await?)
+        Ok(handle.wait(id).await.map_err(RunError::from)?)
     }
 
     /// Moves finished run `id` aside (kept under `<id>~<time>`) so the id can run again.
-    async fn archive(&self, id: &str) -> Result<String, RunError> {
-        self.prepare
-            .engine()
-            .archive_finished(id)
-            .await
-            .map_err(|e| RunError::Start(crate::fsm::StartError::Storage(format!("archiving finished run {id}: {e}"))))
+    async fn archive(&self, id: &str) -> Result<String, ArchiveError> {
+        self.prepare.engine().archive_finished(id).await
     }
 
     /// Whether any prepare run has not finished (a run log that cannot be read says yes).

@@ -116,7 +116,8 @@ async fn an_unknown_family_or_a_corrupt_layer_fails_and_seals_nothing() {
     let p = &env.pipeline;
     let unknown = p.context().source.manifest("nope").await.unwrap_err();
     assert!(matches!(unknown, ImageError::FamilyNotFound { .. }) && unknown.to_string().contains("nope"), "{unknown}");
-    // Corrupt a layer after the manifest is resolved: the digest no longer matches.
+    // A family whose one layer is not an archive: its digest is right (the family is listed
+    // from these files), so the download succeeds and unpacking fails.
     let dir = env._dir.path().join("images-src/images/bad");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("0001.tar"), b"this is not a tar archive at all, it is text").unwrap();
