@@ -1,7 +1,8 @@
 //! A proxy in front of a server (moto) that answers the first `failures` requests whose
-//! path contains `needle` with `503 SlowDown`, the way S3 answers when it is overloaded,
-//! and forwards everything else unchanged; it counts the requests it saw for the needle
-//! (with no failures, a request counter). Stops when dropped.
+//! path contains `needle` with `503 SlowDown`, the way S3 answers when it is overloaded (or
+//! every such request with `403 AccessDenied`, as S3 answers credentials without the right
+//! permissions), and forwards everything else unchanged; it counts the requests it saw for
+//! the needle (with no failures, a request counter). Stops when dropped.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,6 +19,7 @@ struct Shared {
     needle: String,
     failures: usize,
     failed: AtomicUsize,
+    status: StatusCode,
     client: reqwest::Client,
 }
 
@@ -30,8 +32,12 @@ pub struct FlakyProxy {
 async fn forward(State(s): State<Arc<Shared>>, req: Request) -> Response {
     let path = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_default();
     if req.uri().path().contains(&s.needle) && s.failed.fetch_add(1, Ordering::SeqCst) < s.failures {
-        let body = "<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
-        return Response::builder().status(StatusCode::SERVICE_UNAVAILABLE).body(Body::from(body)).unwrap();
+        let body = if s.status == StatusCode::FORBIDDEN {
+            "<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+        } else {
+            "<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+        };
+        return Response::builder().status(s.status).body(Body::from(body)).unwrap();
     }
     let method = req.method().clone();
     let mut headers = HeaderMap::new();
@@ -56,11 +62,21 @@ async fn forward(State(s): State<Arc<Shared>>, req: Request) -> Response {
 
 impl FlakyProxy {
     pub fn start(upstream: &str, needle: &str, failures: usize) -> FlakyProxy {
+        Self::answering(upstream, needle, failures, StatusCode::SERVICE_UNAVAILABLE)
+    }
+
+    /// Answers every request for `needle` with `403 AccessDenied`.
+    pub fn denying(upstream: &str, needle: &str) -> FlakyProxy {
+        Self::answering(upstream, needle, usize::MAX, StatusCode::FORBIDDEN)
+    }
+
+    fn answering(upstream: &str, needle: &str, failures: usize, status: StatusCode) -> FlakyProxy {
         let shared = Arc::new(Shared {
             upstream: upstream.trim_end_matches('/').to_owned(),
             needle: needle.to_owned(),
             failures,
             failed: AtomicUsize::new(0),
+            status,
             client: reqwest::Client::new(),
         });
         let server = TestServer::start(axum::Router::new().fallback(forward).with_state(shared.clone()));

@@ -313,3 +313,49 @@ fn s3_answering_errors_for_a_while_gives_retries_then_success() {
     assert_eq!(local["status"], "succeeded");
     assert_eq!(tree(&state.join("volumes/bases/base-1")), tree(&from_dir.join("volumes/bases/base-1")));
 }
+
+/// A bucket the worker may not read (HTTP 403) is a permissions mistake of the fleet, not of
+/// the job: the prepare gives a failed result naming the refusal, and is not dead-lettered
+/// (a family that does not exist is).
+#[test]
+fn access_denied_fails_the_job_without_dead_lettering_it() {
+    let Some(endpoint) = thinpipe::aws::test_endpoint() else { return };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (client, bucket) = rt.block_on(bucket(&endpoint));
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    thinpipe::image::write_sample_family(&src, "fam").unwrap();
+    let to = format!("s3://{bucket}/denied");
+    rt.block_on(thinpipe::image::publish(&client, &src, "fam", &to, &|_| {})).unwrap();
+    // The family's manifest object is refused; the rest of the bucket answers.
+    let proxy = thinpipe_tests::flaky::FlakyProxy::denying(&endpoint, "/denied/families/fam.json");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let env: Vec<(&str, String)> = AWS_ENV
+        .iter()
+        .map(|(k, v)| (*k, v.to_string()))
+        .chain([
+            ("THINPIPE_SOURCE", to.clone()),
+            ("THINPIPE_AWS_ENDPOINT", proxy.endpoint.clone()),
+            ("THINPIPE_AWS_S3_PATH_STYLE", "true".to_owned()),
+        ])
+        .collect();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let daemon = thinpipe_tests::Daemon::start(&state, &env);
+    let enqueue =
+        |args: &[&str]| Command::new(bin("enqueue")).arg("--state-dir").arg(&state).args(args).output().unwrap();
+    let out = enqueue(&["--wait", "--json", "prepare", "--family", "fam"]);
+    assert_eq!(out.status.code(), Some(1), "{}\n{}", String::from_utf8_lossy(&out.stderr), daemon.log());
+    let r = result(&out);
+    let error = r["error"].as_str().unwrap_or_default();
+    assert!(error.contains("refused access") && error.contains("403"), "{r}");
+    let dead = enqueue(&["--json", "dead-letters", "list"]);
+    assert_eq!(String::from_utf8_lossy(&dead.stdout).trim(), "[]", "not dead-lettered: {}", daemon.log());
+    assert!(proxy.matching_requests() >= 1);
+
+    let unknown = enqueue(&["--wait", "prepare", "--family", "nowhere"]);
+    assert_eq!(unknown.status.code(), Some(1));
+    let dead = enqueue(&["--json", "dead-letters", "list"]);
+    assert!(String::from_utf8_lossy(&dead.stdout).contains("nowhere"), "an unknown family is dead-lettered");
+    daemon.stop(std::time::Duration::from_secs(30));
+}

@@ -22,7 +22,7 @@ use thinpipe::fsm::{Failure, FailureKind, Outcome, RunError};
 use thinpipe::image::Manifest;
 use thinpipe::job::{Job, JobKind, JobResult, JobStatus, prepare_run_id};
 use thinpipe::lifecycle::{Hold, ResolveError, Target, Want};
-use thinpipe::pipeline::PipelineError;
+use thinpipe::pipeline::{Cause, PipelineError};
 use thinpipe::store::{Acquired, BaseRow, Holder, ReleaseRequest, StoreError};
 use thinpipe::telemetry;
 use tokio_util::sync::CancellationToken;
@@ -131,21 +131,31 @@ impl Executor {
             (JobKind::Prepare, None) => Want::Latest,
             _ => Want::Current,
         };
-        let (hold, base, devices_skipped) =
-            match self.ensure_version(&job.family, &want, job.kind == JobKind::Prepare).await {
-                Ok(v) => v,
-                Err(Prep::Unknown(why)) => {
-                    result.status = JobStatus::Failed;
-                    result.error = Some(why.clone());
-                    return JobEnd::DeadLetter(why, Some(result));
-                }
-                Err(Prep::Failed { run_id, failure }) => {
-                    result.run_id = run_id;
-                    return failed(result, &failure.to_string());
-                }
-                Err(Prep::Retry(why)) => return JobEnd::Retry(why),
-                Err(Prep::HandBack) => return JobEnd::HandBack,
-            };
+        let (hold, base, devices_skipped) = match self
+            .ensure_version(&job.family, &want, job.kind == JobKind::Prepare)
+            .await
+        {
+            Ok(v) => v,
+            Err(Prep::Unknown(why)) => {
+                result.status = JobStatus::Failed;
+                result.error = Some(why.clone());
+                return JobEnd::DeadLetter(why, Some(result));
+            }
+            Err(Prep::Source(why)) => return failed(result, &why),
+            // A run started before versions resolves its family itself: the same rule.
+            Err(Prep::Failed { run_id, failure }) if Cause::of_failure(&failure).is_some_and(Cause::job_is_wrong) => {
+                result.run_id = run_id;
+                result.status = JobStatus::Failed;
+                result.error = Some(failure.to_string());
+                return JobEnd::DeadLetter(failure.to_string(), Some(result));
+            }
+            Err(Prep::Failed { run_id, failure }) => {
+                result.run_id = run_id;
+                return failed(result, &failure.to_string());
+            }
+            Err(Prep::Retry(why)) => return JobEnd::Retry(why),
+            Err(Prep::HandBack) => return JobEnd::HandBack,
+        };
         result.base_vol_id = Some(base.id);
         result.digest = Some(base.digest.clone());
         if devices_skipped > 0 {
@@ -187,7 +197,8 @@ impl Executor {
         let lifecycle = &self.host.lifecycle;
         let version = lifecycle.resolve(family, want).await.map_err(|e| match e {
             e if e.is_retryable() => Prep::Retry(e.to_string()),
-            ResolveError::Source(e) => Prep::Unknown(e.to_string()),
+            ResolveError::Source(e) if Cause::of_image(&e).job_is_wrong() => Prep::Unknown(e.to_string()),
+            ResolveError::Source(e) => Prep::Source(e.to_string()),
             ResolveError::Store(e) => Prep::Retry(e.to_string()),
         })?;
         let (base, devices_skipped) = match version.target {
@@ -281,6 +292,7 @@ impl Executor {
                         step: "prepare".into(),
                         error: format!("prepare completed but {family}@{} has no sealed base", manifest.digest),
                         kind: FailureKind::Corrupt,
+                        code: None,
                     },
                 }),
             },
@@ -305,6 +317,8 @@ enum Prep {
     /// The version does not resolve (no such family or version, no layers, a malformed
     /// manifest): the job is a mistake and is dead-lettered.
     Unknown(String),
+    /// The source cannot give the version (access denied, bad data): a failed result.
+    Source(String),
     Failed {
         run_id: String,
         failure: Failure,
@@ -317,7 +331,7 @@ enum Prep {
 impl std::fmt::Debug for Prep {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Prep::Unknown(x) | Prep::Retry(x) => f.write_str(x),
+            Prep::Unknown(x) | Prep::Source(x) | Prep::Retry(x) => f.write_str(x),
             Prep::Failed { failure, .. } => write!(f, "{failure}"),
             Prep::HandBack => f.write_str("handed back: draining"),
         }

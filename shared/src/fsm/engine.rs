@@ -356,7 +356,7 @@ impl Engine {
         let step = self
             .workflow(&record.workflow)
             .map_or_else(|| format!("#{}", record.next_step), |w| w.step_name(record.next_step as usize).to_owned());
-        let failure = Failure { step, error: reason.to_owned(), kind: FailureKind::Cancelled };
+        let failure = Failure { step, error: reason.to_owned(), kind: FailureKind::Cancelled, code: None };
         let change = Change {
             id: id.to_owned(),
             start,
@@ -465,6 +465,7 @@ impl Engine {
                         step: wf.step_name(record.next_step as usize).to_owned(),
                         error: reason.clone(),
                         kind: FailureKind::Corrupt,
+                        code: None,
                     };
                     let change = Change {
                         id: id.clone(),
@@ -617,6 +618,7 @@ impl Engine {
                     step: "(unknown)".into(),
                     error: format!("run record does not decode: {e}"),
                     kind: FailureKind::Corrupt,
+                    code: None,
                 })));
             }
         };
@@ -626,6 +628,7 @@ impl Engine {
                 step: "(unknown)".into(),
                 error: "failed without a recorded reason".into(),
                 kind: FailureKind::Corrupt,
+                code: None,
             }))),
             RunStatus::Completed => {
                 let k = key::response_key(id, u64::from(record.next_step));
@@ -635,6 +638,7 @@ impl Engine {
                         step: "(final)".into(),
                         error: "completed run has no final response".into(),
                         kind: FailureKind::Corrupt,
+                        code: None,
                     })),
                 }
             }

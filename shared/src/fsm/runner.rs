@@ -232,9 +232,16 @@ async fn run_step(
                     }
                 }
                 Ok(Ok(Err(CallError::Step(StepError::Transient(e))))) => (AttemptErrorKind::Transient, e),
-                Ok(Ok(Err(CallError::Step(StepError::Abort(e))))) => {
+                Ok(Ok(Err(CallError::Step(StepError::Abort { message, code })))) => {
                     observe(started, "aborted", Some("abort".into()));
-                    return fail(name, FailureKind::Aborted, &e, failed(AttemptErrorKind::Abort, e.clone()));
+                    let last = failed(AttemptErrorKind::Abort, message.clone());
+                    let failure = Failure {
+                        step: name.to_owned(),
+                        error: message,
+                        kind: FailureKind::Aborted,
+                        code: code.map(str::to_owned),
+                    };
+                    return AttemptResult::Permanent(StepStop::Fail { failure, last_attempt: Some(last) });
                 }
                 Ok(Ok(Err(CallError::Corrupt(e)))) => {
                     observe(started, "corrupt", Some("corrupt".into()));
@@ -273,6 +280,7 @@ async fn run_step(
                     step: name.to_owned(),
                     error: format!("{error} (retry time limit {:?} reached)", policy.max_elapsed),
                     kind: FailureKind::RetriesExhausted,
+                    code: None,
                 },
                 last_attempt: None,
             })
@@ -288,7 +296,7 @@ fn stop(why: &str) -> AttemptResult<Vec<u8>, StepStop> {
 
 fn fail(step: &str, kind: FailureKind, error: &str, last_attempt: EventKind) -> AttemptResult<Vec<u8>, StepStop> {
     AttemptResult::Permanent(StepStop::Fail {
-        failure: Failure { step: step.to_owned(), error: error.to_owned(), kind },
+        failure: Failure { step: step.to_owned(), error: error.to_owned(), kind, code: None },
         last_attempt: Some(last_attempt),
     })
 }

@@ -70,6 +70,9 @@ pub struct Failure {
     pub step: String,
     pub error: String,
     pub kind: FailureKind,
+    /// The machine-readable cause an aborting step gave (`StepError::abort_with`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
 }
 
 impl std::fmt::Display for Failure {

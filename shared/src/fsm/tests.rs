@@ -277,6 +277,7 @@ async fn a_failed_runs_wait_after_restart_returns_the_failure() {
         step: "boom".into(),
         error: "manifest is malformed".into(),
         kind: FailureKind::Aborted,
+        code: None,
     });
     assert_eq!(first, expected);
     assert_eq!(after, expected);
@@ -552,8 +553,12 @@ async fn cancel_ends_an_active_run_with_the_reason() {
         tokio::spawn(async move { wf.wait("r").await })
     };
     engine.cancel("r", "operator asked").await.unwrap();
-    let expected =
-        Outcome::Failed(Failure { step: "gated".into(), error: "operator asked".into(), kind: FailureKind::Cancelled });
+    let expected = Outcome::Failed(Failure {
+        step: "gated".into(),
+        error: "operator asked".into(),
+        kind: FailureKind::Cancelled,
+        code: None,
+    });
     assert_eq!(waiter.await.unwrap().unwrap(), expected);
     assert!(matches!(engine.cancel("r", "again").await, Err(CancelError::NotActive { .. })));
     assert!(matches!(engine.cancel("zzz", "x").await, Err(CancelError::NotFound(_))));

@@ -35,9 +35,10 @@ pub struct StepRequest<R, W> {
 /// A step's error, classified for the retry loop.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StepError {
-    /// Retrying cannot help: the run fails now.
-    #[error("{0}")]
-    Abort(String),
+    /// Retrying cannot help: the run fails now. `code` is the workflow's machine-readable
+    /// cause, kept in the run's [`super::Failure`] for callers to decide on.
+    #[error("{message}")]
+    Abort { message: String, code: Option<&'static str> },
     /// May succeed later: retried under the step's policy.
     #[error("{0}")]
     Transient(String),
@@ -45,7 +46,11 @@ pub enum StepError {
 
 impl StepError {
     pub fn abort(e: impl std::fmt::Display) -> Self {
-        Self::Abort(e.to_string())
+        Self::Abort { message: e.to_string(), code: None }
+    }
+    /// An abort with a machine-readable cause.
+    pub fn abort_with(code: &'static str, e: impl std::fmt::Display) -> Self {
+        Self::Abort { message: e.to_string(), code: Some(code) }
     }
     pub fn transient(e: impl std::fmt::Display) -> Self {
         Self::Transient(e.to_string())

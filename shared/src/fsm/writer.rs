@@ -375,7 +375,7 @@ impl Tables<'_> {
             None => 0,
         };
         let now = now_ms();
-        let failure = Failure { step: "(unknown)".into(), error: reason, kind: FailureKind::Corrupt };
+        let failure = Failure { step: "(unknown)".into(), error: reason, kind: FailureKind::Corrupt, code: None };
         let mut record = RunRecord {
             workflow: "(unknown)".into(),
             version: 0,

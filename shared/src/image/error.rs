@@ -30,6 +30,10 @@ pub enum ImageError {
     #[error("{source_desc} is unavailable: {detail}")]
     Unavailable { source_desc: String, detail: String },
     #[error(
+        "{source_desc} refused access ({detail}): the worker's credentials may not read it (on S3: s3:GetObject and s3:ListBucket on the bucket)"
+    )]
+    AccessDenied { source_desc: String, detail: String },
+    #[error(
         "blob {digest} from {source_desc} does not match its digest (its content hashes to {actual}); the source is corrupt or changed"
     )]
     DigestMismatch { digest: String, actual: String, source_desc: String },

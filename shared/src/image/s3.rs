@@ -5,8 +5,8 @@
 //!   each layer's sha256 comes from the object's stored SHA-256 checksum (`enqueue publish`
 //!   uploads with it) or a `<key>.sha256` object beside it.
 //!
-//! Blobs are streamed; the cache hashes them on the way. A 403 or 404 on a blob the manifest
-//! names aborts with the bucket and key; 5xx, throttling, timeouts and dropped connections
+//! Blobs are streamed; the cache hashes them on the way. A 404 on a blob the manifest names
+//! aborts as missing, a 403 as access denied, each with the bucket and key; 5xx, throttling, timeouts and dropped connections
 //! are transient (the engine retries). The ETag is never trusted for content: the digest
 //! decides.
 
@@ -50,18 +50,18 @@ impl S3Source {
     }
 
     fn error<E: ProvideErrorMetadata + std::fmt::Debug>(&self, key: &str, what: &str, e: SdkError<E>) -> ImageError {
-        let (missing, detail) = match &e {
+        let (status, detail) = match &e {
             SdkError::ServiceError(s) => {
                 let status = s.raw().status().as_u16();
                 let code = s.err().code().unwrap_or("error");
-                (matches!(status, 403 | 404), format!("{what} s3://{}/{key}: HTTP {status} {code}", self.bucket))
+                (Some(status), format!("{what} s3://{}/{key}: HTTP {status} {code}", self.bucket))
             }
-            other => (false, format!("{what} s3://{}/{key}: {other}", self.bucket)),
+            other => (None, format!("{what} s3://{}/{key}: {other}", self.bucket)),
         };
-        if missing {
-            ImageError::BlobMissing { digest: key.to_owned(), source_desc: self.describe(), detail }
-        } else {
-            ImageError::Unavailable { source_desc: self.describe(), detail }
+        match status {
+            Some(404) => ImageError::BlobMissing { digest: key.to_owned(), source_desc: self.describe(), detail },
+            Some(403) => ImageError::AccessDenied { source_desc: self.describe(), detail },
+            _ => ImageError::Unavailable { source_desc: self.describe(), detail },
         }
     }
 

@@ -17,6 +17,7 @@
 //! volume call, so the two never run at the same time on one host.
 
 mod activate;
+mod cause;
 mod invocations;
 mod prepare;
 mod release;
@@ -36,6 +37,7 @@ use crate::store::{BaseRow, ReleaseRequest, SnapshotRow, SnapshotState, Store, S
 use crate::volume::{VolumeBackend, VolumeError, VolumeId};
 
 pub use activate::{ActivateInput, ActivateState};
+pub use cause::Cause;
 pub use invocations::InvocationLocks;
 pub use prepare::{PrepareInput, PrepareState};
 pub use release::{ReleaseInput, ReleaseState};
@@ -247,6 +249,7 @@ impl Pipeline {
                 step: "activate_snapshot".into(),
                 error: r.released_message(),
                 kind: FailureKind::Aborted,
+                code: None,
             })
         }))
     }
@@ -318,7 +321,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 fn image_err(e: ImageError) -> StepError {
-    if e.is_retryable() { StepError::transient(e) } else { StepError::abort(e) }
+    if e.is_retryable() { StepError::transient(e) } else { StepError::abort_with(Cause::of_image(&e).as_str(), e) }
 }
 
 fn store_err(e: StoreError) -> StepError {

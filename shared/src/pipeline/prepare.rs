@@ -98,11 +98,11 @@ async fn download_blobs(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Prepa
             Ok((_, n)) => downloaded += n,
             // A listed family whose files were rewritten since the listing: not this version.
             Err(ImageError::DigestMismatch { .. }) if let Some(changed) = changed(&ctx, manifest).await? => {
-                return Err(StepError::abort(changed));
+                return Err(image_err(changed));
             }
             // A mismatch may be a torn transfer: one more try, then it is the source.
             Err(e @ ImageError::DigestMismatch { .. }) if req.attempt < 2 => return Err(StepError::transient(e)),
-            Err(e @ ImageError::DigestMismatch { .. }) => return Err(StepError::abort(e)),
+            Err(e @ ImageError::DigestMismatch { .. }) => return Err(image_err(e)),
             Err(e) => return Err(image_err(e)),
         }
     }
@@ -110,7 +110,7 @@ async fn download_blobs(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Prepa
     // A listed family rewritten while its blobs were downloaded may have been listed half
     // old, half new: never seal that; the next prepare takes the version then current.
     if let Some(changed) = changed(&ctx, manifest).await? {
-        return Err(StepError::abort(changed));
+        return Err(image_err(changed));
     }
     tracing::info!(family = %req.r.family, layers = manifest.layers.len(), downloaded, "blobs cached");
     Ok(PrepareState { downloaded_bytes: downloaded, ..req.w })

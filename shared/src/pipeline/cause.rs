@@ -1,0 +1,115 @@
+//! Why a pipeline run or a version lookup failed, as a machine-readable code: an aborting
+//! step stores it in its run's failure ([`crate::fsm::Failure::code`]), and the job executor
+//! decides on it, not on a step name or a message: a job that names what does not exist is
+//! dead-lettered; a source that refuses access or holds bad data gives a failed result.
+
+use crate::fsm::Failure;
+use crate::image::ImageError;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cause {
+    /// The job names a family or a version the source does not have.
+    NotFound,
+    /// The job names a family with an invalid name.
+    InvalidName,
+    /// The source refused access (HTTP 403): the fleet's permissions, not the job.
+    AccessDenied,
+    /// The source's data is wrong: a malformed manifest, a missing or corrupt blob, a layer
+    /// that breaks the layer rules.
+    BadSource,
+    /// The source changed while the version was prepared.
+    SourceChanged,
+    /// This host's disk: full, or read-only.
+    HostStorage,
+    /// Anything else that retrying does not mend.
+    Other,
+}
+
+impl Cause {
+    /// Every cause, for tests and documentation.
+    pub const ALL: [Cause; 7] = [
+        Cause::NotFound,
+        Cause::InvalidName,
+        Cause::AccessDenied,
+        Cause::BadSource,
+        Cause::SourceChanged,
+        Cause::HostStorage,
+        Cause::Other,
+    ];
+
+    /// The code as stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::NotFound => "not_found",
+            Cause::InvalidName => "invalid_name",
+            Cause::AccessDenied => "access_denied",
+            Cause::BadSource => "bad_source",
+            Cause::SourceChanged => "source_changed",
+            Cause::HostStorage => "host_storage",
+            Cause::Other => "other",
+        }
+    }
+
+    /// The cause a stored code names.
+    pub fn parse(code: &str) -> Option<Cause> {
+        Cause::ALL.into_iter().find(|c| c.as_str() == code)
+    }
+
+    /// The cause a failed run recorded, if its failing step gave one.
+    pub fn of_failure(f: &Failure) -> Option<Cause> {
+        f.code.as_deref().and_then(Cause::parse)
+    }
+
+    /// The cause of an image error.
+    pub fn of_image(e: &ImageError) -> Cause {
+        match e {
+            ImageError::FamilyNotFound { .. } | ImageError::VersionNotFound { .. } => Cause::NotFound,
+            ImageError::BadFamilyName(_) => Cause::InvalidName,
+            ImageError::AccessDenied { .. } => Cause::AccessDenied,
+            ImageError::NoLayers { .. }
+            | ImageError::BadManifest { .. }
+            | ImageError::BlobMissing { .. }
+            | ImageError::DigestMismatch { .. }
+            | ImageError::Refused { .. }
+            | ImageError::Corrupt { .. } => Cause::BadSource,
+            ImageError::FamilyChanged { .. } => Cause::SourceChanged,
+            ImageError::Io { .. } => Cause::HostStorage,
+            _ => Cause::Other,
+        }
+    }
+
+    /// Whether the job as written can never succeed (it names what does not exist, or
+    /// cannot exist): it is dead-lettered with its reason.
+    pub fn job_is_wrong(self) -> bool {
+        matches!(self, Cause::NotFound | Cause::InvalidName)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip_and_only_a_wrong_job_is_dead_lettered() {
+        for cause in Cause::ALL {
+            assert_eq!(Cause::parse(cause.as_str()), Some(cause));
+        }
+        let source = "s3://images/prod".to_owned();
+        let cases = [
+            (
+                ImageError::FamilyNotFound { family: "web".into(), source_desc: source.clone(), detail: String::new() },
+                true,
+            ),
+            (ImageError::BadFamilyName("../web".into()), true),
+            (ImageError::AccessDenied { source_desc: source.clone(), detail: "HTTP 403".into() }, false),
+            (
+                ImageError::BadManifest { family: "web".into(), source_desc: source.clone(), detail: String::new() },
+                false,
+            ),
+            (ImageError::Unavailable { source_desc: source, detail: "timeout".into() }, false),
+        ];
+        for (e, dead_letter) in cases {
+            assert_eq!(Cause::of_image(&e).job_is_wrong(), dead_letter, "{e}");
+        }
+    }
+}
