@@ -271,24 +271,20 @@ fn main() -> ExitCode {
 /// `worker runs`: through the admin API of the worker running on the state directory (or
 /// `--admin-url`), else straight from the run log when no worker runs there.
 fn runs(config: &Config, cmd: &RunsCommand, admin_url: Option<&str>, json: bool) -> anyhow::Result<()> {
-    use worker::admin::client;
-    let text: fn(&serde_json::Value) -> String = match cmd {
-        RunsCommand::List { .. } => client::print_list,
-        RunsCommand::Show { .. } => client::print_run,
-    };
+    use worker::admin::client::{self, Answer};
     let running = admin_url.is_some() || config.state_dir.join(worker::admin::ADDR_FILE).exists();
-    let through_api = || -> anyhow::Result<serde_json::Value> {
+    let through_api = || -> anyhow::Result<Answer> {
         let base = client::base_url(config, admin_url)?;
-        match cmd {
+        Ok(match cmd {
             RunsCommand::List { workflow, status, limit } => {
                 let enc = |s: &Option<String>| s.as_deref().map(encode).unwrap_or_default();
                 let path = format!("/api/runs?limit={limit}&workflow={}&status={}", enc(workflow), enc(status));
-                client::get(config, &base, &path)
+                Answer::Runs(client::get(config, &base, &path)?)
             }
-            RunsCommand::Show { id } => client::get(config, &base, &format!("/api/runs/{}", encode(id))),
-        }
+            RunsCommand::Show { id } => Answer::Run(client::get(config, &base, &format!("/api/runs/{}", encode(id)))?),
+        })
     };
-    let value = match (running, admin_url) {
+    let answer = match (running, admin_url) {
         (true, Some(_)) => through_api()?,
         // The address file of a worker that was killed stays behind: no answer means no worker.
         (true, None) => match through_api() {
@@ -299,9 +295,9 @@ fn runs(config: &Config, cmd: &RunsCommand, admin_url: Option<&str>, json: bool)
         (false, _) => worker::runlog::read(config, cmd.query())?,
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        println!("{}", answer.json()?);
     } else {
-        print!("{}", text(&value));
+        print!("{}", answer.text());
     }
     Ok(())
 }

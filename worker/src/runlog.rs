@@ -1,11 +1,12 @@
 //! `worker runs` without a running worker: the run log read straight from the state
-//! directory (the same JSON the admin API answers). A worker running on the directory holds
+//! directory (the same wire types the admin API answers). A worker running on the directory holds
 //! the log's lock; then the admin API is the way in.
 
 use anyhow::{Context, bail};
-use serde_json::{Value, json};
 use thinpipe::fsm::{Engine, OpenError, RunFilter, RunStatus};
 
+use crate::admin::client::Answer;
+use crate::admin::wire::{RunLine, RunView};
 use crate::config::Config;
 
 /// What to read.
@@ -15,7 +16,7 @@ pub enum Query {
 }
 
 /// Reads `query` from the run log of `config`'s state directory. Never creates one.
-pub fn read(config: &Config, query: Query) -> anyhow::Result<Value> {
+pub fn read(config: &Config, query: Query) -> anyhow::Result<Answer> {
     let path = config.runs_path();
     if !path.exists() {
         bail!("no run log at {}: no worker has run on this state directory yet", path.display());
@@ -36,25 +37,18 @@ pub fn read(config: &Config, query: Query) -> anyhow::Result<Value> {
     })
 }
 
-fn lookup(engine: &Engine, config: &Config, query: Query) -> anyhow::Result<Value> {
+fn lookup(engine: &Engine, config: &Config, query: Query) -> anyhow::Result<Answer> {
     match query {
         Query::List { workflow, status, limit } => {
             let status = match status.as_deref().filter(|s| !s.is_empty()) {
                 None => None,
-                Some(s) => Some(
-                    serde_json::from_value::<RunStatus>(json!(s))
-                        .map_err(|_| anyhow::anyhow!("status {s:?}: expected active, completed or failed"))?,
-                ),
+                Some(s) => Some(s.parse::<RunStatus>().map_err(anyhow::Error::msg)?),
             };
             let filter = RunFilter { workflow: workflow.filter(|w| !w.is_empty()), status, limit: Some(limit) };
-            Ok(serde_json::to_value(engine.list_runs(&filter)?)?)
+            Ok(Answer::Runs(engine.list_runs(&filter)?.into_iter().map(RunLine::from).collect()))
         }
         Query::Show(id) => match engine.run_detail(&id)? {
-            Some(run) => {
-                let mut v = serde_json::to_value(run)?;
-                v["host_id"] = json!(config.worker.host_id);
-                Ok(v)
-            }
+            Some(run) => Ok(Answer::Run(Box::new(RunView::new(run, &config.worker.host_id)))),
             None => bail!("no run {id} in {}", config.runs_path().display()),
         },
     }

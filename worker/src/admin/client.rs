@@ -2,9 +2,40 @@
 //! any async runtime).
 
 use anyhow::{Context, bail};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use super::wire::{EventKind, RunLine, RunView};
 use crate::config::Config;
+
+/// What `worker runs` prints: a listing, or one run.
+#[derive(Debug)]
+pub enum Answer {
+    Runs(Vec<RunLine>),
+    Run(Box<RunView>),
+}
+
+impl Answer {
+    /// As the admin API answers it.
+    pub fn json(&self) -> anyhow::Result<String> {
+        fn pretty(v: &impl Serialize) -> anyhow::Result<String> {
+            serde_json::to_string_pretty(v).context("encoding the answer")
+        }
+        match self {
+            Answer::Runs(runs) => pretty(runs),
+            Answer::Run(run) => pretty(run),
+        }
+    }
+
+    /// For a person.
+    pub fn text(&self) -> String {
+        match self {
+            Answer::Runs(runs) => print_list(runs),
+            Answer::Run(run) => print_run(run),
+        }
+    }
+}
 
 /// The admin API's base URL: `--admin-url`, else the address the running worker wrote to
 /// its state directory, else the configured `admin.listen`.
@@ -25,7 +56,7 @@ pub fn base_url(config: &Config, flag: Option<&str>) -> anyhow::Result<String> {
     }
 }
 
-pub fn get(config: &Config, base: &str, path: &str) -> anyhow::Result<Value> {
+pub fn get<T: DeserializeOwned>(config: &Config, base: &str, path: &str) -> anyhow::Result<T> {
     let client = reqwest::blocking::Client::builder()
         .timeout(std::time::Duration::from_secs(30))
         .build()
@@ -41,7 +72,7 @@ pub fn get(config: &Config, base: &str, path: &str) -> anyhow::Result<Value> {
         let msg = body.get("error").and_then(Value::as_str).unwrap_or("no detail");
         bail!("{base}{path}: HTTP {status}: {msg}");
     }
-    Ok(body)
+    serde_json::from_value(body).with_context(|| format!("{base}{path}: the answer is not what this version expects"))
 }
 
 /// Whether `e` (from [`get`]) means nothing answered at the address: no worker is there.
@@ -49,16 +80,7 @@ pub fn is_unreachable(e: &anyhow::Error) -> bool {
     e.chain().any(|c| c.downcast_ref::<reqwest::Error>().is_some_and(reqwest::Error::is_connect))
 }
 
-fn text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
-    }
-}
-
-fn age(ms: &Value) -> String {
-    let Some(ms) = ms.as_u64() else { return "-".into() };
+fn age(ms: u64) -> String {
     let now =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(ms);
     let s = now.saturating_sub(ms) / 1000;
@@ -70,72 +92,71 @@ fn age(ms: &Value) -> String {
     }
 }
 
+fn status(s: super::wire::RunStatus) -> &'static str {
+    match s {
+        super::wire::RunStatus::Active => "active",
+        super::wire::RunStatus::Completed => "completed",
+        super::wire::RunStatus::Failed => "failed",
+    }
+}
+
 /// The runs table.
-pub fn print_list(runs: &Value) -> String {
+pub fn print_list(runs: &[RunLine]) -> String {
     let mut out =
         format!("{:<40} {:<10} {:<10} {:>5} {:>8}  {}\n", "RUN", "WORKFLOW", "STATUS", "STEP", "ATTEMPTS", "STARTED");
-    for r in runs.as_array().into_iter().flatten() {
+    for r in runs {
         out += &format!(
             "{:<40} {:<10} {:<10} {:>5} {:>8}  {}\n",
-            text(&r["id"]),
-            text(&r["workflow"]),
-            text(&r["status"]),
-            text(&r["step_index"]),
-            text(&r["attempts"]),
-            age(&r["created_at_ms"])
+            r.id,
+            r.workflow,
+            status(r.status),
+            r.step_index,
+            r.attempts,
+            age(r.created_at_ms)
         );
     }
     out
 }
 
 /// One run: its header, history and recorded responses.
-pub fn print_run(run: &Value) -> String {
+pub fn print_run(run: &RunView) -> String {
+    let r = &run.line;
     let mut out = format!(
         "run {} ({} v{})\nstatus {}  step {}  attempts {}  started {}\n",
-        text(&run["id"]),
-        text(&run["workflow"]),
-        text(&run["version"]),
-        text(&run["status"]),
-        text(&run["step_index"]),
-        text(&run["attempts"]),
-        age(&run["created_at_ms"])
+        r.id,
+        r.workflow,
+        r.version,
+        status(r.status),
+        r.step_index,
+        r.attempts,
+        age(r.created_at_ms)
     );
-    if let Some(h) = run["host_id"].as_str() {
-        out += &format!("host {h}\n");
-    }
-    if let Some(t) = run["trace_id"].as_str() {
+    out += &format!("host {}\n", run.host_id);
+    if let Some(t) = &r.trace_id {
         out += &format!("trace {t}\n");
     }
-    if run["failure"].is_object() {
-        let f = &run["failure"];
-        out += &format!("failed at {} ({}): {}\n", text(&f["step"]), text(&f["kind"]), text(&f["error"]));
+    if let Some(f) = &r.failure {
+        let code = f.code.as_deref().map(|c| format!(", {c}")).unwrap_or_default();
+        out += &format!("failed at {} ({}{code}): {}\n", f.step, f.kind, f.error);
     }
-    out += &format!("input {}\n\nhistory:\n", run["input"]);
-    for e in run["events"].as_array().into_iter().flatten() {
-        let what = match e["event"].as_str().unwrap_or("?") {
-            "step_completed" => format!(
-                "{} completed (attempt {}, {} ms)",
-                text(&e["step"]),
-                text(&e["attempt"]),
-                text(&e["duration_ms"])
-            ),
-            "attempt_failed" => format!(
-                "{} attempt {} failed ({}, {} ms): {}",
-                text(&e["step"]),
-                text(&e["attempt"]),
-                text(&e["kind"]),
-                text(&e["duration_ms"]),
-                text(&e["error"])
-            ),
-            "resumed" => format!("resumed at {}", text(&e["step"])),
-            "finished" => format!("finished {}", text(&e["status"])),
-            other => other.to_owned(),
+    out += &format!("input {}\n\nhistory:\n", run.input);
+    for e in &run.events {
+        let what = match &e.what {
+            EventKind::Started => "started".to_owned(),
+            EventKind::StepCompleted { step, attempt, duration_ms } => {
+                format!("{step} completed (attempt {attempt}, {duration_ms} ms)")
+            }
+            EventKind::AttemptFailed { step, attempt, error, kind, duration_ms } => {
+                format!("{step} attempt {attempt} failed ({kind}, {duration_ms} ms): {error}")
+            }
+            EventKind::Resumed { step, .. } => format!("resumed at {step}"),
+            EventKind::Finished { status: s, .. } => format!("finished {}", status(*s)),
         };
-        out += &format!("  {:>3}  {}\n", text(&e["seq"]), what);
+        out += &format!("  {:>3}  {}\n", e.seq, what);
     }
     out += "\nresponses:\n";
-    for r in run["responses"].as_array().into_iter().flatten() {
-        out += &format!("  [{}] {}\n", text(&r["index"]), r["response"]);
+    for r in &run.responses {
+        out += &format!("  [{}] {}\n", r.index, r.response);
     }
     out
 }

@@ -21,6 +21,7 @@
 //! The server stops when the worker's shutdown token fires.
 
 pub mod client;
+pub mod wire;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -222,7 +223,7 @@ async fn list_runs(State(admin): State<Admin>, Query(q): Query<RunsQuery>) -> Re
     };
     let engine = admin.host.engine.clone();
     match tokio::task::spawn_blocking(move || engine.list_runs(&filter)).await {
-        Ok(Ok(runs)) => Json(runs).into_response(),
+        Ok(Ok(runs)) => Json(runs.into_iter().map(wire::RunLine::from).collect::<Vec<_>>()).into_response(),
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
@@ -232,14 +233,7 @@ async fn run_detail(State(admin): State<Admin>, Path(id): Path<String>) -> Respo
     let engine = admin.host.engine.clone();
     let lookup = id.clone();
     match tokio::task::spawn_blocking(move || engine.run_detail(&lookup)).await {
-        Ok(Ok(Some(run))) => match serde_json::to_value(run) {
-            // The host that holds the run, for `worker runs show` and scripts.
-            Ok(mut v) => {
-                v["host_id"] = json!(admin.host.config.worker.host_id);
-                Json(v).into_response()
-            }
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        },
+        Ok(Ok(Some(run))) => Json(wire::RunView::new(run, &admin.host.config.worker.host_id)).into_response(),
         Ok(Ok(None)) => error(StatusCode::NOT_FOUND, format!("no run {id}")),
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
@@ -251,7 +245,7 @@ async fn progress(State(admin): State<Admin>) -> Response {
 }
 
 async fn workflows(State(admin): State<Admin>) -> Response {
-    Json(admin.host.engine.workflows()).into_response()
+    Json(admin.host.engine.workflows().into_iter().map(wire::Workflow::from).collect::<Vec<_>>()).into_response()
 }
 
 async fn images(State(admin): State<Admin>) -> Response {

@@ -1,0 +1,154 @@
+//! What the admin API answers, as types: the server builds them from the engine's records,
+//! and `worker runs` (through the API, or from the run log when no worker runs) reads the
+//! same types back. What clients see is defined here, not by the engine's internals.
+
+use serde::{Deserialize, Serialize};
+use thinpipe::fsm::{self, RunDetail, RunSummary, WorkflowInfo};
+
+pub use fsm::RunStatus;
+
+/// One line of `GET /api/runs`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunLine {
+    pub id: String,
+    pub workflow: String,
+    pub version: u32,
+    pub status: RunStatus,
+    /// The step to run next (active), or the number of steps (completed).
+    pub step_index: u32,
+    /// Attempts of every step so far, the failed ones included.
+    pub attempts: u32,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+    pub finished_at_ms: Option<u64>,
+    pub failure: Option<Failure>,
+    /// The trace the run belongs to (32 hex digits).
+    pub trace_id: Option<String>,
+}
+
+/// Why a run failed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Failure {
+    pub step: String,
+    pub error: String,
+    /// `aborted`, `retries_exhausted`, `cancelled` or `corrupt`.
+    pub kind: String,
+    /// The machine-readable cause an aborting step gave (`not_found`, `access_denied`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+}
+
+/// `GET /api/runs/{id}`: one run with everything recorded about it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunView {
+    #[serde(flatten)]
+    pub line: RunLine,
+    /// The host whose run log holds the run.
+    pub host_id: String,
+    pub input: serde_json::Value,
+    /// Index 0 is the initial response, index i step i−1's.
+    pub responses: Vec<Response>,
+    pub events: Vec<Event>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub index: u32,
+    pub response: serde_json::Value,
+}
+
+/// One history event.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: u64,
+    pub at_ms: u64,
+    #[serde(flatten)]
+    pub what: EventKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum EventKind {
+    Started,
+    Resumed { step: String, attempts: u32 },
+    AttemptFailed { step: String, attempt: u32, error: String, kind: String, duration_ms: u64 },
+    StepCompleted { step: String, attempt: u32, duration_ms: u64 },
+    Finished { status: RunStatus, failure: Option<Failure> },
+}
+
+/// `GET /api/workflows`: a workflow's name, version and steps in order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Workflow {
+    pub name: String,
+    pub version: u32,
+    pub steps: Vec<String>,
+}
+
+/// The snake_case name serde gives a unit enum value.
+fn name_of(v: impl Serialize) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        other => format!("{other:?}"),
+    }
+}
+
+impl From<fsm::Failure> for Failure {
+    fn from(f: fsm::Failure) -> Self {
+        Failure { step: f.step, error: f.error, kind: name_of(f.kind), code: f.code }
+    }
+}
+
+impl From<RunSummary> for RunLine {
+    fn from(s: RunSummary) -> Self {
+        RunLine {
+            id: s.id,
+            workflow: s.workflow,
+            version: s.version,
+            status: s.status,
+            step_index: s.step_index,
+            attempts: s.attempts,
+            created_at_ms: s.created_at_ms,
+            updated_at_ms: s.updated_at_ms,
+            finished_at_ms: s.finished_at_ms,
+            failure: s.failure.map(Failure::from),
+            trace_id: s.trace_id,
+        }
+    }
+}
+
+impl From<fsm::Event> for Event {
+    fn from(e: fsm::Event) -> Self {
+        let what = match e.kind {
+            fsm::EventKind::Started => EventKind::Started,
+            fsm::EventKind::Resumed { step, attempts } => EventKind::Resumed { step, attempts },
+            fsm::EventKind::AttemptFailed { step, attempt, error, kind, duration_ms } => {
+                EventKind::AttemptFailed { step, attempt, error, kind: name_of(kind), duration_ms }
+            }
+            fsm::EventKind::StepCompleted { step, attempt, duration_ms } => {
+                EventKind::StepCompleted { step, attempt, duration_ms }
+            }
+            fsm::EventKind::Finished { status, failure } => {
+                EventKind::Finished { status, failure: failure.map(Failure::from) }
+            }
+        };
+        Event { seq: e.seq, at_ms: e.at_ms, what }
+    }
+}
+
+impl RunView {
+    pub fn new(d: RunDetail, host_id: &str) -> Self {
+        RunView {
+            line: d.summary.into(),
+            host_id: host_id.to_owned(),
+            input: d.input,
+            responses: d.responses.into_iter().map(|r| Response { index: r.index, response: r.response }).collect(),
+            events: d.events.into_iter().map(Event::from).collect(),
+        }
+    }
+}
+
+impl From<WorkflowInfo> for Workflow {
+    fn from(w: WorkflowInfo) -> Self {
+        Workflow { name: w.name, version: w.version, steps: w.steps }
+    }
+}
