@@ -2,6 +2,13 @@
 //! `shutdown` fires (or the worker lease is lost), then stopped in order: the job loop
 //! drains, the admin API stops, the host closes. `main.rs` only turns signals into
 //! `shutdown` and the outcome into an exit code.
+//!
+//! Every task is owned by what started it and ends with it: job tasks, receivers, the
+//! maintenance and backlog tasks by the job loop (joined at the drain); a job's visibility
+//! heartbeat and its prepare-lease renewer by the job (aborted when it is dropped, an abort at
+//! the drain deadline included); the worker-lease renewal and the engine's run tasks by the
+//! host (joined by `Host::close`); the admin server by this function. The SQS ack and send
+//! batchers end when their queue is dropped; every ack and send is awaited by its job first.
 
 use std::sync::Arc;
 

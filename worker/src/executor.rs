@@ -26,6 +26,7 @@ use thinpipe::pipeline::{Cause, PipelineError};
 use thinpipe::store::{Acquired, BaseRow, Holder, ReleaseRequest, StoreError};
 use thinpipe::telemetry;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::host::Host;
 
@@ -238,9 +239,11 @@ impl Executor {
             }
         }
         let lost = CancellationToken::new();
+        // Aborted when dropped: however this job ends (its task aborted at the drain deadline
+        // included), nothing renews its lease after it.
         let renewer = {
             let (store, key, lost) = (self.host.store.clone(), key.clone(), lost.clone());
-            tokio::spawn(async move {
+            AbortOnDropHandle::new(tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(ttl / 3).await;
                     let (s, k) = (store.clone(), key.clone());
@@ -255,7 +258,7 @@ impl Executor {
                         }
                     }
                 }
-            })
+            }))
         };
         // Blob collection waits while a prepare downloads and applies blobs.
         let blobs = self.host.lifecycle.in_use().prepare().await;
@@ -264,7 +267,7 @@ impl Executor {
             _ = lost.cancelled() => None,
         };
         drop(blobs);
-        renewer.abort();
+        drop(renewer);
         let run_id = prepare_run_id(family, manifest.digest.as_str());
         let result = match outcome {
             None => {

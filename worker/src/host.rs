@@ -29,6 +29,8 @@ pub struct Host {
     pub lease_lost: CancellationToken,
     /// Stops the lease renewal at close.
     closing: CancellationToken,
+    /// The lease renewal task, awaited at close.
+    renewal: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Host {
@@ -73,13 +75,20 @@ impl Host {
         let lifecycle = Arc::new(Lifecycle::new(pipeline.clone(), config.lifecycle_settings()));
         let lease_lost = CancellationToken::new();
         let closing = CancellationToken::new();
-        spawn_lease_renewal(store.clone(), ttl, lease_lost.clone(), closing.clone(), engine.clone());
-        Ok(Host { config, engine, store, pipeline, lifecycle, lease_lost, closing })
+        let renewal = spawn_lease_renewal(store.clone(), ttl, lease_lost.clone(), closing.clone(), engine.clone());
+        let renewal = std::sync::Mutex::new(Some(renewal));
+        Ok(Host { config, engine, store, pipeline, lifecycle, lease_lost, closing, renewal })
     }
 
     /// Stops the engine (runs stay resumable) and gives the worker lease back.
     pub async fn close(&self) {
         self.closing.cancel();
+        let renewal = self.renewal.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(renewal) = renewal
+            && let Err(e) = renewal.await
+        {
+            tracing::warn!(error = %e, "the worker lease renewal ended abnormally");
+        }
         self.engine.shutdown().await;
         let store = self.store.clone();
         let released =
@@ -156,7 +165,7 @@ fn spawn_lease_renewal(
     lost: CancellationToken,
     closing: CancellationToken,
     engine: Engine,
-) {
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -180,7 +189,7 @@ fn spawn_lease_renewal(
                 Err(e) => tracing::warn!(error = %e, "renewing the worker lease failed; retrying"),
             }
         }
-    });
+    })
 }
 
 /// The job queues the configuration names (one, or several SQS queues).

@@ -29,6 +29,7 @@ use thinpipe::{fault, telemetry};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::backlog::Backlog;
 use crate::executor::{Executor, JobEnd};
@@ -302,8 +303,8 @@ impl JobLoop {
         }
         let started = std::time::Instant::now();
         span.in_scope(|| tracing::info!(receive_count = d.receive_count, "job received"));
-        // Dropped (and the heartbeat stopped) however this task ends, abort and panic included.
-        let heartbeat = self.spawn_heartbeat(queue, d.clone()).drop_guard();
+        // Dropped (and the heartbeat aborted) however this task ends, abort and panic included.
+        let heartbeat = self.spawn_heartbeat(queue, d.clone());
         turn.wait().await;
         let end = tracing::Instrument::instrument(self.executor.execute(&job, &d.message_id), span.clone()).await;
         drop(permit);
@@ -412,23 +413,19 @@ impl JobLoop {
         }
     }
 
-    fn spawn_heartbeat(&self, queue: &Arc<dyn JobQueue>, d: Delivery) -> CancellationToken {
-        let stop = CancellationToken::new();
+    /// Extends the message's visibility every third of it until the returned handle is
+    /// dropped (which aborts the task).
+    fn spawn_heartbeat(&self, queue: &Arc<dyn JobQueue>, d: Delivery) -> AbortOnDropHandle<()> {
         let queue = queue.clone();
         let visibility = Duration::from_secs(self.host.config.queue.visibility_timeout_secs);
-        let token = stop.clone();
-        tokio::spawn(async move {
+        AbortOnDropHandle::new(tokio::spawn(async move {
             loop {
-                tokio::select! {
-                    _ = token.cancelled() => return,
-                    _ = tokio::time::sleep(visibility / 3) => {}
-                }
+                tokio::time::sleep(visibility / 3).await;
                 if let Err(e) = queue.extend(&d, visibility).await {
                     tracing::warn!(message_id = %d.message_id, error = %e, "visibility heartbeat failed");
                 }
             }
-        });
-        stop
+        }))
     }
 }
 
