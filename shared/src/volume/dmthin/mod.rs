@@ -14,71 +14,38 @@
 //! Each active device's uuid is derived from its thin id, and the kernel keeps uuids unique,
 //! so one thin id is never active under two names.
 //!
-//! `device.rs` holds the raw ioctls; this file decides what an errno means: `EEXIST` on
-//! create is checked (the id must really be in the pool) and then taken as a re-run;
-//! `ENODATA` (no such device or origin), `EINVAL`, `ENOSPC`, `EBUSY` (after a few short
-//! retries here; `device.rs` has none) and any error while the pool is not in `rw` mode abort with the pool's
-//! status in the message; anything else is transient. Device nodes are made by this
-//! backend under `<root>/dev` from major:minor: no udev, no `/dev/mapper/*`.
+//! Files: `device.rs` the raw ioctls (no retries, no classification); `errno.rs` what an
+//! errno means, as pure functions with a table test: `EEXIST` on create is checked (the id
+//! must really be in the pool) and then taken as a re-run; `ENODATA` (no such device or
+//! origin), `EINVAL`, `ENOSPC`, `EBUSY` (after a few short retries of `delete`, made here)
+//! and any error while the pool is not in `rw` mode abort with the pool's status in the
+//! message; anything else is transient. `ids.rs` the thin-id ranges, `ext4.rs` the
+//! filesystem in each device, `listing.rs` what the pool holds; this file the backend. Device
+//! nodes are made by this backend under `<root>/dev` from major:minor: no udev, no
+//! `/dev/mapper/*`.
 //!
 //! Layout under the volume root: `bases/base-N` and `snaps/snap-N` (mount points),
 //! `bases/base-N.sealed` (markers), `dev/` (device nodes).
 
 pub mod device;
+mod errno;
+mod ext4;
+mod ids;
+mod listing;
 
-use std::ffi::CString;
 use std::fs;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use devicemapper::Device;
 
 use super::{Usage, VolumeBackend, VolumeError, VolumeId};
 use crate::fault;
 use device::{DmFailure, Pool};
-
-/// Thin ids are 24-bit.
-pub const THIN_ID_LIMIT: u64 = 1 << 24;
-/// Snapshots take thin ids from here up; bases take those below.
-pub const SNAP_THIN_ID_BASE: u64 = 1 << 20;
-
-/// The pool-wide thin id of a volume, or an abort when its range is exhausted.
-pub fn thin_id(vol: VolumeId) -> Result<u64, VolumeError> {
-    let (id, ok) = match vol {
-        VolumeId::Base(n) => (n, n > 0 && n < SNAP_THIN_ID_BASE),
-        VolumeId::Snap(n) => (SNAP_THIN_ID_BASE.saturating_add(n), n > 0 && n < THIN_ID_LIMIT - SNAP_THIN_ID_BASE),
-    };
-    if ok {
-        Ok(id)
-    } else {
-        let (range, limit) = match vol {
-            VolumeId::Base(_) => ("base", SNAP_THIN_ID_BASE - 1),
-            VolumeId::Snap(_) => ("snapshot", THIN_ID_LIMIT - SNAP_THIN_ID_BASE - 1),
-        };
-        Err(VolumeError::Abort {
-            volume: vol.to_string(),
-            detail: format!(
-                "the {range} range of dm-thin ids is exhausted (at most {limit} {range}s per pool): \
-                 drain the host and recreate its pool and state"
-            ),
-        })
-    }
-}
-
-/// The volume a thin id belongs to (`None` for ids outside both ranges).
-pub fn volume_of(thin_id: u64) -> Option<VolumeId> {
-    match thin_id {
-        0 => None,
-        n if n < SNAP_THIN_ID_BASE => Some(VolumeId::Base(n)),
-        n if n < THIN_ID_LIMIT => Some(VolumeId::Snap(n - SNAP_THIN_ID_BASE)),
-        _ => None,
-    }
-}
-
-/// How often `delete` is tried while the kernel says the thin id is busy.
-const DELETE_BUSY_ATTEMPTS: u32 = 4;
+use errno::{AfterDelete, Verdict};
+use ext4::{c_path, empty_dir, mkfs_ext4, mount_ext4, remove_if_present, umount};
+pub use ids::{SNAP_THIN_ID_BASE, THIN_ID_LIMIT, thin_id, volume_of};
+use listing::parse_pool_usage;
 
 /// Where the pool is and how big each thin device is.
 #[derive(Clone, Debug)]
@@ -98,15 +65,6 @@ pub struct DmThinBackend {
     root: PathBuf,
     sectors: u64,
     prefix: String,
-}
-
-fn errno_is(e: &DmFailure, errnos: &[i32]) -> bool {
-    e.errno.is_some_and(|n| errnos.contains(&n))
-}
-
-fn c_path(path: &Path) -> Result<CString, VolumeError> {
-    CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| VolumeError::Abort { volume: path.display().to_string(), detail: "path contains NUL".into() })
 }
 
 impl DmThinBackend {
@@ -194,11 +152,9 @@ impl DmThinBackend {
     fn fail(&self, vol: impl std::fmt::Display, e: DmFailure) -> VolumeError {
         let (status, mode_ok) = self.pool_state();
         let detail = format!("{e} [pool {} status: {status}]", self.pool.name());
-        let hard = errno_is(&e, &[libc::ENODATA, libc::EINVAL, libc::ENOSPC, libc::EBUSY, libc::EEXIST, libc::EPERM]);
-        if hard || !mode_ok {
-            VolumeError::Abort { volume: vol.to_string(), detail }
-        } else {
-            VolumeError::Transient { volume: vol.to_string(), detail }
+        match errno::classify(e.errno, mode_ok) {
+            Verdict::Abort => VolumeError::Abort { volume: vol.to_string(), detail },
+            Verdict::Transient => VolumeError::Transient { volume: vol.to_string(), detail },
         }
     }
 
@@ -237,7 +193,7 @@ impl DmThinBackend {
                 self.pool.deactivate(&name).map_err(|e| self.fail(vol, e))?;
                 Ok(true)
             }
-            Err(e) if errno_is(&e, &[libc::ENODATA]) => Ok(false),
+            Err(e) if errno::not_in_pool(e.errno) => Ok(false),
             Err(e) => Err(self.fail(vol, e)),
         }
     }
@@ -246,7 +202,7 @@ impl DmThinBackend {
     fn create(&self, vol: VolumeId, msg: &str) -> Result<(), VolumeError> {
         match self.pool.message(msg) {
             Ok(_) => Ok(()),
-            Err(e) if errno_is(&e, &[libc::EEXIST]) => {
+            Err(e) if errno::create_may_be_rerun(e.errno) => {
                 if self.in_pool(vol)? {
                     tracing::debug!(volume = %vol, "thin id already in the pool: a re-run");
                     Ok(())
@@ -299,122 +255,6 @@ impl DmThinBackend {
         self.pool.deactivate(&self.device_name(vol)).map_err(|e| self.fail(vol, e))?;
         Ok(())
     }
-
-    /// Thin ids in the pool, read with `thin_ls` from a metadata snapshot of the live pool.
-    pub fn thin_ids(&self) -> Result<Vec<u64>, VolumeError> {
-        let pool_vol = format!("pool {}", self.pool.name());
-        let meta = self.pool.metadata_device().map_err(|e| self.fail(&pool_vol, e))?;
-        let node = self.node(&format!("{}-tmeta", self.prefix), meta)?;
-        // A snapshot left by an interrupted listing blocks a new one: release it first.
-        if let Err(e) = self.pool.message("reserve_metadata_snap") {
-            if !errno_is(&e, &[libc::EBUSY, libc::EINVAL]) {
-                return Err(self.fail(&pool_vol, e));
-            }
-            self.pool.message("release_metadata_snap").map_err(|e| self.fail(&pool_vol, e))?;
-            self.pool.message("reserve_metadata_snap").map_err(|e| self.fail(&pool_vol, e))?;
-        }
-        let listed =
-            Command::new("thin_ls").arg("--metadata-snap").args(["--no-headers", "-o", "DEV"]).arg(&node).output();
-        // Released whatever the listing did; a failed release is the error that matters more
-        // (a held metadata snapshot pins the pool's metadata until the next listing frees it).
-        self.pool.message("release_metadata_snap").map_err(|e| self.fail(&pool_vol, e))?;
-        let out = listed.map_err(|e| VolumeError::Abort {
-            volume: pool_vol.clone(),
-            detail: format!("running thin_ls: {e} (install thin-provisioning-tools)"),
-        })?;
-        if !out.status.success() {
-            return Err(VolumeError::Transient {
-                volume: pool_vol,
-                detail: format!("thin_ls {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()),
-            });
-        }
-        let mut ids = Vec::new();
-        for line in String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.trim().is_empty()) {
-            let id = line.trim().parse::<u64>().map_err(|e| VolumeError::Transient {
-                volume: pool_vol.clone(),
-                detail: format!("thin_ls printed {line:?}: {e}"),
-            })?;
-            ids.push(id);
-        }
-        ids.sort_unstable();
-        Ok(ids)
-    }
-
-    /// Active devices that map a thin id of this pool under a name this backend would not
-    /// use for it (a second name for one thin id).
-    pub fn foreign_activations(&self) -> Result<Vec<(String, u64)>, VolumeError> {
-        let pool_dev = self.pool.device().to_string();
-        let devices = self.pool.devices().map_err(|e| self.fail(format!("pool {}", self.pool.name()), e))?;
-        let mut out = Vec::new();
-        for device::ActiveDevice { name, table } in devices {
-            let Some((target, params)) = table else { continue };
-            let mut p = params.split_whitespace();
-            if target != "thin" || p.next() != Some(pool_dev.as_str()) {
-                continue;
-            }
-            let Some(tid) = p.next().and_then(|t| t.parse::<u64>().ok()) else { continue };
-            if volume_of(tid).is_none_or(|vol| self.device_name(vol) != name) {
-                out.push((name, tid));
-            }
-        }
-        Ok(out)
-    }
-}
-
-fn mkfs_ext4(vol: VolumeId, node: &Path) -> Result<(), VolumeError> {
-    // No discard (a whole-device discard is slow on thin and pointless on a new device).
-    let out = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-m", "0", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1"])
-        .arg(node)
-        .output()
-        .map_err(|e| VolumeError::Abort {
-            volume: vol.to_string(),
-            detail: format!("running mkfs.ext4: {e} (install e2fsprogs)"),
-        })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(VolumeError::Transient {
-            volume: vol.to_string(),
-            detail: format!("mkfs.ext4 {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()),
-        })
-    }
-}
-
-fn mount_ext4(node: &Path, mount_point: &Path) -> std::io::Result<()> {
-    let src = CString::new(node.as_os_str().as_bytes())?;
-    let dst = CString::new(mount_point.as_os_str().as_bytes())?;
-    // SAFETY: mount(2) with valid NUL-terminated strings and a NULL data pointer.
-    let rc = unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), c"ext4".as_ptr(), libc::MS_NOATIME, std::ptr::null()) };
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
-}
-
-fn umount(mount_point: &Path) -> std::io::Result<()> {
-    let dst = CString::new(mount_point.as_os_str().as_bytes())?;
-    // SAFETY: umount2(2) with a valid NUL-terminated path.
-    if unsafe { libc::umount2(dst.as_ptr(), 0) } == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
-}
-
-fn remove_if_present(path: &Path, vol: VolumeId) -> Result<(), VolumeError> {
-    let removed = if path.is_dir() { fs::remove_dir(path) } else { fs::remove_file(path) };
-    match removed {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(VolumeError::io(vol, &format!("removing {}", path.display()), e)),
-    }
-}
-
-/// Empties a directory (the root of an unsealed base) without removing it.
-fn empty_dir(root: &Path, vol: VolumeId) -> Result<(), VolumeError> {
-    let entries = fs::read_dir(root).map_err(|e| VolumeError::io(vol, "listing the base", e))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| VolumeError::io(vol, "listing the base", e))?;
-        let path = entry.path();
-        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
-        let removed = if is_dir { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
-        removed.map_err(|e| VolumeError::io(vol, &format!("emptying {}", path.display()), e))?;
-    }
-    Ok(())
 }
 
 impl VolumeBackend for DmThinBackend {
@@ -574,15 +414,14 @@ impl DmThinBackend {
     fn delete_inner(&self, vol: VolumeId) -> Result<(), VolumeError> {
         self.unmount_and_deactivate(vol)?;
         let msg = format!("delete {}", thin_id(vol)?);
-        // EBUSY: the id is open elsewhere (maybe closing now): a few short retries, then abort.
         for attempt in 1.. {
             match self.pool.message(&msg) {
                 Ok(_) => break,
-                Err(e) if errno_is(&e, &[libc::ENODATA]) => break, // already gone
-                Err(e) if errno_is(&e, &[libc::EBUSY]) && attempt < DELETE_BUSY_ATTEMPTS => {
-                    std::thread::sleep(std::time::Duration::from_millis(50 * attempt as u64));
-                }
-                Err(e) => return Err(self.fail(vol, e)),
+                Err(e) => match errno::after_delete(e.errno, attempt) {
+                    AfterDelete::Gone => break,
+                    AfterDelete::RetryAfter(pause) => std::thread::sleep(pause),
+                    AfterDelete::Fail => return Err(self.fail(vol, e)),
+                },
             }
         }
         if let VolumeId::Base(id) = vol {
@@ -590,46 +429,5 @@ impl DmThinBackend {
         }
         remove_if_present(&self.mount_point(vol), vol)?;
         remove_if_present(&self.root.join("dev").join(self.device_name(vol)), vol)
-    }
-}
-
-/// The (used, total) metadata and data blocks of a pool status line
-/// (`<transaction> <meta used>/<total> <data used>/<total> ...`).
-fn parse_pool_usage(status: &str) -> Option<((u64, u64), (u64, u64))> {
-    let mut fields = status.split_whitespace().skip(1);
-    let mut pair = || {
-        let (used, total) = fields.next()?.split_once('/')?;
-        Some((used.parse().ok()?, total.parse().ok()?))
-    };
-    Some((pair()?, pair()?))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn pool_usage_is_read_from_the_status_line() {
-        let status = "5 281/4096 1920/8192 - rw no_discard_passdown queue_if_no_space - 1024";
-        assert_eq!(super::parse_pool_usage(status), Some(((281, 4096), (1920, 8192))));
-        assert_eq!(super::parse_pool_usage("Fail"), None);
-    }
-
-    use super::*;
-
-    #[test]
-    fn thin_id_ranges_are_disjoint_and_bounded() {
-        assert_eq!(thin_id(VolumeId::Base(1)).unwrap(), 1);
-        assert_eq!(thin_id(VolumeId::Base(SNAP_THIN_ID_BASE - 1)).unwrap(), SNAP_THIN_ID_BASE - 1);
-        assert!(thin_id(VolumeId::Base(SNAP_THIN_ID_BASE)).unwrap_err().to_string().contains("base range"));
-        assert_eq!(thin_id(VolumeId::Snap(1)).unwrap(), SNAP_THIN_ID_BASE + 1);
-        assert_eq!(thin_id(VolumeId::Snap(THIN_ID_LIMIT - SNAP_THIN_ID_BASE - 1)).unwrap(), THIN_ID_LIMIT - 1);
-        let err = thin_id(VolumeId::Snap(THIN_ID_LIMIT - SNAP_THIN_ID_BASE)).unwrap_err();
-        assert!(!err.is_retryable());
-        assert!(err.to_string().contains("snapshot range of dm-thin ids is exhausted"), "{err}");
-        assert!(thin_id(VolumeId::Base(0)).is_err());
-        for vol in [VolumeId::Base(7), VolumeId::Snap(7), VolumeId::Snap(123_456)] {
-            assert_eq!(volume_of(thin_id(vol).unwrap()), Some(vol));
-        }
-        assert_eq!(volume_of(0), None);
-        assert_eq!(volume_of(THIN_ID_LIMIT), None);
     }
 }
