@@ -129,6 +129,8 @@ fn the_config_template_keeps_awkward_values_inside_their_strings() {
         .arg("-e")
         .arg(format!("@{}", role.join("defaults/main.yml").display()))
         .arg("-e")
+        .arg(format!("@{}", role.join("vars/main.yml").display()))
+        .arg("-e")
         .arg(format!("@{}", vars.display()))
         .output()
         .expect("ansible");
@@ -444,7 +446,7 @@ fn three_hosts_deploy_converge_and_roll_an_upgrade_back_on_the_host_that_is_not_
     let (ok, out) = playbook(
         &v2,
         "upgrade.yml",
-        &["-e", r#"{"thinpipe_upgrade_batches": [1, 1, 1], "thinpipe_upgrade_ready_retries": 10}"#],
+        &["-e", r#"{"thinpipe_upgrade_batches": [1, 1, 1], "thinpipe_worker_upgrade_ready_retries": 10}"#],
     );
     stop.store(true, Ordering::SeqCst);
     let sent = flow.join().expect("job flow");

@@ -4,7 +4,7 @@
 //! `writer`.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -82,6 +82,12 @@ impl Engine {
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(OpenError::AlreadyOpen { path }),
             Err(error) => return Err(OpenError::Open { path, error }),
         };
+        Self::on_database(db, path, config)
+    }
+
+    /// The engine on an open redb database (`path` names it in messages): what `open` does
+    /// after opening the file, and what tests use with a storage backend of their own.
+    pub(crate) fn on_database(db: Database, path: PathBuf, config: EngineConfig) -> Result<Engine, OpenError> {
         let db = Arc::new(db);
         let writer = Writer::open(db.clone()).map_err(|error| OpenError::Init { path: path.clone(), error })?;
         let engine = Engine {
@@ -147,7 +153,11 @@ impl Engine {
         };
         let trace_parent = record.trace_parent.clone();
         if !wf.durable_start() {
-            return self.start_unrecorded(wf, id, Unrecorded { record, input, w0 }, trace_parent);
+            let outcome = self.start_unrecorded(wf.clone(), id, Unrecorded { record, input, w0 }, trace_parent)?;
+            if matches!(outcome, StartOutcome::AlreadyRunning) {
+                self.drive_if_stalled(wf, id).await?;
+            }
+            return Ok(outcome);
         }
         let op = Op::Start { id: id.to_owned(), record, input: input.clone(), w0: w0.clone() };
         match self.inner.writer.submit(op).await {
@@ -157,7 +167,13 @@ impl Engine {
                 self.spawn_run(wf, bound, id.to_owned(), position, None, trace_parent);
                 Ok(StartOutcome::Started)
             }
-            Ok(Reply::Exists(existing)) => self.existing_run(&wf, id, &input, existing),
+            Ok(Reply::Exists(existing)) => {
+                let outcome = self.existing_run(&wf, id, &input, existing)?;
+                if matches!(outcome, StartOutcome::AlreadyRunning) {
+                    self.drive_if_stalled(wf, id).await?;
+                }
+                Ok(outcome)
+            }
             Ok(Reply::Applied | Reply::Pruned(_)) => Err(StartError::Storage("unexpected reply to start".into())),
             Err(OpError::Stopped) => Err(StartError::ShutDown),
             Err(OpError::Fenced { id, why }) => Err(StartError::Corrupt { id, why }),
@@ -224,6 +240,23 @@ impl Engine {
                 Ok(StartOutcome::AlreadyRunning)
             }
             Found::Recorded(existing) => self.existing_run(&wf, id, &start.input, existing),
+        }
+    }
+
+    /// After `start` joined run `id` as already running: an active run that no task here
+    /// drives (a failed commit stopped it) is resumed now, not left for the next start, so
+    /// that its caller does not wait on nothing.
+    async fn drive_if_stalled(&self, wf: Arc<dyn ErasedWorkflow>, id: &str) -> Result<(), StartError> {
+        if self.is_driven_here(id) {
+            return Ok(());
+        }
+        match self.read_record(id).map_err(|e| StartError::Storage(e.to_string()))? {
+            Some(Ok(record)) if record.status == RunStatus::Active => match self.resume_run(wf, id, &record).await {
+                Resumed::Yes | Resumed::MarkedFailed(_) => Ok(()),
+                Resumed::Left => Err(StartError::Storage(format!("run {id} is stalled and could not be resumed"))),
+            },
+            // Finished meanwhile: a wait returns its outcome.
+            _ => Ok(()),
         }
     }
 
@@ -310,13 +343,25 @@ impl Engine {
                 self.read_end(id).map_err(|e| WaitError::Storage(e.to_string()))?
             };
         }
+        if let Lookup::Active = found
+            && !self.is_driven_here(id)
+        {
+            // No task of this process drives it (its last commit failed, or nothing has
+            // resumed it yet): read again, since a task that just ended committed first.
+            found = match self.read_end(id).map_err(|e| WaitError::Storage(e.to_string()))? {
+                Lookup::Active => {
+                    self.forget_waiter(id);
+                    return Err(interrupted(
+                        "it is not running in this process (its last commit failed, or it was not resumed); starting it again, or the next start, resumes it",
+                    ));
+                }
+                other => other,
+            };
+        }
         match found {
             Lookup::Finished(outcome) => return Ok(outcome),
             Lookup::NotFound => {
-                let mut waiters = lock(&self.inner.waiters);
-                if waiters.get(id).is_some_and(|tx| tx.receiver_count() <= 1) {
-                    waiters.remove(id);
-                }
+                self.forget_waiter(id);
                 return Err(WaitError::NotFound(id.to_owned()));
             }
             Lookup::Active => {}
@@ -434,57 +479,85 @@ impl Engine {
                 report.unknown_workflow.push(id);
                 continue;
             };
-            match self.prepare_resume(&wf, &id, &record) {
-                Ok((bound, w)) => {
-                    let step = wf.step_name(record.next_step as usize).to_owned();
-                    let change = Change {
-                        id: id.clone(),
-                        start: None,
-                        expect_step: Some(record.next_step),
-                        update: Update::Nothing,
-                        events: vec![EventKind::Resumed { step, attempts: record.attempts }],
-                    };
-                    match self.inner.writer.submit(Op::Change(change)).await {
-                        Ok(_) => {
-                            let trace = record.trace_parent.clone();
-                            let position = runner::Position { w, step: record.next_step, attempts: record.attempts };
-                            self.spawn_run(wf, bound, id.clone(), position, None, trace);
-                            report.resumed.push(id);
-                        }
-                        Err(e) => {
-                            tracing::error!(run_id = %id, error = %e, "could not record the resume; the run stays active")
-                        }
+            match self.resume_run(wf, &id, &record).await {
+                Resumed::Yes => report.resumed.push(id),
+                Resumed::MarkedFailed(reason) => report.failed.push((id, reason)),
+                Resumed::Left => {}
+            }
+        }
+        Ok(report)
+    }
+
+    /// Picks run `id` (active in the run log, `record` its header) up again from its own
+    /// last completed step; a run that can never resume is marked failed with the reason.
+    async fn resume_run(&self, wf: Arc<dyn ErasedWorkflow>, id: &str, record: &RunRecord) -> Resumed {
+        match self.prepare_resume(&wf, id, record) {
+            Ok((bound, w)) => {
+                let step = wf.step_name(record.next_step as usize).to_owned();
+                let change = Change {
+                    id: id.to_owned(),
+                    start: None,
+                    expect_step: Some(record.next_step),
+                    update: Update::Nothing,
+                    events: vec![EventKind::Resumed { step, attempts: record.attempts }],
+                };
+                match self.inner.writer.submit(Op::Change(change)).await {
+                    Ok(_) => {
+                        let trace = record.trace_parent.clone();
+                        let position = runner::Position { w, step: record.next_step, attempts: record.attempts };
+                        self.spawn_run(wf, bound, id.to_owned(), position, None, trace);
+                        Resumed::Yes
+                    }
+                    Err(e) => {
+                        tracing::error!(run_id = %id, error = %e, "could not record the resume; the run stays active");
+                        Resumed::Left
                     }
                 }
-                Err(ResumeBlocker::Storage(e)) => {
-                    tracing::error!(run_id = %id, error = %e, "reading the run failed; it stays active for the next start");
-                }
-                Err(ResumeBlocker::Corrupt(reason)) => {
-                    tracing::error!(run_id = %id, %reason, "run cannot resume; marking it failed");
-                    let failure = Failure {
-                        step: wf.step_name(record.next_step as usize).to_owned(),
-                        error: reason.clone(),
-                        kind: FailureKind::Corrupt,
-                        code: None,
-                    };
-                    let change = Change {
-                        id: id.clone(),
-                        start: None,
-                        expect_step: None,
-                        update: Update::Fail(failure.clone()),
-                        events: Vec::new(),
-                    };
-                    match self.inner.writer.submit(Op::Change(change)).await {
-                        Ok(_) => {
-                            self.inner.notify(&id, RunEnd::Finished(RawOutcome::Failed(failure)));
-                            report.failed.push((id, reason));
-                        }
-                        Err(e) => tracing::error!(run_id = %id, error = %e, "could not mark the run failed"),
+            }
+            Err(ResumeBlocker::Storage(e)) => {
+                tracing::error!(run_id = %id, error = %e, "reading the run failed; it stays active for the next start");
+                Resumed::Left
+            }
+            Err(ResumeBlocker::Corrupt(reason)) => {
+                tracing::error!(run_id = %id, %reason, "run cannot resume; marking it failed");
+                let failure = Failure {
+                    step: wf.step_name(record.next_step as usize).to_owned(),
+                    error: reason.clone(),
+                    kind: FailureKind::Corrupt,
+                    code: None,
+                };
+                let change = Change {
+                    id: id.to_owned(),
+                    start: None,
+                    expect_step: None,
+                    update: Update::Fail(failure.clone()),
+                    events: Vec::new(),
+                };
+                match self.inner.writer.submit(Op::Change(change)).await {
+                    Ok(_) => {
+                        self.inner.notify(id, RunEnd::Finished(RawOutcome::Failed(failure)));
+                        Resumed::MarkedFailed(reason)
+                    }
+                    Err(e) => {
+                        tracing::error!(run_id = %id, error = %e, "could not mark the run failed");
+                        Resumed::Left
                     }
                 }
             }
         }
-        Ok(report)
+    }
+
+    /// Drops the waiter entry of `id` if no one else waits on it.
+    fn forget_waiter(&self, id: &str) {
+        let mut waiters = lock(&self.inner.waiters);
+        if waiters.get(id).is_some_and(|tx| tx.receiver_count() <= 1) {
+            waiters.remove(id);
+        }
+    }
+
+    /// Whether run `id` has a task in this process, or is started and not yet recorded.
+    fn is_driven_here(&self, id: &str) -> bool {
+        lock(&self.inner.running).contains_key(id) || lock(&self.inner.unrecorded).contains_key(id)
     }
 
     fn read_log(&self, key: &[u8]) -> Result<Option<Vec<u8>>, redb::Error> {
@@ -661,6 +734,14 @@ impl From<&str> for ResumeBlocker {
     fn from(reason: &str) -> Self {
         Self::Corrupt(reason.to_owned())
     }
+}
+
+/// What [`Engine::resume_run`] did.
+enum Resumed {
+    Yes,
+    MarkedFailed(String),
+    /// Left active for the next start (its storage could not be read or written).
+    Left,
 }
 
 enum Lookup {

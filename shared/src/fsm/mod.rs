@@ -39,4 +39,6 @@ pub use schema::{AttemptErrorKind, Event, EventKind, Failure, FailureKind, RunSt
 pub use workflow::{StepError, StepRequest, StepResult, Workflow};
 
 #[cfg(test)]
+mod model_tests;
+#[cfg(test)]
 mod tests;
