@@ -26,7 +26,7 @@ use std::time::Duration;
 use thinpipe::job::{Job, JobResult, JobStatus};
 use thinpipe::queue::{Delivery, JobQueue};
 use thinpipe::{fault, telemetry};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
@@ -35,6 +35,7 @@ use crate::backlog::Backlog;
 use crate::executor::{Executor, JobEnd};
 use crate::host::Host;
 use crate::order::{JobOrder, Turn};
+use crate::receiver::{Received, Receiver, release};
 
 /// What the loop did, for logs and tests.
 #[derive(Debug, Default)]
@@ -431,120 +432,6 @@ impl JobLoop {
 
 /// The message (and its queue) of each running job task.
 type InFlight = HashMap<tokio::task::Id, (Arc<dyn JobQueue>, Delivery)>;
-
-/// A message handed from a receiver to the loop, with the job slot reserved for it.
-struct Received {
-    queue: Arc<dyn JobQueue>,
-    delivery: Delivery,
-    permit: OwnedSemaphorePermit,
-}
-
-/// How long a receiver waits for more free slots to fill a receive call.
-const BATCH_LINGER: Duration = Duration::from_millis(25);
-
-/// Long-polls one queue while job slots are free.
-struct Receiver {
-    queue: Arc<dyn JobQueue>,
-    slots: Arc<Semaphore>,
-    /// Most slots this receiver reserves for one poll, so that one queue's long poll
-    /// does not hold every slot while another queue has work.
-    share: usize,
-    wait: Duration,
-    stop: CancellationToken,
-    tx: tokio::sync::mpsc::Sender<Received>,
-    /// Counts queues whose last receive failed; this receiver adds itself while failing.
-    failing: Arc<AtomicUsize>,
-}
-
-impl Receiver {
-    async fn run(self) {
-        let mut healthy = true;
-        loop {
-            // Reserve the slots first: every message received has a slot to run in, so
-            // none waits (invisible, unextended) for one.
-            let first = tokio::select! {
-                _ = self.stop.cancelled() => return,
-                p = self.slots.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => return, // closed: the loop is gone
-                },
-            };
-            let mut permits = vec![first];
-            // Under load, slots free up one by one; waiting a moment for a few more makes
-            // one receive call fetch several messages instead of one each.
-            let linger = tokio::time::Instant::now() + BATCH_LINGER;
-            while permits.len() < self.share {
-                match self.slots.clone().try_acquire_owned() {
-                    Ok(p) => permits.push(p),
-                    Err(_) => match tokio::time::timeout_at(linger, self.slots.clone().acquire_owned()).await {
-                        Ok(Ok(p)) => permits.push(p),
-                        _ => break,
-                    },
-                }
-            }
-            let asked = std::time::Instant::now();
-            // Not raced against `stop`: a receive dropped half-way can take messages nobody
-            // sees. The queue ends its wait early where it can do so without losing any.
-            let received = self.queue.receive_until(permits.len(), self.wait, &self.stop).await;
-            if self.stop.is_cancelled() {
-                // Draining: what arrived is handed back at once, not run.
-                if let Ok(deliveries) = &received {
-                    for d in deliveries {
-                        release(self.queue.as_ref(), d).await;
-                    }
-                    if !deliveries.is_empty() {
-                        tracing::info!(jobs = deliveries.len(), queue = %self.queue.describe(), "draining: handed back messages received as the drain began");
-                    }
-                }
-                return;
-            }
-            if let Ok(d) = &received
-                && !d.is_empty()
-            {
-                telemetry::metrics().receive_latency.record(asked.elapsed().as_secs_f64(), &[]);
-            }
-            let ok = received.is_ok();
-            if ok != healthy {
-                healthy = ok;
-                if ok {
-                    self.failing.fetch_sub(1, Ordering::SeqCst)
-                } else {
-                    self.failing.fetch_add(1, Ordering::SeqCst)
-                };
-            }
-            let deliveries = match received {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::warn!(queue = %self.queue.describe(), error = %e, "receiving jobs failed; retrying");
-                    drop(permits);
-                    tokio::select! {
-                        _ = self.stop.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    }
-                    continue;
-                }
-            };
-            for delivery in deliveries {
-                let Some(permit) = permits.pop() else {
-                    // The queue returned more than asked for; make the extra one visible again.
-                    release(self.queue.as_ref(), &delivery).await;
-                    continue;
-                };
-                let handed = Received { queue: self.queue.clone(), delivery, permit };
-                if let Err(unsent) = self.tx.send(handed).await {
-                    release(self.queue.as_ref(), &unsent.0.delivery).await;
-                    return;
-                }
-            }
-        }
-    }
-}
-
-async fn release(queue: &dyn JobQueue, d: &Delivery) {
-    if let Err(e) = queue.release(d).await {
-        tracing::warn!(message_id = %d.message_id, error = %e, "could not release a message; it returns when its visibility ends");
-    }
-}
 
 /// The invocation a message is about, if it names one (an unreadable body has none; the
 /// job's task dead-letters it).

@@ -13,4 +13,5 @@ pub mod inventory;
 pub mod jobloop;
 pub mod oneshot;
 pub mod order;
+pub mod receiver;
 pub mod runlog;

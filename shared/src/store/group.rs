@@ -13,19 +13,8 @@
 use std::collections::HashMap;
 use std::sync::{Condvar, Mutex, MutexGuard};
 
-use super::snapshots::{Intent, intend_in};
+use super::snapshots::{Intent, Request, intend_in};
 use super::{Store, StoreError};
-
-/// One queued intent.
-pub(super) struct Request {
-    pub run_id: String,
-    pub family: String,
-    pub base_vol_id: u64,
-    /// The snapshot expires this long after its intent is recorded.
-    pub ttl: Option<std::time::Duration>,
-    pub host_id: Option<String>,
-    pub name: Box<dyn Fn(u64) -> String + Send>,
-}
 
 #[derive(Default)]
 pub(super) struct IntentGroup {

@@ -246,10 +246,21 @@ fn advance_in(
     })
 }
 
+/// One queued intent.
+pub(super) struct Request {
+    pub run_id: String,
+    pub family: String,
+    pub base_vol_id: u64,
+    /// The snapshot expires this long after its intent is recorded.
+    pub ttl: Option<std::time::Duration>,
+    pub host_id: Option<String>,
+    pub name: Box<dyn Fn(u64) -> String + Send>,
+}
+
 /// Records the intended snapshot of `run_id` in `tx`, or finds the row already there. A new
 /// row is refused unless its base is sealed (a base being deleted is `retiring`: see
 /// `bases.rs`); recording one notes the base's last activation.
-pub(super) fn intend_in(tx: &Transaction<'_>, request: &super::group::Request, now: i64) -> rusqlite::Result<Intent> {
+pub(super) fn intend_in(tx: &Transaction<'_>, request: &Request, now: i64) -> rusqlite::Result<Intent> {
     let select = format!("SELECT {COLUMNS} FROM snapshots WHERE run_id = ?1");
     if let Some(existing) = query_one(tx, &select, params![request.run_id]).optional()? {
         return Ok(if existing.state.is_released() { Intent::Released(existing) } else { Intent::Recorded(existing) });
@@ -304,7 +315,7 @@ impl Store {
         name: impl Fn(u64) -> String + Send + 'static,
     ) -> Result<Intent, StoreError> {
         // Concurrent intents share one durable commit (`group.rs`).
-        let request = super::group::Request {
+        let request = Request {
             run_id: run_id.to_owned(),
             family: family.to_owned(),
             base_vol_id,
