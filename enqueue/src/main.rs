@@ -181,7 +181,7 @@ fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     thinpipe::sigpipe::end_quietly_on_broken_pipe();
-    let telemetry = thinpipe::telemetry::init("thinpipe-enqueue", "text", "warn", false);
+    let telemetry = thinpipe::telemetry::init("thinpipe-enqueue", thinpipe::telemetry::LogFormat::Text, "warn", false);
     let code = run(&cli);
     // The enqueue span goes out before the process ends.
     telemetry.shutdown();

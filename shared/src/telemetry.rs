@@ -33,6 +33,31 @@ use tracing_subscriber::util::SubscriberInitExt;
 /// The attribute (SQS message attribute, run record field) carrying the W3C trace context.
 pub const TRACEPARENT: &str = "traceparent";
 
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// For people: one line per event, coloured on a terminal.
+    Text,
+    /// For machines: one JSON object per line, with the current span and its parents.
+    Json,
+}
+
+impl LogFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+impl std::fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The installed providers; [`Telemetry::shutdown`] flushes them.
 pub struct Telemetry {
     tracer: SdkTracerProvider,
@@ -69,11 +94,11 @@ fn endpoint_set(signal: &str) -> bool {
 }
 
 /// Sets up logging and OpenTelemetry for a process named `service` (unless
-/// `OTEL_SERVICE_NAME` names it). `log_format` is `text` or `json`; `default_level` applies
+/// `OTEL_SERVICE_NAME` names it), logging in `log_format`; `default_level` applies
 /// when `RUST_LOG` is unset. With `prometheus` the metrics can also be read with
 /// [`Telemetry::prometheus`]. Call it outside any async runtime (the blocking HTTP client
 /// of the exporter cannot be built inside one).
-pub fn init(service: &str, log_format: &str, default_level: &str, prometheus: bool) -> Telemetry {
+pub fn init(service: &str, log_format: LogFormat, default_level: &str, prometheus: bool) -> Telemetry {
     let mut resource = opentelemetry_sdk::Resource::builder();
     if std::env::var("OTEL_SERVICE_NAME").is_err() {
         resource = resource.with_service_name(service.to_owned());
@@ -133,7 +158,7 @@ pub fn init(service: &str, log_format: &str, default_level: &str, prometheus: bo
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
     let fmt = tracing_subscriber::fmt::layer().with_writer(|| LogWriter).with_ansi(colour);
     let registry = tracing_subscriber::registry().with(otel);
-    let installed = if log_format == "json" {
+    let installed = if log_format == LogFormat::Json {
         registry.with(fmt.json().with_current_span(true).with_span_list(true).with_filter(filter)).try_init()
     } else {
         registry.with(fmt.with_filter(filter)).try_init()

@@ -216,13 +216,8 @@ pub enum QueueKind {
     Sqs,
 }
 
-/// How log lines are written (`log_format`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+/// How log lines are written (`log_format`): the telemetry setup's own type.
+pub use thinpipe::telemetry::LogFormat;
 
 /// The names the settings take, for messages and for the telemetry setup.
 macro_rules! names {
@@ -242,7 +237,6 @@ macro_rules! names {
 names! {
     BackendKind { Dir => "dir", Btrfs => "btrfs", Dmthin => "dmthin" }
     QueueKind { Embedded => "embedded", Sqs => "sqs" }
-    LogFormat { Text => "text", Json => "json" }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

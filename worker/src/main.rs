@@ -247,7 +247,7 @@ fn main() -> ExitCode {
     let level = if matches!(cli.command, Command::Demo { .. }) { "warn" } else { "info" };
     // The daemon also serves its metrics at the admin API's /metrics.
     let prometheus = matches!(cli.command, Command::Daemon) && !config.admin.listen.is_empty();
-    let telemetry = thinpipe::telemetry::init("thinpipe-worker", config.log_format.as_str(), level, prometheus);
+    let telemetry = thinpipe::telemetry::init("thinpipe-worker", config.log_format, level, prometheus);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
