@@ -247,6 +247,10 @@ pub struct JobResult {
     pub base_vol_id: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Why a failed job failed, as a code (`pipeline::Cause`: `not_found`, `access_denied`,
+    /// `host_full`, `released`, ...), when one applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
     /// What a successful job did when it was not the obvious (a release of an invocation
     /// that had no snapshot, or that was already released).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -121,6 +121,7 @@ fn a_full_host_evicts_unused_families_refuses_clearly_and_recovers_after_release
     let refused = refused.expect("activations were refused before the filesystem filled");
     let error = refused["error"].as_str().unwrap();
     assert!(error.starts_with("host full: volumes filesystem") && error.contains("(limit 60%)"), "{error}");
+    assert_eq!(refused["cause"], "host_full", "a scheduler can act on the cause: {refused}");
     let (status, ready) = readyz(&api);
     assert_eq!(status, 503, "{ready}");
     assert!(

@@ -126,6 +126,7 @@ fn a_fleet_routes_by_host_and_never_prepares_a_half_published_image() {
     assert_eq!((r["status"].as_str(), r["host_id"].as_str()), (Some("failed"), Some(wrong.id.as_str())), "{r}");
     let error = r["error"].as_str().unwrap();
     assert!(error.contains(&format!("invocation {inv} is not on host {}", wrong.id)), "{error}");
+    assert_eq!(r["cause"], "wrong_host", "{r}");
 
     // Releases routed by each activation's result leave no snapshot anywhere.
     for (inv, a) in &activated {

@@ -127,6 +127,7 @@ fn interleavings(concurrency: usize) {
                     ("activate", "failed") => {
                         let err = r["error"].as_str().unwrap();
                         assert!(err.contains(&format!("invocation {inv} was released at")), "{ctx}: {r}");
+                        assert_eq!(r["cause"], "released", "{ctx}: {r}");
                         assert!(concurrency > 1 || seen_release, "{ctx}: refused before any release: {r}");
                     }
                     other => panic!("{ctx}: unexpected {other:?}: {r}"),

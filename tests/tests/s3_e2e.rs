@@ -349,12 +349,14 @@ fn access_denied_fails_the_job_without_dead_lettering_it() {
     let r = result(&out);
     let error = r["error"].as_str().unwrap_or_default();
     assert!(error.contains("refused access") && error.contains("403"), "{r}");
+    assert_eq!(r["cause"], "access_denied", "{r}");
     let dead = enqueue(&["--json", "dead-letters", "list"]);
     assert_eq!(String::from_utf8_lossy(&dead.stdout).trim(), "[]", "not dead-lettered: {}", daemon.log());
     assert!(proxy.matching_requests() >= 1);
 
-    let unknown = enqueue(&["--wait", "prepare", "--family", "nowhere"]);
+    let unknown = enqueue(&["--wait", "--json", "prepare", "--family", "nowhere"]);
     assert_eq!(unknown.status.code(), Some(1));
+    assert_eq!(result(&unknown)["cause"], "not_found");
     let dead = enqueue(&["--json", "dead-letters", "list"]);
     assert!(String::from_utf8_lossy(&dead.stdout).contains("nowhere"), "an unknown family is dead-lettered");
     daemon.stop(std::time::Duration::from_secs(30));

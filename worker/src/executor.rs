@@ -68,6 +68,7 @@ impl Executor {
             snapshot_path: None,
             base_vol_id: None,
             error: None,
+            cause: None,
             detail: None,
             devices_skipped: None,
             digest: job.digest.clone(),
@@ -90,6 +91,7 @@ impl Executor {
                         let host = &self.host.config.worker.host_id;
                         failed(
                             result,
+                            Some(Cause::WrongHost),
                             &format!(
                                 "invocation {invocation} is not on host {host}; send the release to the host queue in the activation's result"
                             ),
@@ -99,7 +101,7 @@ impl Executor {
                         result.detail = release.detail();
                         match &release.outcome {
                             Outcome::Completed(_) => JobEnd::Done(result),
-                            Outcome::Failed(f) => failed(result, &f.to_string()),
+                            Outcome::Failed(f) => failed_run(result, f),
                         }
                     }
                     Err(e) => not_run(e, result),
@@ -117,7 +119,7 @@ impl Executor {
         // A released invocation is refused before anything is prepared for it.
         if job.kind == JobKind::Activate {
             match pipeline.released_activation(&invocation).await {
-                Ok(Some(Outcome::Failed(f))) => return failed(result, &f.to_string()),
+                Ok(Some(Outcome::Failed(f))) => return failed_run(result, &f),
                 Ok(_) => {}
                 Err(e) => return JobEnd::Retry(e.to_string()),
             }
@@ -125,7 +127,7 @@ impl Executor {
         if let Err(full) = self.host.lifecycle.admit().await {
             telemetry::metrics().capacity_refusals.add(1, &[telemetry::kv("kind", job.kind.to_string())]);
             tracing::warn!(reason = %full, "refused: the host is full");
-            return failed(result, &full);
+            return failed(result, Some(Cause::HostFull), &full);
         }
         let want = match (job.kind, job.pinned()) {
             (_, Some(digest)) => Want::Pinned(digest),
@@ -137,22 +139,25 @@ impl Executor {
             .await
         {
             Ok(v) => v,
-            Err(Prep::Unknown(why)) => {
+            Err(Prep::Unknown(cause, why)) => {
                 result.status = JobStatus::Failed;
                 result.error = Some(why.clone());
+                result.cause = Some(cause.as_str().to_owned());
                 return JobEnd::DeadLetter(why, Some(result));
             }
-            Err(Prep::Source(why)) => return failed(result, &why),
+            Err(Prep::Source(cause, why)) => return failed(result, Some(cause), &why),
             // A run started before versions resolves its family itself: the same rule.
             Err(Prep::Failed { run_id, failure }) if Cause::of_failure(&failure).is_some_and(Cause::job_is_wrong) => {
                 result.run_id = run_id;
-                result.status = JobStatus::Failed;
-                result.error = Some(failure.to_string());
-                return JobEnd::DeadLetter(failure.to_string(), Some(result));
+                let why = failure.to_string();
+                return match failed_run(result, &failure) {
+                    JobEnd::Done(result) => JobEnd::DeadLetter(why, Some(result)),
+                    other => other,
+                };
             }
             Err(Prep::Failed { run_id, failure }) => {
                 result.run_id = run_id;
-                return failed(result, &failure.to_string());
+                return failed_run(result, &failure);
             }
             Err(Prep::Retry(why)) => return JobEnd::Retry(why),
             Err(Prep::HandBack) => return JobEnd::HandBack,
@@ -180,7 +185,7 @@ impl Executor {
                 }
                 JobEnd::Done(result)
             }
-            Ok(Outcome::Failed(f)) => failed(result, &f.to_string()),
+            Ok(Outcome::Failed(f)) => failed_run(result, &f),
             Err(e) => not_run(e, result),
         }
     }
@@ -198,8 +203,10 @@ impl Executor {
         let lifecycle = &self.host.lifecycle;
         let version = lifecycle.resolve(family, want).await.map_err(|e| match e {
             e if e.is_retryable() => Prep::Retry(e.to_string()),
-            ResolveError::Source(e) if Cause::of_image(&e).job_is_wrong() => Prep::Unknown(e.to_string()),
-            ResolveError::Source(e) => Prep::Source(e.to_string()),
+            ResolveError::Source(e) => match Cause::of_image(&e) {
+                cause if cause.job_is_wrong() => Prep::Unknown(cause, e.to_string()),
+                cause => Prep::Source(cause, e.to_string()),
+            },
             ResolveError::Store(e) => Prep::Retry(e.to_string()),
         })?;
         let (base, devices_skipped) = match version.target {
@@ -319,9 +326,9 @@ impl Executor {
 enum Prep {
     /// The version does not resolve (no such family or version, no layers, a malformed
     /// manifest): the job is a mistake and is dead-lettered.
-    Unknown(String),
+    Unknown(Cause, String),
     /// The source cannot give the version (access denied, bad data): a failed result.
-    Source(String),
+    Source(Cause, String),
     Failed {
         run_id: String,
         failure: Failure,
@@ -334,17 +341,23 @@ enum Prep {
 impl std::fmt::Debug for Prep {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Prep::Unknown(x) | Prep::Source(x) | Prep::Retry(x) => f.write_str(x),
+            Prep::Unknown(_, x) | Prep::Source(_, x) | Prep::Retry(x) => f.write_str(x),
             Prep::Failed { failure, .. } => write!(f, "{failure}"),
             Prep::HandBack => f.write_str("handed back: draining"),
         }
     }
 }
 
-fn failed(mut result: JobResult, error: &str) -> JobEnd {
+fn failed(mut result: JobResult, cause: Option<Cause>, error: &str) -> JobEnd {
     result.status = JobStatus::Failed;
     result.error = Some(error.to_owned());
+    result.cause = cause.map(|c| c.as_str().to_owned());
     JobEnd::Done(result)
+}
+
+/// A failed run's result: its error, and its cause when the failing step gave one.
+fn failed_run(result: JobResult, f: &Failure) -> JobEnd {
+    failed(result, Cause::of_failure(f), &f.to_string())
 }
 
 /// A run that could not be started or waited for: a mistake in the job (a run id reused

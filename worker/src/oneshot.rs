@@ -24,6 +24,7 @@ pub async fn run(host: &Arc<Host>, job: &Job) -> anyhow::Result<JobResult> {
         snapshot_path: None,
         base_vol_id: None,
         error: Some(error),
+        cause: None,
         detail: None,
         devices_skipped: None,
         digest: job.digest.clone(),

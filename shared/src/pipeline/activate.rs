@@ -96,5 +96,5 @@ async fn activate_snapshot(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Ac
 
 /// The activation stops for good: its invocation was released.
 fn released(row: &SnapshotRow) -> StepError {
-    StepError::abort(row.released_message())
+    StepError::abort_with(super::Cause::Released.as_str(), row.released_message())
 }

@@ -1,7 +1,8 @@
-//! Why a pipeline run or a version lookup failed, as a machine-readable code: an aborting
-//! step stores it in its run's failure ([`crate::fsm::Failure::code`]), and the job executor
-//! decides on it, not on a step name or a message: a job that names what does not exist is
-//! dead-lettered; a source that refuses access or holds bad data gives a failed result.
+//! Why a job failed, as a machine-readable code: an aborting step stores it in its run's
+//! failure ([`crate::fsm::Failure::code`]), the job executor decides on it, not on a step
+//! name or a message (a job that names what does not exist is dead-lettered; a source that
+//! refuses access or holds bad data gives a failed result), and the job's result carries it
+//! (`cause`) for schedulers to act on.
 
 use crate::fsm::Failure;
 use crate::image::ImageError;
@@ -21,19 +22,29 @@ pub enum Cause {
     SourceChanged,
     /// This host's disk: full, or read-only.
     HostStorage,
+    /// The host is above its refusal watermark: place the job on another host.
+    HostFull,
+    /// The invocation was released: an invocation id is single use.
+    Released,
+    /// A release reached a fleet host that never saw its invocation: send it to the host
+    /// queue in the activation's result.
+    WrongHost,
     /// Anything else that retrying does not mend.
     Other,
 }
 
 impl Cause {
     /// Every cause, for tests and documentation.
-    pub const ALL: [Cause; 7] = [
+    pub const ALL: [Cause; 10] = [
         Cause::NotFound,
         Cause::InvalidName,
         Cause::AccessDenied,
         Cause::BadSource,
         Cause::SourceChanged,
         Cause::HostStorage,
+        Cause::HostFull,
+        Cause::Released,
+        Cause::WrongHost,
         Cause::Other,
     ];
 
@@ -46,6 +57,9 @@ impl Cause {
             Cause::BadSource => "bad_source",
             Cause::SourceChanged => "source_changed",
             Cause::HostStorage => "host_storage",
+            Cause::HostFull => "host_full",
+            Cause::Released => "released",
+            Cause::WrongHost => "wrong_host",
             Cause::Other => "other",
         }
     }

@@ -249,7 +249,7 @@ impl Pipeline {
                 step: "activate_snapshot".into(),
                 error: r.released_message(),
                 kind: FailureKind::Aborted,
-                code: None,
+                code: Some(Cause::Released.as_str().to_owned()),
             })
         }))
     }
