@@ -51,7 +51,8 @@ struct Cli {
     #[arg(long, global = true)]
     json: bool,
     /// With --wait on a terminal: the worker's admin API, read for the job's progress
-    /// (default with the embedded queue: the address the worker wrote in <state-dir>/admin.addr).
+    /// (default with the embedded queue: the address the worker wrote in <state-dir>/admin.addr;
+    /// THINPIPE_ADMIN_TOKEN is sent as its bearer token when set).
     #[arg(long, global = true)]
     admin_url: Option<String>,
     #[command(subcommand)]
@@ -567,7 +568,14 @@ fn worker_progress(
         Ok(c) => c,
         Err(_) => return Vec::new(),
     };
-    let answer = client.get(format!("{}/api/progress", url.trim_end_matches('/'))).send();
+    let mut request = client.get(format!("{}/api/progress", url.trim_end_matches('/')));
+    // A worker with `admin.token` set wants it: the same variable the worker reads.
+    if let Ok(token) = std::env::var("THINPIPE_ADMIN_TOKEN")
+        && !token.is_empty()
+    {
+        request = request.bearer_auth(token);
+    }
+    let answer = request.send();
     answer.and_then(|r| r.error_for_status()).and_then(|r| r.json()).unwrap_or_default()
 }
 
