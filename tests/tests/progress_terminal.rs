@@ -57,16 +57,18 @@ fn worker_run_prepare_draws_its_steps_and_bytes_on_a_terminal_only() {
     assert!(!stderr.contains("download_blobs (") && !stderr.contains('\u{1b}'), "no bar, no escapes: {stderr}");
 }
 
+/// The worker's admin API wants a token here: `enqueue` sends the one in its environment.
 #[test]
 fn enqueue_wait_draws_the_workers_progress_on_a_terminal() {
     let dir = tempfile::tempdir().unwrap();
     write_sample_family(dir.path(), "web").unwrap();
-    let daemon = Daemon::start(dir.path(), &[("THINPIPE_PAUSE", "prepare.download@web=1500")]);
+    let token = ("THINPIPE_ADMIN_TOKEN", "progress-secret");
+    let daemon = Daemon::start(dir.path(), &[("THINPIPE_PAUSE", "prepare.download@web=1500"), token]);
     daemon.admin_url();
     let enqueue = bin("enqueue");
     let (out, shown) = on_terminal(
         &[enqueue.to_str().unwrap(), "--state-dir", &state(dir.path()), "--wait", "prepare", "--family", "web"],
-        &[],
+        &[token],
     );
     assert!(out.status.success(), "{shown}\n{}", daemon.log());
     assert!(shown.contains("download_blobs (prepare-web@"), "the worker's step is shown: {shown}");
