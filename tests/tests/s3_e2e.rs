@@ -61,6 +61,18 @@ fn prepare(state: &Path, source: &str, endpoint: &str) -> Output {
         .unwrap()
 }
 
+/// The sample family `fam` written under `<dir>/src` and published to `s3://<new bucket>/<prefix>`.
+fn published_sample(endpoint: &str, prefix: &str) -> (tempfile::TempDir, std::path::PathBuf, String) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (client, bucket) = rt.block_on(bucket(endpoint));
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    thinpipe::image::write_sample_family(&src, "fam").unwrap();
+    let to = format!("s3://{bucket}/{prefix}");
+    rt.block_on(thinpipe::image::publish(&client, &src, "fam", &to, &|_| {})).unwrap();
+    (dir, src, to)
+}
+
 fn result(out: &Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("no result ({e}): {}", String::from_utf8_lossy(&out.stderr)))
@@ -290,13 +302,7 @@ fn the_s3_server_stopped_during_a_download_gives_retries_then_success() {
 #[test]
 fn s3_answering_errors_for_a_while_gives_retries_then_success() {
     let Some(endpoint) = thinpipe::aws::test_endpoint() else { return };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let (client, bucket) = rt.block_on(bucket(&endpoint));
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("src");
-    thinpipe::image::write_sample_family(&src, "fam").unwrap();
-    let to = format!("s3://{bucket}/flat");
-    rt.block_on(thinpipe::image::publish(&client, &src, "fam", &to, &|_| {})).unwrap();
+    let (dir, src, to) = published_sample(&endpoint, "flat");
     // Every layer GET fails with 503 at first: more failures than the SDK's own retries.
     let proxy = thinpipe_tests::flaky::FlakyProxy::start(&endpoint, "/flat/blobs/sha256/", 8);
     let state = dir.path().join("state");
@@ -320,13 +326,7 @@ fn s3_answering_errors_for_a_while_gives_retries_then_success() {
 #[test]
 fn access_denied_fails_the_job_without_dead_lettering_it() {
     let Some(endpoint) = thinpipe::aws::test_endpoint() else { return };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let (client, bucket) = rt.block_on(bucket(&endpoint));
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("src");
-    thinpipe::image::write_sample_family(&src, "fam").unwrap();
-    let to = format!("s3://{bucket}/denied");
-    rt.block_on(thinpipe::image::publish(&client, &src, "fam", &to, &|_| {})).unwrap();
+    let (dir, _, to) = published_sample(&endpoint, "denied");
     // The family's manifest object is refused; the rest of the bucket answers.
     let proxy = thinpipe_tests::flaky::FlakyProxy::denying(&endpoint, "/denied/families/fam.json");
     let state = dir.path().join("state");

@@ -280,7 +280,7 @@ impl Executor {
             None => {
                 Err(Prep::Retry(format!("lost the prepare lease of {family}; another process may be preparing it")))
             }
-            Some(Err(e)) => Err(Prep::Retry(run_error(e))),
+            Some(Err(e)) => Err(Prep::Retry(e.to_string())),
             Some(Ok(Outcome::Failed(failure))) => {
                 // A version the source no longer has as current (its files rewritten during the
                 // prepare) is not worth a failed result: the job is retried with the new one.
@@ -371,10 +371,6 @@ fn not_run(e: PipelineError, mut result: JobResult) -> JobEnd {
         }
         _ => JobEnd::Retry(e.to_string()),
     }
-}
-
-fn run_error(e: PipelineError) -> String {
-    e.to_string()
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, StoreError> + Send + 'static) -> Result<T, Prep> {

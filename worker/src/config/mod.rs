@@ -607,7 +607,9 @@ mod tests {
     #[test]
     fn mistakes_name_the_setting() {
         let err = Config::load(None, [], &["worker.concurency=3".into()]).unwrap_err();
-        assert!(format!("{err:#}").contains("unknown setting"), "{err:#}");
+        assert!(format!("{err:#}").contains("unknown setting (did you mean worker.concurrency?)"), "{err:#}");
+        let err = Config::load(None, [], &["nothing.like.it=3".into()]).unwrap_err();
+        assert!(format!("{err:#}").contains("known settings: activations.max_age_secs"), "{err:#}");
         let err = Config::load(None, [("THINPIPE_WORKER_CONCURRENCY".into(), "many".into())], &[]).unwrap_err();
         assert!(format!("{err:#}").contains("THINPIPE_WORKER_CONCURRENCY"), "{err:#}");
         let dir = tempfile::tempdir().unwrap();

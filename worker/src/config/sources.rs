@@ -35,7 +35,13 @@ impl Config {
         for s in sets {
             let (key, v) = s.split_once('=').with_context(|| format!("--set {s:?}: expected KEY=VALUE"))?;
             if !keys.iter().any(|k| k == key) {
-                bail!("--set {key}: unknown setting; known settings: {}", keys.join(", "));
+                let nearest = keys.iter().min_by_key(|k| strsim::levenshtein(k, key));
+                match nearest.filter(|k| strsim::levenshtein(k, key) <= 2) {
+                    Some(k) => {
+                        bail!("--set {key}: unknown setting (did you mean {k}?); `worker config` lists every setting")
+                    }
+                    None => bail!("--set {key}: unknown setting; known settings: {}", keys.join(", ")),
+                }
             }
             set(&mut value, key, v).with_context(|| format!("--set {key}"))?;
         }
