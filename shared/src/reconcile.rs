@@ -8,9 +8,16 @@
 //! intent and its create; otherwise the run's next attempt makes it).
 //!
 //! A contradiction is a snapshot row whose state the disk denies: a `released` row whose
-//! volume still exists, or a `created`/`exposed` row whose volume is gone. With `fix`, the
-//! first volume is deleted and the second row marked `released` (nothing is left to give
-//! back; the activation's holder has lost its snapshot either way).
+//! volume still exists, or a `created`/`exposed` row whose volume is not seen. With `fix`,
+//! the first volume is deleted. The second row is never released here: what reconcile cannot
+//! see may still be in use (a volume directory on a filesystem that is not mounted, a pool
+//! not activated), and releasing it would let a later pass delete it once it reappears. The
+//! report says what to check; an operator who knows the snapshot is gone releases its
+//! invocation (`release`), which is idempotent.
+//!
+//! In-between artifacts (a half-made snapshot copy, [`VolumeBackend::leftovers`]) are
+//! listed with their bytes; with `fix` they are removed, like orphans, unless their
+//! volume's row is `intended` (its activation may be making it now).
 //!
 //! The backend is listed before the records are read: a volume is only created after its
 //! record is committed, so a worker running meanwhile can never make its new volume look
@@ -22,7 +29,7 @@ use std::collections::BTreeSet;
 use serde::Serialize;
 
 use crate::store::{SnapshotState, Store, StoreError};
-use crate::volume::{VolumeBackend, VolumeError, VolumeId};
+use crate::volume::{Leftover, VolumeBackend, VolumeError, VolumeId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -45,13 +52,21 @@ pub struct Report {
     pub contradictions: Vec<String>,
     /// Contradictions repaired (with `fix`).
     pub repaired: Vec<String>,
+    /// Contradictions that `fix` leaves alone, each with what to check.
+    pub left: Vec<String>,
+    /// In-between artifacts (half-made volumes), with their bytes.
+    pub leftovers: Vec<String>,
+    /// In-between artifacts removed (with `fix`).
+    pub leftovers_removed: Vec<String>,
     /// How many volumes the backend holds.
     pub volumes: usize,
 }
 
 impl Report {
     pub fn is_clean(&self) -> bool {
-        self.orphans.len() == self.deleted.len() && self.contradictions.len() == self.repaired.len()
+        self.orphans.len() == self.deleted.len()
+            && self.contradictions.len() == self.repaired.len()
+            && self.leftovers.len() == self.leftovers_removed.len()
     }
 }
 
@@ -104,8 +119,14 @@ pub fn reconcile(store: &Store, backend: &dyn VolumeBackend, fix: bool) -> Resul
         deleted: Vec::new(),
         contradictions: contradicted.iter().map(|(row, exists)| contradiction(row, *exists)).collect(),
         repaired: Vec::new(),
+        left: Vec::new(),
+        leftovers: Vec::new(),
+        leftovers_removed: Vec::new(),
         volumes: volumes.len(),
     };
+    let swept = sweep_leftovers(store, backend, !fix)?;
+    report.leftovers = swept.found.iter().map(describe_leftover).collect();
+    report.leftovers_removed = swept.removed.iter().map(describe_leftover).collect();
     if fix {
         // Snapshots first: a backend may refuse to delete a base with snapshots.
         let mut order = orphans;
@@ -120,14 +141,58 @@ pub fn reconcile(store: &Store, backend: &dyn VolumeBackend, fix: bool) -> Resul
             if *exists {
                 backend.delete(vol)?;
                 tracing::info!(volume = %vol, run_id = %row.run_id, "deleted the volume of a released snapshot");
+                report.repaired.push(contradiction(row, *exists));
             } else {
-                store.mark_snapshot_released(row.id)?;
-                tracing::info!(volume = %vol, run_id = %row.run_id, "marked a snapshot whose volume is gone as released");
+                report.left.push(format!(
+                    "{} — left as it is: reconcile never releases a live snapshot it cannot see. Check that {} is mounted and these are the host's settings; if the snapshot is really gone, release its invocation ({})",
+                    contradiction(row, false),
+                    backend.name(),
+                    row.run_id.strip_prefix("activate-").unwrap_or(&row.run_id)
+                ));
             }
-            report.repaired.push(contradiction(row, *exists));
         }
     }
     Ok(report)
+}
+
+/// In-between artifacts found, and those removed.
+#[derive(Clone, Debug, Default)]
+pub struct Swept {
+    pub found: Vec<Leftover>,
+    pub removed: Vec<Leftover>,
+}
+
+impl Swept {
+    pub fn bytes_removed(&self) -> u64 {
+        self.removed.iter().map(|l| l.bytes).sum()
+    }
+}
+
+/// Lists the backend's in-between artifacts and (unless `dry_run`) removes each whose volume
+/// no activation may be making now: its snapshot row is absent or past `intended`. Shared by
+/// `reconcile --fix` and garbage collection.
+pub fn sweep_leftovers(store: &Store, backend: &dyn VolumeBackend, dry_run: bool) -> Result<Swept, ReconcileError> {
+    let mut swept = Swept { found: backend.leftovers()?, removed: Vec::new() };
+    if dry_run {
+        return Ok(swept);
+    }
+    for leftover in &swept.found {
+        let making = match leftover.of {
+            VolumeId::Snap(id) => store.snapshot(id)?.is_some_and(|row| row.state == SnapshotState::Intended),
+            VolumeId::Base(_) => false,
+        };
+        if making {
+            continue;
+        }
+        backend.remove_leftover(leftover)?;
+        tracing::info!(of = %leftover.of, path = %leftover.path.display(), bytes = leftover.bytes, "removed an in-between artifact");
+        swept.removed.push(leftover.clone());
+    }
+    Ok(swept)
+}
+
+fn describe_leftover(l: &Leftover) -> String {
+    format!("{} ({} bytes, of {})", l.path.display(), l.bytes, l.of)
 }
 
 fn contradiction(row: &crate::store::SnapshotRow, exists: bool) -> String {
@@ -141,6 +206,29 @@ fn contradiction(row: &crate::store::SnapshotRow, exists: bool) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_half_copy_is_an_in_between_artifact_swept_unless_its_activation_may_be_making_it() {
+        let (_dir, store, backend, base) = host();
+        let killed = intend(&store, "activate-killed", base);
+        let making = intend(&store, "activate-making", base);
+        for id in [killed.id, making.id] {
+            let half = _dir.path().join("volumes/snaps").join(format!(".tmp-snap-{id}"));
+            std::fs::create_dir_all(half.join("etc")).unwrap();
+            std::fs::write(half.join("etc/passwd"), vec![7u8; 64 << 10]).unwrap();
+        }
+        store.request_release("activate-killed", "web", |id| VolumeId::Snap(id).to_string()).unwrap();
+        store.mark_snapshot_released(killed.id).unwrap();
+
+        let report = reconcile(&store, &backend, false).unwrap();
+        assert_eq!(report.leftovers.len(), 2, "{report:?}");
+        assert!(report.leftovers[0].contains(&format!("of snap-{}", killed.id)), "{report:?}");
+        assert!(!report.is_clean());
+        let fixed = reconcile(&store, &backend, true).unwrap();
+        assert_eq!(fixed.leftovers_removed.len(), 1, "{fixed:?}");
+        let left: Vec<VolumeId> = backend.leftovers().unwrap().iter().map(|l| l.of).collect();
+        assert_eq!(left, [VolumeId::Snap(making.id)], "the intended activation's copy is left to it");
+    }
+
     use super::*;
     use crate::store::{BaseIntent, Intent, SnapshotRow};
     use crate::volume::DirBackend;
@@ -218,11 +306,14 @@ mod tests {
         );
         assert!(!report.is_clean() && report.orphans.is_empty());
         let fixed = reconcile(&store, &backend, true).unwrap();
-        assert_eq!(fixed.repaired, fixed.contradictions);
+        assert_eq!(fixed.repaired, fixed.contradictions[..1]);
         assert!(!backend.exists(VolumeId::Snap(leaked.id)).unwrap());
-        assert_eq!(store.snapshot(lost.id).unwrap().unwrap().state, SnapshotState::Released);
+        // A live row whose volume is not seen is never released by reconcile: it says why.
+        assert_eq!(store.snapshot(lost.id).unwrap().unwrap().state, SnapshotState::Exposed);
+        assert!(fixed.left[0].contains("never releases a live snapshot") && fixed.left[0].contains("lost"), "{fixed:?}");
         assert!(backend.exists(VolumeId::Snap(fine.id)).unwrap());
         let after = reconcile(&store, &backend, false).unwrap();
-        assert!(after.is_clean() && after.contradictions.is_empty(), "{after:?}");
+        assert_eq!(after.contradictions.len(), 1, "{after:?}");
+        assert!(!after.is_clean());
     }
 }

@@ -9,8 +9,8 @@ use thinpipe::fsm::{Engine, EngineConfig, OpenError};
 use thinpipe::image::{ApplyOptions, BlobCache, BlobSource, LocalDir, S3Source};
 use thinpipe::lifecycle::Lifecycle;
 use thinpipe::pipeline::{Pipeline, PipelineContext};
-use thinpipe::store::{Acquired, Checkpoint, Holder, Store, StoreOptions};
-use thinpipe::volume::{BtrfsBackend, DirBackend, DmThinBackend, DmThinOptions, VolumeBackend};
+use thinpipe::store::{Acquired, Binding, Checkpoint, Holder, SnapshotState, Store, StoreOptions};
+use thinpipe::volume::{BtrfsBackend, DirBackend, DmThinBackend, DmThinOptions, VolumeBackend, VolumeId};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BackendKind, Config, QueueKind, SourceSpec};
@@ -45,7 +45,7 @@ impl Host {
         let store = Arc::new(Store::open_with(config.host_db_path(), &options)?);
         let ttl = Duration::from_secs(config.worker.lease_ttl_secs);
         let engine = take_state(&config, &store, ttl).await?;
-        let backend = open_backend(&config)?;
+        let backend = open_volumes(&config, &store)?;
         let source: Arc<dyn BlobSource> = match config.source_spec()? {
             SourceSpec::S3(url) => {
                 let opts = config.aws.options();
@@ -220,7 +220,59 @@ pub async fn open_queues(config: &Config) -> anyhow::Result<Vec<Arc<dyn thinpipe
     })
 }
 
-/// The configured volume backend.
+/// The configured volume backend, checked against where the host database says this
+/// host's volumes live (recorded at first use): a command whose settings name another
+/// backend, volume directory or filesystem is refused before it touches a volume.
+pub fn open_volumes(config: &Config, store: &Store) -> anyhow::Result<Arc<dyn VolumeBackend>> {
+    let backend = open_backend(config)?;
+    check_place(config, store, backend.as_ref())?;
+    Ok(backend)
+}
+
+/// Compares `backend`'s place with the host database's record (recording it at first use).
+/// A database from before places were recorded, which claims volumes that `backend` does not
+/// hold, is refused too: these settings are not the ones its volumes were made with.
+pub fn check_place(config: &Config, store: &Store, backend: &dyn VolumeBackend) -> anyhow::Result<()> {
+    let place = backend.place()?;
+    if store.volume_place()?.is_none() {
+        let claimed = claimed_volumes(store)?;
+        let held: std::collections::BTreeSet<VolumeId> = backend.list()?.into_iter().collect();
+        if !claimed.is_empty() && claimed.iter().all(|v| !held.contains(v)) {
+            bail!(
+                "the host database {} records {} volumes and {place} holds none of them; run with the settings this host was set up with (the same --config, or --set backend=... and volumes_dir=...); nothing was changed",
+                config.host_db_path().display(),
+                claimed.len()
+            );
+        }
+    }
+    match store.bind_volumes(&place)? {
+        Binding::First => tracing::info!(%place, "recorded where this host's volumes live"),
+        Binding::Same => {}
+        Binding::Moved { from } => {
+            tracing::warn!(%place, previous = %from, "the volumes moved; no volume was recorded at the old place")
+        }
+        Binding::Differs { recorded, bases, live_snapshots } => bail!(
+            "the state directory {} keeps its volumes on {recorded} ({bases} bases, {live_snapshots} live snapshots recorded), but these settings name {place}; \
+             run with the settings this host was set up with (the same --config, or --set backend={} and volumes_dir=...); nothing was changed",
+            config.state_dir.display(),
+            recorded.backend
+        ),
+    }
+    Ok(())
+}
+
+/// The volumes the host database says exist: every base, and every live snapshot.
+fn claimed_volumes(store: &Store) -> anyhow::Result<Vec<VolumeId>> {
+    let bases = store.list_bases()?.into_iter().map(|b| VolumeId::Base(b.id));
+    let snaps = store
+        .list_snapshots()?
+        .into_iter()
+        .filter(|s| matches!(s.state, SnapshotState::Created | SnapshotState::Exposed))
+        .map(|s| VolumeId::Snap(s.id));
+    Ok(bases.chain(snaps).collect())
+}
+
+/// The configured volume backend, unchecked: commands use [`open_volumes`].
 pub fn open_backend(config: &Config) -> anyhow::Result<Arc<dyn VolumeBackend>> {
     Ok(match config.backend {
         BackendKind::Btrfs => Arc::new(BtrfsBackend::open(&config.volumes_dir)?),

@@ -48,7 +48,15 @@ impl Images {
 pub fn collect(config: &Config) -> anyhow::Result<Images> {
     let store = Store::open(config.host_db_path())?;
     let cache = BlobCache::open(config.blob_cache_dir())?;
-    let usage = crate::host::open_backend(config).and_then(|b| Ok(b.usage()?)).map_err(|e| format!("{e:#}"));
+    // A backend that cannot be opened here (dm-thin without root) leaves usage unmeasured;
+    // one that opens somewhere else than this host's volumes refuses the command.
+    let usage = match crate::host::open_backend(config) {
+        Ok(backend) => {
+            crate::host::check_place(config, &store, backend.as_ref())?;
+            backend.usage().map_err(|e| format!("{e:#}"))
+        }
+        Err(e) => Err(format!("{e:#}")),
+    };
     Images::gather(&store, &cache, usage, config.watermarks())
 }
 

@@ -80,7 +80,7 @@ enum Command {
     /// Collect garbage now: old versions' bases no snapshot uses, unsealed bases of failed
     /// prepares, blobs no kept base needs (and, above the high watermark, whole unused
     /// families). Needs the state directory (stop the daemon first, or use its admin API's
-    /// POST /gc). Exit 0 unless a deletion failed.
+    /// POST /api/gc). Exit 0 unless a deletion failed.
     Gc {
         /// Only report what would be deleted.
         #[arg(long)]
@@ -369,7 +369,7 @@ async fn run(
 
 fn reconcile(config: &Config, fix: bool, json: bool) -> anyhow::Result<ExitCode> {
     let store = thinpipe::store::Store::open(config.host_db_path())?;
-    let backend = worker::host::open_backend(config)?;
+    let backend = worker::host::open_volumes(config, &store)?;
     let report = thinpipe::reconcile::reconcile(&store, backend.as_ref(), fix).with_context(|| {
         format!("reconciling the {} backend with {}", backend.name(), config.host_db_path().display())
     })?;
@@ -382,13 +382,33 @@ fn reconcile(config: &Config, fix: bool, json: bool) -> anyhow::Result<ExitCode>
             println!("orphan  {o}  (no record claims it; {fate})");
         }
         for m in &report.missing {
-            println!("missing {m}  (a record claims it; its run creates it on its next attempt)");
+            println!(
+                "missing {m}  (a record claims it and it does not exist yet: a prepare or activation between its record and its volume, or one that failed there; it is made if that run goes on, and the claim ends with the invocation's release or the base's collection)"
+            );
         }
         for c in &report.contradictions {
+            if let Some(why) = report.left.iter().find(|l| l.starts_with(c.as_str())) {
+                println!("state   {why}");
+                continue;
+            }
             let fate = if report.repaired.contains(c) { "repaired" } else { "run `worker reconcile --fix` to repair" };
             println!("state   {c}  ({fate})");
         }
-        if report.orphans.is_empty() && report.missing.is_empty() && report.contradictions.is_empty() {
+        for l in &report.leftovers {
+            let fate = if report.leftovers_removed.contains(l) {
+                "removed"
+            } else if fix {
+                "left: its activation may be making it"
+            } else {
+                "run `worker reconcile --fix` to remove"
+            };
+            println!("partial {l}  (a half-made volume; {fate})");
+        }
+        if report.orphans.is_empty()
+            && report.missing.is_empty()
+            && report.contradictions.is_empty()
+            && report.leftovers.is_empty()
+        {
             println!("clean: every volume has its record and every record its volume");
         }
     }

@@ -106,4 +106,15 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     CREATE INDEX snapshots_live_base ON snapshots (base_vol_id) WHERE state != 'released';
     CREATE INDEX snapshots_expiring ON snapshots (expires_at) WHERE expires_at IS NOT NULL AND state NOT IN ('releasing', 'released');
     ",
+    // 4: where this host's volumes live (backend, location, filesystem), recorded at first
+    // use; one row. Commands whose settings disagree are refused (`placement.rs`).
+    "
+    CREATE TABLE volume_place (
+        one         INTEGER PRIMARY KEY CHECK (one = 1),
+        backend     TEXT NOT NULL,
+        location    TEXT NOT NULL,
+        filesystem  TEXT NOT NULL,
+        recorded_at INTEGER NOT NULL
+    ) STRICT;
+    ",
 ];

@@ -16,6 +16,7 @@ mod group;
 mod images;
 mod lease;
 mod migrations;
+mod placement;
 mod sequence;
 mod snapshots;
 
@@ -29,6 +30,7 @@ pub use bases::{BaseIntent, BaseRow, BaseState, Retire, short_digest};
 pub use error::StoreError;
 pub use images::ImageRow;
 pub use lease::{Acquired, Holder, LeaseInfo};
+pub use placement::Binding;
 pub use snapshots::{Advance, Intent, ReleaseRequest, SnapshotRow, SnapshotState, rfc3339};
 
 /// Store settings.

@@ -500,3 +500,30 @@ fn concurrent_intents_share_commits() {
     );
     assert_eq!(again.run_id, "activate-3-7");
 }
+
+#[test]
+fn the_volume_place_is_recorded_once_and_moves_only_while_no_volume_depends_on_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let place = |backend: &str, location: &str| crate::volume::Place {
+        backend: backend.into(),
+        location: location.into(),
+        filesystem: "btrfs 00000000000000aa".into(),
+    };
+    assert_eq!(store.volume_place().unwrap(), None);
+    assert_eq!(store.bind_volumes(&place("btrfs", "/mnt/vol")).unwrap(), Binding::First);
+    assert_eq!(store.bind_volumes(&place("btrfs", "/mnt/vol")).unwrap(), Binding::Same);
+    // Nothing depends on the record yet: it follows the settings.
+    assert_eq!(
+        store.bind_volumes(&place("dir", "/srv/state/volumes")).unwrap(),
+        Binding::Moved { from: place("btrfs", "/mnt/vol") }
+    );
+    store.upsert_image("web", "local").unwrap();
+    store.intend_base("web", "sha256:v1", &[]).unwrap();
+    let refused = store.bind_volumes(&place("btrfs", "/mnt/vol")).unwrap();
+    assert_eq!(
+        refused,
+        Binding::Differs { recorded: place("dir", "/srv/state/volumes"), bases: 1, live_snapshots: 0 }
+    );
+    assert_eq!(store.volume_place().unwrap(), Some(place("dir", "/srv/state/volumes")), "a refusal changes nothing");
+}

@@ -7,6 +7,10 @@ use super::{VolumeBackend, VolumeId};
 
 pub fn run(b: &dyn VolumeBackend) {
     assert!(b.list().unwrap().is_empty(), "{}: starts empty", b.name());
+    let place = b.place().unwrap();
+    assert_eq!(place.backend, b.name());
+    assert_eq!(b.place().unwrap(), place, "a backend's place is stable");
+    assert!(!place.location.is_empty() && !place.filesystem.is_empty(), "{place}");
 
     b.create_base(1).unwrap();
     b.create_base(1).unwrap(); // idempotent
@@ -70,4 +74,5 @@ pub fn run(b: &dyn VolumeBackend) {
     b.delete(VolumeId::Snap(2)).unwrap();
     b.delete(VolumeId::Base(1)).unwrap();
     assert!(b.list().unwrap().is_empty());
+    assert!(b.leftovers().unwrap().is_empty(), "finished calls leave no in-between artifact");
 }

@@ -4,7 +4,9 @@
 //!
 //! Layout: `<root>/bases/base-N/` (+ `base-N.sealed` once sealed),
 //! `<root>/snaps/snap-N/`. A snapshot is copied into `snaps/.tmp-snap-N` and renamed into
-//! place, so `snap-N` existing means it is complete.
+//! place, so `snap-N` existing means it is complete. A `.tmp-snap-N` is the backend's one
+//! in-between artifact: deleting `snap-N` removes it too, and `leftovers` lists it for
+//! reconcile and garbage collection (a copy killed before its release arrived).
 
 use std::collections::HashMap;
 use std::fs;
@@ -33,6 +35,11 @@ impl DirBackend {
             VolumeId::Base(_) => self.root.join("bases").join(vol.to_string()),
             VolumeId::Snap(_) => self.root.join("snaps").join(vol.to_string()),
         }
+    }
+
+    /// Where a snapshot is copied before it is renamed into place.
+    fn copy_path(&self, snap: u64) -> PathBuf {
+        self.root.join("snaps").join(format!(".tmp-{}", VolumeId::Snap(snap)))
     }
 
     fn seal_marker(&self, id: u64) -> PathBuf {
@@ -153,8 +160,9 @@ impl VolumeBackend for DirBackend {
                 detail: format!("its origin base-{base} is missing or not sealed"),
             });
         }
-        let tmp = self.root.join("snaps").join(format!(".tmp-{vol}"));
+        let tmp = self.copy_path(snap);
         remove_tree(&tmp, vol)?;
+        crate::fault::point("dir.before_copy", &vol.to_string());
         copy_tree(&self.path(VolumeId::Base(base)), &tmp).map_err(|e| VolumeError::io(vol, "copying the base", e))?;
         fs::rename(&tmp, &dest).map_err(|e| VolumeError::io(vol, "renaming into place", e))?;
         sync_dir(&self.root.join("snaps"), vol)
@@ -176,6 +184,9 @@ impl VolumeBackend for DirBackend {
     #[tracing::instrument(name = "volume.delete", level = "info", skip(self), fields(backend = "dir"), err(Display))]
     fn delete(&self, vol: VolumeId) -> Result<(), VolumeError> {
         remove_tree(&self.path(vol), vol)?;
+        if let VolumeId::Snap(id) = vol {
+            remove_tree(&self.copy_path(id), vol)?;
+        }
         if let VolumeId::Base(id) = vol {
             match fs::remove_file(self.seal_marker(id)) {
                 Ok(()) => {}
@@ -197,6 +208,53 @@ impl VolumeBackend for DirBackend {
     fn usage(&self) -> Result<super::Usage, VolumeError> {
         super::filesystem_usage(&self.root)
     }
+
+    fn place(&self) -> Result<super::Place, VolumeError> {
+        super::directory_place("dir", &self.root)
+    }
+
+    fn leftovers(&self) -> Result<Vec<super::Leftover>, VolumeError> {
+        let snaps = self.root.join("snaps");
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&snaps).map_err(|e| VolumeError::io(snaps.display(), "listing", e))? {
+            let entry = entry.map_err(|e| VolumeError::io(snaps.display(), "listing", e))?;
+            let name = entry.file_name();
+            let Some(VolumeId::Snap(id)) = name.to_str().and_then(|n| n.strip_prefix(".tmp-")).and_then(VolumeId::parse)
+            else {
+                continue;
+            };
+            let path = entry.path();
+            let bytes = disk_bytes(&path).map_err(|e| VolumeError::io(VolumeId::Snap(id), "measuring a half copy", e))?;
+            out.push(super::Leftover { of: VolumeId::Snap(id), path, bytes });
+        }
+        out.sort_by_key(|l| l.of);
+        Ok(out)
+    }
+
+    fn remove_leftover(&self, leftover: &super::Leftover) -> Result<(), VolumeError> {
+        match leftover.of {
+            // Only paths this backend names: a leftover is never taken on trust.
+            VolumeId::Snap(id) => remove_tree(&self.copy_path(id), leftover.of),
+            VolumeId::Base(_) => Ok(()),
+        }
+    }
+}
+
+/// Bytes a tree holds on disk (allocated blocks, so sparse files count what they use).
+fn disk_bytes(path: &Path) -> std::io::Result<u64> {
+    let meta = fs::symlink_metadata(path)?;
+    let mut total = meta.blocks() * 512;
+    if meta.is_dir() {
+        for entry in fs::read_dir(path)? {
+            match disk_bytes(&entry?.path()) {
+                Ok(n) => total += n,
+                // A half copy still being written (or removed) changes under us.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(total)
 }
 
 /// syncfs(2) on the filesystem holding `path`.

@@ -132,6 +132,20 @@ pub trait VolumeBackend: Send + Sync {
     fn list(&self) -> Result<Vec<VolumeId>, VolumeError>;
     /// How full the storage under the volumes is.
     fn usage(&self) -> Result<Usage, VolumeError>;
+    /// Where this backend keeps its volumes: recorded in the host database at first use, so
+    /// a command run with other settings is refused instead of seeing live volumes as missing.
+    fn place(&self) -> Result<Place, VolumeError>;
+    /// In-between artifacts: what a create or snapshot interrupted by a crash (or a full disk)
+    /// leaves beside the volumes (a `dir` snapshot's half copy). Each belongs to one volume,
+    /// and is never a volume itself. Backends whose creates are atomic have none.
+    fn leftovers(&self) -> Result<Vec<Leftover>, VolumeError> {
+        Ok(Vec::new())
+    }
+    /// Removes one in-between artifact. Missing: nothing to do. Removing the artifact of a
+    /// create still in progress makes that create fail (transient) and start again.
+    fn remove_leftover(&self, _leftover: &Leftover) -> Result<(), VolumeError> {
+        Ok(())
+    }
     /// Waits (at most `timeout`) until the space of volumes deleted so far counts as free.
     /// Immediate on backends whose `delete` frees it (dir, dm-thin); btrfs frees a deleted
     /// subvolume's blocks in the kernel's cleaner, after a transaction commit (up to a
@@ -139,6 +153,61 @@ pub trait VolumeBackend: Send + Sync {
     fn wait_reclaimed(&self, _timeout: std::time::Duration) -> Result<(), VolumeError> {
         Ok(())
     }
+}
+
+/// Where a backend's volumes live: compared as a whole with what the host database recorded.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Place {
+    /// The backend's name (`dir`, `btrfs`, `dmthin`).
+    pub backend: String,
+    /// The volume directory (absolute), or for dm-thin the pool and its mount root.
+    pub location: String,
+    /// The filesystem (type and id) or device the volumes are on.
+    pub filesystem: String,
+}
+
+impl fmt::Display for Place {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "backend {} at {} ({})", self.backend, self.location, self.filesystem)
+    }
+}
+
+/// An in-between artifact (see [`VolumeBackend::leftovers`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Leftover {
+    /// The volume whose create or snapshot left it.
+    pub of: VolumeId,
+    /// Where it is (a path), for messages and removal.
+    pub path: PathBuf,
+    /// Bytes it holds on disk.
+    pub bytes: u64,
+}
+
+/// The place of a file-based backend's volumes under `root`: its absolute path and the
+/// filesystem's type and id (stable across mounts for btrfs, ext4 and XFS: they derive it
+/// from the filesystem's UUID).
+fn directory_place(backend: &str, root: &std::path::Path) -> Result<Place, VolumeError> {
+    let location = std::fs::canonicalize(root).map_err(|e| VolumeError::io(root.display(), "resolving", e))?;
+    let inspect = |e: nix::errno::Errno| VolumeError::io(root.display(), "inspecting the filesystem", e.into());
+    let kind = nix::sys::statfs::statfs(&location).map_err(inspect)?.filesystem_type();
+    let id = nix::sys::statvfs::statvfs(&location).map_err(inspect)?.filesystem_id();
+    Ok(Place {
+        backend: backend.into(),
+        location: location.display().to_string(),
+        filesystem: format!("{} {id:016x}", filesystem_name(kind)),
+    })
+}
+
+fn filesystem_name(t: nix::sys::statfs::FsType) -> String {
+    use nix::sys::statfs as s;
+    let known = [
+        (s::BTRFS_SUPER_MAGIC, "btrfs"),
+        (s::EXT4_SUPER_MAGIC, "ext4"),
+        (s::XFS_SUPER_MAGIC, "xfs"),
+        (s::TMPFS_MAGIC, "tmpfs"),
+        (s::OVERLAYFS_SUPER_MAGIC, "overlay"),
+    ];
+    known.iter().find(|(m, _)| *m == t).map_or_else(|| format!("fs type {:#x}", t.0), |(_, n)| (*n).to_string())
 }
 
 /// How full a backend's storage is.

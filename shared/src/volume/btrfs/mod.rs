@@ -264,6 +264,10 @@ impl VolumeBackend for BtrfsBackend {
         super::filesystem_usage(&self.root)
     }
 
+    fn place(&self) -> Result<super::Place, VolumeError> {
+        super::directory_place("btrfs", &self.root)
+    }
+
     fn wait_reclaimed(&self, timeout: std::time::Duration) -> Result<(), VolumeError> {
         // `btrfs subvolume sync` waits for the cleaner to finish every deleted subvolume
         // (polling each second); a commit then makes their blocks count as free in statvfs.

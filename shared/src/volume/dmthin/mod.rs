@@ -327,6 +327,15 @@ impl VolumeBackend for DmThinBackend {
         self.checked(self.in_pool(vol))
     }
 
+    fn place(&self) -> Result<super::Place, VolumeError> {
+        let dev = self.pool.device();
+        Ok(super::Place {
+            backend: "dmthin".into(),
+            location: format!("pool {} mounted under {}", self.pool.name(), self.root.display()),
+            filesystem: format!("thin pool device {}:{}", dev.major, dev.minor),
+        })
+    }
+
     fn usage(&self) -> Result<Usage, VolumeError> {
         let volume = format!("pool {}", self.pool.name());
         let status = self.pool.status().map_err(|e| self.fail(&volume, e))?;
