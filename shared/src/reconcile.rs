@@ -310,7 +310,10 @@ mod tests {
         assert!(!backend.exists(VolumeId::Snap(leaked.id)).unwrap());
         // A live row whose volume is not seen is never released by reconcile: it says why.
         assert_eq!(store.snapshot(lost.id).unwrap().unwrap().state, SnapshotState::Exposed);
-        assert!(fixed.left[0].contains("never releases a live snapshot") && fixed.left[0].contains("lost"), "{fixed:?}");
+        assert!(
+            fixed.left[0].contains("never releases a live snapshot") && fixed.left[0].contains("lost"),
+            "{fixed:?}"
+        );
         assert!(backend.exists(VolumeId::Snap(fine.id)).unwrap());
         let after = reconcile(&store, &backend, false).unwrap();
         assert_eq!(after.contradictions.len(), 1, "{after:?}");

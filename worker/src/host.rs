@@ -43,9 +43,10 @@ impl Host {
             ..StoreOptions::default()
         };
         let store = Arc::new(Store::open_with(config.host_db_path(), &options)?);
+        // Settings naming other volumes than the host's are refused before anything is taken.
+        let backend = open_volumes(&config, &store)?;
         let ttl = Duration::from_secs(config.worker.lease_ttl_secs);
         let engine = take_state(&config, &store, ttl).await?;
-        let backend = open_volumes(&config, &store)?;
         let source: Arc<dyn BlobSource> = match config.source_spec()? {
             SourceSpec::S3(url) => {
                 let opts = config.aws.options();
@@ -238,11 +239,12 @@ pub fn check_place(config: &Config, store: &Store, backend: &dyn VolumeBackend) 
         let claimed = claimed_volumes(store)?;
         let held: std::collections::BTreeSet<VolumeId> = backend.list()?.into_iter().collect();
         if !claimed.is_empty() && claimed.iter().all(|v| !held.contains(v)) {
-            bail!(
+            return Err(WrongSettings(format!(
                 "the host database {} records {} volumes and {place} holds none of them; run with the settings this host was set up with (the same --config, or --set backend=... and volumes_dir=...); nothing was changed",
                 config.host_db_path().display(),
                 claimed.len()
-            );
+            ))
+            .into());
         }
     }
     match store.bind_volumes(&place)? {
@@ -251,15 +253,21 @@ pub fn check_place(config: &Config, store: &Store, backend: &dyn VolumeBackend) 
         Binding::Moved { from } => {
             tracing::warn!(%place, previous = %from, "the volumes moved; no volume was recorded at the old place")
         }
-        Binding::Differs { recorded, bases, live_snapshots } => bail!(
+        Binding::Differs { recorded, bases, live_snapshots } => return Err(WrongSettings(format!(
             "the state directory {} keeps its volumes on {recorded} ({bases} bases, {live_snapshots} live snapshots recorded), but these settings name {place}; \
              run with the settings this host was set up with (the same --config, or --set backend={} and volumes_dir=...); nothing was changed",
             config.state_dir.display(),
             recorded.backend
-        ),
+        ))
+        .into()),
     }
     Ok(())
 }
+
+/// Settings that name other volumes than the host's: a configuration error (exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct WrongSettings(pub String);
 
 /// The volumes the host database says exist: every base, and every live snapshot.
 fn claimed_volumes(store: &Store) -> anyhow::Result<Vec<VolumeId>> {

@@ -257,6 +257,10 @@ fn main() -> ExitCode {
     };
     let code = match runtime.block_on(run(cli.command, config, telemetry.prometheus())) {
         Ok(code) => code,
+        Err(e) if e.downcast_ref::<worker::host::WrongSettings>().is_some() => {
+            eprintln!("worker: {e:#}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("worker: {e:#}");
             ExitCode::from(3)

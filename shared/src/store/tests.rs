@@ -521,9 +521,6 @@ fn the_volume_place_is_recorded_once_and_moves_only_while_no_volume_depends_on_i
     store.upsert_image("web", "local").unwrap();
     store.intend_base("web", "sha256:v1", &[]).unwrap();
     let refused = store.bind_volumes(&place("btrfs", "/mnt/vol")).unwrap();
-    assert_eq!(
-        refused,
-        Binding::Differs { recorded: place("dir", "/srv/state/volumes"), bases: 1, live_snapshots: 0 }
-    );
+    assert_eq!(refused, Binding::Differs { recorded: place("dir", "/srv/state/volumes"), bases: 1, live_snapshots: 0 });
     assert_eq!(store.volume_place().unwrap(), Some(place("dir", "/srv/state/volumes")), "a refusal changes nothing");
 }

@@ -162,8 +162,8 @@ impl VolumeBackend for DirBackend {
         }
         let tmp = self.copy_path(snap);
         remove_tree(&tmp, vol)?;
-        crate::fault::point("dir.before_copy", &vol.to_string());
         copy_tree(&self.path(VolumeId::Base(base)), &tmp).map_err(|e| VolumeError::io(vol, "copying the base", e))?;
+        crate::fault::point("dir.before_rename", &vol.to_string());
         fs::rename(&tmp, &dest).map_err(|e| VolumeError::io(vol, "renaming into place", e))?;
         sync_dir(&self.root.join("snaps"), vol)
     }
@@ -219,12 +219,14 @@ impl VolumeBackend for DirBackend {
         for entry in fs::read_dir(&snaps).map_err(|e| VolumeError::io(snaps.display(), "listing", e))? {
             let entry = entry.map_err(|e| VolumeError::io(snaps.display(), "listing", e))?;
             let name = entry.file_name();
-            let Some(VolumeId::Snap(id)) = name.to_str().and_then(|n| n.strip_prefix(".tmp-")).and_then(VolumeId::parse)
+            let Some(VolumeId::Snap(id)) =
+                name.to_str().and_then(|n| n.strip_prefix(".tmp-")).and_then(VolumeId::parse)
             else {
                 continue;
             };
             let path = entry.path();
-            let bytes = disk_bytes(&path).map_err(|e| VolumeError::io(VolumeId::Snap(id), "measuring a half copy", e))?;
+            let bytes =
+                disk_bytes(&path).map_err(|e| VolumeError::io(VolumeId::Snap(id), "measuring a half copy", e))?;
             out.push(super::Leftover { of: VolumeId::Snap(id), path, bytes });
         }
         out.sort_by_key(|l| l.of);
