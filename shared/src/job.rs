@@ -259,6 +259,13 @@ pub struct JobResult {
     /// (`images.devices = "skip"`); only on the job that ran the prepare.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub devices_skipped: Option<u64>,
+    /// Under `images.rootless` (a worker not running as root): entries owned by other users
+    /// that the prepare applied owned by the worker's user, and how many of them lost their
+    /// setuid/setgid bits; only on the job that ran the prepare, and only when not zero.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owners_dropped: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub setid_stripped: Option<u64>,
     /// The version (manifest digest) of the base the job prepared or its snapshot came from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,

@@ -22,7 +22,7 @@ use thinpipe::fsm::{Failure, FailureKind, Outcome, RunError};
 use thinpipe::image::Manifest;
 use thinpipe::job::{Job, JobKind, JobResult, JobStatus, prepare_run_id};
 use thinpipe::lifecycle::{Hold, ResolveError, Target, Want};
-use thinpipe::pipeline::{Cause, PipelineError};
+use thinpipe::pipeline::{Cause, PipelineError, PrepareState};
 use thinpipe::store::{Acquired, BaseRow, Holder, ReleaseRequest, StoreError};
 use thinpipe::telemetry;
 use tokio_util::sync::CancellationToken;
@@ -71,6 +71,8 @@ impl Executor {
             cause: None,
             detail: None,
             devices_skipped: None,
+            owners_dropped: None,
+            setid_stripped: None,
             digest: job.digest.clone(),
             host_id: Some(self.host.config.worker.host_id.clone()),
             host_queue: Some(self.host.config.worker.host_queue_url.clone()).filter(|q| !q.is_empty()),
@@ -134,10 +136,7 @@ impl Executor {
             (JobKind::Prepare, None) => Want::Latest,
             _ => Want::Current,
         };
-        let (hold, base, devices_skipped) = match self
-            .ensure_version(&job.family, &want, job.kind == JobKind::Prepare)
-            .await
-        {
+        let (hold, base, applied) = match self.ensure_version(&job.family, &want, job.kind == JobKind::Prepare).await {
             Ok(v) => v,
             Err(Prep::Unknown(cause, why)) => {
                 result.status = JobStatus::Failed;
@@ -164,11 +163,24 @@ impl Executor {
         };
         result.base_vol_id = Some(base.id);
         result.digest = Some(base.digest.clone());
-        if devices_skipped > 0 {
-            result.devices_skipped = Some(devices_skipped);
-            result.detail = Some(format!(
-                "{devices_skipped} device nodes in the image's layers were not created (images.devices = \"skip\")"
+        let mut notes = Vec::new();
+        if applied.devices_skipped > 0 {
+            result.devices_skipped = Some(applied.devices_skipped);
+            notes.push(format!(
+                "{} device nodes in the image's layers were not created (images.devices = \"skip\")",
+                applied.devices_skipped
             ));
+        }
+        if applied.owners_dropped > 0 {
+            result.owners_dropped = Some(applied.owners_dropped);
+            result.setid_stripped = Some(applied.setid_stripped);
+            notes.push(format!(
+                "{} entries owned by other users were applied owned by this worker's user, {} of them without their setuid/setgid bits (images.rootless)",
+                applied.owners_dropped, applied.setid_stripped
+            ));
+        }
+        if !notes.is_empty() {
+            result.detail = Some(notes.join("; "));
         }
         if job.kind == JobKind::Prepare {
             result.run_id = prepare_run_id(&base.family, &base.digest);
@@ -193,13 +205,14 @@ impl Executor {
     /// The sealed base of the version `want` names, preparing it first if needed, held
     /// against garbage collection. A prepare job (`make_current`) makes it the family's
     /// current version; an activation only if the family has none.
-    /// Also says how many device nodes a prepare it ran skipped.
+    /// Also says what a prepare it ran changed from what the layers said (the run's last
+    /// response; the default when nothing was prepared).
     async fn ensure_version(
         &self,
         family: &str,
         want: &Want,
         make_current: bool,
-    ) -> Result<(Hold, BaseRow, u64), Prep> {
+    ) -> Result<(Hold, BaseRow, PrepareState), Prep> {
         let lifecycle = &self.host.lifecycle;
         let version = lifecycle.resolve(family, want).await.map_err(|e| match e {
             e if e.is_retryable() => Prep::Retry(e.to_string()),
@@ -209,18 +222,18 @@ impl Executor {
             },
             ResolveError::Store(e) => Prep::Retry(e.to_string()),
         })?;
-        let (base, devices_skipped) = match version.target {
-            Target::Sealed(row) => (row, 0),
+        let (base, applied) = match version.target {
+            Target::Sealed(row) => (row, PrepareState::default()),
             Target::Prepare(manifest) => self.prepare(&manifest, !matches!(want, Want::Pinned(_))).await?,
         };
         lifecycle.make_current(&base, make_current).await.map_err(|e| Prep::Retry(e.to_string()))?;
-        Ok((version.hold, base, devices_skipped))
+        Ok((version.hold, base, applied))
     }
 
     /// Prepares the version `manifest` describes: one task per family in this process, one
     /// process per family on this host. `current` says the version was the source's current
     /// one: if it no longer is when its prepare fails, the job is retried with the new one.
-    async fn prepare(&self, manifest: &Manifest, current: bool) -> Result<(BaseRow, u64), Prep> {
+    async fn prepare(&self, manifest: &Manifest, current: bool) -> Result<(BaseRow, PrepareState), Prep> {
         let family = manifest.family.as_str();
         let lock = lock(&self.prepare_locks).entry(family.to_owned()).or_default().clone();
         // A job waiting here has not started: once draining begins it is handed back.
@@ -229,7 +242,7 @@ impl Executor {
             _ = self.draining.cancelled() => return Err(Prep::HandBack),
         };
         if let Some(base) = self.sealed(manifest).await? {
-            return Ok((base, 0)); // another task of ours prepared it while we waited
+            return Ok((base, PrepareState::default())); // another task of ours prepared it while we waited
         }
         let key = format!("prepare/{family}");
         let ttl = Duration::from_secs(self.host.config.worker.lease_ttl_secs);
@@ -295,7 +308,7 @@ impl Executor {
                 }
             }
             Some(Ok(Outcome::Completed(w))) => match self.sealed(manifest).await? {
-                Some(base) => Ok((base, w.devices_skipped)),
+                Some(base) => Ok((base, w)),
                 None => Err(Prep::Failed {
                     run_id,
                     failure: Failure {

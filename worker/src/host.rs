@@ -60,6 +60,9 @@ impl Host {
         let apply = ApplyOptions {
             max_layer_bytes: config.images.max_layer_bytes,
             devices: config.images.device_policy(),
+            rootless: config.images.rootless,
+            // A layer may fill the volumes up to the refusal watermark, not past it.
+            refuse_percent: Some(config.capacity.refuse_percent),
             ..ApplyOptions::default()
         };
         let ctx = PipelineContext {

@@ -27,6 +27,8 @@ pub async fn run(host: &Arc<Host>, job: &Job) -> anyhow::Result<JobResult> {
         cause: None,
         detail: None,
         devices_skipped: None,
+        owners_dropped: None,
+        setid_stripped: None,
         digest: job.digest.clone(),
         host_id: Some(host.config.worker.host_id.clone()),
         host_queue: None,

@@ -33,6 +33,15 @@ pub struct ApplyOptions {
     pub devices: DevicePolicy,
     /// Set owners from the tar headers (needs root); otherwise files belong to us.
     pub preserve_owners: bool,
+    /// Without `preserve_owners`: apply an entry owned by someone else anyway, owned by us
+    /// and with its setuid/setgid bits removed (counted). Otherwise such an entry is refused.
+    pub rootless: bool,
+    /// Bytes of file data one layer may put on the disk: what the host can hold below its
+    /// refusal watermark, measured before the layer (`None`: not bounded by the host).
+    pub room_bytes: Option<u64>,
+    /// The refusal watermark (percent of the volume storage) that `prepare` measures
+    /// `room_bytes` against before each layer.
+    pub refuse_percent: Option<f64>,
 }
 
 impl Default for ApplyOptions {
@@ -40,10 +49,23 @@ impl Default for ApplyOptions {
         Self {
             max_layer_bytes: 64 << 30,
             devices: DevicePolicy::default(),
-            // SAFETY: geteuid has no preconditions and cannot fail.
-            preserve_owners: unsafe { libc::geteuid() } == 0,
+            preserve_owners: running_as_root(),
+            rootless: false,
+            room_bytes: None,
+            refuse_percent: None,
         }
     }
+}
+
+/// Whether this process may give files away (keep their owners): it runs as root.
+pub fn running_as_root() -> bool {
+    process_owner().0 == 0
+}
+
+/// Who this process is, for entries it cannot give away (not root).
+fn process_owner() -> (u64, u64) {
+    // SAFETY: geteuid and getegid have no preconditions and cannot fail.
+    unsafe { (u64::from(libc::geteuid()), u64::from(libc::getegid())) }
 }
 
 /// What a layer's character and block device nodes become. Images made from a bootstrap
@@ -75,7 +97,15 @@ impl std::fmt::Display for DevicePolicy {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ApplyStats {
     pub entries: u64,
+    /// File content, as the tar headers give its size (holes included).
     pub bytes: u64,
+    /// File data written to the disk: runs of zeros become holes, so a sparse file stays
+    /// sparse and a layer of zeros costs next to nothing.
+    pub written: u64,
+    /// Entries owned by someone else, applied owned by us (`rootless`).
+    pub owners_dropped: u64,
+    /// Setuid/setgid bits removed from such entries (`rootless`).
+    pub setid_stripped: u64,
     pub whiteouts: u64,
     /// Device nodes not created ([`DevicePolicy::Skip`]).
     pub devices_skipped: u64,
@@ -232,9 +262,28 @@ impl Applier<'_> {
 
         let header = entry.header();
         let kind = header.entry_type();
-        let mode = header.mode().map_err(|e| self.corrupt(e))? & 0o7777;
+        let mut mode = header.mode().map_err(|e| self.corrupt(e))? & 0o7777;
         let uid = header.uid().map_err(|e| self.corrupt(e))?;
         let gid = header.gid().map_err(|e| self.corrupt(e))?;
+        if uid > u64::from(u32::MAX) || gid > u64::from(u32::MAX) {
+            return Err(self.refuse(raw, format!("owner {uid}:{gid} is outside the 32-bit range of Linux ids")));
+        }
+        if !self.opts.preserve_owners && (uid, gid) != process_owner() && kind != tar::EntryType::Link {
+            if !self.opts.rootless {
+                let (me, my_group) = process_owner();
+                return Err(ImageError::OwnersNeedRoot {
+                    layer: self.layer.to_owned(),
+                    entry: raw.display().to_string(),
+                    owner: format!("{uid}:{gid}"),
+                    me: format!("{me}:{my_group}"),
+                });
+            }
+            self.stats.owners_dropped += 1;
+            if mode & 0o6000 != 0 {
+                mode &= !0o6000;
+                self.stats.setid_stripped += 1;
+            }
+        }
         let mtime = filetime::FileTime::from_unix_time(header.mtime().map_err(|e| self.corrupt(e))? as i64, 0);
         let size = entry.size();
 
@@ -264,7 +313,12 @@ impl Applier<'_> {
                 self.stats.bytes += size;
                 if self.stats.bytes > self.opts.max_layer_bytes {
                     let cap = self.opts.max_layer_bytes;
-                    return Err(self.refuse(raw, format!("the layer is larger than the cap of {cap} bytes")));
+                    return Err(self.refuse(
+                        raw,
+                        format!(
+                            "the layer's files add up to more than the cap of {cap} bytes (images.max_layer_bytes)"
+                        ),
+                    ));
                 }
                 // Create first, remove only if something is there (one syscall fewer per file
                 // than looking first; an existing final component is replaced, never followed).
@@ -277,12 +331,7 @@ impl Applier<'_> {
                     }
                     Err(e) => return Err(ImageError::io("creating", &dest, e)),
                 };
-                let copied = std::io::copy(entry, &mut file).map_err(|e| match e.kind() {
-                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData => {
-                        self.corrupt(format!("{}: {e}", raw.display()))
-                    }
-                    _ => ImageError::io("writing", &dest, e),
-                })?;
+                let copied = self.write_content(raw, entry, &mut file, &dest)?;
                 if copied != size {
                     return Err(self.corrupt(format!("{} ends after {copied} of {size} bytes", raw.display())));
                 }
@@ -501,6 +550,77 @@ impl Applier<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Copies an entry's content into `file`, leaving holes where it is zeros, and refuses
+    /// the layer as soon as its data would not fit in the host's room. Returns the bytes read.
+    fn write_content<R: Read>(
+        &mut self,
+        raw: &Path,
+        entry: &mut tar::Entry<'_, R>,
+        file: &mut fs::File,
+        dest: &Path,
+    ) -> Result<u64, ImageError> {
+        use std::io::{Seek, SeekFrom, Write};
+        const BLOCK: usize = 4096;
+        let mut buf = vec![0u8; 128 << 10];
+        let (mut copied, mut hole) = (0u64, false);
+        loop {
+            let n = match entry.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(match e.kind() {
+                        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData => {
+                            self.corrupt(format!("{}: {e}", raw.display()))
+                        }
+                        _ => ImageError::io("reading the layer for", dest, e),
+                    });
+                }
+            };
+            copied += n as u64;
+            // Runs of whole zero blocks are skipped (a hole); everything else is written.
+            let mut at = 0;
+            while at < n {
+                let end = (at + BLOCK).min(n);
+                let zeros = end - at == BLOCK && buf[at..end].iter().all(|b| *b == 0);
+                let mut run_end = end;
+                while run_end < n {
+                    let next = (run_end + BLOCK).min(n);
+                    let next_zeros = next - run_end == BLOCK && buf[run_end..next].iter().all(|b| *b == 0);
+                    if next_zeros != zeros {
+                        break;
+                    }
+                    run_end = next;
+                }
+                if zeros {
+                    file.seek(SeekFrom::Current((run_end - at) as i64))
+                        .map_err(|e| ImageError::io("writing", dest, e))?;
+                    hole = true;
+                } else {
+                    let len = (run_end - at) as u64;
+                    if let Some(room) = self.opts.room_bytes
+                        && self.stats.written + len > room
+                    {
+                        return Err(ImageError::TooLargeForHost {
+                            layer: self.layer.to_owned(),
+                            entry: raw.display().to_string(),
+                            room,
+                        });
+                    }
+                    file.write_all(&buf[at..run_end]).map_err(|e| ImageError::io("writing", dest, e))?;
+                    self.stats.written += len;
+                    hole = false;
+                }
+                at = run_end;
+            }
+        }
+        // A file that ends in a hole gets its length from set_len.
+        if hole {
+            file.set_len(copied).map_err(|e| ImageError::io("writing", dest, e))?;
+        }
+        Ok(copied)
     }
 
     fn chown(&self, path: &Path, uid: u64, gid: u64) -> Result<(), ImageError> {

@@ -39,6 +39,14 @@ pub enum ImageError {
     DigestMismatch { digest: String, actual: String, source_desc: String },
     #[error("layer {layer}: entry {entry:?} refused: {rule}")]
     Refused { layer: String, entry: String, rule: String },
+    #[error(
+        "layer {layer}: entry {entry:?} would take this host past its room for new data ({room} bytes below the refusal watermark, capacity.refuse_percent); the layer was refused before filling the disk: free space, or prepare it on a host with more room"
+    )]
+    TooLargeForHost { layer: String, entry: String, room: u64 },
+    #[error(
+        "layer {layer}: entry {entry:?} is owned by {owner}, and this worker runs as {me}, not root, so it cannot keep that owner; run the worker as root, or set images.rootless = true to apply such images owned by this user with their setuid/setgid bits removed"
+    )]
+    OwnersNeedRoot { layer: String, entry: String, owner: String, me: String },
     #[error("layer {layer} is truncated or corrupt: {detail}")]
     Corrupt { layer: String, detail: String },
     // The cause is in the message, and not also a `source()`: `{:#}` would print it twice.

@@ -14,7 +14,7 @@ mod s3;
 mod sample;
 mod source;
 
-pub use apply::{ApplyOptions, ApplyStats, DevicePolicy, apply_layer, apply_layer_reporting};
+pub use apply::{ApplyOptions, ApplyStats, DevicePolicy, apply_layer, apply_layer_reporting, running_as_root};
 pub use cache::BlobCache;
 pub use digest::{Digest, Hasher};
 pub use error::ImageError;

@@ -24,6 +24,9 @@ pub enum Cause {
     HostStorage,
     /// The host is above its refusal watermark: place the job on another host.
     HostFull,
+    /// This host is set up so it cannot run the job as asked (a worker not running as root,
+    /// without `images.rootless`, given an image whose owners only root can keep).
+    HostSetup,
     /// The invocation was released: an invocation id is single use.
     Released,
     /// A release reached a fleet host that never saw its invocation: send it to the host
@@ -35,7 +38,7 @@ pub enum Cause {
 
 impl Cause {
     /// Every cause, for tests and documentation.
-    pub const ALL: [Cause; 10] = [
+    pub const ALL: [Cause; 11] = [
         Cause::NotFound,
         Cause::InvalidName,
         Cause::AccessDenied,
@@ -43,6 +46,7 @@ impl Cause {
         Cause::SourceChanged,
         Cause::HostStorage,
         Cause::HostFull,
+        Cause::HostSetup,
         Cause::Released,
         Cause::WrongHost,
         Cause::Other,
@@ -58,6 +62,7 @@ impl Cause {
             Cause::SourceChanged => "source_changed",
             Cause::HostStorage => "host_storage",
             Cause::HostFull => "host_full",
+            Cause::HostSetup => "host_setup",
             Cause::Released => "released",
             Cause::WrongHost => "wrong_host",
             Cause::Other => "other",
@@ -88,7 +93,9 @@ impl Cause {
             | ImageError::Corrupt { .. } => Cause::BadSource,
             ImageError::FamilyChanged { .. } => Cause::SourceChanged,
             ImageError::Io { .. } => Cause::HostStorage,
-            _ => Cause::Other,
+            ImageError::TooLargeForHost { .. } => Cause::HostFull,
+            ImageError::OwnersNeedRoot { .. } => Cause::HostSetup,
+            ImageError::Unavailable { .. } => Cause::Other,
         }
     }
 

@@ -37,6 +37,12 @@ pub struct PrepareState {
     /// (`DevicePolicy::Skip`).
     #[serde(default)]
     pub devices_skipped: u64,
+    /// Set by `unpack_into_base` under `images.rootless`: entries owned by someone else,
+    /// applied owned by the worker's user, and the setuid/setgid bits removed from them.
+    #[serde(default)]
+    pub owners_dropped: u64,
+    #[serde(default)]
+    pub setid_stripped: u64,
 }
 
 type Req = StepRequest<PrepareInput, PrepareState>;
@@ -170,8 +176,8 @@ async fn unpack_into_base(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Pre
     fault::pause("prepare.unpack", &req.r.family).await;
     let base = req.w.base_vol_id.ok_or_else(|| StepError::abort("the response chain has no base volume"))?;
     let family = req.r.family.clone();
-    let devices_skipped = blocking(move || {
-        let mut devices_skipped = 0;
+    let applied = blocking(move || {
+        let (mut devices_skipped, mut owners_dropped, mut setid_stripped) = (0, 0, 0);
         // Sealed by an earlier attempt that crashed before its commit: only the record is left.
         if !ctx.backend.is_sealed(base).map_err(volume_err)? {
             // A rerun starts from an empty base: never apply layers over a half-applied tree.
@@ -179,10 +185,24 @@ async fn unpack_into_base(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Pre
             for layer in &manifest.layers {
                 let blob = ctx.cache.path(&layer.digest);
                 let name = format!("{} ({})", layer.digest, layer.location);
-                let stats = apply_layer_reporting(&root, &blob, &name, &ctx.apply, &|n| progress.advance(n))
+                let mut opts = ctx.apply.clone();
+                if let Some(limit) = opts.refuse_percent {
+                    opts.room_bytes = Some(room_below(&ctx.backend.usage().map_err(volume_err)?, limit));
+                }
+                let stats = apply_layer_reporting(&root, &blob, &name, &opts, &|n| progress.advance(n))
                     .map_err(image_err)?;
-                tracing::debug!(%family, layer = %layer.digest, entries = stats.entries, bytes = stats.bytes, "layer applied");
+                tracing::debug!(%family, layer = %layer.digest, entries = stats.entries, bytes = stats.bytes, written = stats.written, "layer applied");
                 devices_skipped += stats.devices_skipped;
+                owners_dropped += stats.owners_dropped;
+                setid_stripped += stats.setid_stripped;
+            }
+            if owners_dropped > 0 {
+                tracing::warn!(
+                    %family,
+                    owners_dropped,
+                    setid_stripped,
+                    "images.rootless: {owners_dropped} entries of {family} are owned by this worker's user instead of their own, and {setid_stripped} lost their setuid/setgid bits"
+                );
             }
             if devices_skipped > 0 {
                 tracing::warn!(
@@ -196,8 +216,15 @@ async fn unpack_into_base(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Pre
         }
         ctx.store.mark_base_sealed(base).map_err(store_err)?;
         tracing::info!(%family, base = %VolumeId::Base(base), version = %manifest.digest, layers = manifest.layers.len(), "base sealed");
-        Ok(devices_skipped)
+        Ok((devices_skipped, owners_dropped, setid_stripped))
     })
     .await?;
-    Ok(PrepareState { devices_skipped, ..req.w })
+    let (devices_skipped, owners_dropped, setid_stripped) = applied;
+    Ok(PrepareState { devices_skipped, owners_dropped, setid_stripped, ..req.w })
+}
+
+/// Bytes that can still be written before `usage` reaches `limit_percent` of its total.
+fn room_below(usage: &crate::volume::Usage, limit_percent: f64) -> u64 {
+    let allowed = (usage.total_bytes as f64 * limit_percent / 100.0) as u64;
+    allowed.saturating_sub(usage.used_bytes)
 }

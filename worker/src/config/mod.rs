@@ -306,6 +306,11 @@ pub struct ImagesConfig {
     pub allow_devices: bool,
     /// A blob download that yields no data this long fails (and is retried).
     pub stall_timeout_secs: u64,
+    /// For a worker that does not run as root: apply images whose entries belong to other
+    /// users owned by the worker's user, with setuid/setgid bits removed (counted in the
+    /// prepare's result). Without it such an image is refused (`cause: host_setup`). As root,
+    /// owners are always kept and this changes nothing.
+    pub rootless: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -370,7 +375,13 @@ impl Default for WorkerConfig {
 
 impl Default for ImagesConfig {
     fn default() -> Self {
-        Self { max_layer_bytes: 64 << 30, devices: DevicePolicy::Skip, allow_devices: false, stall_timeout_secs: 60 }
+        Self {
+            max_layer_bytes: 64 << 30,
+            devices: DevicePolicy::Skip,
+            allow_devices: false,
+            stall_timeout_secs: 60,
+            rootless: false,
+        }
     }
 }
 

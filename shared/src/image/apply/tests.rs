@@ -20,8 +20,10 @@ fn tar_of(entries: &[E<'_>]) -> Vec<u8> {
     for e in entries {
         let mut h = tar::Header::new_gnu();
         h.set_mtime(1_600_000_000);
-        h.set_uid(0);
-        h.set_gid(0);
+        // Owned by whoever runs the tests: root keeps any owner, others only their own.
+        let (uid, gid) = process_owner();
+        h.set_uid(uid);
+        h.set_gid(gid);
         // set_path refuses '..' and absolute paths, so the name is written raw.
         let (path, data): (&str, &[u8]) = match e {
             E::Dir(p, m) => {
@@ -404,4 +406,106 @@ fn binary_bytes_of_a_corrupt_layer_are_escaped_in_the_error() {
     assert!(matches!(f.apply("layer", &layer), Err(ImageError::Corrupt { .. })), "{err}");
     assert!(!err.chars().any(|c| c.is_control() || c == '\u{fffd}'), "raw bytes in {err:?}");
     assert!(err.contains("\\u{fffd}") || err.contains("\\u{1b}"), "{err}");
+}
+
+/// A layer of one regular file `name` with `content`, owned by `uid:gid`, with `mode`.
+fn owned_file(name: &str, content: &[u8], uid: u64, gid: u64, mode: u32) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_uid(uid);
+    h.set_gid(gid);
+    h.set_mode(mode);
+    h.set_size(content.len() as u64);
+    b.append_data(&mut h, name, content).unwrap();
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn runs_of_zeros_become_holes_and_content_is_exact() {
+    let f = Fixture::new();
+    let mut content = vec![0u8; 32 << 20];
+    content[..5].copy_from_slice(b"head\n");
+    content[(16 << 20) + 3] = 7; // inside a block: that block is written whole
+    let n = content.len();
+    content[n - 4..].copy_from_slice(b"tail");
+    let (uid, gid) = process_owner();
+    let stats = f.apply("layer", &owned_file("big", &content, uid, gid, 0o644)).unwrap();
+    assert_eq!(fs::read(f.root().join("big")).unwrap(), content);
+    assert_eq!(stats.bytes, 32 << 20);
+    assert_eq!(stats.written, 3 * 4096, "only the three blocks with data are written");
+    use std::os::unix::fs::MetadataExt;
+    let on_disk = fs::metadata(f.root().join("big")).unwrap().blocks() * 512;
+    assert!(on_disk < 1 << 20, "a sparse file stays sparse: {on_disk} bytes allocated");
+    // A file that ends in zeros keeps its length.
+    let zeros = vec![0u8; 1 << 20];
+    f.apply("layer2", &owned_file("zeros", &zeros, uid, gid, 0o644)).unwrap();
+    assert_eq!(fs::metadata(f.root().join("zeros")).unwrap().len(), 1 << 20);
+}
+
+#[test]
+fn a_layer_is_refused_before_it_writes_past_the_hosts_room() {
+    let f = Fixture::new();
+    let (uid, gid) = process_owner();
+    let opts = ApplyOptions { room_bytes: Some(1 << 20), ..ApplyOptions::default() };
+    let mut data = vec![0u8; 2 << 20];
+    rand::fill(&mut data[..]);
+    match f.apply_with("layer sha256:abc", &owned_file("data.bin", &data, uid, gid, 0o644), &opts) {
+        Err(e @ ImageError::TooLargeForHost { .. }) => {
+            let text = e.to_string();
+            assert!(
+                text.contains("sha256:abc") && text.contains("data.bin") && text.contains("refuse_percent"),
+                "{text}"
+            );
+            assert_eq!(crate::pipeline::Cause::of_image(&e), crate::pipeline::Cause::HostFull);
+        }
+        other => panic!("{other:?}"),
+    }
+    let written = fs::metadata(f.root().join("data.bin")).unwrap().len();
+    assert!(written <= 1 << 20, "stopped at the room, not after: {written}");
+    // Zeros take no room: a sparse gigabyte passes the same limit.
+    let sparse = vec![0u8; 64 << 20];
+    f.apply_with("layer2", &owned_file("sparse", &sparse, uid, gid, 0o644), &opts).unwrap();
+}
+
+#[test]
+fn owners_only_root_can_keep_are_refused_unless_rootless_which_strips_setid_bits() {
+    // As a worker that does not run as root (whatever runs the test).
+    let not_root = ApplyOptions { preserve_owners: false, ..ApplyOptions::default() };
+    let (me, my_group) = process_owner();
+    let other = me + 1000;
+    let f = Fixture::new();
+    match f.apply_with("layer", &owned_file("usr/bin/su", b"#!", other, other, 0o4755), &not_root) {
+        Err(e @ ImageError::OwnersNeedRoot { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains(&format!("owned by {other}:{other}")) && text.contains("images.rootless"), "{text}");
+            assert_eq!(crate::pipeline::Cause::of_image(&e), crate::pipeline::Cause::HostSetup);
+        }
+        other => panic!("{other:?}"),
+    }
+    let rootless = ApplyOptions { rootless: true, ..not_root };
+    let stats = f.apply_with("layer2", &owned_file("su", b"#!", other, other, 0o4755), &rootless).unwrap();
+    assert_eq!((stats.owners_dropped, stats.setid_stripped), (1, 1));
+    let mode = fs::metadata(f.root().join("su")).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o755, "the setuid bit is gone");
+    // The worker's own files are applied as they are.
+    let stats = f.apply_with("layer3", &owned_file("mine", b"x", me, my_group, 0o2755), &rootless).unwrap();
+    assert_eq!((stats.owners_dropped, stats.setid_stripped), (0, 0));
+}
+
+#[test]
+fn owners_beyond_32_bits_are_refused_not_truncated() {
+    let f = Fixture::new();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_uid(1 << 33);
+    h.set_gid(0);
+    h.set_mode(0o644);
+    h.set_size(1);
+    b.append_data(&mut h, "big-uid", &b"x"[..]).unwrap();
+    match f.apply("layer", &b.into_inner().unwrap()) {
+        Err(ImageError::Refused { rule, .. }) => assert!(rule.contains("32-bit"), "{rule}"),
+        other => panic!("{other:?}"),
+    }
 }
