@@ -17,7 +17,9 @@
 //!
 //! In-between artifacts (a half-made snapshot copy, [`VolumeBackend::leftovers`]) are
 //! listed with their bytes; with `fix` they are removed, like orphans, unless their
-//! volume's row is `intended` (its activation may be making it now).
+//! volume's row is `intended` while a worker runs on the state directory (its activation
+//! may be making it now; garbage collection, which knows which runs are in flight, removes
+//! it once its run has failed).
 //!
 //! The backend is listed before the records are read: a volume is only created after its
 //! record is committed, so a worker running meanwhile can never make its new volume look
@@ -124,7 +126,10 @@ pub fn reconcile(store: &Store, backend: &dyn VolumeBackend, fix: bool) -> Resul
         leftovers_removed: Vec::new(),
         volumes: volumes.len(),
     };
-    let swept = sweep_leftovers(store, backend, !fix)?;
+    // Without a worker holding the state directory, no activation is making anything.
+    let now = crate::store::epoch_ms(std::time::SystemTime::now());
+    let worker_runs = store.lease("worker")?.is_some_and(|l| l.expires_at_ms > now);
+    let swept = sweep_leftovers(store, backend, !fix, &|row| row.state == SnapshotState::Intended && worker_runs)?;
     report.leftovers = swept.found.iter().map(describe_leftover).collect();
     report.leftovers_removed = swept.removed.iter().map(describe_leftover).collect();
     if fix {
@@ -169,16 +174,21 @@ impl Swept {
 }
 
 /// Lists the backend's in-between artifacts and (unless `dry_run`) removes each whose volume
-/// no activation may be making now: its snapshot row is absent or past `intended`. Shared by
-/// `reconcile --fix` and garbage collection.
-pub fn sweep_leftovers(store: &Store, backend: &dyn VolumeBackend, dry_run: bool) -> Result<Swept, ReconcileError> {
+/// no activation may be making now: its snapshot row is absent, or `making(row)` says no
+/// run is making it. Shared by `reconcile --fix` and garbage collection.
+pub fn sweep_leftovers(
+    store: &Store,
+    backend: &dyn VolumeBackend,
+    dry_run: bool,
+    making: &dyn Fn(&crate::store::SnapshotRow) -> bool,
+) -> Result<Swept, ReconcileError> {
     let mut swept = Swept { found: backend.leftovers()?, removed: Vec::new() };
     if dry_run {
         return Ok(swept);
     }
     for leftover in &swept.found {
         let making = match leftover.of {
-            VolumeId::Snap(id) => store.snapshot(id)?.is_some_and(|row| row.state == SnapshotState::Intended),
+            VolumeId::Snap(id) => store.snapshot(id)?.is_some_and(|row| making(&row)),
             VolumeId::Base(_) => false,
         };
         if making {
@@ -223,10 +233,17 @@ mod tests {
         assert_eq!(report.leftovers.len(), 2, "{report:?}");
         assert!(report.leftovers[0].contains(&format!("of snap-{}", killed.id)), "{report:?}");
         assert!(!report.is_clean());
+        // A worker holds the state directory: the intended activation may be making its copy.
+        let holder = crate::store::Holder::fresh();
+        assert!(store.acquire_lease("worker", &holder, std::time::Duration::from_secs(60)).unwrap());
         let fixed = reconcile(&store, &backend, true).unwrap();
         assert_eq!(fixed.leftovers_removed.len(), 1, "{fixed:?}");
         let left: Vec<VolumeId> = backend.leftovers().unwrap().iter().map(|l| l.of).collect();
         assert_eq!(left, [VolumeId::Snap(making.id)], "the intended activation's copy is left to it");
+        // No worker: nothing is making it.
+        assert!(store.release_lease("worker", &holder).unwrap());
+        assert_eq!(reconcile(&store, &backend, true).unwrap().leftovers_removed.len(), 1);
+        assert!(backend.leftovers().unwrap().is_empty());
     }
 
     use super::*;

@@ -307,3 +307,50 @@ impl Drop for PrivateMoto {
         kill(&mut self.child);
     }
 }
+
+/// `enqueue --state-dir <state> --wait --json --timeout 120 <args>`: the job's result.
+/// Panics with enqueue's stderr when no result came.
+pub fn enqueue_wait(state: &Path, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(bin("enqueue"))
+        .arg("--state-dir")
+        .arg(state)
+        .args(["--wait", "--json", "--timeout", "120"])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run enqueue: {e}"));
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("no result for {args:?} ({e}): {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+/// A tmpfs of `mib` MiB mounted at a new temporary directory, unmounted when dropped;
+/// `None` (test skipped) without root, unless `CI` is set.
+pub struct SmallTmpfs {
+    pub mount: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SmallTmpfs {
+    pub fn new(mib: u64) -> Option<SmallTmpfs> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(std::env::var("CI").is_err(), "small-filesystem tests need root");
+            eprintln!("skipping: small-filesystem tests need root");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mount = dir.path().join("fs");
+        std::fs::create_dir(&mount).expect("mount point");
+        let out = run(Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"]).arg(&mount));
+        assert!(out.status.success(), "mount tmpfs: {}", String::from_utf8_lossy(&out.stderr));
+        Some(SmallTmpfs { mount, _dir: dir })
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let out = run(Command::new("umount").arg("-l").arg(&self.mount));
+        if !out.status.success() {
+            eprintln!("unmounting {}: {}", self.mount.display(), String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}

@@ -10,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use serde_json::Value;
 use thinpipe::store::{SnapshotState, Store};
@@ -163,4 +164,103 @@ fn a_snapshot_copy_killed_half_way_leaves_nothing_once_released() {
     assert!(left.is_empty(), "nothing of the snapshot is left: {left:?}");
     let report = json(&worker(state, &[], &["reconcile", "--json"]));
     assert_eq!(report["leftovers"], serde_json::json!([]), "{report}");
+}
+
+fn random_family(source: &Path, name: &str, mib: usize) {
+    let dir = source.join("images").join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut content = vec![0u8; mib << 20];
+    rand::fill(&mut content[..]);
+    std::fs::write(dir.join("layer-1.tar"), tar_of_file("data.bin", &content)).unwrap();
+}
+
+fn images(api: &str) -> Value {
+    reqwest::blocking::get(format!("{api}/api/images")).unwrap().json().unwrap()
+}
+
+fn used_percent(api: &str) -> f64 {
+    let u = &images(api)["usage"];
+    u["used_bytes"].as_f64().unwrap() * 100.0 / u["total_bytes"].as_f64().unwrap()
+}
+
+/// The state directory and its volumes on a 64 MiB tmpfs (defaults: high 85%, low 80%,
+/// refuse 95%): a prepare too large for it fails clearly before downloading; partial
+/// downloads are counted and, above the high watermark, deleted before anything in use;
+/// what is not thinpipe's never makes it evict a base; the host heals by itself.
+#[test]
+fn a_full_disk_heals_itself_without_deleting_what_is_in_use() {
+    let Some(fs) = thinpipe_tests::SmallTmpfs::new(64) else { return };
+    let source = tempfile::tempdir().unwrap();
+    random_family(source.path(), "small", 1);
+    random_family(source.path(), "big", 80);
+    let state = fs.mount.join("state");
+    let src = source.path().to_str().unwrap();
+    let env = [
+        ("THINPIPE_SOURCE", src),
+        ("THINPIPE_CAPACITY_HIGH_PERCENT", "85"),
+        ("THINPIPE_CAPACITY_LOW_PERCENT", "80"),
+        ("THINPIPE_CAPACITY_REFUSE_PERCENT", "95"),
+        ("THINPIPE_GC_INTERVAL_SECS", "1"),
+    ];
+    std::fs::create_dir_all(&state).unwrap();
+    let daemon = thinpipe_tests::Daemon::start(&state, &env);
+    let api = daemon.admin_url();
+    let enqueue = |args: &[&str]| thinpipe_tests::enqueue_wait(&state, args);
+    let r = enqueue(&["activate", "--family", "small", "--invocation-id", "inv-1"]);
+    assert_eq!(r["status"], "succeeded", "{r}\n{}", daemon.log());
+    let small_base = r["base_vol_id"].clone();
+
+    // Too large for this host: a clear failure before a byte is downloaded.
+    let r = enqueue(&["prepare", "--family", "big"]);
+    assert_eq!((r["status"].as_str(), r["cause"].as_str()), (Some("failed"), Some("host_full")), "{r}");
+    let error = r["error"].as_str().unwrap();
+    assert!(error.contains("refused before downloading") && error.contains("refuse_percent"), "{error}");
+    assert_eq!(images(&api)["partial_download_bytes"], 0, "nothing was downloaded");
+    let r = enqueue(&["activate", "--family", "small", "--invocation-id", "inv-2"]);
+    assert_eq!(r["status"], "succeeded", "the working family keeps activating: {r}");
+
+    // A partial download left by a full disk (as an interrupted download leaves it): counted,
+    // and deleted by the maintenance pass before anything in use.
+    let partial = state.join("blobs/tmp").join(format!("{}.part", "ab".repeat(32)));
+    let free = nix_free_bytes(&fs.mount);
+    let fill = free.saturating_sub(1 << 20);
+    std::fs::write(&partial, vec![7u8; fill as usize]).unwrap();
+    assert!(images(&api)["partial_download_bytes"].as_u64().unwrap() >= fill, "partial downloads are counted");
+    thinpipe_tests::wait_until("the partial download deleted", Duration::from_secs(60), || !partial.exists());
+    thinpipe_tests::wait_until("usage below the low watermark", Duration::from_secs(60), || used_percent(&api) < 80.0);
+    let r = enqueue(&["activate", "--family", "small", "--invocation-id", "inv-3"]);
+    assert_eq!(r["status"], "succeeded", "{r}");
+    assert_eq!(r["base_vol_id"], small_base, "the working family's base was never evicted");
+
+    // Something that is not thinpipe's fills the disk: refused clearly, nothing evicted, and
+    // the host heals once it is gone.
+    let filler = fs.mount.join("someone-elses-file");
+    let fill = nix_free_bytes(&fs.mount).saturating_sub(2 << 20);
+    std::fs::write(&filler, vec![1u8; fill as usize]).unwrap();
+    thinpipe_tests::wait_until("not ready: host full", Duration::from_secs(30), || {
+        reqwest::blocking::get(format!("{api}/readyz")).unwrap().status().as_u16() == 503
+    });
+    let r = enqueue(&["activate", "--family", "small", "--invocation-id", "inv-4"]);
+    assert_eq!((r["status"].as_str(), r["cause"].as_str()), (Some("failed"), Some("host_full")), "{r}");
+    daemon.wait_for_log("none is evicted: something else fills it", Duration::from_secs(60));
+    std::fs::remove_file(&filler).unwrap();
+    thinpipe_tests::wait_until("usage below the low watermark", Duration::from_secs(60), || used_percent(&api) < 80.0);
+    let r = enqueue(&["activate", "--family", "small", "--invocation-id", "inv-5"]);
+    assert_eq!(r["status"], "succeeded", "the host healed by itself: {r}");
+    assert_eq!(r["base_vol_id"], small_base);
+    let store = Store::open(state.join("host.db")).unwrap();
+    let live = store.list_snapshots().unwrap().into_iter().filter(|s| s.state == SnapshotState::Exposed).count();
+    assert_eq!(live, 4, "every live snapshot is still there");
+    let r = enqueue(&["release", "--family", "small", "--invocation-id", "inv-4"]);
+    assert_eq!(r["status"], "succeeded", "{r}");
+    daemon.stop(Duration::from_secs(30));
+}
+
+/// Bytes an unprivileged writer may still write on the filesystem holding `path`.
+fn nix_free_bytes(path: &Path) -> u64 {
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: `c` is a valid path and `st` a valid out-pointer for the call.
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    st.f_bavail * st.f_frsize
 }

@@ -20,6 +20,11 @@ pub struct Images {
     pub usage_error: Option<String>,
     pub watermarks: Watermarks,
     pub blob_cache_bytes: u64,
+    /// Interrupted downloads kept for resuming (deleted by garbage collection when the host
+    /// is above its high watermark).
+    pub partial_download_bytes: u64,
+    /// Where this host's volumes live, as recorded at first use.
+    pub volumes: Option<thinpipe::volume::Place>,
 }
 
 impl Images {
@@ -40,6 +45,13 @@ impl Images {
             usage_error,
             watermarks,
             blob_cache_bytes: cache.size().context("measuring the blob cache")?,
+            partial_download_bytes: cache
+                .partials()
+                .context("measuring the partial downloads")?
+                .iter()
+                .map(|(_, n)| n)
+                .sum(),
+            volumes: store.volume_place()?,
         })
     }
 }
@@ -100,7 +112,13 @@ pub fn print(config: &Config, json: bool) -> anyhow::Result<std::process::ExitCo
         (None, Some(e)) => println!("\nstorage: not measured: {e}"),
         (None, None) => {}
     }
-    println!("blob cache: {} bytes", images.blob_cache_bytes);
+    println!(
+        "blob cache: {} bytes, partial downloads: {} bytes",
+        images.blob_cache_bytes, images.partial_download_bytes
+    );
+    if let Some(place) = &images.volumes {
+        println!("volumes: {place}");
+    }
     Ok(std::process::ExitCode::SUCCESS)
 }
 
@@ -133,6 +151,18 @@ pub fn print_gc(report: &GcReport, json: bool) -> anyhow::Result<()> {
     }
     for f in &report.evicted_families {
         println!("evicted family {f} (the host was above its high watermark)");
+    }
+    if let Some(why) = &report.eviction_skipped {
+        println!("evicted nothing: {why}");
+    }
+    if report.partials_deleted > 0 {
+        println!(
+            "{verb} {} partial download(s) ({} bytes; the host was above its high watermark)",
+            report.partials_deleted, report.partial_bytes_deleted
+        );
+    }
+    if report.leftovers_removed > 0 {
+        println!("{verb} {} half-made volume(s) ({} bytes)", report.leftovers_removed, report.leftover_bytes_removed);
     }
     println!(
         "{verb} {} base(s), {} blob(s) ({} bytes){}; {} bytes reclaimed",

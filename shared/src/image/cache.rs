@@ -106,6 +106,73 @@ impl BlobCache {
         Ok(self.list()?.iter().map(|(_, n)| n).sum())
     }
 
+    /// Every partial download kept for resuming, with its size in bytes.
+    pub fn partials(&self) -> Result<Vec<(Digest, u64)>, ImageError> {
+        let tmp = self.dir.join("tmp");
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&tmp).map_err(|e| ImageError::io("listing", &tmp, e))? {
+            let entry = entry.map_err(|e| ImageError::io("listing", &tmp, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(digest) = name.strip_suffix(".part").and_then(|hex| Digest::parse(&format!("sha256:{hex}")).ok())
+            else {
+                continue;
+            };
+            match entry.metadata() {
+                Ok(m) => out.push((digest, m.len())),
+                // Finished or removed while we listed.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(ImageError::io("reading", entry.path(), e)),
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Removes the partial download of `digest` unless a download of it is running now
+    /// (then `false`). A later download of the blob starts from its first byte.
+    pub fn remove_idle_partial(&self, digest: &Digest) -> Result<bool, ImageError> {
+        let lock = {
+            let mut map = self.downloading.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(digest.hex().to_owned()).or_default().clone()
+        };
+        let Ok(_idle) = lock.try_lock() else { return Ok(false) };
+        let part = self.partial_path(digest);
+        match std::fs::remove_file(&part) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(ImageError::io("removing a partial download", part, e)),
+        }
+    }
+
+    /// Bytes still to download for `layers`: each one's size, less what is cached or kept
+    /// from an interrupted download.
+    pub fn missing_bytes(&self, layers: &[LayerDesc]) -> u64 {
+        layers
+            .iter()
+            .filter(|l| !self.contains(&l.digest))
+            .map(|l| {
+                let have = std::fs::metadata(self.partial_path(&l.digest)).map_or(0, |m| m.len());
+                l.size.saturating_sub(have)
+            })
+            .sum()
+    }
+
+    /// Where the cache lives.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Bytes that can still be written on the cache's filesystem before it reaches
+    /// `limit_percent` full (as `df` counts: used over used plus available).
+    pub fn room_below(&self, limit_percent: f64) -> Result<u64, ImageError> {
+        let st = nix::sys::statvfs::statvfs(&self.dir)
+            .map_err(|e| ImageError::io("measuring the filesystem of", &self.dir, e.into()))?;
+        let unit = st.fragment_size() as u64;
+        let used = (st.blocks() as u64).saturating_sub(st.blocks_free() as u64) * unit;
+        let total = used + st.blocks_available() as u64 * unit;
+        Ok(((total as f64 * limit_percent / 100.0) as u64).saturating_sub(used))
+    }
+
     pub fn contains(&self, digest: &Digest) -> bool {
         self.path(digest).is_file()
     }

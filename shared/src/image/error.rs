@@ -44,6 +44,11 @@ pub enum ImageError {
     )]
     TooLargeForHost { layer: String, entry: String, room: u64 },
     #[error(
+        "image family {family}: its layers need {need} more bytes in the blob cache {}, whose filesystem has {room} bytes left below the refusal watermark (capacity.refuse_percent); refused before downloading: free space, or prepare it on a host with more room",
+        cache.display()
+    )]
+    NoRoomToDownload { family: String, cache: PathBuf, need: u64, room: u64 },
+    #[error(
         "layer {layer}: entry {entry:?} is owned by {owner}, and this worker runs as {me}, not root, so it cannot keep that owner; run the worker as root, or set images.rootless = true to apply such images owned by this user with their setuid/setgid bits removed"
     )]
     OwnersNeedRoot { layer: String, entry: String, owner: String, me: String },

@@ -10,9 +10,14 @@
 //! stuck deletion fails alone and is tried again next pass. No lock is held across a
 //! deletion: activations wait at most for one decision's transaction.
 //!
-//! Above the high watermark, whole families with no live snapshot are evicted, least
-//! recently used first, until usage is below the low watermark. Blobs are collected last,
-//! when no prepare runs (a prepare downloads its blobs before its base records them).
+//! A pass reclaims in order of least harm: partial downloads no download is using (only
+//! above the high watermark: otherwise they are kept for resuming), in-between artifacts
+//! of interrupted volume creates, old versions, then blobs no kept base needs (when no
+//! prepare runs: a prepare downloads its blobs before its base records them). Only then,
+//! still above the high watermark, whole families with no live snapshot are evicted,
+//! least recently used first, until usage is below the low watermark; and none at all when
+//! evicting every such family would not bring usage below the high watermark (what fills
+//! the disk is not thinpipe's bases: evicting would lose them and relieve nothing).
 
 use std::collections::BTreeSet;
 
@@ -61,6 +66,14 @@ pub struct GcReport {
     pub evicted_families: Vec<String>,
     pub blobs_deleted: usize,
     pub blob_bytes_deleted: u64,
+    /// Partial downloads deleted (above the high watermark, when no download used them).
+    pub partials_deleted: usize,
+    pub partial_bytes_deleted: u64,
+    /// In-between artifacts of interrupted volume creates removed, with their bytes.
+    pub leftovers_removed: usize,
+    pub leftover_bytes_removed: u64,
+    /// Why no family was evicted although the host was above its high watermark.
+    pub eviction_skipped: Option<String>,
     /// Why blobs were not collected this pass, if they were not.
     pub blobs_skipped: Option<String>,
     /// Blob bytes deleted plus what the volume storage's usage fell by.
@@ -71,7 +84,11 @@ pub struct GcReport {
 
 impl GcReport {
     pub fn did_something(&self) -> bool {
-        !self.deleted.is_empty() || !self.failed.is_empty() || self.blobs_deleted > 0
+        !self.deleted.is_empty()
+            || !self.failed.is_empty()
+            || self.blobs_deleted > 0
+            || self.partials_deleted > 0
+            || self.leftovers_removed > 0
     }
 }
 
@@ -99,6 +116,12 @@ impl Lifecycle {
     pub async fn collect(&self, dry_run: bool) -> Result<GcReport, LifecycleError> {
         let _one_pass = self.pass.lock().await;
         let mut report = GcReport { dry_run, usage_before: self.measure().await.ok(), ..GcReport::default() };
+        let pressed =
+            report.usage_before.as_ref().is_some_and(|u| self.settings.watermarks.assess(u) != Pressure::Normal);
+        if pressed {
+            self.collect_partials(&mut report).await?;
+        }
+        self.sweep_leftovers(&mut report).await?;
         let bases = self.on_store(|s| s.list_bases()).await?;
         let current: BTreeSet<u64> =
             self.on_store(|s| s.list_images()).await?.into_iter().filter_map(|i| i.current_base).collect();
@@ -117,14 +140,17 @@ impl Lifecycle {
             report.deleted = marked.iter().map(BaseSummary::from).collect();
         } else {
             self.retire_all(marked, &mut report).await;
-            self.evict(&mut report).await?;
         }
         self.collect_blobs(&mut report).await?;
+        if !dry_run {
+            self.evict(&mut report).await?;
+        }
         report.usage_after = self.measure().await.ok();
         if let (Some(before), Some(after)) = (&report.usage_before, &report.usage_after) {
             report.bytes_reclaimed = before.used_bytes.saturating_sub(after.used_bytes);
         }
-        report.bytes_reclaimed += report.blob_bytes_deleted;
+        // The state directory may be on another filesystem than the volumes.
+        report.bytes_reclaimed = report.bytes_reclaimed.max(report.blob_bytes_deleted + report.partial_bytes_deleted);
         if !dry_run {
             metrics().gc_bases_deleted.add(report.deleted.len() as u64, &[]);
             metrics().gc_blobs_deleted.add(report.blobs_deleted as u64, &[]);
@@ -167,6 +193,11 @@ impl Lifecycle {
             return Ok(());
         }
         let families = self.on_store(|s| s.families_by_last_use()).await?;
+        if let Some(why) = self.eviction_would_not_relieve(&usage, &families).await? {
+            tracing::warn!(used_percent = usage.percent(), "{why}");
+            report.eviction_skipped = Some(why);
+            return Ok(());
+        }
         for (family, _) in families {
             if watermarks.below_low(&self.measure().await?) {
                 break;
@@ -189,6 +220,80 @@ impl Lifecycle {
                 Err(why) => tracing::debug!(%family, %why, "family kept"),
             }
         }
+        Ok(())
+    }
+
+    /// Why evicting would not help, if it would not: even every family that has no live
+    /// snapshot, evicted, frees less than what usage must drop to get below the high
+    /// watermark. Bases whose size is not recorded count as helping (older records).
+    async fn eviction_would_not_relieve(
+        &self,
+        usage: &Usage,
+        families: &[(String, i64)],
+    ) -> Result<Option<String>, LifecycleError> {
+        let candidates: BTreeSet<String> = families.iter().map(|(f, _)| f.clone()).collect();
+        let (bases, snapshots) = self.on_store(|s| Ok((s.list_bases()?, s.list_snapshots()?))).await?;
+        let pinned: BTreeSet<String> = snapshots
+            .iter()
+            .filter(|s| !s.state.is_released() && s.base_vol_id.is_some())
+            .map(|s| s.family.clone())
+            .collect();
+        let mut freeable = 0u64;
+        for base in bases.iter().filter(|b| candidates.contains(&b.family) && !pinned.contains(&b.family)) {
+            match base.bytes {
+                Some(bytes) => freeable += bytes,
+                None => return Ok(None),
+            }
+        }
+        let high = (usage.total_bytes as f64 * self.settings.watermarks.high_percent / 100.0) as u64;
+        let must_free = usage.used_bytes.saturating_sub(high);
+        Ok((freeable < must_free).then(|| {
+            format!(
+                "{} is {:.0}% used; evicting every family without a live snapshot would free about {freeable} bytes of the {must_free} needed to get below the high watermark, so none is evicted: something else fills it",
+                usage.what,
+                usage.percent()
+            )
+        }))
+    }
+
+    /// Deletes partial downloads that no download is using now (only called above the high
+    /// watermark: a partial is worth keeping for a resume otherwise).
+    async fn collect_partials(&self, report: &mut GcReport) -> Result<(), LifecycleError> {
+        let cache = self.pipeline.context().cache.clone();
+        let dry_run = report.dry_run;
+        let (count, bytes) = tokio::task::spawn_blocking(move || -> Result<(usize, u64), crate::image::ImageError> {
+            let (mut count, mut bytes) = (0, 0);
+            for (digest, size) in cache.partials()? {
+                if dry_run || cache.remove_idle_partial(&digest)? {
+                    tracing::info!(%digest, bytes = size, "deleted a partial download to free space");
+                    count += 1;
+                    bytes += size;
+                }
+            }
+            Ok((count, bytes))
+        })
+        .await
+        .map_err(|e| LifecycleError::Task(format!("the partial-download collection task failed: {e}")))??;
+        report.partials_deleted = count;
+        report.partial_bytes_deleted = bytes;
+        Ok(())
+    }
+
+    /// Removes in-between artifacts of interrupted volume creates (`reconcile`'s sweep).
+    async fn sweep_leftovers(&self, report: &mut GcReport) -> Result<(), LifecycleError> {
+        let (store, backend, pipeline) = (self.store(), self.pipeline.context().backend.clone(), self.pipeline.clone());
+        let dry_run = report.dry_run;
+        let making = move |row: &crate::store::SnapshotRow| {
+            row.state == crate::store::SnapshotState::Intended && pipeline.run_in_flight(&row.run_id)
+        };
+        let swept = tokio::task::spawn_blocking(move || {
+            crate::reconcile::sweep_leftovers(&store, backend.as_ref(), dry_run, &making)
+        })
+        .await
+        .map_err(|e| LifecycleError::Task(format!("the in-between artifact sweep failed: {e}")))??;
+        let done = if dry_run { &swept.found } else { &swept.removed };
+        report.leftovers_removed = done.len();
+        report.leftover_bytes_removed = done.iter().map(|l| l.bytes).sum();
         Ok(())
     }
 

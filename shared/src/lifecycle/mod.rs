@@ -230,3 +230,12 @@ pub enum LifecycleError {
     #[error("{0}")]
     Task(String),
 }
+
+impl From<crate::reconcile::ReconcileError> for LifecycleError {
+    fn from(e: crate::reconcile::ReconcileError) -> Self {
+        match e {
+            crate::reconcile::ReconcileError::Store(e) => Self::Store(e),
+            crate::reconcile::ReconcileError::Volume(e) => Self::Volume(e),
+        }
+    }
+}

@@ -93,7 +93,7 @@ impl Cause {
             | ImageError::Corrupt { .. } => Cause::BadSource,
             ImageError::FamilyChanged { .. } => Cause::SourceChanged,
             ImageError::Io { .. } => Cause::HostStorage,
-            ImageError::TooLargeForHost { .. } => Cause::HostFull,
+            ImageError::TooLargeForHost { .. } | ImageError::NoRoomToDownload { .. } => Cause::HostFull,
             ImageError::OwnersNeedRoot { .. } => Cause::HostSetup,
             ImageError::Unavailable { .. } => Cause::Other,
         }

@@ -85,6 +85,15 @@ async fn download_blobs(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Prepa
     let progress = Arc::new(ctx.progress.begin(&req.run_id, &req.r.family, "download_blobs", total));
     fault::pause("prepare.download", &req.r.family).await;
     fault::fail("prepare.download", &req.r.family).map_err(StepError::transient)?;
+    // A version that cannot fit is refused now, clearly, not by a full disk half way.
+    if let Some(limit) = ctx.apply.refuse_percent {
+        let need = ctx.cache.missing_bytes(&manifest.layers);
+        let room = ctx.cache.room_below(limit).map_err(image_err)?;
+        if need > room {
+            let cache = ctx.cache.dir().to_path_buf();
+            return Err(image_err(ImageError::NoRoomToDownload { family: req.r.family.clone(), cache, need, room }));
+        }
+    }
     // Owned futures: borrowed ones trip the compiler's Send check for the step's future.
     let mut downloads = futures::stream::iter(manifest.layers.clone())
         .map(|layer| {
@@ -178,6 +187,7 @@ async fn unpack_into_base(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Pre
     let family = req.r.family.clone();
     let applied = blocking(move || {
         let (mut devices_skipped, mut owners_dropped, mut setid_stripped) = (0, 0, 0);
+        let mut written = None;
         // Sealed by an earlier attempt that crashed before its commit: only the record is left.
         if !ctx.backend.is_sealed(base).map_err(volume_err)? {
             // A rerun starts from an empty base: never apply layers over a half-applied tree.
@@ -193,6 +203,7 @@ async fn unpack_into_base(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Pre
                     .map_err(image_err)?;
                 tracing::debug!(%family, layer = %layer.digest, entries = stats.entries, bytes = stats.bytes, written = stats.written, "layer applied");
                 devices_skipped += stats.devices_skipped;
+                *written.get_or_insert(0) += stats.written;
                 owners_dropped += stats.owners_dropped;
                 setid_stripped += stats.setid_stripped;
             }
@@ -214,7 +225,7 @@ async fn unpack_into_base(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Pre
             ctx.backend.seal_base(base).map_err(volume_err)?;
             fault::point("prepare.after_seal", &family);
         }
-        ctx.store.mark_base_sealed(base).map_err(store_err)?;
+        ctx.store.mark_base_sealed_with(base, written).map_err(store_err)?;
         tracing::info!(%family, base = %VolumeId::Base(base), version = %manifest.digest, layers = manifest.layers.len(), "base sealed");
         Ok((devices_skipped, owners_dropped, setid_stripped))
     })

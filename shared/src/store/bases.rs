@@ -67,6 +67,9 @@ pub struct BaseRow {
     /// When another version replaced it as its family's current one.
     pub superseded_at_ms: Option<i64>,
     pub retiring_at_ms: Option<i64>,
+    /// File data its layers wrote when it was sealed (what evicting it frees, roughly);
+    /// `None` for bases sealed before this was recorded.
+    pub bytes: Option<u64>,
 }
 
 impl BaseRow {
@@ -103,7 +106,7 @@ pub enum Retire {
 }
 
 const COLUMNS: &str =
-    "id, family, digest, blobs, state, created_at, sealed_at, last_activated_at, retiring_at, superseded_at";
+    "id, family, digest, blobs, state, created_at, sealed_at, last_activated_at, retiring_at, superseded_at, bytes";
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BaseRow> {
     let state: String = r.get(4)?;
@@ -123,6 +126,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BaseRow> {
         last_activated_at_ms: r.get(7)?,
         retiring_at_ms: r.get(8)?,
         superseded_at_ms: r.get(9)?,
+        bytes: r.get::<_, Option<i64>>(10)?.map(|b| b as u64),
     })
 }
 
@@ -163,11 +167,18 @@ impl Store {
     /// Records that base `id`'s layers are applied and sealed. Idempotent; refused for a
     /// base that garbage collection is deleting.
     pub fn mark_base_sealed(&self, id: u64) -> Result<BaseRow, StoreError> {
+        self.mark_base_sealed_with(id, None)
+    }
+
+    /// [`Store::mark_base_sealed`], recording the bytes its layers wrote when known.
+    pub fn mark_base_sealed_with(&self, id: u64, bytes: Option<u64>) -> Result<BaseRow, StoreError> {
         let now = epoch_ms(std::time::SystemTime::now());
+        let bytes = bytes.map(|b| b as i64);
         let row = self.with_conn(|c| {
             c.execute(
-                "UPDATE bases SET state = 'sealed', sealed_at = ?2 WHERE id = ?1 AND state = 'preparing'",
-                params![id as i64, now],
+                "UPDATE bases SET state = 'sealed', sealed_at = ?2, bytes = COALESCE(?3, bytes)
+                 WHERE id = ?1 AND state = 'preparing'",
+                params![id as i64, now, bytes],
             )?;
             base_in(c, id)
         })?;

@@ -107,7 +107,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     CREATE INDEX snapshots_expiring ON snapshots (expires_at) WHERE expires_at IS NOT NULL AND state NOT IN ('releasing', 'released');
     ",
     // 4: where this host's volumes live (backend, location, filesystem), recorded at first
-    // use; one row. Commands whose settings disagree are refused (`placement.rs`).
+    // use; one row. Commands whose settings disagree are refused (`placement.rs`). A base
+    // records the bytes its layers wrote (what capacity eviction weighs).
     "
     CREATE TABLE volume_place (
         one         INTEGER PRIMARY KEY CHECK (one = 1),
@@ -116,5 +117,6 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         filesystem  TEXT NOT NULL,
         recorded_at INTEGER NOT NULL
     ) STRICT;
+    ALTER TABLE bases ADD COLUMN bytes INTEGER;
     ",
 ];

@@ -162,7 +162,13 @@ impl VolumeBackend for DirBackend {
         }
         let tmp = self.copy_path(snap);
         remove_tree(&tmp, vol)?;
-        copy_tree(&self.path(VolumeId::Base(base)), &tmp).map_err(|e| VolumeError::io(vol, "copying the base", e))?;
+        if let Err(e) = copy_tree(&self.path(VolumeId::Base(base)), &tmp) {
+            // A failed copy (a full disk, most often) gives its space back at once.
+            if let Err(cleanup) = remove_tree(&tmp, vol) {
+                tracing::warn!(volume = %vol, error = %cleanup, "could not remove a failed copy; garbage collection removes it");
+            }
+            return Err(VolumeError::io(vol, "copying the base", e));
+        }
         crate::fault::point("dir.before_rename", &vol.to_string());
         fs::rename(&tmp, &dest).map_err(|e| VolumeError::io(vol, "renaming into place", e))?;
         sync_dir(&self.root.join("snaps"), vol)
