@@ -264,3 +264,98 @@ fn nix_free_bytes(path: &Path) -> u64 {
     assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
     st.f_bavail * st.f_frsize
 }
+
+/// The state directory on a 48 MiB tmpfs (the volumes and the queue elsewhere, as on a host
+/// whose state partition is small). Filled while a prepare runs: its result or its message
+/// survives (never dead-lettered), the worker says why it is not ready and, once the run
+/// log refused a write, exits for its supervisor (here, the test) to start it again; with
+/// the space back, every job gets its result without an operator touching the state.
+#[test]
+fn a_full_state_directory_never_loses_a_job_and_a_restart_heals_it() {
+    let Some(fs) = thinpipe_tests::SmallTmpfs::new(48) else { return };
+    let elsewhere = tempfile::tempdir().unwrap();
+    random_family(elsewhere.path(), "small", 1);
+    random_family(elsewhere.path(), "big", 8);
+    let state = fs.mount.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let queue = elsewhere.path().join("queue.db");
+    let volumes = elsewhere.path().join("volumes");
+    let (src, queue_path, vols) = (
+        elsewhere.path().to_str().unwrap().to_owned(),
+        queue.to_str().unwrap().to_owned(),
+        volumes.to_str().unwrap().to_owned(),
+    );
+    let env = [
+        ("THINPIPE_SOURCE", src.as_str()),
+        ("THINPIPE_QUEUE_PATH", queue_path.as_str()),
+        ("THINPIPE_VOLUMES_DIR", vols.as_str()),
+        ("THINPIPE_PAUSE", "prepare.download@big=3000"),
+    ];
+    let enqueue_env = |cmd: &mut Command| {
+        cmd.env("THINPIPE_QUEUE_PATH", &queue_path);
+    };
+    let post = |args: &[&str]| {
+        let mut cmd = Command::new(bin("enqueue"));
+        cmd.arg("--state-dir").arg(&state).args(["--wait", "--json", "--timeout", "120"]).args(args);
+        enqueue_env(&mut cmd);
+        cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap()
+    };
+    let result = |child: std::process::Child| -> Value {
+        let out = child.wait_with_output().unwrap();
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("no result ({e}): {}", String::from_utf8_lossy(&out.stderr)))
+    };
+    let mut daemon = thinpipe_tests::Daemon::start(&state, &env);
+    let r = result(post(&["activate", "--family", "small", "--invocation-id", "inv-1"]));
+    assert_eq!(r["status"], "succeeded", "{r}\n{}", daemon.log());
+
+    // The disk fills while the prepare of `big` is held at its download.
+    let big = post(&["prepare", "--family", "big"]);
+    daemon.wait_for_log("pause point prepare.download@big", Duration::from_secs(60));
+    let filler = fs.mount.join("filler");
+    std::fs::write(&filler, vec![1u8; nix_free_bytes(&fs.mount) as usize]).unwrap();
+    let api = daemon.admin_url();
+    thinpipe_tests::wait_until("not ready: the state directory is full", Duration::from_secs(60), || {
+        match reqwest::blocking::get(format!("{api}/readyz")) {
+            Ok(r) if r.status().as_u16() == 503 => {
+                let body: Value = r.json().unwrap();
+                body["reasons"].to_string().contains("state directory")
+            }
+            Ok(_) => false,
+            Err(_) => !daemon.is_running(), // it may already have exited
+        }
+    });
+    // A job posted meanwhile stays queued.
+    let waiting = post(&["activate", "--family", "small", "--invocation-id", "inv-2"]);
+    // The prepare's failure is recorded (a result for its requester), or the run log refused
+    // the write and the worker exits (3) for its supervisor to start it again: both keep the
+    // job; losing it is what must not happen.
+    let mut big = Some(big);
+    let mut big_result = None;
+    thinpipe_tests::wait_until("the prepare's result or the worker's exit", Duration::from_secs(120), || {
+        if let Some(child) = big.as_mut()
+            && child.try_wait().unwrap().is_some()
+        {
+            big_result = Some(result(big.take().unwrap()));
+        }
+        big_result.is_some() || !daemon.is_running()
+    });
+    let exited = !daemon.is_running();
+    if exited {
+        assert_eq!(daemon.wait_exit(Duration::from_secs(5)).code(), Some(3), "a storage fault exits 3");
+    }
+    std::fs::remove_file(&filler).unwrap();
+    let daemon = if exited { thinpipe_tests::Daemon::start(&state, &env) } else { daemon };
+    let r = result(waiting);
+    assert_eq!(r["status"], "succeeded", "the job posted while the disk was full ran: {r}\n{}", daemon.log());
+    let r = match big_result {
+        Some(r) => r,
+        None => result(big.take().unwrap()),
+    };
+    assert!(r["status"] == "succeeded" || r["cause"] == "host_full" || r["cause"] == "host_storage", "{r}");
+    eprintln!("the first worker {}; big: {r}", if exited { "exited 3" } else { "stayed up" });
+    let q = thinpipe::queue::EmbeddedQueue::open(&queue_path, "jobs", Duration::from_secs(60), 5).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    assert!(rt.block_on(q.dead_letters()).unwrap().is_empty(), "nothing dead-lettered for the host's fault");
+    daemon.stop(Duration::from_secs(30));
+}

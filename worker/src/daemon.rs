@@ -26,6 +26,9 @@ pub enum Stopped {
     Drained,
     /// Another process took the worker lease: this one stopped without being told.
     LeaseLost,
+    /// The run log's storage failed (a full disk, an I/O error): redb accepts no write until
+    /// it is opened again, so the process exits for its supervisor to start it afresh.
+    StorageFailed,
 }
 
 /// Runs the worker on `config` until `shutdown` fires. `prometheus` is what `/metrics` serves.
@@ -81,5 +84,12 @@ pub async fn run(
     host.close().await;
     let report = report?;
     tracing::info!(handled = report.handled, released = report.released_at_drain, "worker stopped");
-    Ok(if host.lease_lost.is_cancelled() { Stopped::LeaseLost } else { Stopped::Drained })
+    Ok(if host.lease_lost.is_cancelled() {
+        Stopped::LeaseLost
+    } else if let Some(fault) = host.engine.storage_fault() {
+        tracing::error!(%fault, "exiting so that the worker starts again with its run log opened afresh");
+        Stopped::StorageFailed
+    } else {
+        Stopped::Drained
+    })
 }

@@ -1,22 +1,26 @@
 //! The job loop: receive, validate, run, publish the result, ack — with bounded
-//! concurrency, a visibility heartbeat per job, and an explicit drain.
+//! concurrency, a visibility heartbeat per job, and an explicit drain. The map's entry
+//! point for a job: from here, `executor.rs` runs it.
 //!
-//! Per job: an invalid message is dead-lettered with the reason. `prepare` takes the
-//! per-family lease, runs `prepare-<family>` unless the family is already prepared, and
-//! sets the `prepared` flag (only here). `activate` first refuses an invocation that a
-//! release has reached, then prepares as above, then runs `activate-<invocation_id>`;
-//! concurrent activations of one family wait on the same prepare run. `release` records the
-//! release and runs `release-<invocation_id>` (`pipeline::Pipeline::release`). A run that
-//! failed publishes a failure result and is acked; a prepare that failed because the family
-//! does not exist is dead-lettered too; anything transient makes the message visible again
-//! after `retry_delay_secs`.
+//! Per job: an invalid message is dead-lettered with the reason. The executor resolves the
+//! version (`prepare`: the source's current one; `activate`: the host's current one, or the
+//! pinned digest), runs `prepare-<family>@<digest prefix>` under the per-family lease when the
+//! version has no sealed base yet, makes it current (the one place that does), and for
+//! `activate` runs `activate-<invocation_id>`; `release` records the release and runs
+//! `release-<invocation_id>`. A run that failed publishes a failure result and is acked; a
+//! job naming a family or version that does not exist is dead-lettered too; anything
+//! transient makes the message visible again after `retry_delay_secs`.
 //!
-//! Shutdown (a signal, a lost lease, or the admin API's drain): the loop is not ready from
-//! that moment, stops receiving (a receive in flight is finished, not dropped, and what it
-//! brought is handed back at once), hands back jobs still waiting for their family's prepare,
-//! waits for the jobs in flight up to the drain deadline (counted from the signal), makes the
-//! messages of jobs still running visible again, and stops the engine (their runs resume at
-//! the next start).
+//! No message is received while the state directory is short of room (`statespace.rs`): it
+//! stays queued, and its receive count does not grow.
+//!
+//! Shutdown (a signal, a lost lease, a run log whose storage failed, or the admin API's
+//! drain): the loop is not ready from that moment, stops receiving (a receive in flight is
+//! finished, not dropped, and what it brought is handed back at once), hands back jobs still
+//! waiting for their family's prepare, waits for the jobs in flight up to the drain deadline
+//! (counted from the signal), makes the messages of jobs still running visible again, and
+//! stops the engine (their runs resume at the next start). After an admin drain the process
+//! stays up until it is told to stop.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -121,6 +125,11 @@ impl JobLoop {
         &self.backlog
     }
 
+    /// The room the state directory must keep for new jobs to be taken.
+    pub fn state_space(&self) -> crate::statespace::StateSpace {
+        crate::statespace::StateSpace::new(self.host.config.state_dir.clone())
+    }
+
     /// Whether the last receive from some queue failed (the queue is not usable now).
     pub fn queue_failing(&self) -> bool {
         self.receive_failing.load(Ordering::SeqCst) > 0
@@ -135,12 +144,16 @@ impl JobLoop {
         }
         let stop = CancellationToken::new();
         let lost = self.host.lease_lost.clone();
+        // A run log whose storage failed refuses every write until it is opened again: stop.
+        let broken = self.host.engine.storage_failed();
         let stopper = {
             let (stop, shutdown, lost, drain) = (stop.clone(), shutdown.clone(), lost.clone(), self.draining.clone());
+            let broken = broken.clone();
             tokio::spawn(async move {
                 tokio::select! {
                     _ = shutdown.cancelled() => {},
                     _ = lost.cancelled() => {},
+                    _ = broken.cancelled() => {},
                     _ = drain.cancelled() => {},
                 }
                 // Whatever started the drain, the worker is not ready from now on.
@@ -180,6 +193,7 @@ impl JobLoop {
                 stop: stop.clone(),
                 tx: tx.clone(),
                 failing: self.receive_failing.clone(),
+                state: self.state_space(),
             };
             receivers.spawn(receiver.run());
         }
@@ -195,6 +209,7 @@ impl JobLoop {
             tokio::select! {
                 _ = shutdown.cancelled(), if shutdown_at.is_none() => shutdown_at = Some(tokio::time::Instant::now()),
                 _ = lost.cancelled(), if shutdown_at.is_none() => shutdown_at = Some(tokio::time::Instant::now()),
+                _ = broken.cancelled(), if shutdown_at.is_none() => shutdown_at = Some(tokio::time::Instant::now()),
                 received = rx.recv() => {
                     let Some(Received { queue, delivery, permit }) = received else { break };
                     let this = self.clone();
@@ -216,7 +231,7 @@ impl JobLoop {
         }
         while receivers.join_next().await.is_some() {}
         stopper.abort();
-        if !shutdown.is_cancelled() && !lost.is_cancelled() {
+        if !shutdown.is_cancelled() && !lost.is_cancelled() && !broken.is_cancelled() {
             // An admin drain: jobs finish at their own pace; then the process waits to be
             // stopped (an upgrade replaces the binary meanwhile).
             tracing::info!(in_flight = tasks.len(), "drained: waiting for running jobs, then for shutdown");
@@ -224,6 +239,7 @@ impl JobLoop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = lost.cancelled() => break,
+                    _ = broken.cancelled() => break,
                     Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
                         out.handled += 1;
                         forget(&in_flight, done);

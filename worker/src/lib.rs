@@ -15,3 +15,4 @@ pub mod oneshot;
 pub mod order;
 pub mod receiver;
 pub mod runlog;
+pub mod statespace;

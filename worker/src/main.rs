@@ -429,7 +429,7 @@ async fn daemon(
     spawn_signal_handler(shutdown.clone())?;
     Ok(match worker::daemon::run(config, prometheus, shutdown).await? {
         worker::daemon::Stopped::Drained => ExitCode::SUCCESS,
-        worker::daemon::Stopped::LeaseLost => ExitCode::from(3),
+        worker::daemon::Stopped::LeaseLost | worker::daemon::Stopped::StorageFailed => ExitCode::from(3),
     })
 }
 

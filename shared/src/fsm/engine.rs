@@ -117,6 +117,18 @@ impl Engine {
         map.get(name).cloned()
     }
 
+    /// Fires when a commit of the run log failed on its storage (a full disk, an I/O
+    /// error). redb then refuses every write until the file is opened again: the owner
+    /// reports itself not ready and restarts (the worker exits; its supervisor starts it).
+    pub fn storage_failed(&self) -> tokio_util::sync::CancellationToken {
+        self.inner.writer.faulted()
+    }
+
+    /// Why the run log refuses writes, once [`Engine::storage_failed`] fired.
+    pub fn storage_fault(&self) -> Option<String> {
+        self.inner.writer.fault()
+    }
+
     /// Commits made by the run log's writer so far. Fewer commits than transitions means
     /// the group commit is sharing fsyncs.
     pub fn commit_count(&self) -> u64 {

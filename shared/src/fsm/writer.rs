@@ -122,6 +122,10 @@ pub(crate) struct Writer {
     db: Arc<Database>,
     queue: Mutex<Queue>,
     commits: AtomicU64,
+    /// Set by the first commit that failed on the storage (a full disk, an I/O error): redb
+    /// refuses every later write until the file is opened again, so the owner must restart.
+    fault: std::sync::OnceLock<String>,
+    faulted: tokio_util::sync::CancellationToken,
 }
 
 impl Writer {
@@ -131,7 +135,13 @@ impl Writer {
         txn.open_table(RUNS)?;
         txn.open_table(LOG)?;
         txn.commit()?;
-        Ok(Self { db, queue: Mutex::new(Queue::default()), commits: AtomicU64::new(0) })
+        Ok(Self {
+            db,
+            queue: Mutex::new(Queue::default()),
+            commits: AtomicU64::new(0),
+            fault: std::sync::OnceLock::new(),
+            faulted: tokio_util::sync::CancellationToken::new(),
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
@@ -166,11 +176,16 @@ impl Writer {
                     self.0.lock().leading = false;
                 }
             }
-            let _release = Release(self);
+            let release = Release(self);
             loop {
                 let mut batch = {
                     let mut q = self.lock();
                     if q.pending.is_empty() {
+                        // In the same critical section that saw the queue empty: a request
+                        // queued after this lock is released finds no leader and leads.
+                        q.leading = false;
+                        drop(q);
+                        std::mem::forget(release);
                         return;
                     }
                     let n = q.pending.len().min(MAX_BATCH);
@@ -198,6 +213,12 @@ impl Writer {
             }
             Err(e) => {
                 tracing::error!(error = %e, ops = batch.len(), "fsm commit failed; every op in the batch fails");
+                if matches!(e, redb::Error::Io(_) | redb::Error::PreviousIo) {
+                    if self.fault.set(format!("the run log's storage failed: {e}")).is_ok() {
+                        tracing::error!(error = %e, "the run log refuses writes until it is opened again");
+                    }
+                    self.faulted.cancel();
+                }
                 for req in batch.drain(..) {
                     if req.reply.send(Err(OpError::Storage(e.to_string()))).is_err() {
                         tracing::debug!("fsm writer: a caller left before its commit failed");
@@ -205,6 +226,16 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Fires when a commit failed on the storage (see [`Writer::fault`]).
+    pub(crate) fn faulted(&self) -> tokio_util::sync::CancellationToken {
+        self.faulted.clone()
+    }
+
+    /// Why the run log refuses writes, if a commit failed on the storage.
+    pub(crate) fn fault(&self) -> Option<String> {
+        self.fault.get().cloned()
     }
 
     /// Commits made so far (for the benchmark and tests of the group commit).

@@ -180,6 +180,12 @@ async fn not_ready_because(admin: &Admin) -> Vec<String> {
     if admin.host.lease_lost.is_cancelled() {
         reasons.push("the worker lease was lost".to_owned());
     }
+    if let Some(fault) = admin.host.engine.storage_fault() {
+        reasons.push(format!("{fault}; the worker restarts to open it again"));
+    }
+    if let Some(short) = admin.jobs.state_space().shortage() {
+        reasons.push(short);
+    }
     if let Some(full) = admin.host.lifecycle.full().await {
         reasons.push(full);
     }
