@@ -53,6 +53,25 @@ pub async fn pause(name: &str, detail: &str) {
 #[inline(always)]
 pub async fn pause(_name: &str, _detail: &str) {}
 
+/// [`pause`] inside a blocking step body (a thread, not a task): what a long unpack is.
+#[cfg(feature = "fault-injection")]
+pub fn pause_blocking(name: &str, detail: &str) {
+    let Ok(spec) = std::env::var("THINPIPE_PAUSE") else { return };
+    let Some((point, ms)) = spec.rsplit_once('=') else { return };
+    let hit = match point.split_once('@') {
+        Some((n, d)) => n == name && d == detail,
+        None => point == name,
+    };
+    if hit && let Ok(ms) = ms.parse::<u64>() {
+        eprintln!("pause point {name}@{detail}: waiting {ms} ms");
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+}
+
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn pause_blocking(_name: &str, _detail: &str) {}
+
 /// A named transient failure for tests of retries: when `THINPIPE_FAIL` is `name@detail*N`
 /// (or `name*N`; N defaults to 1), the first N calls in this process return an error.
 /// Always `Ok` without the feature.

@@ -307,6 +307,13 @@ pub struct Metrics {
     pub ready: Gauge<u64>,
 }
 
+/// Bucket bounds of the duration histograms, in seconds (the SDK's defaults assume
+/// milliseconds): from a sub-millisecond activation step to an hour-long prepare.
+pub const SECONDS_BUCKETS: [f64; 23] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0, 600.0, 1800.0, 3600.0,
+];
+
 /// The process's instruments, created on first use from the global meter provider (so
 /// after [`init`]).
 pub fn metrics() -> &'static Metrics {
@@ -319,6 +326,7 @@ pub fn metrics() -> &'static Metrics {
                 .f64_histogram("thinpipe.step.duration")
                 .with_unit("s")
                 .with_description("Step attempt durations")
+                .with_boundaries(SECONDS_BUCKETS.to_vec())
                 .build(),
             retries: m.u64_counter("thinpipe.step.retries").with_description("Step attempts to be retried").build(),
             runs_in_flight: m
@@ -329,6 +337,7 @@ pub fn metrics() -> &'static Metrics {
                 .f64_histogram("thinpipe.queue.receive_latency")
                 .with_unit("s")
                 .with_description("Time from a receive call to the messages it returned")
+                .with_boundaries(SECONDS_BUCKETS.to_vec())
                 .build(),
             blob_bytes: m
                 .u64_counter("thinpipe.blob.bytes_downloaded")

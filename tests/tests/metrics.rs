@@ -83,6 +83,12 @@ fn metrics_count_jobs_backlog_dead_letters_storage_and_readiness() {
     for s in &completed {
         let Value::Histogram(buckets) = &s.value else { panic!("{s:?} is not a histogram") };
         assert!(buckets.last().is_some_and(|b| b.count >= 1.0), "{s:?}");
+        // Bounds in seconds: sub-millisecond steps and hour-long ones each have a bucket.
+        let bounds: Vec<f64> = buckets.iter().map(|b| b.less_than).collect();
+        for bound in [0.0001, 0.001, 1.0, 3600.0] {
+            assert!(bounds.contains(&bound), "no bucket at {bound} s: {bounds:?}");
+        }
+        assert!(!bounds.contains(&10000.0), "millisecond-style buckets: {bounds:?}");
     }
 
     // Drained: not ready, and what is posted now waits in the queue.

@@ -359,3 +359,61 @@ fn a_full_state_directory_never_loses_a_job_and_a_restart_heals_it() {
     assert!(rt.block_on(q.dead_letters()).unwrap().is_empty(), "nothing dead-lettered for the host's fault");
     daemon.stop(Duration::from_secs(30));
 }
+
+#[test]
+fn a_release_naming_another_family_is_refused_and_releases_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path();
+    family(state, "web");
+    family(state, "other");
+    let out = worker(state, &[], &["run", "activate", "--family", "web", "--invocation-id", "inv-1", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let path = PathBuf::from(json(&out)["snapshot_path"].as_str().unwrap().to_owned());
+    let out = worker(state, &[], &["run", "release", "--family", "other", "--invocation-id", "inv-1", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = json(&out);
+    assert_eq!((r["status"].as_str(), r["cause"].as_str()), (Some("failed"), Some("not_found")), "{r}");
+    assert!(r["error"].as_str().unwrap().contains("belongs to family web, not other"), "{r}");
+    assert!(path.exists(), "nothing was released");
+    let row = Store::open(state.join("host.db")).unwrap().snapshot_by_run("activate-inv-1").unwrap().unwrap();
+    assert_eq!(row.state, SnapshotState::Exposed);
+    let out = worker(state, &[], &["run", "release", "--family", "web", "--invocation-id", "inv-1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!path.exists());
+}
+
+/// SIGTERM during a long unpack (a blocking step body) with `drain_deadline_secs = 2`: the
+/// worker exits within the deadline plus a small margin, and the job is handed back at
+/// once, so the next worker runs it long before the message's visibility timeout.
+#[test]
+fn the_drain_deadline_bounds_the_exit_and_the_job_is_handed_back_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path();
+    family(state, "web");
+    let env = [
+        ("THINPIPE_WORKER_DRAIN_DEADLINE_SECS", "2"),
+        ("THINPIPE_QUEUE_VISIBILITY_TIMEOUT_SECS", "120"),
+        ("THINPIPE_PAUSE", "prepare.apply@web=60000"),
+    ];
+    let daemon = thinpipe_tests::Daemon::start(state, &env);
+    let waiting = Command::new(bin("enqueue"))
+        .arg("--state-dir")
+        .arg(state)
+        .args(["--wait", "--json", "--timeout", "110", "prepare", "--family", "web"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    daemon.wait_for_log("pause point prepare.apply@web", Duration::from_secs(60));
+    let stopping = std::time::Instant::now();
+    let status = daemon.stop(Duration::from_secs(2 + 3));
+    let took = stopping.elapsed();
+    assert!(status.success(), "{status:?}");
+    assert!(took < Duration::from_secs(2 + 2), "exit {took:?} after SIGTERM with a 2 s drain deadline");
+    // The next worker takes the job at once (the message was made visible at the deadline).
+    let next = thinpipe_tests::Daemon::start(state, &[]);
+    let out = waiting.wait_with_output().unwrap();
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("no result ({e})\n{}", next.log()));
+    assert_eq!(r["status"], "succeeded", "{r}");
+    assert!(stopping.elapsed() < Duration::from_secs(60), "handed back at once, not after the visibility timeout");
+    next.stop(Duration::from_secs(30));
+}

@@ -377,6 +377,13 @@ fn failed_run(result: JobResult, f: &Failure) -> JobEnd {
 /// for other work) is dead-lettered with a failure result; anything else is retried.
 fn not_run(e: PipelineError, mut result: JobResult) -> JobEnd {
     match &e {
+        // The job names an invocation of a family that does not have it.
+        PipelineError::WrongFamily { .. } => {
+            result.status = JobStatus::Failed;
+            result.error = Some(e.to_string());
+            result.cause = Some(Cause::NotFound.as_str().to_owned());
+            JobEnd::DeadLetter(e.to_string(), Some(result))
+        }
         PipelineError::Run(RunError::Start(start)) if !start.is_retryable() => {
             result.status = JobStatus::Failed;
             result.error = Some(e.to_string());

@@ -15,6 +15,9 @@ use tokio_util::sync::CancellationToken;
 use worker::config::Config;
 use worker::host::Host;
 
+/// How long the end of `main` waits for blocking step bodies after the drain.
+const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_millis(500);
+
 const EXIT_CODES: &str = "Exit codes: 0 success; 1 the job (or check) ran and failed; 2 usage or configuration \
 error; 3 the command could not run (storage, queue, another worker holding the state directory); \
 130 stopped by a second SIGINT or SIGTERM.";
@@ -266,7 +269,9 @@ fn main() -> ExitCode {
             ExitCode::from(3)
         }
     };
-    drop(runtime);
+    // Bounded: a step body still running on a blocking thread (an unpack past the drain
+    // deadline) is not waited for; its run resumes at the next start (steps run at least once).
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
     // Pending spans and metrics go out before the process ends.
     telemetry.shutdown();
     code

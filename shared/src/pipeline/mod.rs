@@ -69,6 +69,11 @@ pub enum PipelineError {
     Archive(#[from] ArchiveError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A release named another family than its invocation's: refused, nothing released.
+    #[error(
+        "invocation {invocation} belongs to family {recorded}, not {given}: nothing was released; send the release with the family its activation named"
+    )]
+    WrongFamily { invocation: String, recorded: String, given: String },
 }
 
 /// What a release job did, beside its run's outcome.
@@ -83,7 +88,7 @@ impl Release {
     /// A sentence for the job's result when the release had nothing to give back.
     pub fn detail(&self) -> Option<String> {
         match &self.request {
-            ReleaseRequest::Releasing(_) => None,
+            ReleaseRequest::Releasing(_) | ReleaseRequest::OtherFamily(_) => None,
             ReleaseRequest::Tombstone(row) => Some(format!(
                 "{} had no snapshot; recorded as released, so a later activate of it is refused",
                 invocation_of(row)
@@ -263,6 +268,13 @@ impl Pipeline {
         let request =
             on_store(&self.ctx.store, move |s| s.request_release(&activation, &f, |id| VolumeId::Snap(id).to_string()))
                 .await?;
+        if let ReleaseRequest::OtherFamily(row) = &request {
+            return Err(PipelineError::WrongFamily {
+                invocation: invocation_id.to_owned(),
+                recorded: row.family.clone(),
+                given: family.to_owned(),
+            });
+        }
         fault::point("release.after_request", &run_id);
         let input = ReleaseInput { invocation_id: invocation_id.to_owned() };
         let outcome = self.release.run(&run_id, &input, &ReleaseState::default()).await?;

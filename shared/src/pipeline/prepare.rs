@@ -192,6 +192,7 @@ async fn unpack_into_base(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Pre
         if !ctx.backend.is_sealed(base).map_err(volume_err)? {
             // A rerun starts from an empty base: never apply layers over a half-applied tree.
             let root = ctx.backend.reset_base(base).map_err(volume_err)?;
+            fault::pause_blocking("prepare.apply", &family);
             for layer in &manifest.layers {
                 let blob = ctx.cache.path(&layer.digest);
                 let name = format!("{} ({})", layer.digest, layer.location);

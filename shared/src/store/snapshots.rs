@@ -152,12 +152,17 @@ pub enum ReleaseRequest {
     Tombstone(SnapshotRow),
     /// An earlier release got here first (the row is `releasing` or `released`).
     Already(SnapshotRow),
+    /// The invocation belongs to another family than the release named: nothing changed.
+    OtherFamily(SnapshotRow),
 }
 
 impl ReleaseRequest {
     pub fn row(&self) -> &SnapshotRow {
         match self {
-            ReleaseRequest::Releasing(r) | ReleaseRequest::Tombstone(r) | ReleaseRequest::Already(r) => r,
+            ReleaseRequest::Releasing(r)
+            | ReleaseRequest::Tombstone(r)
+            | ReleaseRequest::Already(r)
+            | ReleaseRequest::OtherFamily(r) => r,
         }
     }
 }
@@ -357,6 +362,7 @@ impl Store {
         self.with_conn(|c| {
             let tx = Transaction::new_unchecked(c, TransactionBehavior::Immediate)?;
             let out = match query_one(&tx, &select, params![run_id]).optional()? {
+                Some(existing) if existing.family != family => ReleaseRequest::OtherFamily(existing),
                 Some(existing) if existing.state.is_released() => ReleaseRequest::Already(existing),
                 Some(existing) => match advance_in(&tx, existing.id, SnapshotState::Releasing, None, now)? {
                     Advance::Moved(r) => ReleaseRequest::Releasing(r),
