@@ -103,6 +103,13 @@ enum Kind {
         #[command(subcommand)]
         action: DeadLetterAction,
     },
+    /// Take back a job of the embedded queue that no worker has started (an id that
+    /// `--wait` printed). A running job is left alone. SQS cannot withdraw a sent message.
+    Cancel {
+        /// The job's message id.
+        #[arg(long)]
+        id: String,
+    },
     /// Upload an image (OCI layout dir, or a dir holding images/<family>/) to S3.
     Publish {
         /// The OCI layout directory, or the directory holding images/<family>/.
@@ -118,9 +125,10 @@ enum Kind {
 
 /// The options each subcommand that is not a job takes; the job options it does not take
 /// are hidden from its help and refused on its command line.
-const OWN_OPTIONS: [(&str, &[&str]); 2] = [
+const OWN_OPTIONS: [(&str, &[&str]); 3] = [
     ("publish", &["endpoint_url", "json"]),
     ("dead-letters", &["state_dir", "queue_path", "queue", "queue_url", "json"]),
+    ("cancel", &["state_dir", "queue_path", "queue", "queue_url"]),
 ];
 
 /// The job options: global, so that they may come before or after the job's name.
@@ -224,6 +232,15 @@ fn run(cli: &Cli) -> ExitCode {
         }
         return run_async(dead_letters(cli, action));
     }
+    if let Kind::Cancel { id } = &cli.kind {
+        if cli.queue_url.is_some() {
+            eprintln!(
+                "enqueue: cancel takes jobs back from the embedded queue; SQS cannot withdraw a sent message (it runs when a worker receives it; purging the queue drops every job)"
+            );
+            return ExitCode::from(2);
+        }
+        return run_async(cancel(cli, id));
+    }
     if let Kind::Publish { dir, family, to } = &cli.kind {
         let span = tracing::info_span!("publish", family = %family, to = %to);
         return run_async(tracing::Instrument::instrument(publish(cli, dir, family, to), span));
@@ -239,7 +256,7 @@ fn run(cli: &Cli) -> ExitCode {
         }
         .versioned(),
         Kind::Release { family, invocation_id } => Job::new(JobKind::Release, family, Some(invocation_id)),
-        Kind::Publish { .. } | Kind::DeadLetters { .. } => unreachable!("handled above"),
+        Kind::Publish { .. } | Kind::DeadLetters { .. } | Kind::Cancel { .. } => unreachable!("handled above"),
     };
     if let Err(e) = job.validate() {
         eprintln!("enqueue: {e}");
@@ -271,6 +288,30 @@ fn run_async(f: impl std::future::Future<Output = anyhow::Result<ExitCode>>) -> 
             ExitCode::from(3)
         }
     }
+}
+
+async fn cancel(cli: &Cli, id: &str) -> anyhow::Result<ExitCode> {
+    let queue = match embedded_queue(cli) {
+        Ok(q) => q,
+        Err(code) => return Ok(code),
+    };
+    Ok(match queue.cancel(id).await? {
+        thinpipe::queue::Cancelled::Removed => {
+            println!("job {id} taken back from {}: no worker will run it", queue.describe());
+            ExitCode::SUCCESS
+        }
+        thinpipe::queue::Cancelled::Running => {
+            eprintln!("enqueue: job {id} is being run by a worker; it was left alone (its result comes as usual)");
+            ExitCode::from(1)
+        }
+        thinpipe::queue::Cancelled::NotQueued => {
+            eprintln!(
+                "enqueue: no job {id} waits in {} (it ran, was dead-lettered, or was never sent there)",
+                queue.describe()
+            );
+            ExitCode::from(1)
+        }
+    })
 }
 
 async fn dead_letters(cli: &Cli, action: &DeadLetterAction) -> anyhow::Result<ExitCode> {
@@ -486,8 +527,14 @@ async fn wait_for_result(
             return Ok(ExitCode::from(1));
         }
         if tokio::time::Instant::now() > deadline {
+            let later = if embedded.is_some() {
+                format!("`enqueue cancel --id {id}` takes it back if no worker has started it")
+            } else {
+                "SQS cannot withdraw it; its result will go to a reply queue nobody reads once this command ends"
+                    .to_owned()
+            };
             eprintln!(
-                "enqueue: no result for job {id} after {}s (--timeout); is a worker reading {jobs}? (results were awaited on {})",
+                "enqueue: no result for job {id} after {}s (--timeout); is a worker reading {jobs}? The job is still queued and runs when a worker takes it; {later}. (results were awaited on {})",
                 cli.timeout,
                 replies.describe()
             );

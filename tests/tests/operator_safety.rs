@@ -417,3 +417,42 @@ fn the_drain_deadline_bounds_the_exit_and_the_job_is_handed_back_at_once() {
     assert!(stopping.elapsed() < Duration::from_secs(60), "handed back at once, not after the visibility timeout");
     next.stop(Duration::from_secs(30));
 }
+
+/// `enqueue --wait` that times out says the job is still queued, names it, and `enqueue
+/// cancel` takes it back while no worker has started it.
+#[test]
+fn a_wait_that_times_out_names_the_queued_job_and_cancel_takes_it_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path();
+    family(state, "web");
+    // No worker runs: the job waits.
+    let out = Command::new(bin("enqueue"))
+        .arg("--state-dir")
+        .arg(state)
+        .args(["--wait", "--timeout", "1", "prepare", "--family", "web"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("The job is still queued and runs when a worker takes it"), "{err}");
+    let id = err.split("no result for job ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap().to_owned();
+    assert!(err.contains(&format!("`enqueue cancel --id {id}`")), "{err}");
+    let cancel = |id: &str| {
+        Command::new(bin("enqueue")).arg("--state-dir").arg(state).args(["cancel", "--id", id]).output().unwrap()
+    };
+    let out = cancel(&id);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let q = thinpipe::queue::EmbeddedQueue::open(state.join("queue.db"), "jobs", Duration::from_secs(60), 5).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    assert_eq!(rt.block_on(q.depth()).unwrap(), 0, "taken back: no worker will run it");
+    let again = cancel(&id);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains(&format!("no job {id} waits")));
+    let wrong = Command::new(bin("enqueue"))
+        .arg("--state-dir")
+        .arg(state)
+        .args(["cancel", "--id", &id, "--wait"])
+        .output()
+        .unwrap();
+    assert_eq!(wrong.status.code(), Some(2), "a job option is refused: {}", String::from_utf8_lossy(&wrong.stderr));
+}

@@ -43,6 +43,17 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 const POLL: Duration = Duration::from_millis(100);
 
 /// A dead-lettered message.
+/// What [`EmbeddedQueue::cancel`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cancelled {
+    /// The message was waiting: it is gone, and no worker will run it.
+    Removed,
+    /// A worker has received it and may be running it now: left alone.
+    Running,
+    /// No such message in the queue (done, dead-lettered, or never sent here).
+    NotQueued,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeadLetter {
     pub message_id: String,
@@ -209,6 +220,34 @@ impl EmbeddedQueue {
         self.with_conn(move |c| {
             c.execute("DELETE FROM dead_letters WHERE queue = ?1 AND (?2 IS NULL OR id = ?2)", params![name, id])
                 .map(|n| n as u64)
+        })
+        .await
+    }
+
+    /// Takes back a job that no worker has received yet (or whose worker's visibility
+    /// lapsed): deletes message `message_id` if it is visible now. A job a worker is running
+    /// is left alone (its result comes as usual).
+    pub async fn cancel(&self, message_id: &str) -> Result<Cancelled, QueueError> {
+        let (name, id) = (self.name.clone(), self.dead_letter_id(Some(message_id))?);
+        self.with_conn(move |c| {
+            let tx = c.transaction()?;
+            let visible: Option<bool> = tx
+                .query_row(
+                    "SELECT visible_at <= ?3 FROM messages WHERE queue = ?1 AND id = ?2",
+                    params![name, id, now_ms()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let out = match visible {
+                None => Cancelled::NotQueued,
+                Some(false) => Cancelled::Running,
+                Some(true) => {
+                    tx.execute("DELETE FROM messages WHERE queue = ?1 AND id = ?2", params![name, id])?;
+                    Cancelled::Removed
+                }
+            };
+            tx.commit()?;
+            Ok(out)
         })
         .await
     }

@@ -20,7 +20,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-pub use embedded::{DeadLetter, EmbeddedQueue};
+pub use embedded::{Cancelled, DeadLetter, EmbeddedQueue};
 pub use sqs::{REASON_ATTRIBUTE, SqsQueue, SqsSettings};
 
 /// One received message.
