@@ -409,7 +409,8 @@ async fn publish(cli: &Cli, dir: &std::path::Path, family: &str, to: &str) -> an
         indicatif::ProgressStyle::with_template("{spinner} {bytes} uploaded ({bytes_per_sec})")
             .context("progress template")?,
     );
-    let report = thinpipe::image::publish(&client, dir, family, to, &|n| bar.inc(n)).await?;
+    let endpoint = thinpipe::aws::endpoint_description(&sdk);
+    let report = thinpipe::image::publish(&client, &endpoint, dir, family, to, &|n| bar.inc(n)).await?;
     bar.finish_and_clear();
     if cli.json {
         println!(

@@ -53,6 +53,16 @@ pub fn sqs_client(config: &SdkConfig) -> aws_sdk_sqs::Client {
     aws_sdk_sqs::Client::new(config)
 }
 
+/// Where this configuration's requests go, for messages: the explicit endpoint, or the
+/// region's AWS endpoint.
+pub fn endpoint_description(config: &SdkConfig) -> String {
+    match (config.endpoint_url(), config.region()) {
+        (Some(url), _) => url.to_owned(),
+        (None, Some(region)) => format!("the AWS endpoint of region {region}"),
+        (None, None) => "the AWS endpoint (no region configured)".to_owned(),
+    }
+}
+
 pub fn s3_client(config: &SdkConfig, opts: &AwsOptions) -> aws_sdk_s3::Client {
     let s3 = aws_sdk_s3::config::Builder::from(config).force_path_style(opts.s3_path_style).build();
     aws_sdk_s3::Client::from_conf(s3)

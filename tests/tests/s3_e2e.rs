@@ -69,7 +69,7 @@ fn published_sample(endpoint: &str, prefix: &str) -> (tempfile::TempDir, std::pa
     let src = dir.path().join("src");
     thinpipe::image::write_sample_family(&src, "fam").unwrap();
     let to = format!("s3://{bucket}/{prefix}");
-    rt.block_on(thinpipe::image::publish(&client, &src, "fam", &to, &|_| {})).unwrap();
+    rt.block_on(thinpipe::image::publish(&client, endpoint, &src, "fam", &to, &|_| {})).unwrap();
     (dir, src, to)
 }
 
@@ -246,7 +246,7 @@ fn the_s3_server_stopped_during_a_download_gives_retries_then_success() {
     let src = dir.path().join("src");
     thinpipe::image::write_sample_family(&src, "fam").unwrap();
     let to = format!("s3://{bucket}/flat");
-    rt.block_on(thinpipe::image::publish(&client, &src, "fam", &to, &|_| {})).unwrap();
+    rt.block_on(thinpipe::image::publish(&client, &moto.endpoint, &src, "fam", &to, &|_| {})).unwrap();
 
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
@@ -360,4 +360,57 @@ fn access_denied_fails_the_job_without_dead_lettering_it() {
     let dead = enqueue(&["--json", "dead-letters", "list"]);
     assert!(String::from_utf8_lossy(&dead.stdout).contains("nowhere"), "an unknown family is dead-lettered");
     daemon.stop(std::time::Duration::from_secs(30));
+}
+
+/// What cannot succeed fails at once and says what to check, naming the endpoint, bucket
+/// and key: a missing bucket (publish and prepare), and a worker without credentials. An
+/// unreachable endpoint is retried, each line naming it.
+#[test]
+fn a_missing_bucket_or_missing_credentials_fail_at_once_naming_endpoint_bucket_and_key() {
+    let Some(endpoint) = thinpipe::aws::test_endpoint() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    thinpipe::image::write_sample_family(&src, "fam").unwrap();
+    let bucket = format!("no-such-bucket-{}", std::process::id());
+    let started = std::time::Instant::now();
+    let out = Command::new(bin("enqueue"))
+        .args(["--endpoint-url", &endpoint, "publish"])
+        .arg(&src)
+        .args(["--family", "fam", "--to", &format!("s3://{bucket}/p")])
+        .envs(AWS_ENV)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains(&format!("the bucket {bucket} does not exist there")) && err.contains(&endpoint), "{err}");
+    assert!(!err.contains("service error"), "{err}");
+
+    let state = dir.path().join("state");
+    let out = prepare(&state, &format!("s3://{bucket}/p"), &endpoint);
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("no result ({e}): {}", String::from_utf8_lossy(&out.stderr));
+    });
+    assert_eq!((r["status"].as_str(), r["cause"].as_str()), (Some("failed"), Some("bad_source")), "{r}");
+    let error = r["error"].as_str().unwrap();
+    assert!(error.contains(&format!("s3://{bucket}/p/")) && error.contains(&endpoint), "{error}");
+
+    // No credentials at all (and no instance metadata service here).
+    let out = Command::new(bin("worker"))
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--set", &format!("aws.endpoint={endpoint}"), "--set", "aws.region=us-east-1"])
+        .args(["run", "prepare", "--family", "fam", "--source", &format!("s3://{bucket}/p"), "--json"])
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_PROFILE")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("HOME", dir.path())
+        .output()
+        .unwrap();
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("no result ({e}): {}", String::from_utf8_lossy(&out.stderr));
+    });
+    let error = r["error"].as_str().unwrap_or_default();
+    assert!(error.contains("no AWS credentials were found") && error.contains(&endpoint), "{r}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30), "failed at once: {:?}", started.elapsed());
 }

@@ -51,7 +51,8 @@ impl Host {
             SourceSpec::S3(url) => {
                 let opts = config.aws.options();
                 let sdk = thinpipe::aws::sdk_config(&opts).await;
-                Arc::new(S3Source::new(thinpipe::aws::s3_client(&sdk, &opts), &url)?)
+                let endpoint = thinpipe::aws::endpoint_description(&sdk);
+                Arc::new(S3Source::new(thinpipe::aws::s3_client(&sdk, &opts), &url)?.with_endpoint(endpoint))
             }
             SourceSpec::Dir(path) => Arc::new(LocalDir::new(path)),
         };

@@ -27,6 +27,8 @@ pub enum ImageError {
     BadManifest { family: String, source_desc: String, detail: String },
     #[error("blob {digest} from {source_desc} is missing or not readable: {detail}")]
     BlobMissing { digest: String, source_desc: String, detail: String },
+    #[error("{source_desc} is set up wrong: {detail}")]
+    SourceMisconfigured { source_desc: String, detail: String },
     #[error("{source_desc} is unavailable: {detail}")]
     Unavailable { source_desc: String, detail: String },
     #[error(

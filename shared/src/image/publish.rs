@@ -37,6 +37,7 @@ struct Target<'a> {
     bucket: String,
     prefix: String,
     url: String,
+    endpoint: &'a str,
 }
 
 impl Target<'_> {
@@ -47,15 +48,25 @@ impl Target<'_> {
     fn err(&self, key: &str, what: &str, e: impl std::fmt::Display) -> ImageError {
         ImageError::Unavailable {
             source_desc: self.url.clone(),
-            detail: format!("{what} s3://{}/{key}: {e}", self.bucket),
+            detail: format!("{what} s3://{}/{key} at {}: {e}", self.bucket, self.endpoint),
         }
+    }
+
+    /// A failed S3 call, classified like a source's (a missing bucket fails at once).
+    fn sdk_err<E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static>(
+        &self,
+        key: &str,
+        what: &str,
+        e: aws_sdk_s3::error::SdkError<E>,
+    ) -> ImageError {
+        super::s3::s3_error(self.url.clone(), self.endpoint, &self.bucket, key, what, e)
     }
 
     async fn exists(&self, key: &str) -> Result<bool, ImageError> {
         match self.client.head_object().bucket(&self.bucket).key(key).send().await {
             Ok(_) => Ok(true),
             Err(aws_sdk_s3::error::SdkError::ServiceError(s)) if s.raw().status().as_u16() == 404 => Ok(false),
-            Err(e) => Err(self.err(key, "inspecting", e)),
+            Err(e) => Err(self.sdk_err(key, "inspecting", e)),
         }
     }
 
@@ -77,7 +88,7 @@ impl Target<'_> {
                     .checksum_algorithm(aws_sdk_s3::types::ChecksumAlgorithm::Sha256)
                     .checksum_sha256(base64::engine::general_purpose::STANDARD.encode(raw));
             }
-            req.send().await.map_err(|e| self.err(key, "uploading", e))?;
+            req.send().await.map_err(|e| self.sdk_err(key, "uploading", e))?;
             progress(size);
             return Ok(size);
         }
@@ -88,7 +99,7 @@ impl Target<'_> {
             .key(key)
             .send()
             .await
-            .map_err(|e| self.err(key, "starting a multipart upload", e))?;
+            .map_err(|e| self.sdk_err(key, "starting a multipart upload", e))?;
         let upload_id =
             created.upload_id().ok_or_else(|| self.err(key, "starting a multipart upload", "no upload id"))?;
         let mut file = tokio::fs::File::open(path).await.map_err(|e| ImageError::io("opening", path, e))?;
@@ -109,7 +120,7 @@ impl Target<'_> {
                 .body(ByteStream::from(buf[..n].to_vec()))
                 .send()
                 .await
-                .map_err(|e| self.err(key, &format!("uploading part {number} of"), e))?;
+                .map_err(|e| self.sdk_err(key, &format!("uploading part {number} of"), e))?;
             parts.push(CompletedPart::builder().part_number(number).set_e_tag(out.e_tag().map(str::to_owned)).build());
             progress(n as u64);
         }
@@ -121,7 +132,7 @@ impl Target<'_> {
             .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
             .send()
             .await
-            .map_err(|e| self.err(key, "completing the multipart upload of", e))?;
+            .map_err(|e| self.sdk_err(key, "completing the multipart upload of", e))?;
         Ok(size)
     }
 }
@@ -139,10 +150,12 @@ async fn read_full(file: &mut tokio::fs::File, buf: &mut [u8]) -> std::io::Resul
     Ok(filled)
 }
 
-/// Publishes family `family` from `dir` to `to` (`s3://bucket/prefix`). `progress` is told
-/// each chunk of bytes uploaded.
+/// Publishes family `family` from `dir` to `to` (`s3://bucket/prefix`) through `client`,
+/// whose endpoint `endpoint` describes for messages. `progress` is told each chunk of bytes
+/// uploaded.
 pub async fn publish(
     client: &Client,
+    endpoint: &str,
     dir: &Path,
     family: &str,
     to: &str,
@@ -153,7 +166,7 @@ pub async fn publish(
         source_desc: to.to_owned(),
         detail: "not an s3://bucket/prefix URL".into(),
     })?;
-    let target = Target { client, bucket, prefix, url: to.to_owned() };
+    let target = Target { client, bucket, prefix, url: to.to_owned(), endpoint };
     let mut report = PublishReport::default();
     let index_path = dir.join("index.json");
     if index_path.exists() {
@@ -219,7 +232,7 @@ async fn publish_oci(
         Err(aws_sdk_s3::error::SdkError::ServiceError(s)) if s.raw().status().as_u16() == 404 => {
             serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": []})
         }
-        Err(e) => return Err(t.err(&index_key, "getting", e)),
+        Err(e) => return Err(t.sdk_err(&index_key, "getting", e)),
     };
     let entry = serde_json::to_value(&entry).map_err(|e| desc_of(e.to_string()))?;
     let manifests = remote["manifests"]
@@ -235,7 +248,7 @@ async fn publish_oci(
         .body(ByteStream::from(body))
         .send()
         .await
-        .map_err(|e| t.err(&index_key, "uploading", e))?;
+        .map_err(|e| t.sdk_err(&index_key, "uploading", e))?;
     report.uploaded.push(index_key);
     Ok(())
 }
@@ -290,7 +303,7 @@ async fn publish_flat(
         .body(ByteStream::from(body))
         .send()
         .await
-        .map_err(|e| t.err(&key, "uploading", e))?;
+        .map_err(|e| t.sdk_err(&key, "uploading", e))?;
     report.uploaded.push(key);
     report.version = Some(manifest.digest.to_string());
     Ok(())

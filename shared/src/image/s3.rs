@@ -5,10 +5,12 @@
 //!   each layer's sha256 comes from the object's stored SHA-256 checksum (`enqueue publish`
 //!   uploads with it) or a `<key>.sha256` object beside it.
 //!
-//! Blobs are streamed; the cache hashes them on the way. A 404 on a blob the manifest names
-//! aborts as missing, a 403 as access denied, each with the bucket and key; 5xx, throttling, timeouts and dropped connections
-//! are transient (the engine retries). The ETag is never trusted for content: the digest
-//! decides.
+//! Blobs are streamed; the cache hashes them on the way. What a failed call means is
+//! decided in one place ([`s3_error`]), naming the endpoint, bucket and key: a 404 on a
+//! blob the manifest names aborts as missing, a 403 as access denied, a missing bucket, a
+//! bucket in another region (301) and other 4xx abort as a misconfigured source; 5xx, 429,
+//! throttling, timeouts and unreachable endpoints are transient (the engine retries). The
+//! ETag is never trusted for content: the digest decides.
 
 use async_trait::async_trait;
 use aws_sdk_s3::Client;
@@ -27,6 +29,70 @@ pub struct S3Source {
     client: Client,
     bucket: String,
     prefix: String,
+    /// Where requests go, for messages (`aws::endpoint_description`).
+    endpoint: String,
+}
+
+/// An error and its sources, each said once, joined by ": " (the SDK's own Display says
+/// only "dispatch failure"; its Debug says far too much).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let text = err.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = err.source();
+    }
+    parts.join(": ")
+}
+
+/// What a failed S3 call means, naming `endpoint`, `bucket` and `key` (see the module doc).
+pub(crate) fn s3_error<E: ProvideErrorMetadata + std::error::Error + 'static>(
+    source_desc: String,
+    endpoint: &str,
+    bucket: &str,
+    key: &str,
+    what: &str,
+    e: SdkError<E>,
+) -> ImageError {
+    let at = format!("{what} s3://{bucket}/{key} at {endpoint}");
+    let SdkError::ServiceError(s) = &e else {
+        let chain = error_chain(&e);
+        // No credentials anywhere in the chain: retrying changes nothing.
+        if chain.contains("loading credentials") || chain.contains("no credentials") {
+            let detail = format!(
+                "{at}: {chain}; no AWS credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or give the host an instance role"
+            );
+            return ImageError::SourceMisconfigured { source_desc, detail };
+        }
+        let check = match &e {
+            SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => {
+                "; check the endpoint (aws.endpoint or AWS_ENDPOINT_URL), the network and the region"
+            }
+            _ => "",
+        };
+        return ImageError::Unavailable { source_desc, detail: format!("{at}: {chain}{check}") };
+    };
+    let status = s.raw().status().as_u16();
+    let code = s.err().code().unwrap_or("error").to_owned();
+    let detail = format!("{at}: HTTP {status} {code}");
+    match (status, code.as_str()) {
+        (404, "NoSuchBucket") => ImageError::SourceMisconfigured {
+            source_desc,
+            detail: format!("{detail}: the bucket {bucket} does not exist there; check the s3:// URL and the region"),
+        },
+        (404, _) => ImageError::BlobMissing { digest: key.to_owned(), source_desc, detail },
+        (403, _) => ImageError::AccessDenied { source_desc, detail },
+        (301, _) => ImageError::SourceMisconfigured {
+            source_desc,
+            detail: format!("{detail}: the bucket is in another region; set aws.region (or AWS_REGION) to it"),
+        },
+        (429, _) | (500..=599, _) => ImageError::Unavailable { source_desc, detail },
+        (400..=499, _) => ImageError::SourceMisconfigured { source_desc, detail },
+        _ => ImageError::Unavailable { source_desc, detail },
+    }
 }
 
 /// Splits `s3://bucket/prefix` into bucket and prefix (without trailing `/`).
@@ -42,27 +108,26 @@ impl S3Source {
             source_desc: url.to_owned(),
             detail: "not an s3://bucket/prefix URL".into(),
         })?;
-        Ok(Self { client, bucket, prefix })
+        Ok(Self { client, bucket, prefix, endpoint: "the AWS endpoint".to_owned() })
+    }
+
+    /// Names where requests go in error messages (`aws::endpoint_description`).
+    pub fn with_endpoint(mut self, endpoint: String) -> Self {
+        self.endpoint = endpoint;
+        self
     }
 
     fn key(&self, rel: &str) -> String {
         if self.prefix.is_empty() { rel.to_owned() } else { format!("{}/{rel}", self.prefix) }
     }
 
-    fn error<E: ProvideErrorMetadata + std::fmt::Debug>(&self, key: &str, what: &str, e: SdkError<E>) -> ImageError {
-        let (status, detail) = match &e {
-            SdkError::ServiceError(s) => {
-                let status = s.raw().status().as_u16();
-                let code = s.err().code().unwrap_or("error");
-                (Some(status), format!("{what} s3://{}/{key}: HTTP {status} {code}", self.bucket))
-            }
-            other => (None, format!("{what} s3://{}/{key}: {other}", self.bucket)),
-        };
-        match status {
-            Some(404) => ImageError::BlobMissing { digest: key.to_owned(), source_desc: self.describe(), detail },
-            Some(403) => ImageError::AccessDenied { source_desc: self.describe(), detail },
-            _ => ImageError::Unavailable { source_desc: self.describe(), detail },
-        }
+    fn error<E: ProvideErrorMetadata + std::error::Error + 'static>(
+        &self,
+        key: &str,
+        what: &str,
+        e: SdkError<E>,
+    ) -> ImageError {
+        s3_error(self.describe(), &self.endpoint, &self.bucket, key, what, e)
     }
 
     /// An object's bytes, `None` if it does not exist.

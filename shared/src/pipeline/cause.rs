@@ -90,7 +90,8 @@ impl Cause {
             | ImageError::BlobMissing { .. }
             | ImageError::DigestMismatch { .. }
             | ImageError::Refused { .. }
-            | ImageError::Corrupt { .. } => Cause::BadSource,
+            | ImageError::Corrupt { .. }
+            | ImageError::SourceMisconfigured { .. } => Cause::BadSource,
             ImageError::FamilyChanged { .. } => Cause::SourceChanged,
             ImageError::Io { .. } => Cause::HostStorage,
             ImageError::TooLargeForHost { .. } | ImageError::NoRoomToDownload { .. } => Cause::HostFull,
