@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use thinpipe::job::{Job, JobResult, JobStatus};
+use thinpipe::job::{Job, JobKind, JobResult, JobStatus};
 use thinpipe::queue::{Delivery, JobQueue};
 use thinpipe::{fault, telemetry};
 use tokio::sync::OwnedSemaphorePermit;
@@ -309,8 +309,9 @@ impl JobLoop {
             message_id = %d.message_id,
             kind = %job.kind,
             family = %job.family,
-            invocation_id = job.invocation_id.as_deref().unwrap_or_default(),
-            run_id = %job.run_id(),
+            invocation_id = job.invocation_id.as_deref(),
+            // A prepare's run id names its version, known once it is resolved (recorded below).
+            run_id = (job.kind != JobKind::Prepare).then(|| job.run_id()),
             host_id = %self.host.config.worker.host_id,
             outcome = tracing::field::Empty,
         );
@@ -334,6 +335,12 @@ impl JobLoop {
             JobEnd::HandBack => "handed_back",
         };
         span.record("outcome", outcome);
+        if let JobEnd::Done(r) | JobEnd::DeadLetter(_, Some(r)) = &end
+            && job.kind == JobKind::Prepare
+            && !r.run_id.is_empty()
+        {
+            span.record("run_id", r.run_id.as_str());
+        }
         telemetry::metrics()
             .jobs
             .add(1, &[telemetry::kv("kind", job.kind.to_string()), telemetry::kv("outcome", outcome)]);

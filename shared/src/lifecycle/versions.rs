@@ -142,7 +142,7 @@ impl Lifecycle {
         }
         crate::fault::point("lifecycle.before_make_current", &format!("{family}@{}", base.short_digest()));
         let previous = self.on_store(move |s| s.make_current(&family, id)).await?;
-        tracing::info!(family = %base.family, version = %base.digest, base = id, previous = ?previous, "current version");
+        tracing::info!(family = %base.family, version = %base.digest, base = id, previous, "current version");
         // The old version may be garbage now, and the new base took space.
         self.wake();
         Ok(true)

@@ -13,6 +13,7 @@
 //! the message, the worker's job span takes it as parent, and the engine stores it with each
 //! run so that a run resumed after a crash continues the trace of the job that started it.
 
+mod textlog;
 use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -161,7 +162,8 @@ pub fn init(service: &str, log_format: LogFormat, default_level: &str, prometheu
     let installed = if log_format == LogFormat::Json {
         registry.with(fmt.json().with_current_span(true).with_span_list(true).with_filter(filter)).try_init()
     } else {
-        registry.with(fmt.with_filter(filter)).try_init()
+        let text = fmt.fmt_fields(textlog::SpanFields).event_format(textlog::TextLine { ansi: colour });
+        registry.with(text.with_filter(filter)).try_init()
     };
     if let Err(e) = installed {
         eprintln!("logging was already set up: {e}");
