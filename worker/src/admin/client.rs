@@ -154,9 +154,46 @@ pub fn print_run(run: &RunView) -> String {
         };
         out += &format!("  {:>3}  {}\n", e.seq, what);
     }
-    out += "\nresponses:\n";
+    out += "\nresponses (each with what it changed; the whole ones: --json):\n";
+    let mut before = serde_json::Value::Null;
     for r in &run.responses {
-        out += &format!("  [{}] {}\n", r.index, r.response);
+        out += &format!("  [{}] {}\n", r.index, changed(&before, &r.response, &run.input));
+        before = r.response.clone();
     }
     out
+}
+
+/// The fields of `now` that differ from `before`; a value the input already shows (the
+/// manifest, mostly) is named, not printed again.
+fn changed(before: &serde_json::Value, now: &serde_json::Value, input: &serde_json::Value) -> String {
+    let (Some(now_fields), before_fields) = (now.as_object(), before.as_object()) else { return now.to_string() };
+    let mut parts = Vec::new();
+    for (key, value) in now_fields {
+        if before_fields.and_then(|b| b.get(key)) == Some(value) {
+            continue;
+        }
+        if !value.is_null() && input.get(key) == Some(value) {
+            parts.push(format!("{key}=(as in the input)"));
+        } else {
+            parts.push(format!("{key}={value}"));
+        }
+    }
+    if parts.is_empty() { "(unchanged)".to_owned() } else { parts.join(" ") }
+}
+
+#[cfg(test)]
+mod response_tests {
+    use serde_json::json;
+
+    #[test]
+    fn a_response_shows_what_it_changed_and_names_what_the_input_holds() {
+        let input = json!({"family": "web", "manifest": {"layers": [1, 2, 3]}});
+        let first = json!({"manifest": null, "base": null});
+        let second = json!({"manifest": {"layers": [1, 2, 3]}, "base": null});
+        let third = json!({"manifest": {"layers": [1, 2, 3]}, "base": 4});
+        assert_eq!(super::changed(&serde_json::Value::Null, &first, &input), "base=null manifest=null");
+        assert_eq!(super::changed(&first, &second, &input), "manifest=(as in the input)");
+        assert_eq!(super::changed(&second, &third, &input), "base=4");
+        assert_eq!(super::changed(&third, &third, &input), "(unchanged)");
+    }
 }
