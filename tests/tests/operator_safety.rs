@@ -456,3 +456,29 @@ fn a_wait_that_times_out_names_the_queued_job_and_cancel_takes_it_back() {
         .unwrap();
     assert_eq!(wrong.status.code(), Some(2), "a job option is refused: {}", String::from_utf8_lossy(&wrong.stderr));
 }
+
+/// A family whose prepare failed shows its last error in `worker images`, and is forgotten
+/// once that is older than the run retention (here 0 days: at the next collection).
+#[test]
+fn a_failed_family_shows_its_error_and_ages_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path();
+    let bad = state.join("images/bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::write(bad.join("layer-1.tar"), b"this is not a tar archive, not even close....").unwrap();
+    let out = worker(state, &[], &["run", "prepare", "--family", "bad", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let images = json(&worker(state, &[], &["images", "--json"]));
+    let family = &images["families"][0];
+    assert_eq!(family["family"], "bad", "{images}");
+    assert!(family["last_error"].as_str().unwrap().contains("truncated or corrupt"), "{images}");
+    let text = worker(state, &[], &["images"]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("FAILED   last prepare at"), "{text:?}");
+    // Kept within the retention, forgotten past it.
+    let kept = json(&worker(state, &[], &["gc", "--json"]));
+    assert_eq!(kept["families_forgotten"], serde_json::json!([]), "{kept}");
+    let gone = json(&worker(state, &["engine.retention_days=0".into()], &["gc", "--json"]));
+    assert_eq!(gone["families_forgotten"], serde_json::json!(["bad"]), "{gone}");
+    let images = json(&worker(state, &[], &["images", "--json"]));
+    assert_eq!(images["families"], serde_json::json!([]), "{images}");
+}

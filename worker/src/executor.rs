@@ -155,6 +155,12 @@ impl Executor {
                 };
             }
             Err(Prep::Failed { run_id, failure }) => {
+                // `worker images` shows why, until a prepare succeeds or the family ages out.
+                let (family, error) = (job.family.clone(), failure.to_string());
+                let store = self.host.store.clone();
+                if let Err(e) = blocking(move || store.record_family_failure(&family, &error)).await {
+                    tracing::warn!(error = ?e, "could not record why the prepare failed; the job's result says it");
+                }
                 result.run_id = run_id;
                 return failed_run(result, &failure);
             }

@@ -93,6 +93,9 @@ pub fn print(config: &Config, json: bool) -> anyhow::Result<std::process::ExitCo
             Some(v) => println!("  current  {}", version_line(v)),
             None => println!("  current  none (prepared on the next prepare or activate)"),
         }
+        if let (Some(error), Some(at)) = (&f.last_error, &f.last_error_at) {
+            println!("  FAILED   last prepare at {at}: {error}");
+        }
         for v in &f.others {
             println!("  kept     {}", version_line(v));
         }
@@ -151,6 +154,9 @@ pub fn print_gc(report: &GcReport, json: bool) -> anyhow::Result<()> {
     }
     for f in &report.evicted_families {
         println!("evicted family {f} (the host was above its high watermark)");
+    }
+    for f in &report.families_forgotten {
+        println!("forgot family {f} (it never prepared, and its last failure is older than the run retention)");
     }
     if let Some(why) = &report.eviction_skipped {
         println!("evicted nothing: {why}");

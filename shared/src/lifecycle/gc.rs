@@ -74,6 +74,9 @@ pub struct GcReport {
     pub leftover_bytes_removed: u64,
     /// Why no family was evicted although the host was above its high watermark.
     pub eviction_skipped: Option<String>,
+    /// Families forgotten: they never became usable and their last failure is older than
+    /// the retention.
+    pub families_forgotten: Vec<String>,
     /// Why blobs were not collected this pass, if they were not.
     pub blobs_skipped: Option<String>,
     /// Blob bytes deleted plus what the volume storage's usage fell by.
@@ -89,6 +92,7 @@ impl GcReport {
             || self.blobs_deleted > 0
             || self.partials_deleted > 0
             || self.leftovers_removed > 0
+            || !self.families_forgotten.is_empty()
     }
 }
 
@@ -144,6 +148,9 @@ impl Lifecycle {
         self.collect_blobs(&mut report).await?;
         if !dry_run {
             self.evict(&mut report).await?;
+            let age = i64::try_from(self.settings.forget_failed_after.as_millis()).unwrap_or(i64::MAX);
+            let before = crate::store::epoch_ms(std::time::SystemTime::now()).saturating_sub(age);
+            report.families_forgotten = self.on_store(move |s| s.forget_stale_families(before)).await?;
         }
         report.usage_after = self.measure().await.ok();
         if let (Some(before), Some(after)) = (&report.usage_before, &report.usage_after) {

@@ -22,6 +22,10 @@ pub struct FamilyView {
     pub live_snapshots: u64,
     /// The last activation (or seal) of any version, RFC 3339.
     pub last_used: Option<String>,
+    /// Why the family's last prepare failed, and when (RFC 3339), until one succeeds. A
+    /// family that never prepared is forgotten once this is older than the run retention.
+    pub last_error: Option<String>,
+    pub last_error_at: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -66,6 +70,8 @@ pub fn families(store: &Store, cache: Option<&BlobCache>) -> Result<Vec<FamilyVi
             others: Vec::new(),
             live_snapshots: 0,
             last_used: None,
+            last_error: image.last_error.clone(),
+            last_error_at: image.last_error_at_ms.map(rfc3339),
         };
         let mut last = None;
         for b in &bases {

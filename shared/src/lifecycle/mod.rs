@@ -38,6 +38,8 @@ pub struct Settings {
     pub interval: Duration,
     /// How long a version that was never current is kept after it was prepared or used.
     pub grace: Duration,
+    /// How long a family that never became usable (its prepares failed) stays listed.
+    pub forget_failed_after: Duration,
 }
 
 impl Default for Settings {
@@ -47,6 +49,7 @@ impl Default for Settings {
             max_activation_age: None,
             interval: Duration::from_secs(60),
             grace: Duration::from_secs(600),
+            forget_failed_after: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }

@@ -202,7 +202,8 @@ impl Store {
             let out = match (&base, previous) {
                 (Some(b), Some(previous)) if b.family == family && b.state == BaseState::Sealed => {
                     tx.execute(
-                        "UPDATE images SET current_base = ?2, updated_at = ?3 WHERE family = ?1",
+                        "UPDATE images SET current_base = ?2, updated_at = ?3, last_error = NULL, last_error_at = NULL
+                         WHERE family = ?1",
                         params![family, id as i64, now],
                     )?;
                     tx.execute(

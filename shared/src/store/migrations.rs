@@ -108,7 +108,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ",
     // 4: where this host's volumes live (backend, location, filesystem), recorded at first
     // use; one row. Commands whose settings disagree are refused (`placement.rs`). A base
-    // records the bytes its layers wrote (what capacity eviction weighs).
+    // records the bytes its layers wrote (what capacity eviction weighs); a family, why its
+    // last prepare failed (shown by `worker images` until it prepares, or ages out).
     "
     CREATE TABLE volume_place (
         one         INTEGER PRIMARY KEY CHECK (one = 1),
@@ -118,5 +119,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         recorded_at INTEGER NOT NULL
     ) STRICT;
     ALTER TABLE bases ADD COLUMN bytes INTEGER;
+    ALTER TABLE images ADD COLUMN last_error TEXT;
+    ALTER TABLE images ADD COLUMN last_error_at INTEGER;
     ",
 ];

@@ -497,6 +497,8 @@ impl Config {
                 .then(|| std::time::Duration::from_secs(self.activations.max_age_secs)),
             interval: std::time::Duration::from_secs(self.gc.interval_secs),
             grace: std::time::Duration::from_secs(self.gc.grace_secs),
+            // A failed family goes when its failed runs' history goes.
+            forget_failed_after: std::time::Duration::from_secs(self.engine.retention_days * 24 * 3600),
         }
     }
 
