@@ -20,6 +20,11 @@ pub struct StepProgress {
     pub done_bytes: u64,
     /// What the step moves in all; 0 for a step that moves no bytes of its own.
     pub total_bytes: u64,
+    /// While unpacking: layer entries applied, and the file bytes they wrote.
+    #[serde(default)]
+    pub applied_entries: u64,
+    #[serde(default)]
+    pub applied_bytes: u64,
 }
 
 /// The steps running now, by run id. Cloning shares the board.
@@ -38,6 +43,8 @@ impl ProgressBoard {
             step: step.to_owned(),
             done_bytes: 0,
             total_bytes,
+            applied_entries: 0,
+            applied_bytes: 0,
         };
         self.lock().insert(run_id.to_owned(), entry);
         StepTracker { board: self.clone(), run_id: run_id.to_owned(), step: step.to_owned() }
@@ -69,6 +76,18 @@ impl StepTracker {
             && p.step == self.step
         {
             p.done_bytes = p.done_bytes.saturating_add(n);
+        }
+    }
+}
+
+impl StepTracker {
+    /// Counts one more layer entry applied, which wrote `bytes` of file data.
+    pub fn applied(&self, bytes: u64) {
+        if let Some(p) = self.board.lock().get_mut(&self.run_id)
+            && p.step == self.step
+        {
+            p.applied_entries += 1;
+            p.applied_bytes = p.applied_bytes.saturating_add(bytes);
         }
     }
 }
@@ -135,7 +154,17 @@ impl ProgressView {
     /// with none, keeps what it showed.
     pub fn show(&self, running: &[StepProgress]) {
         let Some(p) = running.iter().find(|p| p.family == self.family) else { return };
-        let message = format!("{} ({})", p.step, p.run_id);
+        let message = if p.applied_entries > 0 {
+            format!(
+                "{} ({}): {} entries, {} applied",
+                p.step,
+                p.run_id,
+                p.applied_entries,
+                indicatif::HumanBytes(p.applied_bytes)
+            )
+        } else {
+            format!("{} ({})", p.step, p.run_id)
+        };
         if p.total_bytes > 0 {
             self.bar.set_style(Self::bytes());
             self.bar.set_length(p.total_bytes);
@@ -176,6 +205,22 @@ pub async fn while_running<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unpacking_counts_entries_and_bytes_applied_beside_bytes_read() {
+        let board = ProgressBoard::default();
+        let step = board.begin("prepare-web@1", "web", "unpack_into_base", 100);
+        step.advance(100); // the whole (small) layer read at once
+        for bytes in [10, 0, 5] {
+            step.applied(bytes);
+        }
+        let now = &board.current()[0];
+        assert_eq!((now.done_bytes, now.applied_entries, now.applied_bytes), (100, 3, 15));
+        // Older readers of /api/progress without the new fields still parse.
+        let old: StepProgress =
+            serde_json::from_str(r#"{"run_id":"r","family":"f","step":"s","done_bytes":1,"total_bytes":2}"#).unwrap();
+        assert_eq!(old.applied_entries, 0);
+    }
 
     #[test]
     fn a_step_is_on_the_board_while_its_tracker_lives() {

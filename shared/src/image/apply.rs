@@ -127,16 +127,19 @@ const MAX_SYMLINK_HOPS: usize = 40;
 
 /// Applies the layer blob at `blob` (tar, gzip or zstd) onto `root`.
 pub fn apply_layer(root: &Path, blob: &Path, layer: &str, opts: &ApplyOptions) -> Result<ApplyStats, ImageError> {
-    apply_layer_reporting(root, blob, layer, opts, &|_| {})
+    apply_layer_reporting(root, blob, layer, opts, &|_| {}, &|_| {})
 }
 
-/// [`apply_layer`], calling `on_read` with the number of blob bytes read as it goes.
+/// [`apply_layer`], calling `on_read` with the number of blob bytes read as it goes, and
+/// `on_entry` with the file bytes written after each entry applied (a layer of many small
+/// files is read long before it is applied: the entries say how far it is).
 pub fn apply_layer_reporting(
     root: &Path,
     blob: &Path,
     layer: &str,
     opts: &ApplyOptions,
     on_read: &dyn Fn(u64),
+    on_entry: &dyn Fn(u64),
 ) -> Result<ApplyStats, ImageError> {
     let file = fs::File::open(blob).map_err(|e| ImageError::io("opening layer", blob, e))?;
     let mut reader = BufReader::with_capacity(1 << 20, Counted { inner: file, on_read });
@@ -150,8 +153,16 @@ pub fn apply_layer_reporting(
     } else {
         Box::new(reader)
     };
-    Applier { root, layer, opts, stats: ApplyStats::default(), written: HashSet::new(), known_dirs: HashSet::new() }
-        .run(stream)
+    Applier {
+        root,
+        layer,
+        opts,
+        stats: ApplyStats::default(),
+        written: HashSet::new(),
+        known_dirs: HashSet::new(),
+        on_entry,
+    }
+    .run(stream)
 }
 
 /// A reader that reports how many bytes it has read.
@@ -177,6 +188,8 @@ struct Applier<'a> {
     written: HashSet<PathBuf>,
     /// Relative directories known to be real directories right now (a lookup cache).
     known_dirs: HashSet<PathBuf>,
+    /// Told the file bytes written after each entry.
+    on_entry: &'a dyn Fn(u64),
 }
 
 impl Applier<'_> {
@@ -197,7 +210,10 @@ impl Applier<'_> {
         for entry in entries {
             let mut entry = entry.map_err(|e| self.corrupt(e))?;
             let raw = entry.path().map_err(|e| self.corrupt(e))?.into_owned();
-            if let Some(dir) = self.apply_entry(&raw, &mut entry)? {
+            let before = self.stats.written;
+            let applied = self.apply_entry(&raw, &mut entry)?;
+            (self.on_entry)(self.stats.written - before);
+            if let Some(dir) = applied {
                 dir_times.push(dir);
             }
         }

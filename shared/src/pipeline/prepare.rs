@@ -200,8 +200,15 @@ async fn unpack_into_base(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Pre
                 if let Some(limit) = opts.refuse_percent {
                     opts.room_bytes = Some(room_below(&ctx.backend.usage().map_err(volume_err)?, limit));
                 }
-                let stats = apply_layer_reporting(&root, &blob, &name, &opts, &|n| progress.advance(n))
-                    .map_err(image_err)?;
+                let stats = apply_layer_reporting(
+                    &root,
+                    &blob,
+                    &name,
+                    &opts,
+                    &|n| progress.advance(n),
+                    &|written| progress.applied(written),
+                )
+                .map_err(image_err)?;
                 tracing::debug!(%family, layer = %layer.digest, entries = stats.entries, bytes = stats.bytes, written = stats.written, "layer applied");
                 devices_skipped += stats.devices_skipped;
                 *written.get_or_insert(0) += stats.written;
