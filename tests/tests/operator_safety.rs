@@ -482,3 +482,226 @@ fn a_failed_family_shows_its_error_and_ages_out() {
     let images = json(&worker(state, &[], &["images", "--json"]));
     assert_eq!(images["families"], serde_json::json!([]), "{images}");
 }
+
+/// Where the soak puts the state directory and the volumes.
+#[derive(Clone, Copy, Debug)]
+enum Layout {
+    /// The state directory on a small filesystem; the volumes on the machine's disk.
+    SmallState,
+    /// The volumes on a small filesystem; the state directory on the disk.
+    SmallVolumes,
+    /// Both on one small filesystem (the default layout: volumes inside the state directory).
+    Together,
+}
+
+/// The full-disk soak. Seeded (`THINPIPE_FULL_DISK_SEED` replays one; a failure prints it):
+/// a daemon with its state directory and volumes on small filesystems of random sizes
+/// (separately and together) gets a random mix of prepares of random sizes, activations and
+/// releases while the filesystems are filled and freed at random moments. At the end, with
+/// the space back: no live snapshot or sealed base lost or changed, no in-between artifact,
+/// every job has its result (nothing dead-lettered for the host's fault), and the worker is
+/// ready. A worker whose run log refused a write exits 3 and is started again, as its
+/// supervisor would; nothing else restarts it.
+#[test]
+fn full_disk_soak() {
+    use rand::{Rng, SeedableRng};
+    use sha2::Digest as _;
+    use thinpipe::queue::JobQueue;
+    use thinpipe::volume::VolumeBackend;
+
+    if thinpipe_tests::SmallTmpfs::new(1).is_none() {
+        return;
+    }
+    let seed: u64 = match std::env::var("THINPIPE_FULL_DISK_SEED") {
+        Ok(s) => s.parse().expect("THINPIPE_FULL_DISK_SEED is a number"),
+        Err(_) => rand::random(),
+    };
+    eprintln!("full-disk soak seed {seed} (replay: THINPIPE_FULL_DISK_SEED={seed})");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let layout = [Layout::SmallState, Layout::SmallVolumes, Layout::Together][rng.random_range(0..3)];
+    let size_mib = rng.random_range(48..=96);
+    let small = thinpipe_tests::SmallTmpfs::new(size_mib).unwrap();
+    let disk = tempfile::tempdir().unwrap();
+    let (state, volumes) = match layout {
+        Layout::SmallState => (small.mount.join("state"), disk.path().join("volumes")),
+        Layout::SmallVolumes => (disk.path().join("state"), small.mount.join("volumes")),
+        Layout::Together => (small.mount.join("state"), small.mount.join("state/volumes")),
+    };
+    std::fs::create_dir_all(&state).unwrap();
+    eprintln!("seed {seed}: {layout:?}, {size_mib} MiB");
+    // Families of random sizes; a version's content hash, to check snapshots against.
+    let source = disk.path().join("src");
+    let mut versions: std::collections::HashMap<String, String> = Default::default();
+    let mut new_version = |rng: &mut rand::rngs::StdRng, family: &str| {
+        let mib = rng.random_range(1..=(size_mib / 8).max(2)) as usize;
+        let mut data = vec![0u8; mib << 20];
+        rng.fill(&mut data[..]);
+        let dir = source.join("images").join(family);
+        std::fs::create_dir_all(&dir).unwrap();
+        for old in std::fs::read_dir(&dir).unwrap() {
+            std::fs::remove_file(old.unwrap().path()).unwrap();
+        }
+        std::fs::write(dir.join(format!("layer-{}.tar", rng.random::<u32>())), tar_of_file("data.bin", &data)).unwrap();
+        let digest = thinpipe_tests::prepare_run(&source, family);
+        versions.insert(digest, hex::encode(sha2::Sha256::digest(&data)));
+    };
+    let families = ["web", "api", "db"];
+    for f in families {
+        new_version(&mut rng, f);
+    }
+    let queue_path = disk.path().join("queue.db");
+    let env = [
+        ("THINPIPE_SOURCE", source.to_str().unwrap().to_owned()),
+        ("THINPIPE_VOLUMES_DIR", volumes.to_str().unwrap().to_owned()),
+        ("THINPIPE_QUEUE_PATH", queue_path.to_str().unwrap().to_owned()),
+        ("THINPIPE_CAPACITY_HIGH_PERCENT", "85".to_owned()),
+        ("THINPIPE_CAPACITY_LOW_PERCENT", "80".to_owned()),
+        ("THINPIPE_CAPACITY_REFUSE_PERCENT", "95".to_owned()),
+        ("THINPIPE_GC_INTERVAL_SECS", "1".to_owned()),
+        ("THINPIPE_QUEUE_VISIBILITY_TIMEOUT_SECS", "5".to_owned()),
+        ("THINPIPE_QUEUE_MAX_RECEIVES", "5".to_owned()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let jobs = thinpipe::queue::EmbeddedQueue::open(&queue_path, "jobs", Duration::from_secs(5), 5).unwrap();
+    let results = jobs.named("results");
+    let mut daemon = thinpipe_tests::Daemon::start(&state, &env);
+    let mut restarts = 0;
+
+    // The actions, at random moments.
+    let mut posted: Vec<(String, &str, String)> = Vec::new(); // message id, kind, invocation
+    let mut live: Vec<(String, &str)> = Vec::new(); // invocation, family
+    let mut fills: Vec<PathBuf> = Vec::new();
+    let fill_targets = [small.mount.clone()];
+    for n in 0..40 {
+        let family = families[rng.random_range(0..families.len())];
+        let roll = rng.random_range(0..100);
+        let (kind, invocation) = if roll < 15 {
+            if rng.random_bool(0.3) {
+                new_version(&mut rng, family);
+            }
+            ("prepare", String::new())
+        } else if roll < 55 {
+            let inv = format!("inv-{n}");
+            live.push((inv.clone(), family));
+            ("activate", inv)
+        } else if roll < 75 && !live.is_empty() {
+            let (inv, _) = &live[rng.random_range(0..live.len())];
+            ("release", inv.clone())
+        } else if roll < 90 {
+            // Fill the small filesystem, leaving a random little room.
+            let target = &fill_targets[0];
+            let leave = rng.random_range(0..4u64) << 20;
+            let free = nix_free_bytes(target);
+            let path = target.join(format!("filler-{n}"));
+            if free > leave {
+                // A write cut short by the full disk still fills it: keep whatever landed.
+                let written = std::fs::write(&path, vec![9u8; (free - leave) as usize]);
+                if written.is_ok() || path.exists() {
+                    fills.push(path);
+                }
+            }
+            continue;
+        } else {
+            for f in fills.drain(..) {
+                std::fs::remove_file(f).unwrap();
+            }
+            continue;
+        };
+        // A release goes to its activation's family (a release naming another is refused).
+        let family = match live.iter().position(|(i, _)| *i == invocation) {
+            Some(at) if kind == "release" => live.swap_remove(at).1,
+            _ => family,
+        };
+        let mut body = serde_json::json!({"v": 1, "kind": kind, "family": family, "reply_to": "results"});
+        if !invocation.is_empty() {
+            body["invocation_id"] = invocation.clone().into();
+        }
+        let id = rt.block_on(jobs.send("jobs", &body.to_string(), &Default::default())).unwrap();
+        posted.push((id, kind, invocation));
+        // Now and then, a moment for the worker (a condition, not a sleep: a result arrives).
+        if rng.random_bool(0.3) {
+            let seen = rt.block_on(results.stats()).map(|s| s.waiting).unwrap_or(0);
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while rt.block_on(results.stats()).map(|s| s.waiting).unwrap_or(0) == seen
+                && std::time::Instant::now() < deadline
+                && daemon.is_running()
+            {
+                std::thread::yield_now();
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        if !daemon.is_running() {
+            let status = daemon.wait_exit(Duration::from_secs(5));
+            assert_eq!(status.code(), Some(3), "seed {seed}: the worker ended by itself: {status:?}\n{}", daemon.log());
+            restarts += 1;
+            daemon = thinpipe_tests::Daemon::start(&state, &env);
+        }
+    }
+
+    // The space comes back; the host heals and every job gets its result.
+    for f in fills.drain(..) {
+        std::fs::remove_file(f).unwrap();
+    }
+    let mut got: std::collections::HashMap<String, serde_json::Value> = Default::default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    while got.len() < posted.len() {
+        if !daemon.is_running() {
+            let status = daemon.wait_exit(Duration::from_secs(5));
+            assert_eq!(status.code(), Some(3), "seed {seed}: the worker ended by itself: {status:?}\n{}", daemon.log());
+            restarts += 1;
+            daemon = thinpipe_tests::Daemon::start(&state, &env);
+        }
+        for d in rt.block_on(results.receive(10, Duration::from_millis(200))).unwrap() {
+            let r: serde_json::Value = serde_json::from_str(&d.body).unwrap();
+            got.insert(r["job_id"].as_str().unwrap().to_owned(), r);
+            rt.block_on(results.ack(&d)).unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "seed {seed}: {} of {} jobs have no result; dead letters {:?}\n{}",
+            posted.len() - got.len(),
+            posted.len(),
+            rt.block_on(jobs.dead_letters()).unwrap(),
+            daemon.log()
+        );
+    }
+    assert!(rt.block_on(jobs.dead_letters()).unwrap().is_empty(), "seed {seed}: nothing dead-lettered");
+    let api = daemon.admin_url();
+    thinpipe_tests::wait_until("ready again", Duration::from_secs(60), || {
+        reqwest::blocking::get(format!("{api}/readyz")).is_ok_and(|r| r.status().as_u16() == 200)
+    });
+
+    // Nothing live lost or changed; every sealed base whole; no in-between artifact.
+    let store = Store::open(state.join("host.db")).unwrap();
+    let mut checked = 0;
+    for (id, kind, invocation) in &posted {
+        let r = &got[id];
+        if *kind != "activate" || r["status"] != "succeeded" {
+            continue;
+        }
+        let row = store.snapshot_by_run(&format!("activate-{invocation}")).unwrap().unwrap();
+        if row.state != SnapshotState::Exposed {
+            continue; // released later in the soak
+        }
+        let path = Path::new(r["snapshot_path"].as_str().unwrap());
+        let data = std::fs::read(path.join("data.bin"))
+            .unwrap_or_else(|e| panic!("seed {seed}: live snapshot {invocation} lost: {e}"));
+        let version = thinpipe::job::prepare_run_id(row.family.as_str(), r["digest"].as_str().unwrap());
+        assert_eq!(versions.get(&version), Some(&hex::encode(sha2::Sha256::digest(&data))), "seed {seed}: {invocation} changed");
+        checked += 1;
+    }
+    let backend = thinpipe::volume::DirBackend::open(&volumes).unwrap();
+    for base in store.list_bases().unwrap().iter().filter(|b| b.state == thinpipe::store::BaseState::Sealed) {
+        assert!(backend.is_sealed(base.id).unwrap(), "seed {seed}: sealed base-{} lost", base.id);
+    }
+    let gc = reqwest::blocking::Client::new().post(format!("{api}/api/gc")).send().unwrap();
+    assert!(gc.status().is_success(), "seed {seed}: gc: {}", gc.text().unwrap_or_default());
+    assert_eq!(backend.leftovers().unwrap(), Vec::new(), "seed {seed}: in-between artifacts left");
+    let failed = got.values().filter(|r| r["status"] == "failed").count();
+    eprintln!(
+        "seed {seed}: {} jobs, {failed} failed with a result, {checked} live snapshots checked, {restarts} restarts after a storage fault",
+        posted.len()
+    );
+    daemon.stop(Duration::from_secs(30));
+}
