@@ -129,13 +129,18 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(state: &Path, extra_env: &[(&str, &str)]) -> Daemon {
-        let mut log_path = state.join("worker.log");
+        Self::start_logging(state, &state.join("worker.log"), extra_env)
+    }
+
+    /// [`Daemon::start`], its log at `log` (outside a filesystem a test fills, say).
+    pub fn start_logging(state: &Path, log: &Path, extra_env: &[(&str, &str)]) -> Daemon {
+        let mut log_path = log.to_path_buf();
         let mut n = 1;
         {
             let mut in_use = LOGS_IN_USE.lock().unwrap_or_else(|p| p.into_inner());
             while in_use.contains(&log_path) {
                 n += 1;
-                log_path = state.join(format!("worker-{n}.log"));
+                log_path = log.with_file_name(format!("worker-{n}.log"));
             }
             in_use.insert(log_path.clone());
         }

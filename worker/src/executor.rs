@@ -126,7 +126,12 @@ impl Executor {
                 Err(e) => return JobEnd::Retry(e.to_string()),
             }
         }
-        if let Err(full) = self.host.lifecycle.admit().await {
+        // The state directory short of room refuses like a full volume store.
+        let admitted = match crate::statespace::StateSpace::new(self.host.config.state_dir.clone()).shortage() {
+            Some(short) => Err(short),
+            None => self.host.lifecycle.admit().await,
+        };
+        if let Err(full) = admitted {
             telemetry::metrics().capacity_refusals.add(1, &[telemetry::kv("kind", job.kind.to_string())]);
             tracing::warn!(reason = %full, "refused: the host is full");
             return failed(result, Some(Cause::HostFull), &full);

@@ -11,8 +11,9 @@
 //! job naming a family or version that does not exist is dead-lettered too; anything
 //! transient makes the message visible again after `retry_delay_secs`.
 //!
-//! No message is received while the state directory is short of room (`statespace.rs`): it
-//! stays queued, and its receive count does not grow.
+//! While the state directory is short of room (`statespace.rs`), prepares and activations
+//! get a `host_full` failed result (as above the volumes' refusal watermark) and releases,
+//! which give space back, still run.
 //!
 //! Shutdown (a signal, a lost lease, a run log whose storage failed, or the admin API's
 //! drain): the loop is not ready from that moment, stops receiving (a receive in flight is
@@ -193,7 +194,6 @@ impl JobLoop {
                 stop: stop.clone(),
                 tx: tx.clone(),
                 failing: self.receive_failing.clone(),
-                state: self.state_space(),
             };
             receivers.spawn(receiver.run());
         }

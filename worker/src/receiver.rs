@@ -34,34 +34,12 @@ pub(crate) struct Receiver {
     pub(crate) tx: tokio::sync::mpsc::Sender<Received>,
     /// Counts queues whose last receive failed; this receiver adds itself while failing.
     pub(crate) failing: Arc<AtomicUsize>,
-    /// No message is received while the state directory is short of room.
-    pub(crate) state: crate::statespace::StateSpace,
 }
 
 impl Receiver {
     pub(crate) async fn run(self) {
         let mut healthy = true;
-        let mut short = false;
         loop {
-            // A full state directory: leave the messages queued (not received, so their
-            // receive counts do not grow) until it has room again.
-            let shortage = self.state.shortage();
-            if shortage.is_some() != short {
-                short = shortage.is_some();
-                match &shortage {
-                    Some(why) => tracing::warn!(queue = %self.queue.describe(), "{why}"),
-                    None => {
-                        tracing::info!(queue = %self.queue.describe(), "the state directory has room again; taking jobs")
-                    }
-                }
-            }
-            if short {
-                tokio::select! {
-                    _ = self.stop.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-                continue;
-            }
             // Reserve the slots first: every message received has a slot to run in, so
             // none waits (invisible, unextended) for one.
             let first = tokio::select! {

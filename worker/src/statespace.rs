@@ -1,9 +1,11 @@
 //! Room in the state directory: the run log, the host database and (embedded) the queue
 //! live there, and a write that fails for want of space breaks more than the job that made
-//! it (redb refuses every later commit until it is opened again). So receivers take no new
-//! message while the state directory's filesystem has less than a small reserve free: the
-//! messages stay queued (not received, so not counted towards a dead letter) and the worker
-//! reports itself not ready with the reason, until the space is back.
+//! it (redb refuses every later commit until it is opened again). So while the state
+//! directory's filesystem has less than a small reserve free, new prepares and activations
+//! are refused with a `host_full` result (a scheduler places them elsewhere; nothing is
+//! dead-lettered for it) and the worker reports itself not ready with the reason. Releases
+//! still run: they give space back (a host whose disk is full of live snapshots heals as
+//! they are released), and each needs only a few small commits.
 
 use std::path::PathBuf;
 
@@ -38,7 +40,7 @@ impl StateSpace {
         let need = reserve(total);
         (free < need).then(|| {
             format!(
-                "the state directory {} has {free} bytes free, less than the {need} it keeps to record runs: no new job is taken until space is freed",
+                "host full: the state directory {} has {free} bytes free, less than the {need} it keeps to record runs",
                 self.dir.display()
             )
         })
