@@ -695,7 +695,11 @@ fn full_disk_soak() {
         let data = std::fs::read(path.join("data.bin"))
             .unwrap_or_else(|e| panic!("seed {seed}: live snapshot {invocation} lost: {e}"));
         let version = thinpipe::job::prepare_run_id(row.family.as_str(), r["digest"].as_str().unwrap());
-        assert_eq!(versions.get(&version), Some(&hex::encode(sha2::Sha256::digest(&data))), "seed {seed}: {invocation} changed");
+        assert_eq!(
+            versions.get(&version),
+            Some(&hex::encode(sha2::Sha256::digest(&data))),
+            "seed {seed}: {invocation} changed"
+        );
         checked += 1;
     }
     let backend = thinpipe::volume::DirBackend::open(&volumes).unwrap();

@@ -404,9 +404,21 @@ impl JobLoop {
     }
 
     async fn retry_later(&self, queue: &Arc<dyn JobQueue>, d: &Delivery, reason: &str) {
-        tracing::warn!(message_id = %d.message_id, %reason, "job will be retried");
         let delay = Duration::from_secs(self.host.config.worker.retry_delay_secs);
-        if let Err(e) = queue.extend(d, delay).await {
+        // A job that could not run because this host's storage is short is not the job's
+        // fault: its receive is not counted towards the dead letter (where the queue allows).
+        let host_fault = self.host.engine.storage_fault().or_else(|| self.state_space().shortage());
+        let deferred = match &host_fault {
+            Some(why) => {
+                tracing::warn!(message_id = %d.message_id, %reason, host = %why, "job will be retried; this receive is not counted");
+                queue.defer_uncounted(d, delay).await
+            }
+            None => {
+                tracing::warn!(message_id = %d.message_id, %reason, "job will be retried");
+                queue.extend(d, delay).await
+            }
+        };
+        if let Err(e) = deferred {
             tracing::warn!(message_id = %d.message_id, error = %e, "could not delay the retry; the message returns when its visibility ends");
         }
     }

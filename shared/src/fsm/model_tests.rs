@@ -127,7 +127,9 @@ fn workflow() -> Workflow<Input, u64> {
 struct Expect {
     /// The first terminal outcome the engine reported: it may never change.
     outcome: Option<Outcome<u64>>,
-    /// A cancel of it succeeded.
+    /// A cancel of it succeeded, or failed on the storage: a commit that reports a storage
+    /// failure may still be on the disk (its last write landed, its sync did not), so after
+    /// a restart the run may be cancelled.
     cancelled: bool,
 }
 
@@ -231,6 +233,9 @@ async fn run_seed(seed: u64) -> (u64, u64) {
                     Err(CancelError::NotFound(_) | CancelError::NotActive { .. }) => {}
                     Err(e) => {
                         assert!(matches!(e, CancelError::Storage(_) | CancelError::ShutDown), "{e}: {trace:?}");
+                        if matches!(e, CancelError::Storage(_)) {
+                            model.entry(id).or_default().cancelled = true;
+                        }
                         interrupted += 1;
                     }
                 }

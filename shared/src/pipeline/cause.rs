@@ -112,6 +112,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_result_schema_lists_exactly_these_causes() {
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../../../schema/result.schema.json")).unwrap();
+        let listed: Vec<&str> =
+            schema["properties"]["cause"]["enum"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        let ours: Vec<&str> = Cause::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(listed, ours);
+    }
+
+    #[test]
     fn codes_round_trip_and_only_a_wrong_job_is_dead_lettered() {
         for cause in Cause::ALL {
             assert_eq!(Cause::parse(cause.as_str()), Some(cause));

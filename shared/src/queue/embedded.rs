@@ -341,6 +341,21 @@ impl JobQueue for EmbeddedQueue {
         self.extend(d, Duration::ZERO).await
     }
 
+    async fn defer_uncounted(&self, d: &Delivery, delay: Duration) -> Result<(), QueueError> {
+        let (id, receipt) = (self.id(d)?, d.receipt.clone());
+        let until = now_ms() + delay.as_millis() as i64;
+        let n = self
+            .with_conn(move |c| {
+                c.execute(
+                    "UPDATE messages SET visible_at = ?3, receive_count = MAX(receive_count - 1, 0)
+                     WHERE id = ?1 AND receipt = ?2",
+                    params![id, receipt, until],
+                )
+            })
+            .await?;
+        if n == 0 { Err(self.stale(d)) } else { Ok(()) }
+    }
+
     async fn dead_letter(&self, d: &Delivery, reason: &str) -> Result<(), QueueError> {
         let (id, receipt, reason) = (self.id(d)?, d.receipt.clone(), reason.to_owned());
         let moved = self

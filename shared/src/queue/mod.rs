@@ -87,6 +87,13 @@ pub trait JobQueue: Send + Sync {
     async fn extend(&self, d: &Delivery, visibility: Duration) -> Result<(), QueueError>;
     /// Makes a message visible again now (for another try).
     async fn release(&self, d: &Delivery) -> Result<(), QueueError>;
+    /// Puts a message back for another try in `delay`, this receive not counted towards the
+    /// dead-letter limit: the job was not tried, the host could not (its storage was full).
+    /// SQS counts every receive itself: there this is [`JobQueue::extend`], and its
+    /// redrive policy's `maxReceiveCount` must leave room for a host's outages.
+    async fn defer_uncounted(&self, d: &Delivery, delay: Duration) -> Result<(), QueueError> {
+        self.extend(d, delay).await
+    }
     /// Moves a message to the dead-letter queue with `reason`.
     async fn dead_letter(&self, d: &Delivery, reason: &str) -> Result<(), QueueError>;
     /// Sends a message to queue `to` (a result to `reply_to`, or a job).
