@@ -716,3 +716,60 @@ fn full_disk_soak() {
     );
     daemon.stop(Duration::from_secs(30));
 }
+
+/// The worker as a real unprivileged user (`nobody`, through setpriv): an image with a
+/// setuid file owned by uid 1000 is refused (`cause: host_setup`, naming the entry) unless
+/// `images.rootless = true`, which applies it owned by the worker's user without the setuid
+/// bit and says so in the result.
+#[test]
+fn a_worker_without_root_refuses_owners_it_cannot_keep_unless_rootless() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(std::env::var("CI").is_err(), "the rootless test switches to nobody: it needs root");
+        return;
+    }
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path();
+    // The worker binary and the state directory where `nobody` can reach them.
+    let worker_bin = home.join("worker");
+    std::fs::copy(bin("worker"), &worker_bin).unwrap();
+    let family = home.join("state/images/web");
+    std::fs::create_dir_all(&family).unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, uid, mode) in [("usr/bin/su", 1000u64, 0o4755u32), ("etc/motd", 0, 0o644)] {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_uid(uid);
+        h.set_gid(uid);
+        h.set_mode(mode);
+        h.set_size(2);
+        b.append_data(&mut h, path, &b"#!"[..]).unwrap();
+    }
+    std::fs::write(family.join("layer-1.tar"), b.into_inner().unwrap()).unwrap();
+    let chown = Command::new("chown").args(["-R", "65534:65534"]).arg(home).status().unwrap();
+    assert!(chown.success());
+    std::fs::set_permissions(home, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let as_nobody = |extra: &[&str], args: &[&str]| {
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]).arg(&worker_bin);
+        cmd.arg("--state-dir").arg(home.join("state")).args(extra).args(args);
+        cmd.env("HOME", home).env_remove("THINPIPE_FAULT").output().unwrap()
+    };
+    let out = as_nobody(&[], &["run", "prepare", "--family", "web", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = json(&out);
+    assert_eq!(r["cause"], "host_setup", "{r}");
+    let error = r["error"].as_str().unwrap();
+    assert!(error.contains("owned by 1000:1000") && error.contains("images.rootless = true"), "{error}");
+
+    let rootless = ["--set", "images.rootless=true"];
+    let out = as_nobody(&rootless, &["run", "activate", "--family", "web", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = json(&out);
+    assert_eq!((r["owners_dropped"].as_u64(), r["setid_stripped"].as_u64()), (Some(2), Some(1)), "{r}");
+    assert!(r["detail"].as_str().unwrap().contains("images.rootless"), "{r}");
+    let su = PathBuf::from(r["snapshot_path"].as_str().unwrap()).join("usr/bin/su");
+    let meta = std::fs::metadata(&su).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o7777), (65534, 0o755), "owned by the worker's user, no setuid bit");
+}
