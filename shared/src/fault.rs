@@ -33,19 +33,26 @@ pub fn point(name: &str, detail: &str) {
 #[inline(always)]
 pub fn point(_name: &str, _detail: &str) {}
 
-/// A named pause for tests that need a job to be running: when `THINPIPE_PAUSE` is
-/// `name@detail=ms` (or `name=ms`), waits that long here. Nothing without the feature.
+/// How long `THINPIPE_PAUSE` (`name@detail=ms` or `name=ms`) says to wait at this point.
 #[cfg(feature = "fault-injection")]
-pub async fn pause(name: &str, detail: &str) {
-    let Ok(spec) = std::env::var("THINPIPE_PAUSE") else { return };
-    let Some((point, ms)) = spec.rsplit_once('=') else { return };
+fn pause_for(name: &str, detail: &str) -> Option<std::time::Duration> {
+    let spec = std::env::var("THINPIPE_PAUSE").ok()?;
+    let (point, ms) = spec.rsplit_once('=')?;
     let hit = match point.split_once('@') {
         Some((n, d)) => n == name && d == detail,
         None => point == name,
     };
-    if hit && let Ok(ms) = ms.parse::<u64>() {
-        eprintln!("pause point {name}@{detail}: waiting {ms} ms");
-        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    let ms = ms.parse::<u64>().ok().filter(|_| hit)?;
+    eprintln!("pause point {name}@{detail}: waiting {ms} ms");
+    Some(std::time::Duration::from_millis(ms))
+}
+
+/// A named pause for tests that need a job to be running: when `THINPIPE_PAUSE` is
+/// `name@detail=ms` (or `name=ms`), waits that long here. Nothing without the feature.
+#[cfg(feature = "fault-injection")]
+pub async fn pause(name: &str, detail: &str) {
+    if let Some(wait) = pause_for(name, detail) {
+        tokio::time::sleep(wait).await;
     }
 }
 
@@ -56,15 +63,8 @@ pub async fn pause(_name: &str, _detail: &str) {}
 /// [`pause`] inside a blocking step body (a thread, not a task): what a long unpack is.
 #[cfg(feature = "fault-injection")]
 pub fn pause_blocking(name: &str, detail: &str) {
-    let Ok(spec) = std::env::var("THINPIPE_PAUSE") else { return };
-    let Some((point, ms)) = spec.rsplit_once('=') else { return };
-    let hit = match point.split_once('@') {
-        Some((n, d)) => n == name && d == detail,
-        None => point == name,
-    };
-    if hit && let Ok(ms) = ms.parse::<u64>() {
-        eprintln!("pause point {name}@{detail}: waiting {ms} ms");
-        std::thread::sleep(std::time::Duration::from_millis(ms));
+    if let Some(wait) = pause_for(name, detail) {
+        std::thread::sleep(wait);
     }
 }
 
