@@ -273,9 +273,14 @@ pub fn check_place(config: &Config, store: &Store, backend: &dyn VolumeBackend) 
 #[error("{0}")]
 pub struct WrongSettings(pub String);
 
-/// The volumes the host database says exist: every base, and every live snapshot.
+/// The volumes the host database says exist: every sealed base, and every live snapshot (a
+/// base still `preparing` may never have been created).
 fn claimed_volumes(store: &Store) -> anyhow::Result<Vec<VolumeId>> {
-    let bases = store.list_bases()?.into_iter().map(|b| VolumeId::Base(b.id));
+    let bases = store
+        .list_bases()?
+        .into_iter()
+        .filter(|b| b.state != thinpipe::store::BaseState::Preparing)
+        .map(|b| VolumeId::Base(b.id));
     let snaps = store
         .list_snapshots()?
         .into_iter()

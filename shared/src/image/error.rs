@@ -42,11 +42,11 @@ pub enum ImageError {
     #[error("layer {layer}: entry {entry:?} refused: {rule}")]
     Refused { layer: String, entry: String, rule: String },
     #[error(
-        "layer {layer}: entry {entry:?} would take this host past its room for new data ({room} bytes below the refusal watermark, capacity.refuse_percent); the layer was refused before filling the disk: free space, or prepare it on a host with more room"
+        "host full: layer {layer}: entry {entry:?} would take the volumes past the refusal watermark (capacity.refuse_percent; {room} bytes were left below it); the layer was refused before filling the disk: free space, or prepare it on a host with more room"
     )]
     TooLargeForHost { layer: String, entry: String, room: u64 },
     #[error(
-        "image family {family}: its layers need {need} more bytes in the blob cache {}, whose filesystem has {room} bytes left below the refusal watermark (capacity.refuse_percent); refused before downloading: free space, or prepare it on a host with more room",
+        "host full: image family {family}: its layers need {need} more bytes in the blob cache {}, whose filesystem has {room} bytes left below the refusal watermark (capacity.refuse_percent); refused before downloading: free space, or prepare it on a host with more room",
         cache.display()
     )]
     NoRoomToDownload { family: String, cache: PathBuf, need: u64, room: u64 },
