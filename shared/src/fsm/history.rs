@@ -78,6 +78,22 @@ impl Engine {
         out
     }
 
+    /// Whether run `id` has not finished: a task drives it now, it was started but is not in
+    /// the run log yet (its start commits with its first transition), or it is recorded
+    /// unfinished (to be resumed).
+    pub fn is_unfinished(&self, id: &str) -> Result<bool, ReadError> {
+        if lock(&self.inner.unrecorded).contains_key(id) || lock(&self.inner.running).contains_key(id) {
+            return Ok(true);
+        }
+        let txn = self.inner.db.begin_read().map_err(ReadError::from_any)?;
+        let log = txn.open_table(LOG).map_err(ReadError::from_any)?;
+        Ok(match read_header(&log, id).map_err(ReadError::from_any)? {
+            Some(Ok(record)) => !record.status.is_finished(),
+            // A record that cannot be decoded is failed at the next resume; not running now.
+            Some(Err(_)) | None => false,
+        })
+    }
+
     /// Runs matching `filter`, newest first.
     pub fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, ReadError> {
         // Runs not yet in the run log are active; taken first, so a run recorded meanwhile is

@@ -272,7 +272,9 @@ impl Lifecycle {
             let (mut count, mut bytes) = (0, 0);
             for (digest, size) in cache.partials()? {
                 if dry_run || cache.remove_idle_partial(&digest)? {
-                    tracing::info!(%digest, bytes = size, "deleted a partial download to free space");
+                    if !dry_run {
+                        tracing::info!(%digest, bytes = size, "deleted a partial download to free space");
+                    }
                     count += 1;
                     bytes += size;
                 }

@@ -199,14 +199,11 @@ impl Pipeline {
         self.prepare.engine().list_runs(&filter).map_or(true, |runs| !runs.is_empty())
     }
 
-    /// Whether run `id` exists and has not finished (e.g. a prepare resumed at start).
+    /// Whether run `id` has not finished: running now (its first step included, before the
+    /// run is in the run log), or recorded unfinished (e.g. a prepare resumed at start).
     pub fn run_in_flight(&self, id: &str) -> bool {
         // A run log that cannot be read says "in flight": garbage collection then keeps the base.
-        match self.prepare.engine().run_detail(id) {
-            Ok(Some(detail)) => !detail.summary.status.is_finished(),
-            Ok(None) => false,
-            Err(_) => true,
-        }
+        self.prepare.engine().is_unfinished(id).unwrap_or(true)
     }
 
     /// Runs (or resumes) run `activate-<invocation_id>` from base `base_vol_id`. An
