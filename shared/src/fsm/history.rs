@@ -82,7 +82,10 @@ impl Engine {
     /// the run log yet (its start commits with its first transition), or it is recorded
     /// unfinished (to be resumed).
     pub fn is_unfinished(&self, id: &str) -> Result<bool, ReadError> {
-        if lock(&self.inner.unrecorded).contains_key(id) || lock(&self.inner.running).contains_key(id) {
+        // One lock at a time (a guard in an `||` would live to the end of the condition).
+        let unrecorded = lock(&self.inner.unrecorded).contains_key(id);
+        let running = lock(&self.inner.running).contains_key(id);
+        if unrecorded || running {
             return Ok(true);
         }
         let txn = self.inner.db.begin_read().map_err(ReadError::from_any)?;
