@@ -323,7 +323,13 @@ fn crash_at(point: &str, resumes: bool, backend: Backend, queue: &Queue) {
     let engine = rt.block_on(thinpipe::fsm::Engine::open(state.join("runs.redb"), Default::default())).unwrap();
     let detail = engine.run_detail(run).unwrap().unwrap();
     let events: Vec<String> = detail.events.iter().map(|e| format!("{:?}", e.kind)).collect();
-    assert_eq!(events.iter().any(|e| e.starts_with("Resumed")), resumes, "{ctx}: {run} resumed: {events:#?}");
+    // The switch to the new version may come from the activation, which can find the base
+    // sealed (its step marks it in SQLite before the run's last commit) and make it current
+    // while the prepare run is one commit short: then the run resumes, finds the base sealed
+    // and only commits. Either history is right there; everywhere else it is exact.
+    if !point.starts_with("lifecycle.before_make_current") {
+        assert_eq!(events.iter().any(|e| e.starts_with("Resumed")), resumes, "{ctx}: {run} resumed: {events:#?}");
+    }
     assert_eq!(events.iter().filter(|e| e.starts_with("Started")).count(), 1, "{ctx}: one run, not a new one");
     rt.block_on(engine.shutdown());
     assert!(!log.contains("dead-lettering"), "{ctx}: nothing was dead-lettered:\n{log}");
