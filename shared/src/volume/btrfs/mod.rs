@@ -336,8 +336,12 @@ pub mod testfs {
 
     impl Drop for LoopBtrfs {
         fn drop(&mut self) {
-            if let Err(e) = run(Command::new("umount").arg(&self.mount)) {
-                eprintln!("cleaning up the test btrfs: {e}");
+            // A failed test may leave a killed worker's files open for a moment: then the
+            // mount is detached lazily (and its loop device freed when the last file closes).
+            if let Err(e) = run(Command::new("umount").arg(&self.mount))
+                && let Err(lazy) = run(Command::new("umount").arg("-l").arg(&self.mount))
+            {
+                eprintln!("cleaning up the test btrfs: {e}; lazily: {lazy}");
             }
         }
     }
