@@ -11,6 +11,7 @@
 //! - [`job`]: the job message schema and results;
 //! - [`aws`]: one AWS SDK setup for SQS and S3;
 //! - [`quote`]: quoting user input in messages, cut to a readable length;
+//! - [`sync`]: the one lock helper and the one group-commit protocol;
 //! - [`sigpipe`]: one-shot commands end quietly when their output pipe closes;
 //! - [`fault`]: named fault points for crash tests (compiled out of release builds).
 //! - [`telemetry`]: logs, OpenTelemetry traces and metrics, trace context propagation.
@@ -28,5 +29,6 @@ pub mod quote;
 pub mod reconcile;
 pub mod sigpipe;
 pub mod store;
+pub mod sync;
 pub mod telemetry;
 pub mod volume;

@@ -57,7 +57,7 @@ impl ProgressBoard {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, StepProgress>> {
         // The map is whole after any panic (each change is one insert, remove or add).
-        self.running.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.running)
     }
 }
 
@@ -108,7 +108,7 @@ static SHOWN: Mutex<Option<indicatif::ProgressBar>> = Mutex::new(None);
 /// Runs `write` (a write to stderr) with the bar shown now, if any, cleared from the
 /// terminal meanwhile and drawn again after: a log line goes above the bar, not through it.
 pub fn above_the_bar<T>(write: impl FnOnce() -> T) -> T {
-    let shown = SHOWN.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let shown = crate::sync::lock(&SHOWN).clone();
     match shown {
         Some(bar) => bar.suspend(write),
         None => write(),
@@ -133,7 +133,7 @@ impl ProgressView {
         bar.set_style(Self::spinner());
         bar.set_message(waiting.to_owned());
         bar.enable_steady_tick(Duration::from_millis(100));
-        *SHOWN.lock().unwrap_or_else(|p| p.into_inner()) = Some(bar.clone());
+        *crate::sync::lock(&SHOWN) = Some(bar.clone());
         Some(ProgressView { bar, family: family.to_owned() })
     }
 
@@ -177,7 +177,7 @@ impl ProgressView {
 
     /// Clears the bar (before the result is printed).
     pub fn finish(self) {
-        *SHOWN.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *crate::sync::lock(&SHOWN) = None;
         self.bar.finish_and_clear();
     }
 }

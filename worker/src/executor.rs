@@ -14,6 +14,7 @@
 //! prepared once per host: one task per family in this process (a lock), one process per
 //! family (the `prepare/<family>` lease).
 
+use thinpipe::sync::lock;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -412,6 +413,3 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, StoreError> +
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}

@@ -88,7 +88,7 @@ impl Host {
     /// Stops the engine (runs stay resumable) and gives the worker lease back.
     pub async fn close(&self) {
         self.closing.cancel();
-        let renewal = self.renewal.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let renewal = thinpipe::sync::lock(&self.renewal).take();
         if let Some(renewal) = renewal
             && let Err(e) = renewal.await
         {

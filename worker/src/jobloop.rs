@@ -23,6 +23,7 @@
 //! stops the engine (their runs resume at the next start). After an admin drain the process
 //! stays up until it is told to stop.
 
+use thinpipe::sync::lock;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -475,9 +476,6 @@ fn invocation_of(body: &str) -> Option<String> {
     v.get("invocation_id")?.as_str().map(str::to_owned)
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 fn forget(in_flight: &Mutex<InFlight>, done: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
     let id = match done {

@@ -7,6 +7,7 @@
 //! order); the job's task waits for its turn once its visibility heartbeat runs. A turn ends
 //! when it is dropped, however the job ends.
 
+use thinpipe::sync::lock;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -65,9 +66,6 @@ impl Drop for Turn {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 #[cfg(test)]
 mod tests {

@@ -113,7 +113,7 @@ impl Engine {
     }
 
     pub(super) fn workflow(&self, name: &str) -> Option<Arc<dyn ErasedWorkflow>> {
-        let map = self.inner.workflows.read().unwrap_or_else(|p| p.into_inner());
+        let map = crate::sync::read(&self.inner.workflows);
         map.get(name).cloned()
     }
 

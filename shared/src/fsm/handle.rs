@@ -21,7 +21,7 @@ impl Engine {
         W: Serialize + DeserializeOwned + Send + 'static,
     {
         let name = workflow.name();
-        let mut map = self.inner.workflows.write().unwrap_or_else(|p| p.into_inner());
+        let mut map = crate::sync::write(&self.inner.workflows);
         if map.contains_key(name) {
             return Err(RegisterError::Duplicate(name.to_owned()));
         }

@@ -65,7 +65,7 @@ pub struct WorkflowInfo {
 impl Engine {
     /// Every registered workflow and its steps, in order.
     pub fn workflows(&self) -> Vec<WorkflowInfo> {
-        let map = self.inner.workflows.read().unwrap_or_else(|p| p.into_inner());
+        let map = crate::sync::read(&self.inner.workflows);
         let mut out: Vec<WorkflowInfo> = map
             .values()
             .map(|w| WorkflowInfo {

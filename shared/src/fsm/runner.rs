@@ -44,7 +44,7 @@ struct StartSlot<'a> {
 
 impl StartSlot<'_> {
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Box<Unrecorded>>> {
-        self.start.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.start)
     }
 
     /// What the next change must carry.
@@ -55,7 +55,7 @@ impl StartSlot<'_> {
     /// A change committed: the run is in the run log from now on.
     fn committed(&self) {
         if self.lock().take().is_some() {
-            self.inner.unrecorded.lock().unwrap_or_else(|p| p.into_inner()).remove(self.id);
+            crate::sync::lock(&self.inner.unrecorded).remove(self.id);
         }
     }
 }

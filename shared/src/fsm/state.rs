@@ -3,6 +3,7 @@
 //! yet recorded. `engine` (the lifecycle) and `runner` (one run's loop) both use it; neither
 //! imports the other's internals.
 
+pub(super) use crate::sync::lock;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
@@ -44,10 +45,6 @@ pub(crate) struct Inner {
     pub(super) tasks: TaskTracker,
 }
 
-pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding these maps leaves them consistent (single inserts/removes).
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 impl Inner {
     pub(crate) fn notify(&self, id: &str, end: RunEnd) {

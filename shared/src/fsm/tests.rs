@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::*;
@@ -623,6 +624,52 @@ async fn concurrent_runs_share_commits() {
     let commits = engine.commit_count() - before;
     // 64 starts + 3 transitions each = 256 writes.
     assert!(commits < 256, "group commit: 256 writes took {commits} commits");
+    engine.shutdown().await;
+}
+
+/// A quiet host cannot stall a commit: writers arrive in pairs on an otherwise idle engine
+/// (the second often joins just as the first's leader finds the queue empty), and each pair
+/// waits for both commits before the next arrives, so a stranded commit would wait forever
+/// (no later write would come to lead it). Every commit must return within the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lone_writers_on_an_idle_engine_never_wait_for_a_later_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(&dir).await;
+    let wf = engine
+        .register(Workflow::new("one", 1).step("only", |req: StepRequest<String, Vec<String>>| async move { Ok(req.w) }))
+        .unwrap();
+    let bound = Duration::from_secs(10);
+    // The second writer of a pair arrives after a random part of a commit's time, so some
+    // arrive in the instant the leader finds the queue empty.
+    let commit_time = {
+        let t = std::time::Instant::now();
+        wf.run("calibrate", &String::new(), &vec![]).await.unwrap();
+        t.elapsed()
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(25);
+    for pair in 0..500 {
+        let offset = commit_time.mul_f64(rng.random_range(0.5..1.5));
+        let runs = (0..2).map(|k| {
+            let wf = wf.clone();
+            tokio::spawn(async move {
+                if k == 1 {
+                    // Jitter, not synchronisation: a busy wait shorter than a commit.
+                    let t = std::time::Instant::now();
+                    while t.elapsed() < offset {
+                        std::hint::spin_loop();
+                    }
+                }
+                wf.run(&format!("p{pair}-{k}"), &String::new(), &vec![]).await
+            })
+        });
+        let both = futures::future::join_all(runs);
+        let done = tokio::time::timeout(bound, both)
+            .await
+            .unwrap_or_else(|_| panic!("pair {pair}: a commit did not return within {bound:?} on an idle engine"));
+        for r in done {
+            assert!(matches!(r.unwrap().unwrap(), Outcome::Completed(_)));
+        }
+    }
     engine.shutdown().await;
 }
 

@@ -1,28 +1,26 @@
 //! The writer: every redb write goes through here, and writes that are waiting together
 //! share one `Durability::Immediate` commit (the group commit).
 //!
-//! Protocol (leader/follower, as in database group commit): a caller queues its [`Op`]; if
-//! no commit is in progress it becomes the leader and, on its own thread, takes everything
-//! queued (up to [`MAX_BATCH`]), applies it in one write transaction, commits, replies to
-//! each op, and repeats until the queue is empty. Callers that queue while a commit is in
-//! progress wait for the leader's reply. So a lone run pays one fsync per transition and
-//! no thread hand-off, and concurrent runs share fsyncs. No reply is sent before its commit
-//! is durable. An op that fails validation (the run is no longer in the state the caller
-//! expects: fenced) writes nothing and the rest of the batch still commits; a storage error
-//! aborts the whole transaction and every op in it fails.
+//! The protocol is [`crate::sync::GroupCommit`]'s (leader/follower, in the callers' own
+//! threads): a lone run pays one fsync per transition and no thread hand-off, and
+//! concurrent runs share fsyncs. No reply is sent before its commit is durable. An op that
+//! fails validation (the run is no longer in the state the caller expects: fenced) writes
+//! nothing and the rest of the batch still commits; a storage error aborts the whole
+//! transaction and every op in it fails.
 //!
 //! The leader blocks its thread for the commit: under tokio's multi-thread runtime through
 //! `block_in_place`, so the thread's other tasks move elsewhere; on a current-thread
 //! runtime (tests, small tools) directly.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use redb::{Database, ReadableTable};
 use tokio::sync::oneshot;
 
 use super::key;
 use super::schema::{Event, EventKind, Failure, FailureKind, LOG, RUNS, RunRecord, RunStatus, now_ms};
+use crate::sync::{GroupCommit, Joined};
 
 /// Requests applied in one transaction at most.
 const MAX_BATCH: usize = 512;
@@ -110,17 +108,9 @@ struct Request {
     reply: oneshot::Sender<Result<Reply, OpError>>,
 }
 
-#[derive(Default)]
-struct Queue {
-    pending: Vec<Request>,
-    /// A leader is committing; new requests wait for it.
-    leading: bool,
-    stopped: bool,
-}
-
 pub(crate) struct Writer {
     db: Arc<Database>,
-    queue: Mutex<Queue>,
+    group: GroupCommit<Request>,
     commits: AtomicU64,
     /// Set by the first commit that failed on the storage (a full disk, an I/O error): redb
     /// refuses every later write until the file is opened again, so the owner must restart.
@@ -137,29 +127,16 @@ impl Writer {
         txn.commit()?;
         Ok(Self {
             db,
-            queue: Mutex::new(Queue::default()),
+            group: GroupCommit::default(),
             commits: AtomicU64::new(0),
             fault: std::sync::OnceLock::new(),
             faulted: tokio_util::sync::CancellationToken::new(),
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
-        // The queue is a plain Vec and two flags; a panic cannot leave it half-updated.
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     pub(crate) async fn submit(&self, op: Op) -> Result<Reply, OpError> {
         let (reply, rx) = oneshot::channel();
-        let lead = {
-            let mut q = self.lock();
-            if q.stopped {
-                return Err(OpError::Stopped);
-            }
-            q.pending.push(Request { op, reply });
-            !std::mem::replace(&mut q.leading, true)
-        };
-        if lead {
+        if self.group.join(Request { op, reply }).map_err(|_| OpError::Stopped)? == Joined::Lead {
             self.lead();
         }
         rx.await.map_err(|_| OpError::Stopped)?
@@ -168,32 +145,7 @@ impl Writer {
     /// Commits batches until the queue is empty. Runs without an await point, so the
     /// leader's future cannot be dropped half-way through.
     fn lead(&self) {
-        let work = || {
-            // Clears `leading` however this ends, a panic included, so no caller waits forever.
-            struct Release<'a>(&'a Writer);
-            impl Drop for Release<'_> {
-                fn drop(&mut self) {
-                    self.0.lock().leading = false;
-                }
-            }
-            let release = Release(self);
-            loop {
-                let mut batch = {
-                    let mut q = self.lock();
-                    if q.pending.is_empty() {
-                        // In the same critical section that saw the queue empty: a request
-                        // queued after this lock is released finds no leader and leads.
-                        q.leading = false;
-                        drop(q);
-                        std::mem::forget(release);
-                        return;
-                    }
-                    let n = q.pending.len().min(MAX_BATCH);
-                    q.pending.drain(..n).collect::<Vec<_>>()
-                };
-                self.commit_batch(&mut batch);
-            }
-        };
+        let work = || self.group.lead(MAX_BATCH, |mut batch| self.commit_batch(&mut batch));
         match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
             Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
             _ => work(),
@@ -245,7 +197,7 @@ impl Writer {
 
     /// Refuses new ops. Ops already queued are still committed by the current leader.
     pub(crate) fn stop(&self) {
-        self.lock().stopped = true;
+        self.group.stop();
     }
 }
 

@@ -132,7 +132,7 @@ impl BlobCache {
     /// (then `false`). A later download of the blob starts from its first byte.
     pub fn remove_idle_partial(&self, digest: &Digest) -> Result<bool, ImageError> {
         let lock = {
-            let mut map = self.downloading.lock().unwrap_or_else(|p| p.into_inner());
+            let mut map = crate::sync::lock(&self.downloading);
             map.entry(digest.hex().to_owned()).or_default().clone()
         };
         let Ok(_idle) = lock.try_lock() else { return Ok(false) };
@@ -201,7 +201,7 @@ impl BlobCache {
             return Ok((dest, 0));
         }
         let lock = {
-            let mut map = self.downloading.lock().unwrap_or_else(|p| p.into_inner());
+            let mut map = crate::sync::lock(&self.downloading);
             map.entry(layer.digest.hex().to_owned()).or_default().clone()
         };
         let _only_download = lock.lock().await;

@@ -12,8 +12,9 @@
 //! Prepares also take [`InUse::prepare`], a shared guard that blob collection takes
 //! exclusively: a prepare's blobs are downloaded before its base records them.
 
+use crate::sync::lock;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 /// (family, digest) → holds.
 pub type Held = HashMap<(String, String), usize>;
@@ -66,7 +67,3 @@ impl InUse {
     }
 }
 
-fn lock(m: &Mutex<Held>) -> MutexGuard<'_, Held> {
-    // Counters only; a panic cannot leave them half-updated.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}

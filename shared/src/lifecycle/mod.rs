@@ -15,6 +15,7 @@ mod in_use;
 pub mod inventory;
 mod versions;
 
+use crate::sync::lock;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -215,9 +216,6 @@ impl Lifecycle {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// A lifecycle call that failed as a whole.
 #[derive(Debug, thiserror::Error)]

@@ -23,7 +23,7 @@ impl InvocationLocks {
     /// Waits for, then holds, the lock of `invocation` until the guard is dropped.
     pub async fn lock(&self, invocation: &str) -> OwnedMutexGuard<()> {
         let lock = {
-            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            let mut locks = crate::sync::lock(&self.locks);
             match locks.get(invocation).and_then(Weak::upgrade) {
                 Some(lock) => lock,
                 None => {

@@ -148,7 +148,7 @@ impl EmbeddedQueue {
         let conn = self.conn.clone();
         let queue = self.describe();
         tokio::task::spawn_blocking(move || {
-            let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
+            let mut c = crate::sync::lock(&conn);
             f(&mut c)
         })
         .await

@@ -153,7 +153,7 @@ impl Store {
     pub(crate) fn with_conn<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
         // A panic while holding the connection leaves no half-done statement behind:
         // SQLite rolls back an unfinished statement itself.
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let conn = crate::sync::lock(&self.conn);
         f(&conn).map_err(|e| StoreError::classify(&self.path, e))
     }
 }

@@ -85,7 +85,7 @@ impl SqsQueue {
         if to.starts_with("https://") || to.starts_with("http://") {
             return Ok(to.to_owned());
         }
-        if let Some(u) = self.urls.lock().unwrap_or_else(|p| p.into_inner()).get(to) {
+        if let Some(u) = crate::sync::lock(&self.urls).get(to) {
             return Ok(u.clone());
         }
         let out = self
@@ -99,7 +99,7 @@ impl SqsQueue {
             .queue_url()
             .ok_or_else(|| QueueError::Invalid { queue: to.to_owned(), detail: "no URL returned".into() })?
             .to_owned();
-        self.urls.lock().unwrap_or_else(|p| p.into_inner()).insert(to.to_owned(), url.clone());
+        crate::sync::lock(&self.urls).insert(to.to_owned(), url.clone());
         Ok(url)
     }
 
