@@ -8,7 +8,7 @@ pub mod guest;
 pub mod http;
 pub mod otlp;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output};
 use std::time::{Duration, Instant};
 
@@ -356,6 +356,20 @@ impl Drop for SmallTmpfs {
         let out = run(Command::new("umount").arg("-l").arg(&self.mount));
         if !out.status.success() {
             eprintln!("unmounting {}: {}", self.mount.display(), String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
+
+/// Appends the `.rs` files under `dir` (recursively, skipping `target` and `node_modules`).
+pub fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        if path.is_dir() && name != "target" && name != "node_modules" {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
         }
     }
 }

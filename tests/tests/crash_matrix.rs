@@ -45,7 +45,7 @@ fn fault_points() -> Vec<(String, bool)> {
             }
         }
     }
-    for p in ["prepare.after_base_intent@web", "prepare.after_base_create@web"] {
+    for p in ["prepare.after_base_intent@web", "prepare.after_base_create@web", "prepare.after_seal@web"] {
         points.push((p.to_owned(), true));
     }
     // Inside activate's one step: before its first (and only) commit.
@@ -518,4 +518,42 @@ fn crash_matrix_dir_sqs() {
 #[test]
 fn crash_matrix_btrfs_sqs() {
     matrix(Backend::Btrfs, sqs);
+}
+
+/// Every fault point in the code is armed by some test: a point no test reaches proves
+/// nothing and rots. A test that arms a kill point (`fault::point`) is a crash test by
+/// definition; pauses and injected failures are armed by the tests that need a job held
+/// or failed. The names are read from the sources, so a new point fails this test until a
+/// test arms it.
+#[test]
+fn every_fault_point_is_armed_by_a_test() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut code = Vec::new();
+    for dir in ["shared/src", "worker/src", "enqueue/src"] {
+        thinpipe_tests::rust_files(&root.join(dir), &mut code);
+    }
+    let mut tests = Vec::new();
+    thinpipe_tests::rust_files(&root.join("tests"), &mut tests);
+    let tests: Vec<String> = tests.iter().map(|f| std::fs::read_to_string(f).unwrap()).collect();
+    let mut points = std::collections::BTreeMap::new();
+    for file in &code {
+        let text = std::fs::read_to_string(file).unwrap();
+        for kind in ["point", "pause", "pause_blocking", "fail"] {
+            let call = format!("fault::{kind}(\"");
+            for (at, _) in text.match_indices(&call) {
+                let rest = &text[at + call.len()..];
+                let name = &rest[..rest.find('"').unwrap()];
+                points.insert(name.to_owned(), (kind, file.strip_prefix(&root).unwrap().display().to_string()));
+            }
+        }
+    }
+    assert!(points.len() >= 20, "found only {} fault points: is the scan still right?", points.len());
+    let mut unarmed = Vec::new();
+    for (name, (kind, file)) in &points {
+        let quoted = format!("\"{name}");
+        if !tests.iter().any(|t| t.contains(&quoted)) {
+            unarmed.push(format!("{name} ({kind} in {file})"));
+        }
+    }
+    assert!(unarmed.is_empty(), "fault points armed by no test: {unarmed:?}");
 }
