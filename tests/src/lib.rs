@@ -212,10 +212,15 @@ impl Daemon {
     }
 
     /// SIGTERM, then waits up to `timeout` for the drain and exit.
-    pub fn stop(mut self, timeout: Duration) -> ExitStatus {
-        let mut child = self.child.take().expect("running");
+    pub fn stop(self, timeout: Duration) -> ExitStatus {
         // SAFETY: kill(2) on our own unreaped child.
-        assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) }, 0);
+        assert_eq!(unsafe { libc::kill(self.pid() as libc::pid_t, libc::SIGTERM) }, 0);
+        self.stop_waited(timeout)
+    }
+
+    /// After a signal already sent: waits up to `timeout` for the exit (then kills it).
+    pub fn stop_waited(mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = child.try_wait().expect("try_wait") {

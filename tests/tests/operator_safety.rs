@@ -387,18 +387,42 @@ fn a_release_naming_another_family_is_refused_and_releases_nothing() {
     assert!(!path.exists());
 }
 
-/// SIGTERM during a long unpack (a blocking step body) with `drain_deadline_secs = 2`: the
-/// worker exits within the deadline plus a small margin, and the job is handed back at
-/// once, so the next worker runs it long before the message's visibility timeout.
+/// The RFC 3339 time at the start of the first line of `log` containing `text`.
+fn logged_at(log: &str, text: &str) -> jiff::Timestamp {
+    let line = log.lines().find(|l| l.contains(text)).unwrap_or_else(|| panic!("no {text:?} in the log:\n{log}"));
+    line.split_whitespace().next().unwrap().parse().unwrap_or_else(|e| panic!("{e}: {line}"))
+}
+
+/// SIGTERM during a long unpack (a layer of 400 entries, each written slowly) with
+/// `drain_deadline_secs = 2`: the step is told to stop and stops at its next entry, so the
+/// worker exits within the deadline plus a small margin; the job is handed back at once, so
+/// the next worker runs it long before the message's visibility timeout. That next worker,
+/// started while the first drains, takes the state directory only after the first's step
+/// has stopped writing (the worker lease is given back only then).
 #[test]
-fn the_drain_deadline_bounds_the_exit_and_the_job_is_handed_back_at_once() {
+fn sigterm_during_a_long_unpack_stops_the_step_before_the_next_worker_starts() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path();
-    family(state, "web");
+    let family_dir = state.join("images/web");
+    std::fs::create_dir_all(&family_dir).unwrap();
+    let mut tar = tar::Builder::new(Vec::new());
+    for i in 0..400 {
+        let body = format!("file {i}\n");
+        let mut header = tar::Header::new_gnu();
+        header.set_size(body.len() as u64);
+        header.set_mode(0o644);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(1_700_000_000);
+        header.set_cksum();
+        tar.append_data(&mut header, format!("data/{i:04}"), body.as_bytes()).unwrap();
+    }
+    std::fs::write(family_dir.join("layer-1.tar"), tar.into_inner().unwrap()).unwrap();
     let env = [
         ("THINPIPE_WORKER_DRAIN_DEADLINE_SECS", "2"),
         ("THINPIPE_QUEUE_VISIBILITY_TIMEOUT_SECS", "120"),
-        ("THINPIPE_PAUSE", "prepare.apply@web=60000"),
+        // 400 entries at 50 ms: a 20 s unpack.
+        ("THINPIPE_PAUSE", "apply.entry=50"),
     ];
     let daemon = thinpipe_tests::Daemon::start(state, &env);
     let waiting = Command::new(bin("enqueue"))
@@ -408,18 +432,27 @@ fn the_drain_deadline_bounds_the_exit_and_the_job_is_handed_back_at_once() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    daemon.wait_for_log("pause point prepare.apply@web", Duration::from_secs(60));
+    daemon.wait_for_log("pause point apply.entry", Duration::from_secs(60));
+    let first_log = state.join("worker.log");
     let stopping = std::time::Instant::now();
-    let status = daemon.stop(Duration::from_secs(2 + 3));
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(daemon.pid() as libc::pid_t, libc::SIGTERM) }, 0);
+    // The next worker waits for the state directory while the first drains.
+    let next = thinpipe_tests::Daemon::start(state, &[("THINPIPE_WORKER_WAIT_FOR_STATE", "true")]);
+    let status = daemon.stop_waited(Duration::from_secs(2 + 3));
     let took = stopping.elapsed();
     assert!(status.success(), "{status:?}");
     assert!(took < Duration::from_secs(2 + 2), "exit {took:?} after SIGTERM with a 2 s drain deadline");
-    // The next worker takes the job at once (the message was made visible at the deadline).
-    let next = thinpipe_tests::Daemon::start(state, &[]);
+    let first = std::fs::read_to_string(&first_log).unwrap();
+    assert!(first.contains("the step's blocking work stopped"), "the step was not stopped:\n{first}");
     let out = waiting.wait_with_output().unwrap();
     let r: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("no result ({e})\n{}", next.log()));
     assert_eq!(r["status"], "succeeded", "{r}");
     assert!(stopping.elapsed() < Duration::from_secs(60), "handed back at once, not after the visibility timeout");
+    let second = next.log();
+    let stopped = logged_at(&first, "the step's blocking work stopped");
+    let started = logged_at(&second, "worker started");
+    assert!(stopped < started, "the next worker started at {started} while the first's step wrote until {stopped}");
     next.stop(Duration::from_secs(30));
 }
 

@@ -298,9 +298,18 @@ impl Executor {
             o = self.host.pipeline.prepare(manifest) => Some(o),
             _ = lost.cancelled() => None,
         };
+        let run_id = prepare_run_id(family, manifest.digest.as_str());
+        if outcome.is_none() {
+            // Not only the wait: the run itself stops (its step's blocking work included)
+            // before the blobs are given back to collection. It stays active and resumes
+            // when this family's prepare is next taken.
+            let why = format!("lost the prepare lease of {family}");
+            if self.host.engine.stop_run(&run_id, &why).await {
+                tracing::warn!(family, run_id, "{why}: its run is stopped and resumes when the prepare is taken again");
+            }
+        }
         drop(blobs);
         drop(renewer);
-        let run_id = prepare_run_id(family, manifest.digest.as_str());
         let result = match outcome {
             None => {
                 Err(Prep::Retry(format!("lost the prepare lease of {family}; another process may be preparing it")))

@@ -85,8 +85,16 @@ impl Host {
         Ok(Host { config, engine, store, pipeline, lifecycle, lease_lost, closing, renewal })
     }
 
-    /// Stops the engine (runs stay resumable) and gives the worker lease back.
+    /// Stops the engine (runs stay resumable) and gives the worker lease back, but only
+    /// once no step body runs: the engine's shutdown tells each step to stop and waits for
+    /// their blocking work (`fsm/stop.rs`), up to the drain deadline. If one is still
+    /// running then (stuck in the kernel, say), the lease is kept: it expires by itself
+    /// after the process (and the step with it) has exited, so no other worker can start on
+    /// this state directory while a step of this one still writes.
     pub async fn close(&self) {
+        // The lease is renewed while the steps stop: it must not expire under them.
+        let grace = Duration::from_secs(self.config.worker.drain_deadline_secs);
+        let stopped = tokio::time::timeout(grace, self.engine.shutdown()).await.is_ok();
         self.closing.cancel();
         let renewal = thinpipe::sync::lock(&self.renewal).take();
         if let Some(renewal) = renewal
@@ -94,12 +102,18 @@ impl Host {
         {
             tracing::warn!(error = %e, "the worker lease renewal ended abnormally");
         }
-        self.engine.shutdown().await;
+        if !stopped {
+            tracing::error!(
+                waited_secs = grace.as_secs(),
+                "a step is still running after the engine was told to stop; the worker lease is kept (it expires after this process exits) so that no worker starts on this state directory while the step writes"
+            );
+            return;
+        }
         let store = self.store.clone();
         let released =
             tokio::task::spawn_blocking(move || store.release_lease(WORKER_LEASE, Holder::this_process())).await;
         match released {
-            Ok(Ok(_)) => {}
+            Ok(Ok(_)) => tracing::info!("worker lease released"),
             Ok(Err(e)) => tracing::warn!(error = %e, "could not release the worker lease; it expires by itself"),
             Err(e) => tracing::warn!(error = %e, "could not release the worker lease; it expires by itself"),
         }

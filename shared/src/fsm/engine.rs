@@ -18,7 +18,7 @@ use super::error::{ArchiveError, CancelError, OpenError, PruneError, ReadError, 
 use super::key;
 use super::runner;
 use super::schema::{EventKind, Failure, FailureKind, LOG, RUNS, RunRecord, RunStatus, now_ms, read_header};
-use super::state::{Inner, RawOutcome, RunEnd, lock};
+use super::state::{Running, Inner, RawOutcome, RunEnd, lock};
 use super::workflow::{BoundRun, ErasedWorkflow};
 use super::writer::{Change, Op, OpError, Reply, Unrecorded, Update, Writer};
 
@@ -314,21 +314,22 @@ impl Engine {
         unrecorded: Option<Unrecorded>,
         trace_parent: Option<String>,
     ) {
-        let cancel = CancellationToken::new();
+        let run = Running { stop: self.inner.shutdown.child_token(), ended: CancellationToken::new() };
         {
             let mut running = lock(&self.inner.running);
             if running.contains_key(&id) {
                 return;
             }
-            running.insert(id.clone(), cancel.clone());
+            running.insert(id.clone(), run.clone());
         }
         let inner = self.inner.clone();
         self.inner.tasks.spawn(async move {
             let end =
-                runner::drive(&inner, wf, bound, &id, position, unrecorded, trace_parent.as_deref(), &cancel).await;
+                runner::drive(&inner, wf, bound, &id, position, unrecorded, trace_parent.as_deref(), &run.stop).await;
             // A run that stopped before its first commit leaves nothing behind.
             lock(&inner.unrecorded).remove(&id);
             lock(&inner.running).remove(&id);
+            run.ended.cancel();
             if let Some(end) = end {
                 inner.notify(&id, end);
             }
@@ -438,11 +439,23 @@ impl Engine {
             Err(OpError::Stopped) => return Err(CancelError::ShutDown),
             Err(e) => return Err(CancelError::Storage(e.to_string())),
         }
-        if let Some(token) = lock(&self.inner.running).get(id) {
-            token.cancel();
+        if let Some(run) = lock(&self.inner.running).get(id) {
+            run.stop.cancel();
         }
         self.inner.notify(id, RunEnd::Finished(RawOutcome::Failed(failure)));
         Ok(())
+    }
+
+    /// Stops the task driving run `id` in this process without recording anything: the run
+    /// stays active, resumable by the next start. Returns once the task has ended, its
+    /// step's blocking work included (`fsm/stop.rs`); waiters get `Interrupted` with
+    /// `reason`. `false` if no task of this engine drives it.
+    pub async fn stop_run(&self, id: &str, reason: &str) -> bool {
+        let Some(run) = lock(&self.inner.running).get(id).cloned() else { return false };
+        run.stop.cancel();
+        run.ended.cancelled().await;
+        self.inner.notify(id, RunEnd::Interrupted(reason.to_owned()));
+        true
     }
 
     /// Re-runs every unfinished run of every registered workflow, each from its own last

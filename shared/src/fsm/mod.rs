@@ -12,7 +12,8 @@
 //!
 //! Layout: `workflow` (the typed definition), `engine` (open, register, start, wait,
 //! cancel, resume, archive, prune, shutdown), `state` (what the engine and its run tasks
-//! share), `runner` (one run's loop), `history` (listings and run details), `handle` (the
+//! share), `runner` (one run's loop), `stop` (a step
+//! body's stop signal and the blocking work it owns), `history` (listings and run details), `handle` (the
 //! typed face of a workflow), `retry` (the only user of `backoff`), `writer` (every redb
 //! write, table creation included; leader/follower group commit in the caller's thread),
 //! `schema` (tables and records), `key` (collision-free composite keys). The commit protocol and crash
@@ -27,6 +28,7 @@ mod retry;
 mod runner;
 mod schema;
 mod state;
+mod stop;
 mod workflow;
 mod writer;
 
@@ -36,6 +38,7 @@ pub use handle::{RunError, WorkflowHandle};
 pub use history::{RecordedResponse, RunDetail, RunFilter, RunSummary, WorkflowInfo};
 pub use retry::{RetryPolicy, retry_transient};
 pub use schema::{AttemptErrorKind, Event, EventKind, Failure, FailureKind, RunStatus};
+pub use stop::StopSignal;
 pub use workflow::{StepError, StepRequest, StepResult, Workflow};
 
 #[cfg(test)]

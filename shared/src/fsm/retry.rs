@@ -3,6 +3,7 @@
 //! `backoff` 0.4 is unmaintained upstream (RUSTSEC-2025-0012); keeping every use of it here
 //! means a swap to `backon` or `tokio-retry2` touches this file alone.
 
+use tokio_util::sync::CancellationToken;
 use std::future::Future;
 use std::time::Duration;
 
@@ -72,14 +73,20 @@ pub(crate) enum AttemptResult<T, E> {
 }
 
 /// Runs `attempt` until it is done, permanent, or the policy's delay or elapsed bound ends it.
-/// The attempt count bound is the caller's, because it survives restarts.
-/// Delays are `tokio::time::sleep`, so tests can drive them with a paused clock.
-pub(crate) async fn retry<T, E, F, Fut>(policy: &RetryPolicy, mut attempt: F) -> Result<T, E>
+/// The attempt count bound is the caller's, because it survives restarts. A delay ends early
+/// when `stop` fires (the next attempt then sees it and stops), so a stopped run does not
+/// wait out its backoff. Delays are `tokio::time::sleep`, so tests can drive them with a
+/// paused clock.
+pub(crate) async fn retry<T, E, F, Fut>(
+    policy: &RetryPolicy,
+    stop: &CancellationToken,
+    mut attempt: F,
+) -> Result<T, E>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = AttemptResult<T, E>>,
 {
-    backoff::future::retry(policy.backoff(), || {
+    let operation = || {
         let fut = attempt();
         async move {
             match fut.await {
@@ -88,8 +95,26 @@ where
                 AttemptResult::Permanent(e) => Err(backoff::Error::Permanent(e)),
             }
         }
-    })
-    .await
+    };
+    let notify = |_: E, _: std::time::Duration| {};
+    backoff::future::Retry::new(StoppableSleep(stop.clone()), policy.backoff(), notify, operation).await
+}
+
+/// `backoff`'s sleeper: tokio's sleep, cut short by a stop token.
+struct StoppableSleep(CancellationToken);
+
+impl backoff::future::Sleeper for StoppableSleep {
+    type Sleep = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+    fn sleep(&self, dur: std::time::Duration) -> Self::Sleep {
+        let stop = self.0.clone();
+        Box::pin(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(dur) => {}
+                _ = stop.cancelled() => {}
+            }
+        })
+    }
 }
 
 /// Calls `f` until it succeeds, fails with an error `transient` says is not worth retrying,
@@ -106,7 +131,7 @@ where
     Fut: Future<Output = Result<T, E>>,
 {
     let mut attempts = 0;
-    retry(policy, || {
+    retry(policy, &CancellationToken::new(), || {
         attempts += 1;
         let last = attempts >= policy.max_attempts;
         let fut = f();

@@ -13,6 +13,7 @@ use tracing::Instrument;
 use super::retry::{AttemptResult, retry};
 use super::schema::{AttemptErrorKind, EventKind, Failure, FailureKind};
 use super::state::{Inner, RawOutcome, RunEnd};
+use super::stop::StopSignal;
 use super::workflow::{BoundRun, CallError, ErasedWorkflow, StepError};
 use super::writer::{Change, Op, OpError, Unrecorded, Update};
 use crate::fault;
@@ -159,10 +160,12 @@ async fn run_step(
     let policy = wf.policy(step as usize).clone();
     let mut attempts = attempts_before;
     let fault_detail = format!("{id}/{name}");
-    retry(&policy, || {
+    retry(&policy, cancel, || {
         attempts += 1;
         let attempt = attempts;
-        let call = bound.call(step as usize, w, attempt);
+        // Fires with the run's token (shutdown, cancel, stop) and when the attempt ends.
+        let stop_signal = StopSignal::new(cancel.child_token());
+        let call = bound.call(step as usize, w, attempt, stop_signal.clone());
         let inner = inner.clone();
         let policy = policy.clone();
         let fault_detail = fault_detail.clone();
@@ -196,9 +199,22 @@ async fn run_step(
             let guarded = tokio::time::timeout(policy.attempt_timeout, AssertUnwindSafe(call).catch_unwind());
             let result = tokio::select! {
                 biased;
-                _ = inner.shutdown.cancelled() => return stop("shutdown"),
-                _ = cancel.cancelled() => return stop("cancelled"),
-                r = guarded => r,
+                _ = inner.shutdown.cancelled() => Err("shutdown"),
+                _ = cancel.cancelled() => Err("stopped or cancelled"),
+                r = guarded => Ok(r),
+            };
+            // The attempt is over however it ended: its blocking work returns before the run
+            // moves on, retries, commits or stops (no step body outlives its run's task).
+            if stop_signal.running() > 0 {
+                tracing::info!("waiting for the step's blocking work to stop");
+                stop_signal.finish().await;
+                tracing::info!("the step's blocking work stopped");
+            } else {
+                stop_signal.finish().await;
+            }
+            let result = match result {
+                Ok(r) => r,
+                Err(why) => return stop(why),
             };
             let duration_ms = started.elapsed().as_millis() as u64;
             let failed = |kind: AttemptErrorKind, error: String| EventKind::AttemptFailed {

@@ -17,6 +17,15 @@ use super::schema::Failure;
 use super::workflow::ErasedWorkflow;
 use super::writer::{Op, OpError, Reply, Unrecorded, Writer};
 
+/// A run driven by a task of this engine.
+#[derive(Clone)]
+pub(super) struct Running {
+    /// Stops the task (a child of the engine's shutdown token).
+    pub(super) stop: CancellationToken,
+    /// Fires when the task has ended, its steps' blocking work included.
+    pub(super) ended: CancellationToken,
+}
+
 #[derive(Clone, Debug)]
 pub(crate) enum RawOutcome {
     Completed(Vec<u8>),
@@ -36,7 +45,7 @@ pub(crate) struct Inner {
     pub(crate) writer: Writer,
     pub(super) workflows: RwLock<HashMap<&'static str, Arc<dyn ErasedWorkflow>>>,
     pub(super) waiters: Mutex<HashMap<String, watch::Sender<Option<RunEnd>>>>,
-    pub(super) running: Mutex<HashMap<String, CancellationToken>>,
+    pub(super) running: Mutex<HashMap<String, Running>>,
     /// Runs started but not yet in the run log (their start commits with their first
     /// transition). An entry leaves only after that commit, so a reader that holds this lock
     /// and does not find an id here finds it in the run log if it was started.

@@ -19,6 +19,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::retry::RetryPolicy;
+use super::stop::StopSignal;
 
 /// What a step receives.
 #[derive(Debug)]
@@ -30,6 +31,8 @@ pub struct StepRequest<R, W> {
     pub w: W,
     /// 1 for the first attempt of this step; counts across restarts.
     pub attempt: u32,
+    /// Fires when this attempt must end; blocking work goes through it (`fsm/stop.rs`).
+    pub stop: StopSignal,
 }
 
 /// A step's error, classified for the retry loop.
@@ -145,7 +148,8 @@ pub(crate) trait ErasedWorkflow: Send + Sync {
 
 /// One run's input bound to the workflow's steps.
 pub(crate) trait BoundRun: Send + Sync {
-    fn call(&self, index: usize, w: &[u8], attempt: u32) -> BoxFuture<'static, Result<Vec<u8>, CallError>>;
+    fn call(&self, index: usize, w: &[u8], attempt: u32, stop: StopSignal)
+    -> BoxFuture<'static, Result<Vec<u8>, CallError>>;
 }
 
 pub(crate) enum CallError {
@@ -201,7 +205,13 @@ where
     R: Send + Sync + 'static,
     W: Serialize + DeserializeOwned + Send + 'static,
 {
-    fn call(&self, index: usize, w: &[u8], attempt: u32) -> BoxFuture<'static, Result<Vec<u8>, CallError>> {
+    fn call(
+        &self,
+        index: usize,
+        w: &[u8],
+        attempt: u32,
+        stop: StopSignal,
+    ) -> BoxFuture<'static, Result<Vec<u8>, CallError>> {
         // The runner only calls indices below `step_count`.
         let step = self.steps[index].clone();
         let decoded: Result<W, _> = serde_json::from_slice(w);
@@ -214,7 +224,7 @@ where
                     std::any::type_name::<W>()
                 ))
             })?;
-            let next = step(StepRequest { run_id, r, w, attempt }).await.map_err(CallError::Step)?;
+            let next = step(StepRequest { run_id, r, w, attempt, stop }).await.map_err(CallError::Step)?;
             serde_json::to_vec(&next).map_err(|e| CallError::Corrupt(format!("response does not encode: {e}")))
         })
     }

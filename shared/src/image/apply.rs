@@ -42,6 +42,9 @@ pub struct ApplyOptions {
     /// The refusal watermark (percent of the volume storage) that `prepare` measures
     /// `room_bytes` against before each layer.
     pub refuse_percent: Option<f64>,
+    /// When it fires, the unpacker stops before its next entry ([`ImageError::Stopped`]):
+    /// the run's stop signal, so a stopped prepare stops writing into its base.
+    pub stop: Option<tokio_util::sync::CancellationToken>,
 }
 
 impl Default for ApplyOptions {
@@ -53,6 +56,7 @@ impl Default for ApplyOptions {
             rootless: false,
             room_bytes: None,
             refuse_percent: None,
+            stop: None,
         }
     }
 }
@@ -208,6 +212,11 @@ impl Applier<'_> {
         let mut dir_times = Vec::new();
         let entries = archive.entries().map_err(|e| self.corrupt(e))?;
         for entry in entries {
+            if self.opts.stop.as_ref().is_some_and(|t| t.is_cancelled()) {
+                return Err(ImageError::Stopped { layer: self.layer.to_owned(), entries: self.stats.entries });
+            }
+            // A slow disk, for the tests of stopping a long unpack.
+            crate::fault::pause_blocking("apply.entry", self.layer);
             let mut entry = entry.map_err(|e| self.corrupt(e))?;
             let raw = entry.path().map_err(|e| self.corrupt(e))?.into_owned();
             let before = self.stats.written;

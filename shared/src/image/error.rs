@@ -54,6 +54,8 @@ pub enum ImageError {
         "layer {layer}: entry {entry:?} is owned by {owner}, and this worker runs as {me}, not root, so it cannot keep that owner; run the worker as root, or set images.rootless = true to apply such images owned by this user with their setuid/setgid bits removed"
     )]
     OwnersNeedRoot { layer: String, entry: String, owner: String, me: String },
+    #[error("layer {layer}: stopped after {entries} entries (the run was stopped; it is applied again from its first entry when the run resumes)")]
+    Stopped { layer: String, entries: u64 },
     #[error("layer {layer} is truncated or corrupt: {detail}")]
     Corrupt { layer: String, detail: String },
     // The cause is in the message, and not also a `source()`: `{:#}` would print it twice.
@@ -68,7 +70,7 @@ impl ImageError {
             // A full or read-only disk does not heal by retrying at once: fail the run with
             // the reason (a later job starts it again, reusing the half-built base).
             Self::Io { error, .. } => !matches!(error.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT | libc::EROFS)),
-            Self::Unavailable { .. } => true,
+            Self::Unavailable { .. } | Self::Stopped { .. } => true,
             _ => false,
         }
     }

@@ -53,7 +53,7 @@ async fn activate_snapshot(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Ac
     let ttl = req.r.ttl_secs.map(std::time::Duration::from_secs);
     let _serial = ctx.invocations.lock(&req.r.invocation_id).await;
     let c = ctx.clone();
-    let (snap, path, digest) = blocking(move || {
+    let (snap, path, digest) = blocking(&req.stop, move || {
         let row = match c
             .store
             .intend_snapshot(&run_id, &family, base, ttl, c.host_id.as_deref(), |id| VolumeId::Snap(id).to_string())

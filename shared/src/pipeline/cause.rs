@@ -96,7 +96,7 @@ impl Cause {
             ImageError::Io { .. } => Cause::HostStorage,
             ImageError::TooLargeForHost { .. } | ImageError::NoRoomToDownload { .. } => Cause::HostFull,
             ImageError::OwnersNeedRoot { .. } => Cause::HostSetup,
-            ImageError::Unavailable { .. } => Cause::Other,
+            ImageError::Unavailable { .. } | ImageError::Stopped { .. } => Cause::Other,
         }
     }
 

@@ -27,6 +27,7 @@ use std::sync::Arc;
 
 use crate::fault;
 use crate::fsm::{
+    StopSignal,
     ArchiveError, Engine, Failure, FailureKind, Outcome, RegisterError, RunError, RunFilter, RunStatus, StartOutcome,
     StepError, WorkflowHandle,
 };
@@ -288,7 +289,8 @@ impl Pipeline {
             let _serial = self.ctx.invocations.lock(&invocation).await;
             let ctx = self.ctx.clone();
             let detail = release_run_id(&invocation);
-            match blocking(move || release::finish_release(&ctx, &invocation, &detail)).await {
+            // At start, outside any run: awaited right here.
+            match blocking(&StopSignal::default(), move || release::finish_release(&ctx, &invocation, &detail)).await {
                 Ok(_) => finished += 1,
                 Err(e) => {
                     tracing::warn!(run_id = %row.run_id, error = %e, "could not finish a recorded release; the next start tries again")
@@ -315,16 +317,19 @@ async fn on_store<T: Send + 'static>(
     }
 }
 
-/// Runs blocking work (SQLite, file trees, volumes) off the async threads.
+/// Runs a step's blocking work (SQLite, file trees, volumes) off the async threads, as work
+/// of the step's attempt (`stop`): the engine waits for it before the run moves on or stops,
+/// and long work checks `stop` between its units (`fsm/stop.rs`).
 async fn blocking<T: Send + 'static>(
+    stop: &StopSignal,
     f: impl FnOnce() -> Result<T, StepError> + Send + 'static,
 ) -> Result<T, StepError> {
     // The blocking work carries the step's span, so volume operations nest under it.
     let span = tracing::Span::current();
     // Not `block_in_place`: it would save two thread hand-offs per step (measured: 0.1 ms an
-    // activation), but the step could then no longer be abandoned at shutdown or when the
-    // worker lease is lost; it would run to its commit.
-    tokio::task::spawn_blocking(move || span.in_scope(f))
+    // activation), but the step could then no longer be stopped at shutdown or when a
+    // lease is lost; it would run to its commit.
+    stop.spawn_blocking(move || span.in_scope(f))
         .await
         .map_err(|e| StepError::transient(format!("blocking task failed: {e}")))?
 }

@@ -71,7 +71,7 @@ async fn fetch_manifest(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Prepa
     };
     let source = ctx.source.describe();
     let store = ctx.store.clone();
-    blocking(move || store.upsert_image(&family, &source).map_err(store_err)).await?;
+    blocking(&req.stop, move || store.upsert_image(&family, &source).map_err(store_err)).await?;
     Ok(PrepareState { manifest: Some(manifest), ..req.w })
 }
 
@@ -156,7 +156,7 @@ async fn prepare_thin_base(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Pr
     let digest = manifest.digest.to_string();
     let blobs: Vec<String> = manifest.layers.iter().map(|l| l.digest.to_string()).collect();
     let family = req.r.family.clone();
-    let base = blocking(move || {
+    let base = blocking(&req.stop, move || {
         let row = match ctx.store.intend_base(&family, &digest, &blobs).map_err(store_err)? {
             BaseIntent::Ready(row) => row,
             BaseIntent::Retiring(row) => {
@@ -185,18 +185,19 @@ async fn unpack_into_base(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Pre
     fault::pause("prepare.unpack", &req.r.family).await;
     let base = req.w.base_vol_id.ok_or_else(|| StepError::abort("the response chain has no base volume"))?;
     let family = req.r.family.clone();
-    let applied = blocking(move || {
+    let stop = req.stop.clone();
+    let applied = blocking(&req.stop, move || {
         let (mut devices_skipped, mut owners_dropped, mut setid_stripped) = (0, 0, 0);
         let mut written = None;
         // Sealed by an earlier attempt that crashed before its commit: only the record is left.
         if !ctx.backend.is_sealed(base).map_err(volume_err)? {
             // A rerun starts from an empty base: never apply layers over a half-applied tree.
             let root = ctx.backend.reset_base(base).map_err(volume_err)?;
-            fault::pause_blocking("prepare.apply", &family);
             for layer in &manifest.layers {
                 let blob = ctx.cache.path(&layer.digest);
                 let name = format!("{} ({})", layer.digest, layer.location);
                 let mut opts = ctx.apply.clone();
+                opts.stop = Some(stop.token().clone());
                 if let Some(limit) = opts.refuse_percent {
                     opts.room_bytes = Some(room_below(&ctx.backend.usage().map_err(volume_err)?, limit));
                 }

@@ -41,7 +41,7 @@ async fn release_snapshot(
     let invocation = req.r.invocation_id.clone();
     let _serial = ctx.invocations.lock(&invocation).await;
     let run_id = req.run_id.to_string();
-    let snap = blocking(move || finish_release(&ctx, &invocation, &run_id)).await?;
+    let snap = blocking(&req.stop, move || finish_release(&ctx, &invocation, &run_id)).await?;
     Ok(ReleaseState { snapshot_id: Some(snap) })
 }
 

@@ -42,7 +42,7 @@ pub(super) fn workflow(ctx: Arc<PipelineContext>) -> Workflow<RetireInput, Retir
 async fn delete_base_volume(ctx: Arc<PipelineContext>, req: Req) -> StepResult<RetireState> {
     let id = req.r.base_vol_id;
     let run_id = req.run_id.to_string();
-    blocking(move || {
+    blocking(&req.stop, move || {
         match ctx.store.base(id).map_err(store_err)? {
             // Gone: an earlier attempt finished both steps' work before crashing.
             None => return Ok(()),
@@ -68,7 +68,7 @@ async fn forget_base(ctx: Arc<PipelineContext>, req: Req) -> StepResult<RetireSt
         return Err(StepError::abort("the response chain says the volume was not deleted"));
     }
     let (id, family, digest) = (req.r.base_vol_id, req.r.family.clone(), req.r.digest.clone());
-    blocking(move || {
+    blocking(&req.stop, move || {
         ctx.store.forget_base(id).map_err(store_err)?;
         tracing::info!(%family, version = %digest, base = %VolumeId::Base(id), "old base deleted");
         Ok(())

@@ -1,0 +1,67 @@
+//! A step body's stop signal and the blocking work it owns.
+//!
+//! Each attempt of a step gets a [`StopSignal`]. It fires when the attempt must end
+//! without completing: the engine shuts down, the run is cancelled or stopped
+//! ([`super::Engine::stop_run`]), or the attempt timed out. A step body that works on a
+//! blocking thread starts that work through [`StopSignal::spawn_blocking`] and checks
+//! [`StopSignal::is_stopped`] between units of work (the unpacker between entries). The
+//! runner does not move on, retry, commit or report the run stopped until every piece of
+//! blocking work of the attempt has returned: so no step body outlives its run's task, the
+//! engine's shutdown waits for them, and the worker lease is given back only after them.
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// See the module docs. Cheap to clone; every clone is the same signal.
+#[derive(Clone, Debug, Default)]
+pub struct StopSignal {
+    token: CancellationToken,
+    work: TaskTracker,
+}
+
+impl StopSignal {
+    /// A signal that fires with `token` (and when the attempt ends).
+    pub(crate) fn new(token: CancellationToken) -> Self {
+        Self { token, work: TaskTracker::new() }
+    }
+
+    /// Whether the step must stop now.
+    pub fn is_stopped(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// Resolves when the step must stop.
+    pub async fn stopped(&self) {
+        self.token.cancelled().await
+    }
+
+    /// The signal as a token, for code that knows nothing of the engine (the unpacker).
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+
+    /// Runs `f` on a blocking thread as work of this attempt: the runner waits for it
+    /// before the run moves on or stops. `f` should check [`StopSignal::is_stopped`].
+    pub fn spawn_blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> tokio::task::JoinHandle<T> {
+        let held = self.work.token();
+        tokio::task::spawn_blocking(move || {
+            let _held = held;
+            f()
+        })
+    }
+
+    /// Fires the signal and waits for the attempt's blocking work to return.
+    pub(crate) async fn finish(&self) {
+        self.token.cancel();
+        self.work.close();
+        self.work.wait().await;
+    }
+
+    /// Blocking work of this attempt still running.
+    pub(crate) fn running(&self) -> usize {
+        self.work.len()
+    }
+}
