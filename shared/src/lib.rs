@@ -5,7 +5,10 @@
 //! - [`store`]: the host's SQLite database: images, snapshots, leases, id sequences;
 //! - [`image`]: blob sources, manifests, the blob cache, layer application;
 //! - [`volume`]: the `VolumeBackend` trait and its backends;
-//! - [`pipeline`]: the prepare, activate and release workflows;
+//! - [`pipeline`]: the prepare, activate, release and retire workflows;
+//! - [`lifecycle`]: what decides over time: current versions, garbage collection, capacity,
+//!   expiry (the worker's maintenance task);
+//! - [`reconcile`]: the backend's volumes against the host database's records;
 //! - [`progress`]: how far the running steps have got, and the terminal bar that shows it;
 //! - [`queue`]: the `JobQueue` trait, the embedded and SQS queues;
 //! - [`job`]: the job message schema and results;
@@ -13,7 +16,7 @@
 //! - [`quote`]: quoting user input in messages, cut to a readable length;
 //! - [`sync`]: the one lock helper and the one group-commit protocol;
 //! - [`sigpipe`]: one-shot commands end quietly when their output pipe closes;
-//! - [`fault`]: named fault points for crash tests (compiled out of release builds).
+//! - [`fault`]: named fault points for crash tests (compiled out of release builds);
 //! - [`telemetry`]: logs, OpenTelemetry traces and metrics, trace context propagation.
 
 pub mod aws;

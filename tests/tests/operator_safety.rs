@@ -7,6 +7,8 @@
 //! - A `dir` snapshot copy killed half way leaves an in-between artifact that the release
 //!   (arriving first after the restart) removes; reconcile and `worker gc` list and sweep
 //!   any other.
+//! - SIGTERM during a long unpack stops the step at its next entry, within the drain
+//!   deadline, and a second worker waiting for the state directory starts only after.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -14,10 +14,10 @@
 //! prepared once per host: one task per family in this process (a lock), one process per
 //! family (the `prepare/<family>` lease).
 
-use thinpipe::sync::lock;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use thinpipe::sync::lock;
 
 use thinpipe::fsm::{Failure, FailureKind, Outcome, RunError};
 use thinpipe::image::Manifest;
@@ -405,12 +405,18 @@ fn not_run(e: PipelineError, mut result: JobResult) -> JobEnd {
             result.cause = Some(Cause::NotFound.as_str().to_owned());
             JobEnd::DeadLetter(e.to_string(), Some(result))
         }
-        PipelineError::Run(RunError::Start(start)) if !start.is_retryable() => {
+        PipelineError::Run(RunError::Start(start)) if start.is_callers_mistake() => {
             result.status = JobStatus::Failed;
             result.error = Some(e.to_string());
             JobEnd::DeadLetter(e.to_string(), Some(result))
         }
-        _ => JobEnd::Retry(e.to_string()),
+        // A fault of this host or build (a corrupt run record, an unregistered workflow): the
+        // job is not at fault and stays; the error is loud, and the job is retried later.
+        PipelineError::Run(RunError::Start(start)) if !start.is_retryable() => {
+            tracing::error!(error = %e, "the job cannot run on this host until its run log or program is repaired; it is retried later");
+            JobEnd::Retry(e.to_string())
+        }
+        PipelineError::Run(_) | PipelineError::Archive(_) | PipelineError::Store(_) => JobEnd::Retry(e.to_string()),
     }
 }
 
@@ -421,4 +427,3 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, StoreError> +
         Err(e) => Err(Prep::Retry(format!("blocking task failed: {e}"))),
     }
 }
-

@@ -19,15 +19,16 @@
 //! drain): the loop is not ready from that moment, stops receiving (a receive in flight is
 //! finished, not dropped, and what it brought is handed back at once), hands back jobs still
 //! waiting for their family's prepare, waits for the jobs in flight up to the drain deadline
-//! (counted from the signal), makes the messages of jobs still running visible again, and
-//! stops the engine (their runs resume at the next start). After an admin drain the process
+//! (counted from the signal), makes the messages of jobs still running visible again, stops
+//! the maintenance task, and returns; `Host::close` then stops the engine (the runs of
+//! unfinished jobs stop their steps and resume at the next start). After an admin drain the process
 //! stays up until it is told to stop.
 
-use thinpipe::sync::lock;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use thinpipe::sync::lock;
 
 use thinpipe::job::{Job, JobKind, JobResult, JobStatus};
 use thinpipe::queue::{Delivery, JobQueue};
@@ -264,8 +265,8 @@ impl JobLoop {
         }
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
-        // Maintenance stops between passes; a pass still running at the deadline is dropped
-        // (its retire and release runs are durable and resume at the next start).
+        // Maintenance returns at once when told, dropping a pass where it stands (see
+        // `Lifecycle::run`); the deadline only bounds a pass stuck outside an await.
         maintenance_stop.cancel();
         let mut maintenance = maintenance;
         if tokio::time::timeout_at(deadline, &mut maintenance).await.is_err() {
@@ -475,7 +476,6 @@ fn invocation_of(body: &str) -> Option<String> {
     let v: serde_json::Value = serde_json::from_str(body).ok()?;
     v.get("invocation_id")?.as_str().map(str::to_owned)
 }
-
 
 fn forget(in_flight: &Mutex<InFlight>, done: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
     let id = match done {

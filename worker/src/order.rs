@@ -7,9 +7,9 @@
 //! order); the job's task waits for its turn once its visibility heartbeat runs. A turn ends
 //! when it is dropped, however the job ends.
 
-use thinpipe::sync::lock;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use thinpipe::sync::lock;
 
 use tokio::sync::oneshot;
 
@@ -65,7 +65,6 @@ impl Drop for Turn {
         }
     }
 }
-
 
 #[cfg(test)]
 mod tests {

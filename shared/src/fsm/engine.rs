@@ -18,7 +18,7 @@ use super::error::{ArchiveError, CancelError, OpenError, PruneError, ReadError, 
 use super::key;
 use super::runner;
 use super::schema::{EventKind, Failure, FailureKind, LOG, RUNS, RunRecord, RunStatus, now_ms, read_header};
-use super::state::{Running, Inner, RawOutcome, RunEnd, lock};
+use super::state::{Inner, RawOutcome, RunEnd, Running, lock};
 use super::workflow::{BoundRun, ErasedWorkflow};
 use super::writer::{Change, Op, OpError, Reply, Unrecorded, Update, Writer};
 

@@ -20,11 +20,30 @@ pub enum OpenError {
     NoRuntime,
 }
 
+impl OpenError {
+    /// Only another process holding the file can go away by itself.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::AlreadyOpen { .. } => true,
+            Self::Open { .. } | Self::Init { .. } | Self::NoRuntime => false,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RegisterError {
     #[error("workflow {0} is registered twice")]
     Duplicate(String),
+}
+
+impl RegisterError {
+    /// A program error: registering again cannot help.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Duplicate(_) => false,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,8 +70,31 @@ pub enum StartError {
 }
 
 impl StartError {
+    /// Whether the same start may succeed later without anyone changing anything.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Storage(_) | Self::ShutDown)
+        match self {
+            Self::Storage(_) | Self::ShutDown => true,
+            Self::InvalidId(_)
+            | Self::WrongWorkflow { .. }
+            | Self::InputMismatch { .. }
+            | Self::Encode { .. }
+            | Self::Corrupt { .. }
+            | Self::NotRegistered(_) => false,
+        }
+    }
+
+    /// Whether the request itself is wrong (an id that cannot be, or one reused for other
+    /// work): no retry and no repair of the host helps, so a job carrying it is
+    /// dead-lettered. The other permanent errors are faults of the host or the program (a
+    /// run record that does not decode, a workflow this build does not register, an input
+    /// that does not encode): the job is kept and retried, and the error is logged loudly.
+    pub fn is_callers_mistake(&self) -> bool {
+        match self {
+            Self::InvalidId(_) | Self::WrongWorkflow { .. } | Self::InputMismatch { .. } => true,
+            Self::Encode { .. } | Self::Corrupt { .. } | Self::NotRegistered(_) | Self::Storage(_) | Self::ShutDown => {
+                false
+            }
+        }
     }
 }
 
@@ -71,7 +113,10 @@ pub enum WaitError {
 
 impl WaitError {
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Interrupted { .. } | Self::Storage(_))
+        match self {
+            Self::Interrupted { .. } | Self::Storage(_) => true,
+            Self::NotFound(_) | Self::Decode { .. } => false,
+        }
     }
 }
 
@@ -86,6 +131,15 @@ pub enum CancelError {
     Storage(String),
     #[error("the engine is shutting down")]
     ShutDown,
+}
+
+impl CancelError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Storage(_) | Self::ShutDown => true,
+            Self::NotFound(_) | Self::NotActive { .. } => false,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,7 +157,10 @@ pub enum ArchiveError {
 
 impl ArchiveError {
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Storage(_) | Self::ShutDown)
+        match self {
+            Self::Storage(_) | Self::ShutDown => true,
+            Self::NotFound(_) | Self::StillActive(_) => false,
+        }
     }
 }
 
@@ -114,6 +171,15 @@ pub enum PruneError {
     Storage(String),
     #[error("the engine is shutting down")]
     ShutDown,
+}
+
+impl PruneError {
+    /// Pruning is maintenance: the next pass tries again.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Storage(_) | Self::ShutDown => true,
+        }
+    }
 }
 
 /// A read of the run log failed.
@@ -129,6 +195,11 @@ impl From<redb::Error> for ReadError {
 }
 
 impl ReadError {
+    /// A failed read may succeed later unless the file is corrupt.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self.0, redb::Error::Corrupted(_))
+    }
+
     pub(crate) fn from_any(e: impl Into<redb::Error>) -> Self {
         Self(e.into())
     }

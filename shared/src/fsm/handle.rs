@@ -95,6 +95,15 @@ pub enum RunError {
     Wait(#[from] WaitError),
 }
 
+impl RunError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Start(e) => e.is_retryable(),
+            Self::Wait(e) => e.is_retryable(),
+        }
+    }
+}
+
 fn raw_of(o: Outcome<Vec<u8>>) -> RawOutcome {
     match o {
         Outcome::Completed(w) => RawOutcome::Completed(w),

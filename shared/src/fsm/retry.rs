@@ -3,9 +3,9 @@
 //! `backoff` 0.4 is unmaintained upstream (RUSTSEC-2025-0012); keeping every use of it here
 //! means a swap to `backon` or `tokio-retry2` touches this file alone.
 
-use tokio_util::sync::CancellationToken;
 use std::future::Future;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 use serde::{Deserialize, Serialize};
 
@@ -77,11 +77,7 @@ pub(crate) enum AttemptResult<T, E> {
 /// when `stop` fires (the next attempt then sees it and stops), so a stopped run does not
 /// wait out its backoff. Delays are `tokio::time::sleep`, so tests can drive them with a
 /// paused clock.
-pub(crate) async fn retry<T, E, F, Fut>(
-    policy: &RetryPolicy,
-    stop: &CancellationToken,
-    mut attempt: F,
-) -> Result<T, E>
+pub(crate) async fn retry<T, E, F, Fut>(policy: &RetryPolicy, stop: &CancellationToken, mut attempt: F) -> Result<T, E>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = AttemptResult<T, E>>,

@@ -139,7 +139,7 @@ fn stopped(e: OpError) -> Option<RunEnd> {
             tracing::error!(error = %e, "run log write failed; the run stays active and resumes at the next start");
             Some(RunEnd::Interrupted(e.to_string()))
         }
-        _ => None,
+        OpError::NotFound(_) | OpError::Fenced { .. } | OpError::Stopped => None,
     }
 }
 

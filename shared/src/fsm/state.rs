@@ -54,7 +54,6 @@ pub(crate) struct Inner {
     pub(super) tasks: TaskTracker,
 }
 
-
 impl Inner {
     pub(crate) fn notify(&self, id: &str, end: RunEnd) {
         if let Some(tx) = lock(&self.waiters).remove(id) {

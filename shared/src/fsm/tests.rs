@@ -636,7 +636,9 @@ async fn lone_writers_on_an_idle_engine_never_wait_for_a_later_write() {
     let dir = tempfile::tempdir().unwrap();
     let engine = open(&dir).await;
     let wf = engine
-        .register(Workflow::new("one", 1).step("only", |req: StepRequest<String, Vec<String>>| async move { Ok(req.w) }))
+        .register(
+            Workflow::new("one", 1).step("only", |req: StepRequest<String, Vec<String>>| async move { Ok(req.w) }),
+        )
         .unwrap();
     let bound = Duration::from_secs(10);
     // The second writer of a pair arrives after a random part of a commit's time, so some
@@ -681,26 +683,30 @@ fn blocking_workflow(
     started: Arc<tokio::sync::Semaphore>,
     timeout: Duration,
 ) -> Workflow<String, Vec<String>> {
-    Workflow::new("blocking", 1).step_with("long", RetryPolicy { attempt_timeout: timeout, ..quick(3) }, move |req: StepRequest<String, Vec<String>>| {
-        let (live, most, started) = (live.clone(), most.clone(), started.clone());
-        async move {
-            let stop = req.stop.clone();
-            req.stop
-                .spawn_blocking(move || {
-                    let now = live.fetch_add(1, Ordering::SeqCst) + 1;
-                    most.fetch_max(now, Ordering::SeqCst);
-                    started.add_permits(1);
-                    // Units of work, each checking the signal (as the unpacker does per entry).
-                    while !stop.is_stopped() {
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                    live.fetch_sub(1, Ordering::SeqCst);
-                })
-                .await
-                .map_err(StepError::transient)?;
-            Err(StepError::transient("stopped"))
-        }
-    })
+    Workflow::new("blocking", 1).step_with(
+        "long",
+        RetryPolicy { attempt_timeout: timeout, ..quick(3) },
+        move |req: StepRequest<String, Vec<String>>| {
+            let (live, most, started) = (live.clone(), most.clone(), started.clone());
+            async move {
+                let stop = req.stop.clone();
+                req.stop
+                    .spawn_blocking(move || {
+                        let now = live.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        started.add_permits(1);
+                        // Units of work, each checking the signal (as the unpacker does per entry).
+                        while !stop.is_stopped() {
+                            std::thread::sleep(Duration::from_millis(2));
+                        }
+                        live.fetch_sub(1, Ordering::SeqCst);
+                    })
+                    .await
+                    .map_err(StepError::transient)?;
+                Err(StepError::transient("stopped"))
+            }
+        },
+    )
 }
 
 /// Shutdown tells a running step to stop and returns only after its blocking work has.
@@ -708,8 +714,10 @@ fn blocking_workflow(
 async fn shutdown_waits_for_a_steps_blocking_work() {
     let dir = tempfile::tempdir().unwrap();
     let engine = open(&dir).await;
-    let (live, most, started) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)), Arc::new(tokio::sync::Semaphore::new(0)));
-    let wf = engine.register(blocking_workflow(live.clone(), most, started.clone(), Duration::from_secs(3600))).unwrap();
+    let (live, most, started) =
+        (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)), Arc::new(tokio::sync::Semaphore::new(0)));
+    let wf =
+        engine.register(blocking_workflow(live.clone(), most, started.clone(), Duration::from_secs(3600))).unwrap();
     let run = tokio::spawn(async move { wf.run("r", &String::new(), &vec![]).await });
     started.acquire().await.unwrap().forget();
     assert_eq!(live.load(Ordering::SeqCst), 1);
@@ -724,8 +732,10 @@ async fn shutdown_waits_for_a_steps_blocking_work() {
 async fn stop_run_stops_the_step_and_leaves_the_run_resumable() {
     let dir = tempfile::tempdir().unwrap();
     let engine = open(&dir).await;
-    let (live, most, started) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)), Arc::new(tokio::sync::Semaphore::new(0)));
-    let wf = engine.register(blocking_workflow(live.clone(), most, started.clone(), Duration::from_secs(3600))).unwrap();
+    let (live, most, started) =
+        (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)), Arc::new(tokio::sync::Semaphore::new(0)));
+    let wf =
+        engine.register(blocking_workflow(live.clone(), most, started.clone(), Duration::from_secs(3600))).unwrap();
     let w = wf.clone();
     let waiter = tokio::spawn(async move { w.run("r", &String::new(), &vec![]).await });
     started.acquire().await.unwrap().forget();
@@ -748,8 +758,10 @@ async fn stop_run_stops_the_step_and_leaves_the_run_resumable() {
 async fn a_timed_out_attempts_work_ends_before_the_next_attempt() {
     let dir = tempfile::tempdir().unwrap();
     let engine = open(&dir).await;
-    let (live, most, started) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)), Arc::new(tokio::sync::Semaphore::new(0)));
-    let wf = engine.register(blocking_workflow(live.clone(), most.clone(), started, Duration::from_millis(50))).unwrap();
+    let (live, most, started) =
+        (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)), Arc::new(tokio::sync::Semaphore::new(0)));
+    let wf =
+        engine.register(blocking_workflow(live.clone(), most.clone(), started, Duration::from_millis(50))).unwrap();
     let outcome = wf.run("r", &String::new(), &vec![]).await.unwrap();
     assert!(matches!(outcome, Outcome::Failed(ref f) if f.kind == FailureKind::RetriesExhausted), "{outcome:?}");
     assert_eq!(most.load(Ordering::SeqCst), 1, "two attempts' blocking work overlapped");

@@ -148,8 +148,13 @@ pub(crate) trait ErasedWorkflow: Send + Sync {
 
 /// One run's input bound to the workflow's steps.
 pub(crate) trait BoundRun: Send + Sync {
-    fn call(&self, index: usize, w: &[u8], attempt: u32, stop: StopSignal)
-    -> BoxFuture<'static, Result<Vec<u8>, CallError>>;
+    fn call(
+        &self,
+        index: usize,
+        w: &[u8],
+        attempt: u32,
+        stop: StopSignal,
+    ) -> BoxFuture<'static, Result<Vec<u8>, CallError>>;
 }
 
 pub(crate) enum CallError {

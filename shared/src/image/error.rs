@@ -54,7 +54,9 @@ pub enum ImageError {
         "layer {layer}: entry {entry:?} is owned by {owner}, and this worker runs as {me}, not root, so it cannot keep that owner; run the worker as root, or set images.rootless = true to apply such images owned by this user with their setuid/setgid bits removed"
     )]
     OwnersNeedRoot { layer: String, entry: String, owner: String, me: String },
-    #[error("layer {layer}: stopped after {entries} entries (the run was stopped; it is applied again from its first entry when the run resumes)")]
+    #[error(
+        "layer {layer}: stopped after {entries} entries (the run was stopped; it is applied again from its first entry when the run resumes)"
+    )]
     Stopped { layer: String, entries: u64 },
     #[error("layer {layer} is truncated or corrupt: {detail}")]
     Corrupt { layer: String, detail: String },
@@ -71,7 +73,23 @@ impl ImageError {
             // the reason (a later job starts it again, reusing the half-built base).
             Self::Io { error, .. } => !matches!(error.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT | libc::EROFS)),
             Self::Unavailable { .. } | Self::Stopped { .. } => true,
-            _ => false,
+            // The request or the image is wrong, or the host lacks room or rights: the same
+            // call fails the same way until someone changes something.
+            Self::BadFamilyName(_)
+            | Self::FamilyNotFound { .. }
+            | Self::VersionNotFound { .. }
+            | Self::FamilyChanged { .. }
+            | Self::NoLayers { .. }
+            | Self::BadManifest { .. }
+            | Self::BlobMissing { .. }
+            | Self::SourceMisconfigured { .. }
+            | Self::AccessDenied { .. }
+            | Self::DigestMismatch { .. }
+            | Self::Refused { .. }
+            | Self::TooLargeForHost { .. }
+            | Self::NoRoomToDownload { .. }
+            | Self::OwnersNeedRoot { .. }
+            | Self::Corrupt { .. } => false,
         }
     }
 

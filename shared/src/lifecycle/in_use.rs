@@ -66,4 +66,3 @@ impl InUse {
         self.blobs.clone().try_write_owned().ok()
     }
 }
-

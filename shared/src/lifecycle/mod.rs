@@ -6,7 +6,10 @@
 //!
 //! [`Lifecycle::run`] is the worker's maintenance task: it wakes every `interval`, after a new
 //! version became current, and after releases, and then releases expired activations and
-//! collects garbage. It stops when its token is cancelled, between passes.
+//! collects garbage. When its stop token fires it returns at once, dropping a pass where it
+//! stands: the pass commits its decisions one transaction at a time, and the retire and
+//! release runs it started belong to the engine, which stops them at shutdown and resumes
+//! them at the next start.
 
 mod capacity;
 mod expiry;
@@ -215,7 +218,6 @@ impl Lifecycle {
         })
     }
 }
-
 
 /// A lifecycle call that failed as a whole.
 #[derive(Debug, thiserror::Error)]

@@ -27,9 +27,8 @@ use std::sync::Arc;
 
 use crate::fault;
 use crate::fsm::{
-    StopSignal,
     ArchiveError, Engine, Failure, FailureKind, Outcome, RegisterError, RunError, RunFilter, RunStatus, StartOutcome,
-    StepError, WorkflowHandle,
+    StepError, StopSignal, WorkflowHandle,
 };
 use crate::image::Manifest;
 use crate::image::{ApplyOptions, BlobCache, BlobSource, ImageError};
@@ -110,7 +109,7 @@ fn invocation_of(row: &SnapshotRow) -> String {
     format!("invocation {}", row.run_id.strip_prefix("activate-").unwrap_or(&row.run_id))
 }
 
-/// The three workflows, registered on one engine.
+/// The four workflows (prepare, activate, release, retire), registered on one engine.
 #[derive(Clone)]
 pub struct Pipeline {
     ctx: Arc<PipelineContext>,

@@ -3,7 +3,7 @@
 
 mod group_commit;
 
-pub use group_commit::{GroupCommit, Joined, QueueLock, Queue, Stopped};
+pub use group_commit::{GroupCommit, Joined, Queue, QueueLock, Stopped};
 
 /// Takes `m`, recovering the value if a thread panicked while holding it. Every mutex in
 /// thinpipe guards plain data updated in single assignments or whole-collection edits, so
