@@ -318,18 +318,52 @@ impl Drop for PrivateMoto {
     }
 }
 
-/// `enqueue --state-dir <state> --wait --json --timeout 120 <args>`: the job's result.
-/// Panics with enqueue's stderr when no result came.
+/// Where `enqueue` posts a job.
+#[derive(Clone, Copy, Debug)]
+pub enum To<'a> {
+    /// The state directory's embedded queue.
+    State(&'a Path),
+    /// An SQS queue at an endpoint (moto), with moto's credentials.
+    Sqs { queue: &'a str, endpoint: &'a str },
+}
+
+/// `enqueue <to> --wait --json --timeout <secs>`, its output piped: the caller adds the job
+/// (and any environment), runs or spawns it, and reads the result with [`job_result`].
+pub fn enqueue_waiting(to: To<'_>, timeout_secs: u64) -> Command {
+    let mut cmd = Command::new(bin("enqueue"));
+    match to {
+        To::State(state) => {
+            cmd.arg("--state-dir").arg(state);
+        }
+        To::Sqs { queue, endpoint } => {
+            cmd.args(["--queue-url", queue, "--endpoint-url", endpoint]).envs(aws::AWS_ENV);
+        }
+    }
+    cmd.args(["--wait", "--json", "--timeout"]).arg(timeout_secs.to_string());
+    cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    cmd
+}
+
+/// The job result `enqueue --wait --json` printed; panics with its stderr when there is none.
+pub fn job_result(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "enqueue printed no result ({e}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Posts the job `args` to `to`, waits up to 120 s, and returns its result.
+pub fn enqueue_wait_to(to: To<'_>, args: &[&str]) -> serde_json::Value {
+    let out = enqueue_waiting(to, 120).args(args).output().unwrap_or_else(|e| panic!("cannot run enqueue: {e}"));
+    job_result(&out)
+}
+
+/// [`enqueue_wait_to`] the state directory's embedded queue.
 pub fn enqueue_wait(state: &Path, args: &[&str]) -> serde_json::Value {
-    let out = Command::new(bin("enqueue"))
-        .arg("--state-dir")
-        .arg(state)
-        .args(["--wait", "--json", "--timeout", "120"])
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run enqueue: {e}"));
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("no result for {args:?} ({e}): {}", String::from_utf8_lossy(&out.stderr)))
+    enqueue_wait_to(To::State(state), args)
 }
 
 /// A tmpfs of `mib` MiB mounted at a new temporary directory, unmounted when dropped;

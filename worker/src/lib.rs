@@ -1,18 +1,17 @@
-//! The thinpipe worker: configuration, opening a host's state, the daemon (job loop and
-//! admin API), the one-shot commands and the demo. `main.rs` only parses the command line,
-//! turns signals into a shutdown token and calls in here.
+//! The thinpipe worker, by role:
+//! - [`daemon`]: the long-running worker: job loop, receivers, per-invocation order, backlog
+//!   gauges, signals, and the admin API it serves ([`admin`]);
+//! - [`job`]: one job's execution (the executor, the state directory's reserve);
+//! - [`commands`]: one file per one-shot subcommand (`run`, `runs`, `reconcile`, `images`
+//!   and `gc`, `demo`, `config`);
+//! - [`host`]: opening a host's state (the worker lease, the run log, the volumes), which all
+//!   of the above share; [`config`]: the settings.
+//!
+//! `main.rs` only parses the command line and dispatches here.
 
 pub mod admin;
-pub mod backlog;
+pub mod commands;
 pub mod config;
 pub mod daemon;
-pub mod demo;
-pub mod executor;
 pub mod host;
-pub mod inventory;
-pub mod jobloop;
-pub mod oneshot;
-pub mod order;
-pub mod receiver;
-pub mod runlog;
-pub mod statespace;
+pub mod job;

@@ -1,19 +1,18 @@
-//! `worker`: the thinpipe daemon and its one-shot commands.
+//! `worker`: the thinpipe daemon and its one-shot commands. This file only parses the command
+//! line and dispatches (to `worker::daemon` and `worker::commands`), then turns outcomes into
+//! exit codes.
 //!
 //! Exit codes: 0 success; 1 the job ran and failed; 2 usage or configuration error;
 //! 3 the command could not run (storage, queue, another worker holding the state).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
-use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use thinpipe::job::{Job, JobKind, JobResult, JobStatus};
-use thinpipe::progress::{self, ProgressView};
+use thinpipe::job::{Job, JobKind};
 use tokio_util::sync::CancellationToken;
+use worker::commands;
 use worker::config::Config;
-use worker::host::Host;
 
 /// How long the end of `main` waits for blocking step bodies after the drain.
 const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_millis(500);
@@ -115,12 +114,14 @@ enum Command {
 }
 
 impl RunsCommand {
-    fn query(&self) -> worker::runlog::Query {
+    fn query(&self) -> worker::commands::runs::Query {
         match self {
-            RunsCommand::List { workflow, status, limit } => {
-                worker::runlog::Query::List { workflow: workflow.clone(), status: status.clone(), limit: *limit }
-            }
-            RunsCommand::Show { id } => worker::runlog::Query::Show(id.clone()),
+            RunsCommand::List { workflow, status, limit } => worker::commands::runs::Query::List {
+                workflow: workflow.clone(),
+                status: status.clone(),
+                limit: *limit,
+            },
+            RunsCommand::Show { id } => worker::commands::runs::Query::Show(id.clone()),
         }
     }
 }
@@ -238,7 +239,7 @@ fn main() -> ExitCode {
         }
     };
     if let Command::Runs { cmd, admin_url, json } = &cli.command {
-        return match runs(&config, cmd, admin_url.as_deref(), *json) {
+        return match commands::runs::run(&config, cmd.query(), admin_url.as_deref(), *json) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("worker: {e:#}");
@@ -277,151 +278,35 @@ fn main() -> ExitCode {
     code
 }
 
-/// `worker runs`: through the admin API of the worker running on the state directory (or
-/// `--admin-url`), else straight from the run log when no worker runs there.
-fn runs(config: &Config, cmd: &RunsCommand, admin_url: Option<&str>, json: bool) -> anyhow::Result<()> {
-    use worker::admin::client::{self, Answer};
-    let running = admin_url.is_some() || config.state_dir.join(worker::admin::ADDR_FILE).exists();
-    let through_api = || -> anyhow::Result<Answer> {
-        let base = client::base_url(config, admin_url)?;
-        Ok(match cmd {
-            RunsCommand::List { workflow, status, limit } => {
-                let enc = |s: &Option<String>| s.as_deref().map(encode).unwrap_or_default();
-                let path = format!("/api/runs?limit={limit}&workflow={}&status={}", enc(workflow), enc(status));
-                Answer::Runs(client::get(config, &base, &path)?)
-            }
-            RunsCommand::Show { id } => Answer::Run(client::get(config, &base, &format!("/api/runs/{}", encode(id)))?),
-        })
-    };
-    let answer = match (running, admin_url) {
-        (true, Some(_)) => through_api()?,
-        // The address file of a worker that was killed stays behind: no answer means no worker.
-        (true, None) => match through_api() {
-            Ok(v) => v,
-            Err(e) if client::is_unreachable(&e) => worker::runlog::read(config, cmd.query())?,
-            Err(e) => return Err(e),
-        },
-        (false, _) => worker::runlog::read(config, cmd.query())?,
-    };
-    if json {
-        println!("{}", answer.json()?);
-    } else {
-        print!("{}", answer.text());
-    }
-    Ok(())
-}
-
-/// Percent-encodes a query or path value.
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 async fn run(
     command: Command,
     config: Config,
     prometheus: Option<thinpipe::telemetry::PrometheusMetrics>,
 ) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Config { json } => {
-            if json {
-                println!("{}", serde_json::to_string_pretty(&config.redacted()).context("encoding the configuration")?);
-            } else {
-                print!("{}", toml::to_string_pretty(&config.redacted()).context("encoding the configuration")?);
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Config { json } => commands::print_config(&config, json),
         Command::Demo { json } => {
-            Ok(if worker::demo::run(config, json).await? { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if commands::demo::run(config, json).await? { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Daemon => daemon(config, prometheus).await,
         Command::Runs { .. } => unreachable!("handled before the runtime starts"),
-        Command::Reconcile { fix, json } => reconcile(&config, fix, json),
-        Command::Images { json } => worker::inventory::print(&config, json),
-        Command::Gc { dry_run, json } => {
-            let host = Arc::new(Host::open(config).await?);
-            host.engine.resume_all().await?;
-            let report = host.lifecycle.collect(dry_run).await;
-            host.close().await;
-            let report = report?;
-            worker::inventory::print_gc(&report, json)?;
-            Ok(if report.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
-        }
+        Command::Reconcile { fix, json } => commands::reconcile::run(&config, fix, json),
+        Command::Images { json } => commands::images::print(&config, json),
+        Command::Gc { dry_run, json } => commands::images::gc(config, dry_run, json).await,
         Command::Run { job, json } => {
-            let host = Arc::new(Host::open(config).await?);
-            host.engine.resume_all().await?;
             let job = match job {
                 OneShot::Prepare { family, digest, .. } => {
                     Job { digest, ..Job::new(JobKind::Prepare, &family, None) }.versioned()
                 }
                 OneShot::Activate { family, invocation_id, digest, ttl_secs, .. } => {
-                    let id = invocation_id.unwrap_or_else(new_invocation_id);
+                    let id = invocation_id.unwrap_or_else(commands::run::new_invocation_id);
                     Job { digest, ttl_secs, ..Job::new(JobKind::Activate, &family, Some(&id)) }.versioned()
                 }
                 OneShot::Release { family, invocation_id } => Job::new(JobKind::Release, &family, Some(&invocation_id)),
             };
-            let board = host.pipeline.context().progress.clone();
-            let view = ProgressView::on_terminal(&job.family, &format!("{} {}", job.kind, job.family));
-            let result =
-                progress::while_running(view, async || board.current(), worker::oneshot::run(&host, &job)).await;
-            host.close().await;
-            let result = result?;
-            print_result(&result, json)?;
-            Ok(if result.status == JobStatus::Succeeded { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            commands::run::command(config, job, json).await
         }
     }
-}
-
-fn reconcile(config: &Config, fix: bool, json: bool) -> anyhow::Result<ExitCode> {
-    let store = thinpipe::store::Store::open(config.host_db_path())?;
-    let backend = worker::host::open_volumes(config, &store)?;
-    let report = thinpipe::reconcile::reconcile(&store, backend.as_ref(), fix).with_context(|| {
-        format!("reconciling the {} backend with {}", backend.name(), config.host_db_path().display())
-    })?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        println!("{} backend: {} volumes", backend.name(), report.volumes);
-        for o in &report.orphans {
-            let fate = if report.deleted.contains(o) { "deleted" } else { "run `worker reconcile --fix` to delete" };
-            println!("orphan  {o}  (no record claims it; {fate})");
-        }
-        for m in &report.missing {
-            println!(
-                "missing {m}  (a record claims it and it does not exist yet: a prepare or activation between its record and its volume, or one that failed there; it is made if that run goes on, and the claim ends with the invocation's release or the base's collection)"
-            );
-        }
-        for c in &report.contradictions {
-            if let Some(why) = report.left.iter().find(|l| l.starts_with(c.as_str())) {
-                println!("state   {why}");
-                continue;
-            }
-            let fate = if report.repaired.contains(c) { "repaired" } else { "run `worker reconcile --fix` to repair" };
-            println!("state   {c}  ({fate})");
-        }
-        for l in &report.leftovers {
-            let fate = if report.leftovers_removed.contains(l) {
-                "removed"
-            } else if fix {
-                "left: its activation may be making it"
-            } else {
-                "run `worker reconcile --fix` to remove"
-            };
-            println!("partial {l}  (a half-made volume; {fate})");
-        }
-        if report.orphans.is_empty()
-            && report.missing.is_empty()
-            && report.contradictions.is_empty()
-            && report.leftovers.is_empty()
-        {
-            println!("clean: every volume has its record and every record its volume");
-        }
-    }
-    Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 async fn daemon(
@@ -431,45 +316,11 @@ async fn daemon(
     let shutdown = CancellationToken::new();
     // First, so a signal while waiting for the state directory (worker.wait_for_state)
     // ends the wait cleanly instead of killing the process by SIGTERM's default action.
-    spawn_signal_handler(shutdown.clone())?;
+    worker::daemon::signals::spawn(shutdown.clone())?;
     Ok(match worker::daemon::run(config, prometheus, shutdown).await? {
         worker::daemon::Stopped::Drained => ExitCode::SUCCESS,
         worker::daemon::Stopped::LeaseLost | worker::daemon::Stopped::StorageFailed => ExitCode::from(3),
     })
-}
-
-/// First SIGTERM/SIGINT: drain. Second: exit now (runs stay resumable).
-fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::spawn(async move {
-        for n in 0.. {
-            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-            if n == 0 {
-                tracing::info!("signal received: draining (send it again to exit at once)");
-                shutdown.cancel();
-            } else {
-                eprintln!("worker: second signal: exiting now; unfinished runs resume at the next start");
-                std::process::exit(130);
-            }
-        }
-    });
-    Ok(())
-}
-
-fn new_invocation_id() -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros());
-    format!("inv-{now}-{}", std::process::id())
-}
-
-fn print_result(r: &JobResult, json: bool) -> anyhow::Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(r)?);
-    } else {
-        println!("{r}");
-    }
-    Ok(())
 }
 
 #[cfg(test)]

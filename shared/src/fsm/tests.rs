@@ -1,5 +1,5 @@
 //! Engine tests in one process: the guarantees of `fsm/DESIGN.md` that do not need a
-//! real crash (those are in `tests/tests/fsm_crash.rs`). A shutdown followed by a reopen
+//! real crash (those are in `tests/tests/engine/fsm_crash.rs`). A shutdown followed by a reopen
 //! stands in for a restart here; the run log is the same file.
 
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -1,4 +1,4 @@
-//! Store tests in one process. Cross-process contention is in `tests/tests/store_processes.rs`.
+//! Store tests in one process. Cross-process contention is in `tests/tests/engine/store_processes.rs`.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

@@ -39,8 +39,8 @@ use thinpipe::fsm::{RunFilter, RunStatus};
 use thinpipe::telemetry::{self, PrometheusMetrics};
 use tokio_util::sync::CancellationToken;
 
+use crate::daemon::jobloop::JobLoop;
 use crate::host::Host;
-use crate::jobloop::JobLoop;
 
 const INDEX_HTML: &str = include_str!("assets/index.html");
 const INSPECTOR_JS: &str = include_str!("assets/inspector.js");
@@ -259,7 +259,7 @@ async fn images(State(admin): State<Admin>) -> Response {
     let host = admin.host.clone();
     let gathered = tokio::task::spawn_blocking(move || {
         let ctx = host.pipeline.context();
-        crate::inventory::Images::gather(&host.store, &ctx.cache, usage, host.config.watermarks())
+        crate::commands::images::Images::gather(&host.store, &ctx.cache, usage, host.config.watermarks())
     })
     .await;
     match gathered {

@@ -50,7 +50,7 @@ fn host(rt: &tokio::runtime::Runtime, state: &Path, volumes: &Path) -> anyhow::R
     let config = worker::config::Config::load(None, [], &sets)?;
     let host = Arc::new(rt.block_on(worker::host::Host::open(config))?);
     let job = thinpipe::job::Job::new(thinpipe::job::JobKind::Prepare, "bench", None);
-    let prepared = rt.block_on(worker::oneshot::run(&host, &job))?;
+    let prepared = rt.block_on(worker::commands::run::run(&host, &job))?;
     let base = match prepared.base_vol_id {
         Some(base) => base,
         None => bail!("preparing the bench family failed: {}", prepared.error.unwrap_or_default()),

@@ -260,7 +260,7 @@ async fn worker(
     let config = worker::config::Config::load(None, [], &sets)?;
     let host = Arc::new(worker::host::Host::open(config).await?);
     let job = thinpipe::job::Job::new(thinpipe::job::JobKind::Prepare, "bench", None);
-    let prepared = worker::oneshot::run(&host, &job).await?;
+    let prepared = worker::commands::run::run(&host, &job).await?;
     if prepared.base_vol_id.is_none() {
         bail!("preparing the bench family failed: {}", prepared.error.unwrap_or_default());
     }
@@ -297,7 +297,7 @@ async fn ours(base: &Path, endpoint: &str, replies: bool) -> anyhow::Result<Ours
     }
     let counting = Counting::new(sqs);
     let shutdown = CancellationToken::new();
-    let job_loop = worker::jobloop::JobLoop::new(host.clone(), vec![counting.clone()]);
+    let job_loop = worker::daemon::jobloop::JobLoop::new(host.clone(), vec![counting.clone()]);
     counter.take(); // the sends above are the bench's, not the worker's
     let cpu_before = report::cpu_time();
     let start = Instant::now();
@@ -377,7 +377,7 @@ async fn idle(base: &Path, endpoint: &str) -> anyhow::Result<f64> {
         SqsSettings { queue_url: url, dead_letter_url: None, visibility: Duration::from_secs(60) },
     ));
     let shutdown = CancellationToken::new();
-    let job_loop = worker::jobloop::JobLoop::new(host.clone(), vec![counting.clone()]);
+    let job_loop = worker::daemon::jobloop::JobLoop::new(host.clone(), vec![counting.clone()]);
     let runner = {
         let (l, s) = (job_loop.clone(), shutdown.clone());
         tokio::spawn(async move { l.run(s).await })

@@ -4,28 +4,12 @@
 //! is then spent like any released one, and its scheduler's late `release` is answered.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use serde_json::Value;
 use thinpipe::image::write_sample_family;
 use thinpipe::store::{SnapshotState, Store};
 use thinpipe_tests::otlp::Receiver;
-use thinpipe_tests::{Daemon, bin, wait_until};
-
-fn enqueue(state: &Path, args: &[&str]) -> Value {
-    let out = Command::new(bin("enqueue"))
-        .arg("--state-dir")
-        .arg(state)
-        .args(["--wait", "--json", "--timeout", "120"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("no result for {args:?} ({e}): {}", String::from_utf8_lossy(&out.stderr)))
-}
+use thinpipe_tests::{Daemon, wait_until};
 
 fn released(store: &Store, invocation: &str) -> bool {
     store
@@ -47,11 +31,17 @@ fn an_activation_past_its_ttl_or_the_max_age_is_released_by_the_worker() {
     let store = Store::open(state.join("host.db")).unwrap();
 
     // A short TTL, a long one, and none (only the worker's max age applies to those two).
-    let short = enqueue(state, &["activate", "--family", "web", "--invocation-id", "short", "--ttl-secs", "2"]);
+    let short = thinpipe_tests::enqueue_wait(
+        state,
+        &["activate", "--family", "web", "--invocation-id", "short", "--ttl-secs", "2"],
+    );
     assert_eq!(short["status"], "succeeded", "{short}\n{}", daemon.log());
     let path = short["snapshot_path"].as_str().unwrap().to_owned();
-    let long = enqueue(state, &["activate", "--family", "web", "--invocation-id", "long", "--ttl-secs", "3600"]);
-    let plain = enqueue(state, &["activate", "--family", "web", "--invocation-id", "plain"]);
+    let long = thinpipe_tests::enqueue_wait(
+        state,
+        &["activate", "--family", "web", "--invocation-id", "long", "--ttl-secs", "3600"],
+    );
+    let plain = thinpipe_tests::enqueue_wait(state, &["activate", "--family", "web", "--invocation-id", "plain"]);
     assert_eq!((&long["status"], &plain["status"]), (&"succeeded".into(), &"succeeded".into()));
     let row = store.snapshot_by_run("activate-short").unwrap().unwrap();
     assert!(row.expires_at_ms.is_some_and(|t| t - row.created_at_ms == 2000), "{row:?}");
@@ -68,10 +58,10 @@ fn an_activation_past_its_ttl_or_the_max_age_is_released_by_the_worker() {
     });
 
     // The invocation is spent; the scheduler's late release is answered, not failed.
-    let again = enqueue(state, &["activate", "--family", "web", "--invocation-id", "short"]);
+    let again = thinpipe_tests::enqueue_wait(state, &["activate", "--family", "web", "--invocation-id", "short"]);
     assert_eq!(again["status"], "failed", "{again}");
     assert!(again["error"].as_str().unwrap().contains("invocation short was released at"), "{again}");
-    let late = enqueue(state, &["release", "--family", "web", "--invocation-id", "short"]);
+    let late = thinpipe_tests::enqueue_wait(state, &["release", "--family", "web", "--invocation-id", "short"]);
     assert_eq!(late["status"], "succeeded", "{late}");
     assert!(late["detail"].as_str().unwrap().contains("already released"), "{late}");
 

@@ -15,8 +15,8 @@ use thinpipe::queue::{EmbeddedQueue, JobQueue};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::daemon::jobloop::JobLoop;
 use crate::host::Host;
-use crate::jobloop::JobLoop;
 
 pub const DEMO_FAMILY: &str = "demo";
 /// How long the demo's snapshots live unless released before.

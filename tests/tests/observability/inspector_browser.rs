@@ -4,25 +4,11 @@
 //! the screenshot is kept in `target/test-artifacts/inspector.png`.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use thinpipe::image::write_sample_family;
-use thinpipe_tests::{Daemon, bin};
-
-fn enqueue(state: &Path, args: &[&str]) -> serde_json::Value {
-    let out = Command::new(bin("enqueue"))
-        .arg("--state-dir")
-        .arg(state)
-        .args(["--wait", "--json", "--timeout", "120"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("no result ({e}): {}", String::from_utf8_lossy(&out.stderr)))
-}
+use thinpipe_tests::Daemon;
 
 #[test]
 fn the_inspector_shows_runs_steps_attempts_and_plays_the_history() {
@@ -42,9 +28,17 @@ fn the_inspector_shows_runs_steps_attempts_and_plays_the_history() {
     // The first download of `web` fails once (transiently), so its run shows a retry.
     let daemon = Daemon::start(state, &[("THINPIPE_FAIL", "prepare.download@web*1")]);
 
-    assert_eq!(enqueue(state, &["prepare", "--family", "web"])["status"], "succeeded", "{}", daemon.log());
-    assert_eq!(enqueue(state, &["prepare", "--family", "broken"])["status"], "failed");
-    assert_eq!(enqueue(state, &["activate", "--family", "web", "--invocation-id", "inv-1"])["status"], "succeeded");
+    assert_eq!(
+        thinpipe_tests::enqueue_wait(state, &["prepare", "--family", "web"])["status"],
+        "succeeded",
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(thinpipe_tests::enqueue_wait(state, &["prepare", "--family", "broken"])["status"], "failed");
+    assert_eq!(
+        thinpipe_tests::enqueue_wait(state, &["activate", "--family", "web", "--invocation-id", "inv-1"])["status"],
+        "succeeded"
+    );
 
     let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();

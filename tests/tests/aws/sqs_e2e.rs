@@ -3,26 +3,15 @@
 //! reply queue; the same job posted twice makes one snapshot; malformed messages land in
 //! the dead-letter queue with the reason attribute while the worker keeps running.
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use thinpipe::image::write_sample_family;
 use thinpipe::queue::{JobQueue, REASON_ATTRIBUTE, SqsQueue, SqsSettings};
-use thinpipe_tests::aws::{AWS_ENV, Sqs, sqs};
-use thinpipe_tests::{Daemon, bin};
+use thinpipe_tests::Daemon;
+use thinpipe_tests::aws::{Sqs, sqs};
 
 fn enqueue(s: &Sqs, args: &[&str]) -> serde_json::Value {
-    let out = Command::new(bin("enqueue"))
-        .args(["--queue-url", &s.jobs, "--endpoint-url", &s.endpoint, "--wait", "--json", "--timeout", "120"])
-        .args(args)
-        .envs(AWS_ENV)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("no result ({e}): {stdout} {}", String::from_utf8_lossy(&out.stderr)))
+    thinpipe_tests::enqueue_wait_to(thinpipe_tests::To::Sqs { queue: &s.jobs, endpoint: &s.endpoint }, args)
 }
 
 #[test]

@@ -8,7 +8,7 @@
 //! release succeeds; every activation either succeeds or fails saying the invocation was
 //! released (in order with one slot: exactly when a release came before it);
 //! `worker reconcile` is clean. A failure prints the seed; replay with
-//! `THINPIPE_INVOCATION_SEED=<seed> cargo test -p thinpipe-tests --test invocations`.
+//! `THINPIPE_INVOCATION_SEED=<seed> cargo test -p thinpipe-tests --test pipeline invocations::`.
 //!
 //! Also here: SIGTERM hands back messages that were received but not started, and `/readyz`
 //! is not ready from the moment a signal starts the drain.

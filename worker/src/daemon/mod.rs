@@ -1,7 +1,7 @@
 //! The daemon: a host's state, its queues, the job loop and the admin API, run until
 //! `shutdown` fires (or the worker lease is lost), then stopped in order: the job loop
-//! drains, the admin API stops, the host closes. `main.rs` only turns signals into
-//! `shutdown` and the outcome into an exit code.
+//! drains, the admin API stops, the host closes. `signals.rs` turns SIGTERM/SIGINT into
+//! `shutdown`; `main.rs` turns the outcome into an exit code.
 //!
 //! Every task is owned by what started it and ends with it: job tasks, receivers, the
 //! maintenance and backlog tasks by the job loop (joined at the drain); a job's visibility
@@ -18,6 +18,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::host::Host;
+
+pub mod backlog;
+pub mod jobloop;
+pub mod order;
+pub mod receiver;
+pub mod signals;
 
 /// Why the daemon stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,7 +62,7 @@ pub async fn run(
         queues = %described.join(", "),
         "worker started"
     );
-    let job_loop = crate::jobloop::JobLoop::new(host.clone(), queues);
+    let job_loop = crate::daemon::jobloop::JobLoop::new(host.clone(), queues);
     let admin_stop = CancellationToken::new();
     let admin = if config.admin.listen.is_empty() {
         None

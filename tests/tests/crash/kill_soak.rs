@@ -14,7 +14,7 @@
 //! flight.
 //!
 //! A failure prints the seed; replay with `THINPIPE_SOAK_SEED=<seed> cargo test -p
-//! thinpipe-tests --test kill_soak`.
+//! thinpipe-tests --test crash kill_soak::`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
@@ -166,7 +166,7 @@ fn collect(rt: &tokio::runtime::Runtime, state: &Path, into: &mut HashMap<String
 fn two_hundred_jobs_survive_thirty_kills() {
     let seed = std::env::var("THINPIPE_SOAK_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
     eprintln!(
-        "kill soak seed={seed} (replay: THINPIPE_SOAK_SEED={seed} cargo test -p thinpipe-tests --test kill_soak)"
+        "kill soak seed={seed} (replay: THINPIPE_SOAK_SEED={seed} cargo test -p thinpipe-tests --test crash kill_soak::)"
     );
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

@@ -6,7 +6,7 @@
 //! the space and readiness back. No family with a live snapshot is ever evicted.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -16,20 +16,6 @@ use thinpipe_tests::{Daemon, bin, tar_of_file, wait_until};
 
 /// Each family's one layer: incompressible, about 6% of the filesystem.
 const LAYER_MIB: usize = 16;
-
-fn enqueue(state: &Path, args: &[&str]) -> Value {
-    let out = Command::new(bin("enqueue"))
-        .arg("--state-dir")
-        .arg(state)
-        .args(["--wait", "--json", "--timeout", "120"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("no result for {args:?} ({e}): {}", String::from_utf8_lossy(&out.stderr)))
-}
 
 /// Writes family `name` (one layer of random bytes) into the default source.
 fn family(state: &Path, name: &str, layer: &str) {
@@ -79,7 +65,7 @@ fn a_full_host_evicts_unused_families_refuses_clearly_and_recovers_after_release
     let mut prepared = Vec::new();
     for name in unused {
         family(state, name, "0001.tar");
-        let r = enqueue(state, &["prepare", "--family", name]);
+        let r = thinpipe_tests::enqueue_wait(state, &["prepare", "--family", name]);
         assert_eq!(r["status"], "succeeded", "{r}\n{}", daemon.log());
         prepared.push(name);
         if used_percent(&api) >= 40.0 {
@@ -103,7 +89,10 @@ fn a_full_host_evicts_unused_families_refuses_clearly_and_recovers_after_release
     for i in 0..12 {
         let name = format!("live{i}");
         family(state, &name, "0001.tar");
-        let r = enqueue(state, &["activate", "--family", &name, "--invocation-id", &format!("inv-{name}")]);
+        let r = thinpipe_tests::enqueue_wait(
+            state,
+            &["activate", "--family", &name, "--invocation-id", &format!("inv-{name}")],
+        );
         if r["status"] == "failed" {
             refused = Some(r);
             break;
@@ -112,7 +101,7 @@ fn a_full_host_evicts_unused_families_refuses_clearly_and_recovers_after_release
         live.push(name.clone());
         if i == 0 {
             family(state, &name, "0002-v2.tar");
-            let v2 = enqueue(state, &["prepare", "--family", &name]);
+            let v2 = thinpipe_tests::enqueue_wait(state, &["prepare", "--family", &name]);
             assert_eq!(v2["status"], "succeeded", "{v2}");
             assert_ne!(v2["base_vol_id"], r["base_vol_id"], "a second version");
         }
@@ -147,7 +136,10 @@ fn a_full_host_evicts_unused_families_refuses_clearly_and_recovers_after_release
 
     // Releases give the space back: ready again, and the refused activation now works.
     for name in &live {
-        let r = enqueue(state, &["release", "--family", name, "--invocation-id", &format!("inv-{name}")]);
+        let r = thinpipe_tests::enqueue_wait(
+            state,
+            &["release", "--family", name, "--invocation-id", &format!("inv-{name}")],
+        );
         assert_eq!(r["status"], "succeeded", "{r}");
     }
     phase("released");
@@ -157,7 +149,7 @@ fn a_full_host_evicts_unused_families_refuses_clearly_and_recovers_after_release
     });
     phase("ready again");
     let again = refused["family"].as_str().unwrap();
-    let r = enqueue(state, &["activate", "--family", again, "--invocation-id", "after-release"]);
+    let r = thinpipe_tests::enqueue_wait(state, &["activate", "--family", again, "--invocation-id", "after-release"]);
     assert_eq!(r["status"], "succeeded", "{r}\n{}", daemon.log());
     let report = Command::new(bin("worker"))
         .arg("--state-dir")

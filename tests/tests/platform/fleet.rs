@@ -7,7 +7,7 @@
 //! exactly the old or exactly the new version.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -27,16 +27,7 @@ struct Host {
 }
 
 fn enqueue(endpoint: &str, queue: &str, args: &[&str]) -> Value {
-    let out = Command::new(bin("enqueue"))
-        .args(["--queue-url", queue, "--endpoint-url", endpoint, "--wait", "--json", "--timeout", "120"])
-        .args(args)
-        .envs(AWS_ENV)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("no result for {args:?} ({e}): {}", String::from_utf8_lossy(&out.stderr)))
+    thinpipe_tests::enqueue_wait_to(thinpipe_tests::To::Sqs { queue, endpoint }, args)
 }
 
 /// Writes version `n` of flat family `app` (two layers) into `dir` and publishes it.

@@ -1,6 +1,7 @@
-//! `worker runs` without a running worker: the run log read straight from the state
-//! directory (the same wire types the admin API answers). A worker running on the directory holds
-//! the log's lock; then the admin API is the way in.
+//! `worker runs`: through the admin API of the worker running on the state directory, or,
+//! when none runs there, the run log read straight from the state directory (the same wire
+//! types the admin API answers). A running worker holds the log's lock; then the admin API
+//! is the way in.
 
 use anyhow::{Context, bail};
 use thinpipe::fsm::{Engine, OpenError, RunFilter, RunStatus};
@@ -52,4 +53,48 @@ fn lookup(engine: &Engine, config: &Config, query: Query) -> anyhow::Result<Answ
             None => bail!("no run {id} in {}", config.runs_path().display()),
         },
     }
+}
+
+/// `worker runs`: through the admin API of the worker running on the state directory (or
+/// `--admin-url`), else straight from the run log when no worker runs there.
+pub fn run(config: &Config, query: Query, admin_url: Option<&str>, json: bool) -> anyhow::Result<()> {
+    use crate::admin::client;
+    let running = admin_url.is_some() || config.state_dir.join(crate::admin::ADDR_FILE).exists();
+    let through_api = || -> anyhow::Result<Answer> {
+        let base = client::base_url(config, admin_url)?;
+        Ok(match &query {
+            Query::List { workflow, status, limit } => {
+                let enc = |s: &Option<String>| s.as_deref().map(encode).unwrap_or_default();
+                let path = format!("/api/runs?limit={limit}&workflow={}&status={}", enc(workflow), enc(status));
+                Answer::Runs(client::get(config, &base, &path)?)
+            }
+            Query::Show(id) => Answer::Run(client::get(config, &base, &format!("/api/runs/{}", encode(id)))?),
+        })
+    };
+    let answer = match (running, admin_url) {
+        (true, Some(_)) => through_api()?,
+        // The address file of a worker that was killed stays behind: no answer means no worker.
+        (true, None) => match through_api() {
+            Ok(v) => v,
+            Err(e) if client::is_unreachable(&e) => read(config, query)?,
+            Err(e) => return Err(e),
+        },
+        (false, _) => read(config, query)?,
+    };
+    if json {
+        println!("{}", answer.json()?);
+    } else {
+        print!("{}", answer.text());
+    }
+    Ok(())
+}
+
+/// Percent-encodes a query or path value.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

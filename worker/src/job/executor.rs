@@ -14,21 +14,19 @@
 //! prepared once per host: one task per family in this process (a lock), one process per
 //! family (the `prepare/<family>` lease).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-use thinpipe::sync::lock;
 
 use thinpipe::fsm::{Failure, FailureKind, Outcome, RunError};
 use thinpipe::image::Manifest;
 use thinpipe::job::{Job, JobKind, JobResult, JobStatus, prepare_run_id};
 use thinpipe::lifecycle::{Hold, ResolveError, Target, Want};
 use thinpipe::pipeline::{Cause, PipelineError, PrepareState};
-use thinpipe::store::{Acquired, BaseRow, Holder, ReleaseRequest, StoreError};
+use thinpipe::store::{BaseRow, ReleaseRequest, StoreError};
 use thinpipe::telemetry;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::AbortOnDropHandle;
 
+use super::prepare_gate::PrepareGate;
 use crate::host::Host;
 
 /// How one job ended.
@@ -46,15 +44,17 @@ pub enum JobEnd {
 
 pub struct Executor {
     host: Arc<Host>,
-    /// One prepare per family at a time in this process.
-    prepare_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// One prepare per family at a time, in this process and on this host.
+    gate: PrepareGate,
     /// Fired when draining begins: jobs still waiting for a prepare are handed back.
     draining: CancellationToken,
 }
 
 impl Executor {
     pub fn new(host: Arc<Host>, draining: CancellationToken) -> Executor {
-        Executor { host, prepare_locks: Mutex::new(HashMap::new()), draining }
+        let ttl = Duration::from_secs(host.config.worker.lease_ttl_secs);
+        let gate = PrepareGate::new(host.store.clone(), ttl);
+        Executor { host, gate, draining }
     }
 
     /// Runs `job` (delivered as message `job_id`) to its end.
@@ -128,7 +128,7 @@ impl Executor {
             }
         }
         // The state directory short of room refuses like a full volume store.
-        let admitted = match crate::statespace::StateSpace::new(self.host.config.state_dir.clone()).shortage() {
+        let admitted = match crate::job::statespace::StateSpace::new(self.host.config.state_dir.clone()).shortage() {
             Some(short) => Err(short),
             None => self.host.lifecycle.admit().await,
         };
@@ -247,51 +247,13 @@ impl Executor {
     /// one: if it no longer is when its prepare fails, the job is retried with the new one.
     async fn prepare(&self, manifest: &Manifest, current: bool) -> Result<(BaseRow, PrepareState), Prep> {
         let family = manifest.family.as_str();
-        let lock = lock(&self.prepare_locks).entry(family.to_owned()).or_default().clone();
         // A job waiting here has not started: once draining begins it is handed back.
-        let _one_at_a_time = tokio::select! {
-            guard = lock.lock() => guard,
-            _ = self.draining.cancelled() => return Err(Prep::HandBack),
-        };
+        let Some(turn) = self.gate.turn(family, &self.draining).await else { return Err(Prep::HandBack) };
         if let Some(base) = self.sealed(manifest).await? {
             return Ok((base, PrepareState::default())); // another task of ours prepared it while we waited
         }
-        let key = format!("prepare/{family}");
-        let ttl = Duration::from_secs(self.host.config.worker.lease_ttl_secs);
-        let store = self.host.store.clone();
-        let k = key.clone();
-        match blocking(move || store.acquire_lease_reclaiming(&k, Holder::this_process(), ttl)).await? {
-            Acquired::Yes => {}
-            Acquired::TookOver { from } => {
-                telemetry::metrics().lease_takeovers.add(1, &[telemetry::kv("lease", "prepare")]);
-                tracing::warn!(family, previous = %from, "took over the prepare lease of a process that is gone")
-            }
-            Acquired::HeldBy(holder) => {
-                return Err(Prep::Retry(format!("family {family} is being prepared by {holder}")));
-            }
-        }
-        let lost = CancellationToken::new();
-        // Aborted when dropped: however this job ends (its task aborted at the drain deadline
-        // included), nothing renews its lease after it.
-        let renewer = {
-            let (store, key, lost) = (self.host.store.clone(), key.clone(), lost.clone());
-            AbortOnDropHandle::new(tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(ttl / 3).await;
-                    let (s, k) = (store.clone(), key.clone());
-                    match tokio::task::spawn_blocking(move || s.renew_lease(&k, Holder::this_process(), ttl)).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) if e.is_retryable() => {
-                            tracing::warn!(error = %e, "renewing the prepare lease failed; retrying")
-                        }
-                        _ => {
-                            lost.cancel();
-                            return;
-                        }
-                    }
-                }
-            }))
-        };
+        let held = self.gate.lease(turn).await.map_err(|e| Prep::Retry(e.to_string()))?;
+        let lost = held.lost().clone();
         // Blob collection waits while a prepare downloads and applies blobs.
         let blobs = self.host.lifecycle.in_use().prepare().await;
         let outcome = tokio::select! {
@@ -309,7 +271,6 @@ impl Executor {
             }
         }
         drop(blobs);
-        drop(renewer);
         let result = match outcome {
             None => {
                 Err(Prep::Retry(format!("lost the prepare lease of {family}; another process may be preparing it")))
@@ -341,10 +302,7 @@ impl Executor {
                 }),
             },
         };
-        let (store, k) = (self.host.store.clone(), key);
-        if let Err(e) = blocking(move || store.release_lease(&k, Holder::this_process())).await {
-            tracing::warn!(family, "could not release the prepare lease ({e:?}); it expires by itself");
-        }
+        held.leave().await;
         result
     }
 

@@ -298,16 +298,13 @@ fn a_full_state_directory_never_loses_a_job_and_a_restart_heals_it() {
         cmd.env("THINPIPE_QUEUE_PATH", &queue_path);
     };
     let post = |args: &[&str]| {
-        let mut cmd = Command::new(bin("enqueue"));
-        cmd.arg("--state-dir").arg(&state).args(["--wait", "--json", "--timeout", "120"]).args(args);
+        let mut cmd = thinpipe_tests::enqueue_waiting(thinpipe_tests::To::State(&state), 120);
+        cmd.args(args);
         enqueue_env(&mut cmd);
-        cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap()
+        cmd.spawn().unwrap()
     };
-    let result = |child: std::process::Child| -> Value {
-        let out = child.wait_with_output().unwrap();
-        serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("no result ({e}): {}", String::from_utf8_lossy(&out.stderr)))
-    };
+    let result =
+        |child: std::process::Child| -> Value { thinpipe_tests::job_result(&child.wait_with_output().unwrap()) };
     let mut daemon = thinpipe_tests::Daemon::start(&state, &env);
     let r = result(post(&["activate", "--family", "small", "--invocation-id", "inv-1"]));
     assert_eq!(r["status"], "succeeded", "{r}\n{}", daemon.log());
@@ -427,11 +424,8 @@ fn sigterm_during_a_long_unpack_stops_the_step_before_the_next_worker_starts() {
         ("THINPIPE_PAUSE", "apply.entry=50"),
     ];
     let daemon = thinpipe_tests::Daemon::start(state, &env);
-    let waiting = Command::new(bin("enqueue"))
-        .arg("--state-dir")
-        .arg(state)
-        .args(["--wait", "--json", "--timeout", "110", "prepare", "--family", "web"])
-        .stdout(std::process::Stdio::piped())
+    let waiting = thinpipe_tests::enqueue_waiting(thinpipe_tests::To::State(state), 110)
+        .args(["prepare", "--family", "web"])
         .spawn()
         .unwrap();
     daemon.wait_for_log("pause point apply.entry", Duration::from_secs(60));
@@ -447,9 +441,8 @@ fn sigterm_during_a_long_unpack_stops_the_step_before_the_next_worker_starts() {
     assert!(took < Duration::from_secs(2 + 2), "exit {took:?} after SIGTERM with a 2 s drain deadline");
     let first = std::fs::read_to_string(&first_log).unwrap();
     assert!(first.contains("the step's blocking work stopped"), "the step was not stopped:\n{first}");
-    let out = waiting.wait_with_output().unwrap();
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("no result ({e})\n{}", next.log()));
-    assert_eq!(r["status"], "succeeded", "{r}");
+    let r = thinpipe_tests::job_result(&waiting.wait_with_output().unwrap());
+    assert_eq!(r["status"], "succeeded", "{r}\n{}", next.log());
     assert!(stopping.elapsed() < Duration::from_secs(60), "handed back at once, not after the visibility timeout");
     let second = next.log();
     let stopped = logged_at(&first, "the step's blocking work stopped");

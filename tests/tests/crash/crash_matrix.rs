@@ -13,17 +13,17 @@
 //! orphaned, and the old base is gone in the end.
 //!
 //! One fault point: `THINPIPE_CRASH_POINT=gc.before_delete@retire-base-1 cargo test -p
-//! thinpipe-tests --test crash_matrix` (the prepare run of the sample family is
+//! thinpipe-tests --test crash crash_matrix::` (the prepare run of the sample family is
 //! `prepare-web@<digest prefix>`). A failure names the point, the backend and the queue.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 use thinpipe::image::write_sample_family;
 use thinpipe::store::Store;
 use thinpipe::volume::{BtrfsBackend, DirBackend, VolumeBackend, VolumeId};
-use thinpipe_tests::{Daemon, bin, wait_until};
+use thinpipe_tests::{Daemon, wait_until};
 
 const PREPARE_STEPS: [&str; 4] = ["fetch_manifest", "download_blobs", "prepare_thin_base", "unpack_into_base"];
 const ACTIVATE_STEPS: [&str; 1] = ["activate_snapshot"];
@@ -183,12 +183,11 @@ impl Queue {
 
     /// Posts a job and waits for its result in the background.
     fn post(&self, state: &Path, job: &[&str]) -> Child {
-        let mut cmd = Command::new(bin("enqueue"));
-        cmd.arg("--state-dir").arg(state).args(["--wait", "--json", "--timeout", "120"]);
+        let mut cmd = thinpipe_tests::enqueue_waiting(thinpipe_tests::To::State(state), 120);
         if let Queue::Sqs { endpoint, jobs } = self {
             cmd.args(["--queue-url", jobs, "--endpoint-url", endpoint]).envs(AWS_ENV);
         }
-        cmd.args(job).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+        cmd.args(job).spawn().unwrap()
     }
 
     /// Messages left: visible, in flight, or dead-lettered.

@@ -7,14 +7,14 @@
 //! layout built by `umoci`), and with SQS and an S3 source on moto.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
 use thinpipe::image::{BlobSource, LocalDir, Manifest};
 use thinpipe::store::Store;
 use thinpipe_tests::aws::{AWS_ENV, Sqs, bucket, sqs};
-use thinpipe_tests::{Daemon, bin, oci_version, tar_of_file, tree, wait_until};
+use thinpipe_tests::{Daemon, To, bin, oci_version, tar_of_file, tree, wait_until};
 
 const FAMILY: &str = "app";
 
@@ -109,26 +109,15 @@ impl Host {
 
     /// Posts a job with `enqueue --wait` and returns its result.
     fn send(&self, args: &[&str]) -> Value {
-        let mut cmd = Command::new(bin("enqueue"));
-        match &self.source {
-            Source::S3 { endpoint, sqs, .. } => {
-                cmd.args(["--queue-url", &sqs.jobs, "--endpoint-url", endpoint]).envs(AWS_ENV);
-            }
-            Source::Flat | Source::Oci => {
-                cmd.arg("--state-dir").arg(&self.state);
-            }
+        let to = match &self.source {
+            Source::S3 { endpoint, sqs, .. } => To::Sqs { queue: &sqs.jobs, endpoint },
+            Source::Flat | Source::Oci => To::State(&self.state),
+        };
+        let out = thinpipe_tests::enqueue_waiting(to, 120).args(args).output().unwrap();
+        if out.stdout.is_empty() {
+            eprintln!("worker log:\n{}", self.log());
         }
-        let out = cmd
-            .args(["--wait", "--json", "--timeout", "120"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        serde_json::from_str(&stdout).unwrap_or_else(|e| {
-            panic!("no result for {args:?} ({e}): {stdout} {}\n{}", String::from_utf8_lossy(&out.stderr), self.log())
-        })
+        thinpipe_tests::job_result(&out)
     }
 
     fn activate(&self, invocation: &str, digest: Option<&str>) -> (Value, PathBuf) {
@@ -291,14 +280,8 @@ fn a_flat_family_rewritten_during_its_prepare_is_never_sealed_as_a_mix() {
     std::fs::write(family.join("0001-a.tar"), tar_of_file("etc/a", b"1\n")).unwrap();
     std::fs::write(family.join("0002-b.tar"), tar_of_file("etc/b", b"1\n")).unwrap();
     let daemon = Daemon::start(state, &[("THINPIPE_PAUSE", "prepare.download@mix=1500")]);
-    let waiting = Command::new(bin("enqueue"))
-        .arg("--state-dir")
-        .arg(state)
-        .args(["--wait", "--json", "--timeout", "120", "prepare", "--family", "mix"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let waiting =
+        thinpipe_tests::enqueue_waiting(To::State(state), 120).args(["prepare", "--family", "mix"]).spawn().unwrap();
     daemon.wait_for_log("pause point prepare.download@mix", Duration::from_secs(60));
     // The second layer is rewritten while the first attempt waits to download.
     std::fs::write(family.join("0002-b.tar"), tar_of_file("etc/b", b"2\n")).unwrap();

@@ -1,6 +1,6 @@
 //! The job loop: receive, validate, run, publish the result, ack — with bounded
 //! concurrency, a visibility heartbeat per job, and an explicit drain. The map's entry
-//! point for a job: from here, `executor.rs` runs it.
+//! point for a job: from here, `job/executor.rs` runs it.
 //!
 //! Per job: an invalid message is dead-lettered with the reason. The executor resolves the
 //! version (`prepare`: the source's current one; `activate`: the host's current one, or the
@@ -11,7 +11,7 @@
 //! job naming a family or version that does not exist is dead-lettered too; anything
 //! transient makes the message visible again after `retry_delay_secs`.
 //!
-//! While the state directory is short of room (`statespace.rs`), prepares and activations
+//! While the state directory is short of room (`job/statespace.rs`), prepares and activations
 //! get a `host_full` failed result (as above the volumes' refusal watermark) and releases,
 //! which give space back, still run.
 //!
@@ -38,11 +38,11 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::backlog::Backlog;
-use crate::executor::{Executor, JobEnd};
+use crate::daemon::backlog::Backlog;
+use crate::daemon::order::{JobOrder, Turn};
+use crate::daemon::receiver::{Received, Receiver, release};
 use crate::host::Host;
-use crate::order::{JobOrder, Turn};
-use crate::receiver::{Received, Receiver, release};
+use crate::job::executor::{Executor, JobEnd};
 
 /// What the loop did, for logs and tests.
 #[derive(Debug, Default)]
@@ -129,8 +129,8 @@ impl JobLoop {
     }
 
     /// The room the state directory must keep for new jobs to be taken.
-    pub fn state_space(&self) -> crate::statespace::StateSpace {
-        crate::statespace::StateSpace::new(self.host.config.state_dir.clone())
+    pub fn state_space(&self) -> crate::job::statespace::StateSpace {
+        crate::job::statespace::StateSpace::new(self.host.config.state_dir.clone())
     }
 
     /// Whether the last receive from some queue failed (the queue is not usable now).

@@ -16,17 +16,13 @@ use thinpipe::volume::{VolumeBackend, VolumeId};
 use thinpipe_tests::{Daemon, bin, tree, wait_until};
 
 fn enqueue(state: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(bin("enqueue"));
-    cmd.arg("--state-dir").arg(state).args(["--wait", "--json", "--timeout", "120"]).args(args);
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut cmd = thinpipe_tests::enqueue_waiting(thinpipe_tests::To::State(state), 120);
+    cmd.args(args);
     cmd
 }
 
 fn result(out: &Output) -> serde_json::Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(&stdout).unwrap_or_else(|e| {
-        panic!("enqueue printed no result ({e}): {stdout} {}", String::from_utf8_lossy(&out.stderr))
-    })
+    thinpipe_tests::job_result(out)
 }
 
 #[test]

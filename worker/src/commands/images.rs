@@ -180,3 +180,15 @@ pub fn print_gc(report: &GcReport, json: bool) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `worker gc`: one collection pass on the state directory (its runs resumed first); exit 0
+/// unless a deletion failed.
+pub async fn gc(config: Config, dry_run: bool, json: bool) -> anyhow::Result<std::process::ExitCode> {
+    let host = std::sync::Arc::new(crate::host::Host::open(config).await?);
+    host.engine.resume_all().await?;
+    let report = host.lifecycle.collect(dry_run).await;
+    host.close().await;
+    let report = report?;
+    print_gc(&report, json)?;
+    Ok(if report.failed.is_empty() { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::from(1) })
+}

@@ -5,7 +5,7 @@
 //! S3 errors during downloads are in `s3_e2e.rs`.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use thinpipe::image::write_sample_family;
@@ -16,14 +16,7 @@ const AWS_ENV: [(&str, &str); 3] =
     [("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_REGION", "us-east-1")];
 
 fn enqueue(endpoint: &str, url: &str, job: &[&str]) -> std::process::Child {
-    Command::new(bin("enqueue"))
-        .args(["--queue-url", url, "--endpoint-url", endpoint, "--wait", "--json", "--timeout", "180"])
-        .args(job)
-        .envs(AWS_ENV)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+    thinpipe_tests::enqueue_waiting(thinpipe_tests::To::Sqs { queue: url, endpoint }, 180).args(job).spawn().unwrap()
 }
 
 fn result(child: std::process::Child) -> serde_json::Value {
