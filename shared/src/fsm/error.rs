@@ -4,6 +4,57 @@ use std::path::PathBuf;
 
 use super::schema::RunStatus;
 
+/// A failure of the run log's storage, by what it means for the host: a full disk is
+/// mended by freeing space, a corrupt file by an operator, an I/O error may pass, and an
+/// internal error is a bug of this program.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    #[error("the disk holding the run log is full ({0}); free space on it")]
+    NoSpace(String),
+    #[error("the run log is corrupt: {0}")]
+    Corrupt(String),
+    #[error("run log I/O failed: {0}")]
+    Io(String),
+    #[error("the run log engine failed (a bug): {0}")]
+    Internal(String),
+}
+
+impl StorageError {
+    /// Classifies a redb error. `PreviousIo` (redb refuses writes after a failed one) is
+    /// reported by the writer as the failure that caused it; here it is plain I/O.
+    pub fn of(e: &redb::Error) -> Self {
+        match e {
+            redb::Error::Io(io) if is_no_space(io) => Self::NoSpace(e.to_string()),
+            redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::DatabaseAlreadyOpen => {
+                Self::Io(e.to_string())
+            }
+            redb::Error::Corrupted(_) => Self::Corrupt(e.to_string()),
+            // redb's own enum is not exhaustive: its other errors are misuses of its API.
+            _ => Self::Internal(e.to_string()),
+        }
+    }
+
+    /// Space may be freed and I/O may recover (after the owner reopens the log); a corrupt
+    /// file or a bug stays.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::NoSpace(_) | Self::Io(_) => true,
+            Self::Corrupt(_) | Self::Internal(_) => false,
+        }
+    }
+}
+
+impl From<redb::Error> for StorageError {
+    fn from(e: redb::Error) -> Self {
+        Self::of(&e)
+    }
+}
+
+fn is_no_space(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull || matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+}
+
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum OpenError {
@@ -63,8 +114,8 @@ pub enum StartError {
     Corrupt { id: String, why: String },
     #[error("workflow {0} is not registered with this engine")]
     NotRegistered(String),
-    #[error("run log storage failed: {0}")]
-    Storage(String),
+    #[error(transparent)]
+    Storage(StorageError),
     #[error("the engine is shutting down")]
     ShutDown,
 }
@@ -73,7 +124,8 @@ impl StartError {
     /// Whether the same start may succeed later without anyone changing anything.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Storage(_) | Self::ShutDown => true,
+            Self::Storage(e) => e.is_retryable(),
+            Self::ShutDown => true,
             Self::InvalidId(_)
             | Self::WrongWorkflow { .. }
             | Self::InputMismatch { .. }
@@ -107,14 +159,15 @@ pub enum WaitError {
     Interrupted { id: String, reason: String },
     #[error("the result of run {id} does not decode: {error}")]
     Decode { id: String, error: String },
-    #[error("run log storage failed: {0}")]
-    Storage(String),
+    #[error(transparent)]
+    Storage(StorageError),
 }
 
 impl WaitError {
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Interrupted { .. } | Self::Storage(_) => true,
+            Self::Storage(e) => e.is_retryable(),
+            Self::Interrupted { .. } => true,
             Self::NotFound(_) | Self::Decode { .. } => false,
         }
     }
@@ -127,8 +180,8 @@ pub enum CancelError {
     NotFound(String),
     #[error("run {id} is already {status:?}; only active runs can be cancelled")]
     NotActive { id: String, status: RunStatus },
-    #[error("run log storage failed: {0}")]
-    Storage(String),
+    #[error(transparent)]
+    Storage(StorageError),
     #[error("the engine is shutting down")]
     ShutDown,
 }
@@ -136,7 +189,8 @@ pub enum CancelError {
 impl CancelError {
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Storage(_) | Self::ShutDown => true,
+            Self::Storage(e) => e.is_retryable(),
+            Self::ShutDown => true,
             Self::NotFound(_) | Self::NotActive { .. } => false,
         }
     }
@@ -149,8 +203,8 @@ pub enum ArchiveError {
     NotFound(String),
     #[error("run {0} is still active; only a finished run can be archived")]
     StillActive(String),
-    #[error("run log storage failed: {0}")]
-    Storage(String),
+    #[error(transparent)]
+    Storage(StorageError),
     #[error("the engine is shutting down")]
     ShutDown,
 }
@@ -158,7 +212,8 @@ pub enum ArchiveError {
 impl ArchiveError {
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Storage(_) | Self::ShutDown => true,
+            Self::Storage(e) => e.is_retryable(),
+            Self::ShutDown => true,
             Self::NotFound(_) | Self::StillActive(_) => false,
         }
     }
@@ -168,16 +223,17 @@ impl ArchiveError {
 #[non_exhaustive]
 pub enum PruneError {
     #[error("pruning the run log failed: {0}")]
-    Storage(String),
+    Storage(StorageError),
     #[error("the engine is shutting down")]
     ShutDown,
 }
 
 impl PruneError {
-    /// Pruning is maintenance: the next pass tries again.
+    /// Pruning is maintenance: the next pass tries again unless the log is corrupt.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Storage(_) | Self::ShutDown => true,
+            Self::Storage(e) => e.is_retryable(),
+            Self::ShutDown => true,
         }
     }
 }
@@ -197,10 +253,40 @@ impl From<redb::Error> for ReadError {
 impl ReadError {
     /// A failed read may succeed later unless the file is corrupt.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self.0, redb::Error::Corrupted(_))
+        self.kind().is_retryable()
+    }
+
+    /// What the failure means, as [`StorageError`].
+    pub fn kind(&self) -> StorageError {
+        StorageError::of(&self.0)
     }
 
     pub(crate) fn from_any(e: impl Into<redb::Error>) -> Self {
         Self(e.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_errors_keep_their_kind_and_only_space_and_io_are_retried() {
+        let io = |n| redb::Error::Io(std::io::Error::from_raw_os_error(n));
+        let cases = [
+            (io(libc::ENOSPC), StorageError::NoSpace(String::new()), true),
+            (io(libc::EDQUOT), StorageError::NoSpace(String::new()), true),
+            (io(libc::EIO), StorageError::Io(String::new()), true),
+            (redb::Error::PreviousIo, StorageError::Io(String::new()), true),
+            (redb::Error::Corrupted("bad page".into()), StorageError::Corrupt(String::new()), false),
+            (redb::Error::TableDoesNotExist("runs".into()), StorageError::Internal(String::new()), false),
+        ];
+        for (e, kind, retryable) in cases {
+            let got = StorageError::of(&e);
+            assert_eq!(std::mem::discriminant(&got), std::mem::discriminant(&kind), "{e}: {got:?}");
+            assert_eq!(got.is_retryable(), retryable, "{got}");
+            assert_eq!(StartError::Storage(got.clone()).is_retryable(), retryable);
+            assert!(!StartError::Storage(got).is_callers_mistake(), "a storage failure is never the job's fault");
+        }
     }
 }

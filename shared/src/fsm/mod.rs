@@ -33,7 +33,9 @@ mod workflow;
 mod writer;
 
 pub use engine::{Engine, EngineConfig, Outcome, ResumeReport, StartOutcome};
-pub use error::{ArchiveError, CancelError, OpenError, PruneError, ReadError, RegisterError, StartError, WaitError};
+pub use error::{
+    ArchiveError, CancelError, OpenError, PruneError, ReadError, RegisterError, StartError, StorageError, WaitError,
+};
 pub use handle::{RunError, WorkflowHandle};
 pub use history::{RecordedResponse, RunDetail, RunFilter, RunSummary, WorkflowInfo};
 pub use retry::{RetryPolicy, retry_transient};

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use redb::{Database, ReadableTable};
 use tokio::sync::oneshot;
 
+use super::error::StorageError;
 use super::key;
 use super::schema::{Event, EventKind, Failure, FailureKind, LOG, RUNS, RunRecord, RunStatus, now_ms};
 use crate::sync::{GroupCommit, Joined};
@@ -97,10 +98,21 @@ pub(crate) enum OpError {
     NotFound(String),
     #[error("run {id} is no longer in the expected state: {why}")]
     Fenced { id: String, why: String },
-    #[error("storage: {0}")]
-    Storage(String),
+    #[error("{0}")]
+    Storage(StorageError),
     #[error("the engine has shut down")]
     Stopped,
+}
+
+/// Where a caller has handled the answers it expects, what is left is a storage failure;
+/// any other answer there means the engine's bookkeeping broke.
+impl From<OpError> for StorageError {
+    fn from(e: OpError) -> Self {
+        match e {
+            OpError::Storage(s) => s,
+            OpError::NotFound(_) | OpError::Fenced { .. } | OpError::Stopped => Self::Internal(e.to_string()),
+        }
+    }
 }
 
 struct Request {
@@ -114,7 +126,7 @@ pub(crate) struct Writer {
     commits: AtomicU64,
     /// Set by the first commit that failed on the storage (a full disk, an I/O error): redb
     /// refuses every later write until the file is opened again, so the owner must restart.
-    fault: std::sync::OnceLock<String>,
+    fault: std::sync::OnceLock<StorageError>,
     faulted: tokio_util::sync::CancellationToken,
 }
 
@@ -165,14 +177,20 @@ impl Writer {
             }
             Err(e) => {
                 tracing::error!(error = %e, ops = batch.len(), "fsm commit failed; every op in the batch fails");
+                // After a failed write redb answers `PreviousIo`: report the failure that
+                // caused it (a full disk stays a full disk).
+                let kind = match (&e, self.fault.get()) {
+                    (redb::Error::PreviousIo, Some(first)) => first.clone(),
+                    _ => StorageError::of(&e),
+                };
                 if matches!(e, redb::Error::Io(_) | redb::Error::PreviousIo) {
-                    if self.fault.set(format!("the run log's storage failed: {e}")).is_ok() {
+                    if self.fault.set(kind.clone()).is_ok() {
                         tracing::error!(error = %e, "the run log refuses writes until it is opened again");
                     }
                     self.faulted.cancel();
                 }
                 for req in batch.drain(..) {
-                    if req.reply.send(Err(OpError::Storage(e.to_string()))).is_err() {
+                    if req.reply.send(Err(OpError::Storage(kind.clone()))).is_err() {
                         tracing::debug!("fsm writer: a caller left before its commit failed");
                     }
                 }
@@ -186,7 +204,7 @@ impl Writer {
     }
 
     /// Why the run log refuses writes, if a commit failed on the storage.
-    pub(crate) fn fault(&self) -> Option<String> {
+    pub(crate) fn fault(&self) -> Option<StorageError> {
         self.fault.get().cloned()
     }
 

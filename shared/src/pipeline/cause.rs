@@ -6,6 +6,8 @@
 
 use crate::fsm::Failure;
 use crate::image::ImageError;
+use crate::store::StoreError;
+use crate::volume::VolumeError;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Cause {
@@ -97,6 +99,29 @@ impl Cause {
             ImageError::TooLargeForHost { .. } | ImageError::NoRoomToDownload { .. } => Cause::HostFull,
             ImageError::OwnersNeedRoot { .. } => Cause::HostSetup,
             ImageError::Unavailable { .. } | ImageError::Stopped { .. } => Cause::Other,
+        }
+    }
+
+    /// The cause of a volume error, if it has one a scheduler can act on.
+    pub fn of_volume(e: &VolumeError) -> Option<Cause> {
+        match e {
+            VolumeError::HostStorage { .. } => Some(Cause::HostStorage),
+            VolumeError::Abort { .. } | VolumeError::Transient { .. } => None,
+        }
+    }
+
+    /// The cause of a host database error, if it has one a scheduler can act on.
+    pub fn of_store(e: &StoreError) -> Option<Cause> {
+        match e {
+            StoreError::ReadOnly { .. } | StoreError::DiskFull { .. } => Some(Cause::HostStorage),
+            StoreError::Locked { .. }
+            | StoreError::CannotOpen { .. }
+            | StoreError::Corrupt { .. }
+            | StoreError::TooNew { .. }
+            | StoreError::LeaseLost { .. }
+            | StoreError::Invalid { .. }
+            | StoreError::Interrupted { .. }
+            | StoreError::Sqlite { .. } => None,
         }
     }
 

@@ -338,11 +338,19 @@ fn image_err(e: ImageError) -> StepError {
 }
 
 fn store_err(e: StoreError) -> StepError {
-    if e.is_retryable() { StepError::transient(e) } else { StepError::abort(e) }
+    abort_or_retry(e.is_retryable(), Cause::of_store(&e), e)
 }
 
 fn volume_err(e: VolumeError) -> StepError {
-    if e.is_retryable() { StepError::transient(e) } else { StepError::abort(e) }
+    abort_or_retry(e.is_retryable(), Cause::of_volume(&e), e)
+}
+
+fn abort_or_retry(retryable: bool, cause: Option<Cause>, e: impl std::fmt::Display) -> StepError {
+    match (retryable, cause) {
+        (true, _) => StepError::transient(e),
+        (false, Some(cause)) => StepError::abort_with(cause.as_str(), e),
+        (false, None) => StepError::abort(e),
+    }
 }
 
 #[cfg(test)]

@@ -65,24 +65,32 @@ pub enum VolumeError {
     /// May succeed if tried again (I/O hiccup, busy device).
     #[error("volume {volume}: {detail}")]
     Transient { volume: String, detail: String },
-    /// Will not succeed by retrying (missing origin, no space, sealed base written to).
+    /// The host's storage is full or read-only (a full filesystem or quota, a thin pool out
+    /// of data space or switched to read-only): retrying does not help until an operator
+    /// frees space; the job fails with the `host_storage` cause.
+    #[error("volume {volume}: {detail}; the host's storage is full or read-only")]
+    HostStorage { volume: String, detail: String },
+    /// Will not succeed by retrying (missing origin, sealed base written to, a refused call).
     #[error("volume {volume}: {detail}")]
     Abort { volume: String, detail: String },
 }
 
 impl VolumeError {
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Transient { .. })
+        match self {
+            Self::Transient { .. } => true,
+            Self::HostStorage { .. } | Self::Abort { .. } => false,
+        }
     }
 
-    /// Classifies an I/O error: out of space, read-only and permission problems abort.
+    /// Classifies an I/O error: out of space and read-only are the host's storage,
+    /// permission problems abort, the rest may pass.
     pub(crate) fn io(volume: impl fmt::Display, what: &str, e: std::io::Error) -> Self {
         let volume = volume.to_string();
         let detail = format!("{what}: {e}");
         match e.raw_os_error() {
-            Some(libc::ENOSPC | libc::EDQUOT | libc::EROFS | libc::EACCES | libc::EPERM | libc::ENOTDIR) => {
-                Self::Abort { volume, detail }
-            }
+            Some(libc::ENOSPC | libc::EDQUOT | libc::EROFS) => Self::HostStorage { volume, detail },
+            Some(libc::EACCES | libc::EPERM | libc::ENOTDIR) => Self::Abort { volume, detail },
             _ => Self::Transient { volume, detail },
         }
     }

@@ -28,7 +28,7 @@ use thinpipe::reconcile::reconcile;
 use thinpipe::store::Store;
 use thinpipe::volume::dmthin::device::{DmFailure, Pool};
 use thinpipe::volume::dmthin::{SNAP_THIN_ID_BASE, thin_id};
-use thinpipe::volume::{DmThinBackend, DmThinOptions, VolumeBackend, VolumeId, conformance};
+use thinpipe::volume::{DmThinBackend, DmThinOptions, VolumeBackend, VolumeError, VolumeId, conformance};
 
 const POOL: &str = "pool";
 const STATE: &str = "/state";
@@ -95,8 +95,8 @@ fn zero_metadata(disk: &str) -> Result<(), String> {
 }
 
 /// A tiny pool (vdd: metadata, vde: 24 MiB of data, `error_if_no_space`) filled past its
-/// data: the pool turns `out_of_data_space` and every failing call then aborts with the
-/// pool's status in its message.
+/// data: the pool turns `out_of_data_space` and every failing call then fails as the host's
+/// storage (the `host_storage` cause), with the pool's status in its message.
 fn out_of_data_space() -> Result<(), String> {
     use std::io::Write;
     zero_metadata("vdd")?;
@@ -127,8 +127,11 @@ fn out_of_data_space() -> Result<(), String> {
     }
     let err = b.create_base(2).err().ok_or("a new base was made on a pool out of data space")?;
     let msg = err.to_string();
-    if err.is_retryable() || !msg.contains("out_of_data_space") {
-        return Err(format!("out of data space: expected an abort with the pool's status, got {msg}"));
+    if !matches!(err, VolumeError::HostStorage { .. }) || err.is_retryable() || !msg.contains("out_of_data_space") {
+        return Err(format!("out of data space: expected the host's storage with the pool's status, got {err:?}"));
+    }
+    if thinpipe::pipeline::Cause::of_volume(&err) != Some(thinpipe::pipeline::Cause::HostStorage) {
+        return Err(format!("a full pool must give the host_storage cause: {msg}"));
     }
     for vol in [VolumeId::Base(2), VolumeId::Base(1)] {
         b.delete(vol).map_err(|e| format!("cleaning up {vol}: {e}"))?;

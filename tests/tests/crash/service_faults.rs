@@ -65,42 +65,6 @@ fn the_sqs_server_stopped_for_ten_seconds_is_waited_out_without_a_restart() {
     assert!(daemon.stop(Duration::from_secs(60)).success());
 }
 
-/// A small tmpfs for the volumes, unmounted when dropped.
-struct SmallDisk {
-    mount: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl SmallDisk {
-    fn new(mib: u32) -> Option<SmallDisk> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            assert!(std::env::var("CI").is_err(), "the disk-full test needs root (CI runs as root)");
-            eprintln!("skipping: the disk-full test needs root");
-            return None;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let mount = dir.path().join("disk");
-        std::fs::create_dir(&mount).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
-            .arg(&mount)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "mount tmpfs: {}", String::from_utf8_lossy(&out.stderr));
-        Some(SmallDisk { mount, _dir: dir })
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        match Command::new("umount").arg(&self.mount).output() {
-            Ok(out) if out.status.success() => {}
-            other => eprintln!("could not unmount {}: {other:?}", self.mount.display()),
-        }
-    }
-}
-
 fn prepare(state: &Path, volumes: &Path) -> (Option<i32>, serde_json::Value) {
     let out = Command::new(bin("worker"))
         .arg("--state-dir")
@@ -116,7 +80,7 @@ fn prepare(state: &Path, volumes: &Path) -> (Option<i32>, serde_json::Value) {
 
 #[test]
 fn a_full_disk_during_unpack_fails_the_run_clearly_and_the_retry_reuses_the_base() {
-    let Some(disk) = SmallDisk::new(32) else { return };
+    let Some(disk) = thinpipe_tests::SmallTmpfs::new(32) else { return };
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path();
     // A 12 MiB layer; the disk has 32 MiB, 24 of them taken by ballast.
@@ -139,6 +103,7 @@ fn a_full_disk_during_unpack_fails_the_run_clearly_and_the_retry_reuses_the_base
             && (error.contains("No space left on device") || error.contains("past the refusal watermark")),
         "{error}"
     );
+    assert!(r["cause"] == "host_storage" || r["cause"] == "host_full", "a host cause a scheduler acts on: {r}");
     let store = Store::open(state.join("host.db")).unwrap();
     assert_eq!(store.image("big").unwrap().unwrap().current_base, None, "never made current");
     let bases = store.list_bases().unwrap();

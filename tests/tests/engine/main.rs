@@ -5,4 +5,5 @@
 //! test file, described in its own header and in `tests/README.md`.
 
 mod fsm_crash;
+mod run_log_full;
 mod store_processes;

@@ -55,10 +55,10 @@ impl Engine {
                 }
                 Ok(outcome)
             }
-            Ok(Reply::Applied | Reply::Pruned(_)) => Err(StartError::Storage("unexpected reply to start".into())),
+            Ok(Reply::Applied | Reply::Pruned(_)) => Err(StartError::Storage(StorageError::Internal("the writer answered a start with something else".into()))),
             Err(OpError::Stopped) => Err(StartError::ShutDown),
             Err(OpError::Fenced { id, why }) => Err(StartError::Corrupt { id, why }),
-            Err(e) => Err(StartError::Storage(e.to_string())),
+            Err(e) => Err(StartError::Storage(e.into())),
         }
     }
     /// Starts a run whose start is committed with its first transition: nothing is written
@@ -79,7 +79,7 @@ impl Engine {
             let mut unrecorded = lock(&self.inner.unrecorded);
             match unrecorded.get(id) {
                 Some(other) => Found::Unrecorded(other.clone()),
-                None => match self.read_record(id).map_err(|e| StartError::Storage(e.to_string()))? {
+                None => match self.read_record(id).map_err(|e| StartError::Storage(e.into()))? {
                     Some(Ok(existing)) => Found::Recorded(existing),
                     Some(Err(why)) => {
                         let why = format!("its stored record does not decode: {why}");
@@ -129,10 +129,10 @@ impl Engine {
         if self.is_driven_here(id) {
             return Ok(());
         }
-        match self.read_record(id).map_err(|e| StartError::Storage(e.to_string()))? {
+        match self.read_record(id).map_err(|e| StartError::Storage(e.into()))? {
             Some(Ok(record)) if record.status == RunStatus::Active => match self.resume_run(wf, id, &record).await {
                 Resumed::Yes | Resumed::MarkedFailed(_) => Ok(()),
-                Resumed::Left => Err(StartError::Storage(format!("run {id} is stalled and could not be resumed"))),
+                Resumed::Left => Err(StartError::Storage(StorageError::Io(format!("run {id} is stalled and could not be resumed")))),
             },
             // Finished meanwhile: a wait returns its outcome.
             _ => Ok(()),
@@ -154,7 +154,7 @@ impl Engine {
                 requested: wf.name().to_owned(),
             });
         }
-        let stored = self.read_input(id).map_err(|e| StartError::Storage(e.to_string()))?;
+        let stored = self.read_input(id).map_err(|e| StartError::Storage(e.into()))?;
         if let Some(stored) = stored
             && stored != input
         {
@@ -163,9 +163,9 @@ impl Engine {
                 existing: String::from_utf8_lossy(&stored).into_owned(),
             });
         }
-        match self.read_end(id).map_err(|e| StartError::Storage(e.to_string()))? {
+        match self.read_end(id).map_err(|e| StartError::Storage(e.into()))? {
             Lookup::Active => Ok(StartOutcome::AlreadyRunning),
-            Lookup::NotFound => Err(StartError::Storage(format!("run {id} vanished during start"))),
+            Lookup::NotFound => Err(StartError::Storage(StorageError::Internal(format!("run {id} vanished during start")))),
             Lookup::Finished(RawOutcome::Completed(w)) => Ok(StartOutcome::Finished(Outcome::Completed(w))),
             Lookup::Finished(RawOutcome::Failed(f)) => Ok(StartOutcome::Finished(Outcome::Failed(f))),
         }
@@ -209,7 +209,7 @@ impl Engine {
         // Subscribe before reading, so a finish between the read and the wait is not missed.
         let mut rx =
             lock(&self.inner.waiters).entry(id.to_owned()).or_insert_with(|| watch::channel(None).0).subscribe();
-        let mut found = self.read_end(id).map_err(|e| WaitError::Storage(e.to_string()))?;
+        let mut found = self.read_end(id).map_err(|e| WaitError::Storage(e.into()))?;
         if let Lookup::NotFound = found {
             // Started but not yet recorded: wait for it. An entry leaves `unrecorded` only
             // after its first commit, so if it is gone now, the run log has it.
@@ -217,7 +217,7 @@ impl Engine {
             found = if pending {
                 Lookup::Active
             } else {
-                self.read_end(id).map_err(|e| WaitError::Storage(e.to_string()))?
+                self.read_end(id).map_err(|e| WaitError::Storage(e.into()))?
             };
         }
         if let Lookup::Active = found
@@ -225,7 +225,7 @@ impl Engine {
         {
             // No task of this process drives it (its last commit failed, or nothing has
             // resumed it yet): read again, since a task that just ended committed first.
-            found = match self.read_end(id).map_err(|e| WaitError::Storage(e.to_string()))? {
+            found = match self.read_end(id).map_err(|e| WaitError::Storage(e.into()))? {
                 Lookup::Active => {
                     self.forget_waiter(id);
                     return Err(interrupted(
@@ -263,12 +263,12 @@ impl Engine {
             match unrecorded.get(id) {
                 // Not yet in the run log: the failure is recorded with its start.
                 Some(u) => (Some(Ok(u.record.clone())), Some(Box::new(u.clone()))),
-                None => (self.read_record(id).map_err(|e| CancelError::Storage(e.to_string()))?, None),
+                None => (self.read_record(id).map_err(|e| CancelError::Storage(e.into()))?, None),
             }
         };
         let record = match record {
             None => return Err(CancelError::NotFound(id.to_owned())),
-            Some(Err(why)) => return Err(CancelError::Storage(format!("run {id} record does not decode: {why}"))),
+            Some(Err(why)) => return Err(CancelError::Storage(StorageError::Corrupt(format!("run {id} record does not decode: {why}")))),
             Some(Ok(r)) => r,
         };
         if record.status != RunStatus::Active {
@@ -294,13 +294,13 @@ impl Engine {
             }
             // It finished between our read and our write.
             Err(OpError::Fenced { .. }) => {
-                let now = self.read_record(id).map_err(|e| CancelError::Storage(e.to_string()))?;
+                let now = self.read_record(id).map_err(|e| CancelError::Storage(e.into()))?;
                 let status = now.and_then(Result::ok).map_or(RunStatus::Failed, |r| r.status);
                 return Err(CancelError::NotActive { id: id.to_owned(), status });
             }
             Err(OpError::NotFound(_)) => return Err(CancelError::NotFound(id.to_owned())),
             Err(OpError::Stopped) => return Err(CancelError::ShutDown),
-            Err(e) => return Err(CancelError::Storage(e.to_string())),
+            Err(e) => return Err(CancelError::Storage(e.into())),
         }
         if let Some(run) = lock(&self.inner.running).get(id) {
             run.stop.cancel();

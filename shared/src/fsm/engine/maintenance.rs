@@ -24,9 +24,9 @@ impl Engine {
             // Started, its start not committed yet (guarantee 1): active.
             return Err(ArchiveError::StillActive(id.to_owned()));
         }
-        let record = match self.read_record(id).map_err(|e| ArchiveError::Storage(e.to_string()))? {
+        let record = match self.read_record(id).map_err(|e| ArchiveError::Storage(e.into()))? {
             None => return Err(ArchiveError::NotFound(id.to_owned())),
-            Some(Err(why)) => return Err(ArchiveError::Storage(format!("run {id} record does not decode: {why}"))),
+            Some(Err(why)) => return Err(ArchiveError::Storage(StorageError::Corrupt(format!("run {id} record does not decode: {why}")))),
             Some(Ok(r)) => r,
         };
         if !record.status.is_finished() {
@@ -37,16 +37,16 @@ impl Engine {
             Ok(_) => Ok(to),
             Err(OpError::NotFound(_)) => Err(ArchiveError::NotFound(id.to_owned())),
             Err(OpError::Stopped) => Err(ArchiveError::ShutDown),
-            Err(e) => Err(ArchiveError::Storage(e.to_string())),
+            Err(e) => Err(ArchiveError::Storage(e.into())),
         }
     }
     /// Deletes finished runs that finished before `cutoff_ms` (ms since the epoch).
     pub async fn prune_finished_before(&self, cutoff_ms: u64) -> Result<usize, PruneError> {
         match self.inner.writer.submit(Op::Prune { finished_before_ms: cutoff_ms }).await {
             Ok(Reply::Pruned(n)) => Ok(n),
-            Ok(_) => Err(PruneError::Storage("the writer answered a prune with something else".into())),
+            Ok(_) => Err(PruneError::Storage(StorageError::Internal("the writer answered a prune with something else".into()))),
             Err(OpError::Stopped) => Err(PruneError::ShutDown),
-            Err(e) => Err(PruneError::Storage(e.to_string())),
+            Err(e) => Err(PruneError::Storage(e.into())),
         }
     }
     pub(super) fn spawn_pruner(&self, config: &EngineConfig) {

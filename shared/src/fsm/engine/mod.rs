@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::error::{ArchiveError, CancelError, OpenError, PruneError, ReadError, StartError, WaitError};
+use super::error::{ArchiveError, CancelError, OpenError, PruneError, ReadError, StartError, StorageError, WaitError};
 use super::key;
 use super::runner;
 use super::schema::{EventKind, Failure, FailureKind, LOG, RUNS, RunRecord, RunStatus, now_ms, read_header};
@@ -130,7 +130,7 @@ impl Engine {
         self.inner.writer.faulted()
     }
     /// Why the run log refuses writes, once [`Engine::storage_failed`] fired.
-    pub fn storage_fault(&self) -> Option<String> {
+    pub fn storage_fault(&self) -> Option<StorageError> {
         self.inner.writer.fault()
     }
     /// Commits made by the run log's writer so far. Fewer commits than transitions means

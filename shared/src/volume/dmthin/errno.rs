@@ -9,24 +9,58 @@ use std::time::Duration;
 pub enum Verdict {
     /// Retrying cannot help: the volume call fails, with the pool's status in its message.
     Abort,
+    /// The pool is full or read-only: an operator must free space (`host_storage`).
+    HostStorage,
     /// May succeed later: the caller's retry policy decides.
     Transient,
 }
 
-/// The errnos that end a call whatever the pool's mode: no such device or origin
-/// (`ENODATA`), a malformed or refused message (`EINVAL`, `EPERM`), no space (`ENOSPC`),
-/// the device in use (`EBUSY`, after `delete` retried it), the id taken (`EEXIST`, once the
-/// caller found it is not its own re-run).
-const HARD: [i32; 6] = [libc::ENODATA, libc::EINVAL, libc::ENOSPC, libc::EBUSY, libc::EEXIST, libc::EPERM];
+/// The pool's mode, the fifth field of its status line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolMode {
+    ReadWrite,
+    /// `out_of_data_space`: writes that need a new block fail (with `error_if_no_space`).
+    OutOfDataSpace,
+    /// `ro`: the kernel switched the pool to read-only (metadata full or failing).
+    ReadOnly,
+    /// `Fail`, or a status this code does not know.
+    Failed,
+}
+
+impl PoolMode {
+    /// The mode in a status line `<transaction> <meta> <data> <held root> <mode> ...`.
+    pub fn of_status(status: &str) -> Self {
+        match status.split_whitespace().nth(4) {
+            Some("rw") => Self::ReadWrite,
+            Some("out_of_data_space") => Self::OutOfDataSpace,
+            Some("ro") => Self::ReadOnly,
+            _ => Self::Failed,
+        }
+    }
+}
+
+/// The errnos that end a call in a writable pool: no such device or origin (`ENODATA`), a
+/// malformed or refused message (`EINVAL`, `EPERM`), the device in use (`EBUSY`, after
+/// `delete` retried it), the id taken (`EEXIST`, once the caller found it is not its own
+/// re-run). `ENOSPC` is the host's storage.
+const HARD: [i32; 5] = [libc::ENODATA, libc::EINVAL, libc::EBUSY, libc::EEXIST, libc::EPERM];
 
 /// How often `delete` is tried while the kernel says the thin id is busy.
 pub const DELETE_BUSY_ATTEMPTS: u32 = 4;
 
-/// A failed call with `errno` (`None`: the call failed without one) while the pool is, or
-/// is not, in `rw` mode: any failure while it is not (read-only, failed, out of data space)
-/// is an abort.
-pub fn classify(errno: Option<i32>, pool_rw: bool) -> Verdict {
-    if !pool_rw || errno.is_some_and(|n| HARD.contains(&n)) { Verdict::Abort } else { Verdict::Transient }
+/// A failed call with `errno` (`None`: the call failed without one) while the pool is in
+/// `mode`: any failure of a full or read-only pool is the host's storage, of a failed pool
+/// an abort.
+pub fn classify(errno: Option<i32>, mode: PoolMode) -> Verdict {
+    match mode {
+        PoolMode::OutOfDataSpace | PoolMode::ReadOnly => Verdict::HostStorage,
+        PoolMode::Failed => Verdict::Abort,
+        PoolMode::ReadWrite => match errno {
+            Some(libc::ENOSPC) => Verdict::HostStorage,
+            Some(n) if HARD.contains(&n) => Verdict::Abort,
+            _ => Verdict::Transient,
+        },
+    }
 }
 
 /// What `delete` does after its `attempt`-th try failed with `errno`.
@@ -73,25 +107,42 @@ mod tests {
 
     #[test]
     fn each_errno_means_what_the_backend_documents() {
-        use Verdict::{Abort, Transient};
+        use PoolMode::{Failed, OutOfDataSpace, ReadOnly, ReadWrite};
+        use Verdict::{Abort, HostStorage, Transient};
         let table = [
-            (Some(libc::ENODATA), true, Abort),
-            (Some(libc::EINVAL), true, Abort),
-            (Some(libc::ENOSPC), true, Abort),
-            (Some(libc::EBUSY), true, Abort),
-            (Some(libc::EEXIST), true, Abort),
-            (Some(libc::EPERM), true, Abort),
-            (Some(libc::EIO), true, Transient),
-            (Some(libc::ENOMEM), true, Transient),
-            (Some(libc::EAGAIN), true, Transient),
-            (None, true, Transient),
-            // Not rw (read-only, failed, out of data space): everything aborts.
-            (Some(libc::EIO), false, Abort),
-            (Some(libc::EAGAIN), false, Abort),
-            (None, false, Abort),
+            (Some(libc::ENODATA), ReadWrite, Abort),
+            (Some(libc::EINVAL), ReadWrite, Abort),
+            (Some(libc::ENOSPC), ReadWrite, HostStorage),
+            (Some(libc::EBUSY), ReadWrite, Abort),
+            (Some(libc::EEXIST), ReadWrite, Abort),
+            (Some(libc::EPERM), ReadWrite, Abort),
+            (Some(libc::EIO), ReadWrite, Transient),
+            (Some(libc::ENOMEM), ReadWrite, Transient),
+            (Some(libc::EAGAIN), ReadWrite, Transient),
+            (None, ReadWrite, Transient),
+            // A full or read-only pool: the host's storage, whatever the errno.
+            (Some(libc::EIO), OutOfDataSpace, HostStorage),
+            (None, ReadOnly, HostStorage),
+            (Some(libc::EINVAL), OutOfDataSpace, HostStorage),
+            // A failed pool: everything aborts.
+            (Some(libc::EAGAIN), Failed, Abort),
+            (None, Failed, Abort),
         ];
-        for (errno, rw, verdict) in table {
-            assert_eq!(classify(errno, rw), verdict, "errno {errno:?}, pool rw {rw}");
+        for (errno, mode, verdict) in table {
+            assert_eq!(classify(errno, mode), verdict, "errno {errno:?}, pool {mode:?}");
+        }
+    }
+
+    #[test]
+    fn the_pool_mode_is_read_from_the_status_line() {
+        let modes = [
+            ("1 10/1024 20/4096 - rw discard_passdown queue_if_no_space - 1024", PoolMode::ReadWrite),
+            ("1 10/1024 4096/4096 - out_of_data_space discard_passdown error_if_no_space - 1024", PoolMode::OutOfDataSpace),
+            ("1 1024/1024 20/4096 - ro discard_passdown queue_if_no_space needs_check 1024", PoolMode::ReadOnly),
+            ("Fail", PoolMode::Failed),
+        ];
+        for (status, mode) in modes {
+            assert_eq!(PoolMode::of_status(status), mode, "{status}");
         }
     }
 

@@ -17,9 +17,10 @@
 //! Files: `device.rs` the raw ioctls (no retries, no classification); `errno.rs` what an
 //! errno means, as pure functions with a table test: `EEXIST` on create is checked (the id
 //! must really be in the pool) and then taken as a re-run; `ENODATA` (no such device or
-//! origin), `EINVAL`, `ENOSPC`, `EBUSY` (after a few short retries of `delete`, made here)
-//! and any error while the pool is not in `rw` mode abort with the pool's status in the
-//! message; anything else is transient. `ids.rs` the thin-id ranges, `ext4.rs` the
+//! origin), `EINVAL`, `EBUSY` (after a few short retries of `delete`, made here) and any
+//! error of a failed pool abort; `ENOSPC` and any error while the pool is out of data space
+//! or read-only are the host's storage (`VolumeError::HostStorage`); each with the pool's
+//! status in the message. Anything else is transient. `ids.rs` the thin-id ranges, `ext4.rs` the
 //! filesystem in each device, `listing.rs` what the pool holds; this file the backend. Device
 //! nodes are made by this backend under `<root>/dev` from major:minor: no udev, no
 //! `/dev/mapper/*`.
@@ -42,7 +43,7 @@ use devicemapper::Device;
 use super::{Usage, VolumeBackend, VolumeError, VolumeId};
 use crate::fault;
 use device::{DmFailure, Pool};
-use errno::{AfterDelete, Verdict};
+use errno::{AfterDelete, PoolMode, Verdict};
 use ext4::{c_path, empty_dir, mkfs_ext4, mount_ext4, remove_if_present, umount};
 pub use ids::{SNAP_THIN_ID_BASE, THIN_ID_LIMIT, thin_id, volume_of};
 use listing::parse_pool_usage;
@@ -119,30 +120,27 @@ impl DmThinBackend {
         self.root.join("bases").join(format!("{}.sealed", VolumeId::Base(id)))
     }
 
-    /// The pool's status line and whether it is in `rw` mode (the only mode in which a
-    /// failure may be transient).
-    fn pool_state(&self) -> (String, bool) {
+    /// The pool's status line and its mode (only in `rw` may a failure be transient).
+    fn pool_state(&self) -> (String, PoolMode) {
         let status = match self.pool.status() {
             Ok(s) => s,
             Err(s) => format!("unavailable: {s}"),
         };
-        // status: "<transaction> <meta> <data> <held root> rw|ro|out_of_data_space ..." or "Fail".
-        let rw = status.split_whitespace().nth(4) == Some("rw");
-        (status, rw)
+        let mode = PoolMode::of_status(&status);
+        (status, mode)
     }
 
-    /// Any failure of this backend while the pool is not `rw` (read-only, failed, out of
-    /// data space) is an abort, with the pool's status in the message.
+    /// A failure of this backend that looked transient is classified again by the pool's
+    /// mode (full, read-only, failed), with the pool's status in the message.
     fn checked<T>(&self, r: Result<T, VolumeError>) -> Result<T, VolumeError> {
         match r {
             Err(VolumeError::Transient { volume, detail }) => {
-                let (status, rw) = self.pool_state();
-                if rw {
-                    Err(VolumeError::Transient { volume, detail })
-                } else {
-                    let detail = format!("{detail} [pool {} status: {status}]", self.pool.name());
-                    Err(VolumeError::Abort { volume, detail })
+                let (status, mode) = self.pool_state();
+                if mode == PoolMode::ReadWrite {
+                    return Err(VolumeError::Transient { volume, detail });
                 }
+                let detail = format!("{detail} [pool {} status: {status}]", self.pool.name());
+                Err(verdict(errno::classify(None, mode), volume, detail))
             }
             other => other,
         }
@@ -150,13 +148,11 @@ impl DmThinBackend {
 
     /// A failure, classified, with the pool's status in the message.
     fn fail(&self, vol: impl std::fmt::Display, e: DmFailure) -> VolumeError {
-        let (status, mode_ok) = self.pool_state();
+        let (status, mode) = self.pool_state();
         let detail = format!("{e} [pool {} status: {status}]", self.pool.name());
-        match errno::classify(e.errno, mode_ok) {
-            Verdict::Abort => VolumeError::Abort { volume: vol.to_string(), detail },
-            Verdict::Transient => VolumeError::Transient { volume: vol.to_string(), detail },
-        }
+        verdict(errno::classify(e.errno, mode), vol.to_string(), detail)
     }
+
 
     /// A block device node for `dev` under `<root>/dev`, (re)made when missing or stale.
     fn node(&self, name: &str, dev: Device) -> Result<PathBuf, VolumeError> {
@@ -438,5 +434,14 @@ impl DmThinBackend {
         }
         remove_if_present(&self.mount_point(vol), vol)?;
         remove_if_present(&self.root.join("dev").join(self.device_name(vol)), vol)
+    }
+}
+
+/// The error a [`Verdict`] makes.
+fn verdict(verdict: Verdict, volume: String, detail: String) -> VolumeError {
+    match verdict {
+        Verdict::Abort => VolumeError::Abort { volume, detail },
+        Verdict::HostStorage => VolumeError::HostStorage { volume, detail },
+        Verdict::Transient => VolumeError::Transient { volume, detail },
     }
 }
