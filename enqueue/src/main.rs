@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use thinpipe::admin::AdminClient;
 use thinpipe::job::{Job, JobKind, JobResult, JobStatus};
 use thinpipe::queue::{EmbeddedQueue, JobQueue};
 
@@ -590,41 +591,30 @@ async fn with_progress<T>(cli: &Cli, job: &Job, embedded: bool, waited: impl std
         &format!("waiting for {} (no progress from the worker yet)", job.run_id()),
     );
     let given = cli.admin_url.clone();
-    let addr_file = embedded.then(|| cli.state_dir.join("admin.addr"));
+    let state_dir = embedded.then(|| cli.state_dir.clone());
     let read = async || {
-        let (given, addr_file) = (given.clone(), addr_file.clone());
+        let (given, state_dir) = (given.clone(), state_dir.clone());
         // Progress is only shown: when the worker cannot be asked, the bar waits.
-        tokio::task::spawn_blocking(move || worker_progress(given, addr_file)).await.unwrap_or_default()
+        tokio::task::spawn_blocking(move || worker_progress(given.as_deref(), state_dir.as_deref()))
+            .await
+            .unwrap_or_default()
     };
     thinpipe::progress::while_running(view, read, waited).await
 }
 
-/// The steps the worker is running, from its admin API; empty when it cannot be asked.
-fn worker_progress(
-    given: Option<String>,
-    addr_file: Option<std::path::PathBuf>,
-) -> Vec<thinpipe::progress::StepProgress> {
-    let url = match (given, addr_file) {
-        (Some(url), _) => url,
-        (None, Some(file)) => match std::fs::read_to_string(file) {
-            Ok(url) => url.trim().to_owned(),
-            Err(_) => return Vec::new(),
-        },
-        (None, None) => return Vec::new(),
+/// The steps the worker is running, from its admin API (`--admin-url`, else the address the
+/// worker on the embedded queue's state directory wrote); empty when it cannot be asked.
+fn worker_progress(given: Option<&str>, state_dir: Option<&std::path::Path>) -> Vec<thinpipe::progress::StepProgress> {
+    let address = match (given, state_dir) {
+        (Some(url), _) => Some(url.to_owned()),
+        (None, Some(dir)) => AdminClient::address(None, dir).unwrap_or_default(),
+        (None, None) => None,
     };
-    let client = match reqwest::blocking::Client::builder().timeout(Duration::from_secs(1)).build() {
-        Ok(c) => c,
-        Err(_) => return Vec::new(),
-    };
-    let mut request = client.get(format!("{}/api/progress", url.trim_end_matches('/')));
+    let Some(address) = address else { return Vec::new() };
     // A worker with `admin.token` set wants it: the same variable the worker reads.
-    if let Ok(token) = std::env::var("THINPIPE_ADMIN_TOKEN")
-        && !token.is_empty()
-    {
-        request = request.bearer_auth(token);
-    }
-    let answer = request.send();
-    answer.and_then(|r| r.error_for_status()).and_then(|r| r.json()).unwrap_or_default()
+    let token = std::env::var("THINPIPE_ADMIN_TOKEN").ok();
+    let running = AdminClient::new(&address, token.as_deref(), Duration::from_secs(1)).and_then(|c| c.progress());
+    running.unwrap_or_default().into_iter().map(Into::into).collect()
 }
 
 /// The result; as JSON with the trace id of this job (`trace_id`) beside its fields.

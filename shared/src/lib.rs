@@ -9,6 +9,7 @@
 //! - [`lifecycle`]: what decides over time: current versions, garbage collection, capacity,
 //!   expiry (the worker's maintenance task);
 //! - [`reconcile`]: the backend's volumes against the host database's records;
+//! - [`admin`]: the worker's admin API as clients see it: wire types, one client, its address file;
 //! - [`progress`]: how far the running steps have got, and the terminal bar that shows it;
 //! - [`queue`]: the `JobQueue` trait, the embedded and SQS queues;
 //! - [`job`]: the job message schema and results;
@@ -19,6 +20,7 @@
 //! - [`fault`]: named fault points for crash tests (compiled out of release builds);
 //! - [`telemetry`]: logs, OpenTelemetry traces and metrics, trace context propagation.
 
+pub mod admin;
 pub mod aws;
 pub mod fault;
 pub mod fsm;

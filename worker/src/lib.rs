@@ -1,6 +1,7 @@
 //! The thinpipe worker, by role:
 //! - [`daemon`]: the long-running worker: job loop, receivers, per-invocation order, backlog
-//!   gauges, signals, and the admin API it serves ([`admin`]);
+//!   gauges, signals, and the admin API it serves (`daemon::admin`; its wire types and client
+//!   are the library's `thinpipe::admin`, shared with `enqueue`);
 //! - [`job`]: one job's execution (the executor, the state directory's reserve);
 //! - [`commands`]: one file per one-shot subcommand (`run`, `runs`, `reconcile`, `images`
 //!   and `gc`, `demo`, `config`);
@@ -9,7 +10,6 @@
 //!
 //! `main.rs` only parses the command line and dispatches here.
 
-pub mod admin;
 pub mod commands;
 pub mod config;
 pub mod daemon;

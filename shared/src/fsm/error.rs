@@ -26,9 +26,7 @@ impl StorageError {
     pub fn of(e: &redb::Error) -> Self {
         match e {
             redb::Error::Io(io) if is_no_space(io) => Self::NoSpace(e.to_string()),
-            redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::DatabaseAlreadyOpen => {
-                Self::Io(e.to_string())
-            }
+            redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::DatabaseAlreadyOpen => Self::Io(e.to_string()),
             redb::Error::Corrupted(_) => Self::Corrupt(e.to_string()),
             // redb's own enum is not exhaustive: its other errors are misuses of its API.
             _ => Self::Internal(e.to_string()),

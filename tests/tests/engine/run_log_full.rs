@@ -28,7 +28,7 @@ async fn a_full_disk_under_the_run_log_is_reported_as_no_space_and_heals_after_a
         eprintln!("ballast stopped short: {e}");
     }
     let big = "y".repeat(2 << 20);
-    let err = wf.start("big", &big, &0).await.err().expect("a 2 MiB input committed on a full disk");
+    let Err(err) = wf.start("big", &big, &0).await else { panic!("a 2 MiB input committed on a full disk") };
     let StartError::Storage(kind) = &err else { panic!("expected a storage error, got {err:?}") };
     assert!(matches!(kind, StorageError::NoSpace(_)), "the kind is kept: {kind:?}");
     assert!(err.is_retryable() && !err.is_callers_mistake(), "{err}");

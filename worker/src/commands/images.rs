@@ -1,60 +1,13 @@
 //! `worker images` and `worker gc`: what the host holds, and what a collection pass did, as
 //! text for people or JSON for tools.
 
-use anyhow::Context;
-use serde::Serialize;
+use thinpipe::admin::wire::Images;
 use thinpipe::image::BlobCache;
-use thinpipe::lifecycle::inventory::{FamilyView, VersionView, families};
-use thinpipe::lifecycle::{GcReport, Watermarks};
+use thinpipe::lifecycle::GcReport;
+use thinpipe::lifecycle::inventory::VersionView;
 use thinpipe::store::Store;
-use thinpipe::volume::Usage;
 
 use crate::config::Config;
-
-/// The whole view: families, storage usage, blob cache.
-#[derive(Serialize)]
-pub struct Images {
-    pub families: Vec<FamilyView>,
-    pub usage: Option<Usage>,
-    /// Why usage could not be measured (e.g. dm-thin without root).
-    pub usage_error: Option<String>,
-    pub watermarks: Watermarks,
-    pub blob_cache_bytes: u64,
-    /// Interrupted downloads kept for resuming (deleted by garbage collection when the host
-    /// is above its high watermark).
-    pub partial_download_bytes: u64,
-    /// Where this host's volumes live, as recorded at first use.
-    pub volumes: Option<thinpipe::volume::Place>,
-}
-
-impl Images {
-    /// The view from the host database, the blob cache and a usage measurement.
-    pub fn gather(
-        store: &Store,
-        cache: &BlobCache,
-        usage: Result<Usage, String>,
-        watermarks: Watermarks,
-    ) -> anyhow::Result<Images> {
-        let (usage, usage_error) = match usage {
-            Ok(u) => (Some(u), None),
-            Err(e) => (None, Some(e)),
-        };
-        Ok(Images {
-            families: families(store, Some(cache))?,
-            usage,
-            usage_error,
-            watermarks,
-            blob_cache_bytes: cache.size().context("measuring the blob cache")?,
-            partial_download_bytes: cache
-                .partials()
-                .context("measuring the partial downloads")?
-                .iter()
-                .map(|(_, n)| n)
-                .sum(),
-            volumes: store.volume_place()?,
-        })
-    }
-}
 
 /// The view for `worker images`: opens the host database (safe while the daemon runs).
 pub fn collect(config: &Config) -> anyhow::Result<Images> {
@@ -69,7 +22,7 @@ pub fn collect(config: &Config) -> anyhow::Result<Images> {
         }
         Err(e) => Err(format!("{e:#}")),
     };
-    Images::gather(&store, &cache, usage, config.watermarks())
+    Ok(Images::gather(&store, &cache, usage, config.watermarks())?)
 }
 
 pub fn print(config: &Config, json: bool) -> anyhow::Result<std::process::ExitCode> {

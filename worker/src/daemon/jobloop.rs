@@ -409,7 +409,8 @@ impl JobLoop {
         let delay = Duration::from_secs(self.host.config.worker.retry_delay_secs);
         // A job that could not run because this host's storage is short is not the job's
         // fault: its receive is not counted towards the dead letter (where the queue allows).
-        let host_fault = self.host.engine.storage_fault().map(|f| f.to_string()).or_else(|| self.state_space().shortage());
+        let host_fault =
+            self.host.engine.storage_fault().map(|f| f.to_string()).or_else(|| self.state_space().shortage());
         let deferred = match &host_fault {
             Some(why) => {
                 tracing::warn!(message_id = %d.message_id, %reason, host = %why, "job will be retried; this receive is not counted");

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::host::Host;
 
+pub mod admin;
 pub mod backlog;
 pub mod jobloop;
 pub mod order;
@@ -67,7 +68,7 @@ pub async fn run(
     let admin = if config.admin.listen.is_empty() {
         None
     } else {
-        match crate::admin::serve(host.clone(), job_loop.clone(), prometheus, admin_stop.clone()).await {
+        match admin::serve(host.clone(), job_loop.clone(), prometheus, admin_stop.clone()).await {
             Ok((_, server)) => Some(server),
             Err(e) => {
                 host.close().await;
@@ -82,7 +83,7 @@ pub async fn run(
         if let Err(e) = server.await {
             tracing::warn!(error = %e, "the admin API task ended abnormally");
         }
-        let addr_file = config.state_dir.join(crate::admin::ADDR_FILE);
+        let addr_file = config.state_dir.join(thinpipe::admin::ADDR_FILE);
         if let Err(e) = std::fs::remove_file(&addr_file) {
             tracing::warn!(path = %addr_file.display(), error = %e, "could not remove the admin address file");
         }

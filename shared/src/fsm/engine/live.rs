@@ -55,7 +55,9 @@ impl Engine {
                 }
                 Ok(outcome)
             }
-            Ok(Reply::Applied | Reply::Pruned(_)) => Err(StartError::Storage(StorageError::Internal("the writer answered a start with something else".into()))),
+            Ok(Reply::Applied | Reply::Pruned(_)) => Err(StartError::Storage(StorageError::Internal(
+                "the writer answered a start with something else".into(),
+            ))),
             Err(OpError::Stopped) => Err(StartError::ShutDown),
             Err(OpError::Fenced { id, why }) => Err(StartError::Corrupt { id, why }),
             Err(e) => Err(StartError::Storage(e.into())),
@@ -132,7 +134,9 @@ impl Engine {
         match self.read_record(id).map_err(|e| StartError::Storage(e.into()))? {
             Some(Ok(record)) if record.status == RunStatus::Active => match self.resume_run(wf, id, &record).await {
                 Resumed::Yes | Resumed::MarkedFailed(_) => Ok(()),
-                Resumed::Left => Err(StartError::Storage(StorageError::Io(format!("run {id} is stalled and could not be resumed")))),
+                Resumed::Left => {
+                    Err(StartError::Storage(StorageError::Io(format!("run {id} is stalled and could not be resumed"))))
+                }
             },
             // Finished meanwhile: a wait returns its outcome.
             _ => Ok(()),
@@ -165,7 +169,9 @@ impl Engine {
         }
         match self.read_end(id).map_err(|e| StartError::Storage(e.into()))? {
             Lookup::Active => Ok(StartOutcome::AlreadyRunning),
-            Lookup::NotFound => Err(StartError::Storage(StorageError::Internal(format!("run {id} vanished during start")))),
+            Lookup::NotFound => {
+                Err(StartError::Storage(StorageError::Internal(format!("run {id} vanished during start"))))
+            }
             Lookup::Finished(RawOutcome::Completed(w)) => Ok(StartOutcome::Finished(Outcome::Completed(w))),
             Lookup::Finished(RawOutcome::Failed(f)) => Ok(StartOutcome::Finished(Outcome::Failed(f))),
         }
@@ -214,11 +220,8 @@ impl Engine {
             // Started but not yet recorded: wait for it. An entry leaves `unrecorded` only
             // after its first commit, so if it is gone now, the run log has it.
             let pending = lock(&self.inner.unrecorded).contains_key(id);
-            found = if pending {
-                Lookup::Active
-            } else {
-                self.read_end(id).map_err(|e| WaitError::Storage(e.into()))?
-            };
+            found =
+                if pending { Lookup::Active } else { self.read_end(id).map_err(|e| WaitError::Storage(e.into()))? };
         }
         if let Lookup::Active = found
             && !self.is_driven_here(id)
@@ -268,7 +271,11 @@ impl Engine {
         };
         let record = match record {
             None => return Err(CancelError::NotFound(id.to_owned())),
-            Some(Err(why)) => return Err(CancelError::Storage(StorageError::Corrupt(format!("run {id} record does not decode: {why}")))),
+            Some(Err(why)) => {
+                return Err(CancelError::Storage(StorageError::Corrupt(format!(
+                    "run {id} record does not decode: {why}"
+                ))));
+            }
             Some(Ok(r)) => r,
         };
         if record.status != RunStatus::Active {

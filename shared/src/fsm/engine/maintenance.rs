@@ -26,7 +26,11 @@ impl Engine {
         }
         let record = match self.read_record(id).map_err(|e| ArchiveError::Storage(e.into()))? {
             None => return Err(ArchiveError::NotFound(id.to_owned())),
-            Some(Err(why)) => return Err(ArchiveError::Storage(StorageError::Corrupt(format!("run {id} record does not decode: {why}")))),
+            Some(Err(why)) => {
+                return Err(ArchiveError::Storage(StorageError::Corrupt(format!(
+                    "run {id} record does not decode: {why}"
+                ))));
+            }
             Some(Ok(r)) => r,
         };
         if !record.status.is_finished() {
@@ -44,7 +48,9 @@ impl Engine {
     pub async fn prune_finished_before(&self, cutoff_ms: u64) -> Result<usize, PruneError> {
         match self.inner.writer.submit(Op::Prune { finished_before_ms: cutoff_ms }).await {
             Ok(Reply::Pruned(n)) => Ok(n),
-            Ok(_) => Err(PruneError::Storage(StorageError::Internal("the writer answered a prune with something else".into()))),
+            Ok(_) => Err(PruneError::Storage(StorageError::Internal(
+                "the writer answered a prune with something else".into(),
+            ))),
             Err(OpError::Stopped) => Err(PruneError::ShutDown),
             Err(e) => Err(PruneError::Storage(e.into())),
         }

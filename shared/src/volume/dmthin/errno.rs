@@ -137,7 +137,10 @@ mod tests {
     fn the_pool_mode_is_read_from_the_status_line() {
         let modes = [
             ("1 10/1024 20/4096 - rw discard_passdown queue_if_no_space - 1024", PoolMode::ReadWrite),
-            ("1 10/1024 4096/4096 - out_of_data_space discard_passdown error_if_no_space - 1024", PoolMode::OutOfDataSpace),
+            (
+                "1 10/1024 4096/4096 - out_of_data_space discard_passdown error_if_no_space - 1024",
+                PoolMode::OutOfDataSpace,
+            ),
             ("1 1024/1024 20/4096 - ro discard_passdown queue_if_no_space needs_check 1024", PoolMode::ReadOnly),
             ("Fail", PoolMode::Failed),
         ];

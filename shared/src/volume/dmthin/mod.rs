@@ -153,7 +153,6 @@ impl DmThinBackend {
         verdict(errno::classify(e.errno, mode), vol.to_string(), detail)
     }
 
-
     /// A block device node for `dev` under `<root>/dev`, (re)made when missing or stale.
     fn node(&self, name: &str, dev: Device) -> Result<PathBuf, VolumeError> {
         let path = self.root.join("dev").join(name);

@@ -1,9 +1,17 @@
-//! What the admin API answers, as types: the server builds them from the engine's records,
-//! and `worker runs` (through the API, or from the run log when no worker runs) reads the
-//! same types back. What clients see is defined here, not by the engine's internals.
+//! What the admin API answers, as types: the server builds them from the engine's, the
+//! store's and the progress board's records; `worker runs` (through the API, or from the run
+//! log when no worker runs), `worker images` and `enqueue --wait` read the same types. A
+//! change to the engine's internals changes a `From` here, not what clients parse.
 
 use serde::{Deserialize, Serialize};
-use thinpipe::fsm::{self, RunDetail, RunSummary, WorkflowInfo};
+
+use crate::fsm::{self, RunDetail, RunSummary, WorkflowInfo};
+use crate::image::BlobCache;
+use crate::lifecycle::Watermarks;
+use crate::lifecycle::inventory::{FamilyView, families};
+use crate::progress;
+use crate::store::{Store, StoreError};
+use crate::volume::{Place, Usage};
 
 pub use fsm::RunStatus;
 
@@ -150,5 +158,86 @@ impl RunView {
 impl From<WorkflowInfo> for Workflow {
     fn from(w: WorkflowInfo) -> Self {
         Workflow { name: w.name, version: w.version, steps: w.steps }
+    }
+}
+
+/// `GET /api/progress`: one running step, with the bytes it has moved.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepProgress {
+    pub run_id: String,
+    pub family: String,
+    pub step: String,
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    // Older workers answer without these.
+    #[serde(default)]
+    pub applied_entries: u64,
+    #[serde(default)]
+    pub applied_bytes: u64,
+}
+
+impl From<progress::StepProgress> for StepProgress {
+    fn from(p: progress::StepProgress) -> Self {
+        let progress::StepProgress { run_id, family, step, done_bytes, total_bytes, applied_entries, applied_bytes } =
+            p;
+        StepProgress { run_id, family, step, done_bytes, total_bytes, applied_entries, applied_bytes }
+    }
+}
+
+impl From<StepProgress> for progress::StepProgress {
+    fn from(p: StepProgress) -> Self {
+        let StepProgress { run_id, family, step, done_bytes, total_bytes, applied_entries, applied_bytes } = p;
+        progress::StepProgress { run_id, family, step, done_bytes, total_bytes, applied_entries, applied_bytes }
+    }
+}
+
+/// `GET /api/images` and `worker images --json`: the families on the host, storage usage,
+/// the blob cache.
+#[derive(Debug, Serialize)]
+pub struct Images {
+    pub families: Vec<FamilyView>,
+    pub usage: Option<Usage>,
+    /// Why usage could not be measured (e.g. dm-thin without root).
+    pub usage_error: Option<String>,
+    pub watermarks: Watermarks,
+    pub blob_cache_bytes: u64,
+    /// Interrupted downloads kept for resuming (deleted by garbage collection when the host
+    /// is above its high watermark).
+    pub partial_download_bytes: u64,
+    /// Where this host's volumes live, as recorded at first use.
+    pub volumes: Option<Place>,
+}
+
+/// Why the images view could not be gathered.
+#[derive(Debug, thiserror::Error)]
+pub enum ImagesError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("measuring the blob cache: {0}")]
+    Cache(#[from] crate::image::ImageError),
+}
+
+impl Images {
+    /// The view from the host database, the blob cache and a usage measurement (or why
+    /// there is none).
+    pub fn gather(
+        store: &Store,
+        cache: &BlobCache,
+        usage: Result<Usage, String>,
+        watermarks: Watermarks,
+    ) -> Result<Images, ImagesError> {
+        let (usage, usage_error) = match usage {
+            Ok(u) => (Some(u), None),
+            Err(e) => (None, Some(e)),
+        };
+        Ok(Images {
+            families: families(store, Some(cache))?,
+            usage,
+            usage_error,
+            watermarks,
+            blob_cache_bytes: cache.size()?,
+            partial_download_bytes: cache.partials()?.iter().map(|(_, n)| n).sum(),
+            volumes: store.volume_place()?,
+        })
     }
 }

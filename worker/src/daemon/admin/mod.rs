@@ -1,4 +1,5 @@
-//! The worker's admin HTTP API and the run inspector page.
+//! The worker's admin HTTP API and the run inspector page, served by the daemon. What it
+//! answers is typed in `thinpipe::admin::wire`; clients read it through `thinpipe::admin::client`.
 //!
 //! Bound to loopback unless `admin.allow_public` is set, which also requires `admin.token`
 //! (sent as `Authorization: Bearer <token>`). With a token every endpoint but `/healthz` and
@@ -20,9 +21,6 @@
 //!
 //! The server stops when the worker's shutdown token fires.
 
-pub mod client;
-pub mod wire;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -35,6 +33,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
+use thinpipe::admin::{ADDR_FILE, wire};
 use thinpipe::fsm::{RunFilter, RunStatus};
 use thinpipe::telemetry::{self, PrometheusMetrics};
 use tokio_util::sync::CancellationToken;
@@ -45,10 +44,6 @@ use crate::host::Host;
 const INDEX_HTML: &str = include_str!("assets/index.html");
 const INSPECTOR_JS: &str = include_str!("assets/inspector.js");
 const INSPECTOR_CSS: &str = include_str!("assets/inspector.css");
-
-/// The file (in the state directory) where a running worker writes its admin address, for
-/// `worker runs` and for scripts.
-pub const ADDR_FILE: &str = "admin.addr";
 
 #[derive(Clone)]
 struct Admin {
@@ -247,7 +242,8 @@ async fn run_detail(State(admin): State<Admin>, Path(id): Path<String>) -> Respo
 }
 
 async fn progress(State(admin): State<Admin>) -> Response {
-    Json(admin.host.pipeline.context().progress.current()).into_response()
+    let running = admin.host.pipeline.context().progress.current();
+    Json(running.into_iter().map(wire::StepProgress::from).collect::<Vec<_>>()).into_response()
 }
 
 async fn workflows(State(admin): State<Admin>) -> Response {
@@ -259,12 +255,12 @@ async fn images(State(admin): State<Admin>) -> Response {
     let host = admin.host.clone();
     let gathered = tokio::task::spawn_blocking(move || {
         let ctx = host.pipeline.context();
-        crate::commands::images::Images::gather(&host.store, &ctx.cache, usage, host.config.watermarks())
+        wire::Images::gather(&host.store, &ctx.cache, usage, host.config.watermarks())
     })
     .await;
     match gathered {
         Ok(Ok(images)) => Json(images).into_response(),
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
