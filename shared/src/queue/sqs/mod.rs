@@ -1,6 +1,5 @@
-//! The SQS queue: long polling, visibility heartbeats, batch deletes and sends (`sends.rs`),
-//! a dead-letter queue
-//! with the reason as a message attribute, FIFO queues ([`fifo_ids`]: an invocation's jobs
+//! The SQS queue: long polling, visibility heartbeats, batched deletes (`acks.rs`) and sends
+//! (`sends.rs`), a dead-letter queue with the reason as a message attribute, FIFO queues ([`fifo_ids`]: an invocation's jobs
 //! are ordered and different invocations run in parallel; a family's prepares are ordered;
 //! a re-sent job is deduplicated). One `SqsQueue` receives from one queue URL; `send` resolves any queue by
 //! URL or name. The backlog gauges come from `GetQueueAttributes`, at most once a minute.
@@ -9,12 +8,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
+mod acks;
 mod sends;
 
 use async_trait::async_trait;
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, MessageSystemAttributeName, QueueAttributeName};
+use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
 
 use super::{Delivery, JobQueue, QueueError, QueueStats};
 
@@ -36,17 +36,10 @@ pub struct SqsQueue {
     settings: SqsSettings,
     urls: Mutex<HashMap<String, String>>,
     /// Acks are gathered into `DeleteMessageBatch` calls of up to 10 by one task.
-    acks: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<AckRequest>>,
+    acks: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<acks::AckRequest>>,
     /// Sends are gathered into `SendMessageBatch` calls by another.
     sends: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<sends::SendRequest>>,
 }
-
-type AckRequest = (Delivery, tokio::sync::oneshot::Sender<Result<(), QueueError>>);
-
-/// How long the ack batcher waits for more acks to share a request. Acks are off the jobs'
-/// critical path (a job's slot is free before its ack), so they can wait to fill a batch:
-/// fewer requests per job is what lets a fleet share one queue.
-const ACK_LINGER: Duration = Duration::from_millis(250);
 
 impl SqsQueue {
     pub fn new(client: Client, settings: SqsSettings) -> Self {
@@ -68,10 +61,10 @@ impl SqsQueue {
         })
     }
 
-    fn ack_sender(&self) -> &tokio::sync::mpsc::UnboundedSender<AckRequest> {
+    fn ack_sender(&self) -> &tokio::sync::mpsc::UnboundedSender<acks::AckRequest> {
         self.acks.get_or_init(|| {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            tokio::spawn(ack_batcher(self.client.clone(), self.settings.queue_url.clone(), rx));
+            tokio::spawn(acks::ack_batcher(self.client.clone(), self.settings.queue_url.clone(), rx));
             tx
         })
     }
@@ -171,86 +164,6 @@ fn classify<E: ProvideErrorMetadata + std::fmt::Debug>(queue: &str, what: &str, 
         }
         // Timeouts, connection errors, dispatch failures: try again.
         _ => QueueError::Unavailable { queue, detail },
-    }
-}
-
-/// Deletes acked messages in batches of up to 10: each `DeleteMessageBatch` entry that fails
-/// for a reason on the server's side is retried (twice), then reported to its acker; none is
-/// ever assumed deleted.
-async fn ack_batcher(client: Client, url: String, mut rx: tokio::sync::mpsc::UnboundedReceiver<AckRequest>) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        let linger = tokio::time::sleep(ACK_LINGER);
-        tokio::pin!(linger);
-        while batch.len() < 10 {
-            tokio::select! {
-                more = rx.recv() => match more { Some(a) => batch.push(a), None => break },
-                _ = &mut linger => break,
-            }
-        }
-        let mut pending: Vec<(usize, AckRequest)> = batch.into_iter().enumerate().collect();
-        for attempt in 0..3 {
-            let entries: Result<Vec<_>, _> = pending
-                .iter()
-                .map(|(i, (d, _))| {
-                    DeleteMessageBatchRequestEntry::builder().id(i.to_string()).receipt_handle(&d.receipt).build()
-                })
-                .collect();
-            let result = match entries {
-                Ok(entries) => client.delete_message_batch().queue_url(&url).set_entries(Some(entries)).send().await,
-                Err(e) => {
-                    for (_, (_, tx)) in pending.drain(..) {
-                        // The acker may have gone; nothing else to tell.
-                        drop(tx.send(Err(QueueError::Invalid { queue: url.clone(), detail: e.to_string() })));
-                    }
-                    break;
-                }
-            };
-            let out = match result {
-                Ok(out) => out,
-                Err(e) => {
-                    let err = classify(&url, "deleting", e);
-                    tracing::warn!(attempt, error = %err, "DeleteMessageBatch failed");
-                    if attempt == 2 {
-                        for (_, (_, tx)) in pending.drain(..) {
-                            drop(tx.send(Err(QueueError::Unavailable { queue: url.clone(), detail: err.to_string() })));
-                        }
-                    }
-                    continue;
-                }
-            };
-            let failed: HashMap<String, (String, bool)> = out
-                .failed()
-                .iter()
-                .map(|f| {
-                    (
-                        f.id().to_owned(),
-                        (format!("{}: {}", f.code(), f.message().unwrap_or_default()), f.sender_fault()),
-                    )
-                })
-                .collect();
-            let mut retry = Vec::new();
-            for (i, (d, tx)) in pending.drain(..) {
-                match failed.get(&i.to_string()) {
-                    None => drop(tx.send(Ok(()))),
-                    Some((why, sender_fault)) if *sender_fault || attempt == 2 => {
-                        tracing::warn!(message_id = %d.message_id, error = %why, "delete failed");
-                        drop(tx.send(Err(QueueError::Unavailable {
-                            queue: url.clone(),
-                            detail: format!("deleting message {}: {why}", d.message_id),
-                        })));
-                    }
-                    Some((why, _)) => {
-                        tracing::warn!(message_id = %d.message_id, attempt, error = %why, "batch delete entry failed; retrying");
-                        retry.push((i, (d, tx)));
-                    }
-                }
-            }
-            if retry.is_empty() {
-                break;
-            }
-            pending = retry;
-        }
     }
 }
 
