@@ -10,7 +10,7 @@ use thinpipe::image::{ApplyOptions, BlobCache, BlobSource, LocalDir, S3Source};
 use thinpipe::lifecycle::Lifecycle;
 use thinpipe::pipeline::{Pipeline, PipelineContext};
 use thinpipe::store::{Acquired, Binding, Checkpoint, Holder, SnapshotState, Store, StoreOptions};
-use thinpipe::volume::{BtrfsBackend, DirBackend, DmThinBackend, DmThinOptions, VolumeBackend, VolumeId};
+use thinpipe::volume::{BtrfsBackend, DirBackend, DmThinBackend, DmThinOptions, Traced, VolumeBackend, VolumeId};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BackendKind, Config, QueueKind, SourceSpec};
@@ -305,13 +305,14 @@ fn claimed_volumes(store: &Store) -> anyhow::Result<Vec<VolumeId>> {
 
 /// The configured volume backend, unchecked: commands use [`open_volumes`].
 pub fn open_backend(config: &Config) -> anyhow::Result<Arc<dyn VolumeBackend>> {
+    // Each backend through `Traced`: its calls are spans with one set of names.
     Ok(match config.backend {
-        BackendKind::Btrfs => Arc::new(BtrfsBackend::open(&config.volumes_dir)?),
-        BackendKind::Dmthin => Arc::new(DmThinBackend::open(DmThinOptions {
+        BackendKind::Btrfs => Arc::new(Traced::new(BtrfsBackend::open(&config.volumes_dir)?)),
+        BackendKind::Dmthin => Arc::new(Traced::new(DmThinBackend::open(DmThinOptions {
             pool: config.dmthin.pool.clone(),
             root: config.volumes_dir.clone().into(),
             volume_bytes: config.dmthin.volume_bytes,
-        })?),
-        BackendKind::Dir => Arc::new(DirBackend::open(&config.volumes_dir)?),
+        })?)),
+        BackendKind::Dir => Arc::new(Traced::new(DirBackend::open(&config.volumes_dir)?)),
     })
 }

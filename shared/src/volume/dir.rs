@@ -76,13 +76,6 @@ impl VolumeBackend for DirBackend {
         false
     }
 
-    #[tracing::instrument(
-        name = "volume.create_base",
-        level = "info",
-        skip(self),
-        fields(backend = "dir"),
-        err(Display)
-    )]
     fn create_base(&self, id: u64) -> Result<(), VolumeError> {
         let vol = VolumeId::Base(id);
         let path = self.path(vol);
@@ -93,13 +86,6 @@ impl VolumeBackend for DirBackend {
         }
     }
 
-    #[tracing::instrument(
-        name = "volume.reset_base",
-        level = "info",
-        skip(self),
-        fields(backend = "dir"),
-        err(Display)
-    )]
     fn reset_base(&self, id: u64) -> Result<PathBuf, VolumeError> {
         let vol = VolumeId::Base(id);
         if self.is_sealed(id)? {
@@ -123,7 +109,6 @@ impl VolumeBackend for DirBackend {
         Ok(path)
     }
 
-    #[tracing::instrument(name = "volume.seal_base", level = "info", skip(self), fields(backend = "dir"), err(Display))]
     fn seal_base(&self, id: u64) -> Result<(), VolumeError> {
         let vol = VolumeId::Base(id);
         if !exists(&self.path(vol), vol)? {
@@ -147,7 +132,6 @@ impl VolumeBackend for DirBackend {
         }
     }
 
-    #[tracing::instrument(name = "volume.snapshot", level = "info", skip(self), fields(backend = "dir"), err(Display))]
     fn snapshot(&self, base: u64, snap: u64) -> Result<(), VolumeError> {
         let vol = VolumeId::Snap(snap);
         let dest = self.path(vol);
@@ -174,7 +158,6 @@ impl VolumeBackend for DirBackend {
         sync_dir(&self.root.join("snaps"), vol)
     }
 
-    #[tracing::instrument(name = "volume.expose", level = "info", skip(self), fields(backend = "dir"), err(Display))]
     fn expose(&self, snap: u64) -> Result<PathBuf, VolumeError> {
         let vol = VolumeId::Snap(snap);
         let path = self.path(vol);
@@ -187,7 +170,6 @@ impl VolumeBackend for DirBackend {
         Ok(path)
     }
 
-    #[tracing::instrument(name = "volume.delete", level = "info", skip(self), fields(backend = "dir"), err(Display))]
     fn delete(&self, vol: VolumeId) -> Result<(), VolumeError> {
         remove_tree(&self.path(vol), vol)?;
         if let VolumeId::Snap(id) = vol {

@@ -3,18 +3,20 @@
 //! One trait, [`VolumeBackend`]: create a base, open it for writing, seal it, snapshot it,
 //! expose a snapshot, delete, exists, list. Every call is idempotent (doing it twice is
 //! doing it once), because a step that makes it may run again after a crash. Each backend
-//! maps its errors to [`VolumeError::Transient`] or [`VolumeError::Abort`] at its boundary.
+//! maps its errors to [`VolumeError`]'s kinds (transient, abort, host storage) at its boundary.
 //! Calls are blocking; async callers use `spawn_blocking`.
 //!
 //! Backends: `dir` (plain directories, reflink copies where the filesystem has them; no
 //! root; O(files) snapshots, and says so) and `btrfs` (subvolumes and O(1) snapshots by
 //! ioctl; root) and `dmthin` (thin devices of a device-mapper pool, by ioctl; root).
 //! `conformance` is the one test suite every backend must pass (public with `test-support`,
-//! so the dm-thin guest runs it too).
+//! so the dm-thin guest runs it too). [`Traced`] wraps any backend so its calls are spans
+//! named the same whichever backend it is (the worker opens every backend through it).
 
 mod btrfs;
 mod dir;
 pub mod dmthin;
+mod traced;
 
 #[cfg(any(test, feature = "test-support"))]
 pub mod conformance;
@@ -29,6 +31,7 @@ pub use btrfs::ioctl as btrfs_ioctl;
 pub use btrfs::testfs;
 pub use dir::DirBackend;
 pub use dmthin::{DmThinBackend, DmThinOptions};
+pub use traced::Traced;
 
 /// A volume: a base (one per family) or a snapshot (one per activation), by sequence id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

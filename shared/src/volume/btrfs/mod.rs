@@ -143,13 +143,6 @@ impl VolumeBackend for BtrfsBackend {
         true
     }
 
-    #[tracing::instrument(
-        name = "volume.create_base",
-        level = "info",
-        skip(self),
-        fields(backend = "btrfs"),
-        err(Display)
-    )]
     fn create_base(&self, id: u64) -> Result<(), VolumeError> {
         let vol = VolumeId::Base(id);
         if self.exists_at(vol)? {
@@ -158,13 +151,6 @@ impl VolumeBackend for BtrfsBackend {
         self.create_subvol(vol)
     }
 
-    #[tracing::instrument(
-        name = "volume.reset_base",
-        level = "info",
-        skip(self),
-        fields(backend = "btrfs"),
-        err(Display)
-    )]
     fn reset_base(&self, id: u64) -> Result<PathBuf, VolumeError> {
         let vol = VolumeId::Base(id);
         if self.is_sealed(id)? {
@@ -176,13 +162,6 @@ impl VolumeBackend for BtrfsBackend {
         Ok(self.path(vol))
     }
 
-    #[tracing::instrument(
-        name = "volume.seal_base",
-        level = "info",
-        skip(self),
-        fields(backend = "btrfs"),
-        err(Display)
-    )]
     fn seal_base(&self, id: u64) -> Result<(), VolumeError> {
         let vol = VolumeId::Base(id);
         let dir = open_dir(&self.path(vol), vol)?;
@@ -208,13 +187,6 @@ impl VolumeBackend for BtrfsBackend {
         Ok(flags & ioctl::SUBVOL_RDONLY != 0)
     }
 
-    #[tracing::instrument(
-        name = "volume.snapshot",
-        level = "info",
-        skip(self),
-        fields(backend = "btrfs"),
-        err(Display)
-    )]
     fn snapshot(&self, base: u64, snap: u64) -> Result<(), VolumeError> {
         let vol = VolumeId::Snap(snap);
         if self.exists_at(vol)? {
@@ -235,7 +207,6 @@ impl VolumeBackend for BtrfsBackend {
         }
     }
 
-    #[tracing::instrument(name = "volume.expose", level = "info", skip(self), fields(backend = "btrfs"), err(Display))]
     fn expose(&self, snap: u64) -> Result<PathBuf, VolumeError> {
         let vol = VolumeId::Snap(snap);
         if !self.exists_at(vol)? {
@@ -247,7 +218,6 @@ impl VolumeBackend for BtrfsBackend {
         Ok(self.path(vol))
     }
 
-    #[tracing::instrument(name = "volume.delete", level = "info", skip(self), fields(backend = "btrfs"), err(Display))]
     fn delete(&self, vol: VolumeId) -> Result<(), VolumeError> {
         self.destroy(vol)
     }

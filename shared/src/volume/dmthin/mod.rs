@@ -261,29 +261,14 @@ impl VolumeBackend for DmThinBackend {
         true
     }
 
-    #[tracing::instrument(
-        name = "volume.create_base",
-        level = "info",
-        skip(self),
-        fields(backend = "dmthin"),
-        err(Display)
-    )]
     fn create_base(&self, id: u64) -> Result<(), VolumeError> {
         self.checked(self.create_base_inner(id))
     }
 
-    #[tracing::instrument(
-        name = "volume.reset_base",
-        level = "info",
-        skip(self),
-        fields(backend = "dmthin"),
-        err(Display)
-    )]
     fn reset_base(&self, id: u64) -> Result<PathBuf, VolumeError> {
         self.checked(self.reset_base_inner(id))
     }
 
-    #[tracing::instrument(name = "volume.seal", level = "info", skip(self), fields(backend = "dmthin"), err(Display))]
     fn seal_base(&self, id: u64) -> Result<(), VolumeError> {
         self.checked(self.seal_base_inner(id))
     }
@@ -297,23 +282,14 @@ impl VolumeBackend for DmThinBackend {
         }
     }
 
-    #[tracing::instrument(
-        name = "volume.snapshot",
-        level = "info",
-        skip(self),
-        fields(backend = "dmthin"),
-        err(Display)
-    )]
     fn snapshot(&self, base: u64, snap: u64) -> Result<(), VolumeError> {
         self.checked(self.snapshot_inner(base, snap))
     }
 
-    #[tracing::instrument(name = "volume.expose", level = "info", skip(self), fields(backend = "dmthin"), err(Display))]
     fn expose(&self, snap: u64) -> Result<PathBuf, VolumeError> {
         self.checked(self.mount(VolumeId::Snap(snap), false))
     }
 
-    #[tracing::instrument(name = "volume.delete", level = "info", skip(self), fields(backend = "dmthin"), err(Display))]
     fn delete(&self, vol: VolumeId) -> Result<(), VolumeError> {
         self.checked(self.delete_inner(vol))
     }
