@@ -6,6 +6,8 @@
 
 mod apply;
 mod cache;
+#[cfg(any(test, feature = "test-support"))]
+pub mod conformance;
 mod digest;
 mod error;
 mod layout;

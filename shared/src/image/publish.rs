@@ -168,8 +168,18 @@ pub async fn publish(
     })?;
     let target = Target { client, bucket, prefix, url: to.to_owned(), endpoint };
     let mut report = PublishReport::default();
+    // The OCI layout when its index names the family (or there is no flat family of that
+    // name beside it), as a directory source reads them.
     let index_path = dir.join("index.json");
-    if index_path.exists() {
+    let oci = match std::fs::read(&index_path) {
+        Ok(index) => {
+            layout::oci_find_manifest(&index, family, &dir.display().to_string()).is_ok()
+                || !dir.join("images").join(family).is_dir()
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(ImageError::io("reading", index_path, e)),
+    };
+    if oci {
         publish_oci(&target, dir, family, &mut report, progress).await?;
     } else {
         publish_flat(&target, dir, family, &mut report, progress).await?;

@@ -273,6 +273,10 @@ impl BlobSource for S3Source {
     )]
     async fn open_blob(&self, layer: &LayerDesc, offset: u64) -> Result<BlobStream, ImageError> {
         let key = self.key(&layer.location);
+        if offset > 0 && offset >= layer.size {
+            // Nothing is left to read; S3 would answer a range past the end with 416.
+            return Ok(Box::pin(tokio::io::empty()));
+        }
         let mut get = self.client.get_object().bucket(&self.bucket).key(&key);
         if offset > 0 {
             get = get.range(format!("bytes={offset}-"));

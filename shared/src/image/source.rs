@@ -25,7 +25,8 @@ pub trait BlobSource: Send + Sync {
     async fn manifest_at(&self, family: &str, digest: &Digest) -> Result<Manifest, ImageError> {
         current_version_if(self, family, digest).await
     }
-    /// Opens one layer blob for streaming from byte `offset` on (to resume a partial download).
+    /// Opens one layer blob for streaming from byte `offset` on (to resume a partial download);
+    /// at or past its end the stream is empty. A blob the source lacks is `BlobMissing`.
     async fn open_blob(&self, layer: &LayerDesc, offset: u64) -> Result<BlobStream, ImageError>;
 }
 
