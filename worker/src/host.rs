@@ -109,12 +109,8 @@ impl Host {
             );
             return;
         }
-        let store = self.store.clone();
-        let released =
-            tokio::task::spawn_blocking(move || store.release_lease(WORKER_LEASE, Holder::this_process())).await;
-        match released {
-            Ok(Ok(_)) => tracing::info!("worker lease released"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "could not release the worker lease; it expires by itself"),
+        match self.store.call(|s| s.release_lease(WORKER_LEASE, Holder::this_process())).await {
+            Ok(_) => tracing::info!("worker lease released"),
             Err(e) => tracing::warn!(error = %e, "could not release the worker lease; it expires by itself"),
         }
     }
@@ -129,10 +125,10 @@ async fn take_state(config: &Config, store: &Arc<Store>, ttl: Duration) -> anyho
     let poll = ttl / 3;
     let mut told = false;
     loop {
-        let s = store.clone();
-        let acquired = tokio::task::spawn_blocking(move || s.acquire_lease_reclaiming(WORKER_LEASE, me, ttl))
+        let acquired = store
+            .call(move |s| s.acquire_lease_reclaiming(WORKER_LEASE, me, ttl))
             .await
-            .context("taking the worker lease")??;
+            .context("taking the worker lease")?;
         match acquired {
             Acquired::Yes => break,
             Acquired::TookOver { from } => {
@@ -165,10 +161,9 @@ async fn take_state(config: &Config, store: &Arc<Store>, ttl: Duration) -> anyho
             }
             Err(OpenError::AlreadyOpen { .. }) => {
                 // The previous holder still runs (stalled); keep our lease while it notices.
-                let s = store.clone();
-                tokio::task::spawn_blocking(move || s.renew_lease(WORKER_LEASE, me, ttl))
+                store
+                    .call(move |s| s.renew_lease(WORKER_LEASE, me, ttl))
                     .await
-                    .context("renewing the worker lease")?
                     .context("the worker lease was taken while waiting for the run log")?;
                 tracing::info!("waiting for the previous worker to release the run log");
                 tokio::time::sleep(poll).await;
@@ -191,21 +186,17 @@ fn spawn_lease_renewal(
                 _ = closing.cancelled() => return,
                 _ = tokio::time::sleep(ttl / 3) => {}
             }
-            let s = store.clone();
-            let renewed =
-                tokio::task::spawn_blocking(move || s.renew_lease(WORKER_LEASE, Holder::this_process(), ttl)).await;
-            match renewed {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) if e.is_retryable() => {
+            match store.call(move |s| s.renew_lease(WORKER_LEASE, Holder::this_process(), ttl)).await {
+                Ok(()) => {}
+                Err(e) if e.is_retryable() => {
                     tracing::warn!(error = %e, "renewing the worker lease failed; retrying")
                 }
-                Ok(Err(e)) => {
+                Err(e) => {
                     tracing::error!(error = %e, "lost the worker lease: another process may own this state directory; stopping");
                     lost.cancel();
                     engine.shutdown().await;
                     return;
                 }
-                Err(e) => tracing::warn!(error = %e, "renewing the worker lease failed; retrying"),
             }
         }
     })

@@ -12,7 +12,7 @@ impl Lifecycle {
     pub async fn release_expired(&self) -> Result<usize, LifecycleError> {
         let now = crate::store::epoch_ms(std::time::SystemTime::now());
         let max_age = self.settings.max_activation_age.map(|d| d.as_millis() as i64);
-        let expired = self.on_store(move |s| s.expired_snapshots(now, max_age)).await?;
+        let expired = self.store().call(move |s| s.expired_snapshots(now, max_age)).await?;
         let mut released = 0;
         for row in expired {
             let invocation = row.run_id.strip_prefix("activate-").unwrap_or(&row.run_id).to_owned();

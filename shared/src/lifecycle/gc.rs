@@ -126,9 +126,9 @@ impl Lifecycle {
             self.collect_partials(&mut report).await?;
         }
         self.sweep_leftovers(&mut report).await?;
-        let bases = self.on_store(|s| s.list_bases()).await?;
+        let bases = self.store().call(|s| s.list_bases()).await?;
         let current: BTreeSet<u64> =
-            self.on_store(|s| s.list_images()).await?.into_iter().filter_map(|i| i.current_base).collect();
+            self.store().call(|s| s.list_images()).await?.into_iter().filter_map(|i| i.current_base).collect();
         let mut marked = Vec::new();
         for base in bases.iter().filter(|b| !current.contains(&b.id)) {
             match self.decide(base, dry_run).await? {
@@ -150,7 +150,7 @@ impl Lifecycle {
             self.evict(&mut report).await?;
             let age = i64::try_from(self.settings.forget_failed_after.as_millis()).unwrap_or(i64::MAX);
             let before = crate::store::epoch_ms(std::time::SystemTime::now()).saturating_sub(age);
-            report.families_forgotten = self.on_store(move |s| s.forget_stale_families(before)).await?;
+            report.families_forgotten = self.store().call(move |s| s.forget_stale_families(before)).await?;
         }
         report.usage_after = self.measure().await.ok();
         if let (Some(before), Some(after)) = (&report.usage_before, &report.usage_after) {
@@ -171,7 +171,8 @@ impl Lifecycle {
         let (registry, pipeline, id) = (self.in_use.registry(), self.pipeline.clone(), base.id);
         let grace = i64::try_from(self.settings.grace.as_millis()).unwrap_or(i64::MAX);
         Ok(self
-            .on_store(move |s| {
+            .store()
+            .call(move |s| {
                 let held = super::lock(&registry);
                 let in_use = |row: &BaseRow| in_use_reason(&held, row, &pipeline);
                 if dry_run { s.retire_check(id, grace, in_use) } else { s.retire_base(id, grace, in_use) }
@@ -199,7 +200,7 @@ impl Lifecycle {
         if watermarks.assess(&usage) == Pressure::Normal {
             return Ok(());
         }
-        let families = self.on_store(|s| s.families_by_last_use()).await?;
+        let families = self.store().call(|s| s.families_by_last_use()).await?;
         if let Some(why) = self.eviction_would_not_relieve(&usage, &families).await? {
             tracing::warn!(used_percent = usage.percent(), "{why}");
             report.eviction_skipped = Some(why);
@@ -211,7 +212,8 @@ impl Lifecycle {
             }
             let (registry, pipeline, f) = (self.in_use.registry(), self.pipeline.clone(), family.clone());
             let evicted = self
-                .on_store(move |s| {
+                .store()
+                .call(move |s| {
                     let held = super::lock(&registry);
                     s.evict_family(&f, |row| in_use_reason(&held, row, &pipeline))
                 })
@@ -239,7 +241,7 @@ impl Lifecycle {
         families: &[(String, i64)],
     ) -> Result<Option<String>, LifecycleError> {
         let candidates: BTreeSet<String> = families.iter().map(|(f, _)| f.clone()).collect();
-        let (bases, snapshots) = self.on_store(|s| Ok((s.list_bases()?, s.list_snapshots()?))).await?;
+        let (bases, snapshots) = self.store().call(|s| Ok((s.list_bases()?, s.list_snapshots()?))).await?;
         let pinned: BTreeSet<String> = snapshots
             .iter()
             .filter(|s| !s.state.is_released() && s.base_vol_id.is_some())
@@ -327,7 +329,7 @@ impl Lifecycle {
             report.blobs_skipped = Some("a prepare run is in flight".into());
             return Ok(());
         }
-        let bases = self.on_store(|s| s.list_bases()).await?;
+        let bases = self.store().call(|s| s.list_bases()).await?;
         let mut needed = BTreeSet::new();
         for base in bases.iter().filter(|b| b.state != BaseState::Retiring) {
             match &base.blobs {

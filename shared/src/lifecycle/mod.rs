@@ -202,21 +202,6 @@ impl Lifecycle {
     fn store(&self) -> Arc<Store> {
         self.pipeline.context().store.clone()
     }
-
-    async fn on_store<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        let store = self.store();
-        let path = store.path().to_path_buf();
-        tokio::task::spawn_blocking(move || f(&store)).await.unwrap_or_else(|e| {
-            Err(StoreError::Invalid {
-                path,
-                what: "a host database call".into(),
-                detail: format!("its task failed: {e}"),
-            })
-        })
-    }
 }
 
 /// A lifecycle call that failed as a whole.

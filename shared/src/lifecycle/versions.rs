@@ -89,11 +89,11 @@ impl Lifecycle {
     pub async fn resolve(&self, family: &str, want: &Want) -> Result<Version, ResolveError> {
         if *want == Want::Current {
             let f = family.to_owned();
-            if let Some(current) = self.on_store(move |s| s.current_base(&f)).await? {
+            if let Some(current) = self.store().call(move |s| s.current_base(&f)).await? {
                 let hold = self.in_use.hold(family, &current.digest);
                 let id = current.id;
                 // Re-read under the hold: the pointer may have moved and the base been taken.
-                if let Some(row) = self.on_store(move |s| s.base(id)).await?
+                if let Some(row) = self.store().call(move |s| s.base(id)).await?
                     && row.state == BaseState::Sealed
                 {
                     return Ok(Version { hold, target: Target::Sealed(row) });
@@ -114,7 +114,7 @@ impl Lifecycle {
             }
         };
         let (f, ds) = (family.to_owned(), digest.to_string());
-        if let Some(row) = self.on_store(move |s| s.base_of_version(&f, &ds)).await?
+        if let Some(row) = self.store().call(move |s| s.base_of_version(&f, &ds)).await?
             && row.state == BaseState::Sealed
         {
             return Ok(Version { hold, target: Target::Sealed(row) });
@@ -131,7 +131,8 @@ impl Lifecycle {
     pub async fn make_current(&self, base: &BaseRow, always: bool) -> Result<bool, StoreError> {
         let (family, id) = (base.family.clone(), base.id);
         let current = self
-            .on_store({
+            .store()
+            .call({
                 let f = family.clone();
                 move |s| s.image(&f)
             })
@@ -141,7 +142,7 @@ impl Lifecycle {
             return Ok(false);
         }
         crate::fault::point("lifecycle.before_make_current", &format!("{family}@{}", base.short_digest()));
-        let previous = self.on_store(move |s| s.make_current(&family, id)).await?;
+        let previous = self.store().call(move |s| s.make_current(&family, id)).await?;
         tracing::info!(family = %base.family, version = %base.digest, base = id, previous, "current version");
         // The old version may be garbage now, and the new base took space.
         self.wake();

@@ -148,7 +148,7 @@ impl Pipeline {
         // old run stays in the log under another id, and the version is prepared afresh.
         if let Outcome::Completed(w) = &outcome
             && let Some(base) = w.base_vol_id
-            && on_store(&self.ctx.store, move |s| s.base(base)).await?.is_none()
+            && self.ctx.store.call(move |s| s.base(base)).await?.is_none()
         {
             let archived = self.archive(&id).await?;
             tracing::info!(run_id = %id, %archived, "preparing again a version whose base was collected");
@@ -245,7 +245,7 @@ impl Pipeline {
 
     async fn released(&self, run_id: &str) -> Result<Option<Outcome<ActivateState>>, StoreError> {
         let id = run_id.to_owned();
-        let row = on_store(&self.ctx.store, move |s| s.snapshot_by_run(&id)).await?;
+        let row = self.ctx.store.call(move |s| s.snapshot_by_run(&id)).await?;
         Ok(row.filter(|r| r.state.is_released()).map(|r| {
             Outcome::Failed(Failure {
                 step: "activate_snapshot".into(),
@@ -262,9 +262,11 @@ impl Pipeline {
     pub async fn release(&self, family: &str, invocation_id: &str) -> Result<Release, PipelineError> {
         let run_id = release_run_id(invocation_id);
         let (activation, f) = (activate_run_id(invocation_id), family.to_owned());
-        let request =
-            on_store(&self.ctx.store, move |s| s.request_release(&activation, &f, |id| VolumeId::Snap(id).to_string()))
-                .await?;
+        let request = self
+            .ctx
+            .store
+            .call(move |s| s.request_release(&activation, &f, |id| VolumeId::Snap(id).to_string()))
+            .await?;
         if let ReleaseRequest::OtherFamily(row) = &request {
             return Err(PipelineError::WrongFamily {
                 invocation: invocation_id.to_owned(),
@@ -281,7 +283,7 @@ impl Pipeline {
     /// Finishes every release recorded but not completed (rows left `releasing`, e.g. by a
     /// release whose run was lost with an older version). Call at start, after `resume_all`.
     pub async fn finish_pending_releases(&self) -> Result<usize, PipelineError> {
-        let pending = on_store(&self.ctx.store, |s| s.releasing_snapshots()).await?;
+        let pending = self.ctx.store.call(|s| s.releasing_snapshots()).await?;
         let mut finished = 0;
         for row in pending {
             let invocation = row.run_id.strip_prefix("activate-").unwrap_or(&row.run_id).to_owned();
@@ -297,22 +299,6 @@ impl Pipeline {
             }
         }
         Ok(finished)
-    }
-}
-
-/// Runs a host database call off the async threads.
-async fn on_store<T: Send + 'static>(
-    store: &Arc<Store>,
-    f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    let s = store.clone();
-    match tokio::task::spawn_blocking(move || f(&s)).await {
-        Ok(result) => result,
-        Err(e) => Err(StoreError::Invalid {
-            path: store.path().into(),
-            what: "a host database call".into(),
-            detail: format!("its task failed: {e}"),
-        }),
     }
 }
 

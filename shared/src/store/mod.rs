@@ -7,8 +7,9 @@
 //! see `snapshots.rs`). A busy timeout makes short contention wait instead of fail; past it the error is
 //! [`StoreError::Locked`]. Migrations run at open, in one transaction.
 //!
-//! Calls are synchronous and short (one statement, one fsync at most); async callers run
-//! them in `spawn_blocking` when they sit on a hot path.
+//! Calls are synchronous and short (one statement, one fsync at most). Async code calls
+//! them through [`Store::call`], the one async facade: the call runs on the blocking pool, so
+//! an fsync never holds an async worker thread.
 
 mod bases;
 mod error;
@@ -139,6 +140,24 @@ impl Store {
             }
         };
         Ok(Store { path, conn: Mutex::new(conn), checkpointer, intents: Default::default() })
+    }
+
+    /// Runs `f` (calls on this store) on the blocking pool and returns its result: the way
+    /// async code uses the host database.
+    pub async fn call<T: Send + 'static>(
+        self: &std::sync::Arc<Self>,
+        f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.clone();
+        match tokio::task::spawn_blocking(move || f(&store)).await {
+            Ok(result) => result,
+            // `f` panicked (a bug): the call failed; the database is as its last commit left it.
+            Err(e) => Err(StoreError::Invalid {
+                path: self.path.clone(),
+                what: "a host database call".into(),
+                detail: format!("its task failed: {e}"),
+            }),
+        }
     }
 
     pub fn path(&self) -> &Path {

@@ -22,7 +22,7 @@ use thinpipe::image::Manifest;
 use thinpipe::job::{Job, JobKind, JobResult, JobStatus, prepare_run_id};
 use thinpipe::lifecycle::{Hold, ResolveError, Target, Want};
 use thinpipe::pipeline::{Cause, PipelineError, PrepareState};
-use thinpipe::store::{BaseRow, ReleaseRequest, StoreError};
+use thinpipe::store::{BaseRow, ReleaseRequest};
 use thinpipe::telemetry;
 use tokio_util::sync::CancellationToken;
 
@@ -163,8 +163,7 @@ impl Executor {
             Err(Prep::Failed { run_id, failure }) => {
                 // `worker images` shows why, until a prepare succeeds or the family ages out.
                 let (family, error) = (job.family.clone(), failure.to_string());
-                let store = self.host.store.clone();
-                if let Err(e) = blocking(move || store.record_family_failure(&family, &error)).await {
+                if let Err(e) = self.host.store.call(move |s| s.record_family_failure(&family, &error)).await {
                     tracing::warn!(error = ?e, "could not record why the prepare failed; the job's result says it");
                 }
                 result.run_id = run_id;
@@ -308,8 +307,9 @@ impl Executor {
 
     /// The sealed base of `manifest`'s version, if this host has one.
     async fn sealed(&self, manifest: &Manifest) -> Result<Option<BaseRow>, Prep> {
-        let (store, f, d) = (self.host.store.clone(), manifest.family.clone(), manifest.digest.to_string());
-        let row = blocking(move || store.base_of_version(&f, &d)).await?;
+        let (f, d) = (manifest.family.clone(), manifest.digest.to_string());
+        let row =
+            self.host.store.call(move |s| s.base_of_version(&f, &d)).await.map_err(|e| Prep::Retry(e.to_string()))?;
         Ok(row.filter(|r| r.state == thinpipe::store::BaseState::Sealed))
     }
 }
@@ -375,13 +375,5 @@ fn not_run(e: PipelineError, mut result: JobResult) -> JobEnd {
             JobEnd::Retry(e.to_string())
         }
         PipelineError::Run(_) | PipelineError::Archive(_) | PipelineError::Store(_) => JobEnd::Retry(e.to_string()),
-    }
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, StoreError> + Send + 'static) -> Result<T, Prep> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(Prep::Retry(e.to_string())),
-        Err(e) => Err(Prep::Retry(format!("blocking task failed: {e}"))),
     }
 }

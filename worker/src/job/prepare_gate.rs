@@ -46,8 +46,6 @@ pub enum GateError {
     Busy { family: String, holder: String },
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("taking the prepare lease failed: {0}")]
-    Task(String),
 }
 
 impl PrepareGate {
@@ -70,11 +68,8 @@ impl PrepareGate {
     pub async fn lease(&self, turn: Turn) -> Result<Held, GateError> {
         let family = turn.family.clone();
         let key = format!("prepare/{family}");
-        let (store, k, ttl) = (self.store.clone(), key.clone(), self.ttl);
-        let acquired =
-            tokio::task::spawn_blocking(move || store.acquire_lease_reclaiming(&k, Holder::this_process(), ttl))
-                .await
-                .map_err(|e| GateError::Task(e.to_string()))??;
+        let (k, ttl) = (key.clone(), self.ttl);
+        let acquired = self.store.call(move |s| s.acquire_lease_reclaiming(&k, Holder::this_process(), ttl)).await?;
         match acquired {
             Acquired::Yes => {}
             Acquired::TookOver { from } => {
@@ -89,10 +84,10 @@ impl PrepareGate {
             AbortOnDropHandle::new(tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(ttl / 3).await;
-                    let (s, k) = (store.clone(), key.clone());
-                    match tokio::task::spawn_blocking(move || s.renew_lease(&k, Holder::this_process(), ttl)).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) if e.is_retryable() => {
+                    let k = key.clone();
+                    match store.call(move |s| s.renew_lease(&k, Holder::this_process(), ttl)).await {
+                        Ok(()) => {}
+                        Err(e) if e.is_retryable() => {
                             tracing::warn!(error = %e, "renewing the prepare lease failed; retrying")
                         }
                         _ => {
@@ -115,12 +110,10 @@ impl Held {
 
     /// Gives the lease back (it expires by itself if that fails) and ends the turn.
     pub async fn leave(self) {
-        let (store, key) = (self.store.clone(), self.key.clone());
+        let key = self.key.clone();
         let family = key.trim_start_matches("prepare/").to_owned();
-        match tokio::task::spawn_blocking(move || store.release_lease(&key, Holder::this_process())).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(family, "could not release the prepare lease ({e}); it expires by itself"),
-            Err(e) => tracing::warn!(family, "could not release the prepare lease ({e}); it expires by itself"),
+        if let Err(e) = self.store.call(move |s| s.release_lease(&key, Holder::this_process())).await {
+            tracing::warn!(family, "could not release the prepare lease ({e}); it expires by itself")
         }
     }
 }
