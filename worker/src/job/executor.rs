@@ -275,6 +275,10 @@ impl Executor {
                 Err(Prep::Retry(format!("lost the prepare lease of {family}; another process may be preparing it")))
             }
             Some(Err(e)) => Err(Prep::Retry(e.to_string())),
+            Some(Ok(Outcome::Failed(failure))) if failure.kind == FailureKind::Corrupt => {
+                tracing::error!(%failure, "the prepare run failed because its record is corrupt; the job is retried with a new run");
+                Err(Prep::Retry(failure.to_string()))
+            }
             Some(Ok(Outcome::Failed(failure))) => {
                 // A version the source no longer has as current (its files rewritten during the
                 // prepare) is not worth a failed result: the job is retried with the new one.
@@ -347,8 +351,14 @@ fn failed(mut result: JobResult, cause: Option<Cause>, error: &str) -> JobEnd {
     JobEnd::Done(result)
 }
 
-/// A failed run's result: its error, and its cause when the failing step gave one.
+/// A failed run's result: its error, and its cause when the failing step gave one. A run
+/// that failed because a record could not be read back or written (`corrupt`) is a fault of
+/// this host or build, not of the job: the job is retried and the error is loud.
 fn failed_run(result: JobResult, f: &Failure) -> JobEnd {
+    if f.kind == FailureKind::Corrupt {
+        tracing::error!(failure = %f, "the job's run failed because its record is corrupt; the job is retried with a new run");
+        return JobEnd::Retry(f.to_string());
+    }
     failed(result, Cause::of_failure(f), &f.to_string())
 }
 
@@ -375,5 +385,38 @@ fn not_run(e: PipelineError, mut result: JobResult) -> JobEnd {
             JobEnd::Retry(e.to_string())
         }
         PipelineError::Run(_) | PipelineError::Archive(_) | PipelineError::Store(_) => JobEnd::Retry(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result() -> JobResult {
+        let job = Job::new(JobKind::Activate, "web", Some("inv"));
+        serde_json::from_value(serde_json::json!({
+            "job_id": "m-1", "kind": "activate", "family": "web", "status": "succeeded", "run_id": job.run_id()
+        }))
+        .unwrap()
+    }
+
+    fn failure(kind: FailureKind, code: Option<&str>) -> Failure {
+        Failure { step: "activate_snapshot".into(), error: "it went wrong".into(), kind, code: code.map(str::to_owned) }
+    }
+
+    /// A corrupt record is the host's or the build's fault: the job is retried, never
+    /// answered as failed; a step's failure is the job's answer, with its cause.
+    #[test]
+    fn a_run_failed_corrupt_is_retried_and_a_step_failure_is_the_answer() {
+        assert!(
+            matches!(failed_run(result(), &failure(FailureKind::Corrupt, None)), JobEnd::Retry(e) if e.contains("it went wrong"))
+        );
+        match failed_run(result(), &failure(FailureKind::Aborted, Some("not_found"))) {
+            JobEnd::Done(r) => {
+                assert_eq!((r.status, r.cause.as_deref()), (JobStatus::Failed, Some("not_found")));
+                assert!(r.error.is_some_and(|e| e.contains("it went wrong")));
+            }
+            _ => panic!("a step's failure is the job's result"),
+        }
     }
 }
