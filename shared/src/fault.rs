@@ -6,6 +6,7 @@
 //! feature check the variable; other builds compile every point to nothing.
 //! [`pause`] is the same for a delay (`THINPIPE_PAUSE=name@detail=ms`), and [`fail`] for
 //! a transient error the first N times the point is reached (`THINPIPE_FAIL=name@detail*N`).
+//! Each variable is read once per process.
 
 /// Whether this build has the fault points (a test build). A production binary must not.
 pub const COMPILED_IN: bool = cfg!(feature = "fault-injection");
@@ -36,7 +37,9 @@ pub fn point(_name: &str, _detail: &str) {}
 /// How long `THINPIPE_PAUSE` (`name@detail=ms` or `name=ms`) says to wait at this point.
 #[cfg(feature = "fault-injection")]
 fn pause_for(name: &str, detail: &str) -> Option<std::time::Duration> {
-    let spec = std::env::var("THINPIPE_PAUSE").ok()?;
+    // Read once per process, like THINPIPE_FAULT: the unpacker asks before every entry.
+    static SPEC: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let spec = SPEC.get_or_init(|| std::env::var("THINPIPE_PAUSE").ok()).as_deref()?;
     let (point, ms) = spec.rsplit_once('=')?;
     let hit = match point.split_once('@') {
         Some((n, d)) => n == name && d == detail,
@@ -79,10 +82,11 @@ pub fn pause_blocking(_name: &str, _detail: &str) {}
 pub fn fail(name: &str, detail: &str) -> Result<(), String> {
     use std::sync::atomic::{AtomicU32, Ordering};
     static FAILED: AtomicU32 = AtomicU32::new(0);
-    let Ok(spec) = std::env::var("THINPIPE_FAIL") else { return Ok(()) };
+    static SPEC: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let Some(spec) = SPEC.get_or_init(|| std::env::var("THINPIPE_FAIL").ok()).as_deref() else { return Ok(()) };
     let (point, times) = match spec.rsplit_once('*') {
         Some((p, n)) => (p, n.parse::<u32>().unwrap_or(1)),
-        None => (spec.as_str(), 1),
+        None => (spec, 1),
     };
     let hit = match point.split_once('@') {
         Some((n, d)) => n == name && d == detail,

@@ -62,15 +62,23 @@ pub fn bin(name: &str) -> std::path::PathBuf {
 
 /// A tar archive holding one regular file `name` (mode 0644, owned by root, mtime 0).
 pub fn tar_of_file(name: &str, content: &[u8]) -> Vec<u8> {
+    tar_of_files([(name, content)])
+}
+
+/// A tar archive of regular files, in the order given (mode 0644, owned by root, mtime 0).
+pub fn tar_of_files<N: AsRef<str>, C: AsRef<[u8]>>(files: impl IntoIterator<Item = (N, C)>) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_gnu();
-    h.set_size(content.len() as u64);
-    h.set_mode(0o644);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(0);
-    h.set_cksum();
-    b.append_data(&mut h, name, content).expect("appending to an in-memory tar");
+    for (name, content) in files {
+        let content = content.as_ref();
+        let mut h = tar::Header::new_gnu();
+        h.set_size(content.len() as u64);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_cksum();
+        b.append_data(&mut h, name.as_ref(), content).expect("appending to an in-memory tar");
+    }
     b.into_inner().expect("finishing an in-memory tar")
 }
 

@@ -110,7 +110,7 @@ impl Host {
             return;
         }
         match self.store.call(|s| s.release_lease(WORKER_LEASE, Holder::this_process())).await {
-            Ok(_) => tracing::info!("worker lease released"),
+            Ok(_) => tracing::debug!("worker lease released"),
             Err(e) => tracing::warn!(error = %e, "could not release the worker lease; it expires by itself"),
         }
     }

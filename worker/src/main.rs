@@ -243,7 +243,8 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("worker: {e:#}");
-                ExitCode::from(3)
+                // Naming a run that is not there is a usage error; anything else could not run.
+                ExitCode::from(if e.downcast_ref::<commands::runs::NoSuchRun>().is_some() { 2 } else { 3 })
             }
         };
     }

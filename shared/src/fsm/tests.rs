@@ -675,38 +675,61 @@ async fn lone_writers_on_an_idle_engine_never_wait_for_a_later_write() {
     engine.shutdown().await;
 }
 
-/// A step whose blocking work runs until its stop signal fires, counting how many such
-/// bodies run at once (`live`) and the most ever at once (`most`).
-fn blocking_workflow(
+/// What the blocking step bodies of [`Probe::workflow`] report: how many run now (`live`),
+/// the most ever at once (`most`), and one permit on `started` per body started.
+#[derive(Clone)]
+struct Probe {
     live: Arc<AtomicU32>,
     most: Arc<AtomicU32>,
     started: Arc<tokio::sync::Semaphore>,
-    timeout: Duration,
-) -> Workflow<String, Vec<String>> {
-    Workflow::new("blocking", 1).step_with(
-        "long",
-        RetryPolicy { attempt_timeout: timeout, ..quick(3) },
-        move |req: StepRequest<String, Vec<String>>| {
-            let (live, most, started) = (live.clone(), most.clone(), started.clone());
-            async move {
-                let stop = req.stop.clone();
-                req.stop
-                    .spawn_blocking(move || {
-                        let now = live.fetch_add(1, Ordering::SeqCst) + 1;
-                        most.fetch_max(now, Ordering::SeqCst);
-                        started.add_permits(1);
-                        // Units of work, each checking the signal (as the unpacker does per entry).
-                        while !stop.is_stopped() {
-                            std::thread::sleep(Duration::from_millis(2));
-                        }
-                        live.fetch_sub(1, Ordering::SeqCst);
-                    })
-                    .await
-                    .map_err(StepError::transient)?;
-                Err(StepError::transient("stopped"))
-            }
-        },
-    )
+}
+
+impl Probe {
+    fn new() -> Probe {
+        Probe {
+            live: Arc::new(AtomicU32::new(0)),
+            most: Arc::new(AtomicU32::new(0)),
+            started: Arc::new(tokio::sync::Semaphore::new(0)),
+        }
+    }
+
+    fn live(&self) -> u32 {
+        self.live.load(Ordering::SeqCst)
+    }
+
+    /// Waits until one more body has started.
+    async fn started(&self) {
+        self.started.acquire().await.unwrap().forget();
+    }
+
+    /// A one-step workflow whose blocking work runs until its stop signal fires (checked
+    /// between units, as the unpacker does per entry); each attempt times out after `timeout`.
+    fn workflow(&self, timeout: Duration) -> Workflow<String, Vec<String>> {
+        let probe = self.clone();
+        Workflow::new("blocking", 1).step_with(
+            "long",
+            RetryPolicy { attempt_timeout: timeout, ..quick(3) },
+            move |req: StepRequest<String, Vec<String>>| {
+                let probe = probe.clone();
+                async move {
+                    let stop = req.stop.clone();
+                    req.stop
+                        .spawn_blocking(move || {
+                            let now = probe.live.fetch_add(1, Ordering::SeqCst) + 1;
+                            probe.most.fetch_max(now, Ordering::SeqCst);
+                            probe.started.add_permits(1);
+                            while !stop.is_stopped() {
+                                std::thread::sleep(Duration::from_millis(2));
+                            }
+                            probe.live.fetch_sub(1, Ordering::SeqCst);
+                        })
+                        .await
+                        .map_err(StepError::transient)?;
+                    Err(StepError::transient("stopped"))
+                }
+            },
+        )
+    }
 }
 
 /// Shutdown tells a running step to stop and returns only after its blocking work has.
@@ -714,15 +737,13 @@ fn blocking_workflow(
 async fn shutdown_waits_for_a_steps_blocking_work() {
     let dir = tempfile::tempdir().unwrap();
     let engine = open(&dir).await;
-    let (live, most, started) =
-        (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)), Arc::new(tokio::sync::Semaphore::new(0)));
-    let wf =
-        engine.register(blocking_workflow(live.clone(), most, started.clone(), Duration::from_secs(3600))).unwrap();
+    let probe = Probe::new();
+    let wf = engine.register(probe.workflow(Duration::from_secs(3600))).unwrap();
     let run = tokio::spawn(async move { wf.run("r", &String::new(), &vec![]).await });
-    started.acquire().await.unwrap().forget();
-    assert_eq!(live.load(Ordering::SeqCst), 1);
+    probe.started().await;
+    assert_eq!(probe.live(), 1);
     engine.shutdown().await;
-    assert_eq!(live.load(Ordering::SeqCst), 0, "a step body outlived the engine's shutdown");
+    assert_eq!(probe.live(), 0, "a step body outlived the engine's shutdown");
     assert!(run.await.unwrap().is_err(), "the waiter is interrupted");
 }
 
@@ -732,23 +753,21 @@ async fn shutdown_waits_for_a_steps_blocking_work() {
 async fn stop_run_stops_the_step_and_leaves_the_run_resumable() {
     let dir = tempfile::tempdir().unwrap();
     let engine = open(&dir).await;
-    let (live, most, started) =
-        (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)), Arc::new(tokio::sync::Semaphore::new(0)));
-    let wf =
-        engine.register(blocking_workflow(live.clone(), most, started.clone(), Duration::from_secs(3600))).unwrap();
+    let probe = Probe::new();
+    let wf = engine.register(probe.workflow(Duration::from_secs(3600))).unwrap();
     let w = wf.clone();
     let waiter = tokio::spawn(async move { w.run("r", &String::new(), &vec![]).await });
-    started.acquire().await.unwrap().forget();
+    probe.started().await;
     assert!(engine.stop_run("r", "lost the lease").await);
-    assert_eq!(live.load(Ordering::SeqCst), 0, "the step's blocking work still runs after stop_run returned");
+    assert_eq!(probe.live(), 0, "the step's blocking work still runs after stop_run returned");
     let err = waiter.await.unwrap().unwrap_err().to_string();
     assert!(err.contains("lost the lease"), "{err}");
     assert!(!engine.stop_run("r", "again").await, "no task drives it any more");
     // Still active, and a new start drives it again.
     let w = wf.clone();
     tokio::spawn(async move { w.start("r", &String::new(), &vec![]).await });
-    started.acquire().await.unwrap().forget();
-    assert_eq!(live.load(Ordering::SeqCst), 1);
+    probe.started().await;
+    assert_eq!(probe.live(), 1);
     engine.shutdown().await;
 }
 
@@ -758,14 +777,12 @@ async fn stop_run_stops_the_step_and_leaves_the_run_resumable() {
 async fn a_timed_out_attempts_work_ends_before_the_next_attempt() {
     let dir = tempfile::tempdir().unwrap();
     let engine = open(&dir).await;
-    let (live, most, started) =
-        (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)), Arc::new(tokio::sync::Semaphore::new(0)));
-    let wf =
-        engine.register(blocking_workflow(live.clone(), most.clone(), started, Duration::from_millis(50))).unwrap();
+    let probe = Probe::new();
+    let wf = engine.register(probe.workflow(Duration::from_millis(50))).unwrap();
     let outcome = wf.run("r", &String::new(), &vec![]).await.unwrap();
     assert!(matches!(outcome, Outcome::Failed(ref f) if f.kind == FailureKind::RetriesExhausted), "{outcome:?}");
-    assert_eq!(most.load(Ordering::SeqCst), 1, "two attempts' blocking work overlapped");
-    assert_eq!(live.load(Ordering::SeqCst), 0);
+    assert_eq!(probe.most.load(Ordering::SeqCst), 1, "two attempts' blocking work overlapped");
+    assert_eq!(probe.live(), 0);
     engine.shutdown().await;
 }
 

@@ -111,7 +111,8 @@ fn health_runs_workflows_and_the_page() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("fetch_manifest completed") && text.contains("finished completed"), "{text}");
     let out = worker(state, &["runs", "show", "nope"]);
-    assert_eq!(out.status.code(), Some(3));
+    // Naming a run that is not there is a usage error (2), through the API or the log.
+    assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no run nope"));
 
     assert!(daemon.stop(Duration::from_secs(60)).success());

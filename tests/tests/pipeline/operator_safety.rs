@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use thinpipe::store::{SnapshotState, Store};
-use thinpipe_tests::{bin, tar_of_file};
+use thinpipe_tests::{bin, tar_of_file, tar_of_files};
 
 /// `worker` on `state` with `settings` (`--set` pairs) and `args`.
 fn worker(state: &Path, settings: &[String], args: &[&str]) -> Output {
@@ -404,19 +404,8 @@ fn sigterm_during_a_long_unpack_stops_the_step_before_the_next_worker_starts() {
     let state = dir.path();
     let family_dir = state.join("images/web");
     std::fs::create_dir_all(&family_dir).unwrap();
-    let mut tar = tar::Builder::new(Vec::new());
-    for i in 0..400 {
-        let body = format!("file {i}\n");
-        let mut header = tar::Header::new_gnu();
-        header.set_size(body.len() as u64);
-        header.set_mode(0o644);
-        header.set_uid(0);
-        header.set_gid(0);
-        header.set_mtime(1_700_000_000);
-        header.set_cksum();
-        tar.append_data(&mut header, format!("data/{i:04}"), body.as_bytes()).unwrap();
-    }
-    std::fs::write(family_dir.join("layer-1.tar"), tar.into_inner().unwrap()).unwrap();
+    let files = (0..400).map(|i| (format!("data/{i:04}"), format!("file {i}\n")));
+    std::fs::write(family_dir.join("layer-1.tar"), tar_of_files(files)).unwrap();
     let env = [
         ("THINPIPE_WORKER_DRAIN_DEADLINE_SECS", "2"),
         ("THINPIPE_QUEUE_VISIBILITY_TIMEOUT_SECS", "120"),

@@ -39,6 +39,14 @@ impl Answer {
     }
 }
 
+/// `worker runs show` named a run the log does not hold: the caller's mistake (exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error("no run {id} in {place}; `worker runs list` shows the runs there")]
+pub struct NoSuchRun {
+    pub id: String,
+    pub place: String,
+}
+
 /// What to read.
 pub enum Query {
     List { workflow: Option<String>, status: Option<String>, limit: usize },
@@ -79,7 +87,7 @@ fn lookup(engine: &Engine, config: &Config, query: Query) -> anyhow::Result<Answ
         }
         Query::Show(id) => match engine.run_detail(&id)? {
             Some(run) => Ok(Answer::Run(Box::new(RunView::new(run, &config.worker.host_id)))),
-            None => bail!("no run {id} in {}", config.runs_path().display()),
+            None => Err(NoSuchRun { id, place: config.runs_path().display().to_string() }.into()),
         },
     }
 }
@@ -96,7 +104,12 @@ pub fn run(config: &Config, query: Query, admin_url: Option<&str>, json: bool) -
                 let path = format!("/api/runs?limit={limit}&workflow={}&status={}", enc(workflow), enc(status));
                 Answer::Runs(client.get(&path)?)
             }
-            Query::Show(id) => Answer::Run(client.get(&format!("/api/runs/{}", encode(id)))?),
+            Query::Show(id) => match client.get(&format!("/api/runs/{}", encode(id))) {
+                Err(AdminError::Status { status: 404, .. }) => {
+                    return Err(NoSuchRun { id: id.clone(), place: format!("the worker at {}", client.base()) }.into());
+                }
+                answer => Answer::Run(answer?),
+            },
         })
     };
     let answer = match (running, admin_url) {
