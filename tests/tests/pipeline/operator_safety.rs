@@ -440,6 +440,56 @@ fn sigterm_during_a_long_unpack_stops_the_step_before_the_next_worker_starts() {
     next.stop(Duration::from_secs(30));
 }
 
+/// Another process taking the family's prepare lease (here: the test, as a holder whose pid
+/// is alive) stops the prepare's run, its unpack included, within a renewal period, long
+/// before that lease would let anyone else write; the job is not answered as failed but
+/// retried, and once the other holder's lease ends the run resumes and completes.
+#[test]
+fn a_stolen_prepare_lease_stops_the_unpack_and_the_job_completes_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path();
+    let family_dir = state.join("images/web");
+    std::fs::create_dir_all(&family_dir).unwrap();
+    let files = (0..400).map(|i| (format!("data/{i:04}"), format!("file {i}\n")));
+    std::fs::write(family_dir.join("layer-1.tar"), tar_of_files(files)).unwrap();
+    let env = [
+        // Renewed every second.
+        ("THINPIPE_WORKER_LEASE_TTL_SECS", "3"),
+        ("THINPIPE_QUEUE_VISIBILITY_TIMEOUT_SECS", "5"),
+        // 400 entries at 20 ms: an 8 s unpack.
+        ("THINPIPE_PAUSE", "apply.entry=20"),
+    ];
+    let daemon = thinpipe_tests::Daemon::start(state, &env);
+    let waiting = thinpipe_tests::enqueue_waiting(thinpipe_tests::To::State(state), 110)
+        .args(["prepare", "--family", "web"])
+        .spawn()
+        .unwrap();
+    daemon.wait_for_log("pause point apply.entry", Duration::from_secs(60));
+    // Another live process (pid 1) takes the lease for 4 s.
+    let stolen_at = jiff::Timestamp::now();
+    let expires = stolen_at.as_millisecond() + 4000;
+    let changed = rusqlite::Connection::open(state.join("host.db"))
+        .unwrap()
+        .execute("UPDATE leases SET v = 'pid:1:0000000000000000', expires_at = ?1 WHERE k = 'prepare/web'", [expires])
+        .unwrap();
+    assert_eq!(changed, 1, "the prepare holds its family's lease while it unpacks");
+    daemon.wait_for_log("the step's blocking work stopped", Duration::from_secs(30));
+    let log = daemon.log();
+    assert!(log.contains("lost the prepare lease of web"), "{log}");
+    let stopped = logged_at(&log, "the step's blocking work stopped");
+    assert!(
+        stopped < stolen_at + jiff::SignedDuration::from_secs(3),
+        "the unpack wrote until {stopped}, past a renewal period after the lease was taken at {stolen_at}"
+    );
+    let r = thinpipe_tests::job_result(&waiting.wait_with_output().unwrap());
+    assert_eq!(r["status"], "succeeded", "retried after the other holder's lease ended: {r}\n{}", daemon.log());
+    let run = r["run_id"].as_str().unwrap();
+    let out = Command::new(bin("worker")).arg("--state-dir").arg(state).args(["runs", "show", run]).output().unwrap();
+    let history = String::from_utf8_lossy(&out.stdout);
+    assert!(history.contains("resumed at unpack_into_base"), "the same run resumed:\n{history}");
+    assert!(daemon.stop(Duration::from_secs(30)).success());
+}
+
 /// `enqueue --wait` that times out says the job is still queued, names it, and `enqueue
 /// cancel` takes it back while no worker has started it.
 #[test]
