@@ -4,7 +4,8 @@
 pub mod aws;
 pub mod flaky;
 pub mod fstree;
-pub mod guest;
+/// The dm-thin QEMU guest (its own crate, shared with the benchmarks).
+pub use thinpipe_guest::qemu as guest;
 pub mod http;
 pub mod otlp;
 

@@ -1,9 +1,6 @@
-//! Runs inside the dm-thin QEMU guest (see `tests/src/guest.rs`): the dm-thin backend's
-//! tests against a real kernel's thin pool. Each check prints one marker line on the serial
-//! console for the host-side test to parse:
-//!
-//! `THINPIPE-GUEST ok <check>`, `THINPIPE-GUEST fail <check>: <why>`,
-//! `THINPIPE-GUEST bench <line>` and, last, `THINPIPE-GUEST done <phase>`.
+//! Runs inside the dm-thin QEMU guest (`thinpipe_guest`): the dm-thin backend's tests
+//! against a real kernel's thin pool. Each check prints one marker line on the serial
+//! console for the host-side test to parse (`thinpipe_guest::inside`).
 //!
 //! Disks: vda/vdb the pool's metadata and data, vdc the worker's state, vdd/vde a tiny
 //! second pool that runs out of data space, vdf/vdg a small third pool that garbage
@@ -13,10 +10,10 @@
 //! runs the backend checks and the pipeline; `crash` prepares a family with the
 //! `dmthin.after_create_thin` fault point armed (the process dies there, then `/init` cuts
 //! the power); `resume` finishes that run after the "power cut", checks that nothing leaked
-//! or was allocated twice, plants an orphan for `reconcile`, runs the benchmark, and tears
-//! the pool down so `thin_check` can read a clean metadata device.
+//! or was allocated twice, plants an orphan for `reconcile`, and tears the pool down so
+//! `thin_check` can read a clean metadata device. (The activate benchmark on dm-thin runs
+//! in a guest of its own: `benches`' `dmthin-bench-guest`.)
 
-use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,70 +26,10 @@ use thinpipe::store::Store;
 use thinpipe::volume::dmthin::device::{DmFailure, Pool};
 use thinpipe::volume::dmthin::{SNAP_THIN_ID_BASE, thin_id};
 use thinpipe::volume::{DmThinBackend, DmThinOptions, VolumeBackend, VolumeError, VolumeId, conformance};
-
-const POOL: &str = "pool";
-const STATE: &str = "/state";
-/// On the state disk: seal markers must outlive a reboot, as on a real host.
-const VOLUMES: &str = "/state/volumes";
-const VOLUME_BYTES: u64 = 256 << 20;
-
-fn marker(line: &str) {
-    println!("THINPIPE-GUEST {line}");
-}
-
-/// Runs one check; a panic or an error is a `fail` marker, not the end of the phase.
-fn check(name: &str, f: impl FnOnce() -> Result<(), String>) -> bool {
-    let started = Instant::now();
-    match std::panic::catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(())) => {
-            marker(&format!("ok {name} ({} ms)", started.elapsed().as_millis()));
-            true
-        }
-        Ok(Err(e)) => {
-            marker(&format!("fail {name}: {e}"));
-            false
-        }
-        Err(p) => {
-            let why = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
-            marker(&format!("fail {name}: panicked: {}", why.unwrap_or_default()));
-            false
-        }
-    }
-}
-
-fn sys_dev(disk: &str) -> Result<thinpipe::volume::dmthin::device::Device, String> {
-    let s = std::fs::read_to_string(format!("/sys/block/{disk}/dev")).map_err(|e| format!("/sys/block/{disk}: {e}"))?;
-    s.trim().parse().map_err(|e| format!("{disk} dev {s:?}: {e:?}"))
-}
-
-fn sys_sectors(disk: &str) -> Result<u64, String> {
-    let s = std::fs::read_to_string(format!("/sys/block/{disk}/size")).map_err(|e| format!("{disk}: {e}"))?;
-    s.trim().parse().map_err(|e| format!("{disk} size {s:?}: {e}"))
-}
-
-fn sh(cmd: &str, args: &[&str]) -> Result<(), String> {
-    let out = std::process::Command::new(cmd).args(args).output().map_err(|e| format!("{cmd}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("{cmd} {args:?}: {}: {}", out.status, String::from_utf8_lossy(&out.stderr)))
-    }
-}
-
-/// The pool on vda (metadata) and vdb (data); `fresh` zeroes the metadata first.
-fn setup_pool(fresh: bool) -> Result<Pool, String> {
-    if fresh {
-        zero_metadata("vda")?;
-    }
-    Pool::create(POOL, sys_dev("vda")?, sys_dev("vdb")?, sys_sectors("vdb")?, 128, &[]).map_err(|e| e.to_string())
-}
-
-fn zero_metadata(disk: &str) -> Result<(), String> {
-    use std::io::Write;
-    let path = format!("/dev/{disk}");
-    let mut f = std::fs::OpenOptions::new().write(true).open(&path).map_err(|e| format!("{path}: {e}"))?;
-    f.write_all(&[0u8; 4096]).and_then(|()| f.sync_all()).map_err(|e| format!("zeroing {path}: {e}"))
-}
+use thinpipe_guest::inside::{
+    Host, POOL, STATE, VOLUME_BYTES, VOLUMES, backend, check, host, marker, mount_state, prepare, setup_pool, sh,
+    sys_dev, sys_sectors, zero_metadata,
+};
 
 /// A tiny pool (vdd: metadata, vde: 24 MiB of data, `error_if_no_space`) filled past its
 /// data: the pool turns `out_of_data_space` and every failing call then fails as the host's
@@ -277,48 +214,6 @@ async fn small_pool_lifecycle() -> Result<(), String> {
     pool.remove().map_err(|x| e(&x))
 }
 
-/// The worker's state disk (vdc) at /state; `fresh` makes its filesystem.
-fn mount_state(fresh: bool) -> Result<(), String> {
-    if fresh {
-        sh("mkfs.ext4", &["-q", "-F", "/dev/vdc"])?;
-    }
-    std::fs::create_dir_all(STATE).map_err(|e| e.to_string())?;
-    sh("mount", &["-t", "ext4", "/dev/vdc", STATE])
-}
-
-fn backend() -> Result<DmThinBackend, String> {
-    DmThinBackend::open(DmThinOptions { pool: POOL.into(), root: VOLUMES.into(), volume_bytes: VOLUME_BYTES })
-        .map_err(|e| e.to_string())
-}
-
-struct Host {
-    engine: Engine,
-    pipeline: Pipeline,
-    store: Arc<Store>,
-    backend: Arc<DmThinBackend>,
-}
-
-async fn host() -> Result<Host, String> {
-    let state = Path::new(STATE);
-    let engine = Engine::open(state.join("runs.redb"), EngineConfig { prune_interval: None, ..Default::default() })
-        .await
-        .map_err(|e| e.to_string())?;
-    let store = Arc::new(Store::open(state.join("host.db")).map_err(|e| e.to_string())?);
-    let backend = Arc::new(backend()?);
-    let ctx = PipelineContext {
-        store: store.clone(),
-        backend: backend.clone(),
-        cache: BlobCache::open(state.join("blobs")).map_err(|e| e.to_string())?,
-        source: Arc::new(LocalDir::new(state.join("images"))),
-        apply: ApplyOptions::default(),
-        invocations: Default::default(),
-        host_id: None,
-        progress: Default::default(),
-    };
-    let pipeline = Pipeline::register(&engine, ctx).map_err(|e| e.to_string())?;
-    Ok(Host { engine, pipeline, store, backend })
-}
-
 fn errno_of(r: Result<Option<String>, DmFailure>) -> Option<i32> {
     r.err().and_then(|e| e.errno)
 }
@@ -452,12 +347,6 @@ fn error_cases(b: &DmThinBackend) -> Result<(), String> {
     Ok(())
 }
 
-/// Prepares the source's current version of `family`.
-async fn prepare(h: &Host, family: &str) -> Result<Outcome<thinpipe::pipeline::PrepareState>, String> {
-    let manifest = h.pipeline.context().source.manifest(family).await.map_err(|e| e.to_string())?;
-    h.pipeline.prepare(&manifest).await.map_err(|e| e.to_string())
-}
-
 async fn pipeline_runs(h: &Host) -> Result<(), String> {
     write_sample_family(&Path::new(STATE).join("images"), "web").map_err(|e| e.to_string())?;
     let base = match prepare(h, "web").await? {
@@ -543,62 +432,6 @@ fn reconcile_finds_a_planted_orphan(h: &Host) -> Result<(), String> {
     Ok(())
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
-/// The activate benchmark inside the guest: activations through the pipeline beside the
-/// floor (create_snap + activate by ioctl + one durable redb commit), interleaved.
-async fn bench(h: &Host) -> Result<(), String> {
-    const N: usize = 40;
-    let bases = h.store.list_bases().map_err(|e| e.to_string())?;
-    let base = bases.iter().find(|b| b.family == "web").map(|b| b.id).ok_or("no web base")?;
-    let db = redb::Database::create(Path::new(STATE).join("floor.redb")).map_err(|e| e.to_string())?;
-    const T: redb::TableDefinition<u64, u64> = redb::TableDefinition::new("t");
-    let pool = h.backend.pool();
-    let origin = thin_id(VolumeId::Base(base)).map_err(|e| e.to_string())?;
-    let (mut ours, mut floor) = (Vec::new(), Vec::new());
-    for n in 0..N {
-        let started = Instant::now();
-        match h.pipeline.activate("web", &format!("bench-{n}"), base, None).await.map_err(|e| e.to_string())? {
-            Outcome::Completed(_) => ours.push(started.elapsed()),
-            Outcome::Failed(f) => return Err(format!("bench activation {n} failed: {f}")),
-        }
-        let tid = SNAP_THIN_ID_BASE + 100_000 + n as u64;
-        let started = Instant::now();
-        pool.message(&format!("create_snap {tid} {origin}")).map_err(|e| e.to_string())?;
-        pool.activate(&format!("floor-{n}"), &format!("FLOOR-{tid}"), tid, VOLUME_BYTES / 512)
-            .map_err(|e| e.to_string())?;
-        let mut txn = db.begin_write().map_err(|e| e.to_string())?;
-        txn.set_durability(redb::Durability::Immediate).map_err(|e| e.to_string())?;
-        txn.open_table(T).map_err(|e| e.to_string())?.insert(n as u64, n as u64).map_err(|e| e.to_string())?;
-        txn.commit().map_err(|e| e.to_string())?;
-        floor.push(started.elapsed());
-    }
-    for n in 0..N {
-        pool.deactivate(&format!("floor-{n}")).map_err(|e| e.to_string())?;
-        pool.message(&format!("delete {}", SNAP_THIN_ID_BASE + 100_000 + n as u64)).map_err(|e| e.to_string())?;
-    }
-    ours.sort();
-    floor.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    marker(&format!(
-        "bench activate_ours_dmthin_emulated p50 {:.1} ms p99 {:.1} ms ({N} activations, QEMU TCG)",
-        ms(percentile(&ours, 0.5)),
-        ms(percentile(&ours, 0.99))
-    ));
-    marker(&format!(
-        "bench activate_floor_dmthin_emulated p50 {:.1} ms p99 {:.1} ms (create_snap + activate by ioctl + one durable redb commit)",
-        ms(percentile(&floor, 0.5)),
-        ms(percentile(&floor, 0.99))
-    ));
-    marker(&format!(
-        "bench activate_dmthin_emulated ratio_vs_floor={:.2}",
-        ms(percentile(&ours, 0.5)) / ms(percentile(&floor, 0.5))
-    ));
-    Ok(())
-}
-
 /// Unmounts and deactivates every thin device, then removes the pool: the metadata device
 /// is then clean for `thin_check`.
 fn teardown(b: DmThinBackend) -> Result<(), String> {
@@ -680,10 +513,6 @@ fn main() {
                     let h = host().await?;
                     let r = resume_after_power_cut(&h).await;
                     let r = r.and_then(|()| reconcile_finds_a_planted_orphan(&h));
-                    let r = match r {
-                        Ok(()) => bench(&h).await,
-                        Err(e) => Err(e),
-                    };
                     h.engine.shutdown().await;
                     r
                 })

@@ -9,7 +9,8 @@
 //! `activate` runs `activate-<invocation_id>`; `release` records the release and runs
 //! `release-<invocation_id>`. A run that failed publishes a failure result and is acked; a
 //! job naming a family or version that does not exist is dead-lettered too; anything
-//! transient makes the message visible again after `retry_delay_secs`.
+//! transient, and a fault of the host or program (a run record that does not decode, an
+//! unregistered workflow), makes the message visible again after `retry_delay_secs`.
 //!
 //! While the state directory is short of room (`job/statespace.rs`), prepares and activations
 //! get a `host_full` failed result (as above the volumes' refusal watermark) and releases,

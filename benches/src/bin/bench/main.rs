@@ -14,6 +14,8 @@
 //! `bench activate`: see `activate.rs` (activation latency on btrfs beside the snapshot
 //! ioctl plus one durable commit; root).
 //!
+//! `bench dmthin`: see `dmthin.rs` (the same on dm-thin, in the QEMU guest; emulated).
+//!
 //! Scratch files go under `$BENCH_DIR` (default `target/bench`), on the disk the state
 //! directory would use, never on a tmpfs.
 
@@ -22,6 +24,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 
 mod activate;
+mod dmthin;
 mod fsm;
 mod report;
 mod sqs;
@@ -30,7 +33,7 @@ mod unpack;
 fn main() -> anyhow::Result<()> {
     let which: Vec<String> = std::env::args().skip(1).collect();
     if which.is_empty() {
-        bail!("usage: bench fsm|unpack|sqs|activate ...");
+        bail!("usage: bench fsm|unpack|sqs|activate|dmthin ...");
     }
     // The child process `bench activate` traces to count syncs.
     if which[0] == "activate-syncs" {
@@ -44,7 +47,8 @@ fn main() -> anyhow::Result<()> {
             "unpack" => unpack::run(&base)?,
             "sqs" => sqs::run(&base)?,
             "activate" => activate::run(&base)?,
-            other => bail!("unknown benchmark {other:?}: expected fsm, unpack, sqs or activate"),
+            "dmthin" => dmthin::run()?,
+            other => bail!("unknown benchmark {other:?}: expected fsm, unpack, sqs, activate or dmthin"),
         }
     }
     Ok(())

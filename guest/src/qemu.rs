@@ -1,5 +1,5 @@
-//! The dm-thin test guest: Debian's kernel booted in QEMU (TCG) from an initramfs holding
-//! busybox, the `dmthin-guest` binary with the shared libraries `ldd` lists, `mkfs.ext4`,
+//! The host side of the dm-thin guest: Debian's kernel booted in QEMU (TCG) from an initramfs holding
+//! busybox, one guest program with the shared libraries `ldd` lists, `mkfs.ext4`,
 //! `thin_ls` and the device-mapper and ext4 modules, with sparse virtio disks ([`DISKS`]) that persist across boots. The guest reports through
 //! `THINPIPE-GUEST ...` marker lines on the serial console.
 //!
@@ -61,7 +61,7 @@ arg() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^thinpipe.$1=//p"; }
 phase=$(arg phase)
 fault=$(arg fault)
 [ -n "$fault" ] && export THINPIPE_FAULT="$fault"
-RUST_BACKTRACE=1 /bin/dmthin-guest "$phase"
+RUST_BACKTRACE=1 /bin/guest-program "$phase"
 echo "THINPIPE-GUEST exit $?"
 # With a fault armed, a power cut: reboot at once, nothing synced (QEMU exits: -no-reboot).
 [ -n "$fault" ] && echo b > /proc/sysrq-trigger
@@ -143,7 +143,8 @@ fn put_libraries(root: &Path, exe: &Path) {
 }
 
 impl Guest {
-    /// The kernel cache and QEMU, or `None` (skip) outside CI when either is missing.
+    /// The kernel cache and QEMU, with an initramfs that runs `guest_bin` (a program using
+    /// [`crate::inside`]), or `None` (skip) outside CI when either is missing.
     pub fn prepare(guest_bin: &Path) -> Option<Guest> {
         let cache = std::env::var_os("THINPIPE_GUEST_CACHE").map(PathBuf::from).unwrap_or_else(|| {
             PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/thinpipe/guest")
@@ -178,8 +179,8 @@ impl Guest {
             std::fs::create_dir_all(root.join(d)).expect("initramfs dirs");
         }
         put(&root, &self.cache.join("busybox/bin/busybox"), "/bin/busybox");
-        // The test binary without debug info: a smaller initramfs boots faster.
-        let exe = root.join("bin/dmthin-guest");
+        // The program without debug info: a smaller initramfs boots faster.
+        let exe = root.join("bin/guest-program");
         run_ok(Command::new("strip").arg("-o").arg(&exe).arg(guest_bin));
         put_libraries(&root, guest_bin);
         let mke2fs = which("mke2fs").expect("mke2fs (e2fsprogs)");
@@ -267,7 +268,7 @@ impl Guest {
                 break status;
             }
             if Instant::now() > deadline {
-                crate::kill(&mut child);
+                kill(&mut child);
                 panic!("the guest ({phase}) did not power off within {timeout:?}; console:\n{console}");
             }
             match rx.recv_timeout(Duration::from_millis(100)) {
@@ -289,5 +290,15 @@ impl Guest {
         }
         assert!(status.success(), "qemu ({phase}) exited with {status}: {stderr}\nconsole:\n{console}");
         Boot { console }
+    }
+}
+
+/// Kills QEMU and reaps it.
+fn kill(child: &mut std::process::Child) {
+    if let Err(e) = child.kill() {
+        eprintln!("killing qemu: {e}");
+    }
+    if let Err(e) = child.wait() {
+        eprintln!("reaping qemu: {e}");
     }
 }
