@@ -130,3 +130,14 @@ pub async fn prepare(h: &Host, family: &str) -> Result<Outcome<thinpipe::pipelin
     let manifest = h.pipeline.context().source.manifest(family).await.map_err(|e| e.to_string())?;
     h.pipeline.prepare(&manifest).await.map_err(|e| e.to_string())
 }
+
+/// The guest program's runtime; `None` (after a `fail runtime` marker) if it cannot start.
+pub fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            marker(&format!("fail runtime: {e}"));
+            None
+        }
+    }
+}

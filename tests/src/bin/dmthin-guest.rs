@@ -457,13 +457,7 @@ fn teardown(b: DmThinBackend) -> Result<(), String> {
 
 fn main() {
     let phase = std::env::args().nth(1).unwrap_or_default();
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            marker(&format!("fail runtime: {e}"));
-            return;
-        }
-    };
+    let Some(rt) = thinpipe_guest::inside::runtime() else { return };
     let fresh = phase == "first";
     if !check("pool", || setup_pool(fresh).map(drop)) || !check("state disk", || mount_state(fresh)) {
         marker(&format!("done {phase}"));

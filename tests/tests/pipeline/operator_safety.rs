@@ -392,6 +392,23 @@ fn logged_at(log: &str, text: &str) -> jiff::Timestamp {
     line.split_whitespace().next().unwrap().parse().unwrap_or_else(|e| panic!("{e}: {line}"))
 }
 
+/// A worker on `state` (with `env`, which paces the unpack by `THINPIPE_PAUSE`) unpacking
+/// family `web`'s one layer of 400 files, and the `enqueue --wait` of its prepare; returns
+/// once the unpack has begun.
+fn long_unpack(state: &Path, env: &[(&str, &str)]) -> (thinpipe_tests::Daemon, std::process::Child) {
+    let family_dir = state.join("images/web");
+    std::fs::create_dir_all(&family_dir).unwrap();
+    let files = (0..400).map(|i| (format!("data/{i:04}"), format!("file {i}\n")));
+    std::fs::write(family_dir.join("layer-1.tar"), tar_of_files(files)).unwrap();
+    let daemon = thinpipe_tests::Daemon::start(state, env);
+    let waiting = thinpipe_tests::enqueue_waiting(thinpipe_tests::To::State(state), 110)
+        .args(["prepare", "--family", "web"])
+        .spawn()
+        .unwrap();
+    daemon.wait_for_log("pause point apply.entry", Duration::from_secs(60));
+    (daemon, waiting)
+}
+
 /// SIGTERM during a long unpack (a layer of 400 entries, each written slowly) with
 /// `drain_deadline_secs = 2`: the step is told to stop and stops at its next entry, so the
 /// worker exits within the deadline plus a small margin; the job is handed back at once, so
@@ -402,22 +419,13 @@ fn logged_at(log: &str, text: &str) -> jiff::Timestamp {
 fn sigterm_during_a_long_unpack_stops_the_step_before_the_next_worker_starts() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path();
-    let family_dir = state.join("images/web");
-    std::fs::create_dir_all(&family_dir).unwrap();
-    let files = (0..400).map(|i| (format!("data/{i:04}"), format!("file {i}\n")));
-    std::fs::write(family_dir.join("layer-1.tar"), tar_of_files(files)).unwrap();
     let env = [
         ("THINPIPE_WORKER_DRAIN_DEADLINE_SECS", "2"),
         ("THINPIPE_QUEUE_VISIBILITY_TIMEOUT_SECS", "120"),
         // 400 entries at 50 ms: a 20 s unpack.
         ("THINPIPE_PAUSE", "apply.entry=50"),
     ];
-    let daemon = thinpipe_tests::Daemon::start(state, &env);
-    let waiting = thinpipe_tests::enqueue_waiting(thinpipe_tests::To::State(state), 110)
-        .args(["prepare", "--family", "web"])
-        .spawn()
-        .unwrap();
-    daemon.wait_for_log("pause point apply.entry", Duration::from_secs(60));
+    let (daemon, waiting) = long_unpack(state, &env);
     let first_log = state.join("worker.log");
     let stopping = std::time::Instant::now();
     // SAFETY: kill(2) on our own child.
@@ -448,10 +456,6 @@ fn sigterm_during_a_long_unpack_stops_the_step_before_the_next_worker_starts() {
 fn a_stolen_prepare_lease_stops_the_unpack_and_the_job_completes_later() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path();
-    let family_dir = state.join("images/web");
-    std::fs::create_dir_all(&family_dir).unwrap();
-    let files = (0..400).map(|i| (format!("data/{i:04}"), format!("file {i}\n")));
-    std::fs::write(family_dir.join("layer-1.tar"), tar_of_files(files)).unwrap();
     let env = [
         // Renewed every second.
         ("THINPIPE_WORKER_LEASE_TTL_SECS", "3"),
@@ -459,12 +463,7 @@ fn a_stolen_prepare_lease_stops_the_unpack_and_the_job_completes_later() {
         // 400 entries at 20 ms: an 8 s unpack.
         ("THINPIPE_PAUSE", "apply.entry=20"),
     ];
-    let daemon = thinpipe_tests::Daemon::start(state, &env);
-    let waiting = thinpipe_tests::enqueue_waiting(thinpipe_tests::To::State(state), 110)
-        .args(["prepare", "--family", "web"])
-        .spawn()
-        .unwrap();
-    daemon.wait_for_log("pause point apply.entry", Duration::from_secs(60));
+    let (daemon, waiting) = long_unpack(state, &env);
     // Another live process (pid 1) takes the lease for 4 s.
     let stolen_at = jiff::Timestamp::now();
     let expires = stolen_at.as_millisecond() + 4000;
