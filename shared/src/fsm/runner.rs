@@ -204,13 +204,17 @@ async fn run_step(
                 r = guarded => Ok(r),
             };
             // The attempt is over however it ended: its blocking work returns before the run
-            // moves on, retries, commits or stops (no step body outlives its run's task).
-            if stop_signal.running() > 0 {
+            // moves on, retries, commits or stops (no step body outlives its run's task). A
+            // stopped attempt that had blocking work says so, even when that work saw the
+            // signal and returned before this task was polled (the log then tells the same
+            // story whichever thread won).
+            let stopping = stop_signal.running() > 0 || (result.is_err() && stop_signal.had_work());
+            if stopping {
                 tracing::info!("waiting for the step's blocking work to stop");
-                stop_signal.finish().await;
+            }
+            stop_signal.finish().await;
+            if stopping {
                 tracing::info!("the step's blocking work stopped");
-            } else {
-                stop_signal.finish().await;
             }
             let result = match result {
                 Ok(r) => r,

@@ -9,6 +9,9 @@
 //! blocking work of the attempt has returned: so no step body outlives its run's task, the
 //! engine's shutdown waits for them, and the worker lease is given back only after them.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -17,12 +20,14 @@ use tokio_util::task::TaskTracker;
 pub struct StopSignal {
     token: CancellationToken,
     work: TaskTracker,
+    /// Whether any blocking work was started (it may have returned already).
+    had_work: Arc<AtomicBool>,
 }
 
 impl StopSignal {
     /// A signal that fires with `token` (and when the attempt ends).
     pub(crate) fn new(token: CancellationToken) -> Self {
-        Self { token, work: TaskTracker::new() }
+        Self { token, work: TaskTracker::new(), had_work: Arc::default() }
     }
 
     /// Whether the step must stop now.
@@ -47,6 +52,7 @@ impl StopSignal {
         f: impl FnOnce() -> T + Send + 'static,
     ) -> tokio::task::JoinHandle<T> {
         let held = self.work.token();
+        self.had_work.store(true, Ordering::SeqCst);
         tokio::task::spawn_blocking(move || {
             let _held = held;
             f()
@@ -63,5 +69,10 @@ impl StopSignal {
     /// Blocking work of this attempt still running.
     pub(crate) fn running(&self) -> usize {
         self.work.len()
+    }
+
+    /// Whether this attempt started any blocking work (running or returned).
+    pub(crate) fn had_work(&self) -> bool {
+        self.had_work.load(Ordering::SeqCst)
     }
 }
