@@ -145,7 +145,7 @@ impl Lifecycle {
         } else {
             self.retire_all(marked, &mut report).await;
         }
-        self.collect_blobs(&mut report).await?;
+        self.collect_blobs(&mut report, pressed).await?;
         if !dry_run {
             self.evict(&mut report).await?;
             let age = i64::try_from(self.settings.forget_failed_after.as_millis()).unwrap_or(i64::MAX);
@@ -319,8 +319,10 @@ impl Lifecycle {
         }
     }
 
-    /// Deletes cached blobs that no base still needs, when no prepare runs.
-    async fn collect_blobs(&self, report: &mut GcReport) -> Result<(), LifecycleError> {
+    /// Deletes cached blobs that no base still needs, when no prepare runs. Under pressure
+    /// (`pressed`: above the high watermark) a sealed base needs none of its blobs either:
+    /// activations use the base, and a version prepared again downloads them again.
+    async fn collect_blobs(&self, report: &mut GcReport, pressed: bool) -> Result<(), LifecycleError> {
         let Some(_no_prepare) = self.in_use.collect_blobs() else {
             report.blobs_skipped = Some("a prepare is running".into());
             return Ok(());
@@ -331,7 +333,12 @@ impl Lifecycle {
         }
         let bases = self.store().call(|s| s.list_bases()).await?;
         let mut needed = BTreeSet::new();
-        for base in bases.iter().filter(|b| b.state != BaseState::Retiring) {
+        let needs_blobs = |b: &&BaseRow| match b.state {
+            BaseState::Retiring => false,
+            BaseState::Sealed => !pressed,
+            BaseState::Preparing => true,
+        };
+        for base in bases.iter().filter(needs_blobs) {
             match &base.blobs {
                 Some(blobs) => needed.extend(blobs.iter().cloned()),
                 None => {

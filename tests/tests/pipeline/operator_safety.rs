@@ -571,8 +571,10 @@ enum Layout {
 /// releases while the filesystems are filled and freed at random moments. At the end, with
 /// the space back: no live snapshot or sealed base lost or changed, no in-between artifact,
 /// every job has its result (nothing dead-lettered for the host's fault), and the worker is
-/// ready. A worker whose run log refused a write exits 3 and is started again, as its
-/// supervisor would; nothing else restarts it.
+/// ready, unless the live snapshots and their bases fill the disk by themselves (then it
+/// says `host full` and a collection pass finds nothing it may delete). A worker whose run
+/// log refused a write exits 3 and is started again, as its supervisor would (at any
+/// moment, the last wait for readiness included); nothing else restarts it.
 #[test]
 fn full_disk_soak() {
     use rand::{Rng, SeedableRng};
@@ -639,6 +641,16 @@ fn full_disk_soak() {
     let log = disk.path().join("worker.log");
     let mut daemon = thinpipe_tests::Daemon::start_logging(&state, &log, &env);
     let mut restarts = 0;
+    // A worker whose run log refused a write drains and exits 3, and its supervisor starts
+    // it again (it may do so at any moment, the last results already sent included).
+    let supervise = |daemon: &mut thinpipe_tests::Daemon, restarts: &mut u32| {
+        if !daemon.is_running() {
+            let status = daemon.wait_exit(Duration::from_secs(5));
+            assert_eq!(status.code(), Some(3), "seed {seed}: the worker ended by itself: {status:?}\n{}", daemon.log());
+            *restarts += 1;
+            *daemon = thinpipe_tests::Daemon::start_logging(&state, &log, &env);
+        }
+    };
 
     // The actions, at random moments.
     let mut posted: Vec<(String, &str, String)> = Vec::new(); // message id, kind, invocation
@@ -703,12 +715,7 @@ fn full_disk_soak() {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
-        if !daemon.is_running() {
-            let status = daemon.wait_exit(Duration::from_secs(5));
-            assert_eq!(status.code(), Some(3), "seed {seed}: the worker ended by itself: {status:?}\n{}", daemon.log());
-            restarts += 1;
-            daemon = thinpipe_tests::Daemon::start_logging(&state, &log, &env);
-        }
+        supervise(&mut daemon, &mut restarts);
     }
 
     // The space comes back; the host heals and every job gets its result.
@@ -718,12 +725,7 @@ fn full_disk_soak() {
     let mut got: std::collections::HashMap<String, serde_json::Value> = Default::default();
     let deadline = std::time::Instant::now() + Duration::from_secs(240);
     while got.len() < posted.len() {
-        if !daemon.is_running() {
-            let status = daemon.wait_exit(Duration::from_secs(5));
-            assert_eq!(status.code(), Some(3), "seed {seed}: the worker ended by itself: {status:?}\n{}", daemon.log());
-            restarts += 1;
-            daemon = thinpipe_tests::Daemon::start_logging(&state, &log, &env);
-        }
+        supervise(&mut daemon, &mut restarts);
         for d in rt.block_on(results.receive(10, Duration::from_millis(200))).unwrap() {
             let r: serde_json::Value = serde_json::from_str(&d.body).unwrap();
             got.insert(r["job_id"].as_str().unwrap().to_owned(), r);
@@ -740,10 +742,56 @@ fn full_disk_soak() {
         );
     }
     assert!(rt.block_on(jobs.dead_letters()).unwrap().is_empty(), "seed {seed}: nothing dead-lettered");
-    let api = daemon.admin_url();
-    thinpipe_tests::wait_until("ready again", Duration::from_secs(60), || {
-        reqwest::blocking::get(format!("{api}/readyz")).is_ok_and(|r| r.status().as_u16() == 200)
-    });
+    // Ready again, unless what the host must keep (live snapshots, on `dir` whole copies,
+    // and their bases) fills it by itself: then "host full" is the truth, and a collection
+    // pass finds nothing it may delete.
+    let ready_by = std::time::Instant::now() + Duration::from_secs(60);
+    let api = loop {
+        supervise(&mut daemon, &mut restarts);
+        // The address is there once the (restarted) worker listens.
+        let Ok(api) = std::fs::read_to_string(state.join("admin.addr")).map(|a| a.trim().to_owned()) else {
+            assert!(
+                std::time::Instant::now() < ready_by,
+                "seed {seed}: the worker never listened again\n{}",
+                daemon.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        };
+        let answer = reqwest::blocking::get(format!("{api}/readyz")).ok();
+        let status = answer.as_ref().map(|r| r.status().as_u16());
+        if status == Some(200) {
+            break api;
+        }
+        if std::time::Instant::now() >= ready_by {
+            let why = answer.map(|r| r.text().unwrap_or_default()).unwrap_or_else(|| "no answer".into());
+            let du = Command::new("du").args(["-a", "-k"]).arg(&small.mount).output().unwrap().stdout;
+            let du = String::from_utf8_lossy(&du);
+            let reasons: Value = serde_json::from_str(&why).unwrap_or_default();
+            let full_only = reasons["reasons"]
+                .as_array()
+                .is_some_and(|r| r.iter().all(|x| x.as_str().is_some_and(|x| x.starts_with("host full: "))));
+            assert!(
+                full_only,
+                "seed {seed}: not ready again within 60 s: {why}\non the small filesystem: {du}\n{}",
+                daemon.log()
+            );
+            let gc: Value =
+                reqwest::blocking::Client::new().post(format!("{api}/api/gc")).send().unwrap().json().unwrap();
+            let nothing_to_delete = gc["deleted"].as_array().is_some_and(Vec::is_empty)
+                && gc["blobs_deleted"] == 0
+                && gc["evicted_families"].as_array().is_some_and(Vec::is_empty)
+                && gc["eviction_skipped"].is_string();
+            assert!(
+                nothing_to_delete,
+                "seed {seed}: still full with something to delete: {gc}\non the small filesystem: {du}\n{}",
+                daemon.log()
+            );
+            eprintln!("seed {seed}: full of live snapshots and their bases, and says so: {why}");
+            break api;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
 
     // Nothing live lost or changed; every sealed base whole; no in-between artifact.
     let store = Store::open(state.join("host.db")).unwrap();
