@@ -31,6 +31,9 @@ pub enum Cause {
     HostSetup,
     /// The invocation was released: an invocation id is single use.
     Released,
+    /// The invocation's snapshot lost its contents (a `volatile` overlay snapshot after a
+    /// reboot): the worker released it; activate a new invocation.
+    SnapshotLost,
     /// A release reached a fleet host that never saw its invocation: send it to the host
     /// queue in the activation's result.
     WrongHost,
@@ -40,7 +43,7 @@ pub enum Cause {
 
 impl Cause {
     /// Every cause, for tests and documentation.
-    pub const ALL: [Cause; 11] = [
+    pub const ALL: [Cause; 12] = [
         Cause::NotFound,
         Cause::InvalidName,
         Cause::AccessDenied,
@@ -50,6 +53,7 @@ impl Cause {
         Cause::HostFull,
         Cause::HostSetup,
         Cause::Released,
+        Cause::SnapshotLost,
         Cause::WrongHost,
         Cause::Other,
     ];
@@ -66,6 +70,7 @@ impl Cause {
             Cause::HostFull => "host_full",
             Cause::HostSetup => "host_setup",
             Cause::Released => "released",
+            Cause::SnapshotLost => "snapshot_lost",
             Cause::WrongHost => "wrong_host",
             Cause::Other => "other",
         }
@@ -106,6 +111,7 @@ impl Cause {
     pub fn of_volume(e: &VolumeError) -> Option<Cause> {
         match e {
             VolumeError::HostStorage { .. } => Some(Cause::HostStorage),
+            VolumeError::Lost { .. } => Some(Cause::SnapshotLost),
             VolumeError::Abort { .. } | VolumeError::Transient { .. } => None,
         }
     }

@@ -7,7 +7,8 @@
 //! Calls are blocking; async callers use `spawn_blocking`.
 //!
 //! Backends: `dir` (plain directories, reflink copies where the filesystem has them; no
-//! root; O(files) snapshots, and says so) and `btrfs` (subvolumes and O(1) snapshots by
+//! root; O(files) snapshots, and says so), `overlay` (a base directory as the lower layer of
+//! an overlayfs mount per snapshot; O(1); root), `btrfs` (subvolumes and O(1) snapshots by
 //! ioctl; root) and `dmthin` (thin devices of a device-mapper pool, by ioctl; root).
 //! `conformance` is the one test suite every backend must pass (public with `test-support`,
 //! so the dm-thin guest runs it too). [`Traced`] wraps any backend so its calls are spans
@@ -16,6 +17,7 @@
 mod btrfs;
 mod dir;
 pub mod dmthin;
+mod overlay;
 mod traced;
 
 #[cfg(any(test, feature = "test-support"))]
@@ -31,6 +33,7 @@ pub use btrfs::ioctl as btrfs_ioctl;
 pub use btrfs::testfs;
 pub use dir::DirBackend;
 pub use dmthin::{DmThinBackend, DmThinOptions};
+pub use overlay::{OverlayBackend, OverlayOptions};
 pub use traced::Traced;
 
 /// A volume: a base (one per family) or a snapshot (one per activation), by sequence id.
@@ -76,13 +79,17 @@ pub enum VolumeError {
     /// Will not succeed by retrying (missing origin, sealed base written to, a refused call).
     #[error("volume {volume}: {detail}")]
     Abort { volume: String, detail: String },
+    /// The volume exists but its contents can no longer be trusted (a `volatile` overlay
+    /// snapshot that lost its mount): it must be released, never handed out again.
+    #[error("volume {volume}: {detail}; it must be released")]
+    Lost { volume: String, detail: String },
 }
 
 impl VolumeError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Transient { .. } => true,
-            Self::HostStorage { .. } | Self::Abort { .. } => false,
+            Self::HostStorage { .. } | Self::Abort { .. } | Self::Lost { .. } => false,
         }
     }
 
@@ -121,7 +128,7 @@ fn list_layout(root: &std::path::Path) -> Result<Vec<VolumeId>, VolumeError> {
 
 /// Where bases and snapshots live.
 pub trait VolumeBackend: Send + Sync {
-    /// The backend's name (`dir`, `btrfs`, `dmthin`).
+    /// The backend's name (`dir`, `overlay`, `btrfs`, `dmthin`).
     fn name(&self) -> &'static str;
     /// Whether a snapshot costs O(1) regardless of the base's size.
     fn constant_time_snapshots(&self) -> bool;
@@ -169,7 +176,7 @@ pub trait VolumeBackend: Send + Sync {
 /// Where a backend's volumes live: compared as a whole with what the host database recorded.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Place {
-    /// The backend's name (`dir`, `btrfs`, `dmthin`).
+    /// The backend's name (`dir`, `overlay`, `btrfs`, `dmthin`).
     pub backend: String,
     /// The volume directory (absolute), or for dm-thin the pool and its mount root.
     pub location: String,
