@@ -15,6 +15,10 @@
 //! report says what to check; an operator who knows the snapshot is gone releases its
 //! invocation (`release`), which is idempotent.
 //!
+//! An `exposed` row whose volume exists but is not usable at its path (a mount a reboot
+//! took away) is reported as `unexposed`; with `fix` it is exposed again (what the worker
+//! does at start-up), and one that cannot be is left with the reason.
+//!
 //! In-between artifacts (a half-made snapshot copy, [`VolumeBackend::leftovers`]) are
 //! listed with their bytes; with `fix` they are removed, like orphans, unless their
 //! volume's row is `intended` while a worker runs on the state directory (its activation
@@ -56,6 +60,10 @@ pub struct Report {
     pub repaired: Vec<String>,
     /// Contradictions that `fix` leaves alone, each with what to check.
     pub left: Vec<String>,
+    /// Exposed snapshots not usable at their paths (unmounted by a reboot, say).
+    pub unexposed: Vec<String>,
+    /// Snapshots exposed again (with `fix`).
+    pub reexposed: Vec<String>,
     /// In-between artifacts (half-made volumes), with their bytes.
     pub leftovers: Vec<String>,
     /// In-between artifacts removed (with `fix`).
@@ -69,6 +77,7 @@ impl Report {
         self.orphans.len() == self.deleted.len()
             && self.contradictions.len() == self.repaired.len()
             && self.leftovers.len() == self.leftovers_removed.len()
+            && self.unexposed.len() == self.reexposed.len()
     }
 }
 
@@ -110,6 +119,12 @@ pub fn reconcile(store: &Store, backend: &dyn VolumeBackend, fix: bool) -> Resul
             _ => {}
         }
     }
+    let mut unexposed = Vec::new();
+    for snap in snapshots.iter().filter(|s| s.state == SnapshotState::Exposed) {
+        if volumes.contains(&VolumeId::Snap(snap.id)) && !backend.is_exposed(snap.id)? {
+            unexposed.push(snap);
+        }
+    }
     // A released row's leftover volume is reported (and repaired) as that row's
     // contradiction, not a second time as an orphan.
     let explained: BTreeSet<VolumeId> =
@@ -122,6 +137,8 @@ pub fn reconcile(store: &Store, backend: &dyn VolumeBackend, fix: bool) -> Resul
         contradictions: contradicted.iter().map(|(row, exists)| contradiction(row, *exists)).collect(),
         repaired: Vec::new(),
         left: Vec::new(),
+        unexposed: unexposed.iter().map(|r| format!("snap-{} ({}): exposed, but not usable at its path (unmounted by a reboot?)", r.id, r.run_id)).collect(),
+        reexposed: Vec::new(),
         leftovers: Vec::new(),
         leftovers_removed: Vec::new(),
         volumes: volumes.len(),
@@ -140,6 +157,12 @@ pub fn reconcile(store: &Store, backend: &dyn VolumeBackend, fix: bool) -> Resul
             backend.delete(vol)?;
             tracing::info!(volume = %vol, backend = backend.name(), "deleted an orphan volume");
             report.deleted.push(vol.to_string());
+        }
+        for (row, line) in unexposed.iter().zip(report.unexposed.clone()) {
+            match backend.expose(row.id) {
+                Ok(_) => report.reexposed.push(line),
+                Err(e) => report.left.push(format!("{line} — exposing it failed: {e}")),
+            }
         }
         for (row, exists) in &contradicted {
             let vol = VolumeId::Snap(row.id);

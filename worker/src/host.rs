@@ -10,7 +10,10 @@ use thinpipe::image::{ApplyOptions, BlobCache, BlobSource, LocalDir, S3Source};
 use thinpipe::lifecycle::Lifecycle;
 use thinpipe::pipeline::{Pipeline, PipelineContext};
 use thinpipe::store::{Acquired, Binding, Checkpoint, Holder, SnapshotState, Store, StoreOptions};
-use thinpipe::volume::{BtrfsBackend, DirBackend, DmThinBackend, DmThinOptions, Traced, VolumeBackend, VolumeId};
+use thinpipe::admin::wire::BackendChoice;
+use thinpipe::volume::{
+    BtrfsBackend, DirBackend, DmThinBackend, DmThinOptions, OverlayBackend, OverlayOptions, Traced, VolumeBackend, VolumeId,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BackendKind, Config, QueueKind, SourceSpec};
@@ -20,6 +23,8 @@ const WORKER_LEASE: &str = "worker";
 
 pub struct Host {
     pub config: Config,
+    /// The volume backend in use, and why.
+    pub backend_choice: BackendChoice,
     pub engine: Engine,
     pub store: Arc<Store>,
     pub pipeline: Pipeline,
@@ -44,7 +49,8 @@ impl Host {
         };
         let store = Arc::new(Store::open_with(config.host_db_path(), &options)?);
         // Settings naming other volumes than the host's are refused before anything is taken.
-        let backend = open_volumes(&config, &store)?;
+        let (backend, backend_choice) = open_volumes(&config, &store)?;
+        tracing::info!(backend = %backend_choice.name, why = %backend_choice.why, "volume backend");
         let ttl = Duration::from_secs(config.worker.lease_ttl_secs);
         let engine = take_state(&config, &store, ttl).await?;
         let source: Arc<dyn BlobSource> = match config.source_spec()? {
@@ -78,11 +84,16 @@ impl Host {
         };
         let pipeline = Pipeline::register(&engine, ctx)?;
         let lifecycle = Arc::new(Lifecycle::new(pipeline.clone(), config.lifecycle_settings()));
+        // Mounts do not outlive a reboot: every live snapshot is usable again before a job is.
+        let exposed = lifecycle.expose_live().await.context("exposing the live snapshots again")?;
+        if exposed.usable > 0 || !exposed.lost.is_empty() || !exposed.failed.is_empty() {
+            tracing::info!(usable = exposed.usable, lost = ?exposed.lost, failed = ?exposed.failed, "live snapshots checked at start-up");
+        }
         let lease_lost = CancellationToken::new();
         let closing = CancellationToken::new();
         let renewal = spawn_lease_renewal(store.clone(), ttl, lease_lost.clone(), closing.clone(), engine.clone());
         let renewal = std::sync::Mutex::new(Some(renewal));
-        Ok(Host { config, engine, store, pipeline, lifecycle, lease_lost, closing, renewal })
+        Ok(Host { config, backend_choice, engine, store, pipeline, lifecycle, lease_lost, closing, renewal })
     }
 
     /// Stops the engine (runs stay resumable) and gives the worker lease back, but only
@@ -230,13 +241,72 @@ pub async fn open_queues(config: &Config) -> anyhow::Result<Vec<Arc<dyn thinpipe
     })
 }
 
-/// The configured volume backend, checked against where the host database says this
-/// host's volumes live (recorded at first use): a command whose settings name another
-/// backend, volume directory or filesystem is refused before it touches a volume.
-pub fn open_volumes(config: &Config, store: &Store) -> anyhow::Result<Arc<dyn VolumeBackend>> {
-    let backend = open_backend(config)?;
+/// The configured volume backend (or, with `backend = "auto"`, the chosen one), checked
+/// against where the host database says this host's volumes live (recorded at first use): a
+/// command whose settings name another backend, volume directory or filesystem is refused
+/// before it touches a volume.
+pub fn open_volumes(config: &Config, store: &Store) -> anyhow::Result<(Arc<dyn VolumeBackend>, BackendChoice)> {
+    let choice = choose_backend(config, store)?;
+    let backend = open_backend(config, &choice)?;
     check_place(config, store, backend.as_ref())?;
-    Ok(backend)
+    Ok((backend, choice))
+}
+
+/// The backend to use: the configured one; with `backend = "auto"`, the one the host's
+/// volumes were made with if it has any (a host never changes backend under its volumes),
+/// else the fastest this host supports: dm-thin if a pool is configured, btrfs if the
+/// volume directory is on btrfs (and this process is root), overlay if overlayfs mounts there
+/// (tried), `dir` last.
+pub fn choose_backend(config: &Config, store: &Store) -> anyhow::Result<BackendChoice> {
+    let chosen = |kind: BackendKind, why: String| {
+        let snapshot_size_limit = match kind {
+            BackendKind::Dmthin => format!("{} bytes (dmthin.volume_bytes)", config.dmthin.volume_bytes),
+            BackendKind::Overlay => {
+                "none of its own: overlay snapshots share the volume filesystem (per-snapshot limits would need XFS project quotas, which thinpipe does not set)".to_owned()
+            }
+            _ => "none of its own: snapshots share the volume filesystem".to_owned(),
+        };
+        BackendChoice { name: kind.as_str().to_owned(), why, snapshot_size_limit }
+    };
+    if config.backend != BackendKind::Auto {
+        return Ok(chosen(config.backend, "configured (backend setting)".to_owned()));
+    }
+    if has_volumes(store)? {
+        let Some(place) = store.volume_place()? else {
+            // Recorded before places were: those hosts ran the old default.
+            return Ok(chosen(BackendKind::Dir, "the host's volumes predate recorded places (made with dir)".to_owned()));
+        };
+        let kind = [BackendKind::Dir, BackendKind::Overlay, BackendKind::Btrfs, BackendKind::Dmthin]
+            .into_iter()
+            .find(|k| k.as_str() == place.backend)
+            .with_context(|| format!("the host database records volumes on an unknown backend: {place}"))?;
+        return Ok(chosen(kind, format!("the host's volumes were made with it ({place}); a host never changes backend under its volumes")));
+    }
+    if !config.dmthin.pool.trim().is_empty() {
+        return Ok(chosen(BackendKind::Dmthin, format!("dmthin.pool is set ({})", config.dmthin.pool)));
+    }
+    let root = std::path::Path::new(&config.volumes_dir);
+    std::fs::create_dir_all(root).with_context(|| format!("creating the volume directory {}", root.display()))?;
+    let fs_type = nix::sys::statfs::statfs(root)
+        .with_context(|| format!("inspecting the filesystem of {}", root.display()))?
+        .filesystem_type();
+    // SAFETY: geteuid has no preconditions.
+    let root_user = unsafe { libc::geteuid() } == 0;
+    if fs_type == nix::sys::statfs::BTRFS_SUPER_MAGIC {
+        if root_user {
+            return Ok(chosen(BackendKind::Btrfs, format!("{} is on btrfs", root.display())));
+        }
+        tracing::info!("the volume directory is on btrfs, but btrfs snapshots need root");
+    }
+    match OverlayBackend::probe(root) {
+        Ok(()) => Ok(chosen(BackendKind::Overlay, format!("overlayfs mounts under {} (not btrfs, no dm-thin pool)", root.display()))),
+        Err(e) => Ok(chosen(BackendKind::Dir, format!("no dm-thin pool, not btrfs as root, and overlayfs cannot mount here: {e}"))),
+    }
+}
+
+/// Whether the host database claims any volume (a base, or a snapshot not yet released).
+fn has_volumes(store: &Store) -> anyhow::Result<bool> {
+    Ok(!store.list_bases()?.is_empty() || store.list_snapshots()?.iter().any(|s| !s.state.is_released()))
 }
 
 /// Compares `backend`'s place with the host database's record (recording it at first use).
@@ -294,16 +364,24 @@ fn claimed_volumes(store: &Store) -> anyhow::Result<Vec<VolumeId>> {
     Ok(bases.chain(snaps).collect())
 }
 
-/// The configured volume backend, unchecked: commands use [`open_volumes`].
-pub fn open_backend(config: &Config) -> anyhow::Result<Arc<dyn VolumeBackend>> {
+/// The chosen volume backend, unchecked: commands use [`open_volumes`].
+pub fn open_backend(config: &Config, choice: &BackendChoice) -> anyhow::Result<Arc<dyn VolumeBackend>> {
+    let kind = [BackendKind::Dir, BackendKind::Overlay, BackendKind::Btrfs, BackendKind::Dmthin]
+        .into_iter()
+        .find(|k| k.as_str() == choice.name)
+        .with_context(|| format!("no volume backend is called {:?}", choice.name))?;
     // Each backend through `Traced`: its calls are spans with one set of names.
-    Ok(match config.backend {
+    Ok(match kind {
         BackendKind::Btrfs => Arc::new(Traced::new(BtrfsBackend::open(&config.volumes_dir)?)),
         BackendKind::Dmthin => Arc::new(Traced::new(DmThinBackend::open(DmThinOptions {
             pool: config.dmthin.pool.clone(),
             root: config.volumes_dir.clone().into(),
             volume_bytes: config.dmthin.volume_bytes,
         })?)),
-        BackendKind::Dir => Arc::new(Traced::new(DirBackend::open(&config.volumes_dir)?)),
+        BackendKind::Overlay => Arc::new(Traced::new(OverlayBackend::open(
+            &config.volumes_dir,
+            OverlayOptions { volatile: config.overlay.volatile },
+        )?)),
+        BackendKind::Dir | BackendKind::Auto => Arc::new(Traced::new(DirBackend::open(&config.volumes_dir)?)),
     })
 }

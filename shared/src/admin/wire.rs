@@ -206,6 +206,20 @@ pub struct Images {
     pub partial_download_bytes: u64,
     /// Where this host's volumes live, as recorded at first use.
     pub volumes: Option<Place>,
+    /// The backend this process uses and why (absent where none could be opened).
+    pub backend: Option<BackendChoice>,
+}
+
+/// Which volume backend a worker uses, and why (`backend = "auto"` picks one at start-up).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BackendChoice {
+    /// `dir`, `overlay`, `btrfs` or `dmthin`.
+    pub name: String,
+    /// Why this one: configured, the host's volumes were made with it, or what the host
+    /// supports.
+    pub why: String,
+    /// How large one snapshot may grow, or why it has no limit of its own.
+    pub snapshot_size_limit: String,
 }
 
 /// Why the images view could not be gathered.
@@ -238,6 +252,7 @@ impl Images {
             blob_cache_bytes: cache.size()?,
             partial_download_bytes: cache.partials()?.iter().map(|(_, n)| n).sum(),
             volumes: store.volume_place()?,
+            backend: None,
         })
     }
 }

@@ -6,7 +6,8 @@
 //!
 //! [`Lifecycle::run`] is the worker's maintenance task: it wakes every `interval`, after a new
 //! version became current, and after releases, and then releases expired activations and
-//! collects garbage. When its stop token fires it returns at once, dropping a pass where it
+//! collects garbage. At start-up, `remount.rs` makes every live snapshot usable again
+//! before jobs are taken. When its stop token fires it returns at once, dropping a pass where it
 //! stands: the pass commits its decisions one transaction at a time, and the retire and
 //! release runs it started belong to the engine, which stops them at shutdown and resumes
 //! them at the next start.
@@ -16,6 +17,7 @@ mod expiry;
 mod gc;
 mod in_use;
 pub mod inventory;
+mod remount;
 mod versions;
 
 use crate::sync::lock;
@@ -27,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 pub use capacity::{Pressure, Watermarks};
 pub use gc::{BaseSummary, GcReport, Kept};
 pub use in_use::{Hold, InUse};
+pub use remount::Exposed;
 pub use versions::{ResolveError, Target, Version, Want};
 
 use crate::pipeline::Pipeline;

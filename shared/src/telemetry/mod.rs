@@ -290,7 +290,8 @@ pub struct Metrics {
     pub gc_blobs_deleted: Counter<u64>,
     /// Bytes garbage collection gave back (blob bytes, plus what the volume storage's usage fell by).
     pub gc_bytes_reclaimed: Counter<u64>,
-    /// Snapshots the worker released because their activation expired.
+    /// Snapshots the worker released by itself, by `why`: their activation expired (`ttl`,
+    /// `max_age`), or they lost their contents (`snapshot_lost`).
     pub snapshots_expired: Counter<u64>,
     /// Jobs refused because the host is full, by `kind`.
     pub capacity_refusals: Counter<u64>,
@@ -361,7 +362,7 @@ pub fn metrics() -> &'static Metrics {
                 .build(),
             snapshots_expired: m
                 .u64_counter("thinpipe.snapshots.expired")
-                .with_description("Snapshots released because their activation expired")
+                .with_description("Snapshots the worker released by itself (expired, or lost their contents)")
                 .build(),
             capacity_refusals: m
                 .u64_counter("thinpipe.capacity.refusals")

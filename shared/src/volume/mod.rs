@@ -143,6 +143,11 @@ pub trait VolumeBackend: Send + Sync {
     fn snapshot(&self, base: u64, snap: u64) -> Result<(), VolumeError>;
     /// Makes a snapshot usable and returns its path (a mount point or directory).
     fn expose(&self, snap: u64) -> Result<PathBuf, VolumeError>;
+    /// Whether a snapshot is usable at the path `expose` returns. A backend that mounts
+    /// snapshots says no for one a reboot unmounted (`expose` mounts it again).
+    fn is_exposed(&self, snap: u64) -> Result<bool, VolumeError> {
+        self.exists(VolumeId::Snap(snap))
+    }
     /// Deletes a volume. Missing: nothing to do.
     fn delete(&self, vol: VolumeId) -> Result<(), VolumeError>;
     fn exists(&self, vol: VolumeId) -> Result<bool, VolumeError>;

@@ -56,6 +56,10 @@ impl<B: VolumeBackend> VolumeBackend for Traced<B> {
         self.0.expose(snap)
     }
 
+    fn is_exposed(&self, snap: u64) -> Result<bool, VolumeError> {
+        self.0.is_exposed(snap)
+    }
+
     #[tracing::instrument(name = "volume.delete", skip(self), fields(backend = self.0.name(), %vol), err(Display))]
     fn delete(&self, vol: VolumeId) -> Result<(), VolumeError> {
         self.0.delete(vol)

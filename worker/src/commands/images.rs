@@ -15,14 +15,17 @@ pub fn collect(config: &Config) -> anyhow::Result<Images> {
     let cache = BlobCache::open(config.blob_cache_dir())?;
     // A backend that cannot be opened here (dm-thin without root) leaves usage unmeasured;
     // one that opens somewhere else than this host's volumes refuses the command.
-    let usage = match crate::host::open_backend(config) {
+    let choice = crate::host::choose_backend(config, &store)?;
+    let usage = match crate::host::open_backend(config, &choice) {
         Ok(backend) => {
             crate::host::check_place(config, &store, backend.as_ref())?;
             backend.usage().map_err(|e| format!("{e:#}"))
         }
         Err(e) => Err(format!("{e:#}")),
     };
-    Ok(Images::gather(&store, &cache, usage, config.watermarks())?)
+    let mut images = Images::gather(&store, &cache, usage, config.watermarks())?;
+    images.backend = Some(choice);
+    Ok(images)
 }
 
 pub fn print(config: &Config, json: bool) -> anyhow::Result<std::process::ExitCode> {
@@ -74,6 +77,9 @@ pub fn print(config: &Config, json: bool) -> anyhow::Result<std::process::ExitCo
     );
     if let Some(place) = &images.volumes {
         println!("volumes: {place}");
+    }
+    if let Some(b) = &images.backend {
+        println!("backend: {} ({})\nsnapshot size limit: {}", b.name, b.why, b.snapshot_size_limit);
     }
     Ok(std::process::ExitCode::SUCCESS)
 }

@@ -10,7 +10,7 @@ use crate::config::Config;
 /// Prints the report; exit 0 when nothing is left to fix.
 pub fn run(config: &Config, fix: bool, json: bool) -> anyhow::Result<ExitCode> {
     let store = thinpipe::store::Store::open(config.host_db_path())?;
-    let backend = crate::host::open_volumes(config, &store)?;
+    let (backend, _) = crate::host::open_volumes(config, &store)?;
     let report = thinpipe::reconcile::reconcile(&store, backend.as_ref(), fix).with_context(|| {
         format!("reconciling the {} backend with {}", backend.name(), config.host_db_path().display())
     })?;
@@ -35,6 +35,18 @@ pub fn run(config: &Config, fix: bool, json: bool) -> anyhow::Result<ExitCode> {
             let fate = if report.repaired.contains(c) { "repaired" } else { "run `worker reconcile --fix` to repair" };
             println!("state   {c}  ({fate})");
         }
+        for u in &report.unexposed {
+            if let Some(why) = report.left.iter().find(|l| l.starts_with(u.as_str())) {
+                println!("mount   {why}");
+                continue;
+            }
+            let fate = if report.reexposed.contains(u) {
+                "exposed again"
+            } else {
+                "run `worker reconcile --fix`, or start the worker, to expose it again"
+            };
+            println!("mount   {u}  ({fate})");
+        }
         for l in &report.leftovers {
             let fate = if report.leftovers_removed.contains(l) {
                 "removed"
@@ -49,6 +61,7 @@ pub fn run(config: &Config, fix: bool, json: bool) -> anyhow::Result<ExitCode> {
             && report.missing.is_empty()
             && report.contradictions.is_empty()
             && report.leftovers.is_empty()
+            && report.unexposed.is_empty()
         {
             println!("clean: every volume has its record and every record its volume");
         }

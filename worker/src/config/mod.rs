@@ -22,14 +22,17 @@ pub struct Config {
     /// Where image families come from: `dir:<path>` (or a bare path) or `s3://bucket/prefix`,
     /// holding `images/<family>/` or an OCI layout. Default: the state directory.
     pub source: String,
-    /// Volume backend: `dir` (plain directories, no root), `btrfs` (subvolumes and O(1)
-    /// snapshots; root, and `volumes_dir` on a btrfs filesystem) or `dmthin` (thin devices
-    /// of the device-mapper pool `dmthin.pool`; root; production hosts).
+    /// Volume backend: `auto` (the default: the fastest this host supports, see
+    /// `host::choose_backend`), `dir` (plain directories, no root), `overlay` (an overlayfs
+    /// mount per snapshot; root), `btrfs` (subvolumes and O(1) snapshots; root, and
+    /// `volumes_dir` on a btrfs filesystem) or `dmthin` (thin devices of the device-mapper
+    /// pool `dmthin.pool`; root; production hosts).
     pub backend: BackendKind,
     /// Where the backend keeps bases and snapshots (for `dmthin`: mount points, seal
     /// markers and device nodes). Default: `<state_dir>/volumes`.
     pub volumes_dir: String,
     pub dmthin: DmThinConfig,
+    pub overlay: OverlayConfig,
     /// `text` or `json`.
     pub log_format: LogFormat,
     pub queue: QueueConfig,
@@ -111,6 +114,16 @@ impl Default for DmThinConfig {
     fn default() -> Self {
         Self { pool: String::new(), volume_bytes: 10 << 30 }
     }
+}
+
+/// The `overlay` backend.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OverlayConfig {
+    /// Mount snapshots `volatile` (their writes are never synced): faster for scratch
+    /// invocations, but a snapshot that loses its mount (a reboot) is released with the cause
+    /// `snapshot_lost` instead of being mounted again. Applies to snapshots made from now on.
+    pub volatile: bool,
 }
 
 /// The admin HTTP API and the inspector page (daemon only).
@@ -208,7 +221,11 @@ impl AwsConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
+    /// Chosen at start-up: the one the host's volumes were made with, else the fastest the
+    /// host supports.
+    Auto,
     Dir,
+    Overlay,
     Btrfs,
     Dmthin,
 }
@@ -240,7 +257,7 @@ macro_rules! names {
     )*};
 }
 names! {
-    BackendKind { Dir => "dir", Btrfs => "btrfs", Dmthin => "dmthin" }
+    BackendKind { Auto => "auto", Dir => "dir", Overlay => "overlay", Btrfs => "btrfs", Dmthin => "dmthin" }
     QueueKind { Embedded => "embedded", Sqs => "sqs" }
 }
 
@@ -325,9 +342,10 @@ impl Default for Config {
         Self {
             state_dir: PathBuf::from(".thinpipe"),
             source: String::new(),
-            backend: BackendKind::Dir,
+            backend: BackendKind::Auto,
             volumes_dir: String::new(),
             dmthin: DmThinConfig::default(),
+            overlay: OverlayConfig::default(),
             log_format: LogFormat::Text,
             queue: QueueConfig::default(),
             worker: WorkerConfig::default(),
@@ -631,7 +649,7 @@ mod tests {
         let err = Config::load(Some(&file), [], &[]).unwrap_err();
         assert!(format!("{err:#}").contains("speed"), "{err:#}");
         let err = Config::load(None, [], &["backend=lvm".into()]).unwrap_err();
-        assert!(format!("{err:#}").contains("expected one of `dir`, `btrfs`, `dmthin`"), "{err:#}");
+        assert!(format!("{err:#}").contains("expected one of `auto`, `dir`, `overlay`, `btrfs`, `dmthin`"), "{err:#}");
         let err = Config::load(None, [], &["queue.kind=kafka".into()]).unwrap_err();
         assert!(format!("{err:#}").contains("expected `embedded` or `sqs`"), "{err:#}");
         let err = Config::load(None, [], &["log_format=xml".into()]).unwrap_err();

@@ -248,6 +248,10 @@ impl VolumeBackend for OverlayBackend {
         Ok(merged)
     }
 
+    fn is_exposed(&self, snap: u64) -> Result<bool, VolumeError> {
+        Ok(self.exists(VolumeId::Snap(snap))? && self.is_mounted(snap)?)
+    }
+
     fn delete(&self, vol: VolumeId) -> Result<(), VolumeError> {
         match vol {
             VolumeId::Base(id) => {
@@ -363,9 +367,9 @@ mod tests {
         fs::write(path.join("f"), b"written").unwrap();
         // What a reboot does to the mount.
         assert_eq!(mount::unmount(&path).unwrap(), mount::Unmounted::Clean);
-        assert!(!b.is_mounted(1).unwrap());
+        assert!(!b.is_exposed(1).unwrap());
         assert_eq!(b.expose(1).unwrap(), path);
-        assert!(b.is_mounted(1).unwrap());
+        assert!(b.is_exposed(1).unwrap());
         assert_eq!(fs::read(path.join("f")).unwrap(), b"written");
         assert_eq!(b.expose(1).unwrap(), path, "exposing a mounted snapshot is a no-op");
         assert!(b.delete(VolumeId::Base(1)).is_err(), "a base under a snapshot is never deleted");

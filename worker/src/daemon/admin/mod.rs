@@ -129,7 +129,8 @@ async fn readyz(State(admin): State<Admin>) -> Response {
     let reasons = not_ready_because(&admin).await;
     let ready = reasons.is_empty();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(json!({"ready": ready, "reasons": reasons}))).into_response()
+    let backend = &admin.host.backend_choice;
+    (status, Json(json!({"ready": ready, "reasons": reasons, "backend": backend}))).into_response()
 }
 
 async fn metrics(State(admin): State<Admin>) -> Response {
@@ -255,7 +256,9 @@ async fn images(State(admin): State<Admin>) -> Response {
     let host = admin.host.clone();
     let gathered = tokio::task::spawn_blocking(move || {
         let ctx = host.pipeline.context();
-        wire::Images::gather(&host.store, &ctx.cache, usage, host.config.watermarks())
+        let mut images = wire::Images::gather(&host.store, &ctx.cache, usage, host.config.watermarks())?;
+        images.backend = Some(host.backend_choice.clone());
+        Ok::<_, wire::ImagesError>(images)
     })
     .await;
     match gathered {
