@@ -52,6 +52,16 @@ pub fn lines(path: &Path) -> Vec<String> {
 
 /// Path of a workspace binary (`worker`, `enqueue`) next to the test executable's
 /// directory. `scripts/test` builds them before running the tests.
+/// The `worker` binary, on the `dir` backend unless the test names another (`--set
+/// backend=...` or `THINPIPE_BACKEND`): left to `auto`, a worker running as root would mount
+/// overlay snapshots inside the test's temporary directories. The tests of the choice itself
+/// remove the variable.
+pub fn worker() -> Command {
+    let mut cmd = Command::new(bin("worker"));
+    cmd.env("THINPIPE_BACKEND", "dir");
+    cmd
+}
+
 pub fn bin(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     // target/<profile>/deps/<test> -> target/<profile>/<name>
@@ -122,6 +132,22 @@ pub fn oci_version(dir: &Path, family: &str, layers: &[&[(&str, &str)]]) -> std:
     dir.join("oci")
 }
 
+/// Unmounts every overlay snapshot under a volume directory when dropped (a killed worker
+/// leaves its snapshots mounted), so the test's temporary directory can be removed.
+pub struct UnmountOverlays(pub std::path::PathBuf);
+
+impl Drop for UnmountOverlays {
+    fn drop(&mut self) {
+        use thinpipe::volume::{OverlayBackend, OverlayOptions, VolumeBackend, VolumeId};
+        let Ok(b) = OverlayBackend::open(&self.0, OverlayOptions::default()) else { return };
+        for vol in b.list().unwrap_or_default() {
+            if let VolumeId::Snap(_) = vol {
+                b.delete(vol).unwrap_or_else(|e| eprintln!("cleaning up {vol}: {e}"));
+            }
+        }
+    }
+}
+
 /// Log files of the daemons this test process has running.
 static LOGS_IN_USE: std::sync::Mutex<std::collections::BTreeSet<std::path::PathBuf>> =
     std::sync::Mutex::new(std::collections::BTreeSet::new());
@@ -154,7 +180,7 @@ impl Daemon {
             in_use.insert(log_path.clone());
         }
         let log = std::fs::File::create(&log_path).expect("worker log");
-        let mut cmd = Command::new(bin("worker"));
+        let mut cmd = worker();
         cmd.arg("--state-dir")
             .arg(state)
             .arg("daemon")

@@ -50,7 +50,7 @@ fn publish(endpoint: &str, dir: &Path, to: &str) -> serde_json::Value {
 }
 
 fn prepare(state: &Path, source: &str, endpoint: &str) -> Output {
-    Command::new(bin("worker"))
+    thinpipe_tests::worker()
         .arg("--state-dir")
         .arg(state)
         .args(["--set", &format!("aws.endpoint={endpoint}"), "--set", "aws.s3_path_style=true"])
@@ -251,7 +251,7 @@ fn the_s3_server_stopped_during_a_download_gives_retries_then_success() {
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
     let log = state.join("worker.log");
-    let mut worker = Command::new(bin("worker"))
+    let mut worker = thinpipe_tests::worker()
         .arg("--state-dir")
         .arg(&state)
         .args(["--set", &format!("source={to}"), "--set", &format!("aws.endpoint={}", moto.endpoint)])
@@ -395,7 +395,7 @@ fn a_missing_bucket_or_missing_credentials_fail_at_once_naming_endpoint_bucket_a
     assert!(error.contains(&format!("s3://{bucket}/p/")) && error.contains(&endpoint), "{error}");
 
     // No credentials at all (and no instance metadata service here).
-    let out = Command::new(bin("worker"))
+    let out = thinpipe_tests::worker()
         .arg("--state-dir")
         .arg(&state)
         .args(["--set", &format!("aws.endpoint={endpoint}"), "--set", "aws.region=us-east-1"])

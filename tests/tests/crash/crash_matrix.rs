@@ -1,5 +1,6 @@
 //! The crash matrix: for every fault point of `prepare`, `activate`, `release` and the job
-//! loop, on the `dir` and `btrfs` backends and the embedded and SQS queues, a real worker is
+//! loop, on the `dir`, `overlay` and `btrfs` backends and the embedded and SQS queues (overlay
+//! on the embedded queue: the queue's part is the same), a real worker is
 //! killed there (SIGKILL from inside, no cleanup), a fresh worker takes over, and the
 //! invariants hold: every job completes exactly once, the family has exactly one base, the
 //! invocation exactly one snapshot (none once released), every volume is claimed by a record
@@ -22,7 +23,7 @@ use std::time::Duration;
 
 use thinpipe::image::write_sample_family;
 use thinpipe::store::Store;
-use thinpipe::volume::{BtrfsBackend, DirBackend, VolumeBackend, VolumeId};
+use thinpipe::volume::{BtrfsBackend, DirBackend, OverlayBackend, OverlayOptions, VolumeBackend, VolumeId};
 use thinpipe_tests::{Daemon, wait_until};
 
 const PREPARE_STEPS: [&str; 4] = ["fetch_manifest", "download_blobs", "prepare_thin_base", "unpack_into_base"];
@@ -137,6 +138,7 @@ fn release_points() -> Vec<(String, ReleaseCase)> {
 #[derive(Clone, Copy, Debug)]
 enum Backend {
     Dir,
+    Overlay,
     Btrfs,
 }
 
@@ -216,6 +218,9 @@ impl Queue {
 
 /// A state directory and its volume root (on a loop-mounted btrfs for that backend).
 struct Host {
+    /// Killed workers leave overlay snapshots mounted: unmounted here, pass or fail, before
+    /// the state directory goes (fields drop in order).
+    _mounts: Option<thinpipe_tests::UnmountOverlays>,
     state: tempfile::TempDir,
     volumes: PathBuf,
     backend: Backend,
@@ -227,21 +232,32 @@ impl Host {
         let state = tempfile::tempdir().unwrap();
         let (volumes, btrfs) = match backend {
             Backend::Dir => (state.path().join("volumes"), None),
+            Backend::Overlay => {
+                if let Err(e) = OverlayBackend::probe(state.path()) {
+                    assert!(std::env::var("CI").is_err(), "the overlay crash matrix needs root: {e}");
+                    eprintln!("skipped: overlayfs cannot mount here ({e})");
+                    return None;
+                }
+                (state.path().join("volumes"), None)
+            }
             Backend::Btrfs => {
                 let fs = thinpipe::volume::testfs::LoopBtrfs::new()?;
                 (fs.mount.join("volumes"), Some(fs))
             }
         };
         write_sample_family(state.path(), "web").unwrap();
-        Some(Host { state, volumes, backend, _btrfs: btrfs })
+        let _mounts = matches!(backend, Backend::Overlay).then(|| thinpipe_tests::UnmountOverlays(volumes.clone()));
+        Some(Host { _mounts, state, volumes, backend, _btrfs: btrfs })
     }
 
     fn env<'a>(&'a self, queue: &'a Queue) -> Vec<(&'a str, &'a str)> {
         let mut env = queue.worker_env();
         env.push(("THINPIPE_QUEUE_VISIBILITY_TIMEOUT_SECS", "2"));
         env.push(("THINPIPE_VOLUMES_DIR", self.volumes.to_str().unwrap()));
-        if let Backend::Btrfs = self.backend {
-            env.push(("THINPIPE_BACKEND", "btrfs"));
+        match self.backend {
+            Backend::Dir => env.push(("THINPIPE_BACKEND", "dir")),
+            Backend::Overlay => env.push(("THINPIPE_BACKEND", "overlay")),
+            Backend::Btrfs => env.push(("THINPIPE_BACKEND", "btrfs")),
         }
         env
     }
@@ -256,10 +272,12 @@ impl Host {
     fn backend(&self) -> Box<dyn VolumeBackend> {
         match self.backend {
             Backend::Dir => Box::new(DirBackend::open(&self.volumes).unwrap()),
+            Backend::Overlay => Box::new(OverlayBackend::open(&self.volumes, OverlayOptions::default()).unwrap()),
             Backend::Btrfs => Box::new(BtrfsBackend::open(&self.volumes).unwrap()),
         }
     }
 }
+
 
 fn result(child: Child) -> serde_json::Value {
     let out = child.wait_with_output().unwrap();
@@ -471,10 +489,10 @@ fn lifecycle_crash_at(point: &str, backend: Backend, queue: &Queue) {
 }
 
 fn matrix(backend: Backend, queue: impl Fn() -> Option<Queue>) {
-    if let Backend::Btrfs = backend
+    if !matches!(backend, Backend::Dir)
         && Host::new(backend).is_none()
     {
-        return; // skipped with a message (not root or no btrfs-progs); CI fails instead
+        return; // skipped with a message (not root, no btrfs-progs, no overlayfs); CI fails instead
     }
     let (points, releases, lifecycle) = (fault_points(), release_points(), lifecycle_points());
     assert!(
@@ -502,6 +520,11 @@ fn sqs() -> Option<Queue> {
 #[test]
 fn crash_matrix_dir_embedded() {
     matrix(Backend::Dir, || Some(Queue::Embedded));
+}
+
+#[test]
+fn crash_matrix_overlay_embedded() {
+    matrix(Backend::Overlay, || Some(Queue::Embedded));
 }
 
 #[test]

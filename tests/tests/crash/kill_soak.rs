@@ -24,7 +24,7 @@ use rand::{Rng, SeedableRng};
 use thinpipe::image::write_sample_family;
 use thinpipe::queue::{EmbeddedQueue, JobQueue};
 use thinpipe::store::{SnapshotState, Store};
-use thinpipe::volume::{DirBackend, VolumeBackend, VolumeId};
+use thinpipe::volume::{DirBackend, OverlayBackend, OverlayOptions, VolumeBackend, VolumeId};
 use thinpipe_tests::{Daemon, killed, wait_until};
 
 const FAMILIES: [&str; 3] = ["web", "api", "db"];
@@ -75,6 +75,7 @@ struct Kills {
 /// `min_kills` times; then a last one finishes and stops cleanly.
 fn supervise(
     state: &Path,
+    backend: &str,
     rng: &mut rand::rngs::StdRng,
     min_kills: usize,
     mut done: impl FnMut() -> bool,
@@ -86,6 +87,7 @@ fn supervise(
         ("THINPIPE_WORKER_CONCURRENCY", "8"),
         ("THINPIPE_QUEUE_MAX_RECEIVES", "100"),
         ("THINPIPE_GC_INTERVAL_SECS", "1"),
+        ("THINPIPE_BACKEND", backend),
     ];
     // The killed worker's address file is stale; each new worker writes its own.
     let start = || {
@@ -164,6 +166,21 @@ fn collect(rt: &tokio::runtime::Runtime, state: &Path, into: &mut HashMap<String
 
 #[test]
 fn two_hundred_jobs_survive_thirty_kills() {
+    soak("dir");
+}
+
+#[test]
+fn two_hundred_jobs_survive_thirty_kills_on_overlay() {
+    let probe = tempfile::tempdir().unwrap();
+    if let Err(e) = thinpipe::volume::OverlayBackend::probe(probe.path()) {
+        assert!(std::env::var("CI").is_err(), "the overlay kill soak needs root: {e}");
+        eprintln!("skipped: overlayfs cannot mount here ({e})");
+        return;
+    }
+    soak("overlay");
+}
+
+fn soak(backend_name: &'static str) {
     let seed = std::env::var("THINPIPE_SOAK_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
     eprintln!(
         "kill soak seed={seed} (replay: THINPIPE_SOAK_SEED={seed} cargo test -p thinpipe-tests --test crash kill_soak::)"
@@ -172,6 +189,7 @@ fn two_hundred_jobs_survive_thirty_kills() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path();
+    let _mounts = (backend_name == "overlay").then(|| thinpipe_tests::UnmountOverlays(state.join("volumes")));
     for f in FAMILIES {
         write_sample_family(state, f).unwrap();
     }
@@ -203,6 +221,7 @@ fn two_hundred_jobs_survive_thirty_kills() {
         let wanted: BTreeSet<&String> = jobs.iter().map(|(id, _)| id).collect();
         let k = supervise(
             state,
+            backend_name,
             rng,
             MIN_KILLS / 2 + phase,
             || {
@@ -270,7 +289,8 @@ fn two_hundred_jobs_survive_thirty_kills() {
     assert_eq!(results.len(), posted, "seed {seed}: a result for every job");
 
     // A last collection pass (the workers' passes may have been killed or not come round).
-    let gc = std::process::Command::new(thinpipe_tests::bin("worker"))
+    let gc = thinpipe_tests::worker()
+        .env("THINPIPE_BACKEND", backend_name)
         .arg("--state-dir")
         .arg(state)
         .args(["gc", "--json"])
@@ -325,10 +345,18 @@ fn two_hundred_jobs_survive_thirty_kills() {
         .map(|e| format!("sha256:{}", e.unwrap().file_name().to_string_lossy()))
         .collect();
     assert_eq!(cached, needed, "seed {seed}: the blob cache holds exactly the kept bases' blobs");
-    let backend = DirBackend::open(state.join("volumes")).unwrap();
+    let backend: Box<dyn VolumeBackend> = match backend_name {
+        "overlay" => Box::new(OverlayBackend::open(state.join("volumes"), OverlayOptions::default()).unwrap()),
+        _ => Box::new(DirBackend::open(state.join("volumes")).unwrap()),
+    };
     let actual: BTreeSet<VolumeId> = backend.list().unwrap().into_iter().collect();
     assert_eq!(actual, expected, "seed {seed}: volumes on disk = volumes the records claim");
-    let report = thinpipe::reconcile::reconcile(&store, &backend, false).unwrap();
+    for vol in &expected {
+        if let VolumeId::Snap(id) = vol {
+            assert!(backend.is_exposed(*id).unwrap(), "seed {seed}: {vol} is usable at its path ({backend_name})");
+        }
+    }
+    let report = thinpipe::reconcile::reconcile(&store, backend.as_ref(), false).unwrap();
     assert!(report.is_clean() && report.missing.is_empty(), "seed {seed}: reconcile: {report:?}");
     // In-between artifacts (a copy killed half way) count as leaks too.
     assert_eq!(backend.leftovers().unwrap(), Vec::new(), "seed {seed}: in-between artifacts left");

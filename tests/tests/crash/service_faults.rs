@@ -5,12 +5,11 @@
 //! S3 errors during downloads are in `s3_e2e.rs`.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use thinpipe::image::write_sample_family;
 use thinpipe::store::Store;
-use thinpipe_tests::{Daemon, PrivateMoto, bin};
+use thinpipe_tests::{Daemon, PrivateMoto};
 
 const AWS_ENV: [(&str, &str); 3] =
     [("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_REGION", "us-east-1")];
@@ -66,7 +65,7 @@ fn the_sqs_server_stopped_for_ten_seconds_is_waited_out_without_a_restart() {
 }
 
 fn prepare(state: &Path, volumes: &Path) -> (Option<i32>, serde_json::Value) {
-    let out = Command::new(bin("worker"))
+    let out = thinpipe_tests::worker()
         .arg("--state-dir")
         .arg(state)
         .args(["--set", &format!("volumes_dir={}", volumes.display())])

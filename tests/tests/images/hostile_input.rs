@@ -5,13 +5,12 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use sha2::Digest as _;
 use thinpipe::image::write_sample_family;
 use thinpipe::queue::{EmbeddedQueue, JobQueue};
-use thinpipe_tests::{Daemon, bin};
+use thinpipe_tests::Daemon;
 
 #[test]
 fn bad_messages_are_dead_lettered_with_a_reason_naming_the_problem() {
@@ -123,7 +122,7 @@ type BuildSource = Box<dyn Fn(&Path)>;
 
 /// `worker run prepare` of family `fam` from `source`: the JSON result.
 fn prepare(state: &Path, source: &Path) -> serde_json::Value {
-    let out = Command::new(bin("worker"))
+    let out = thinpipe_tests::worker()
         .arg("--state-dir")
         .arg(state)
         .args(["run", "prepare", "--family", "fam", "--json", "--source"])

@@ -58,7 +58,7 @@ fn reference(image: &Path) -> &'static fstree::Tree {
 
 /// `worker run <args> --json` on `state` with `settings`: the result, which must succeed.
 fn run(state: &Path, settings: &[String], args: &[&str]) -> serde_json::Value {
-    let mut cmd = Command::new(bin("worker"));
+    let mut cmd = thinpipe_tests::worker();
     cmd.arg("--state-dir").arg(state);
     for s in settings {
         cmd.args(["--set", s]);

@@ -35,7 +35,7 @@ fn enqueue(state: &Path, args: &[&str]) -> std::process::Child {
 }
 
 fn worker(state: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(bin("worker")).arg("--state-dir").arg(state).args(args).output().unwrap()
+    thinpipe_tests::worker().arg("--state-dir").arg(state).args(args).output().unwrap()
 }
 
 #[test]
@@ -178,7 +178,7 @@ fn a_token_guards_the_api_and_a_public_address_needs_one() {
     let wrong = client.get(format!("{api}/api/runs")).bearer_auth("guess").send().unwrap();
     assert_eq!(wrong.status().as_u16(), 401);
     // `worker config` does not print the secret.
-    let shown = Command::new(bin("worker")).args(["config"]).env("THINPIPE_ADMIN_TOKEN", "s3cret").output().unwrap();
+    let shown = thinpipe_tests::worker().args(["config"]).env("THINPIPE_ADMIN_TOKEN", "s3cret").output().unwrap();
     assert!(!String::from_utf8_lossy(&shown.stdout).contains("s3cret"));
     assert!(daemon.stop(Duration::from_secs(60)).success());
 }

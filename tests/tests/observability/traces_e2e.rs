@@ -146,7 +146,7 @@ fn json_logs_carry_the_run_and_step_on_every_line_inside_a_run() {
     let state = dir.path();
     write_sample_family(state, "web").unwrap();
     let prep = thinpipe_tests::prepare_run(state, "web");
-    let out = Command::new(bin("worker"))
+    let out = thinpipe_tests::worker()
         .arg("--state-dir")
         .arg(state)
         .args(["--log-format", "json", "run", "prepare", "--family", "web"])
@@ -182,7 +182,7 @@ fn an_unresponsive_collector_costs_one_warning_and_no_wait() {
     let dir = tempfile::tempdir().unwrap();
     write_sample_family(dir.path(), "web").unwrap();
     let run = |state: &str, otel: Option<&str>| {
-        let mut cmd = Command::new(bin("worker"));
+        let mut cmd = thinpipe_tests::worker();
         cmd.arg("--state-dir").arg(dir.path().join(state)).args(["run", "prepare", "--family", "web", "--source"]);
         cmd.arg(dir.path()).env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
         if let Some(e) = otel {

@@ -6,13 +6,12 @@
 //! the space and readiness back. No family with a live snapshot is ever evicted.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
 use thinpipe::queue::EmbeddedQueue;
 use thinpipe::store::Store;
-use thinpipe_tests::{Daemon, bin, tar_of_file, wait_until};
+use thinpipe_tests::{Daemon, tar_of_file, wait_until};
 
 /// Each family's one layer: incompressible, about 6% of the filesystem.
 const LAYER_MIB: usize = 16;
@@ -151,7 +150,7 @@ fn a_full_host_evicts_unused_families_refuses_clearly_and_recovers_after_release
     let again = refused["family"].as_str().unwrap();
     let r = thinpipe_tests::enqueue_wait(state, &["activate", "--family", again, "--invocation-id", "after-release"]);
     assert_eq!(r["status"], "succeeded", "{r}\n{}", daemon.log());
-    let report = Command::new(bin("worker"))
+    let report = thinpipe_tests::worker()
         .arg("--state-dir")
         .arg(state)
         .args(["--set", "backend=btrfs", "--set", &format!("volumes_dir={}", volumes.display()), "reconcile", "--json"])

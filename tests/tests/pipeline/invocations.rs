@@ -15,7 +15,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use rand::seq::SliceRandom;
@@ -24,7 +23,7 @@ use thinpipe::image::write_sample_family;
 use thinpipe::queue::{EmbeddedQueue, JobQueue};
 use thinpipe::store::{SnapshotState, Store};
 use thinpipe::volume::{DirBackend, VolumeBackend, VolumeId};
-use thinpipe_tests::{Daemon, bin, wait_until};
+use thinpipe_tests::{Daemon, wait_until};
 
 const SCHEDULES: usize = 12;
 const INVOCATIONS: usize = 3;
@@ -82,7 +81,7 @@ fn schedule(rng: &mut rand::rngs::StdRng, tag: &str) -> Vec<(&'static str, Strin
 }
 
 fn reconcile_is_clean(state: &Path) -> (bool, String) {
-    let out = Command::new(bin("worker")).arg("--state-dir").arg(state).args(["reconcile", "--json"]).output().unwrap();
+    let out = thinpipe_tests::worker().arg("--state-dir").arg(state).args(["reconcile", "--json"]).output().unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
 }
 

@@ -20,7 +20,7 @@ use thinpipe_tests::{bin, tar_of_file, tar_of_files};
 
 /// `worker` on `state` with `settings` (`--set` pairs) and `args`.
 fn worker(state: &Path, settings: &[String], args: &[&str]) -> Output {
-    let mut cmd = Command::new(bin("worker"));
+    let mut cmd = thinpipe_tests::worker();
     cmd.arg("--state-dir").arg(state);
     for s in settings {
         cmd.args(["--set", s]);
@@ -135,7 +135,7 @@ fn a_snapshot_copy_killed_half_way_leaves_nothing_once_released() {
     let out = worker(state, &[], &["run", "prepare", "--family", "web"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // Killed before the copy is renamed into place (as a kill or a full disk mid-copy leaves it).
-    let mut cmd = Command::new(bin("worker"));
+    let mut cmd = thinpipe_tests::worker();
     let out = cmd
         .arg("--state-dir")
         .arg(state)
@@ -483,7 +483,7 @@ fn a_stolen_prepare_lease_stops_the_unpack_and_the_job_completes_later() {
     let r = thinpipe_tests::job_result(&waiting.wait_with_output().unwrap());
     assert_eq!(r["status"], "succeeded", "retried after the other holder's lease ended: {r}\n{}", daemon.log());
     let run = r["run_id"].as_str().unwrap();
-    let out = Command::new(bin("worker")).arg("--state-dir").arg(state).args(["runs", "show", run]).output().unwrap();
+    let out = thinpipe_tests::worker().arg("--state-dir").arg(state).args(["runs", "show", run]).output().unwrap();
     let history = String::from_utf8_lossy(&out.stdout);
     assert!(history.contains("resumed at unpack_into_base"), "the same run resumed:\n{history}");
     assert!(daemon.stop(Duration::from_secs(30)).success());

@@ -96,7 +96,7 @@ fn prepare_once_activate_concurrently_redeliver_and_release(state: &Path, volume
 
     // `worker reconcile`: clean, then a planted orphan found, then deleted by --fix.
     let reconcile = |args: &[&str]| {
-        let mut cmd = Command::new(bin("worker"));
+        let mut cmd = thinpipe_tests::worker();
         cmd.arg("--state-dir").arg(state).arg("reconcile").args(args).envs(env.iter().copied());
         let out = cmd.output().unwrap();
         (
@@ -187,7 +187,7 @@ fn a_corrupt_layer_fails_naming_the_blob_and_the_family_is_never_prepared() {
     std::fs::create_dir_all(&family).unwrap();
     // A gzip header, then garbage: a truncated, corrupt layer.
     std::fs::write(family.join("0001-base.tar.gz"), [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3, 1, 2, 3, 4, 5]).unwrap();
-    let out = Command::new(bin("worker"))
+    let out = thinpipe_tests::worker()
         .arg("--state-dir")
         .arg(state)
         .args(["run", "prepare", "--family", "broken", "--json"])
@@ -211,7 +211,7 @@ fn a_second_worker_refuses_naming_the_holder_and_a_dead_workers_lease_is_reclaim
     let state = dir.path();
     let first = Daemon::start(state, &[]);
     first.wait_for_log("worker started", Duration::from_secs(30));
-    let out = Command::new(bin("worker")).arg("--state-dir").arg(state).arg("daemon").output().unwrap();
+    let out = thinpipe_tests::worker().arg("--state-dir").arg(state).arg("daemon").output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     let holder = format!("pid:{}:", first.pid());
@@ -278,7 +278,7 @@ fn the_daemon_makes_its_state_directory_on_a_fresh_host() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("srv/thinpipe");
     let log = std::fs::File::create(dir.path().join("worker.log")).unwrap();
-    let mut child = Command::new(bin("worker"))
+    let mut child = thinpipe_tests::worker()
         .arg("--state-dir")
         .arg(&state)
         .args(["--set", "admin.listen=127.0.0.1:0", "daemon"])
@@ -316,7 +316,7 @@ fn enqueue_refuses_a_state_directory_that_does_not_exist() {
 /// tests run binaries built with the fault points in).
 #[test]
 fn the_version_names_the_commit_and_a_test_build() {
-    let out = Command::new(bin("worker")).arg("--version").output().unwrap();
+    let out = thinpipe_tests::worker().arg("--version").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.starts_with("worker 0.") && text.contains("(commit "), "{text}");
     assert!(text.contains("TEST BUILD: fault points compiled in"), "{text}");
@@ -357,7 +357,7 @@ fn device_nodes_are_skipped_with_one_warning_and_counted_or_refused_when_asked()
     b.append(&h, &b"boot\n"[..]).unwrap();
     std::fs::write(family.join("0001-rootfs.tar"), b.into_inner().unwrap()).unwrap();
     let prepare = |state: &Path, extra: &[&str]| {
-        Command::new(bin("worker"))
+        thinpipe_tests::worker()
             .arg("--state-dir")
             .arg(state)
             .args(extra)
@@ -522,7 +522,7 @@ fn enqueue_json_without_wait_prints_the_posted_message() {
 fn the_demo_runs_and_says_how_to_release_its_snapshots() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let out = Command::new(bin("worker")).arg("--state-dir").arg(&state).arg("demo").output().unwrap();
+    let out = thinpipe_tests::worker().arg("--state-dir").arg(&state).arg("demo").output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     let releases: Vec<&str> = stdout.lines().filter(|l| l.trim_start().starts_with("worker --state-dir")).collect();
@@ -534,18 +534,18 @@ fn the_demo_runs_and_says_how_to_release_its_snapshots() {
     assert_eq!(live(), 2);
     for line in releases {
         let words: Vec<&str> = line.split_whitespace().collect();
-        let out = Command::new(bin("worker")).args(&words[1..]).output().unwrap();
+        let out = thinpipe_tests::worker().args(&words[1..]).output().unwrap();
         assert!(out.status.success(), "{line}: {}", String::from_utf8_lossy(&out.stderr));
     }
     assert_eq!(live(), 0, "the printed commands released both snapshots");
 
     // The same as JSON on stdout (the narration on stderr), and the configuration too.
-    let out = Command::new(bin("worker")).arg("--state-dir").arg(&state).args(["demo", "--json"]).output().unwrap();
+    let out = thinpipe_tests::worker().arg("--state-dir").arg(&state).args(["demo", "--json"]).output().unwrap();
     let demo: serde_json::Value =
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
     assert_eq!(demo["ok"], true, "{demo}");
     assert_eq!((demo["results"].as_array().unwrap().len(), demo["release_commands"].as_array().unwrap().len()), (3, 2));
-    let out = Command::new(bin("worker")).arg("--state-dir").arg(&state).args(["config", "--json"]).output().unwrap();
+    let out = thinpipe_tests::worker().arg("--state-dir").arg(&state).args(["config", "--json"]).output().unwrap();
     let config: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(config["state_dir"].as_str(), state.to_str());
 }
@@ -555,7 +555,7 @@ fn the_demo_runs_and_says_how_to_release_its_snapshots() {
 fn a_missing_source_directory_and_bad_publish_arguments_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no-such-dir");
-    let out = Command::new(bin("worker"))
+    let out = thinpipe_tests::worker()
         .arg("--state-dir")
         .arg(dir.path().join("state"))
         .args(["run", "prepare", "--family", "web", "--json", "--source"])
@@ -607,7 +607,7 @@ fn runs_list_and_show_work_without_a_running_worker() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path();
     write_sample_family(state, "web").unwrap();
-    let worker = |args: &[&str]| Command::new(bin("worker")).arg("--state-dir").arg(state).args(args).output().unwrap();
+    let worker = |args: &[&str]| thinpipe_tests::worker().arg("--state-dir").arg(state).args(args).output().unwrap();
     let out = worker(&["runs", "list"]);
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no run log"), "{}", String::from_utf8_lossy(&out.stderr));
@@ -639,7 +639,7 @@ fn runs_list_and_show_work_without_a_running_worker() {
 /// OS error, not the OS error twice.
 #[test]
 fn an_error_says_its_cause_once() {
-    let out = Command::new(bin("worker")).args(["--state-dir", "/proc/thinpipe-no-such-dir", "demo"]).output().unwrap();
+    let out = thinpipe_tests::worker().args(["--state-dir", "/proc/thinpipe-no-such-dir", "demo"]).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("/proc/thinpipe-no-such-dir"), "{stderr}");

@@ -135,7 +135,7 @@ impl Host {
     fn worker_json(&self, args: &[&str]) -> Value {
         let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let out =
-            Command::new(bin("worker")).arg("--state-dir").arg(&self.state).args(args).envs(env).output().unwrap();
+            thinpipe_tests::worker().arg("--state-dir").arg(&self.state).args(args).envs(env).output().unwrap();
         serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| panic!("worker {args:?} ({e}): {}", String::from_utf8_lossy(&out.stderr)))
     }
