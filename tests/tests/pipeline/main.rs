@@ -4,6 +4,7 @@
 //! One test binary per concern (each links the AWS SDK once); each module is one former
 //! test file, described in its own header and in `tests/README.md`.
 
+mod backends;
 mod capacity;
 mod expiry;
 mod invocations;
