@@ -15,6 +15,10 @@
 //! report says what to check; an operator who knows the snapshot is gone releases its
 //! invocation (`release`), which is idempotent.
 //!
+//! A volume whose id is reserved but unbound is no orphan: a power loss may have taken the
+//! record of a live snapshot, and the worker resolves it at start-up against the run log
+//! (`pipeline/reservations.rs`).
+//!
 //! An `exposed` row whose volume exists but is not usable at its path (a mount a reboot
 //! took away) is reported as `unexposed`; with `fix` it is exposed again (what the worker
 //! does at start-up), and one that cannot be is left with the reason.
@@ -88,6 +92,9 @@ pub fn reconcile(store: &Store, backend: &dyn VolumeBackend, fix: bool) -> Resul
     for base in store.list_bases()? {
         claimed.insert(VolumeId::Base(base.id));
     }
+    // A reserved id's volume is the worker's to resolve at start-up (`pipeline/reservations.rs`):
+    // it may be a live snapshot whose record a power loss took. Never an orphan here.
+    let reserved: BTreeSet<VolumeId> = store.unbound_snapshot_ids()?.into_iter().map(VolumeId::Snap).collect();
     let snapshots = store.list_snapshots()?;
     for snap in &snapshots {
         if snap.state != SnapshotState::Released {
@@ -129,7 +136,8 @@ pub fn reconcile(store: &Store, backend: &dyn VolumeBackend, fix: bool) -> Resul
     // contradiction, not a second time as an orphan.
     let explained: BTreeSet<VolumeId> =
         contradicted.iter().filter(|(_, exists)| *exists).map(|(row, _)| VolumeId::Snap(row.id)).collect();
-    let orphans: Vec<VolumeId> = volumes.difference(&claimed).filter(|v| !explained.contains(v)).copied().collect();
+    let orphans: Vec<VolumeId> =
+        volumes.difference(&claimed).filter(|v| !explained.contains(v) && !reserved.contains(v)).copied().collect();
     let mut report = Report {
         orphans: orphans.iter().map(VolumeId::to_string).collect(),
         missing: claimed.difference(&volumes).map(VolumeId::to_string).collect(),
@@ -137,7 +145,12 @@ pub fn reconcile(store: &Store, backend: &dyn VolumeBackend, fix: bool) -> Resul
         contradictions: contradicted.iter().map(|(row, exists)| contradiction(row, *exists)).collect(),
         repaired: Vec::new(),
         left: Vec::new(),
-        unexposed: unexposed.iter().map(|r| format!("snap-{} ({}): exposed, but not usable at its path (unmounted by a reboot?)", r.id, r.run_id)).collect(),
+        unexposed: unexposed
+            .iter()
+            .map(|r| {
+                format!("snap-{} ({}): exposed, but not usable at its path (unmounted by a reboot?)", r.id, r.run_id)
+            })
+            .collect(),
         reexposed: Vec::new(),
         leftovers: Vec::new(),
         leftovers_removed: Vec::new(),

@@ -5,14 +5,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use thinpipe::admin::wire::BackendChoice;
 use thinpipe::fsm::{Engine, EngineConfig, OpenError};
 use thinpipe::image::{ApplyOptions, BlobCache, BlobSource, LocalDir, S3Source};
 use thinpipe::lifecycle::Lifecycle;
 use thinpipe::pipeline::{Pipeline, PipelineContext};
 use thinpipe::store::{Acquired, Binding, Checkpoint, Holder, SnapshotState, Store, StoreOptions};
-use thinpipe::admin::wire::BackendChoice;
 use thinpipe::volume::{
-    BtrfsBackend, DirBackend, DmThinBackend, DmThinOptions, OverlayBackend, OverlayOptions, Traced, VolumeBackend, VolumeId,
+    BtrfsBackend, DirBackend, DmThinBackend, DmThinOptions, OverlayBackend, OverlayOptions, Traced, VolumeBackend,
+    VolumeId,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -84,6 +85,11 @@ impl Host {
         };
         let pipeline = Pipeline::register(&engine, ctx)?;
         let lifecycle = Arc::new(Lifecycle::new(pipeline.clone(), config.lifecycle_settings()));
+        // Before any run resumes: a snapshot id whose binding a power loss took is resolved.
+        let resolved = pipeline.resolve_reserved_ids().await.context("resolving reserved snapshot ids")?;
+        if resolved != Default::default() {
+            tracing::warn!(restored = ?resolved.restored, deleted = ?resolved.deleted, "resolved reserved snapshot ids a power loss left with volumes");
+        }
         // Mounts do not outlive a reboot: every live snapshot is usable again before a job is.
         let exposed = lifecycle.expose_live().await.context("exposing the live snapshots again")?;
         if exposed.usable > 0 || !exposed.lost.is_empty() || !exposed.failed.is_empty() {
@@ -274,13 +280,19 @@ pub fn choose_backend(config: &Config, store: &Store) -> anyhow::Result<BackendC
     if has_volumes(store)? {
         let Some(place) = store.volume_place()? else {
             // Recorded before places were: those hosts ran the old default.
-            return Ok(chosen(BackendKind::Dir, "the host's volumes predate recorded places (made with dir)".to_owned()));
+            return Ok(chosen(
+                BackendKind::Dir,
+                "the host's volumes predate recorded places (made with dir)".to_owned(),
+            ));
         };
         let kind = [BackendKind::Dir, BackendKind::Overlay, BackendKind::Btrfs, BackendKind::Dmthin]
             .into_iter()
             .find(|k| k.as_str() == place.backend)
             .with_context(|| format!("the host database records volumes on an unknown backend: {place}"))?;
-        return Ok(chosen(kind, format!("the host's volumes were made with it ({place}); a host never changes backend under its volumes")));
+        return Ok(chosen(
+            kind,
+            format!("the host's volumes were made with it ({place}); a host never changes backend under its volumes"),
+        ));
     }
     if !config.dmthin.pool.trim().is_empty() {
         return Ok(chosen(BackendKind::Dmthin, format!("dmthin.pool is set ({})", config.dmthin.pool)));
@@ -299,8 +311,14 @@ pub fn choose_backend(config: &Config, store: &Store) -> anyhow::Result<BackendC
         tracing::info!("the volume directory is on btrfs, but btrfs snapshots need root");
     }
     match OverlayBackend::probe(root) {
-        Ok(()) => Ok(chosen(BackendKind::Overlay, format!("overlayfs mounts under {} (not btrfs, no dm-thin pool)", root.display()))),
-        Err(e) => Ok(chosen(BackendKind::Dir, format!("no dm-thin pool, not btrfs as root, and overlayfs cannot mount here: {e}"))),
+        Ok(()) => Ok(chosen(
+            BackendKind::Overlay,
+            format!("overlayfs mounts under {} (not btrfs, no dm-thin pool)", root.display()),
+        )),
+        Err(e) => Ok(chosen(
+            BackendKind::Dir,
+            format!("no dm-thin pool, not btrfs as root, and overlayfs cannot mount here: {e}"),
+        )),
     }
 }
 

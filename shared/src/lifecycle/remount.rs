@@ -52,7 +52,9 @@ impl Lifecycle {
                         out.failed.push(format!("snap-{id} ({invocation}): lost, and its release failed: {why}"));
                         continue;
                     }
-                    crate::telemetry::metrics().snapshots_expired.add(1, &[crate::telemetry::kv("why", "snapshot_lost")]);
+                    crate::telemetry::metrics()
+                        .snapshots_expired
+                        .add(1, &[crate::telemetry::kv("why", "snapshot_lost")]);
                     out.lost.push(invocation);
                 }
                 Err(e) => {

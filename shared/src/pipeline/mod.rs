@@ -21,6 +21,7 @@ mod cause;
 mod invocations;
 mod prepare;
 mod release;
+mod reservations;
 mod retire;
 
 use std::sync::Arc;
@@ -41,6 +42,7 @@ pub use cause::Cause;
 pub use invocations::InvocationLocks;
 pub use prepare::{PrepareInput, PrepareState};
 pub use release::{ReleaseInput, ReleaseState};
+pub use reservations::{ReservationError, Resolved};
 pub use retire::{RetireInput, RetireState};
 
 /// What the steps work with.

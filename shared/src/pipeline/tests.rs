@@ -248,3 +248,46 @@ async fn a_prepare_run_from_before_versions_still_completes_and_its_base_is_foun
     assert_eq!(p.context().store.next_id("base").unwrap(), 2, "no second base was allocated");
     env.engine.shutdown().await;
 }
+
+/// A power loss can take an activation's binding of its reserved id (a write that waits for
+/// no fsync) while its snapshot, and even its run's commit, reached the disk. At start-up the
+/// completed activation gets its row back; a volume nothing holds is deleted, so the next
+/// activation bound to that id gets a fresh snapshot, not another invocation's.
+#[tokio::test]
+async fn a_binding_lost_to_a_power_loss_is_resolved_before_the_id_is_bound_again() {
+    let env = env().await;
+    let p = &env.pipeline;
+    let Outcome::Completed(prep) = prepare(p, "web").await else { panic!("prepare failed") };
+    let base = prep.base_vol_id.unwrap();
+    let Outcome::Completed(a) = p.activate("web", "a", base, None).await.unwrap() else { panic!("activate a") };
+    let a_id = a.snapshot_id.unwrap();
+    let (store, backend) = (p.context().store.clone(), p.context().backend.clone());
+    // What a power loss leaves: `a`'s row gone and its id back among the reserved ones; and a
+    // reserved id with a volume whose activation never committed (written into, as an
+    // invocation would).
+    store
+        .with_conn(|c| {
+            c.execute("DELETE FROM snapshots WHERE id = ?1", [a_id as i64])?;
+            c.execute("INSERT INTO snapshot_ids (id) VALUES (?1)", [a_id as i64])
+        })
+        .unwrap();
+    let stale = *store.unbound_snapshot_ids().unwrap().iter().find(|id| **id != a_id).unwrap();
+    backend.snapshot(base, stale).unwrap();
+    std::fs::write(backend.expose(stale).unwrap().join("written-by-another-invocation"), b"x").unwrap();
+
+    let resolved = p.resolve_reserved_ids().await.unwrap();
+    assert_eq!(resolved.restored, [VolumeId::Snap(a_id).to_string()]);
+    assert_eq!(resolved.deleted, [VolumeId::Snap(stale).to_string()]);
+    let row = store.snapshot_by_run("activate-a").unwrap().unwrap();
+    assert_eq!((row.id, row.state, row.path.as_deref()), (a_id, SnapshotState::Exposed, a.path.as_deref()));
+    assert!(!backend.exists(VolumeId::Snap(stale)).unwrap());
+    assert_eq!(p.resolve_reserved_ids().await.unwrap(), Resolved::default(), "nothing left to resolve");
+
+    // The next activation binds the smallest reserved id: the stale one, now clean.
+    let Outcome::Completed(c) = p.activate("web", "c", base, None).await.unwrap() else { panic!("activate c") };
+    assert_eq!(c.snapshot_id, Some(stale));
+    let path = std::path::PathBuf::from(c.path.unwrap());
+    assert!(path.join("etc/motd").exists() && !path.join("written-by-another-invocation").exists());
+    let report = crate::reconcile::reconcile(&store, backend.as_ref(), false).unwrap();
+    assert!(report.is_clean() && report.missing.is_empty(), "{report:?}");
+}

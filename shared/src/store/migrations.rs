@@ -122,4 +122,9 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ALTER TABLE images ADD COLUMN last_error TEXT;
     ALTER TABLE images ADD COLUMN last_error_at INTEGER;
     ",
+    // 5: snapshot ids are reserved durably in batches and bound to an activation by a write
+    // that waits for no fsync (`snapshots.rs`); these are the reserved, unbound ones.
+    "
+    CREATE TABLE snapshot_ids (id INTEGER PRIMARY KEY) STRICT;
+    ",
 ];

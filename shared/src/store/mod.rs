@@ -13,7 +13,6 @@
 
 mod bases;
 mod error;
-mod group;
 mod images;
 mod lease;
 mod migrations;
@@ -32,7 +31,7 @@ pub use error::StoreError;
 pub use images::ImageRow;
 pub use lease::{Acquired, Holder, LeaseInfo};
 pub use placement::Binding;
-pub use snapshots::{Advance, Intent, ReleaseRequest, SnapshotRow, SnapshotState, rfc3339};
+pub use snapshots::{Advance, Intent, RESERVE_BATCH, ReleaseRequest, Restored, SnapshotRow, SnapshotState, rfc3339};
 
 /// Store settings.
 #[derive(Clone, Debug)]
@@ -70,8 +69,6 @@ pub struct Store {
     conn: Mutex<Connection>,
     /// The background checkpointer ([`Checkpoint::Background`]); stopped and joined on drop.
     checkpointer: Option<Checkpointer>,
-    /// Snapshot intents waiting to share a commit.
-    intents: group::IntentGroup,
 }
 
 struct Checkpointer {
@@ -139,7 +136,7 @@ impl Store {
                 Some(spawn_checkpointer(path.clone(), other, every, pages))
             }
         };
-        Ok(Store { path, conn: Mutex::new(conn), checkpointer, intents: Default::default() })
+        Ok(Store { path, conn: Mutex::new(conn), checkpointer })
     }
 
     /// Runs `f` (calls on this store) on the blocking pool and returns its result: the way

@@ -12,9 +12,17 @@
 //! - a live move (`created`, `exposed`) on a row that a release has reached changes nothing
 //!   and says so ([`Advance::Released`]): the release won, the activation must stop.
 //!
-//! The row is written in state `intended`, with its id allocated from the `snap` sequence,
-//! before the volume is created; a resume finds it and finishes the same snapshot instead of
-//! creating a second one. A release that finds no row leaves a *tombstone* (a row born
+//! The row is written in state `intended` before the volume is created; a resume finds it and
+//! finishes the same snapshot instead of creating a second one. Its id is *bound*, not
+//! allocated: ids are taken from the `snap` sequence durably in batches
+//! ([`Store::reserve_snapshot_ids`], one fsync per [`RESERVE_BATCH`] activations) into
+//! `snapshot_ids`, and an intent moves the smallest reserved id into its row in a transaction
+//! that waits for no fsync. The activation's one durable write is then the run log's commit
+//! of its step. A process crash keeps the binding (the WAL is written before the call
+//! returns); a power loss may lose it, leaving a reserved id whose volume exists: at start-up,
+//! before any run resumes, `pipeline::reservations` resolves each such id against the disk and
+//! the run log (the completed activation that holds it gets its row back; otherwise the
+//! volume is deleted), so an id is never handed out with another invocation's volume. A release that finds no row leaves a *tombstone* (a row born
 //! `released`, with no base), so an invocation id is single use: a later activation of it is
 //! refused instead of creating a snapshot nobody will release.
 
@@ -113,6 +121,19 @@ pub fn rfc3339(ms: i64) -> String {
     }
 }
 
+/// What a completed activation recorded in the run log, for [`Store::restore_snapshot`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Restored {
+    pub id: u64,
+    pub run_id: String,
+    pub family: String,
+    pub base_vol_id: u64,
+    pub vol_id: String,
+    pub path: Option<String>,
+    pub digest: Option<String>,
+    pub host_id: Option<String>,
+}
+
 /// What [`Store::intend_snapshot`] found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Intent {
@@ -204,11 +225,12 @@ fn query_one(c: &rusqlite::Connection, sql: &str, p: impl rusqlite::Params) -> r
 /// Whether a write waits for its fsync.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Sync {
-    /// `synchronous=FULL`: durable before the call returns (intents, releases).
+    /// `synchronous=FULL`: durable before the call returns (id reservations, releases).
     Full,
-    /// `synchronous=NORMAL` for this transaction. Only for the advisory `created` and
-    /// `exposed` marks: the run's own response holds the path durably, and a row claims its
-    /// volume whether `intended`, `created` or `exposed`. In WAL mode the write becomes
+    /// `synchronous=NORMAL` for this transaction. For an intent's binding of a reserved id
+    /// (see the module doc) and the advisory `created` and `exposed` marks: the run's own
+    /// response holds the id and the path durably, and a row claims its volume whether
+    /// `intended`, `created` or `exposed`. In WAL mode the write becomes
     /// durable with the next FULL commit or checkpoint; a power loss can lose the mark, never
     /// reorder it after a later write.
     Deferred,
@@ -251,7 +273,10 @@ fn advance_in(
     })
 }
 
-/// One queued intent.
+/// Snapshot ids reserved per durable commit.
+pub const RESERVE_BATCH: u64 = 64;
+
+/// One intent.
 pub(super) struct Request {
     pub run_id: String,
     pub family: String,
@@ -264,22 +289,33 @@ pub(super) struct Request {
 
 /// Records the intended snapshot of `run_id` in `tx`, or finds the row already there. A new
 /// row is refused unless its base is sealed (a base being deleted is `retiring`: see
-/// `bases.rs`); recording one notes the base's last activation.
-pub(super) fn intend_in(tx: &Transaction<'_>, request: &Request, now: i64) -> rusqlite::Result<Intent> {
+/// `bases.rs`); recording one binds the smallest reserved id and notes the base's last
+/// activation. `None`: no id is reserved (reserve a batch, then try again).
+fn intend_in(tx: &Transaction<'_>, request: &Request, now: i64) -> rusqlite::Result<Option<Intent>> {
     let select = format!("SELECT {COLUMNS} FROM snapshots WHERE run_id = ?1");
     if let Some(existing) = query_one(tx, &select, params![request.run_id]).optional()? {
-        return Ok(if existing.state.is_released() { Intent::Released(existing) } else { Intent::Recorded(existing) });
+        return Ok(Some(if existing.state.is_released() {
+            Intent::Released(existing)
+        } else {
+            Intent::Recorded(existing)
+        }));
     }
     let base = super::bases::base_in(tx, request.base_vol_id)?;
     let digest = match base {
         Some(b) if b.state == super::BaseState::Sealed && b.family == request.family => b.digest,
         Some(b) if b.family != request.family => {
-            return Ok(Intent::BaseUnavailable(format!("base-{} belongs to family {}", b.id, b.family)));
+            return Ok(Some(Intent::BaseUnavailable(format!("base-{} belongs to family {}", b.id, b.family))));
         }
-        Some(b) => return Ok(Intent::BaseUnavailable(format!("base-{} is {}", b.id, b.state))),
-        None => return Ok(Intent::BaseUnavailable(format!("base-{} is not recorded", request.base_vol_id))),
+        Some(b) => return Ok(Some(Intent::BaseUnavailable(format!("base-{} is {}", b.id, b.state)))),
+        None => return Ok(Some(Intent::BaseUnavailable(format!("base-{} is not recorded", request.base_vol_id)))),
     };
-    let id = super::sequence::next_in(tx, "snap")?;
+    let Some(id) = tx
+        .prepare_cached("DELETE FROM snapshot_ids WHERE id = (SELECT MIN(id) FROM snapshot_ids) RETURNING id")?
+        .query_row([], |r| r.get::<_, i64>(0))
+        .optional()?
+    else {
+        return Ok(None);
+    };
     tx.prepare_cached("UPDATE bases SET last_activated_at = ?2 WHERE id = ?1")?
         .execute(params![request.base_vol_id as i64, now])?;
     let created = query_one(
@@ -300,16 +336,17 @@ pub(super) fn intend_in(tx: &Transaction<'_>, request: &Request, now: i64) -> ru
             request.host_id
         ],
     )?;
-    Ok(Intent::Recorded(created))
+    Ok(Some(Intent::Recorded(created)))
 }
 
 impl Store {
     /// Records the intended snapshot of `run_id`, or returns the one already recorded; once
-    /// a release has reached the invocation, says so instead. The id comes from the `snap`
-    /// sequence and is taken in the same transaction as the row, so a crash leaves neither a
-    /// row without its id nor a gap. `name` makes the backend's volume name from the id; with
-    /// `ttl`, the row expires that long after this intent. Refused
-    /// ([`Intent::BaseUnavailable`]) unless the base is a sealed base of `family`.
+    /// a release has reached the invocation, says so instead. The id is the smallest reserved
+    /// one, bound in the same transaction as the row (no fsync of its own; a batch of ids is
+    /// reserved durably first when none is left: see the module doc). `name` makes the
+    /// backend's volume name from the id; with `ttl`, the row expires that long after this
+    /// intent. Refused ([`Intent::BaseUnavailable`]) unless the base is a sealed base of
+    /// `family`.
     pub fn intend_snapshot(
         &self,
         run_id: &str,
@@ -319,7 +356,6 @@ impl Store {
         host_id: Option<&str>,
         name: impl Fn(u64) -> String + Send + 'static,
     ) -> Result<Intent, StoreError> {
-        // Concurrent intents share one durable commit (`group.rs`).
         let request = Request {
             run_id: run_id.to_owned(),
             family: family.to_owned(),
@@ -328,7 +364,99 @@ impl Store {
             host_id: host_id.map(str::to_owned),
             name: Box::new(name),
         };
-        self.intents.intend(self, request)
+        loop {
+            let now = epoch_ms(std::time::SystemTime::now());
+            if let Some(intent) = self.write(Sync::Deferred, |tx| intend_in(tx, &request, now))? {
+                return Ok(intent);
+            }
+            self.reserve_snapshot_ids(RESERVE_BATCH)?;
+        }
+    }
+
+    /// Reserves `n` snapshot ids from the `snap` sequence, durably, unless some are still
+    /// reserved (another intent refilled them meanwhile). Returns how many were added.
+    pub fn reserve_snapshot_ids(&self, n: u64) -> Result<u64, StoreError> {
+        let added = self.write(Sync::Full, |tx| {
+            let left: i64 = tx.query_row("SELECT COUNT(*) FROM snapshot_ids", [], |r| r.get(0))?;
+            if left > 0 {
+                return Ok(0);
+            }
+            for _ in 0..n {
+                let id = super::sequence::next_in(tx, "snap")?;
+                tx.prepare_cached("INSERT INTO snapshot_ids (id) VALUES (?1)")?.execute(params![id])?;
+            }
+            Ok(n)
+        })?;
+        if added > 0 {
+            crate::fault::point("snapshots.after_reserve", "snap");
+        }
+        Ok(added)
+    }
+
+    /// Ids reserved and not bound to any activation, smallest first.
+    pub fn unbound_snapshot_ids(&self) -> Result<Vec<u64>, StoreError> {
+        self.with_conn(|c| {
+            let mut stmt = c.prepare_cached("SELECT id FROM snapshot_ids ORDER BY id")?;
+            let ids = stmt.query_map([], |r| r.get::<_, i64>(0))?.collect::<rusqlite::Result<Vec<i64>>>()?;
+            Ok(ids.into_iter().map(|id| id as u64).collect())
+        })
+    }
+
+    /// Gives a completed activation back the row a power loss took from it: reserved id `id`
+    /// becomes its `exposed` row, durably. `None` if the id is not reserved any more or the run
+    /// has a row (nothing to restore).
+    pub fn restore_snapshot(&self, restored: &Restored) -> Result<Option<SnapshotRow>, StoreError> {
+        let now = epoch_ms(std::time::SystemTime::now());
+        self.write(Sync::Full, |tx| {
+            let select = format!("SELECT {COLUMNS} FROM snapshots WHERE run_id = ?1");
+            if query_one(tx, &select, params![restored.run_id]).optional()?.is_some() {
+                return Ok(None);
+            }
+            let taken = tx.prepare_cached("DELETE FROM snapshot_ids WHERE id = ?1")?.execute(params![restored.id as i64])?;
+            if taken == 0 {
+                return Ok(None);
+            }
+            let row = query_one(
+                tx,
+                &format!(
+                    "INSERT INTO snapshots (id, run_id, family, base_vol_id, vol_id, path, state, created_at, digest, host_id)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'exposed', ?7, ?8, ?9) RETURNING {COLUMNS}"
+                ),
+                params![
+                    restored.id as i64,
+                    restored.run_id,
+                    restored.family,
+                    restored.base_vol_id as i64,
+                    restored.vol_id,
+                    restored.path,
+                    now,
+                    restored.digest,
+                    restored.host_id
+                ],
+            )?;
+            Ok(Some(row))
+        })
+    }
+
+    /// Runs `f` in one immediate transaction; with [`Sync::Deferred`], its commit waits for no
+    /// fsync.
+    fn write<T>(&self, sync: Sync, f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+        self.with_conn(|c| {
+            if sync == Sync::Deferred {
+                c.pragma_update(None, "synchronous", "NORMAL")?;
+            }
+            let out = (|| {
+                let tx = Transaction::new_unchecked(c, TransactionBehavior::Immediate)?;
+                let out = f(&tx)?;
+                tx.commit()?;
+                Ok(out)
+            })();
+            if sync == Sync::Deferred {
+                // Back to FULL whatever happened: every other write is durable.
+                c.pragma_update(None, "synchronous", "FULL")?;
+            }
+            out
+        })
     }
 
     /// Marks the snapshot's volume as created (advisory: no fsync of its own).
@@ -426,27 +554,14 @@ impl Store {
 
     fn advance(&self, id: u64, to: SnapshotState, path: Option<&str>, sync: Sync) -> Result<Advance, StoreError> {
         let now = epoch_ms(std::time::SystemTime::now());
-        let moved = self.with_conn(|c| {
-            let exists: bool = c
+        let moved = self.write(sync, |tx| {
+            let exists: bool = tx
                 .prepare_cached("SELECT EXISTS (SELECT 1 FROM snapshots WHERE id = ?1)")?
                 .query_row(params![id as i64], |r| r.get(0))?;
             if !exists {
                 return Ok(None);
             }
-            if sync == Sync::Deferred {
-                c.pragma_update(None, "synchronous", "NORMAL")?;
-            }
-            let moved = (|| {
-                let tx = Transaction::new_unchecked(c, TransactionBehavior::Immediate)?;
-                let out = advance_in(&tx, id, to, path, now)?;
-                tx.commit()?;
-                Ok(out)
-            })();
-            if sync == Sync::Deferred {
-                // Back to FULL whatever happened: every other write is an intent or a lease.
-                c.pragma_update(None, "synchronous", "FULL")?;
-            }
-            moved.map(Some)
+            advance_in(tx, id, to, path, now).map(Some)
         })?;
         moved.ok_or_else(|| StoreError::Invalid {
             path: self.path.clone(),

@@ -49,8 +49,13 @@ fn fault_points() -> Vec<(String, bool)> {
     for p in ["prepare.after_base_intent@web", "prepare.after_base_create@web", "prepare.after_seal@web"] {
         points.push((p.to_owned(), true));
     }
-    // Inside activate's one step: before its first (and only) commit.
-    for p in ["activate.after_snapshot_intent@activate-inv-1", "activate.after_snapshot_create@activate-inv-1"] {
+    // Inside activate's one step: before its first (and only) commit. The first activation on
+    // a host reserves a batch of snapshot ids, durably, before it binds one.
+    for p in [
+        "snapshots.after_reserve@snap",
+        "activate.after_snapshot_intent@activate-inv-1",
+        "activate.after_snapshot_create@activate-inv-1",
+    ] {
         points.push((p.to_owned(), false));
     }
     let switch = format!("lifecycle.before_make_current@web@{}", &prepare["prepare-web@".len()..]);
@@ -278,7 +283,6 @@ impl Host {
     }
 }
 
-
 fn result(child: Child) -> serde_json::Value {
     let out = child.wait_with_output().unwrap();
     serde_json::from_slice(&out.stdout)
@@ -489,9 +493,7 @@ fn lifecycle_crash_at(point: &str, backend: Backend, queue: &Queue) {
 }
 
 fn matrix(backend: Backend, queue: impl Fn() -> Option<Queue>) {
-    if !matches!(backend, Backend::Dir)
-        && Host::new(backend).is_none()
-    {
+    if !matches!(backend, Backend::Dir) && Host::new(backend).is_none() {
         return; // skipped with a message (not root, no btrfs-progs, no overlayfs); CI fails instead
     }
     let (points, releases, lifecycle) = (fault_points(), release_points(), lifecycle_points());

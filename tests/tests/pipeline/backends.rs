@@ -55,7 +55,8 @@ fn is_overlay_mount(path: &Path) -> bool {
 
 /// What a reboot does to a snapshot's mount.
 fn unmount(path: &Path) {
-    nix::mount::umount2(path, nix::mount::MntFlags::empty()).unwrap_or_else(|e| panic!("umount {}: {e}", path.display()));
+    nix::mount::umount2(path, nix::mount::MntFlags::empty())
+        .unwrap_or_else(|e| panic!("umount {}: {e}", path.display()));
 }
 
 fn worker_config(state: &Path, extra: &[(&str, &str)]) -> std::process::Output {

@@ -134,8 +134,7 @@ impl Host {
     /// A read-only command of the worker (safe while the daemon runs), as JSON.
     fn worker_json(&self, args: &[&str]) -> Value {
         let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let out =
-            thinpipe_tests::worker().arg("--state-dir").arg(&self.state).args(args).envs(env).output().unwrap();
+        let out = thinpipe_tests::worker().arg("--state-dir").arg(&self.state).args(args).envs(env).output().unwrap();
         serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| panic!("worker {args:?} ({e}): {}", String::from_utf8_lossy(&out.stderr)))
     }

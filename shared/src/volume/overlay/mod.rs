@@ -222,7 +222,10 @@ impl VolumeBackend for OverlayBackend {
         let vol = VolumeId::Snap(snap);
         let dir = self.snap_dir(snap);
         let Some(origin) = self.origin(snap)? else {
-            return Err(VolumeError::Abort { volume: vol.to_string(), detail: "cannot expose: it does not exist".into() });
+            return Err(VolumeError::Abort {
+                volume: vol.to_string(),
+                detail: "cannot expose: it does not exist".into(),
+            });
         };
         let merged = dir.join("merged");
         if self.is_mounted(snap)? {
@@ -232,7 +235,9 @@ impl VolumeBackend for OverlayBackend {
         if origin.volatile && mount::volatile_marker(&work).exists() {
             return Err(VolumeError::Lost {
                 volume: vol.to_string(),
-                detail: "it was mounted volatile and lost its mount (a reboot, or an unmount by hand): its writes are gone".into(),
+                detail:
+                    "it was mounted volatile and lost its mount (a reboot, or an unmount by hand): its writes are gone"
+                        .into(),
             });
         }
         let lower = self.root.join("bases").join(VolumeId::Base(origin.base).to_string());
@@ -276,7 +281,8 @@ impl VolumeBackend for OverlayBackend {
                     }
                     // Out of the volumes' names first: a removal cut short leaves a leftover,
                     // never a half snapshot.
-                    fs::rename(&dir, self.scratch_dir(snap)).map_err(|e| VolumeError::io(vol, "renaming for removal", e))?;
+                    fs::rename(&dir, self.scratch_dir(snap))
+                        .map_err(|e| VolumeError::io(vol, "renaming for removal", e))?;
                 }
                 remove_tree(&self.scratch_dir(snap), vol)
             }

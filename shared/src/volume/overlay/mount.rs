@@ -62,7 +62,9 @@ pub enum Unmounted {
 pub fn unmount(target: &Path) -> nix::Result<Unmounted> {
     match nix::mount::umount2(target, MntFlags::empty()) {
         Ok(()) => Ok(Unmounted::Clean),
-        Err(nix::errno::Errno::EBUSY) => nix::mount::umount2(target, MntFlags::MNT_DETACH).map(|()| Unmounted::Detached),
+        Err(nix::errno::Errno::EBUSY) => {
+            nix::mount::umount2(target, MntFlags::MNT_DETACH).map(|()| Unmounted::Detached)
+        }
         Err(e) => Err(e),
     }
 }
