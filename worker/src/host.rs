@@ -267,8 +267,11 @@ pub fn choose_backend(config: &Config, store: &Store) -> anyhow::Result<BackendC
     let chosen = |kind: BackendKind, why: String| {
         let snapshot_size_limit = match kind {
             BackendKind::Dmthin => format!("{} bytes (dmthin.volume_bytes)", config.dmthin.volume_bytes),
+            BackendKind::Overlay if config.overlay.snapshot_bytes > 0 => {
+                format!("{} bytes (overlay.snapshot_bytes, an XFS project quota per snapshot)", config.overlay.snapshot_bytes)
+            }
             BackendKind::Overlay => {
-                "none of its own: overlay snapshots share the volume filesystem (per-snapshot limits would need XFS project quotas, which thinpipe does not set)".to_owned()
+                "none: overlay snapshots share the volume filesystem (set overlay.snapshot_bytes with volumes_dir on XFS mounted with prjquota for a limit per snapshot)".to_owned()
             }
             _ => "none of its own: snapshots share the volume filesystem".to_owned(),
         };
@@ -398,7 +401,10 @@ pub fn open_backend(config: &Config, choice: &BackendChoice) -> anyhow::Result<A
         })?)),
         BackendKind::Overlay => Arc::new(Traced::new(OverlayBackend::open(
             &config.volumes_dir,
-            OverlayOptions { volatile: config.overlay.volatile },
+            OverlayOptions {
+                volatile: config.overlay.volatile,
+                snapshot_bytes: (config.overlay.snapshot_bytes > 0).then_some(config.overlay.snapshot_bytes),
+            },
         )?)),
         BackendKind::Dir | BackendKind::Auto => Arc::new(Traced::new(DirBackend::open(&config.volumes_dir)?)),
     })

@@ -11,7 +11,7 @@
 //! an overlayfs mount per snapshot; O(1); root), `btrfs` (subvolumes and O(1) snapshots by
 //! ioctl; root) and `dmthin` (thin devices of a device-mapper pool, by ioctl; root).
 //! `conformance` is the one test suite every backend must pass (public with `test-support`,
-//! so the dm-thin guest runs it too). [`Traced`] wraps any backend so its calls are spans
+//! so the dm-thin guest runs it too); `testfs` makes loop-mounted filesystems for tests. [`Traced`] wraps any backend so its calls are spans
 //! named the same whichever backend it is (the worker opens every backend through it).
 
 mod btrfs;
@@ -30,9 +30,11 @@ pub use btrfs::BtrfsBackend;
 /// The raw btrfs calls, for the benchmark's floor.
 pub use btrfs::ioctl as btrfs_ioctl;
 #[cfg(any(test, feature = "test-support"))]
-pub use btrfs::testfs;
+pub mod testfs;
 pub use dir::DirBackend;
 pub use dmthin::{DmThinBackend, DmThinOptions};
+/// The raw overlayfs calls, for the benchmark's floor.
+pub use overlay::mount as overlay_mount;
 pub use overlay::{OverlayBackend, OverlayOptions};
 pub use traced::Traced;
 

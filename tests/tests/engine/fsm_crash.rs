@@ -155,7 +155,15 @@ fn restart_and_check_with(
     assert_eq!(vols, vols_seen, "exactly one volume per run, no orphans");
     let store = thinpipe::store::Store::open(state.join("host.db")).unwrap();
     assert_eq!(store.list_snapshots().unwrap().len(), runs, "one intent row per run");
-    assert_eq!(store.next_id("snap").unwrap(), runs as u64 + 1, "no id was allocated twice");
+    // Ids are reserved in batches and bound one per intent: every reserved id is bound once or
+    // still reserved (none bound twice, none lost).
+    let bound: BTreeSet<u64> = store.list_snapshots().unwrap().iter().map(|s| s.id).collect();
+    let unbound: BTreeSet<u64> = store.unbound_snapshot_ids().unwrap().into_iter().collect();
+    assert_eq!(bound.len(), runs, "one id per run");
+    assert!(bound.is_disjoint(&unbound), "a bound id is not reserved too");
+    let reserved = store.next_id("snap").unwrap() - 1;
+    let all: Vec<u64> = bound.union(&unbound).copied().collect();
+    assert_eq!(all, (1..=reserved).collect::<Vec<_>>(), "no id was allocated twice or lost");
     // The run log agrees: every run completed, and the interrupted ones record the resume.
     for (id, (done, resumed)) in history(state) {
         assert_eq!(done.len(), STEPS.len(), "{id}: {done:?}");

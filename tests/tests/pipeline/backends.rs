@@ -92,7 +92,7 @@ fn auto_picks_overlay_here_keeps_it_under_volumes_and_refuses_another_backend() 
     let images: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(images["backend"]["name"], "overlay", "{images}");
     assert!(images["backend"]["why"].as_str().unwrap().contains("volumes were made with it"), "{images}");
-    assert!(images["backend"]["snapshot_size_limit"].as_str().unwrap().contains("XFS project quotas"), "{images}");
+    assert!(images["backend"]["snapshot_size_limit"].as_str().unwrap().contains("overlay.snapshot_bytes"), "{images}");
     let out = worker_config(state, &[("THINPIPE_BACKEND", "dir")]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");

@@ -124,6 +124,9 @@ pub struct OverlayConfig {
     /// invocations, but a snapshot that loses its mount (a reboot) is released with the cause
     /// `snapshot_lost` instead of being mounted again. Applies to snapshots made from now on.
     pub volatile: bool,
+    /// Limit each snapshot's writes to this many bytes (0: no limit). Needs `volumes_dir` on
+    /// XFS mounted with `prjquota` (a project quota per snapshot); refused at start elsewhere.
+    pub snapshot_bytes: u64,
 }
 
 /// The admin HTTP API and the inspector page (daemon only).

@@ -252,78 +252,13 @@ impl VolumeBackend for BtrfsBackend {
     }
 }
 
-/// A btrfs filesystem on a loop device, mounted for a test and removed when dropped
-/// (unmounted, loop device detached, image deleted), even when the test fails.
-#[cfg(any(test, feature = "test-support"))]
-pub mod testfs {
-    use std::path::{Path, PathBuf};
-    use std::process::Command;
-
-    pub struct LoopBtrfs {
-        pub mount: PathBuf,
-        _dir: tempfile::TempDir,
-    }
-
-    fn run(cmd: &mut Command) -> Result<String, String> {
-        let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
-        if !out.status.success() {
-            return Err(format!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr)));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    }
-
-    impl LoopBtrfs {
-        /// A 512 MiB btrfs; `None` (test skipped) without root or `mkfs.btrfs`, unless `CI` is set.
-        pub fn new() -> Option<LoopBtrfs> {
-            Self::with(512, "loop")
-        }
-
-        /// A btrfs of `mib` MiB mounted with `options` (which must include `loop`), e.g.
-        /// `loop,commit=1` so that deleted subvolumes' space comes back within a second or two.
-        pub fn with(mib: u64, options: &str) -> Option<LoopBtrfs> {
-            // SAFETY: geteuid has no preconditions.
-            let root = unsafe { libc::geteuid() } == 0;
-            let tools = Path::new("/usr/sbin/mkfs.btrfs").exists() || Path::new("/sbin/mkfs.btrfs").exists();
-            if !root || !tools {
-                assert!(
-                    std::env::var("CI").is_err(),
-                    "btrfs tests need root and btrfs-progs (scripts/test installs it)"
-                );
-                eprintln!("skipping: btrfs tests need root and btrfs-progs");
-                return None;
-            }
-            let dir = tempfile::tempdir().expect("tempdir");
-            let image = dir.path().join("btrfs.img");
-            let mount = dir.path().join("mnt");
-            std::fs::create_dir(&mount).expect("mount point");
-            std::fs::File::create(&image).and_then(|f| f.set_len(mib << 20)).expect("sparse image");
-            run(Command::new("mkfs.btrfs").arg("-q").arg(&image)).expect("mkfs.btrfs");
-            // `mount -o loop` attaches a loop device that umount detaches again (autoclear).
-            run(Command::new("mount").args(["-o", options]).arg(&image).arg(&mount)).expect("mount");
-            Some(LoopBtrfs { mount, _dir: dir })
-        }
-    }
-
-    impl Drop for LoopBtrfs {
-        fn drop(&mut self) {
-            // A failed test may leave a killed worker's files open for a moment: then the
-            // mount is detached lazily (and its loop device freed when the last file closes).
-            if let Err(e) = run(Command::new("umount").arg(&self.mount))
-                && let Err(lazy) = run(Command::new("umount").arg("-l").arg(&self.mount))
-            {
-                eprintln!("cleaning up the test btrfs: {e}; lazily: {lazy}");
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn btrfs_backend_passes_the_conformance_suite() {
-        let Some(fs) = testfs::LoopBtrfs::new() else { return };
+        let Some(fs) = crate::volume::testfs::LoopBtrfs::new() else { return };
         let b = BtrfsBackend::open(fs.mount.join("volumes")).unwrap();
         super::super::conformance::run(&b);
     }
@@ -341,7 +276,7 @@ mod tests {
 
     #[test]
     fn snapshots_are_writable_and_independent_and_the_base_is_read_only() {
-        let Some(fs) = testfs::LoopBtrfs::new() else { return };
+        let Some(fs) = crate::volume::testfs::LoopBtrfs::new() else { return };
         let b = BtrfsBackend::open(fs.mount.join("volumes")).unwrap();
         b.create_base(1).unwrap();
         let root = b.reset_base(1).unwrap();
