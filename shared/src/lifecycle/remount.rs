@@ -1,6 +1,9 @@
 //! Live snapshots after a restart: a mount does not outlive a reboot (overlay snapshots,
 //! dm-thin's mounted devices), so before a worker takes jobs it exposes every snapshot the
-//! host database records `exposed` again; exposing a usable snapshot changes nothing. A
+//! host database records `exposed` again; exposing a usable snapshot changes nothing. A live
+//! row still `intended` or `created` whose volume exists is exposed too: the `exposed` mark is
+//! written without an fsync, so a power loss can take it from a finished activation (and a
+//! resumed one exposes its snapshot anyway). A
 //! snapshot whose contents cannot be trusted any more ([`VolumeError::Lost`]: a `volatile`
 //! overlay after a reboot) is released through the release workflow, as its scheduler would,
 //! so it is never handed out again; one that cannot be exposed for another reason is reported
@@ -23,19 +26,26 @@ pub struct Exposed {
 }
 
 impl Lifecycle {
-    /// Exposes every live snapshot the host database records as exposed (see the module doc).
+    /// Exposes every live snapshot whose volume exists (see the module doc).
     pub async fn expose_live(&self) -> Result<Exposed, LifecycleError> {
         let rows = self.store().call(|s| s.list_snapshots()).await?;
         let mut out = Exposed::default();
-        for row in rows.into_iter().filter(|r| r.state == SnapshotState::Exposed) {
+        let live = [SnapshotState::Intended, SnapshotState::Created, SnapshotState::Exposed];
+        for row in rows.into_iter().filter(|r| live.contains(&r.state) && r.base_vol_id.is_some()) {
             let backend = self.pipeline.context().backend.clone();
-            let id = row.id;
-            let exposed = tokio::task::spawn_blocking(move || backend.expose(id))
-                .await
-                .map_err(|e| LifecycleError::Task(format!("exposing snap-{id}: {e}")))?;
+            let (id, marked) = (row.id, row.state == SnapshotState::Exposed);
+            let exposed = tokio::task::spawn_blocking(move || {
+                if !marked && !backend.exists(crate::volume::VolumeId::Snap(id))? {
+                    return Ok(None); // its activation has not made it yet
+                }
+                backend.expose(id).map(Some)
+            })
+            .await
+            .map_err(|e| LifecycleError::Task(format!("exposing snap-{id}: {e}")))?;
             let invocation = row.run_id.strip_prefix("activate-").unwrap_or(&row.run_id).to_owned();
             match exposed {
-                Ok(_) => out.usable += 1,
+                Ok(None) => {}
+                Ok(Some(_)) => out.usable += 1,
                 Err(lost @ VolumeError::Lost { .. }) => {
                     tracing::error!(family = %row.family, invocation = %invocation, snapshot = id, error = %lost, cause = "snapshot_lost", "a live snapshot lost its contents; releasing it");
                     // A release that fails here is retried by the invocation's own release, or

@@ -5,7 +5,8 @@
 //!   `worker images`), and on a loop-mounted btrfs picks btrfs; once the host has volumes, auto
 //!   keeps their backend, and an explicit other backend is refused naming the recorded one.
 //! - A reboot (the overlay mounts taken away while the worker is down): the next worker mounts
-//!   every exposed snapshot again before it reports ready, with the snapshot's writes.
+//!   every live snapshot again before it reports ready, with the snapshot's writes, also one
+//!   whose `exposed` mark the power loss took.
 //! - `overlay.volatile`: a snapshot that lost its mount is released with the cause
 //!   `snapshot_lost` at start-up and never handed out again.
 
@@ -145,6 +146,12 @@ fn after_a_reboot_every_exposed_snapshot_is_mounted_again_before_the_worker_is_r
     let report: serde_json::Value = serde_json::from_slice(&reconcile.stdout).unwrap();
     assert_eq!(report["unexposed"].as_array().unwrap().len(), 2, "reconcile reports the unmounted snapshots: {report}");
     assert_eq!(reconcile.status.code(), Some(1), "{report}");
+    // The `exposed` mark waits for no fsync: a power loss can leave a finished activation's
+    // row `created`. Its snapshot is mounted again all the same.
+    let db = rusqlite::Connection::open(state.join("host.db")).unwrap();
+    let marked_back = db.execute("UPDATE snapshots SET state = 'created' WHERE run_id = 'activate-inv-2'", []).unwrap();
+    assert_eq!(marked_back, 1);
+    drop(db);
 
     let daemon = Daemon::start(state, &env);
     let ready = readyz(&daemon);

@@ -645,11 +645,17 @@ fn syncs(dir: &Path, mount: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The child `syncs` traces: a host on `state`, its family prepared, `n` activations.
+/// The child `syncs` traces: a host on `state`, its family prepared, `n` activations (on
+/// btrfs, or the backend named; also handy under `strace -f -tt -T` to see where an
+/// activation's time goes).
 pub fn syncs_child(args: &[String]) -> anyhow::Result<()> {
-    let [state, volumes, n] = args else { bail!("usage: bench activate-syncs <state> <volumes> <n>") };
+    let (state, volumes, n, backend) = match args {
+        [state, volumes, n] => (state, volumes, n, "btrfs"),
+        [state, volumes, n, backend] => (state, volumes, n, backend.as_str()),
+        _ => bail!("usage: bench activate-syncs <state> <volumes> <n> [backend, default btrfs]"),
+    };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let (host, base) = host(&rt, &PathBuf::from(state), "btrfs", &PathBuf::from(volumes), "bench")?;
+    let (host, base) = host(&rt, &PathBuf::from(state), backend, &PathBuf::from(volumes), "bench")?;
     for i in 0..n.parse::<usize>()? {
         // A marker in the trace between activations (`syncs` counts the syncs between two).
         // SAFETY: getppid has no preconditions and cannot fail.
