@@ -918,3 +918,113 @@ async fn a_finished_run_can_be_archived_and_its_id_started_again() {
     assert_eq!(slow.wait("busy").await.unwrap(), Outcome::Completed(1));
     engine.shutdown().await;
 }
+
+/// The workflows of `testdata/run-log-v1.redb`: three steps; `c` of a run whose input is
+/// "fail" aborts with a code; `b` of a run whose input is "retry" fails once, transiently;
+/// `b` of a run whose input is "hold" waits for `gate`.
+fn fixture_workflow(gate: Arc<tokio::sync::Semaphore>) -> Workflow<String, Vec<String>> {
+    let tries = Arc::new(AtomicU32::new(0));
+    Workflow::new("fixture", 1)
+        .step("a", |req: StepRequest<String, Vec<String>>| async move {
+            let mut w = req.w;
+            w.push(format!("a:{}", req.r));
+            Ok(w)
+        })
+        .step_with("b", quick(3), move |req: StepRequest<String, Vec<String>>| {
+            let (gate, tries) = (gate.clone(), tries.clone());
+            async move {
+                if req.r.as_str() == "retry" && tries.fetch_add(1, Ordering::SeqCst) == 0 {
+                    return Err(StepError::transient("first try fails"));
+                }
+                if req.r.as_str() == "hold" {
+                    let _permit = gate.acquire().await.map_err(StepError::abort)?;
+                }
+                let mut w = req.w;
+                w.push(format!("b:{}", req.r));
+                Ok(w)
+            }
+        })
+        .step("c", |req: StepRequest<String, Vec<String>>| async move {
+            if req.r.as_str() == "fail" {
+                return Err(StepError::abort_with("bad_source", "the fixture's failing run"));
+            }
+            let mut w = req.w;
+            w.push(format!("c:{}", req.r));
+            Ok(w)
+        })
+}
+
+#[tokio::test]
+#[ignore = "writes testdata/run-log-v1.redb with this version's format"]
+async fn write_the_run_log_fixture() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(&dir).await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let wf = engine.register(fixture_workflow(gate)).unwrap();
+    for input in ["done", "fail", "retry"] {
+        wf.run(&format!("{input}-1"), &input.to_owned(), &Vec::new()).await.unwrap();
+    }
+    let held = wf.clone();
+    let hold = tokio::spawn(async move { held.run("hold-1", &"hold".to_owned(), &Vec::new()).await });
+    wait_for_step(&engine, "hold-1", 1).await;
+    engine.shutdown().await;
+    hold.abort();
+    drop(engine);
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/fsm/testdata/run-log-v1.redb");
+    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+    std::fs::copy(dir.path().join("runs.redb"), &out).unwrap();
+}
+
+/// A run log written by the previous version of the engine (`testdata/run-log-v1.redb`, made
+/// by `write_the_run_log_fixture` before transitions folded their events): opened by this
+/// one, every run reads back with its responses and its whole history in order, the active
+/// run resumes from its committed step and completes, and new runs live beside the old ones.
+#[tokio::test]
+async fn a_run_log_written_by_the_previous_version_reads_back_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/fsm/testdata/run-log-v1.redb");
+    std::fs::copy(&fixture, dir.path().join("runs.redb")).unwrap();
+    let engine = open(&dir).await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(1));
+    let wf = engine.register(fixture_workflow(gate)).unwrap();
+    let kinds = |id: &str| -> Vec<String> {
+        let d = engine.run_detail(id).unwrap().unwrap();
+        let seqs: Vec<u64> = d.events.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "{id}: events in order, none missing");
+        d.events
+            .iter()
+            .map(|e| match &e.kind {
+                EventKind::Started => "started".to_owned(),
+                EventKind::Resumed { step, .. } => format!("resumed:{step}"),
+                EventKind::AttemptFailed { step, .. } => format!("failed:{step}"),
+                EventKind::StepCompleted { step, .. } => format!("done:{step}"),
+                EventKind::Finished { status, .. } => format!("finished:{status:?}"),
+            })
+            .collect()
+    };
+    assert_eq!(kinds("done-1"), ["started", "done:a", "done:b", "done:c", "finished:Completed"]);
+    assert_eq!(kinds("retry-1"), ["started", "done:a", "failed:b", "done:b", "done:c", "finished:Completed"]);
+    assert_eq!(kinds("fail-1"), ["started", "done:a", "done:b", "failed:c", "finished:Failed"]);
+    let failed = engine.run_detail("fail-1").unwrap().unwrap();
+    assert_eq!(failed.summary.failure.as_ref().and_then(|f| f.code.as_deref()), Some("bad_source"));
+    let done = engine.run_detail("done-1").unwrap().unwrap();
+    let last = done.responses.last().unwrap();
+    assert_eq!((last.index, &last.response), (3, &serde_json::json!(["a:done", "b:done", "c:done"])));
+
+    let report = engine.resume_all().await.unwrap();
+    assert_eq!(report.resumed, ["hold-1"]);
+    let Outcome::Completed(w) = wf.run("hold-1", &"hold".to_owned(), &Vec::new()).await.unwrap() else {
+        panic!("hold-1 did not complete")
+    };
+    assert_eq!(w, ["a:hold", "b:hold", "c:hold"]);
+    assert_eq!(kinds("hold-1"), ["started", "done:a", "resumed:b", "done:b", "done:c", "finished:Completed"]);
+    let Outcome::Completed(_) = wf.run("new-1", &"done".to_owned(), &Vec::new()).await.unwrap() else { panic!() };
+    assert_eq!(kinds("new-1"), ["started", "done:a", "done:b", "done:c", "finished:Completed"]);
+    let completed = engine
+        .list_runs(&RunFilter { status: Some(RunStatus::Completed), ..Default::default() })
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect::<std::collections::BTreeSet<_>>();
+    assert_eq!(completed, ["done-1", "hold-1", "new-1", "retry-1"].map(str::to_owned).into());
+}
