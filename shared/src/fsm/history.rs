@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::engine::Engine;
 use super::error::ReadError;
 use super::key;
-use super::schema::{Event, Failure, LOG, RUNS, RunRecord, RunStatus, read_header};
+use super::schema::{Event, Failure, LOG, RUNS, RunRecord, RunStatus, decode_response, read_header};
 use super::state::lock;
 
 /// Filters for [`Engine::list_runs`].
@@ -110,7 +110,7 @@ impl Engine {
         for entry in runs.iter().map_err(ReadError::from_any)? {
             let (id, value) = entry.map_err(ReadError::from_any)?;
             // The index has the workflow and the status; the header has the live step.
-            let Ok(indexed) = serde_json::from_slice::<RunRecord>(value.value()) else {
+            let Ok(indexed) = super::schema::decode_record(value.value()) else {
                 continue; // resume marks it failed; until then it cannot be listed
             };
             if filter.workflow.as_deref().is_some_and(|w| w != indexed.workflow)
@@ -152,14 +152,24 @@ impl Engine {
             .map_or(serde_json::Value::Null, |v| json_or_text(v.value()));
         let (lo, hi) = key::response_range(id);
         let mut responses = Vec::new();
+        // Steps' completions are folded into their response rows (`schema::encode_response`).
+        let mut events = Vec::new();
         for entry in log.range(lo.as_slice()..=hi.as_slice()).map_err(ReadError::from_any)? {
             let (k, v) = entry.map_err(ReadError::from_any)?;
-            if let Some(index) = key::response_index(k.value()) {
-                responses.push(RecordedResponse { index: index as u32, response: json_or_text(v.value()) });
-            }
+            let Some(index) = key::response_index(k.value()) else { continue };
+            let response = match decode_response(v.value()) {
+                Ok((folded, w)) => {
+                    events.extend(folded);
+                    json_or_text(w)
+                }
+                Err(e) => {
+                    tracing::warn!(run_id = %id, error = %e, "showing an undecodable response row as text");
+                    json_or_text(v.value())
+                }
+            };
+            responses.push(RecordedResponse { index: index as u32, response });
         }
         let (lo, hi) = key::event_range(id);
-        let mut events = Vec::new();
         for entry in log.range(lo.as_slice()..=hi.as_slice()).map_err(ReadError::from_any)? {
             let (_, v) = entry.map_err(ReadError::from_any)?;
             match serde_json::from_slice::<Event>(v.value()) {
@@ -167,6 +177,7 @@ impl Engine {
                 Err(e) => tracing::warn!(run_id = %id, error = %e, "skipping an undecodable history event"),
             }
         }
+        events.sort_by_key(|e| e.seq);
         Ok(Some(RunDetail { summary: summary(id, record), input, responses, events }))
     }
 }

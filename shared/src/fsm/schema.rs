@@ -2,15 +2,22 @@
 //!
 //! | table       | key                    | value                                   |
 //! |-------------|------------------------|-----------------------------------------|
-//! | `log`       | header key(run id)     | the live [`RunRecord`] as JSON          |
+//! | `log`       | header key(run id)     | the live [`RunRecord`], compact ([`encode_record`]) |
 //! | `log`       | input key(run id)      | the run's input `R` as JSON, written once |
 //! | `log`       | event key(run id, seq) | [`Event`] as JSON                       |
-//! | `log`       | response key(run id, i)| `W` after `i` steps; index 0 = initial `W` |
-//! | `runs`      | run id                 | the [`RunRecord`] as of its last status change (the index for listing) |
+//! | `log`       | response key(run id, i)| `W` after `i` steps as JSON (index 0 = initial `W`), after the step's folded `StepCompleted` event |
+//! | `runs`      | run id                 | the [`RunRecord`] as of its last status change (the index for listing), compact |
 //!
-//! Keys are made by [`super::key`]; one run's rows are adjacent. A transition writes only
-//! the `log` table (header, event, response: usually one leaf page), which keeps its commit
-//! close to redb's single-insert floor; `runs` is written when a run starts and finishes. Values are JSON so that the inspector can show them
+//! Keys are made by [`super::key`]; one run's rows are adjacent. A step's transition writes
+//! only the `log` table, and two rows of it (header, and the response with the step's
+//! `StepCompleted` event folded in front, [`encode_response`]: usually one leaf page), which
+//! keeps its commit close to redb's single-insert floor; other events (start, resume, failed
+//! attempts, finish) are rows of their own. A response row without a folded event (one
+//! written before events were folded, or index 0) is plain JSON: the reader tells them apart
+//! by the first byte (a folded row starts with 0, which no JSON text does). Headers are
+//! encoded compactly too (postcard after a 0 byte) and read back from JSON when an earlier
+//! version wrote them. So a run log written by an earlier version is read as it is, without
+//! a rewrite, and its runs go on in the new encoding; `runs` is written when a run starts and finishes. Values are JSON so that the inspector can show them
 //! without knowing the workflow's types, and so that a record that no longer decodes can be
 //! reported with a reason instead of blocking a resume.
 
@@ -156,6 +163,136 @@ pub enum EventKind {
     },
 }
 
+/// The first byte of a compact header; no JSON text starts with it.
+const COMPACT: u8 = 0;
+
+/// The header as postcard encodes it: every field, in this order (postcard has no field
+/// names, so fields are only ever appended, and enums keep their variants' order).
+#[derive(Serialize, Deserialize)]
+struct CompactRecord<'a> {
+    workflow: std::borrow::Cow<'a, str>,
+    version: u32,
+    status: RunStatus,
+    next_step: u32,
+    attempts: u32,
+    failed_attempts: u32,
+    next_event: u64,
+    created_at_ms: u64,
+    updated_at_ms: u64,
+    finished_at_ms: Option<u64>,
+    failure: Option<CompactFailure>,
+    trace_parent: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CompactFailure {
+    step: String,
+    error: String,
+    kind: FailureKind,
+    code: Option<String>,
+}
+
+/// A header (or `runs` index) value: `0`, then the record as postcard.
+pub(crate) fn encode_record(r: &RunRecord) -> Result<Vec<u8>, String> {
+    let compact = CompactRecord {
+        workflow: std::borrow::Cow::Borrowed(&r.workflow),
+        version: r.version,
+        status: r.status,
+        next_step: r.next_step,
+        attempts: r.attempts,
+        failed_attempts: r.failed_attempts,
+        next_event: r.next_event,
+        created_at_ms: r.created_at_ms,
+        updated_at_ms: r.updated_at_ms,
+        finished_at_ms: r.finished_at_ms,
+        failure: r.failure.as_ref().map(|f| CompactFailure {
+            step: f.step.clone(),
+            error: f.error.clone(),
+            kind: f.kind,
+            code: f.code.clone(),
+        }),
+        trace_parent: r.trace_parent.clone(),
+    };
+    let mut out = vec![COMPACT];
+    postcard::to_io(&compact, &mut out).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// A header (or `runs` index) value, compact or (written by an earlier version) JSON.
+pub(crate) fn decode_record(bytes: &[u8]) -> Result<RunRecord, String> {
+    let Some((&COMPACT, rest)) = bytes.split_first() else {
+        return serde_json::from_slice(bytes).map_err(|e| e.to_string());
+    };
+    let c: CompactRecord<'_> = postcard::from_bytes(rest).map_err(|e| format!("compact run record: {e}"))?;
+    Ok(RunRecord {
+        workflow: c.workflow.into_owned(),
+        version: c.version,
+        status: c.status,
+        next_step: c.next_step,
+        attempts: c.attempts,
+        failed_attempts: c.failed_attempts,
+        next_event: c.next_event,
+        created_at_ms: c.created_at_ms,
+        updated_at_ms: c.updated_at_ms,
+        finished_at_ms: c.finished_at_ms,
+        failure: c.failure.map(|f| Failure { step: f.step, error: f.error, kind: f.kind, code: f.code }),
+        trace_parent: c.trace_parent,
+    })
+}
+
+/// The first byte of a response row with a folded event; no JSON text starts with it.
+const FOLDED: u8 = 0;
+/// The folded event's encoding: this version's fixed-width fields.
+const FOLDED_V1: u8 = 1;
+
+/// A response row: `w` (JSON), after `completed` (a `StepCompleted` event) encoded compactly:
+/// `0, 1, seq u64, at_ms u64, attempt u32, duration_ms u64, step length u16, step` (little
+/// endian), then `w`.
+pub(crate) fn encode_response(completed: Option<&Event>, w: &[u8]) -> Vec<u8> {
+    let Some(Event { seq, at_ms, kind: EventKind::StepCompleted { step, attempt, duration_ms } }) = completed else {
+        return w.to_vec();
+    };
+    // Step names are short identifiers (`&'static str` in the workflow); longer ones are cut
+    // at 64 KiB, which no workflow comes near.
+    let step = &step.as_bytes()[..step.len().min(u16::MAX as usize)];
+    let mut out = Vec::with_capacity(32 + step.len() + w.len());
+    out.extend_from_slice(&[FOLDED, FOLDED_V1]);
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&at_ms.to_le_bytes());
+    out.extend_from_slice(&attempt.to_le_bytes());
+    out.extend_from_slice(&duration_ms.to_le_bytes());
+    out.extend_from_slice(&(step.len() as u16).to_le_bytes());
+    out.extend_from_slice(step);
+    out.extend_from_slice(w);
+    out
+}
+
+/// A response row's folded event (if any) and its response JSON.
+pub(crate) fn decode_response(row: &[u8]) -> Result<(Option<Event>, &[u8]), String> {
+    if row.first() != Some(&FOLDED) {
+        return Ok((None, row));
+    }
+    let bad = || "a response row with a folded event is cut short".to_owned();
+    if row.get(1) != Some(&FOLDED_V1) {
+        return Err(format!("a response row's folded event has unknown format {:?}", row.get(1)));
+    }
+    let mut at = 2;
+    let mut take = |n: usize| -> Result<&[u8], String> {
+        let field = row.get(at..at + n).ok_or_else(bad)?;
+        at += n;
+        Ok(field)
+    };
+    let u64_of = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or_default());
+    let seq = u64_of(take(8)?);
+    let at_ms = u64_of(take(8)?);
+    let attempt = u32::from_le_bytes(take(4)?.try_into().unwrap_or_default());
+    let duration_ms = u64_of(take(8)?);
+    let len = u16::from_le_bytes(take(2)?.try_into().unwrap_or_default()) as usize;
+    let step = String::from_utf8_lossy(take(len)?).into_owned();
+    let kind = EventKind::StepCompleted { step, attempt, duration_ms };
+    Ok((Some(Event { seq, at_ms, kind }), &row[at..]))
+}
+
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -165,5 +302,5 @@ pub(super) fn read_header(
     log: &redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
     id: &str,
 ) -> Result<Option<Result<RunRecord, String>>, redb::Error> {
-    Ok(log.get(key::header_key(id).as_slice())?.map(|v| serde_json::from_slice(v.value()).map_err(|e| e.to_string())))
+    Ok(log.get(key::header_key(id).as_slice())?.map(|v| decode_record(v.value())))
 }

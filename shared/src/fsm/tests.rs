@@ -919,7 +919,7 @@ async fn a_finished_run_can_be_archived_and_its_id_started_again() {
     engine.shutdown().await;
 }
 
-/// The workflows of `testdata/run-log-v1.redb`: three steps; `c` of a run whose input is
+/// The workflow of `testdata/run-log-v1.redb`: three steps; `c` of a run whose input is
 /// "fail" aborts with a code; `b` of a run whose input is "retry" fails once, transiently;
 /// `b` of a run whose input is "hold" waits for `gate`.
 fn fixture_workflow(gate: Arc<tokio::sync::Semaphore>) -> Workflow<String, Vec<String>> {
@@ -954,30 +954,10 @@ fn fixture_workflow(gate: Arc<tokio::sync::Semaphore>) -> Workflow<String, Vec<S
         })
 }
 
-#[tokio::test]
-#[ignore = "writes testdata/run-log-v1.redb with this version's format"]
-async fn write_the_run_log_fixture() {
-    let dir = tempfile::tempdir().unwrap();
-    let engine = open(&dir).await;
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let wf = engine.register(fixture_workflow(gate)).unwrap();
-    for input in ["done", "fail", "retry"] {
-        wf.run(&format!("{input}-1"), &input.to_owned(), &Vec::new()).await.unwrap();
-    }
-    let held = wf.clone();
-    let hold = tokio::spawn(async move { held.run("hold-1", &"hold".to_owned(), &Vec::new()).await });
-    wait_for_step(&engine, "hold-1", 1).await;
-    engine.shutdown().await;
-    hold.abort();
-    drop(engine);
-    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/fsm/testdata/run-log-v1.redb");
-    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
-    std::fs::copy(dir.path().join("runs.redb"), &out).unwrap();
-}
-
-/// A run log written by the previous version of the engine (`testdata/run-log-v1.redb`, made
-/// by `write_the_run_log_fixture` before transitions folded their events): opened by this
-/// one, every run reads back with its responses and its whole history in order, the active
+/// A run log written by the previous version of the engine (`testdata/run-log-v1.redb`: the
+/// runs `done-1`, `fail-1`, `retry-1` and `hold-1` of [`fixture_workflow`], the last stopped
+/// at step `b`, written before steps' events were folded into their response rows): opened
+/// by this one, every run reads back with its responses and its whole history in order, the active
 /// run resumes from its committed step and completes, and new runs live beside the old ones.
 #[tokio::test]
 async fn a_run_log_written_by_the_previous_version_reads_back_and_resumes() {
@@ -1027,4 +1007,19 @@ async fn a_run_log_written_by_the_previous_version_reads_back_and_resumes() {
         .map(|r| r.id)
         .collect::<std::collections::BTreeSet<_>>();
     assert_eq!(completed, ["done-1", "hold-1", "new-1", "retry-1"].map(str::to_owned).into());
+}
+
+#[test]
+fn a_response_row_carries_its_folded_event_and_plain_json_rows_still_read() {
+    let event = Event {
+        seq: 7,
+        at_ms: 1_700_000_000_123,
+        kind: EventKind::StepCompleted { step: "unpack_into_base".into(), attempt: 2, duration_ms: 345 },
+    };
+    let w = br#"{"base":3}"#;
+    let row = schema::encode_response(Some(&event), w);
+    assert_eq!(schema::decode_response(&row).unwrap(), (Some(event), &w[..]));
+    assert_eq!(schema::decode_response(w).unwrap(), (None, &w[..]), "a row of the previous format is plain JSON");
+    assert_eq!(schema::encode_response(None, w), w.to_vec());
+    assert!(schema::decode_response(&row[..20]).is_err(), "a cut row is an error, not a guess");
 }

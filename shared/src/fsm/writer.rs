@@ -20,7 +20,10 @@ use tokio::sync::oneshot;
 
 use super::error::StorageError;
 use super::key;
-use super::schema::{Event, EventKind, Failure, FailureKind, LOG, RUNS, RunRecord, RunStatus, now_ms};
+use super::schema::{
+    Event, EventKind, Failure, FailureKind, LOG, RUNS, RunRecord, RunStatus, decode_record, decode_response,
+    encode_response, now_ms,
+};
 use crate::sync::{GroupCommit, Joined};
 
 /// Requests applied in one transaction at most.
@@ -260,10 +263,7 @@ impl Tables<'_> {
 
     /// The live header of run `id` (from `log`).
     fn read_record(&self, id: &str) -> Result<Option<Result<RunRecord, String>>, redb::Error> {
-        Ok(self
-            .log
-            .get(key::header_key(id).as_slice())?
-            .map(|v| serde_json::from_slice(v.value()).map_err(|e| e.to_string())))
+        Ok(self.log.get(key::header_key(id).as_slice())?.map(|v| decode_record(v.value())))
     }
 
     /// Writes the header; with `index`, also the `runs` index (on start and status changes).
@@ -335,7 +335,14 @@ impl Tables<'_> {
             return Ok(Err(OpError::Fenced { id: c.id, why }));
         }
         let now = now_ms();
-        for kind in c.events {
+        let mut events = c.events;
+        // A step's completion rides in its response row (`schema::encode_response`): a
+        // transition writes two rows, not three.
+        let folded = match (&c.update, events.last()) {
+            (Update::Advance { .. }, Some(EventKind::StepCompleted { .. })) => events.pop(),
+            _ => None,
+        };
+        for kind in events {
             if matches!(kind, EventKind::AttemptFailed { .. }) {
                 record.failed_attempts += 1;
             }
@@ -345,7 +352,13 @@ impl Tables<'_> {
             Update::Advance { w, last } => {
                 record.next_step += 1;
                 record.attempts = 0;
-                self.log.insert(key::response_key(&c.id, u64::from(record.next_step)).as_slice(), w.as_slice())?;
+                let completed = folded.map(|kind| {
+                    let event = Event { seq: record.next_event, at_ms: now, kind };
+                    record.next_event += 1;
+                    event
+                });
+                let row = encode_response(completed.as_ref(), &w);
+                self.log.insert(key::response_key(&c.id, u64::from(record.next_step)).as_slice(), row.as_slice())?;
                 if last {
                     record.status = RunStatus::Completed;
                     record.finished_at_ms = Some(now);
@@ -370,11 +383,18 @@ impl Tables<'_> {
     }
 
     fn mark_corrupt(&mut self, id: &str, reason: String) -> Applied {
+        // After every event recorded: the last event row's, or the last folded one's.
         let (lo, hi) = key::event_range(id);
-        let next_event = match self.log.range(lo.as_slice()..=hi.as_slice())?.next_back() {
+        let after_rows = match self.log.range(lo.as_slice()..=hi.as_slice())?.next_back() {
             Some(entry) => key::decode(entry?.0.value()).map_or(0, |(_, seq)| seq + 1),
             None => 0,
         };
+        let (lo, hi) = key::response_range(id);
+        let after_folded = match self.log.range(lo.as_slice()..=hi.as_slice())?.next_back() {
+            Some(entry) => decode_response(entry?.1.value()).ok().and_then(|(e, _)| e).map_or(0, |e| e.seq + 1),
+            None => 0,
+        };
+        let next_event = after_rows.max(after_folded);
         let now = now_ms();
         let failure = Failure { step: "(unknown)".into(), error: reason, kind: FailureKind::Corrupt, code: None };
         let mut record = RunRecord {
@@ -436,7 +456,7 @@ impl Tables<'_> {
             let (id, value) = entry?;
             // The index's status is current once a run has finished. Undecodable records are
             // never pruned here: resume marks them failed first.
-            if let Ok(record) = serde_json::from_slice::<RunRecord>(value.value())
+            if let Ok(record) = decode_record(value.value())
                 && record.status.is_finished()
                 && record.finished_at_ms.is_some_and(|t| t < finished_before_ms)
             {
@@ -453,7 +473,7 @@ impl Tables<'_> {
 }
 
 fn encode_record(record: &RunRecord) -> Result<Vec<u8>, redb::Error> {
-    serde_json::to_vec(record).map_err(encode_error)
+    super::schema::encode_record(record).map_err(|e| redb::Error::from(std::io::Error::other(format!("encode: {e}"))))
 }
 
 /// Encoding our own plain structs cannot fail in practice; if it does, the batch aborts

@@ -43,7 +43,15 @@ impl Engine {
             RunStatus::Completed => {
                 let k = key::response_key(id, u64::from(record.next_step));
                 match log.get(k.as_slice())? {
-                    Some(w) => Lookup::Finished(RawOutcome::Completed(w.value().to_vec())),
+                    Some(row) => match super::super::schema::decode_response(row.value()) {
+                        Ok((_, w)) => Lookup::Finished(RawOutcome::Completed(w.to_vec())),
+                        Err(why) => Lookup::Finished(RawOutcome::Failed(Failure {
+                            step: "(final)".into(),
+                            error: why,
+                            kind: FailureKind::Corrupt,
+                            code: None,
+                        })),
+                    },
                     None => Lookup::Finished(RawOutcome::Failed(Failure {
                         step: "(final)".into(),
                         error: "completed run has no final response".into(),

@@ -17,7 +17,7 @@ impl Engine {
             for entry in runs.iter().map_err(ReadError::from_any)? {
                 let (id, value) = entry.map_err(ReadError::from_any)?;
                 let id = id.value().to_owned();
-                match serde_json::from_slice::<RunRecord>(value.value()) {
+                match super::super::schema::decode_record(value.value()) {
                     Ok(r) if r.status == RunStatus::Active => {}
                     Ok(_) => continue,
                     Err(e) => {
@@ -141,7 +141,8 @@ impl Engine {
         let input = self.read_log(&key::input_key(id)).map_err(ResumeBlocker::Storage)?;
         let w = self.read_log(&key::response_key(id, u64::from(record.next_step))).map_err(ResumeBlocker::Storage)?;
         let input = input.ok_or("the run's input is missing")?;
-        let w = w.ok_or_else(|| format!("the response before step {} is missing", record.next_step))?;
+        let row = w.ok_or_else(|| format!("the response before step {} is missing", record.next_step))?;
+        let w = super::super::schema::decode_response(&row)?.1.to_vec();
         let bound = wf.bind(id.into(), &input)?;
         Ok((bound, w))
     }
