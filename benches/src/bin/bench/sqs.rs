@@ -252,6 +252,8 @@ async fn worker(
     thinpipe::image::write_sample_family(state.path(), "bench")?;
     let sets = [
         format!("state_dir={}", state.path().display()),
+        // Named, not `auto`: as root `auto` picks overlay, whose snapshots stay mounted.
+        "backend=dir".into(),
         format!("worker.concurrency={CONCURRENCY}"),
         "queue.kind=sqs".into(),
         format!("queue.url={url}"),
