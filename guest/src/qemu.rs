@@ -1,6 +1,6 @@
 //! The host side of the dm-thin guest: Debian's kernel booted in QEMU (TCG) from an initramfs holding
-//! busybox, one guest program with the shared libraries `ldd` lists, `mkfs.ext4`,
-//! `thin_ls` and the device-mapper and ext4 modules, with sparse virtio disks ([`DISKS`]) that persist across boots. The guest reports through
+//! busybox, one guest program with the shared libraries `ldd` lists, `mkfs.ext4`, `mkfs.xfs`,
+//! `thin_ls` and the device-mapper, ext4, XFS and overlay modules, with sparse virtio disks ([`DISKS`]) that persist across boots. The guest reports through
 //! `THINPIPE-GUEST ...` marker lines on the serial console.
 //!
 //! `scripts/guest-kernel` fetches the kernel and busybox into a cache folder
@@ -14,7 +14,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// Modules in load order (busybox `insmod` resolves no dependencies).
-pub const MODULES: [&str; 17] = [
+pub const MODULES: [&str; 19] = [
     "virtio_ring",
     "virtio",
     "virtio_pci_modern_dev",
@@ -32,12 +32,15 @@ pub const MODULES: [&str; 17] = [
     "mbcache",
     "jbd2",
     "ext4",
+    "xfs", // after libcrc32c
+    "overlay",
 ];
 
 /// The virtio disks in order (vda..vdg): the pool's metadata and data, the worker's state,
 /// a tiny pool's metadata and data (for running out of data space), and a small pool's (for
-/// garbage collection and capacity watermarks). Sparse files.
-const DISKS: [(&str, u64); 7] = [
+/// garbage collection and capacity watermarks), and an XFS for the overlay backend's size
+/// limits (mkfs.xfs wants 300 MiB at least). Sparse files.
+const DISKS: [(&str, u64); 8] = [
     ("meta.img", 64 << 20),
     ("data.img", 2 << 30),
     ("state.img", 512 << 20),
@@ -45,6 +48,7 @@ const DISKS: [(&str, u64); 7] = [
     ("tiny-data.img", 24 << 20),
     ("small-meta.img", 8 << 20),
     ("small-data.img", 128 << 20),
+    ("xfs.img", 320 << 20),
 ];
 
 const INIT: &str = r#"#!/bin/busybox sh
@@ -150,11 +154,14 @@ impl Guest {
             PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/thinpipe/guest")
         });
         let qemu = which("qemu-system-x86_64");
-        let ready = cache.join("vmlinux").is_file() && qemu.is_some() && which("thin_ls").is_some();
+        let ready = cache.join("vmlinux").is_file()
+            && qemu.is_some()
+            && which("thin_ls").is_some()
+            && which("mkfs.xfs").is_some();
         if !ready {
             assert!(
                 std::env::var("CI").is_err(),
-                "the dm-thin guest needs qemu-system-x86, thin-provisioning-tools and {} (scripts/test sets them up)",
+                "the dm-thin guest needs qemu-system-x86, thin-provisioning-tools, xfsprogs and {} (scripts/test sets them up)",
                 cache.join("vmlinux").display()
             );
             eprintln!("skipping: the dm-thin guest is not set up (run scripts/test, or scripts/guest-kernel)");
@@ -189,6 +196,9 @@ impl Guest {
         if Path::new("/etc/mke2fs.conf").is_file() {
             put(&root, Path::new("/etc/mke2fs.conf"), "/etc/mke2fs.conf");
         }
+        let mkfs_xfs = which("mkfs.xfs").expect("mkfs.xfs (xfsprogs)");
+        put(&root, &mkfs_xfs, "/sbin/mkfs.xfs");
+        put_libraries(&root, &mkfs_xfs);
         let thin_ls = std::fs::canonicalize(which("thin_ls").expect("thin_ls")).expect("thin_ls");
         put(&root, &thin_ls, "/usr/sbin/pdata_tools");
         std::os::unix::fs::symlink("pdata_tools", root.join("usr/sbin/thin_ls")).expect("thin_ls link");

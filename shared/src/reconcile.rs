@@ -312,20 +312,21 @@ mod tests {
         let (_dir, store, backend, base) = host();
         let snap = intend(&store, "activate-a", base);
         backend.snapshot(base, snap.id).unwrap();
-        // Planted: a snapshot and a base no record names.
-        backend.snapshot(base, 99).unwrap();
+        // Planted: a snapshot and a base no record names (the snapshot's id past the reserved
+        // batch: a reserved id's volume is start-up's to resolve, not an orphan).
+        backend.snapshot(base, 9999).unwrap();
         backend.create_base(42).unwrap();
         // Intended but not yet created: missing, not an error.
         let pending = intend(&store, "activate-b", base);
 
         let report = reconcile(&store, &backend, false).unwrap();
-        assert_eq!(report.orphans, ["base-42", "snap-99"]);
+        assert_eq!(report.orphans, ["base-42", "snap-9999"]);
         assert_eq!(report.missing, [VolumeId::Snap(pending.id).to_string()]);
         assert!(report.deleted.is_empty() && !report.is_clean());
-        assert!(backend.exists(VolumeId::Snap(99)).unwrap(), "no fix: nothing deleted");
+        assert!(backend.exists(VolumeId::Snap(9999)).unwrap(), "no fix: nothing deleted");
 
         let fixed = reconcile(&store, &backend, true).unwrap();
-        assert_eq!(fixed.deleted, ["snap-99", "base-42"]);
+        assert_eq!(fixed.deleted, ["snap-9999", "base-42"]);
         assert!(fixed.is_clean());
         assert_eq!(reconcile(&store, &backend, false).unwrap().orphans, Vec::<String>::new());
         assert!(backend.exists(VolumeId::Snap(snap.id)).unwrap());

@@ -294,7 +294,8 @@ pub fn choose_backend(config: &Config, store: &Store) -> anyhow::Result<BackendC
             .with_context(|| format!("the host database records volumes on an unknown backend: {place}"))?;
         return Ok(chosen(
             kind,
-            format!("the host's volumes were made with it ({place}); a host never changes backend under its volumes"),
+            // The place itself is shown beside (`worker images`' `volumes:` line): not twice.
+            "the host's volumes were made with it (as the host database records); a host never changes backend under its volumes".to_owned(),
         ));
     }
     if !config.dmthin.pool.trim().is_empty() {

@@ -59,6 +59,27 @@ impl StopSignal {
         })
     }
 
+    /// Runs short blocking work `f` (a few system calls, one small transaction) on the step's
+    /// own thread, as work of this attempt: two thread hand-offs fewer than
+    /// [`StopSignal::spawn_blocking`] (about 0.1 ms on an activation's path). Such work cannot
+    /// stop half-way anyway, so nothing is lost by not being able to leave it: a stop that
+    /// comes meanwhile is seen once it returns. On a multi-thread runtime the thread's other
+    /// tasks move to another worker meanwhile (`block_in_place`); elsewhere (tests, small
+    /// tools) it goes to a blocking thread as `spawn_blocking` does.
+    pub async fn run_short<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, tokio::task::JoinError> {
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
+                let _held = self.work.token();
+                self.had_work.store(true, Ordering::SeqCst);
+                Ok(tokio::task::block_in_place(f))
+            }
+            _ => self.spawn_blocking(f).await,
+        }
+    }
+
     /// Fires the signal and waits for the attempt's blocking work to return.
     pub(crate) async fn finish(&self) {
         self.token.cancel();

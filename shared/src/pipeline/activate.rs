@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::{PipelineContext, blocking, store_err, volume_err};
+use super::{PipelineContext, blocking_short, store_err, volume_err};
 use crate::fault;
 use crate::fsm::{StepError, StepRequest, StepResult, Workflow};
 use crate::store::{Advance, Intent, SnapshotRow};
@@ -53,7 +53,7 @@ async fn activate_snapshot(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Ac
     let ttl = req.r.ttl_secs.map(std::time::Duration::from_secs);
     let _serial = ctx.invocations.lock(&req.r.invocation_id).await;
     let c = ctx.clone();
-    let (snap, path, digest) = blocking(&req.stop, move || {
+    let (snap, path, digest) = blocking_short(&req.stop, move || {
         let row = match c
             .store
             .intend_snapshot(&run_id, &family, base, ttl, c.host_id.as_deref(), |id| VolumeId::Snap(id).to_string())

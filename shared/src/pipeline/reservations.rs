@@ -45,15 +45,12 @@ impl Pipeline {
     pub async fn resolve_reserved_ids(&self) -> Result<Resolved, ReservationError> {
         let (store, backend) = (self.ctx.store.clone(), self.ctx.backend.clone());
         let found = tokio::task::spawn_blocking(move || -> Result<Vec<u64>, ReservationError> {
-            let leftovers = backend.leftovers()?;
-            let mut found = Vec::new();
-            for id in store.unbound_snapshot_ids()? {
-                let vol = VolumeId::Snap(id);
-                if backend.exists(vol)? || leftovers.iter().any(|l| l.of == vol) {
-                    found.push(id);
-                }
-            }
-            Ok(found)
+            // One listing, not a lookup per reserved id: a batch is large, and on dm-thin a
+            // lookup of a missing id costs a device activation attempt.
+            let mut on_disk: std::collections::BTreeSet<VolumeId> = backend.list()?.into_iter().collect();
+            on_disk.extend(backend.leftovers()?.into_iter().map(|l| l.of));
+            let unbound = store.unbound_snapshot_ids()?;
+            Ok(unbound.into_iter().filter(|&id| on_disk.contains(&VolumeId::Snap(id))).collect())
         })
         .await
         .map_err(|e| ReservationError::Task(e.to_string()))??;

@@ -105,6 +105,9 @@ impl Store {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let mut conn = Connection::open_with_flags(&path, flags).map_err(err)?;
         conn.busy_timeout(options.busy_timeout).map_err(err)?;
+        // Room for every statement the store prepares (about 60; rusqlite keeps 16 by default),
+        // so a statement on a hot path is parsed once per connection, not once per call.
+        conn.set_prepared_statement_cache_capacity(128);
         // journal_mode answers with a row; the first read of the file happens here, so a
         // corrupt or foreign file is reported now, not at the first job.
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(err)?;

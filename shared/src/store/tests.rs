@@ -465,7 +465,7 @@ fn the_background_checkpointer_moves_the_wal_into_the_database() {
 fn concurrent_intents_bind_reserved_ids_once_each() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(open(&dir));
-    let (threads, each) = (16, 40);
+    let (threads, each) = (16, 64);
     let handles: Vec<_> = (0..threads)
         .map(|t| {
             let store = store.clone();

@@ -76,3 +76,30 @@ pub fn run(b: &dyn VolumeBackend) {
     assert!(b.list().unwrap().is_empty());
     assert!(b.leftovers().unwrap().is_empty(), "finished calls leave no in-between artifact");
 }
+
+/// The overlay backend's per-snapshot size limits where they exist: at `root` on XFS mounted
+/// with `prjquota`, the conformance suite passes with a limit set, each snapshot can write
+/// up to its limit and no further (EDQUOT, or ENOSPC as XFS reports a project over its
+/// limit), and another snapshot has a limit of its own. Leaves `root` empty.
+pub fn overlay_size_limits(root: &std::path::Path) {
+    use super::{OverlayBackend, OverlayOptions};
+    const LIMIT: u64 = 8 << 20;
+    let options = OverlayOptions { snapshot_bytes: Some(LIMIT), ..Default::default() };
+    let b = OverlayBackend::open(root, options).expect("XFS with prjquota takes a size limit");
+    run(&b);
+    b.create_base(1).unwrap();
+    fs::write(b.reset_base(1).unwrap().join("f"), b"base").unwrap();
+    b.seal_base(1).unwrap();
+    b.snapshot(1, 1).unwrap();
+    let one = b.expose(1).unwrap();
+    fs::write(one.join("small"), vec![1u8; 4 << 20]).expect("a write under the limit");
+    let err = fs::write(one.join("large"), vec![1u8; 16 << 20]).expect_err("a write past the limit is refused");
+    assert!(matches!(err.raw_os_error(), Some(libc::EDQUOT | libc::ENOSPC)), "past the limit: {err}");
+    b.snapshot(1, 2).unwrap();
+    fs::write(b.expose(2).unwrap().join("small"), vec![1u8; 4 << 20]).expect("another snapshot, its own limit");
+    for snap in [1, 2] {
+        b.delete(VolumeId::Snap(snap)).unwrap();
+    }
+    b.delete(VolumeId::Base(1)).unwrap();
+    assert!(b.list().unwrap().is_empty());
+}

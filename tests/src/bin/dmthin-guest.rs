@@ -4,7 +4,9 @@
 //!
 //! Disks: vda/vdb the pool's metadata and data, vdc the worker's state, vdd/vde a tiny
 //! second pool that runs out of data space, vdf/vdg a small third pool that garbage
-//! collection and the capacity watermarks keep from running out of data space.
+//! collection and the capacity watermarks keep from running out of data space, vdh an XFS
+//! with project quotas for the overlay backend's per-snapshot size limits (a kernel with XFS
+//! quota support, which the machines that run the tests may lack).
 //!
 //! Phases (one per boot; the disks persist between boots): `first` makes a fresh pool and
 //! runs the backend checks and the pipeline; `crash` prepares a family with the
@@ -455,6 +457,21 @@ fn teardown(b: DmThinBackend) -> Result<(), String> {
     sh("umount", &[STATE])
 }
 
+/// The overlay backend's size limits on a fresh XFS on vdh, mounted with `prjquota`.
+fn overlay_size_limits() -> Result<(), String> {
+    const XFS: &str = "/xfs";
+    sh("mkfs.xfs", &["-q", "-f", "/dev/vdh"])?;
+    std::fs::create_dir_all(XFS).map_err(|e| format!("{XFS}: {e}"))?;
+    sh("mount", &["-t", "xfs", "-o", "prjquota", "/dev/vdh", XFS])?;
+    let suite = std::panic::catch_unwind(|| conformance::overlay_size_limits(&Path::new(XFS).join("vols")));
+    if let Err(p) = suite {
+        let why = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+        // What it left mounted stays: the guest powers off next.
+        return Err(format!("the overlay size-limit suite failed: {}", why.unwrap_or_default()));
+    }
+    sh("umount", &[XFS])
+}
+
 fn main() {
     let phase = std::env::args().nth(1).unwrap_or_default();
     let Some(rt) = thinpipe_guest::inside::runtime() else { return };
@@ -488,6 +505,7 @@ fn main() {
             check("a small pool: garbage collection gives blocks back, admission refuses before it fills", || {
                 rt.block_on(small_pool_lifecycle())
             });
+            check("overlay on XFS with project quotas: each snapshot's size limit is enforced", overlay_size_limits);
             // Volumes stay mounted, as on a host that powers off; /init syncs first.
         }
         "crash" => {

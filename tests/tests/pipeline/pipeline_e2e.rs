@@ -113,17 +113,17 @@ fn prepare_once_activate_concurrently_redeliver_and_release(state: &Path, volume
     } else {
         Box::new(thinpipe::volume::DirBackend::open(volumes).unwrap())
     };
-    backend.snapshot(base, 99).unwrap();
+    backend.snapshot(base, 9999).unwrap();
     let (code, out, err) = reconcile(&[]);
     assert_eq!(code, Some(1), "{out}{err}");
-    assert!(out.contains("orphan  snap-99") && out.contains("--fix"), "{out}");
-    assert!(backend.exists(VolumeId::Snap(99)).unwrap(), "no --fix: nothing deleted");
+    assert!(out.contains("orphan  snap-9999") && out.contains("--fix"), "{out}");
+    assert!(backend.exists(VolumeId::Snap(9999)).unwrap(), "no --fix: nothing deleted");
     let (code, out, err) = reconcile(&["--fix", "--json"]);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(err.contains("deleted an orphan volume"), "the deletion is logged: {err}");
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(report["deleted"], serde_json::json!(["snap-99"]));
-    assert!(!backend.exists(VolumeId::Snap(99)).unwrap());
+    assert_eq!(report["deleted"], serde_json::json!(["snap-9999"]));
+    assert!(!backend.exists(VolumeId::Snap(9999)).unwrap());
     assert!(backend.exists(VolumeId::Base(base)).unwrap(), "a claimed volume is never deleted");
 }
 

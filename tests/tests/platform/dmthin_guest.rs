@@ -5,7 +5,9 @@
 //!    every error case with its errno, a second pool run out of data space, the pipeline
 //!    (prepare, 60 activations, 30 releases, reconcile clean), and a third, small pool driven
 //!    through the lifecycle (a collected version's blocks come back; admission refuses with
-//!    "host full" while the pool is still `rw`; releases bring admission back);
+//!    "host full" while the pool is still `rw`; releases bring admission back); and the
+//!    overlay backend's per-snapshot size limits on an XFS with project quotas (this
+//!    machine's kernel has no XFS quota support; the guest's Debian kernel has);
 //! 2. `crash`: a prepare dies at `dmthin.after_create_thin` (between the thin device's
 //!    creation and the step's checkpoint) and the guest loses power without a sync;
 //! 3. `resume`: the run resumes with no orphan and no id allocated twice, `reconcile` finds
@@ -34,6 +36,7 @@ fn a_thin_pool_on_a_real_kernel_survives_the_pipeline_a_power_cut_and_reconcile(
         "a pool out of data space aborts with its status",
         "pipeline: prepare, 60 activations, 30 releases, reconcile",
         "a small pool: garbage collection gives blocks back, admission refuses before it fills",
+        "overlay on XFS with project quotas: each snapshot's size limit is enforced",
     ]);
     assert!(first.markers().contains(&"done first"), "console:\n{}", first.console);
 
