@@ -22,6 +22,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use super::digest::{Digest, Hasher};
 use super::error::ImageError;
 
 /// Limits and permissions for applying layers.
@@ -120,16 +121,20 @@ const OPAQUE: &str = ".wh..wh..opq";
 
 /// Applies the layer blob at `blob` (tar, gzip or zstd) onto `root`.
 pub fn apply_layer(root: &Path, blob: &Path, layer: &str, opts: &ApplyOptions) -> Result<ApplyStats, ImageError> {
-    apply_layer_reporting(root, blob, layer, opts, &|_| {}, &|_| {})
+    apply_layer_reporting(root, blob, layer, None, opts, &|_| {}, &|_| {})
 }
 
-/// [`apply_layer`], calling `on_read` with the number of blob bytes read as it goes, and
-/// `on_entry` with the file bytes written after each entry applied (a layer of many small
-/// files is read long before it is applied: the entries say how far it is).
+/// [`apply_layer`], checking the uncompressed tar against `diff_id` (the image config's
+/// digest of it) when given, and calling `on_read` with the number of blob bytes read as it
+/// goes, and `on_entry` with the file bytes written after each entry applied (a layer of many
+/// small files is read long before it is applied: the entries say how far it is). A
+/// mismatch is [`ImageError::DiffIdMismatch`] after the entries were applied: the caller
+/// must not seal what it applied them to.
 pub fn apply_layer_reporting(
     root: &Path,
     blob: &Path,
     layer: &str,
+    diff_id: Option<&Digest>,
     opts: &ApplyOptions,
     on_read: &dyn Fn(u64),
     on_entry: &dyn Fn(u64),
@@ -146,7 +151,9 @@ pub fn apply_layer_reporting(
     } else {
         Box::new(reader)
     };
-    Applier {
+    // Hashed only when there is a digest to check (a flat family's layers have none).
+    let mut tar = Hashed { inner: stream, hasher: diff_id.map(|_| Hasher::default()) };
+    let stats = Applier {
         root,
         layer,
         opts,
@@ -155,7 +162,38 @@ pub fn apply_layer_reporting(
         known_dirs: HashSet::new(),
         on_entry,
     }
-    .run(stream)
+    .run(Box::new(&mut tar))?;
+    if let Some(expected) = diff_id {
+        // The digest covers the whole tar: its end-of-archive blocks and any padding after
+        // them too, which the entries never read.
+        std::io::copy(&mut tar, &mut std::io::sink()).map_err(|e| ImageError::io("reading layer", blob, e))?;
+        let actual = tar.hasher.take().unwrap_or_default().finish();
+        if actual != *expected {
+            return Err(ImageError::DiffIdMismatch {
+                layer: layer.to_owned(),
+                expected: expected.to_string(),
+                actual: actual.to_string(),
+            });
+        }
+    }
+    Ok(stats)
+}
+
+/// A reader that hashes what it reads, when it has a hasher (the uncompressed tar, for its
+/// diff id).
+struct Hashed<R> {
+    inner: R,
+    hasher: Option<Hasher>,
+}
+
+impl<R: Read> Read for Hashed<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(h) = &mut self.hasher {
+            h.update(&buf[..n]);
+        }
+        Ok(n)
+    }
 }
 
 /// A reader that reports how many bytes it has read.

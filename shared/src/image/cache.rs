@@ -418,6 +418,7 @@ mod tests {
             location: "blob".into(),
             digest: Digest::of_bytes(blob),
             size: blob.len() as u64,
+            diff_id: None,
         }
     }
 

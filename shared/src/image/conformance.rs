@@ -1,5 +1,6 @@
 //! The conformance suite every blob source passes (`BlobSource`: the directory, S3, and
-//! the registry when it comes): what a manifest resolves to, kept versions, a flat family's
+//! the registry when it comes): what a manifest resolves to (an OCI image's layers with the
+//! uncompressed digests its config lists), kept versions, a flat family's
 //! layer order, byte-exact blobs from any offset (a resumed download), and the errors a
 //! caller's mistake must give (not found, bad name, missing blob), none of them retryable.
 //!
@@ -51,7 +52,14 @@ fn blob(root: &Path, bytes: &[u8]) -> Digest {
 /// Adds a version of `family` to the OCI layout at `root` (its blobs, and `index.json`
 /// naming it as the family's current version); the manifest digest.
 fn oci_version(root: &Path, family: &str, layers: &[(&str, &[u8])]) -> Digest {
-    let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let diff_ids: Vec<String> = layers.iter().map(|(_, bytes)| diff_id(bytes).to_string()).collect();
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    }))
+    .unwrap();
+    let config = config.as_slice();
     let config_digest = blob(root, config);
     let layers: Vec<serde_json::Value> = layers
         .iter()
@@ -89,9 +97,24 @@ async fn read_blob(source: &dyn BlobSource, layer: &LayerDesc, offset: u64) -> V
     out
 }
 
-fn assert_layers(what: &str, got: &[LayerDesc], want: &[&[u8]]) {
-    let got: Vec<(Digest, u64)> = got.iter().map(|l| (l.digest.clone(), l.size)).collect();
-    let want: Vec<(Digest, u64)> = want.iter().map(|b| (Digest::of_bytes(b), b.len() as u64)).collect();
+/// The digest of a layer's uncompressed tar (`bytes` may be gzip).
+fn diff_id(bytes: &[u8]) -> Digest {
+    if bytes.starts_with(&[0x1f, 0x8b]) {
+        let mut tar = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::MultiGzDecoder::new(bytes), &mut tar).unwrap();
+        Digest::of_bytes(&tar)
+    } else {
+        Digest::of_bytes(bytes)
+    }
+}
+
+/// `got` are the layers `want` in order; with `diff_ids`, each carries its uncompressed digest
+/// (an OCI image's config lists them), else none (a flat family has no config).
+fn assert_layers(what: &str, got: &[LayerDesc], want: &[&[u8]], diff_ids: bool) {
+    let got: Vec<(Digest, u64, Option<Digest>)> =
+        got.iter().map(|l| (l.digest.clone(), l.size, l.diff_id.clone())).collect();
+    let want: Vec<(Digest, u64, Option<Digest>)> =
+        want.iter().map(|b| (Digest::of_bytes(b), b.len() as u64, diff_ids.then(|| diff_id(b)))).collect();
     assert_eq!(got, want, "{what}: the layers, in order");
 }
 
@@ -111,7 +134,7 @@ pub async fn run(source: &dyn BlobSource, publish: impl AsyncFn(&Path, &str)) {
     publish(root, OCI_FAMILY).await;
     let m = source.manifest(OCI_FAMILY).await.unwrap();
     assert_eq!((m.family.as_str(), &m.digest), (OCI_FAMILY, &v1), "the index names version 1");
-    assert_layers("version 1", &m.layers, &[&shared, &one]);
+    assert_layers("version 1", &m.layers, &[&shared, &one], true);
     assert_eq!(m.layers[0].media_type, gz, "media types as the manifest gives them");
     assert_eq!(source.manifest(OCI_FAMILY).await.unwrap(), m, "resolving twice gives the same manifest");
 
@@ -119,7 +142,7 @@ pub async fn run(source: &dyn BlobSource, publish: impl AsyncFn(&Path, &str)) {
     publish(root, OCI_FAMILY).await;
     let m2 = source.manifest(OCI_FAMILY).await.unwrap();
     assert_eq!(m2.digest, v2, "the index now names version 2");
-    assert_layers("version 2", &m2.layers, &[&shared, &two]);
+    assert_layers("version 2", &m2.layers, &[&shared, &two], true);
     let kept = source.manifest_at(OCI_FAMILY, &v1).await.unwrap();
     assert_eq!(kept, m, "an earlier version is still served by its digest");
     assert_eq!(source.manifest_at(OCI_FAMILY, &v2).await.unwrap(), m2);
@@ -132,7 +155,7 @@ pub async fn run(source: &dyn BlobSource, publish: impl AsyncFn(&Path, &str)) {
     std::fs::write(flat_dir.join("01-base.tar.gz"), &base).unwrap();
     publish(root, FLAT_FAMILY).await;
     let flat = source.manifest(FLAT_FAMILY).await.unwrap();
-    assert_layers("the flat family", &flat.layers, &[&base, &top]);
+    assert_layers("the flat family", &flat.layers, &[&base, &top], false);
     assert_eq!((flat.layers[0].media_type.as_str(), flat.layers[1].media_type.as_str()), (gz.as_str(), MEDIA_TAR));
     assert_eq!(source.manifest_at(FLAT_FAMILY, &flat.digest).await.unwrap(), flat, "its current version by digest");
     assert_ne!(flat.digest, m2.digest);
@@ -169,6 +192,7 @@ pub async fn run(source: &dyn BlobSource, publish: impl AsyncFn(&Path, &str)) {
         size: 10,
         media_type: MEDIA_TAR.to_owned(),
         location: format!("blobs/sha256/{}", unknown.hex()),
+        diff_id: None,
     };
     let Err(e) = source.open_blob(&missing, 0).await else { panic!("a blob the source does not have was opened") };
     assert!(matches!(&e, ImageError::BlobMissing { digest, .. } if *digest == unknown.to_string()), "{e}");

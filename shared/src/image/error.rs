@@ -39,6 +39,10 @@ pub enum ImageError {
         "blob {digest} from {source_desc} does not match its digest (its content hashes to {actual}); the source is corrupt or changed"
     )]
     DigestMismatch { digest: String, actual: String, source_desc: String },
+    #[error(
+        "layer {layer}: its uncompressed content hashes to {actual}, but the image config's rootfs.diff_ids names {expected}: the image is inconsistent (a corrupt or altered config or layer); nothing of this version was sealed: publish the image again"
+    )]
+    DiffIdMismatch { layer: String, expected: String, actual: String },
     #[error("layer {layer}: entry {entry:?} refused: {rule}")]
     Refused { layer: String, entry: String, rule: String },
     #[error(
@@ -85,6 +89,7 @@ impl ImageError {
             | Self::SourceMisconfigured { .. }
             | Self::AccessDenied { .. }
             | Self::DigestMismatch { .. }
+            | Self::DiffIdMismatch { .. }
             | Self::Refused { .. }
             | Self::TooLargeForHost { .. }
             | Self::NoRoomToDownload { .. }

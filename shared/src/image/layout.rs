@@ -5,7 +5,7 @@
 //! - OCI image layout: `index.json` names manifests by the `org.opencontainers.image.ref.name`
 //!   annotation (the family); each manifest lists its layers.
 
-use oci_spec::image::{ANNOTATION_REF_NAME, ImageIndex, ImageManifest};
+use oci_spec::image::{ANNOTATION_REF_NAME, ImageConfiguration, ImageIndex, ImageManifest};
 use serde::{Deserialize, Serialize};
 
 use super::digest::Digest;
@@ -19,6 +19,11 @@ pub struct LayerDesc {
     pub media_type: String,
     /// Where the blob lives in its source (a key or a file name), for messages and fetching.
     pub location: String,
+    /// The digest of the layer's uncompressed tar, from the image config's `rootfs.diff_ids`
+    /// (an OCI image); the unpacker checks it before the version can be sealed. A flat family
+    /// has no config: `None`, and its layers are checked by their blob digests alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff_id: Option<Digest>,
 }
 
 /// A family's resolved manifest.
@@ -127,6 +132,7 @@ pub fn family_file_manifest(bytes: &[u8], family: &str, source_desc: &str) -> Re
             location: format!("blobs/sha256/{}", l.digest.hex()),
             digest: l.digest,
             size: l.size,
+            diff_id: None,
         })
         .collect();
     flat_manifest(family, source_desc, layers)
@@ -163,13 +169,63 @@ pub fn oci_find_manifest(index_json: &[u8], family: &str, source_desc: &str) -> 
     })
 }
 
-/// Parses an OCI image manifest into a family's manifest.
+/// An OCI image manifest, parsed and checked against its digest: the family's manifest
+/// still without its layers' uncompressed digests, and the image config that holds them.
+/// [`OciManifest::with_config`] completes it once the caller has fetched the config blob.
+#[derive(Debug)]
+pub struct OciManifest {
+    manifest: Manifest,
+    config: Digest,
+    source_desc: String,
+}
+
+impl OciManifest {
+    /// The image config blob to fetch (where the layers' `rootfs.diff_ids` are).
+    pub fn config(&self) -> &Digest {
+        &self.config
+    }
+
+    /// The family's manifest, each layer with its `diff_id` from `config_json`, which must be
+    /// the config blob the manifest names and list exactly one diff id per layer.
+    pub fn with_config(self, config_json: &[u8]) -> Result<Manifest, ImageError> {
+        let Self { mut manifest, config, source_desc } = self;
+        let actual = Digest::of_bytes(config_json);
+        if actual != config {
+            return Err(ImageError::DigestMismatch {
+                digest: config.to_string(),
+                actual: actual.to_string(),
+                source_desc,
+            });
+        }
+        let bad = |detail: String| ImageError::BadManifest {
+            family: manifest.family.clone(),
+            source_desc: source_desc.clone(),
+            detail,
+        };
+        let parsed =
+            ImageConfiguration::from_reader(config_json).map_err(|e| bad(format!("image config {config}: {e}")))?;
+        let diff_ids = parsed.rootfs().diff_ids();
+        if diff_ids.len() != manifest.layers.len() {
+            return Err(bad(format!(
+                "image config {config} lists {} rootfs.diff_ids for the manifest's {} layers; rebuild the image",
+                diff_ids.len(),
+                manifest.layers.len()
+            )));
+        }
+        for (layer, diff_id) in manifest.layers.iter_mut().zip(diff_ids) {
+            layer.diff_id = Some(Digest::parse(diff_id).map_err(|e| bad(format!("image config {config}: {e}")))?);
+        }
+        Ok(manifest)
+    }
+}
+
+/// Parses an OCI image manifest into a family's manifest, to be completed with its config.
 pub fn oci_manifest(
     manifest_json: &[u8],
     digest: Digest,
     family: &str,
     source_desc: &str,
-) -> Result<Manifest, ImageError> {
+) -> Result<OciManifest, ImageError> {
     let bad = |detail: String| ImageError::BadManifest {
         family: family.to_owned(),
         source_desc: source_desc.to_owned(),
@@ -184,6 +240,7 @@ pub fn oci_manifest(
         });
     }
     let manifest = ImageManifest::from_reader(manifest_json).map_err(|e| bad(format!("manifest {digest}: {e}")))?;
+    let config = Digest::parse(manifest.config().digest().as_ref()).map_err(bad)?;
     let mut layers = Vec::new();
     for l in manifest.layers() {
         let d = Digest::parse(l.digest().as_ref()).map_err(bad)?;
@@ -191,12 +248,22 @@ pub fn oci_manifest(
         if !media_type.contains("layer") {
             return Err(bad(format!("layer {d} has media type {media_type}, not a layer")));
         }
-        layers.push(LayerDesc { location: format!("blobs/sha256/{}", d.hex()), digest: d, size: l.size(), media_type });
+        layers.push(LayerDesc {
+            location: format!("blobs/sha256/{}", d.hex()),
+            digest: d,
+            size: l.size(),
+            media_type,
+            diff_id: None,
+        });
     }
     if layers.is_empty() {
         return Err(ImageError::NoLayers { family: family.to_owned(), source_desc: source_desc.to_owned() });
     }
-    Ok(Manifest { family: family.to_owned(), digest, layers })
+    Ok(OciManifest {
+        manifest: Manifest { family: family.to_owned(), digest, layers },
+        config,
+        source_desc: source_desc.to_owned(),
+    })
 }
 
 #[cfg(test)]
@@ -226,5 +293,61 @@ mod tests {
         assert!(matches!(err, ImageError::FamilyNotFound { .. }));
         assert!(err.to_string().contains("other"), "{err}");
         assert!(matches!(oci_find_manifest(b"{", "web", "dir:/x"), Err(ImageError::BadManifest { .. })));
+    }
+
+    /// An OCI manifest of `layers` (digests) whose config is `config`.
+    fn oci(layers: &[&Digest], config: &[u8]) -> (Vec<u8>, Digest) {
+        let layers: Vec<serde_json::Value> = layers
+            .iter()
+            .map(|d| serde_json::json!({"mediaType": MEDIA_TAR, "digest": d.to_string(), "size": 1}))
+            .collect();
+        let m = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": Digest::of_bytes(config).to_string(), "size": config.len()},
+            "layers": layers,
+        }))
+        .unwrap();
+        let d = Digest::of_bytes(&m);
+        (m, d)
+    }
+
+    fn config(diff_ids: &[&Digest]) -> Vec<u8> {
+        let ids: Vec<String> = diff_ids.iter().map(|d| d.to_string()).collect();
+        serde_json::to_vec(
+            &serde_json::json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": ids}}),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn an_oci_manifest_takes_each_layers_diff_id_from_its_config() {
+        let (a, b) = (Digest::of_bytes(b"a.tar.gz"), Digest::of_bytes(b"b.tar"));
+        let (da, db) = (Digest::of_bytes(b"a.tar"), Digest::of_bytes(b"b.tar"));
+        let cfg = config(&[&da, &db]);
+        let (m, d) = oci(&[&a, &b], &cfg);
+        let parsed = oci_manifest(&m, d.clone(), "web", "dir:/x").unwrap();
+        assert_eq!(parsed.config(), &Digest::of_bytes(&cfg));
+        let manifest = parsed.with_config(&cfg).unwrap();
+        let ids: Vec<Option<Digest>> = manifest.layers.iter().map(|l| l.diff_id.clone()).collect();
+        assert_eq!(ids, [Some(da.clone()), Some(db)]);
+
+        // Another config than the manifest names: refused by its digest.
+        let other = config(&[&da, &da]);
+        let err = oci_manifest(&m, d.clone(), "web", "dir:/x").unwrap().with_config(&other).unwrap_err();
+        assert!(matches!(err, ImageError::DigestMismatch { .. }), "{err}");
+
+        // A config that does not list one diff id per layer.
+        let short = config(&[&da]);
+        let (m, d) = oci(&[&a, &b], &short);
+        let err = oci_manifest(&m, d, "web", "dir:/x").unwrap().with_config(&short).unwrap_err();
+        assert!(matches!(err, ImageError::BadManifest { .. }), "{err}");
+        assert!(err.to_string().contains("lists 1 rootfs.diff_ids for the manifest's 2 layers"), "{err}");
+
+        // A config without rootfs at all.
+        let bare = br#"{"architecture":"amd64","os":"linux"}"#;
+        let (m, d) = oci(&[&a], bare);
+        let err = oci_manifest(&m, d, "web", "dir:/x").unwrap().with_config(bare).unwrap_err();
+        assert!(matches!(err, ImageError::BadManifest { .. }) && !err.is_retryable(), "{err}");
     }
 }

@@ -130,6 +130,18 @@ impl S3Source {
         s3_error(self.describe(), &self.endpoint, &self.bucket, key, what, e)
     }
 
+    /// The OCI manifest `bytes` (digest `digest`) completed with its image config.
+    async fn oci_manifest(&self, bytes: &[u8], digest: Digest, family: &str) -> Result<Manifest, ImageError> {
+        let oci = layout::oci_manifest(bytes, digest, family, &self.describe())?;
+        let rel = format!("blobs/sha256/{}", oci.config().hex());
+        let config = self.get_small(&rel).await?.ok_or_else(|| ImageError::BlobMissing {
+            digest: oci.config().to_string(),
+            source_desc: self.describe(),
+            detail: format!("s3://{}/{}, the image config, does not exist", self.bucket, self.key(&rel)),
+        })?;
+        oci.with_config(&config)
+    }
+
     /// An object's bytes, `None` if it does not exist.
     async fn get_small(&self, rel: &str) -> Result<Option<Vec<u8>>, ImageError> {
         let key = self.key(rel);
@@ -224,7 +236,13 @@ impl S3Source {
             })?;
             let name = key.rsplit('/').next().unwrap_or_default();
             let rel = key.strip_prefix(&format!("{}/", self.prefix)).unwrap_or(&key).to_owned();
-            layers.push(LayerDesc { media_type: layout::flat_media_type(name), location: rel, digest, size });
+            layers.push(LayerDesc {
+                media_type: layout::flat_media_type(name),
+                location: rel,
+                digest,
+                size,
+                diff_id: None,
+            });
         }
         layout::flat_manifest(family, &self.describe(), layers)
     }
@@ -248,7 +266,7 @@ impl BlobSource for S3Source {
                         source_desc: self.describe(),
                         detail: format!("s3://{}/{} does not exist", self.bucket, self.key(&rel)),
                     })?;
-                    return layout::oci_manifest(&bytes, digest, family, &self.describe());
+                    return self.oci_manifest(&bytes, digest, family).await;
                 }
                 Err(ImageError::FamilyNotFound { .. }) => {}
                 Err(e) => return Err(e),
@@ -260,7 +278,7 @@ impl BlobSource for S3Source {
     async fn manifest_at(&self, family: &str, digest: &Digest) -> Result<Manifest, ImageError> {
         layout::validate_family(family)?;
         match self.get_small(&format!("blobs/sha256/{}", digest.hex())).await? {
-            Some(bytes) => layout::oci_manifest(&bytes, digest.clone(), family, &self.describe()),
+            Some(bytes) => self.oci_manifest(&bytes, digest.clone(), family).await,
             None => super::source::current_version_if(self, family, digest).await,
         }
     }

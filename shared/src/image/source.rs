@@ -83,6 +83,18 @@ impl LocalDir {
         }
     }
 
+    /// The OCI manifest `bytes` (digest `digest`) completed with its image config.
+    fn oci_manifest(&self, bytes: &[u8], digest: Digest, family: &str) -> Result<Manifest, ImageError> {
+        let oci = layout::oci_manifest(bytes, digest, family, &self.describe())?;
+        let rel = format!("blobs/sha256/{}", oci.config().hex());
+        let config = self.read(&rel)?.ok_or_else(|| ImageError::BlobMissing {
+            digest: oci.config().to_string(),
+            source_desc: self.describe(),
+            detail: format!("{rel}, the image config, does not exist"),
+        })?;
+        oci.with_config(&config)
+    }
+
     fn flat_manifest(&self, family: &str) -> Result<Manifest, ImageError> {
         if let Some(bytes) = self.read(&layout::family_file_path(family))? {
             return layout::family_file_manifest(&bytes, family, &self.describe());
@@ -122,6 +134,7 @@ impl LocalDir {
                 location: format!("images/{family}/{name}"),
                 digest,
                 size,
+                diff_id: None,
             });
         }
         layout::flat_manifest(family, &self.describe(), layers)
@@ -148,7 +161,7 @@ impl BlobSource for LocalDir {
                             source_desc: this.describe(),
                             detail: format!("{rel} does not exist"),
                         })?;
-                        return layout::oci_manifest(&bytes, digest, &family, &this.describe());
+                        return this.oci_manifest(&bytes, digest, &family);
                     }
                     Err(ImageError::FamilyNotFound { .. }) => {}
                     Err(e) => return Err(e),
@@ -165,7 +178,7 @@ impl BlobSource for LocalDir {
         let this = self.clone();
         let (f, d) = (family.to_owned(), digest.clone());
         let stored = tokio::task::spawn_blocking(move || match this.read(&format!("blobs/sha256/{}", d.hex()))? {
-            Some(bytes) => layout::oci_manifest(&bytes, d, &f, &this.describe()).map(Some),
+            Some(bytes) => this.oci_manifest(&bytes, d, &f).map(Some),
             None => Ok(None),
         })
         .await

@@ -96,6 +96,7 @@ impl Cause {
             | ImageError::BadManifest { .. }
             | ImageError::BlobMissing { .. }
             | ImageError::DigestMismatch { .. }
+            | ImageError::DiffIdMismatch { .. }
             | ImageError::Refused { .. }
             | ImageError::Corrupt { .. }
             | ImageError::SourceMisconfigured { .. } => Cause::BadSource,

@@ -205,6 +205,7 @@ async fn unpack_into_base(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Pre
                     &root,
                     &blob,
                     &name,
+                    layer.diff_id.as_ref(),
                     &opts,
                     &|n| progress.advance(n),
                     &|written| progress.applied(written),

@@ -221,7 +221,13 @@ fn a_partial_download_is_resumed_with_a_ranged_get() {
     let location = format!("blobs/sha256/{}", digest.hex());
     let put = client.put_object().bucket(&bucket).key(format!("p/{location}")).body(blob.clone().into());
     rt.block_on(put.send()).unwrap();
-    let layer = LayerDesc { media_type: MEDIA_TAR.into(), location, digest: digest.clone(), size: blob.len() as u64 };
+    let layer = LayerDesc {
+        media_type: MEDIA_TAR.into(),
+        location,
+        digest: digest.clone(),
+        size: blob.len() as u64,
+        diff_id: None,
+    };
     let source = S3Source::new(client, &format!("s3://{bucket}/p")).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cache = BlobCache::open(dir.path()).unwrap();

@@ -104,12 +104,20 @@ fn oci_layout(dir: &Path, manifest: &[u8], blobs: &[(String, Vec<u8>)]) {
     std::fs::write(dir.join("index.json"), index.to_string()).unwrap();
 }
 
-fn manifest(layers: &[(String, usize)]) -> Vec<u8> {
-    let config = b"{}";
+/// An image config listing `diff_ids` (hex digests of the uncompressed layers).
+fn config(diff_ids: &[String]) -> Vec<u8> {
+    let ids: Vec<String> = diff_ids.iter().map(|h| format!("sha256:{h}")).collect();
+    serde_json::json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": ids}})
+        .to_string()
+        .into_bytes()
+}
+
+/// A manifest of `layers` (digest hex, size) whose config is `config`.
+fn manifest(layers: &[(String, usize)], config: &[u8]) -> Vec<u8> {
     serde_json::json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": format!("sha256:{}", sha(config)), "size": 2},
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": format!("sha256:{}", sha(config)), "size": config.len()},
         "layers": layers.iter().map(|(hex, size)| serde_json::json!({
             "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": format!("sha256:{hex}"), "size": size})).collect::<Vec<_>>(),
     })
@@ -137,11 +145,39 @@ fn prepare(state: &Path, source: &Path) -> serde_json::Value {
 fn bad_images_fail_naming_the_problem_and_nothing_is_prepared() {
     let layer = thinpipe_tests::tar_of_file("etc/hostname", b"x\n");
     let missing = "ab".repeat(32);
+    // An OCI layout of `layer` whose config lists `diff_ids`; with `write_config` false, the
+    // config blob is left out.
+    let layout_of = |diff_ids: Vec<String>, write_config: bool| -> BuildSource {
+        let layer = layer.clone();
+        Box::new(move |dir: &Path| {
+            let cfg = config(&diff_ids);
+            let m = manifest(&[(sha(&layer), layer.len())], &cfg);
+            let mut blobs = vec![(sha(&layer), layer.clone())];
+            if write_config {
+                blobs.push((sha(&cfg), cfg));
+            }
+            oci_layout(dir, &m, &blobs);
+        })
+    };
     let cases: Vec<(&str, BuildSource, &str)> = vec![
         (
             "a manifest that references a missing blob",
-            Box::new(|dir: &Path| oci_layout(dir, &manifest(&[("ab".repeat(32), 10)]), &[])),
+            Box::new(|dir: &Path| {
+                let cfg = config(&["cd".repeat(32)]);
+                oci_layout(dir, &manifest(&[("ab".repeat(32), 10)], &cfg), &[(sha(&cfg), cfg)])
+            }),
             &missing[..16],
+        ),
+        (
+            "a layer whose uncompressed digest is not the one its config lists",
+            layout_of(vec![sha(b"another layer")], true),
+            "rootfs.diff_ids names",
+        ),
+        ("a config listing fewer diff ids than layers", layout_of(vec![], true), "lists 0 rootfs.diff_ids"),
+        (
+            "a manifest whose config blob is missing",
+            layout_of(vec![sha(&layer)], false),
+            "the image config, does not exist",
         ),
         (
             "a manifest that loops back to an index",
@@ -173,8 +209,9 @@ fn bad_images_fail_naming_the_problem_and_nothing_is_prepared() {
             "a layer with a wrong digest",
             Box::new(move |dir: &Path| {
                 let claimed = sha(b"something else");
-                let m = manifest(&[(claimed.clone(), layer.len())]);
-                oci_layout(dir, &m, &[(claimed, layer.clone())]);
+                let cfg = config(&[sha(&layer)]);
+                let m = manifest(&[(claimed.clone(), layer.len())], &cfg);
+                oci_layout(dir, &m, &[(claimed, layer.clone()), (sha(&cfg), cfg)]);
             }),
             "does not match its digest",
         ),
@@ -200,5 +237,9 @@ fn bad_images_fail_naming_the_problem_and_nothing_is_prepared() {
         let store = thinpipe::store::Store::open(state.join("host.db")).unwrap();
         let prepared = store.image("fam").unwrap().is_some_and(|i| i.current_base.is_some());
         assert!(!prepared, "{what}: never marked prepared");
+        let sealed: Vec<String> = std::fs::read_dir(state.join("volumes/bases"))
+            .map(|d| d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        assert!(sealed.iter().all(|n| !n.ends_with(".sealed")), "{what}: nothing sealed: {sealed:?}");
     }
 }

@@ -509,3 +509,34 @@ fn owners_beyond_32_bits_are_refused_not_truncated() {
         other => panic!("{other:?}"),
     }
 }
+
+/// The uncompressed tar is checked against its diff id when one is given: the whole tar,
+/// its end-of-archive blocks and padding too, whether it came compressed or not.
+#[test]
+fn a_layer_is_checked_against_its_diff_id() {
+    let tar = tar_of(&[E::File("etc/hostname", b"web\n", 0o644)]);
+    let mut padded = tar.clone();
+    padded.extend_from_slice(&[0u8; 10240]);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&padded).unwrap();
+    let gz = gz.finish().unwrap();
+    for (name, blob, uncompressed) in [("plain", &tar, &tar), ("gzip", &gz, &padded)] {
+        let f = Fixture::new();
+        let path = f.dir.path().join(name);
+        fs::write(&path, blob).unwrap();
+        let right = Digest::of_bytes(uncompressed);
+        let opts = ApplyOptions::default();
+        apply_layer_reporting(&f.root(), &path, name, Some(&right), &opts, &|_| {}, &|_| {}).unwrap();
+        assert_eq!(f.read("etc/hostname"), "web\n");
+
+        let wrong = Digest::of_bytes(b"another layer");
+        let err = apply_layer_reporting(&f.root(), &path, name, Some(&wrong), &opts, &|_| {}, &|_| {}).unwrap_err();
+        match &err {
+            ImageError::DiffIdMismatch { expected, actual, .. } => {
+                assert_eq!((expected, actual), (&wrong.to_string(), &right.to_string()), "{name}");
+            }
+            other => panic!("{name}: {other}"),
+        }
+        assert!(err.to_string().contains("rootfs.diff_ids") && !err.is_retryable(), "{name}: {err}");
+    }
+}
