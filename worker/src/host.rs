@@ -61,7 +61,7 @@ impl Host {
                 let endpoint = thinpipe::aws::endpoint_description(&sdk);
                 Arc::new(S3Source::new(thinpipe::aws::s3_client(&sdk, &opts), &url)?.with_endpoint(endpoint))
             }
-            SourceSpec::Dir(path) => Arc::new(LocalDir::new(path)),
+            SourceSpec::Dir(path) => Arc::new(LocalDir::new(path).with_memo(store.clone())),
         };
         let cache = BlobCache::open(config.blob_cache_dir())?
             .with_stall_timeout(Duration::from_secs(config.images.stall_timeout_secs));

@@ -65,23 +65,6 @@ impl Hasher {
     }
 }
 
-/// The sha256 and size of a file, read in 1 MiB chunks.
-pub fn hash_file(path: &std::path::Path) -> std::io::Result<(Digest, u64)> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
-    let mut h = Hasher::default();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok((h.finish(), size));
-        }
-        size += n as u64;
-        h.update(&buf[..n]);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

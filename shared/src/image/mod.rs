@@ -11,6 +11,7 @@ pub mod conformance;
 mod digest;
 mod error;
 mod layout;
+mod memo;
 mod publish;
 mod s3;
 mod sample;
@@ -23,6 +24,7 @@ pub use error::ImageError;
 pub use layout::{
     FamilyFile, FamilyLayer, LayerDesc, MEDIA_TAR, Manifest, family_file_path, is_listed, validate_family,
 };
+pub use memo::{DigestMemo, FileIdentity, SETTLE as DIGEST_MEMO_SETTLE};
 pub use publish::{MULTIPART_THRESHOLD, PublishReport, publish};
 pub use s3::{S3Source, parse_s3_url};
 pub use sample::write_sample_family;

@@ -14,7 +14,7 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use base64::Engine as _;
 use oci_spec::image::{ANNOTATION_REF_NAME, ImageIndex};
 
-use super::digest::{Digest, hash_file};
+use super::digest::Digest;
 use super::error::ImageError;
 use super::layout;
 use super::s3::parse_s3_url;
@@ -288,7 +288,8 @@ async fn publish_flat(
     let mut layers = Vec::with_capacity(names.len());
     for name in names {
         let path = src.join(&name);
-        let (digest, size) = hash_file(&path).map_err(|e| ImageError::io("hashing", &path, e))?;
+        let (digest, size) = super::memo::digest_of(&path, None, std::time::SystemTime::now())
+            .map_err(|e| ImageError::io("hashing", &path, e))?;
         let key = t.key(&format!("blobs/sha256/{}", digest.hex()));
         if t.exists(&key).await? {
             report.skipped.push(key);

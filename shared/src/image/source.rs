@@ -8,9 +8,10 @@ use std::pin::Pin;
 use async_trait::async_trait;
 use tokio::io::AsyncRead;
 
-use super::digest::{Digest, hash_file};
+use super::digest::Digest;
 use super::error::ImageError;
 use super::layout::{self, LayerDesc, Manifest};
+use super::memo::{self, DigestMemo};
 
 pub type BlobStream = Pin<Box<dyn AsyncRead + Send>>;
 
@@ -50,14 +51,29 @@ pub(crate) async fn current_version_if<S: BlobSource + ?Sized>(
 
 /// A local directory holding `index.json` + `blobs/` (OCI layout), `images/<family>/` (flat),
 /// or both. A family named in `index.json` is read from the OCI layout.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct LocalDir {
     root: PathBuf,
+    /// Where the digests of flat layer files are remembered, if anywhere (`memo.rs`).
+    memo: Option<std::sync::Arc<dyn DigestMemo>>,
+}
+
+impl std::fmt::Debug for LocalDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalDir").field("root", &self.root).field("memo", &self.memo.is_some()).finish()
+    }
 }
 
 impl LocalDir {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self { root: root.into(), memo: None }
+    }
+
+    /// Remembers the digests of flat layer files in `memo`, so a listing hashes only the
+    /// files that changed since the last one.
+    pub fn with_memo(mut self, memo: std::sync::Arc<dyn DigestMemo>) -> Self {
+        self.memo = Some(memo);
+        self
     }
 
     /// A small metadata file (`index.json`, a manifest), `None` if missing.
@@ -128,7 +144,8 @@ impl LocalDir {
         let mut layers = Vec::with_capacity(names.len());
         for name in names {
             let path = dir.join(&name);
-            let (digest, size) = hash_file(&path).map_err(|e| ImageError::io("hashing", &path, e))?;
+            let (digest, size) = memo::digest_of(&path, self.memo.as_deref(), std::time::SystemTime::now())
+                .map_err(|e| ImageError::io("hashing", &path, e))?;
             layers.push(LayerDesc {
                 media_type: layout::flat_media_type(&name),
                 location: format!("images/{family}/{name}"),

@@ -77,6 +77,8 @@ pub struct GcReport {
     /// Families forgotten: they never became usable and their last failure is older than
     /// the retention.
     pub families_forgotten: Vec<String>,
+    /// Remembered digests of flat layer files that are gone or changed, forgotten.
+    pub file_digests_forgotten: usize,
     /// Why blobs were not collected this pass, if they were not.
     pub blobs_skipped: Option<String>,
     /// Blob bytes deleted plus what the volume storage's usage fell by.
@@ -151,6 +153,7 @@ impl Lifecycle {
             let age = i64::try_from(self.settings.forget_failed_after.as_millis()).unwrap_or(i64::MAX);
             let before = crate::store::epoch_ms(std::time::SystemTime::now()).saturating_sub(age);
             report.families_forgotten = self.store().call(move |s| s.forget_stale_families(before)).await?;
+            report.file_digests_forgotten = self.store().call(|s| s.forget_file_digests()).await?;
         }
         report.usage_after = self.measure().await.ok();
         if let (Some(before), Some(after)) = (&report.usage_before, &report.usage_after) {

@@ -127,4 +127,17 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     "
     CREATE TABLE snapshot_ids (id INTEGER PRIMARY KEY) STRICT;
     ",
+    // 6: the digests of a directory source's flat layer files, by path, with what identifies
+    // the file's content on the disk (`file_digests.rs`), so a listing hashes only what changed.
+    "
+    CREATE TABLE file_digests (
+        path     TEXT PRIMARY KEY,
+        dev      INTEGER NOT NULL,
+        ino      INTEGER NOT NULL,
+        size     INTEGER NOT NULL,
+        mtime_ns TEXT NOT NULL,
+        ctime_ns TEXT NOT NULL,
+        digest   TEXT NOT NULL
+    ) STRICT;
+    ",
 ];

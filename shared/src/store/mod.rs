@@ -13,6 +13,7 @@
 
 mod bases;
 mod error;
+mod file_digests;
 mod images;
 mod lease;
 mod migrations;

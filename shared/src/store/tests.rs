@@ -525,3 +525,62 @@ fn the_volume_place_is_recorded_once_and_moves_only_while_no_volume_depends_on_i
     assert_eq!(refused, Binding::Differs { recorded: place("dir", "/srv/state/volumes"), bases: 1, live_snapshots: 0 });
     assert_eq!(store.volume_place().unwrap(), Some(place("dir", "/srv/state/volumes")), "a refusal changes nothing");
 }
+
+/// A flat family's layer files are hashed once: a listing finds each file's digest
+/// remembered by its identity (proven by planting another digest: the listing returns it
+/// without reading the file), a file is remembered only once settled, a file rewritten in
+/// place with its size and mtime kept is hashed again (its ctime moved), and garbage
+/// collection forgets the rows of files that are gone.
+#[test]
+fn a_flat_layer_files_digest_is_remembered_until_the_file_changes() {
+    use crate::image::{BlobSource, Digest, LocalDir};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(open(&dir));
+    let family = dir.path().join("src/images/web");
+    std::fs::create_dir_all(&family).unwrap();
+    let (a, b) = (family.join("01-a.tar"), family.join("02-b.tar"));
+    std::fs::write(&a, b"layer a").unwrap();
+    std::fs::write(&b, b"layer b").unwrap();
+    let source = LocalDir::new(dir.path().join("src")).with_memo(store.clone());
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let digests = || -> Vec<Digest> {
+        rt.block_on(source.manifest("web")).unwrap().layers.into_iter().map(|l| l.digest).collect()
+    };
+    let remembered =
+        || -> i64 { store.with_conn(|c| c.query_row("SELECT COUNT(*) FROM file_digests", [], |r| r.get(0))).unwrap() };
+    assert_eq!(digests(), [Digest::of_bytes(b"layer a"), Digest::of_bytes(b"layer b")]);
+    assert_eq!(remembered(), 0, "files changed within the last second are not remembered yet");
+    // The files settle: the listing runs once the clock is past their ctime by SETTLE.
+    let settled_at = std::time::Instant::now() + crate::image::DIGEST_MEMO_SETTLE + Duration::from_millis(50);
+    while std::time::Instant::now() < settled_at {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(digests(), [Digest::of_bytes(b"layer a"), Digest::of_bytes(b"layer b")]);
+    assert_eq!(remembered(), 2);
+
+    let planted = Digest::of_bytes(b"not read from the file");
+    let plant = |path: &std::path::Path| {
+        store
+            .with_conn(|c| {
+                c.execute(
+                    "UPDATE file_digests SET digest = ?2 WHERE path = ?1",
+                    rusqlite::params![path.to_str().unwrap(), planted.as_str()],
+                )
+            })
+            .unwrap()
+    };
+    assert_eq!(plant(&a), 1);
+    assert_eq!(digests()[0], planted, "the remembered digest is used: the file is not read");
+
+    // Rewritten in place: same size, mtime set back. The ctime moves, so it is hashed again.
+    let mtime = filetime::FileTime::from_last_modification_time(&std::fs::metadata(&a).unwrap());
+    std::fs::write(&a, b"layer A").unwrap();
+    filetime::set_file_mtime(&a, mtime).unwrap();
+    assert_eq!(digests()[0], Digest::of_bytes(b"layer A"), "a changed file is hashed again");
+    assert_eq!(digests()[0], Digest::of_bytes(b"layer A"), "and not remembered before it settles");
+
+    assert_eq!(store.forget_file_digests().unwrap(), 1, "the row of the changed file is forgotten");
+    assert_eq!(store.forget_file_digests().unwrap(), 0, "the other file is there as remembered");
+    std::fs::remove_file(&b).unwrap();
+    assert_eq!(store.forget_file_digests().unwrap(), 1, "the row of a file that is gone is forgotten");
+}

@@ -117,6 +117,12 @@ pub fn print_gc(report: &GcReport, json: bool) -> anyhow::Result<()> {
     for f in &report.families_forgotten {
         println!("forgot family {f} (it never prepared, and its last failure is older than the run retention)");
     }
+    if report.file_digests_forgotten > 0 {
+        println!(
+            "forgot the digests of {} layer file(s) of the image directory that are gone or changed",
+            report.file_digests_forgotten
+        );
+    }
     if let Some(why) = &report.eviction_skipped {
         println!("evicted nothing: {why}");
     }
