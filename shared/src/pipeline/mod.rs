@@ -145,7 +145,11 @@ impl Pipeline {
     pub async fn prepare(&self, manifest: &Manifest) -> Result<Outcome<PrepareState>, PipelineError> {
         let id = prepare_run_id(&manifest.family, manifest.digest.as_str());
         let input = PrepareInput { family: manifest.family.clone(), manifest: Some(manifest.clone()) };
-        let outcome = self.run_retrying_failed(&self.prepare, &id, &input, &PrepareState::default()).await?;
+        let started = std::time::Instant::now();
+        let (outcome, ran) = self.run_retrying_failed(&self.prepare, &id, &input, &PrepareState::default()).await?;
+        if ran {
+            observe_prepare(started, &outcome);
+        }
         // A version prepared before, whose base garbage collection has since deleted: the
         // old run stays in the log under another id, and the version is prepared afresh.
         if let Outcome::Completed(w) = &outcome
@@ -154,7 +158,12 @@ impl Pipeline {
         {
             let archived = self.archive(&id).await?;
             tracing::info!(run_id = %id, %archived, "preparing again a version whose base was collected");
-            return self.run_retrying_failed(&self.prepare, &id, &input, &PrepareState::default()).await;
+            let started = std::time::Instant::now();
+            let (again, ran) = self.run_retrying_failed(&self.prepare, &id, &input, &PrepareState::default()).await?;
+            if ran {
+                observe_prepare(started, &again);
+            }
+            return Ok(again);
         }
         Ok(outcome)
     }
@@ -164,22 +173,24 @@ impl Pipeline {
     pub async fn retire(&self, base: &BaseRow) -> Result<Outcome<RetireState>, PipelineError> {
         let id = retire_run_id(base.id);
         let input = RetireInput { base_vol_id: base.id, family: base.family.clone(), digest: base.digest.clone() };
-        self.run_retrying_failed(&self.retire, &id, &input, &RetireState::default()).await
+        Ok(self.run_retrying_failed(&self.retire, &id, &input, &RetireState::default()).await?.0)
     }
 
+    /// Starts (or joins) run `id`, archiving a failed one first; its outcome, and whether it
+    /// ran (or was joined) now rather than found completed.
     async fn run_retrying_failed<R, W>(
         &self,
         handle: &WorkflowHandle<R, W>,
         id: &str,
         input: &R,
         initial: &W,
-    ) -> Result<Outcome<W>, PipelineError>
+    ) -> Result<(Outcome<W>, bool), PipelineError>
     where
         R: serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static,
         W: serde::Serialize + serde::de::DeserializeOwned + Send + 'static,
     {
         match handle.start(id, input, initial).await.map_err(RunError::from)? {
-            StartOutcome::Finished(Outcome::Completed(w)) => return Ok(Outcome::Completed(w)),
+            StartOutcome::Finished(Outcome::Completed(w)) => return Ok((Outcome::Completed(w), false)),
             StartOutcome::Finished(Outcome::Failed(f)) => {
                 let archived = self.archive(id).await?;
                 tracing::info!(run_id = %id, %archived, failure = %f, "retrying a failed run; the failed one is kept as {archived}");
@@ -187,7 +198,7 @@ impl Pipeline {
             }
             StartOutcome::Started | StartOutcome::AlreadyRunning => {}
         }
-        Ok(handle.wait(id).await.map_err(RunError::from)?)
+        Ok((handle.wait(id).await.map_err(RunError::from)?, true))
     }
 
     /// Moves finished run `id` aside (kept under `<id>~<time>`) so the id can run again.
@@ -302,6 +313,13 @@ impl Pipeline {
         }
         Ok(finished)
     }
+}
+
+/// Records a prepare run that ran (or was joined) here in `thinpipe.prepare.duration`.
+fn observe_prepare(started: std::time::Instant, outcome: &Outcome<PrepareState>) {
+    let outcome = if matches!(outcome, Outcome::Completed(_)) { "succeeded" } else { "failed" };
+    let attrs = [crate::telemetry::kv("outcome", outcome)];
+    crate::telemetry::metrics().prepare_duration.record(started.elapsed().as_secs_f64(), &attrs);
 }
 
 /// Runs a step's blocking work (SQLite, file trees, volumes) off the async threads, as work

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 
 use super::{PipelineContext, blocking, image_err, store_err, volume_err};
 use crate::fault;
@@ -98,13 +99,22 @@ async fn download_blobs(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Prepa
     let mut downloads = futures::stream::iter(manifest.layers.clone())
         .map(|layer| {
             let (ctx, progress) = (ctx.clone(), progress.clone());
+            // One span per layer: how long its download took, and how much of it came now.
+            let span = tracing::info_span!(
+                "layer.download",
+                digest = %layer.digest,
+                size = layer.size,
+                fetched = tracing::field::Empty
+            );
             async move {
                 let (path, fetched) =
                     ctx.cache.ensure_reporting(ctx.source.as_ref(), &layer, &|n| progress.advance(n)).await?;
+                tracing::Span::current().record("fetched", fetched);
                 // Bytes cached before (the whole blob, or a partial resumed) count as done.
                 progress.advance(layer.size.saturating_sub(fetched));
                 Ok::<_, ImageError>((path, fetched))
             }
+            .instrument(span)
         })
         .buffer_unordered(PARALLEL_DOWNLOADS);
     let mut downloaded = 0;
@@ -194,6 +204,14 @@ async fn unpack_into_base(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Pre
             // A rerun starts from an empty base: never apply layers over a half-applied tree.
             let root = ctx.backend.reset_base(base).map_err(volume_err)?;
             for layer in &manifest.layers {
+                // One span per layer: how long it took to apply, and what it wrote.
+                let span = tracing::info_span!(
+                    "layer.apply",
+                    digest = %layer.digest,
+                    entries = tracing::field::Empty,
+                    written = tracing::field::Empty
+                );
+                let _entered = span.enter();
                 let blob = ctx.cache.path(&layer.digest);
                 let name = format!("{} ({})", layer.digest, layer.location);
                 let mut opts = ctx.apply.clone();
@@ -211,6 +229,8 @@ async fn unpack_into_base(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Pre
                     &|written| progress.applied(written),
                 )
                 .map_err(image_err)?;
+                span.record("entries", stats.entries).record("written", stats.written);
+                crate::telemetry::metrics().layer_bytes_applied.add(stats.written, &[]);
                 tracing::debug!(%family, layer = %layer.digest, entries = stats.entries, bytes = stats.bytes, written = stats.written, "layer applied");
                 devices_skipped += stats.devices_skipped;
                 *written.get_or_insert(0) += stats.written;

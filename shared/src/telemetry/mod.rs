@@ -282,6 +282,11 @@ pub struct Metrics {
     pub receive_latency: Histogram<f64>,
     /// Blob bytes downloaded from the image source.
     pub blob_bytes: Counter<u64>,
+    /// File bytes the unpacker wrote into bases.
+    pub layer_bytes_applied: Counter<u64>,
+    /// Seconds from a prepare run's start here to its end, by `outcome` (`succeeded`,
+    /// `failed`); a version found prepared already is not counted.
+    pub prepare_duration: Histogram<f64>,
     /// Leases taken over from a dead holder, by `lease` kind.
     pub lease_takeovers: Counter<u64>,
     /// Old bases deleted by garbage collection.
@@ -346,6 +351,17 @@ pub fn metrics() -> &'static Metrics {
                 .u64_counter("thinpipe.blob.bytes_downloaded")
                 .with_unit("By")
                 .with_description("Blob bytes downloaded")
+                .build(),
+            layer_bytes_applied: m
+                .u64_counter("thinpipe.layer.bytes_applied")
+                .with_unit("By")
+                .with_description("File bytes the unpacker wrote into bases")
+                .build(),
+            prepare_duration: m
+                .f64_histogram("thinpipe.prepare.duration")
+                .with_unit("s")
+                .with_description("Prepare runs, from their start here to their end")
+                .with_boundaries(SECONDS_BUCKETS.to_vec())
                 .build(),
             gc_bases_deleted: m
                 .u64_counter("thinpipe.gc.bases_deleted")

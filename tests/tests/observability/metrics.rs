@@ -77,6 +77,17 @@ fn metrics_count_jobs_backlog_dead_letters_storage_and_readiness() {
     assert_eq!(value(&after, "thinpipe_jobs_total", &[("kind", "prepare"), ("outcome", "succeeded")]), 1.0);
     assert_eq!(value(&after, "thinpipe_jobs_total", &[("kind", "prepare"), ("outcome", "dead_lettered")]), 1.0);
     assert_eq!(value(&after, "thinpipe_queue_dead_letters", &[("queue", &queue)]), 1.0);
+    // The prepare that ran: its duration, the bytes it downloaded and the bytes it wrote.
+    let prepares: Vec<_> = after
+        .samples
+        .iter()
+        .filter(|s| s.metric == "thinpipe_prepare_duration_seconds" && s.labels.get("outcome") == Some("succeeded"))
+        .collect();
+    assert_eq!(prepares.len(), 1, "one prepare duration histogram: {prepares:?}");
+    let Value::Histogram(buckets) = &prepares[0].value else { panic!("{:?} is not a histogram", prepares[0]) };
+    assert_eq!(buckets.last().map(|b| b.count), Some(1.0), "one prepare ran: {buckets:?}");
+    assert!(value(&after, "thinpipe_blob_bytes_downloaded_bytes_total", &[]) > 0.0, "bytes downloaded");
+    assert!(value(&after, "thinpipe_layer_bytes_applied_bytes_total", &[]) > 0.0, "bytes applied");
     let steps = after.samples.iter().filter(|s| s.metric == "thinpipe_step_duration_seconds");
     let completed: Vec<_> = steps.filter(|s| s.labels.get("workflow") == Some("prepare")).collect();
     assert!(!completed.is_empty(), "no prepare step durations");

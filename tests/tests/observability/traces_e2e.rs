@@ -88,6 +88,13 @@ fn one_trace_follows_a_job_from_enqueue_through_sqs_to_its_steps() {
             assert_eq!(s.attributes["outcome"], "completed");
         }
     }
+    // Each layer of the prepare: a download span and an apply span, under the steps.
+    let (downloads, applies) = (find(&spans, "layer.download", &trace), find(&spans, "layer.apply", &trace));
+    assert!(!downloads.is_empty() && downloads.len() == applies.len(), "{downloads:#?} {applies:#?}");
+    for s in downloads.iter().chain(&applies) {
+        assert!(s.attributes.contains_key("digest"), "a layer span names its layer: {s:?}");
+    }
+    assert!(applies.iter().all(|s| s.attributes.contains_key("written")), "{applies:#?}");
     let snapshot = find(&spans, "volume.snapshot", &trace);
     assert_eq!(snapshot.len(), 1, "the volume operation is traced too");
     let step_ids: Vec<&str> = find(&spans, "step", &trace).iter().map(|s| s.span_id.as_str()).collect();
