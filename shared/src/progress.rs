@@ -1,6 +1,6 @@
 //! How far the steps running in this process have got: which step of which run, and for
 //! the steps that move bytes (downloading and unpacking a version's layers) how many of how
-//! many. In memory only: the run log says which steps completed; this says how far the
+//! many, in all and per layer. In memory only: the run log says which steps completed; this says how far the
 //! running one is. Read by the admin API (`GET /api/progress`) and drawn by [`ProgressView`]
 //! (`worker run`, the demo, `enqueue --wait`) when stderr is a terminal.
 
@@ -25,6 +25,30 @@ pub struct StepProgress {
     pub applied_entries: u64,
     #[serde(default)]
     pub applied_bytes: u64,
+    /// For a step that moves layers: each one, in the manifest's order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<LayerProgress>,
+}
+
+/// One layer of a step that moves layers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerProgress {
+    pub digest: String,
+    pub size: u64,
+    /// Bytes of this layer moved so far (downloaded, or read while unpacking).
+    pub done_bytes: u64,
+    /// While unpacking: the file bytes its entries wrote.
+    #[serde(default)]
+    pub applied_bytes: u64,
+    /// Whether the step is through with this layer.
+    pub finished: bool,
+}
+
+impl StepProgress {
+    /// Layers finished, of how many (0 of 0 for a step without layers).
+    pub fn layers_finished(&self) -> (usize, usize) {
+        (self.layers.iter().filter(|l| l.finished).count(), self.layers.len())
+    }
 }
 
 /// The steps running now, by run id. Cloning shares the board.
@@ -37,6 +61,34 @@ impl ProgressBoard {
     /// Records that `step` of `run_id` started; it is on the board until the returned
     /// tracker is dropped (however the step ends).
     pub fn begin(&self, run_id: &str, family: &str, step: &str, total_bytes: u64) -> StepTracker {
+        self.begin_layers(run_id, family, step, total_bytes, Vec::new())
+    }
+
+    /// [`ProgressBoard::begin`] for a step that moves `layers` (digest, size): their bytes
+    /// are its total, and each is followed on its own.
+    pub fn begin_with_layers(&self, run_id: &str, family: &str, step: &str, layers: &[(String, u64)]) -> StepTracker {
+        let layers: Vec<LayerProgress> = layers
+            .iter()
+            .map(|(digest, size)| LayerProgress {
+                digest: digest.clone(),
+                size: *size,
+                done_bytes: 0,
+                applied_bytes: 0,
+                finished: false,
+            })
+            .collect();
+        let total = layers.iter().map(|l| l.size).sum();
+        self.begin_layers(run_id, family, step, total, layers)
+    }
+
+    fn begin_layers(
+        &self,
+        run_id: &str,
+        family: &str,
+        step: &str,
+        total_bytes: u64,
+        layers: Vec<LayerProgress>,
+    ) -> StepTracker {
         let entry = StepProgress {
             run_id: run_id.to_owned(),
             family: family.to_owned(),
@@ -45,6 +97,7 @@ impl ProgressBoard {
             total_bytes,
             applied_entries: 0,
             applied_bytes: 0,
+            layers,
         };
         self.lock().insert(run_id.to_owned(), entry);
         StepTracker { board: self.clone(), run_id: run_id.to_owned(), step: step.to_owned() }
@@ -70,25 +123,43 @@ pub struct StepTracker {
 }
 
 impl StepTracker {
-    /// Counts `n` more bytes done.
-    pub fn advance(&self, n: u64) {
+    /// Changes this step's entry, if the run is still at this step.
+    fn update(&self, f: impl FnOnce(&mut StepProgress)) {
         if let Some(p) = self.board.lock().get_mut(&self.run_id)
             && p.step == self.step
         {
-            p.done_bytes = p.done_bytes.saturating_add(n);
+            f(p);
         }
     }
-}
 
-impl StepTracker {
-    /// Counts one more layer entry applied, which wrote `bytes` of file data.
-    pub fn applied(&self, bytes: u64) {
-        if let Some(p) = self.board.lock().get_mut(&self.run_id)
-            && p.step == self.step
-        {
+    /// Counts `n` more bytes of layer `layer` (its index) done.
+    pub fn advance(&self, layer: usize, n: u64) {
+        self.update(|p| {
+            p.done_bytes = p.done_bytes.saturating_add(n);
+            if let Some(l) = p.layers.get_mut(layer) {
+                l.done_bytes = l.done_bytes.saturating_add(n);
+            }
+        });
+    }
+
+    /// Counts one more entry of layer `layer` applied, which wrote `bytes` of file data.
+    pub fn applied(&self, layer: usize, bytes: u64) {
+        self.update(|p| {
             p.applied_entries += 1;
             p.applied_bytes = p.applied_bytes.saturating_add(bytes);
-        }
+            if let Some(l) = p.layers.get_mut(layer) {
+                l.applied_bytes = l.applied_bytes.saturating_add(bytes);
+            }
+        });
+    }
+
+    /// The step is through with layer `layer`.
+    pub fn finished(&self, layer: usize) {
+        self.update(|p| {
+            if let Some(l) = p.layers.get_mut(layer) {
+                l.finished = true;
+            }
+        });
     }
 }
 
@@ -154,17 +225,18 @@ impl ProgressView {
     /// with none, keeps what it showed.
     pub fn show(&self, running: &[StepProgress]) {
         let Some(p) = running.iter().find(|p| p.family == self.family) else { return };
-        let message = if p.applied_entries > 0 {
-            format!(
-                "{} ({}): {} entries, {} applied",
-                p.step,
-                p.run_id,
+        let mut message = format!("{} ({})", p.step, p.run_id);
+        let (finished, layers) = p.layers_finished();
+        if layers > 0 {
+            message.push_str(&format!(": {finished} of {layers} layers done"));
+        }
+        if p.applied_entries > 0 {
+            message.push_str(&format!(
+                ", {} entries, {} applied",
                 p.applied_entries,
                 indicatif::HumanBytes(p.applied_bytes)
-            )
-        } else {
-            format!("{} ({})", p.step, p.run_id)
-        };
+            ));
+        }
         if p.total_bytes > 0 {
             self.bar.set_style(Self::bytes());
             self.bar.set_length(p.total_bytes);
@@ -209,13 +281,22 @@ mod tests {
     #[test]
     fn unpacking_counts_entries_and_bytes_applied_beside_bytes_read() {
         let board = ProgressBoard::default();
-        let step = board.begin("prepare-web@1", "web", "unpack_into_base", 100);
-        step.advance(100); // the whole (small) layer read at once
+        let layers = [("sha256:a".to_owned(), 100), ("sha256:b".to_owned(), 50)];
+        let step = board.begin_with_layers("prepare-web@1", "web", "unpack_into_base", &layers);
+        assert_eq!(board.current()[0].total_bytes, 150, "the layers' bytes are the total");
+        step.advance(0, 100); // the whole (small) layer read at once
         for bytes in [10, 0, 5] {
-            step.applied(bytes);
+            step.applied(0, bytes);
         }
+        step.finished(0);
+        step.advance(1, 20);
+        step.applied(1, 7);
         let now = &board.current()[0];
-        assert_eq!((now.done_bytes, now.applied_entries, now.applied_bytes), (100, 3, 15));
+        assert_eq!((now.done_bytes, now.applied_entries, now.applied_bytes), (120, 4, 22));
+        assert_eq!(now.layers_finished(), (1, 2));
+        let per_layer: Vec<(u64, u64, bool)> =
+            now.layers.iter().map(|l| (l.done_bytes, l.applied_bytes, l.finished)).collect();
+        assert_eq!(per_layer, [(100, 15, true), (20, 7, false)]);
         // Older readers of /api/progress without the new fields still parse.
         let old: StepProgress =
             serde_json::from_str(r#"{"run_id":"r","family":"f","step":"s","done_bytes":1,"total_bytes":2}"#).unwrap();
@@ -225,14 +306,14 @@ mod tests {
     #[test]
     fn a_step_is_on_the_board_while_its_tracker_lives() {
         let board = ProgressBoard::default();
-        let download = board.begin("prepare-web@1", "web", "download_blobs", 100);
-        download.advance(30);
-        download.advance(20);
+        let download = board.begin_with_layers("prepare-web@1", "web", "download_blobs", &[("sha256:a".into(), 100)]);
+        download.advance(0, 30);
+        download.advance(0, 20);
         assert_eq!(board.current()[0].done_bytes, 50);
         assert_eq!(board.current()[0].step, "download_blobs");
         // The next step takes the run's place; the old tracker's end leaves it there.
         let unpack = board.begin("prepare-web@1", "web", "unpack_into_base", 10);
-        download.advance(5);
+        download.advance(0, 5);
         drop(download);
         assert_eq!(board.current().len(), 1);
         assert_eq!((board.current()[0].step.as_str(), board.current()[0].done_bytes), ("unpack_into_base", 0));

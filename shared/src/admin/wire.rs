@@ -174,20 +174,58 @@ pub struct StepProgress {
     pub applied_entries: u64,
     #[serde(default)]
     pub applied_bytes: u64,
+    /// For a step that moves layers (download, unpack): each one, in the manifest's order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<LayerProgress>,
+}
+
+/// One layer of a step in `GET /api/progress`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerProgress {
+    pub digest: String,
+    pub size: u64,
+    pub done_bytes: u64,
+    #[serde(default)]
+    pub applied_bytes: u64,
+    pub finished: bool,
+}
+
+impl From<progress::LayerProgress> for LayerProgress {
+    fn from(l: progress::LayerProgress) -> Self {
+        let progress::LayerProgress { digest, size, done_bytes, applied_bytes, finished } = l;
+        LayerProgress { digest, size, done_bytes, applied_bytes, finished }
+    }
+}
+
+impl From<LayerProgress> for progress::LayerProgress {
+    fn from(l: LayerProgress) -> Self {
+        let LayerProgress { digest, size, done_bytes, applied_bytes, finished } = l;
+        progress::LayerProgress { digest, size, done_bytes, applied_bytes, finished }
+    }
 }
 
 impl From<progress::StepProgress> for StepProgress {
     fn from(p: progress::StepProgress) -> Self {
-        let progress::StepProgress { run_id, family, step, done_bytes, total_bytes, applied_entries, applied_bytes } =
-            p;
-        StepProgress { run_id, family, step, done_bytes, total_bytes, applied_entries, applied_bytes }
+        let progress::StepProgress {
+            run_id,
+            family,
+            step,
+            done_bytes,
+            total_bytes,
+            applied_entries,
+            applied_bytes,
+            layers,
+        } = p;
+        let layers = layers.into_iter().map(LayerProgress::from).collect();
+        StepProgress { run_id, family, step, done_bytes, total_bytes, applied_entries, applied_bytes, layers }
     }
 }
 
 impl From<StepProgress> for progress::StepProgress {
     fn from(p: StepProgress) -> Self {
-        let StepProgress { run_id, family, step, done_bytes, total_bytes, applied_entries, applied_bytes } = p;
-        progress::StepProgress { run_id, family, step, done_bytes, total_bytes, applied_entries, applied_bytes }
+        let StepProgress { run_id, family, step, done_bytes, total_bytes, applied_entries, applied_bytes, layers } = p;
+        let layers = layers.into_iter().map(progress::LayerProgress::from).collect();
+        progress::StepProgress { run_id, family, step, done_bytes, total_bytes, applied_entries, applied_bytes, layers }
     }
 }
 

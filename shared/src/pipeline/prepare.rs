@@ -59,6 +59,11 @@ pub(super) fn workflow(ctx: Arc<PipelineContext>) -> Workflow<PrepareInput, Prep
         .step_with("unpack_into_base", unpack, move |req| unpack_into_base(c4.clone(), req))
 }
 
+/// The layers of `manifest` as the progress board follows them: (digest, size).
+fn layers_of(manifest: &Manifest) -> Vec<(String, u64)> {
+    manifest.layers.iter().map(|l| (l.digest.to_string(), l.size)).collect()
+}
+
 fn manifest_of(req: &Req) -> Result<&Manifest, StepError> {
     req.w.manifest.as_ref().ok_or_else(|| StepError::abort("the response chain has no manifest"))
 }
@@ -82,8 +87,8 @@ const PARALLEL_DOWNLOADS: usize = 4;
 async fn download_blobs(ctx: Arc<PipelineContext>, req: Req) -> StepResult<PrepareState> {
     use futures::StreamExt;
     let manifest = manifest_of(&req)?;
-    let total = manifest.layers.iter().map(|l| l.size).sum();
-    let progress = Arc::new(ctx.progress.begin(&req.run_id, &req.r.family, "download_blobs", total));
+    let progress =
+        Arc::new(ctx.progress.begin_with_layers(&req.run_id, &req.r.family, "download_blobs", &layers_of(manifest)));
     fault::pause("prepare.download", &req.r.family).await;
     fault::fail("prepare.download", &req.r.family).map_err(StepError::transient)?;
     // A version that cannot fit is refused now, clearly, not by a full disk half way.
@@ -96,8 +101,8 @@ async fn download_blobs(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Prepa
         }
     }
     // Owned futures: borrowed ones trip the compiler's Send check for the step's future.
-    let mut downloads = futures::stream::iter(manifest.layers.clone())
-        .map(|layer| {
+    let mut downloads = futures::stream::iter(manifest.layers.clone().into_iter().enumerate())
+        .map(|(index, layer)| {
             let (ctx, progress) = (ctx.clone(), progress.clone());
             // One span per layer: how long its download took, and how much of it came now.
             let span = tracing::info_span!(
@@ -108,10 +113,11 @@ async fn download_blobs(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Prepa
             );
             async move {
                 let (path, fetched) =
-                    ctx.cache.ensure_reporting(ctx.source.as_ref(), &layer, &|n| progress.advance(n)).await?;
+                    ctx.cache.ensure_reporting(ctx.source.as_ref(), &layer, &|n| progress.advance(index, n)).await?;
                 tracing::Span::current().record("fetched", fetched);
                 // Bytes cached before (the whole blob, or a partial resumed) count as done.
-                progress.advance(layer.size.saturating_sub(fetched));
+                progress.advance(index, layer.size.saturating_sub(fetched));
+                progress.finished(index);
                 Ok::<_, ImageError>((path, fetched))
             }
             .instrument(span)
@@ -190,8 +196,8 @@ async fn prepare_thin_base(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Pr
 
 async fn unpack_into_base(ctx: Arc<PipelineContext>, req: Req) -> StepResult<PrepareState> {
     let manifest = manifest_of(&req)?.clone();
-    let total = manifest.layers.iter().map(|l| l.size).sum();
-    let progress = ctx.progress.begin(&req.run_id, &req.r.family, "unpack_into_base", total);
+    let progress =
+        ctx.progress.begin_with_layers(&req.run_id, &req.r.family, "unpack_into_base", &layers_of(&manifest));
     fault::pause("prepare.unpack", &req.r.family).await;
     let base = req.w.base_vol_id.ok_or_else(|| StepError::abort("the response chain has no base volume"))?;
     let family = req.r.family.clone();
@@ -203,7 +209,7 @@ async fn unpack_into_base(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Pre
         if !ctx.backend.is_sealed(base).map_err(volume_err)? {
             // A rerun starts from an empty base: never apply layers over a half-applied tree.
             let root = ctx.backend.reset_base(base).map_err(volume_err)?;
-            for layer in &manifest.layers {
+            for (index, layer) in manifest.layers.iter().enumerate() {
                 // One span per layer: how long it took to apply, and what it wrote.
                 let span = tracing::info_span!(
                     "layer.apply",
@@ -225,11 +231,12 @@ async fn unpack_into_base(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Pre
                     &name,
                     layer.diff_id.as_ref(),
                     &opts,
-                    &|n| progress.advance(n),
-                    &|written| progress.applied(written),
+                    &|n| progress.advance(index, n),
+                    &|written| progress.applied(index, written),
                 )
                 .map_err(image_err)?;
                 span.record("entries", stats.entries).record("written", stats.written);
+                progress.finished(index);
                 crate::telemetry::metrics().layer_bytes_applied.add(stats.written, &[]);
                 tracing::debug!(%family, layer = %layer.digest, entries = stats.entries, bytes = stats.bytes, written = stats.written, "layer applied");
                 devices_skipped += stats.devices_skipped;
