@@ -1,7 +1,8 @@
 //! The dm-thin backend on a real kernel: Debian's kernel in QEMU (see `thinpipe_tests::guest`)
 //! with a thin pool on two virtio disks. Three boots share the disks:
 //!
-//! 1. `first`: the conformance suite, a base with 50 snapshots and copy-on-write checked,
+//! 1. `first`: the conformance suite, a base with 50 snapshots and copy-on-write checked
+//!    (and one unmounted by hand: not exposed, then exposed again with its writes),
 //!    every error case with its errno, a second pool run out of data space, the pipeline
 //!    (prepare, 60 activations, 30 releases, reconcile clean), and a third, small pool driven
 //!    through the lifecycle (a collected version's blocks come back; admission refuses with
@@ -31,7 +32,7 @@ fn a_thin_pool_on_a_real_kernel_survives_the_pipeline_a_power_cut_and_reconcile(
         "pool",
         "state disk",
         "conformance",
-        "fifty snapshots, copy-on-write, release",
+        "fifty snapshots, copy-on-write, mounted again after an unmount, release",
         "error cases by errno",
         "a pool out of data space aborts with its status",
         "pipeline: prepare, 60 activations, 30 releases, reconcile",

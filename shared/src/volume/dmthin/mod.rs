@@ -290,6 +290,16 @@ impl VolumeBackend for DmThinBackend {
         self.checked(self.mount(VolumeId::Snap(snap), false))
     }
 
+    /// Its device is active and mounted at its mount point: a reboot (or an unmount by hand)
+    /// leaves the thin device in the pool, but neither.
+    fn is_exposed(&self, snap: u64) -> Result<bool, VolumeError> {
+        let vol = VolumeId::Snap(snap);
+        match self.pool.active(&self.device_name(vol)).map_err(|e| self.fail(vol, e))? {
+            Some(dev) => self.mounted(&self.mount_point(vol), dev),
+            None => Ok(false),
+        }
+    }
+
     fn delete(&self, vol: VolumeId) -> Result<(), VolumeError> {
         self.checked(self.delete_inner(vol))
     }
