@@ -145,11 +145,7 @@ impl Pipeline {
     pub async fn prepare(&self, manifest: &Manifest) -> Result<Outcome<PrepareState>, PipelineError> {
         let id = prepare_run_id(&manifest.family, manifest.digest.as_str());
         let input = PrepareInput { family: manifest.family.clone(), manifest: Some(manifest.clone()) };
-        let started = std::time::Instant::now();
-        let (outcome, ran) = self.run_retrying_failed(&self.prepare, &id, &input, &PrepareState::default()).await?;
-        if ran {
-            observe_prepare(started, &outcome);
-        }
+        let outcome = self.run_prepare(&id, &input).await?;
         // A version prepared before, whose base garbage collection has since deleted: the
         // old run stays in the log under another id, and the version is prepared afresh.
         if let Outcome::Completed(w) = &outcome
@@ -158,12 +154,20 @@ impl Pipeline {
         {
             let archived = self.archive(&id).await?;
             tracing::info!(run_id = %id, %archived, "preparing again a version whose base was collected");
-            let started = std::time::Instant::now();
-            let (again, ran) = self.run_retrying_failed(&self.prepare, &id, &input, &PrepareState::default()).await?;
-            if ran {
-                observe_prepare(started, &again);
-            }
-            return Ok(again);
+            return self.run_prepare(&id, &input).await;
+        }
+        Ok(outcome)
+    }
+
+    /// Runs (or joins) prepare run `id`; a run that ran (or was joined) here is recorded in
+    /// `thinpipe.prepare.duration` by outcome, a version found prepared is not.
+    async fn run_prepare(&self, id: &str, input: &PrepareInput) -> Result<Outcome<PrepareState>, PipelineError> {
+        let started = std::time::Instant::now();
+        let (outcome, ran) = self.run_retrying_failed(&self.prepare, id, input, &PrepareState::default()).await?;
+        if ran {
+            let label = if matches!(outcome, Outcome::Completed(_)) { "succeeded" } else { "failed" };
+            let attrs = [crate::telemetry::kv("outcome", label)];
+            crate::telemetry::metrics().prepare_duration.record(started.elapsed().as_secs_f64(), &attrs);
         }
         Ok(outcome)
     }
@@ -313,13 +317,6 @@ impl Pipeline {
         }
         Ok(finished)
     }
-}
-
-/// Records a prepare run that ran (or was joined) here in `thinpipe.prepare.duration`.
-fn observe_prepare(started: std::time::Instant, outcome: &Outcome<PrepareState>) {
-    let outcome = if matches!(outcome, Outcome::Completed(_)) { "succeeded" } else { "failed" };
-    let attrs = [crate::telemetry::kv("outcome", outcome)];
-    crate::telemetry::metrics().prepare_duration.record(started.elapsed().as_secs_f64(), &attrs);
 }
 
 /// Runs a step's blocking work (SQLite, file trees, volumes) off the async threads, as work
