@@ -90,6 +90,9 @@ pub struct Workflow {
     pub name: String,
     pub version: u32,
     pub steps: Vec<String>,
+    /// Older versions this worker keeps so that runs they started finish.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub older_versions: Vec<u32>,
 }
 
 /// The snake_case name serde gives a unit enum value.
@@ -157,7 +160,7 @@ impl RunView {
 
 impl From<WorkflowInfo> for Workflow {
     fn from(w: WorkflowInfo) -> Self {
-        Workflow { name: w.name, version: w.version, steps: w.steps }
+        Workflow { name: w.name, version: w.version, steps: w.steps, older_versions: w.older_versions }
     }
 }
 

@@ -14,7 +14,8 @@ use super::state::RawOutcome;
 use super::workflow::Workflow;
 
 impl Engine {
-    /// Registers a workflow and returns the typed handle to start and wait on its runs.
+    /// Registers the current version of a workflow and returns the typed handle to start
+    /// and wait on its runs. New runs use this version.
     pub fn register<R, W>(&self, workflow: Workflow<R, W>) -> Result<WorkflowHandle<R, W>, RegisterError>
     where
         R: Serialize + DeserializeOwned + Send + Sync + 'static,
@@ -22,11 +23,31 @@ impl Engine {
     {
         let name = workflow.name();
         let mut map = crate::sync::write(&self.inner.workflows);
-        if map.contains_key(name) {
+        let registered = map.entry(name).or_default();
+        if registered.current.is_some() || registered.version(workflow.version()).is_some() {
             return Err(RegisterError::Duplicate(name.to_owned()));
         }
-        map.insert(name, Arc::new(workflow));
+        registered.current = Some(Arc::new(workflow));
         Ok(WorkflowHandle { engine: self.clone(), name, _types: PhantomData })
+    }
+
+    /// Keeps an older version of a workflow so that the runs it started before an upgrade
+    /// finish with its own steps (`fsm/DESIGN.md`, guarantee 11). No new run uses it; its
+    /// input and response must decode as the current version's types for `wait` to read
+    /// their outcomes.
+    pub fn register_older<R, W>(&self, workflow: Workflow<R, W>) -> Result<(), RegisterError>
+    where
+        R: Serialize + DeserializeOwned + Send + Sync + 'static,
+        W: Serialize + DeserializeOwned + Send + 'static,
+    {
+        let name = workflow.name();
+        let mut map = crate::sync::write(&self.inner.workflows);
+        let registered = map.entry(name).or_default();
+        if registered.version(workflow.version()).is_some() {
+            return Err(RegisterError::Duplicate(format!("{name} version {}", workflow.version())));
+        }
+        registered.older.push(Arc::new(workflow));
+        Ok(())
     }
 }
 

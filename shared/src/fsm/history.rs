@@ -60,18 +60,25 @@ pub struct WorkflowInfo {
     pub name: String,
     pub version: u32,
     pub steps: Vec<String>,
+    /// Older versions kept so that runs they started before an upgrade finish.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub older_versions: Vec<u32>,
 }
 
 impl Engine {
-    /// Every registered workflow and its steps, in order.
+    /// Every registered workflow: its current version and steps, in order.
     pub fn workflows(&self) -> Vec<WorkflowInfo> {
         let map = crate::sync::read(&self.inner.workflows);
         let mut out: Vec<WorkflowInfo> = map
             .values()
-            .map(|w| WorkflowInfo {
-                name: w.name().to_owned(),
-                version: w.version(),
-                steps: (0..w.step_count()).map(|i| w.step_name(i).to_owned()).collect(),
+            .filter_map(|r| {
+                let w = r.current.as_ref()?;
+                Some(WorkflowInfo {
+                    name: w.name().to_owned(),
+                    version: w.version(),
+                    steps: (0..w.step_count()).map(|i| w.step_name(i).to_owned()).collect(),
+                    older_versions: r.older.iter().map(|o| o.version()).collect(),
+                })
             })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));

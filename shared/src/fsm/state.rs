@@ -43,7 +43,7 @@ pub(crate) struct Inner {
     pub(crate) path: PathBuf,
     pub(crate) db: Arc<Database>,
     pub(crate) writer: Writer,
-    pub(super) workflows: RwLock<HashMap<&'static str, Arc<dyn ErasedWorkflow>>>,
+    pub(super) workflows: RwLock<HashMap<&'static str, Registered>>,
     pub(super) waiters: Mutex<HashMap<String, watch::Sender<Option<RunEnd>>>>,
     pub(super) running: Mutex<HashMap<String, Running>>,
     /// Runs started but not yet in the run log (their start commits with their first
@@ -52,6 +52,25 @@ pub(crate) struct Inner {
     pub(crate) unrecorded: Mutex<HashMap<String, Unrecorded>>,
     pub(crate) shutdown: CancellationToken,
     pub(super) tasks: TaskTracker,
+}
+
+/// The versions of one workflow this process knows: the current one, which new runs use,
+/// and older ones kept only so that runs they started finish with their own steps.
+#[derive(Default)]
+pub(crate) struct Registered {
+    pub(crate) current: Option<Arc<dyn ErasedWorkflow>>,
+    pub(crate) older: Vec<Arc<dyn ErasedWorkflow>>,
+}
+
+impl Registered {
+    /// Version `version`, current or older.
+    pub(crate) fn version(&self, version: u32) -> Option<Arc<dyn ErasedWorkflow>> {
+        self.current.iter().chain(&self.older).find(|w| w.version() == version).cloned()
+    }
+    /// Every version, the current one first.
+    pub(crate) fn versions(&self) -> Vec<u32> {
+        self.current.iter().chain(&self.older).map(|w| w.version()).collect()
+    }
 }
 
 impl Inner {

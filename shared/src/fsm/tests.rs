@@ -542,6 +542,36 @@ async fn a_run_of_another_workflow_version_is_failed_not_resumed() {
     engine.shutdown().await;
 }
 
+/// Guarantee 11: after an upgrade that changed a workflow's shape, a run the old version
+/// started finishes with the old version's steps, while new runs take the new ones.
+#[tokio::test]
+async fn a_run_of_an_older_version_kept_by_the_upgrade_finishes_with_its_own_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(&dir).await;
+    let wf = engine.register(gated_workflow("g", Arc::new(tokio::sync::Semaphore::new(0)))).unwrap();
+    wf.start("old", &"x".into(), &vec![]).await.unwrap();
+    wait_for_step(&engine, "old", 1).await;
+    engine.shutdown().await;
+    drop((engine, wf));
+
+    let engine = open(&dir).await;
+    let v2 = Workflow::<String, Vec<String>>::new("g", 2).step("only", |r| async move {
+        let mut w = r.w;
+        w.push("g:v2".into());
+        Ok(w)
+    });
+    let wf = engine.register(v2).unwrap();
+    engine.register_older(gated_workflow("g", Arc::new(tokio::sync::Semaphore::new(1)))).unwrap();
+    assert!(matches!(engine.register_older(chain_workflow("g")), Err(RegisterError::Duplicate(_))), "version 1 twice");
+    let report = engine.resume_all().await.unwrap();
+    assert_eq!(report.resumed, ["old"]);
+    assert_eq!(wf.wait("old").await.unwrap(), Outcome::Completed(vec!["g:first".into(), "g:gated:x".into()]));
+    assert_eq!(wf.run("new", &"y".into(), &vec![]).await.unwrap(), Outcome::Completed(vec!["g:v2".into()]));
+    let info = engine.workflows();
+    assert_eq!((info[0].version, info[0].older_versions.clone()), (2, vec![1]), "{info:?}");
+    engine.shutdown().await;
+}
+
 #[tokio::test]
 async fn cancel_ends_an_active_run_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();

@@ -129,6 +129,10 @@ where
         self.name
     }
 
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
     pub fn step_names(&self) -> Vec<&'static str> {
         self.steps.iter().map(|s| s.name).collect()
     }

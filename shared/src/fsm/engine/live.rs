@@ -132,12 +132,15 @@ impl Engine {
             return Ok(());
         }
         match self.read_record(id).map_err(|e| StartError::Storage(e.into()))? {
-            Some(Ok(record)) if record.status == RunStatus::Active => match self.resume_run(wf, id, &record).await {
-                Resumed::Yes | Resumed::MarkedFailed(_) => Ok(()),
-                Resumed::Left => {
-                    Err(StartError::Storage(StorageError::Io(format!("run {id} is stalled and could not be resumed"))))
+            // Resumed by the version that started it (an older one, after an upgrade).
+            Some(Ok(record)) if record.status == RunStatus::Active => {
+                match self.resume_run(self.workflow_of(&record).unwrap_or(wf), id, &record).await {
+                    Resumed::Yes | Resumed::MarkedFailed(_) => Ok(()),
+                    Resumed::Left => Err(StartError::Storage(StorageError::Io(format!(
+                        "run {id} is stalled and could not be resumed"
+                    )))),
                 }
-            },
+            }
             // Finished meanwhile: a wait returns its outcome.
             _ => Ok(()),
         }
@@ -282,7 +285,7 @@ impl Engine {
             return Err(CancelError::NotActive { id: id.to_owned(), status: record.status });
         }
         let step = self
-            .workflow(&record.workflow)
+            .workflow_of(&record)
             .map_or_else(|| format!("#{}", record.next_step), |w| w.step_name(record.next_step as usize).to_owned());
         let failure = Failure { step, error: reason.to_owned(), kind: FailureKind::Cancelled, code: None };
         let change = Change {

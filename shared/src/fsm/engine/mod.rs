@@ -119,9 +119,22 @@ impl Engine {
     pub fn path(&self) -> &Path {
         &self.inner.path
     }
+    /// The current version of workflow `name`: the one new runs use.
     pub(super) fn workflow(&self, name: &str) -> Option<Arc<dyn ErasedWorkflow>> {
         let map = crate::sync::read(&self.inner.workflows);
-        map.get(name).cloned()
+        map.get(name).and_then(|r| r.current.clone())
+    }
+    /// The workflow a recorded run was started by: its own version when this process has
+    /// it, else the current one (whose resume then fails the run, naming both versions).
+    pub(super) fn workflow_of(&self, record: &RunRecord) -> Option<Arc<dyn ErasedWorkflow>> {
+        let map = crate::sync::read(&self.inner.workflows);
+        let registered = map.get(record.workflow.as_str())?;
+        registered.version(record.version).or_else(|| registered.current.clone())
+    }
+    /// The versions of workflow `name` this process has, the current one first.
+    pub(super) fn versions_of(&self, name: &str) -> Vec<u32> {
+        let map = crate::sync::read(&self.inner.workflows);
+        map.get(name).map(|r| r.versions()).unwrap_or_default()
     }
     /// Fires when a commit of the run log failed on its storage (a full disk, an I/O
     /// error). redb then refuses every write until the file is opened again: the owner

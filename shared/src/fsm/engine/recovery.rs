@@ -44,7 +44,7 @@ impl Engine {
             if lock(&self.inner.running).contains_key(&id) {
                 continue;
             }
-            let Some(wf) = self.workflow(&record.workflow) else {
+            let Some(wf) = self.workflow_of(&record) else {
                 tracing::warn!(run_id = %id, workflow = %record.workflow, "active run of an unregistered workflow left as is");
                 report.unknown_workflow.push(id);
                 continue;
@@ -124,11 +124,12 @@ impl Engine {
         record: &RunRecord,
     ) -> Result<(Arc<dyn BoundRun>, Vec<u8>), ResumeBlocker> {
         if record.version != wf.version() {
+            let has: Vec<String> = self.versions_of(wf.name()).iter().map(u32::to_string).collect();
             return Err(ResumeBlocker::Corrupt(format!(
                 "run was started by version {} of workflow {}; this build has version {}",
                 record.version,
                 wf.name(),
-                wf.version()
+                has.join(" and ")
             )));
         }
         if record.next_step as usize >= wf.step_count() {
