@@ -117,6 +117,7 @@ pub async fn host() -> Result<Host, String> {
         cache: BlobCache::open(state.join("blobs")).map_err(|e| e.to_string())?,
         source: Arc::new(LocalDir::new(state.join("images"))),
         apply: ApplyOptions::default(),
+        prepare: Default::default(),
         invocations: Default::default(),
         host_id: None,
         progress: Default::default(),

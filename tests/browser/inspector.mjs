@@ -56,12 +56,12 @@ try {
   const statuses = await nodes.evaluateAll(ns => ns.map(n => [n.dataset.step, n.dataset.status]));
   check(statuses.length >= 3, "the workflow is drawn: " + JSON.stringify(statuses));
   check(statuses.every(([, s]) => s === "done"), "every step done: " + JSON.stringify(statuses));
-  await page.locator('[data-testid=step-node][data-step="download_blobs"]').click();
+  await page.locator('[data-testid=step-node][data-step="stream_into_base"]').click();
   await page.locator("[data-testid=step-name]").waitFor();
   const input = await page.locator("[data-testid=step-input]").textContent();
   const output = await page.locator("[data-testid=step-output]").textContent();
   check(JSON.parse(input) !== null && JSON.parse(output) !== null, "input and output are JSON");
-  check(output.includes("sha256:"), "the download step's output names the blobs: " + output);
+  check(output.includes("sha256:"), "the streaming step's output names the blobs: " + output);
   const attempts = await page.locator("[data-testid=attempt]").evaluateAll(rs => rs.map(r => r.textContent));
   check(attempts.length === 2, "two attempts: " + attempts);
   check(attempts[0].includes("transient") && attempts[0].includes("injected failure"), "the failed attempt and its error: " + attempts[0]);

@@ -79,6 +79,7 @@ impl Host {
             cache,
             source,
             apply,
+            prepare: config.images.prepare_settings(),
             invocations: Default::default(),
             host_id: Some(config.worker.host_id.clone()),
             progress: Default::default(),

@@ -140,7 +140,24 @@ pub fn apply_layer_reporting(
     on_entry: &dyn Fn(u64),
 ) -> Result<ApplyStats, ImageError> {
     let file = fs::File::open(blob).map_err(|e| ImageError::io("opening layer", blob, e))?;
-    let mut reader = BufReader::with_capacity(1 << 20, Counted { inner: file, on_read });
+    apply_layer_from(root, file, blob, layer, diff_id, opts, on_read, on_entry)
+}
+
+/// [`apply_layer_reporting`] on the layer's bytes as `input` yields them (a download in
+/// progress: `feed.rs`); `origin` names where they come from in I/O errors.
+#[allow(clippy::too_many_arguments)]
+pub fn apply_layer_from(
+    root: &Path,
+    input: impl Read,
+    origin: &Path,
+    layer: &str,
+    diff_id: Option<&Digest>,
+    opts: &ApplyOptions,
+    on_read: &dyn Fn(u64),
+    on_entry: &dyn Fn(u64),
+) -> Result<ApplyStats, ImageError> {
+    let blob = origin;
+    let mut reader = BufReader::with_capacity(1 << 20, Counted { inner: input, on_read });
     let magic = reader.fill_buf().map_err(|e| ImageError::io("reading layer", blob, e))?;
     let stream: Box<dyn Read + '_> = if magic.starts_with(&[0x1f, 0x8b]) {
         Box::new(flate2::bufread::MultiGzDecoder::new(reader))

@@ -2,7 +2,9 @@
 //!
 //! A blob is streamed from its source into `<dir>/tmp/<hex>.part` while being hashed, synced,
 //! and renamed into place only when the digest matches. A file under its digest name
-//! therefore always holds that content, and is reused without re-hashing.
+//! therefore always holds that content, and is reused without re-hashing. `tee` passes the
+//! bytes on to an unpacker as they arrive (`feed.rs`) and syncs and names the copy in the
+//! background.
 //!
 //! A partial download is kept: the next attempt (after a dropped connection, a stall or a
 //! crash) hashes the bytes it already has and asks the source for the rest only (a ranged
@@ -18,9 +20,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
 
 use super::digest::{Digest, Hasher};
 use super::error::ImageError;
+use super::feed::{FEED_CHUNK, Feed};
 use super::layout::LayerDesc;
 use super::source::BlobSource;
 
@@ -200,29 +204,92 @@ impl BlobCache {
         if dest.is_file() {
             return Ok((dest, 0));
         }
-        let lock = {
-            let mut map = crate::sync::lock(&self.downloading);
-            map.entry(layer.digest.hex().to_owned()).or_default().clone()
-        };
-        let _only_download = lock.lock().await;
+        let _only_download = self.lock_of(&layer.digest).lock_owned().await;
         if dest.is_file() {
             return Ok((dest, 0)); // another task finished it while we waited
         }
         let part = self.partial_path(&layer.digest);
         // On error the partial stays for the next attempt, unless it failed its digest.
-        let fetched = self.download(source, layer, &part, &dest, on_bytes).await?;
+        let (file, fetched) =
+            self.fetch_verified(source, layer, &part, None, on_bytes).await.map_err(TeeError::into_image)?;
+        file.sync_all().await.map_err(|e| ImageError::io("syncing", &part, e))?;
+        drop(file);
+        self.name(&part, &dest).await?;
         tracing::Span::current().record("fetched", fetched);
         Ok((dest, fetched))
     }
 
-    async fn download(
+    /// Streams `layer` to `feed` while caching it (one pass: the bytes are hashed, written to
+    /// the cache and sent on, never read back), then sends [`Feed::Verified`] once the whole
+    /// blob matched its digest. The cache copy is synced and named in the background: it is
+    /// an optimisation, and a blob whose copy did not reach the disk before a crash is
+    /// downloaded again. A blob already cached is sent from the cache. Returns the bytes
+    /// downloaded now.
+    pub async fn tee(
+        &self,
+        source: &dyn BlobSource,
+        layer: &LayerDesc,
+        feed: &mpsc::Sender<Feed>,
+        on_bytes: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<u64, TeeError> {
+        let only_download = self.lock_of(&layer.digest).lock_owned().await;
+        let dest = self.path(&layer.digest);
+        if dest.is_file() {
+            // Named while we waited for the lock (an earlier attempt's copy, synced meanwhile).
+            send_file(&dest, feed, on_bytes).await?;
+            feed.send(Feed::Verified).await.map_err(|_| TeeError::ReaderGone)?;
+            return Ok(0);
+        }
+        let part = self.partial_path(&layer.digest);
+        let (file, fetched) = self.fetch_verified(source, layer, &part, Some(feed), on_bytes).await?;
+        let sent = feed.send(Feed::Verified).await.map_err(|_| TeeError::ReaderGone);
+        // Named in the background, holding the blob's lock until then: a download of the same
+        // blob meanwhile waits for it and then finds it named.
+        let cache = self.clone();
+        tokio::spawn(async move {
+            let _held = only_download;
+            let synced = file.sync_all().await.map_err(|e| ImageError::io("syncing", &part, e));
+            drop(file);
+            if let Err(e) = async {
+                synced?;
+                cache.name(&part, &dest).await
+            }
+            .await
+            {
+                tracing::warn!(error = %e, "a verified blob was not kept in the cache; a later prepare that needs it downloads it again");
+            }
+        });
+        sent?;
+        Ok(fetched)
+    }
+
+    /// The lock that makes one download per blob at a time (they share the `.part` file).
+    fn lock_of(&self, digest: &Digest) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = crate::sync::lock(&self.downloading);
+        map.entry(digest.hex().to_owned()).or_default().clone()
+    }
+
+    /// Renames a verified, synced partial `part` into place at `dest`, durably.
+    async fn name(&self, part: &Path, dest: &Path) -> Result<(), ImageError> {
+        tokio::fs::rename(part, dest).await.map_err(|e| ImageError::io("renaming into the cache", dest, e))?;
+        let dir = self.dir.join("sha256");
+        let synced = tokio::task::spawn_blocking(move || std::fs::File::open(&dir).and_then(|d| d.sync_all()))
+            .await
+            .map_err(|e| ImageError::io("syncing the cache directory", dest, std::io::Error::other(e)))?;
+        synced.map_err(|e| ImageError::io("syncing the cache directory", dest, e))
+    }
+
+    /// Completes the partial `part` of `layer` from `source` (hashing what it already has
+    /// first), sending every byte of the blob to `feed` if given, and checks the digest.
+    /// Returns the partial, flushed but not synced, and the bytes downloaded now.
+    async fn fetch_verified(
         &self,
         source: &dyn BlobSource,
         layer: &LayerDesc,
         part: &Path,
-        dest: &Path,
+        feed: Option<&mpsc::Sender<Feed>>,
         on_bytes: &(dyn Fn(u64) + Send + Sync),
-    ) -> Result<u64, ImageError> {
+    ) -> Result<(tokio::fs::File, u64), TeeError> {
         let mut file = tokio::fs::OpenOptions::new()
             .create(true)
             .read(true)
@@ -232,19 +299,23 @@ impl BlobCache {
             .map_err(|e| ImageError::io("opening", part, e))?;
         let mut hasher = Hasher::default();
         let mut have = 0u64;
-        let mut buf = vec![0u8; 256 * 1024];
-        // Hash what an earlier attempt already fetched.
+        // Hash (and pass on) what an earlier attempt already fetched.
         loop {
+            let mut buf = vec![0u8; FEED_CHUNK];
             let n = file.read(&mut buf).await.map_err(|e| ImageError::io("reading", part, e))?;
             if n == 0 {
                 break;
             }
             hasher.update(&buf[..n]);
             have += n as u64;
+            if let Some(feed) = feed {
+                buf.truncate(n);
+                feed.send(Feed::Bytes(buf)).await.map_err(|_| TeeError::ReaderGone)?;
+            }
         }
         let resumed = have > 0;
         if have > layer.size {
-            return Err(self.discard(part, "a partial download is longer than the blob").await);
+            return Err(self.discard(part, "a partial download is longer than the blob").await.into());
         }
         if resumed {
             tracing::info!(digest = %layer.digest, have, size = layer.size, "resuming a partial download");
@@ -252,37 +323,30 @@ impl BlobCache {
         let mut fetched = 0u64;
         if have < layer.size || layer.size == 0 {
             let streamed =
-                self.stream_into(source, layer, have, &mut file, part, &mut hasher, &mut fetched, on_bytes).await;
+                self.stream_into(source, layer, have, &mut file, part, &mut hasher, &mut fetched, feed, on_bytes).await;
             // tokio's File writes in the background: flush before anyone reopens the partial,
             // error or not, so the next attempt sees every byte counted in `fetched`.
             let flushed = file.flush().await.map_err(|e| ImageError::io("writing", part, e));
             streamed?;
             flushed?;
         }
-        file.sync_all().await.map_err(|e| ImageError::io("syncing", part, e))?;
-        drop(file);
         let actual = hasher.finish();
         if actual != layer.digest {
             if resumed {
-                return Err(self.discard(part, "a resumed download did not match its digest").await);
+                return Err(self.discard(part, "a resumed download did not match its digest").await.into());
             }
             self.remove_partial(part).await;
             return Err(ImageError::DigestMismatch {
                 digest: layer.digest.to_string(),
                 actual: actual.to_string(),
                 source_desc: source.describe(),
-            });
+            }
+            .into());
         }
-        tokio::fs::rename(part, dest).await.map_err(|e| ImageError::io("renaming into the cache", dest, e))?;
-        let dir = self.dir.join("sha256");
-        let synced = tokio::task::spawn_blocking(move || std::fs::File::open(&dir).and_then(|d| d.sync_all()))
-            .await
-            .map_err(|e| ImageError::io("syncing the cache directory", dest, std::io::Error::other(e)))?;
-        synced.map_err(|e| ImageError::io("syncing the cache directory", dest, e))?;
-        Ok(fetched)
+        Ok((file, fetched))
     }
 
-    /// Appends the blob from byte `from` on to `file`, hashing it.
+    /// Appends the blob from byte `from` on to `file`, hashing it and passing it to `feed`.
     #[allow(clippy::too_many_arguments)]
     async fn stream_into(
         &self,
@@ -293,11 +357,13 @@ impl BlobCache {
         part: &Path,
         hasher: &mut Hasher,
         fetched: &mut u64,
+        feed: Option<&mpsc::Sender<Feed>>,
         on_bytes: &(dyn Fn(u64) + Send + Sync),
-    ) -> Result<(), ImageError> {
+    ) -> Result<(), TeeError> {
         let mut reader = source.open_blob(layer, from).await?;
-        let mut buf = vec![0u8; 256 * 1024];
         loop {
+            // A fresh chunk each time: the feed owns the ones it was sent.
+            let mut buf = vec![0u8; FEED_CHUNK];
             let n = tokio::time::timeout(self.stall_timeout, reader.read(&mut buf))
                 .await
                 .map_err(|_| ImageError::Unavailable {
@@ -316,6 +382,10 @@ impl BlobCache {
             *fetched += n as u64;
             on_bytes(n as u64);
             crate::telemetry::metrics().blob_bytes.add(n as u64, &[]);
+            if let Some(feed) = feed {
+                buf.truncate(n);
+                feed.send(Feed::Bytes(buf)).await.map_err(|_| TeeError::ReaderGone)?;
+            }
         }
     }
 
@@ -334,6 +404,45 @@ impl BlobCache {
         {
             tracing::warn!(path = %part.display(), error = %e, "could not remove a partial download");
         }
+    }
+}
+
+/// Why [`BlobCache::tee`] stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum TeeError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// The unpacker stopped reading (it failed, or the prepare stopped): its error is the cause.
+    #[error("the unpacker stopped reading the layer")]
+    ReaderGone,
+}
+
+impl TeeError {
+    fn into_image(self) -> ImageError {
+        match self {
+            Self::Image(e) => e,
+            // `ensure` has no reader.
+            Self::ReaderGone => ImageError::Unavailable { source_desc: "blob cache".into(), detail: self.to_string() },
+        }
+    }
+}
+
+/// Sends the cached blob at `path` to `feed`.
+async fn send_file(
+    path: &Path,
+    feed: &mpsc::Sender<Feed>,
+    on_bytes: &(dyn Fn(u64) + Send + Sync),
+) -> Result<(), TeeError> {
+    let mut file = tokio::fs::File::open(path).await.map_err(|e| ImageError::io("opening", path, e))?;
+    loop {
+        let mut buf = vec![0u8; FEED_CHUNK];
+        let n = file.read(&mut buf).await.map_err(|e| ImageError::io("reading", path, e))?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.truncate(n);
+        on_bytes(n as u64);
+        feed.send(Feed::Bytes(buf)).await.map_err(|_| TeeError::ReaderGone)?;
     }
 }
 

@@ -10,6 +10,7 @@ mod cache;
 pub mod conformance;
 mod digest;
 mod error;
+mod feed;
 mod layout;
 mod memo;
 mod publish;
@@ -17,10 +18,13 @@ mod s3;
 mod sample;
 mod source;
 
-pub use apply::{ApplyOptions, ApplyStats, DevicePolicy, apply_layer, apply_layer_reporting, running_as_root};
-pub use cache::BlobCache;
+pub use apply::{
+    ApplyOptions, ApplyStats, DevicePolicy, apply_layer, apply_layer_from, apply_layer_reporting, running_as_root,
+};
+pub use cache::{BlobCache, TeeError};
 pub use digest::{Digest, Hasher};
 pub use error::ImageError;
+pub use feed::{FEED_CHUNK, Feed, FeedReader};
 pub use layout::{
     FamilyFile, FamilyLayer, LayerDesc, MEDIA_TAR, Manifest, family_file_path, is_listed, validate_family,
 };

@@ -40,7 +40,7 @@ use crate::volume::{VolumeBackend, VolumeError, VolumeId};
 pub use activate::{ActivateInput, ActivateState};
 pub use cause::Cause;
 pub use invocations::InvocationLocks;
-pub use prepare::{PrepareInput, PrepareState};
+pub use prepare::{PrepareInput, PrepareSettings, PrepareState};
 pub use release::{ReleaseInput, ReleaseState};
 pub use reservations::{ReservationError, Resolved};
 pub use retire::{RetireInput, RetireState};
@@ -52,6 +52,8 @@ pub struct PipelineContext {
     pub cache: BlobCache,
     pub source: Arc<dyn BlobSource>,
     pub apply: ApplyOptions,
+    /// How `prepare` moves a version's bytes.
+    pub prepare: PrepareSettings,
     /// Serialises the steps of one invocation's jobs.
     pub invocations: InvocationLocks,
     /// This host's name, kept in each snapshot's record.
@@ -126,7 +128,11 @@ impl Pipeline {
     pub fn register(engine: &Engine, ctx: PipelineContext) -> Result<Pipeline, RegisterError> {
         let ctx = Arc::new(ctx);
         Ok(Pipeline {
-            prepare: engine.register(prepare::workflow(ctx.clone()))?,
+            prepare: {
+                // Runs version 1 started before an upgrade finish with its steps.
+                engine.register_older(prepare::workflow_v1(ctx.clone()))?;
+                engine.register(prepare::workflow(ctx.clone()))?
+            },
             activate: engine.register(activate::workflow(ctx.clone()))?,
             release: engine.register(release::workflow(ctx.clone()))?,
             retire: engine.register(retire::workflow(ctx.clone()))?,

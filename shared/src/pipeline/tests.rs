@@ -28,6 +28,7 @@ async fn env() -> Env {
         cache: BlobCache::open(dir.path().join("blobs")).unwrap(),
         source: Arc::new(crate::image::LocalDir::new(&images)),
         apply: ApplyOptions::default(),
+        prepare: Default::default(),
         invocations: Default::default(),
         host_id: None,
         progress: Default::default(),
@@ -123,7 +124,7 @@ async fn an_unknown_family_or_a_corrupt_layer_fails_and_seals_nothing() {
     std::fs::write(dir.join("0001.tar"), b"this is not a tar archive at all, it is text").unwrap();
     match prepare(p, "bad").await {
         Outcome::Failed(f) => {
-            assert_eq!(f.step, "unpack_into_base", "{f:?}");
+            assert_eq!(f.step, "stream_into_base", "{f:?}");
             assert!(f.error.contains("0001.tar"), "names the blob: {}", f.error);
         }
         other => panic!("{other:?}"),

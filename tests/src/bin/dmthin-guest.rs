@@ -106,6 +106,7 @@ async fn small_pool_lifecycle() -> Result<(), String> {
         cache: BlobCache::open(dir.join("blobs")).map_err(|x| e(&x))?,
         source: Arc::new(LocalDir::new(dir.join("images"))),
         apply: ApplyOptions::default(),
+        prepare: Default::default(),
         invocations: Default::default(),
         host_id: None,
         progress: Default::default(),

@@ -26,7 +26,7 @@ use thinpipe::store::Store;
 use thinpipe::volume::{BtrfsBackend, DirBackend, OverlayBackend, OverlayOptions, VolumeBackend, VolumeId};
 use thinpipe_tests::{Daemon, wait_until};
 
-const PREPARE_STEPS: [&str; 4] = ["fetch_manifest", "download_blobs", "prepare_thin_base", "unpack_into_base"];
+const PREPARE_STEPS: [&str; 3] = ["fetch_manifest", "prepare_thin_base", "stream_into_base"];
 const ACTIVATE_STEPS: [&str; 1] = ["activate_snapshot"];
 
 /// Every fault point the two jobs (prepare web, activate web/inv-1) pass through, and
@@ -46,7 +46,12 @@ fn fault_points() -> Vec<(String, bool)> {
             }
         }
     }
-    for p in ["prepare.after_base_intent@web", "prepare.after_base_create@web", "prepare.after_seal@web"] {
+    for p in [
+        "prepare.after_base_intent@web",
+        "prepare.after_base_create@web",
+        "prepare.after_layer_applied@web",
+        "prepare.after_seal@web",
+    ] {
         points.push((p.to_owned(), true));
     }
     // Inside activate's one step: before its first (and only) commit. The first activation on

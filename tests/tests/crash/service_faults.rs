@@ -98,7 +98,7 @@ fn a_full_disk_during_unpack_fails_the_run_clearly_and_the_retry_reuses_the_base
     // Refused before the disk fills (the layer's data would pass the refusal watermark), or,
     // racing another writer, by the full disk itself: either way the step says so.
     assert!(
-        error.contains("unpack_into_base")
+        error.contains("stream_into_base")
             && (error.contains("No space left on device") || error.contains("past the refusal watermark")),
         "{error}"
     );

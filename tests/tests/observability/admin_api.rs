@@ -61,7 +61,7 @@ fn health_runs_workflows_and_the_page() {
     assert!(names.contains(&"prepare") && names.contains(&"activate") && names.contains(&"release"), "{names:?}");
     let prepare = workflows.as_array().unwrap().iter().find(|w| w["name"] == "prepare").unwrap();
     let steps: Vec<&str> = prepare["steps"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
-    assert_eq!(steps, ["fetch_manifest", "download_blobs", "prepare_thin_base", "unpack_into_base"], "{prepare}");
+    assert_eq!(steps, ["fetch_manifest", "prepare_thin_base", "stream_into_base"], "{prepare}");
 
     let (_, runs) = get(&format!("{api}/api/runs"));
     let ids: Vec<&str> = runs.as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();

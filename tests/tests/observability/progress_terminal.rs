@@ -40,7 +40,7 @@ fn worker_run_prepare_draws_its_steps_and_bytes_on_a_terminal_only() {
         &pause,
     );
     assert!(out.status.success(), "{shown}");
-    assert!(shown.contains("download_blobs (prepare-web@"), "the step is named: {shown}");
+    assert!(shown.contains("stream_into_base (prepare-web@"), "the step is named: {shown}");
     assert!(shown.contains("] 0 B/"), "a bar with bytes done of the total: {shown}");
     assert!(shown.contains(": 0 of 3 layers done"), "and its layers: {shown}");
     assert!(shown.contains("ok: base-"), "the result follows: {shown}");
@@ -57,7 +57,7 @@ fn worker_run_prepare_draws_its_steps_and_bytes_on_a_terminal_only() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&piped.stderr);
     assert!(piped.status.success(), "{stderr}");
-    assert!(!stderr.contains("download_blobs (") && !stderr.contains('\u{1b}'), "no bar, no escapes: {stderr}");
+    assert!(!stderr.contains("stream_into_base (") && !stderr.contains('\u{1b}'), "no bar, no escapes: {stderr}");
 }
 
 /// The worker's admin API wants a token here: `enqueue` sends the one in its environment.
@@ -80,7 +80,7 @@ fn enqueue_wait_draws_the_workers_progress_on_a_terminal() {
                 .send()
                 .and_then(|r| r.json())
                 .unwrap_or_default();
-            if let Some(step) = steps.as_array().and_then(|s| s.first()).filter(|s| s["step"] == "download_blobs") {
+            if let Some(step) = steps.as_array().and_then(|s| s.first()).filter(|s| s["step"] == "stream_into_base") {
                 return step.clone();
             }
             assert!(std::time::Instant::now() < deadline, "no download step in /api/progress: {steps}");
@@ -92,7 +92,7 @@ fn enqueue_wait_draws_the_workers_progress_on_a_terminal() {
         &[token],
     );
     assert!(out.status.success(), "{shown}\n{}", daemon.log());
-    assert!(shown.contains("download_blobs (prepare-web@"), "the worker's step is shown: {shown}");
+    assert!(shown.contains("stream_into_base (prepare-web@"), "the worker's step is shown: {shown}");
     assert!(shown.contains("] 0 B/"), "with its bytes: {shown}");
     assert!(shown.contains("of 3 layers done"), "and its layers: {shown}");
     let step = polled.join().unwrap();

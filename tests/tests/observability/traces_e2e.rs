@@ -175,7 +175,7 @@ fn json_logs_carry_the_run_and_step_on_every_line_inside_a_run() {
     }
     let retried =
         in_steps.iter().find(|l| l["fields"]["message"] == "step attempt failed").expect("the failed attempt");
-    assert_eq!(retried["span"]["step"], "download_blobs");
+    assert_eq!(retried["span"]["step"], "stream_into_base");
 }
 
 /// A collector that takes connections but never answers: a one-shot command still exits

@@ -485,7 +485,7 @@ fn a_stolen_prepare_lease_stops_the_unpack_and_the_job_completes_later() {
     let run = r["run_id"].as_str().unwrap();
     let out = thinpipe_tests::worker().arg("--state-dir").arg(state).args(["runs", "show", run]).output().unwrap();
     let history = String::from_utf8_lossy(&out.stdout);
-    assert!(history.contains("resumed at unpack_into_base"), "the same run resumed:\n{history}");
+    assert!(history.contains("resumed at stream_into_base"), "the same run resumed:\n{history}");
     assert!(daemon.stop(Duration::from_secs(30)).success());
 }
 

@@ -198,7 +198,7 @@ fn a_corrupt_layer_fails_naming_the_blob_and_the_family_is_never_prepared() {
     let r = result(&out);
     assert_eq!(r["status"], "failed");
     let error = r["error"].as_str().unwrap();
-    assert!(error.contains("0001-base.tar.gz") && error.contains("unpack_into_base"), "{error}");
+    assert!(error.contains("0001-base.tar.gz") && error.contains("stream_into_base"), "{error}");
     let store = Store::open(state.join("host.db")).unwrap();
     assert_eq!(store.image("broken").unwrap().unwrap().current_base, None);
     let base = store.list_bases().unwrap()[0].id;

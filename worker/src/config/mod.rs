@@ -331,6 +331,17 @@ pub struct ImagesConfig {
     /// prepare's result). Without it such an image is refused (`cause: host_setup`). As root,
     /// owners are always kept and this changes nothing.
     pub rootless: bool,
+    /// Download and verify every blob of a version into the cache before applying any
+    /// (the order before streamed prepare): no unverified byte is ever written, even to the
+    /// unsealed base, and a prepare takes the sum of download and unpack instead of the
+    /// longer of the two. The default applies each layer as it arrives and seals nothing
+    /// before every digest matched.
+    pub verify_before_unpack: bool,
+    /// Layers downloaded at once while a version is prepared, the earliest first.
+    pub parallel_downloads: usize,
+    /// MiB of one layer held in memory ahead of the unpacker; a download that far ahead
+    /// waits. Peak memory for reading ahead: `parallel_downloads` x this.
+    pub read_ahead_mib: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -402,11 +413,23 @@ impl Default for ImagesConfig {
             allow_devices: false,
             stall_timeout_secs: 60,
             rootless: false,
+            verify_before_unpack: false,
+            parallel_downloads: 3,
+            read_ahead_mib: 2,
         }
     }
 }
 
 impl ImagesConfig {
+    /// How `prepare` moves a version's bytes.
+    pub fn prepare_settings(&self) -> thinpipe::pipeline::PrepareSettings {
+        thinpipe::pipeline::PrepareSettings {
+            verify_before_unpack: self.verify_before_unpack,
+            parallel_downloads: self.parallel_downloads,
+            read_ahead_chunks: self.read_ahead_mib * ((1 << 20) / thinpipe::image::FEED_CHUNK),
+        }
+    }
+
     /// What device nodes become, `allow_devices` included.
     pub fn device_policy(&self) -> DevicePolicy {
         if self.allow_devices { DevicePolicy::Create } else { self.devices }
@@ -459,6 +482,13 @@ impl Config {
             bail!(
                 "images.allow_devices = true contradicts images.devices = \"{}\": remove images.allow_devices and keep images.devices",
                 self.images.devices
+            );
+        }
+        if self.images.parallel_downloads == 0 || self.images.read_ahead_mib == 0 {
+            bail!(
+                "images.parallel_downloads ({}) and images.read_ahead_mib ({}) must be at least 1",
+                self.images.parallel_downloads,
+                self.images.read_ahead_mib
             );
         }
         if self.queue.kind == QueueKind::Sqs && self.queue.url.is_empty() {
