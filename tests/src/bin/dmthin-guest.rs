@@ -533,6 +533,11 @@ fn main() {
             check("prepare until the fault point", || {
                 rt.block_on(async {
                     write_sample_family(&Path::new(STATE).join("images"), "api").map_err(|e| e.to_string())?;
+                    // The source is on the disk before the cut, as a published family is long
+                    // before a host prepares it: the cut takes only what the worker did. (A
+                    // streamed prepare reads the source again when it resumes.)
+                    // SAFETY: sync has no preconditions.
+                    unsafe { libc::sync() };
                     let h = host().await?;
                     let outcome = prepare(&h, "api").await;
                     Err(format!("the fault point did not fire: {outcome:?}"))
