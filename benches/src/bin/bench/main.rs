@@ -9,6 +9,9 @@
 //! `bench unpack`: see `unpack.rs` (our layer application beside GNU `tar -x`, on the disk and
 //! on a tmpfs; the worker's peak RSS while preparing a 1 GiB layer).
 //!
+//! `bench prepare`: see `prepare.rs` (a streamed prepare from S3 behind a throttling proxy,
+//! beside download-only and unpack-only of the same image; bytes read back from the disk).
+//!
 //! `bench sqs`: see `sqs.rs` (jobs/s through SQS beside a boto3 consumer; idle requests).
 //!
 //! `bench activate`: see `activate.rs` (activation latency on btrfs beside the snapshot
@@ -26,6 +29,8 @@ use anyhow::{Context, bail};
 mod activate;
 mod dmthin;
 mod fsm;
+mod moto;
+mod prepare;
 mod report;
 mod sqs;
 mod unpack;
@@ -33,7 +38,7 @@ mod unpack;
 fn main() -> anyhow::Result<()> {
     let which: Vec<String> = std::env::args().skip(1).collect();
     if which.is_empty() {
-        bail!("usage: bench fsm|unpack|sqs|activate|dmthin ...");
+        bail!("usage: bench fsm|unpack|prepare|sqs|activate|dmthin ...");
     }
     // The child process `bench activate` traces to count syncs.
     if which[0] == "activate-syncs" {
@@ -45,10 +50,11 @@ fn main() -> anyhow::Result<()> {
         match name.as_str() {
             "fsm" => fsm::run(&base)?,
             "unpack" => unpack::run(&base)?,
+            "prepare" => prepare::run(&base)?,
             "sqs" => sqs::run(&base)?,
             "activate" => activate::run(&base)?,
             "dmthin" => dmthin::run()?,
-            other => bail!("unknown benchmark {other:?}: expected fsm, unpack, sqs, activate or dmthin"),
+            other => bail!("unknown benchmark {other:?}: expected fsm, unpack, prepare, sqs, activate or dmthin"),
         }
     }
     Ok(())

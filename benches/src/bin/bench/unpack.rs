@@ -140,7 +140,7 @@ fn versus_umoci(base: &Path, layout: &Path) -> anyhow::Result<f64> {
     Ok(report::median_of_ratios("unpack", "ratio_vs_umoci", &ratios))
 }
 
-fn worker_bin() -> anyhow::Result<PathBuf> {
+pub(crate) fn worker_bin() -> anyhow::Result<PathBuf> {
     let worker = std::env::current_exe()?.parent().context("bench has no directory")?.join("worker");
     if !worker.exists() {
         bail!("{} is not built: run `cargo build --release -p worker` (benches/run does)", worker.display());
@@ -194,7 +194,7 @@ fn rounds(place: &str, base: &Path, layer: &Path) -> anyhow::Result<f64> {
     Ok(report::median_of_ratios("unpack", &format!("ratio_vs_tar_{place}"), &ratios))
 }
 
-fn syncfs(path: &Path) -> anyhow::Result<()> {
+pub(crate) fn syncfs(path: &Path) -> anyhow::Result<()> {
     use std::os::fd::AsRawFd;
     let f = std::fs::File::open(path)?;
     // SAFETY: the fd is open for the duration of the call.
