@@ -177,6 +177,7 @@ pub fn apply_layer_from(
         stats: ApplyStats::default(),
         written: HashSet::new(),
         known_dirs: HashSet::new(),
+        buf: vec![0u8; COPY_BUF],
         on_entry,
     }
     .run(Box::new(&mut tar))?;
@@ -238,6 +239,32 @@ struct Applier<'a> {
     known_dirs: HashSet<PathBuf>,
     /// Told the file bytes written after each entry.
     on_entry: &'a dyn Fn(u64),
+    /// The copy buffer, one for the layer (not one per file: most files are small).
+    buf: Vec<u8>,
+}
+
+/// Bytes copied from the tar to a file at a time.
+const COPY_BUF: usize = 128 << 10;
+
+/// The process's umask, read once (Linux reports it in /proc/self/status; setting it to
+/// read it would race with other threads creating files). Unknown: every bit, so that the
+/// mode is always set explicitly.
+fn umask() -> u32 {
+    static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Umask:"))
+            .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+            .unwrap_or(0o7777)
+    })
+}
+
+/// Whether `block` is all zero bytes (16 at a time: this runs over every byte of a layer).
+fn all_zero(block: &[u8]) -> bool {
+    let (chunks, rest) = block.as_chunks::<16>();
+    chunks.iter().all(|c| u128::from_ne_bytes(*c) == 0) && rest.iter().all(|b| *b == 0)
 }
 
 impl Applier<'_> {
@@ -391,7 +418,12 @@ impl Applier<'_> {
                 }
                 // Create first, remove only if something is there (one syscall fewer per file
                 // than looking first; an existing final component is replaced, never followed).
-                let create = || fs::OpenOptions::new().write(true).create_new(true).open(&dest);
+                // Created with its mode: when the umask keeps every bit and no chown will
+                // clear set-id bits, no chmod is needed after.
+                let create = || {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&dest)
+                };
                 let mut file = match create() {
                     Ok(f) => f,
                     Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -409,8 +441,10 @@ impl Applier<'_> {
                     std::os::unix::fs::fchown(&file, Some(uid as u32), Some(gid as u32))
                         .map_err(|e| ImageError::io("setting the owner of", &dest, e))?;
                 }
-                file.set_permissions(fs::Permissions::from_mode(mode))
-                    .map_err(|e| ImageError::io("setting the mode of", &dest, e))?;
+                if umask() & mode != 0 || mode & 0o6000 != 0 {
+                    file.set_permissions(fs::Permissions::from_mode(mode))
+                        .map_err(|e| ImageError::io("setting the mode of", &dest, e))?;
+                }
                 file.set_modified(
                     std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(mtime.unix_seconds() as u64),
                 )
@@ -527,12 +561,25 @@ impl Applier<'_> {
         file: &mut fs::File,
         dest: &Path,
     ) -> Result<u64, ImageError> {
+        let mut buf = std::mem::take(&mut self.buf);
+        let copied = self.copy_content(raw, entry, file, dest, &mut buf);
+        self.buf = buf;
+        copied
+    }
+
+    fn copy_content<R: Read>(
+        &mut self,
+        raw: &Path,
+        entry: &mut tar::Entry<'_, R>,
+        file: &mut fs::File,
+        dest: &Path,
+        buf: &mut [u8],
+    ) -> Result<u64, ImageError> {
         use std::io::{Seek, SeekFrom, Write};
         const BLOCK: usize = 4096;
-        let mut buf = vec![0u8; 128 << 10];
         let (mut copied, mut hole) = (0u64, false);
         loop {
-            let n = match entry.read(&mut buf) {
+            let n = match entry.read(buf) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -550,11 +597,11 @@ impl Applier<'_> {
             let mut at = 0;
             while at < n {
                 let end = (at + BLOCK).min(n);
-                let zeros = end - at == BLOCK && buf[at..end].iter().all(|b| *b == 0);
+                let zeros = end - at == BLOCK && all_zero(&buf[at..end]);
                 let mut run_end = end;
                 while run_end < n {
                     let next = (run_end + BLOCK).min(n);
-                    let next_zeros = next - run_end == BLOCK && buf[run_end..next].iter().all(|b| *b == 0);
+                    let next_zeros = next - run_end == BLOCK && all_zero(&buf[run_end..next]);
                     if next_zeros != zeros {
                         break;
                     }

@@ -50,4 +50,3 @@ pub fn moto() -> anyhow::Result<(Moto, String)> {
     }
     Ok((moto, format!("http://127.0.0.1:{port}")))
 }
-

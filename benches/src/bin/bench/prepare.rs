@@ -63,8 +63,11 @@ pub fn run(base: &Path) -> anyhow::Result<()> {
         for round in 0..ROUNDS {
             let (mut download, mut unpack, mut unpack_cpu, mut prepare) =
                 (Duration::ZERO, Duration::ZERO, Duration::ZERO, None);
-            let order =
-                if report::ours_first(round) { ["prepare", "download", "unpack"] } else { ["unpack", "download", "prepare"] };
+            let order = if report::ours_first(round) {
+                ["prepare", "download", "unpack"]
+            } else {
+                ["unpack", "download", "prepare"]
+            };
             for which in order {
                 // Each starts on a quiet disk: the writeback of what ran before is done.
                 crate::unpack::syncfs(base)?;

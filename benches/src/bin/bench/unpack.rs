@@ -10,7 +10,7 @@
 //! `worker run prepare` of it (blob cache warm) beside `umoci unpack` of the same layout,
 //! both on this disk, alternating order: `unpack ratio_vs_umoci=<x>` (target <= 1.0); umoci is
 //! what a user would otherwise run. Then the worker's peak RSS while preparing a family with
-//! a 1 GiB layer (target <= 64 MiB: blobs are streamed).
+//! a 1 GiB layer (target <= 32 MiB: blobs are streamed).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -291,6 +291,6 @@ fn peak_rss(base: &Path) -> anyhow::Result<()> {
         "prepare rss_vs_layer={:.3} (peak RSS of `worker run prepare` over the layer's size)",
         rss_mib / layer_mib
     );
-    report::ratio("prepare", "peak_rss_mib", rss_mib, Goal::AtMost(64.0));
+    report::ratio("prepare", "peak_rss_mib", rss_mib, Goal::AtMost(32.0));
     Ok(())
 }

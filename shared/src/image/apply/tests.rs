@@ -115,12 +115,15 @@ fn files_dirs_modes_symlinks_and_hardlinks() {
         E::Dir("etc/", 0o755),
         E::File("etc/motd", b"hi\n", 0o640),
         E::File("bin/tool", b"#!/bin/sh\n", 0o4755),
+        // Bits a usual umask (022) takes from a new file: set explicitly after.
+        E::File("etc/shared", b"", 0o666),
         E::Symlink("etc/link", "motd"),
         E::Hardlink("etc/hard", "etc/motd"),
         E::Fifo("run/pipe"),
     ]);
     let stats = f.apply("layer1", &layer).unwrap();
-    assert_eq!(stats.entries, 6);
+    assert_eq!(stats.entries, 7);
+    assert_eq!(fs::metadata(f.root().join("etc/shared")).unwrap().permissions().mode() & 0o7777, 0o666);
     assert_eq!(f.read("etc/motd"), "hi\n");
     assert_eq!(fs::metadata(f.root().join("etc/motd")).unwrap().permissions().mode() & 0o7777, 0o640);
     assert_eq!(fs::metadata(f.root().join("bin/tool")).unwrap().permissions().mode() & 0o7777, 0o4755);
