@@ -301,15 +301,15 @@ impl BlobCache {
         let mut have = 0u64;
         // Hash (and pass on) what an earlier attempt already fetched.
         loop {
-            let mut buf = vec![0u8; FEED_CHUNK];
-            let n = file.read(&mut buf).await.map_err(|e| ImageError::io("reading", part, e))?;
+            // Not zeroed: `read_buf` fills the spare capacity (this runs over every byte).
+            let mut buf = Vec::with_capacity(FEED_CHUNK);
+            let n = file.read_buf(&mut buf).await.map_err(|e| ImageError::io("reading", part, e))?;
             if n == 0 {
                 break;
             }
-            hasher.update(&buf[..n]);
+            hasher.update(&buf);
             have += n as u64;
             if let Some(feed) = feed {
-                buf.truncate(n);
                 feed.send(Feed::Bytes(buf)).await.map_err(|_| TeeError::ReaderGone)?;
             }
         }
@@ -362,9 +362,9 @@ impl BlobCache {
     ) -> Result<(), TeeError> {
         let mut reader = source.open_blob(layer, from).await?;
         loop {
-            // A fresh chunk each time: the feed owns the ones it was sent.
-            let mut buf = vec![0u8; FEED_CHUNK];
-            let n = tokio::time::timeout(self.stall_timeout, reader.read(&mut buf))
+            // A fresh chunk each time (the feed owns the ones it was sent), not zeroed.
+            let mut buf = Vec::with_capacity(FEED_CHUNK);
+            let n = tokio::time::timeout(self.stall_timeout, reader.read_buf(&mut buf))
                 .await
                 .map_err(|_| ImageError::Unavailable {
                     source_desc: source.describe(),
@@ -377,13 +377,12 @@ impl BlobCache {
             if n == 0 {
                 return Ok(());
             }
-            hasher.update(&buf[..n]);
-            file.write_all(&buf[..n]).await.map_err(|e| ImageError::io("writing", part, e))?;
+            hasher.update(&buf);
+            file.write_all(&buf).await.map_err(|e| ImageError::io("writing", part, e))?;
             *fetched += n as u64;
             on_bytes(n as u64);
             crate::telemetry::metrics().blob_bytes.add(n as u64, &[]);
             if let Some(feed) = feed {
-                buf.truncate(n);
                 feed.send(Feed::Bytes(buf)).await.map_err(|_| TeeError::ReaderGone)?;
             }
         }
@@ -435,12 +434,11 @@ async fn send_file(
 ) -> Result<(), TeeError> {
     let mut file = tokio::fs::File::open(path).await.map_err(|e| ImageError::io("opening", path, e))?;
     loop {
-        let mut buf = vec![0u8; FEED_CHUNK];
-        let n = file.read(&mut buf).await.map_err(|e| ImageError::io("reading", path, e))?;
+        let mut buf = Vec::with_capacity(FEED_CHUNK);
+        let n = file.read_buf(&mut buf).await.map_err(|e| ImageError::io("reading", path, e))?;
         if n == 0 {
             return Ok(());
         }
-        buf.truncate(n);
         on_bytes(n as u64);
         feed.send(Feed::Bytes(buf)).await.map_err(|_| TeeError::ReaderGone)?;
     }
