@@ -28,6 +28,10 @@ use super::feed::{FEED_CHUNK, Feed};
 use super::layout::LayerDesc;
 use super::source::BlobSource;
 
+/// Times a blob being fed to an unpacker is opened again after its connection broke, per
+/// attempt of the step.
+const REOPENS: u32 = 3;
+
 /// Partial downloads older than this are not worth resuming.
 const STALE_PARTIAL: Duration = Duration::from_secs(24 * 3600);
 
@@ -347,6 +351,9 @@ impl BlobCache {
     }
 
     /// Appends the blob from byte `from` on to `file`, hashing it and passing it to `feed`.
+    /// While feeding an unpacker, a connection that breaks or stalls (a server may close one
+    /// that waited while the unpacker was behind) is opened again where it stopped, up to
+    /// [`REOPENS`] times, instead of failing the attempt and the unpacking with it.
     #[allow(clippy::too_many_arguments)]
     async fn stream_into(
         &self,
@@ -360,25 +367,34 @@ impl BlobCache {
         feed: Option<&mpsc::Sender<Feed>>,
         on_bytes: &(dyn Fn(u64) + Send + Sync),
     ) -> Result<(), TeeError> {
-        let mut reader = source.open_blob(layer, from).await?;
+        let mut at = from;
+        let mut reopened = 0;
+        let mut reader = source.open_blob(layer, at).await?;
         loop {
             // A fresh chunk each time (the feed owns the ones it was sent), not zeroed.
             let mut buf = Vec::with_capacity(FEED_CHUNK);
-            let n = tokio::time::timeout(self.stall_timeout, reader.read_buf(&mut buf))
-                .await
-                .map_err(|_| ImageError::Unavailable {
-                    source_desc: source.describe(),
-                    detail: format!("no data for {:?} while downloading {}", self.stall_timeout, layer.location),
-                })?
-                .map_err(|e| ImageError::Unavailable {
-                    source_desc: source.describe(),
-                    detail: format!("downloading {}: {e}", layer.location),
-                })?;
+            let read = match tokio::time::timeout(self.stall_timeout, reader.read_buf(&mut buf)).await {
+                Ok(Ok(n)) => Ok(n),
+                Ok(Err(e)) => Err(format!("downloading {}: {e}", layer.location)),
+                Err(_) => Err(format!("no data for {:?} while downloading {}", self.stall_timeout, layer.location)),
+            };
+            let n = match read {
+                Ok(n) => n,
+                Err(detail) if feed.is_some() && reopened < REOPENS => {
+                    reopened += 1;
+                    tracing::warn!(digest = %layer.digest, at, reopened, %detail, "the blob's connection broke while an unpacker applies it; opening it again where it stopped");
+                    tokio::time::sleep(Duration::from_millis(200 << reopened)).await;
+                    reader = source.open_blob(layer, at).await?;
+                    continue;
+                }
+                Err(detail) => return Err(ImageError::Unavailable { source_desc: source.describe(), detail }.into()),
+            };
             if n == 0 {
                 return Ok(());
             }
             hasher.update(&buf);
             file.write_all(&buf).await.map_err(|e| ImageError::io("writing", part, e))?;
+            at += n as u64;
             *fetched += n as u64;
             on_bytes(n as u64);
             crate::telemetry::metrics().blob_bytes.add(n as u64, &[]);
