@@ -10,4 +10,5 @@ mod expiry;
 mod invocations;
 mod operator_safety;
 mod pipeline_e2e;
+mod streamed;
 mod versions;
