@@ -231,15 +231,8 @@ fn prepare_once(base: &Path, endpoint: &str) -> anyhow::Result<Prepared> {
         .stdout(std::process::Stdio::null())
         .spawn()
         .context("starting the worker")?;
-    let mut status = 0;
-    // SAFETY: rusage is plain data; wait4 fills it for our own child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = child.id() as libc::pid_t;
-    // SAFETY: waiting on our own child pid with valid pointers.
-    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let usage = report::wait_with_usage(&child, "worker run prepare")?;
     let elapsed = t.elapsed();
-    ensure!(rc == pid, "wait4 failed: {}", std::io::Error::last_os_error());
-    ensure!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "worker run prepare failed (status {status})");
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     // ru_inblock: 512-byte blocks this process read from a disk (not from the page cache).
     Ok(Prepared {

@@ -75,3 +75,17 @@ pub fn cpu_time() -> Duration {
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
+
+/// Waits for child `child` to exit successfully and returns its resource usage (`wait4`):
+/// its CPU time, peak RSS and the blocks it read from a disk.
+pub fn wait_with_usage(child: &std::process::Child, what: &str) -> anyhow::Result<libc::rusage> {
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 fills it for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: waiting on our own child pid with valid pointers.
+    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    anyhow::ensure!(rc == pid, "wait4 failed: {}", std::io::Error::last_os_error());
+    anyhow::ensure!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "{what} failed (status {status})");
+    Ok(usage)
+}

@@ -275,14 +275,7 @@ fn peak_rss(base: &Path) -> anyhow::Result<()> {
         .env("RUST_LOG", "warn")
         .spawn()
         .context("starting the worker")?;
-    let mut status = 0;
-    // SAFETY: rusage is plain data; wait4 fills it for our own child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = child.id() as libc::pid_t;
-    // SAFETY: waiting on our own child pid with valid pointers.
-    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    ensure!(rc == pid, "wait4 failed: {}", std::io::Error::last_os_error());
-    ensure!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "worker run prepare failed (status {status})");
+    let usage = report::wait_with_usage(&child, "worker run prepare")?;
     let rss_mib = usage.ru_maxrss as f64 / 1024.0;
     let layer_mib = size as f64 / (1 << 20) as f64;
     println!("prepare_layer_size {layer_mib:.0} MiB");

@@ -123,6 +123,26 @@ async fn fetch_manifest(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Prepa
     Ok(PrepareState { manifest: Some(manifest), ..req.w })
 }
 
+/// Says once what the layers' entries became other than asked: owners dropped
+/// (`images.rootless`), device nodes skipped (`images.devices`).
+fn warn_about(family: &str, devices_skipped: u64, owners_dropped: u64, setid_stripped: u64) {
+    if owners_dropped > 0 {
+        tracing::warn!(
+            %family,
+            owners_dropped,
+            setid_stripped,
+            "images.rootless: {owners_dropped} entries of {family} are owned by this worker's user instead of their own, and {setid_stripped} lost their setuid/setgid bits"
+        );
+    }
+    if devices_skipped > 0 {
+        tracing::warn!(
+            %family,
+            devices_skipped,
+            "skipped {devices_skipped} device nodes in the layers of {family} (images.devices = \"skip\"; \"create\" makes them, \"refuse\" fails such images)"
+        );
+    }
+}
+
 /// A version whose blobs cannot fit in the cache below the refusal watermark is refused
 /// before its first byte, clearly, not by a full disk half way.
 fn refuse_without_room(ctx: &PipelineContext, family: &str, manifest: &Manifest) -> Result<(), StepError> {

@@ -151,7 +151,7 @@ pub(super) async fn stream_into_base(ctx: Arc<PipelineContext>, req: Req) -> Ste
         })
     };
     sealed.await?;
-    warn_about(&family, &applied);
+    super::warn_about(&family, applied.devices_skipped, applied.owners_dropped, applied.setid_stripped);
     Ok(PrepareState {
         downloaded_bytes: downloaded,
         devices_skipped: applied.devices_skipped,
@@ -253,23 +253,4 @@ fn apply_fed(
         });
     }
     Ok(stats)
-}
-
-fn warn_about(family: &str, applied: &Applied) {
-    let Applied { devices_skipped, owners_dropped, setid_stripped, .. } = *applied;
-    if owners_dropped > 0 {
-        tracing::warn!(
-            %family,
-            owners_dropped,
-            setid_stripped,
-            "images.rootless: {owners_dropped} entries of {family} are owned by this worker's user instead of their own, and {setid_stripped} lost their setuid/setgid bits"
-        );
-    }
-    if devices_skipped > 0 {
-        tracing::warn!(
-            %family,
-            devices_skipped,
-            "skipped {devices_skipped} device nodes in the layers of {family} (images.devices = \"skip\"; \"create\" makes them, \"refuse\" fails such images)"
-        );
-    }
 }

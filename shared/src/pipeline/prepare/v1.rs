@@ -94,21 +94,7 @@ async fn unpack_into_base(ctx: Arc<PipelineContext>, req: Req) -> StepResult<Pre
                 owners_dropped += stats.owners_dropped;
                 setid_stripped += stats.setid_stripped;
             }
-            if owners_dropped > 0 {
-                tracing::warn!(
-                    %family,
-                    owners_dropped,
-                    setid_stripped,
-                    "images.rootless: {owners_dropped} entries of {family} are owned by this worker's user instead of their own, and {setid_stripped} lost their setuid/setgid bits"
-                );
-            }
-            if devices_skipped > 0 {
-                tracing::warn!(
-                    %family,
-                    devices_skipped,
-                    "skipped {devices_skipped} device nodes in the layers of {family} (images.devices = \"skip\"; \"create\" makes them, \"refuse\" fails such images)"
-                );
-            }
+            super::warn_about(&family, devices_skipped, owners_dropped, setid_stripped);
             ctx.backend.seal_base(base).map_err(volume_err)?;
             fault::point("prepare.after_seal", &family);
         }
