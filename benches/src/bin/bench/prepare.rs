@@ -13,7 +13,7 @@
 //! each on a quiet disk (`syncfs` before it), timed to its end without a sync, as a prepare is;
 //! - prepare: `worker run prepare` of the family from S3 through the proxy (a fresh state
 //!   directory, nothing cached), its wall time, the bytes it read from the disk (`wait4`'s
-//!   `ru_inblock`) and its peak RSS.
+//!   `ru_inblock`) and its peak RSS (its `VmHWM`, sampled).
 //!
 //! `prepare stream_ratio_<rate>=<prepare / max(download, unpack)>` (the median of the
 //! rounds' ratios; target <= 1.10) and
@@ -231,15 +231,16 @@ fn prepare_once(base: &Path, endpoint: &str) -> anyhow::Result<Prepared> {
         .stdout(std::process::Stdio::null())
         .spawn()
         .context("starting the worker")?;
-    let usage = report::wait_with_usage(&child, "worker run prepare")?;
+    let used = report::wait_with_usage(&child, "worker run prepare")?;
     let elapsed = t.elapsed();
+    let usage = used.rusage;
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     // ru_inblock: 512-byte blocks this process read from a disk (not from the page cache).
     Ok(Prepared {
         elapsed,
         cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
         read_bytes: usage.ru_inblock as u64 * 512,
-        peak_rss_mib: usage.ru_maxrss as f64 / 1024.0,
+        peak_rss_mib: used.peak_rss_mib,
     })
 }
 

@@ -76,16 +76,48 @@ pub fn cpu_time() -> Duration {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
-/// Waits for child `child` to exit successfully and returns its resource usage (`wait4`):
-/// its CPU time, peak RSS and the blocks it read from a disk.
-pub fn wait_with_usage(child: &std::process::Child, what: &str) -> anyhow::Result<libc::rusage> {
+/// What a child process used, by [`wait_with_usage`].
+pub struct ChildUsage {
+    pub rusage: libc::rusage,
+    /// Its peak resident memory in MiB: `VmHWM` of its own address space, sampled every
+    /// 20 ms while it runs. Not `ru_maxrss`: a child started with `posix_spawn` (vfork)
+    /// takes its parent's high-water mark at `exec`, so that figure is never below the
+    /// benchmark's own.
+    pub peak_rss_mib: f64,
+}
+
+/// Waits for child `child` to exit successfully and returns what it used (`wait4`): its CPU
+/// time, the blocks it read from a disk, and its peak RSS.
+pub fn wait_with_usage(child: &std::process::Child, what: &str) -> anyhow::Result<ChildUsage> {
+    let pid = child.id() as libc::pid_t;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut peak_kib = 0u64;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                // Gone (exited, not yet reaped) or unreadable: the last sample stands.
+                if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                    && let Some(kib) = status
+                        .lines()
+                        .find_map(|l| l.strip_prefix("VmHWM:"))
+                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                {
+                    peak_kib = peak_kib.max(kib);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            peak_kib
+        })
+    };
     let mut status = 0;
     // SAFETY: rusage is plain data; wait4 fills it for our own child.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = child.id() as libc::pid_t;
     // SAFETY: waiting on our own child pid with valid pointers.
     let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let peak_kib = sampler.join().map_err(|_| anyhow::anyhow!("the RSS sampler panicked"))?;
     anyhow::ensure!(rc == pid, "wait4 failed: {}", std::io::Error::last_os_error());
     anyhow::ensure!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "{what} failed (status {status})");
-    Ok(usage)
+    Ok(ChildUsage { rusage: usage, peak_rss_mib: peak_kib as f64 / 1024.0 })
 }

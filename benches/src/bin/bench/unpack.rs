@@ -275,8 +275,7 @@ fn peak_rss(base: &Path) -> anyhow::Result<()> {
         .env("RUST_LOG", "warn")
         .spawn()
         .context("starting the worker")?;
-    let usage = report::wait_with_usage(&child, "worker run prepare")?;
-    let rss_mib = usage.ru_maxrss as f64 / 1024.0;
+    let rss_mib = report::wait_with_usage(&child, "worker run prepare")?.peak_rss_mib;
     let layer_mib = size as f64 / (1 << 20) as f64;
     println!("prepare_layer_size {layer_mib:.0} MiB");
     println!("prepare_peak_rss {rss_mib:.1} MiB");
