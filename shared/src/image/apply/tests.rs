@@ -543,3 +543,45 @@ fn a_layer_is_checked_against_its_diff_id() {
         assert!(err.to_string().contains("rootfs.diff_ids") && !err.is_retryable(), "{name}: {err}");
     }
 }
+
+#[test]
+fn a_directory_replaced_later_in_its_layer_never_has_its_times_set_through_a_link() {
+    // `a/b/` is made, then `a` becomes a symlink out of the root: the times of `a/b` are set
+    // at the end of the layer, and must not land on the outside directory's `b`.
+    let f = Fixture::new();
+    let outside = f.dir.path().join("outside");
+    fs::create_dir_all(outside.join("b")).unwrap();
+    let before = fs::metadata(outside.join("b")).unwrap().modified().unwrap();
+    f.apply(
+        "layer1",
+        &tar_of(&[E::Dir("a/", 0o755), E::Dir("a/b/", 0o755), E::Symlink("a", outside.to_str().unwrap())]),
+    )
+    .unwrap();
+    assert!(fs::symlink_metadata(f.root().join("a")).unwrap().file_type().is_symlink());
+    let after = fs::metadata(outside.join("b")).unwrap().modified().unwrap();
+    assert_eq!(before, after, "the outside directory's times were set through the layer's symlink");
+}
+
+#[test]
+fn a_name_that_changes_what_it_is_within_a_layer_is_resolved_again() {
+    // The applier holds the last entry's directory open: a later entry that turns that name
+    // into a symlink, or a symlink back into a directory, must be seen by the next entry.
+    let f = Fixture::new();
+    f.apply(
+        "layer1",
+        &tar_of(&[
+            E::Dir("c/", 0o755),
+            E::Dir("a/", 0o755),
+            E::File("a/x", b"x", 0o644),
+            E::Symlink("a", "c"),
+            E::File("a/y", b"y", 0o644),
+            E::Dir("a/", 0o755),
+            E::File("a/z", b"z", 0o644),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(f.read("c/y"), "y", "written through the symlink that replaced the directory");
+    assert!(fs::symlink_metadata(f.root().join("a")).unwrap().is_dir());
+    assert_eq!(f.read("a/z"), "z");
+    assert!(!f.exists("c/z") && !f.exists("a/x") && !f.exists("a/y"));
+}
