@@ -339,10 +339,15 @@ impl Applier<'_> {
         dir_times.sort_by_key(|(rel, _): &(PathBuf, filetime::FileTime)| std::cmp::Reverse(rel.components().count()));
         for (rel, mtime) in dir_times {
             let (parent, name) = (rel.parent().unwrap_or(Path::new("")), rel.file_name().unwrap_or_default());
-            let parent = match self.open_dir(&rel, parent, Walk::Lookup) {
-                Ok(Some(dir)) => dir,
-                Ok(None) => continue,
-                Err(e) => return Err(e),
+            // Never through a symlink: the directory was reached without one when it was made.
+            let parent = if parent.as_os_str().is_empty() {
+                self.root_dir()
+            } else {
+                match confine::open_beneath(self.root_fd.as_ref(), parent) {
+                    Ok(fd) => HeldDir { rel: parent.to_owned(), fd: Rc::new(fd) },
+                    Err(Errno::ELOOP | Errno::ENOENT | Errno::ENOTDIR) => continue,
+                    Err(e) => return Err(self.io("opening directory", parent, e)),
+                }
             };
             if confine::kind_at(parent.fd.as_ref(), name).map_err(|e| self.io("inspecting", &rel, e))?
                 != Some(SFlag::S_IFDIR)

@@ -55,7 +55,7 @@ pub(super) fn open_root(root: &Path) -> Result<OwnedFd, ImageError> {
 }
 
 /// Opens directory `rel` (already lexically clean) under `root` with no symlink on the way.
-fn open_beneath(root: &impl AsFd, rel: &Path) -> Result<OwnedFd, Errno> {
+pub(super) fn open_beneath(root: &impl AsFd, rel: &Path) -> Result<OwnedFd, Errno> {
     let how = OpenHow::new()
         .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
         .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_SYMLINKS);
@@ -122,9 +122,11 @@ impl Applier<'_> {
         if rel.as_os_str().is_empty() {
             return Ok(Some(self.root_dir()));
         }
-        // A tar lists a directory's entries together: the last one's directory is held.
+        // A tar lists a directory's entries together: the last one's directory is held. A
+        // lookup takes it only if no symlink led there (it must not follow this layer's).
         if let Some((last, dir)) = &self.last_dir
             && last == rel
+            && (mode == Walk::Create || dir.rel == rel)
         {
             return Ok(Some(dir.clone()));
         }

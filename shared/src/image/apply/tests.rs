@@ -585,3 +585,15 @@ fn a_name_that_changes_what_it_is_within_a_layer_is_resolved_again() {
     assert_eq!(f.read("a/z"), "z");
     assert!(!f.exists("c/z") && !f.exists("a/x") && !f.exists("a/y"));
 }
+
+#[test]
+fn a_whiteout_after_a_write_through_the_layers_own_symlink_still_hides_nothing() {
+    // `a/f` is written through the layer's own symlink `a -> b` (its directory is then held
+    // open); the whiteout of `a/g` that follows must not take that held directory: beneath
+    // this layer's symlink is nothing of a lower layer's.
+    let f = Fixture::new();
+    f.apply("layer1", &tar_of(&[E::File("b/g", b"g", 0o644), E::Dir("a/", 0o755)])).unwrap();
+    f.apply("layer2", &tar_of(&[E::Symlink("a", "b"), E::File("a/f", b"f", 0o644), E::File("a/.wh.g", b"", 0o644)]))
+        .unwrap();
+    assert_eq!((f.read("b/f"), f.read("b/g")), ("f".into(), "g".into()));
+}
