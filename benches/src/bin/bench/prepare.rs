@@ -324,7 +324,11 @@ async fn relay(client: tokio::net::TcpStream, upstream: &str, pacer: &Pacer) -> 
     let (mut client_read, mut client_write) = client.into_split();
     let (mut server_read, mut server_write) = server.into_split();
     let requests = tokio::spawn(async move { tokio::io::copy(&mut client_read, &mut server_write).await });
-    let mut buf = vec![0u8; 64 << 10];
+    // Large enough that pacing is never the cap of one connection: each read waits for its
+    // turn on the timer (a 1 ms tick), so 64 KiB reads held one connection to ~60 MiB/s
+    // whatever the rate, and a prepare (one layer's connection busy at a time) looked
+    // slower than three downloads at once.
+    let mut buf = vec![0u8; 1 << 20];
     let replies = async {
         loop {
             let n = server_read.read(&mut buf).await?;
