@@ -249,7 +249,7 @@ struct Applier<'a> {
     /// Entries this layer wrote (relative paths), which an opaque marker must keep.
     written: Written,
     /// The directory the last entry went into, as the entry named it, held open. Dropped
-    /// whenever anything is removed (what a name resolves to may have changed).
+    /// whenever a directory or a symlink is removed (what a name resolves to may change).
     last_dir: Option<(PathBuf, HeldDir)>,
     /// Told the file bytes written after each entry.
     on_entry: &'a dyn Fn(u64),
@@ -339,7 +339,8 @@ impl Applier<'_> {
         dir_times.sort_by_key(|(rel, _): &(PathBuf, filetime::FileTime)| std::cmp::Reverse(rel.components().count()));
         for (rel, mtime) in dir_times {
             let (parent, name) = (rel.parent().unwrap_or(Path::new("")), rel.file_name().unwrap_or_default());
-            // Never through a symlink: the directory was reached without one when it was made.
+            // Never through a symlink: `rel` is the path the directory was made at, symlinks
+            // resolved, so one found on it now was put there by a later entry.
             let parent = if parent.as_os_str().is_empty() {
                 self.root_dir()
             } else {
