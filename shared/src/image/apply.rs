@@ -300,10 +300,27 @@ impl Applier<'_> {
         // Directory mtimes last, deepest first: writing children changes them.
         dir_times.sort_by_key(|(path, _): &(PathBuf, filetime::FileTime)| std::cmp::Reverse(path.components().count()));
         for (path, mtime) in dir_times {
+            // A later entry of this layer may have replaced the directory, or turned one on
+            // its path into a symlink (out of the root, even): `lutimes` follows every
+            // component but the last, so only a path of real directories is touched.
+            if !self.real_directories_all_the_way(&path) {
+                continue;
+            }
             filetime::set_symlink_file_times(&path, mtime, mtime)
                 .map_err(|e| ImageError::io("setting directory times", &path, e))?;
         }
         Ok(self.stats)
+    }
+
+    /// Whether `path` (inside the root) and every directory on its way below the root are
+    /// real directories, none a symlink.
+    fn real_directories_all_the_way(&self, path: &Path) -> bool {
+        let Ok(rel) = path.strip_prefix(self.root) else { return false };
+        let mut at = self.root.to_path_buf();
+        rel.components().all(|c| {
+            at.push(c);
+            fs::symlink_metadata(&at).is_ok_and(|m| m.is_dir())
+        })
     }
 
     /// Applies one entry; returns a directory whose mtime is to be set at the end.

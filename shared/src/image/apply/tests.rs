@@ -543,3 +543,21 @@ fn a_layer_is_checked_against_its_diff_id() {
         assert!(err.to_string().contains("rootfs.diff_ids") && !err.is_retryable(), "{name}: {err}");
     }
 }
+
+#[test]
+fn a_directory_replaced_later_in_its_layer_never_has_its_times_set_through_a_link() {
+    // `a/b/` is made, then `a` becomes a symlink out of the root: the times of `a/b` are set
+    // at the end of the layer, and must not land on the outside directory's `b`.
+    let f = Fixture::new();
+    let outside = f.dir.path().join("outside");
+    fs::create_dir_all(outside.join("b")).unwrap();
+    let before = fs::metadata(outside.join("b")).unwrap().modified().unwrap();
+    f.apply(
+        "layer1",
+        &tar_of(&[E::Dir("a/", 0o755), E::Dir("a/b/", 0o755), E::Symlink("a", outside.to_str().unwrap())]),
+    )
+    .unwrap();
+    assert!(fs::symlink_metadata(f.root().join("a")).unwrap().file_type().is_symlink());
+    let after = fs::metadata(outside.join("b")).unwrap().modified().unwrap();
+    assert_eq!(before, after, "the outside directory's times were set through the layer's symlink");
+}
