@@ -212,6 +212,14 @@ impl Fleet {
 
 impl Drop for Fleet {
     fn drop(&mut self) {
+        // A failing test shows what each worker said: the playbook's output says only that a
+        // step timed out, the journal says why.
+        if std::thread::panicking() {
+            for (name, ip) in HOSTS {
+                let journal = self.ssh(ip, "journalctl -u thinpipe-worker --no-pager -o short-precise | tail -n 200");
+                eprintln!("--- {name}: journalctl -u thinpipe-worker (last 200 lines)\n{}", text(&journal));
+            }
+        }
         if let Some(mut moto) = self.moto.take() {
             kill(&mut moto);
         }
