@@ -7,11 +7,13 @@
 //! beneath a file or symlink its layer wrote (what umoci writes when a directory becomes a
 //! file or a symlink) does nothing, and a whiteout never creates a directory.
 //!
-//! Security: every entry path is relative and `..`-free; its parent is resolved inside the
-//! root one component at a time, with the root as `/`: an absolute symlink target is
+//! Security: every entry path is relative and `..`-free; the root is held open and every
+//! entry is made relative to its parent directory's descriptor, which the kernel opens
+//! inside the root (`openat2(RESOLVE_IN_ROOT | RESOLVE_NO_SYMLINKS)`); through a symlink, the
+//! parent is walked from held descriptors with the root as `/`: an absolute symlink target is
 //! resolved from the volume root (as umoci and containerd do), and a target whose `..`
-//! would climb above the root is refused; an existing final component is removed, never
-//! followed; hardlink targets obey the same rules; device nodes are skipped unless
+//! would climb above the root is refused (`apply/confine.rs`); an existing final component
+//! is removed, never followed; hardlink targets obey the same rules; device nodes are skipped unless
 //! [`DevicePolicy`] says otherwise; the layer's total size is capped. A refused entry stops
 //! the layer with [`ImageError::Refused`] naming the entry and the rule.
 
@@ -19,8 +21,15 @@ use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::sys::stat::{Mode, SFlag};
 
 use super::digest::{Digest, Hasher};
 use super::error::ImageError;
@@ -157,7 +166,7 @@ pub fn apply_layer_from(
     on_entry: &dyn Fn(u64),
 ) -> Result<ApplyStats, ImageError> {
     let blob = origin;
-    let mut reader = BufReader::with_capacity(1 << 20, Counted { inner: input, on_read });
+    let mut reader = BufReader::with_capacity(READ_BUF, Counted { inner: input, on_read });
     let magic = reader.fill_buf().map_err(|e| ImageError::io("reading layer", blob, e))?;
     let stream: Box<dyn Read + '_> = if magic.starts_with(&[0x1f, 0x8b]) {
         Box::new(flate2::bufread::MultiGzDecoder::new(reader))
@@ -172,11 +181,12 @@ pub fn apply_layer_from(
     let mut tar = Hashed { inner: stream, hasher: diff_id.map(|_| Hasher::default()) };
     let stats = Applier {
         root,
+        root_fd: Rc::new(confine::open_root(root)?),
         layer,
         opts,
         stats: ApplyStats::default(),
-        written: HashSet::new(),
-        known_dirs: HashSet::new(),
+        written: Written::default(),
+        last_dir: None,
         buf: vec![0u8; COPY_BUF],
         on_entry,
     }
@@ -229,19 +239,46 @@ impl<R: Read> Read for Counted<'_, R> {
 }
 
 struct Applier<'a> {
+    /// The volume root, for messages: every call is relative to `root_fd`.
     root: &'a Path,
+    /// The root, held open for the whole layer (`confine.rs`).
+    root_fd: Rc<OwnedFd>,
     layer: &'a str,
     opts: &'a ApplyOptions,
     stats: ApplyStats,
     /// Entries this layer wrote (relative paths), which an opaque marker must keep.
-    written: HashSet<PathBuf>,
-    /// Relative directories known to be real directories right now (a lookup cache).
-    known_dirs: HashSet<PathBuf>,
+    written: Written,
+    /// The directory the last entry went into, as the entry named it, held open. Dropped
+    /// whenever a directory or a symlink is removed (what a name resolves to may change).
+    last_dir: Option<(PathBuf, HeldDir)>,
     /// Told the file bytes written after each entry.
     on_entry: &'a dyn Fn(u64),
     /// The copy buffer, one for the layer (not one per file: most files are small).
     buf: Vec<u8>,
 }
+
+/// The entries a layer wrote, by their path as the layer names it (relative, clean), kept as
+/// bytes: hashing a `Path` walks its components, and this is asked of every entry. (std's
+/// keyed hasher stays: the paths are the layer's, and a layer may be hostile.)
+#[derive(Default)]
+struct Written(HashSet<Box<[u8]>>);
+
+impl Written {
+    fn insert(&mut self, rel: &Path) {
+        self.0.insert(rel.as_os_str().as_bytes().into());
+    }
+    fn remove(&mut self, rel: &Path) {
+        self.0.remove(rel.as_os_str().as_bytes());
+    }
+    fn contains(&self, rel: &Path) -> bool {
+        self.0.contains(rel.as_os_str().as_bytes())
+    }
+}
+
+/// Bytes of the layer read at a time. Small enough to stay in the CPU's cache between the
+/// read that fills it and the write that empties it: with 1 MiB, copying the layer in from
+/// the kernel cost four times what it costs GNU tar with its 10 KiB records.
+const READ_BUF: usize = 64 << 10;
 
 /// Bytes copied from the tar to a file at a time.
 const COPY_BUF: usize = 128 << 10;
@@ -297,30 +334,30 @@ impl Applier<'_> {
                 dir_times.push(dir);
             }
         }
-        // Directory mtimes last, deepest first: writing children changes them.
-        dir_times.sort_by_key(|(path, _): &(PathBuf, filetime::FileTime)| std::cmp::Reverse(path.components().count()));
-        for (path, mtime) in dir_times {
-            // A later entry of this layer may have replaced the directory, or turned one on
-            // its path into a symlink (out of the root, even): `lutimes` follows every
-            // component but the last, so only a path of real directories is touched.
-            if !self.real_directories_all_the_way(&path) {
+        // Directory mtimes last, deepest first: writing children changes them. A directory a
+        // later entry of the layer replaced (by a file, a symlink) is left as that entry made it.
+        dir_times.sort_by_key(|(rel, _): &(PathBuf, filetime::FileTime)| std::cmp::Reverse(rel.components().count()));
+        for (rel, mtime) in dir_times {
+            let (parent, name) = (rel.parent().unwrap_or(Path::new("")), rel.file_name().unwrap_or_default());
+            // Never through a symlink: `rel` is the path the directory was made at, symlinks
+            // resolved, so one found on it now was put there by a later entry.
+            let parent = if parent.as_os_str().is_empty() {
+                self.root_dir()
+            } else {
+                match confine::open_beneath(self.root_fd.as_ref(), parent) {
+                    Ok(fd) => HeldDir { rel: parent.to_owned(), fd: Rc::new(fd) },
+                    Err(Errno::ELOOP | Errno::ENOENT | Errno::ENOTDIR) => continue,
+                    Err(e) => return Err(self.io("opening directory", parent, e)),
+                }
+            };
+            if confine::kind_at(parent.fd.as_ref(), name).map_err(|e| self.io("inspecting", &rel, e))?
+                != Some(SFlag::S_IFDIR)
+            {
                 continue;
             }
-            filetime::set_symlink_file_times(&path, mtime, mtime)
-                .map_err(|e| ImageError::io("setting directory times", &path, e))?;
+            self.set_times_at(&parent, name, mtime, &rel, "setting directory times")?;
         }
         Ok(self.stats)
-    }
-
-    /// Whether `path` (inside the root) and every directory on its way below the root are
-    /// real directories, none a symlink.
-    fn real_directories_all_the_way(&self, path: &Path) -> bool {
-        let Ok(rel) = path.strip_prefix(self.root) else { return false };
-        let mut at = self.root.to_path_buf();
-        rel.components().all(|c| {
-            at.push(c);
-            fs::symlink_metadata(&at).is_ok_and(|m| m.is_dir())
-        })
     }
 
     /// Applies one entry; returns a directory whose mtime is to be set at the end.
@@ -334,16 +371,17 @@ impl Applier<'_> {
             return Ok(None); // the root itself ("./"): keep the volume root as it is
         };
         let parent_rel = rel.parent().unwrap_or(Path::new("")).to_path_buf();
-        let name_str = name.to_string_lossy();
+        let name_bytes = name.as_bytes();
         self.stats.entries += 1;
 
-        if name_str == OPAQUE {
-            if let Some(dir) = self.walk_dir(raw, &parent_rel, Walk::Lookup)? {
+        if name_bytes == OPAQUE.as_bytes() {
+            if let Some(dir) = self.open_dir(raw, &parent_rel, Walk::Lookup)? {
                 self.clear_unwritten(&dir, &parent_rel)?;
             }
             return Ok(None);
         }
-        if let Some(hidden) = name_str.strip_prefix(WHITEOUT_PREFIX) {
+        if let Some(hidden) = name_bytes.strip_prefix(WHITEOUT_PREFIX.as_bytes()) {
+            let hidden = OsStr::from_bytes(hidden);
             if hidden.is_empty() || hidden == "." || hidden == ".." {
                 return Err(self.refuse(raw, "whiteout names no entry"));
             }
@@ -352,8 +390,8 @@ impl Applier<'_> {
             if self.written.contains(&parent_rel.join(hidden)) {
                 return Ok(None);
             }
-            if let Some(dir) = self.walk_dir(raw, &parent_rel, Walk::Lookup)? {
-                self.remove_existing(&dir.join(hidden))?;
+            if let Some(dir) = self.open_dir(raw, &parent_rel, Walk::Lookup)? {
+                self.remove_at(&dir, hidden)?;
             }
             return Ok(None);
         }
@@ -401,26 +439,31 @@ impl Applier<'_> {
         let size = entry.size();
 
         let parent = self.resolve_dir(raw, &parent_rel)?;
-        let dest = parent.join(&name);
-        self.written.insert(rel.clone());
+        let name = name.as_os_str();
+        // Where the entry lands, symlinks resolved: for messages, and for directory times.
+        let dest = parent.rel.join(name);
+        self.written.insert(&rel);
         let mut dir_time = None;
         match kind {
             tar::EntryType::Directory => {
-                match fs::symlink_metadata(&dest) {
-                    Ok(m) if m.is_dir() => {}
-                    Ok(_) => {
-                        self.remove_existing(&dest)?;
-                        self.mkdir(&dest)?;
+                match confine::kind_at(parent.fd.as_ref(), name).map_err(|e| self.io("inspecting", &dest, e))? {
+                    Some(SFlag::S_IFDIR) => {}
+                    Some(_) => {
+                        self.remove_at(&parent, name)?;
+                        self.mkdir_at(&parent, name)?;
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => self.mkdir(&dest)?,
-                    Err(e) => return Err(ImageError::io("inspecting", &dest, e)),
+                    None => self.mkdir_at(&parent, name)?,
                 }
-                self.known_dirs.insert(rel.clone());
                 // Owner before mode: chown clears set-id bits.
-                self.chown(&dest, uid, gid)?;
-                fs::set_permissions(&dest, fs::Permissions::from_mode(mode))
-                    .map_err(|e| ImageError::io("setting the mode of", &dest, e))?;
-                dir_time = Some((dest.clone(), mtime));
+                self.chown_at(&parent, name, uid, gid)?;
+                nix::sys::stat::fchmodat(
+                    parent.fd.as_ref(),
+                    name,
+                    Mode::from_bits_truncate(mode),
+                    nix::sys::stat::FchmodatFlags::FollowSymlink,
+                )
+                .map_err(|e| self.io("setting the mode of", &dest, e))?;
+                dir_time = Some((dest, mtime));
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 self.stats.bytes += size;
@@ -438,17 +481,22 @@ impl Applier<'_> {
                 // Created with its mode: when the umask keeps every bit and no chown will
                 // clear set-id bits, no chmod is needed after.
                 let create = || {
-                    use std::os::unix::fs::OpenOptionsExt;
-                    fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&dest)
+                    nix::fcntl::openat(
+                        parent.fd.as_ref(),
+                        name,
+                        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                        Mode::from_bits_truncate(mode),
+                    )
                 };
-                let mut file = match create() {
-                    Ok(f) => f,
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                        self.remove_existing(&dest)?;
-                        create().map_err(|e| ImageError::io("creating", &dest, e))?
+                let file = match create() {
+                    Ok(fd) => fd,
+                    Err(Errno::EEXIST) => {
+                        self.remove_at(&parent, name)?;
+                        create().map_err(|e| self.io("creating", &dest, e))?
                     }
-                    Err(e) => return Err(ImageError::io("creating", &dest, e)),
+                    Err(e) => return Err(self.io("creating", &dest, e)),
                 };
+                let mut file = fs::File::from(file);
                 let copied = self.write_content(raw, entry, &mut file, &dest)?;
                 if copied != size {
                     return Err(self.corrupt(format!("{} ends after {copied} of {size} bytes", raw.display())));
@@ -456,17 +504,17 @@ impl Applier<'_> {
                 // Owner before mode: chown clears set-id bits.
                 if self.opts.preserve_owners {
                     std::os::unix::fs::fchown(&file, Some(uid as u32), Some(gid as u32))
-                        .map_err(|e| ImageError::io("setting the owner of", &dest, e))?;
+                        .map_err(|e| ImageError::io("setting the owner of", self.root.join(&dest), e))?;
                 }
                 if umask() & mode != 0 || mode & 0o6000 != 0 {
                     file.set_permissions(fs::Permissions::from_mode(mode))
-                        .map_err(|e| ImageError::io("setting the mode of", &dest, e))?;
+                        .map_err(|e| ImageError::io("setting the mode of", self.root.join(&dest), e))?;
                 }
                 file.set_modified(
                     std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(mtime.unix_seconds() as u64),
                 )
-                .map_err(|e| ImageError::io("setting the mtime of", &dest, e))?;
-                self.apply_xattrs(entry, &dest)?;
+                .map_err(|e| ImageError::io("setting the mtime of", self.root.join(&dest), e))?;
+                self.apply_xattrs(entry, &file, &dest)?;
             }
             tar::EntryType::Symlink => {
                 let target = entry
@@ -474,11 +522,11 @@ impl Applier<'_> {
                     .map_err(|e| self.corrupt(e))?
                     .ok_or_else(|| self.refuse(raw, "symlink without a target"))?
                     .into_owned();
-                self.remove_existing(&dest)?;
-                std::os::unix::fs::symlink(&target, &dest).map_err(|e| ImageError::io("creating symlink", &dest, e))?;
-                self.chown(&dest, uid, gid)?;
-                filetime::set_symlink_file_times(&dest, mtime, mtime)
-                    .map_err(|e| ImageError::io("setting the mtime of", &dest, e))?;
+                self.remove_at(&parent, name)?;
+                nix::unistd::symlinkat(&target, parent.fd.as_ref(), name)
+                    .map_err(|e| self.io("creating symlink", &dest, e))?;
+                self.chown_at(&parent, name, uid, gid)?;
+                self.set_times_at(&parent, name, mtime, &dest, "setting the mtime of")?;
             }
             tar::EntryType::Link => {
                 let target_raw = entry
@@ -490,32 +538,40 @@ impl Applier<'_> {
                     self.refuse(raw, format!("hardlink to {} points outside the volume root", target_raw.display()))
                 })?;
                 let target_parent = self.resolve_dir(raw, target_rel.parent().unwrap_or(Path::new("")))?;
-                let target = target_parent.join(target_rel.file_name().unwrap_or_default());
-                match fs::symlink_metadata(&target) {
-                    Ok(m) if !m.is_dir() => {}
+                let target_name = target_rel.file_name().unwrap_or_default();
+                match confine::kind_at(target_parent.fd.as_ref(), target_name) {
+                    Ok(Some(kind)) if kind != SFlag::S_IFDIR => {}
                     _ => {
                         return Err(self
                             .refuse(raw, format!("hardlink target {} is not an existing file", target_raw.display())));
                     }
                 }
-                if target != dest {
-                    self.remove_existing(&dest)?;
-                    fs::hard_link(&target, &dest).map_err(|e| ImageError::io("creating hardlink", &dest, e))?;
+                if target_parent.rel.join(target_name) != dest {
+                    self.remove_at(&parent, name)?;
+                    nix::unistd::linkat(
+                        target_parent.fd.as_ref(),
+                        target_name,
+                        parent.fd.as_ref(),
+                        name,
+                        nix::fcntl::AtFlags::empty(),
+                    )
+                    .map_err(|e| self.io("creating hardlink", &dest, e))?;
                 }
             }
             tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
                 // Device nodes reach here only under DevicePolicy::Create.
-                self.remove_existing(&dest)?;
-                let (type_bits, dev) = if kind == tar::EntryType::Fifo {
-                    (libc::S_IFIFO, 0)
+                self.remove_at(&parent, name)?;
+                let (node, dev) = if kind == tar::EntryType::Fifo {
+                    (SFlag::S_IFIFO, 0)
                 } else {
                     let major = header.device_major().map_err(|e| self.corrupt(e))?.unwrap_or(0);
                     let minor = header.device_minor().map_err(|e| self.corrupt(e))?.unwrap_or(0);
-                    let bits = if kind == tar::EntryType::Char { libc::S_IFCHR } else { libc::S_IFBLK };
-                    (bits, libc::makedev(major, minor))
+                    let node = if kind == tar::EntryType::Char { SFlag::S_IFCHR } else { SFlag::S_IFBLK };
+                    (node, libc::makedev(major, minor))
                 };
-                mknod(&dest, type_bits | mode, dev)?;
-                self.chown(&dest, uid, gid)?;
+                nix::sys::stat::mknodat(parent.fd.as_ref(), name, node, Mode::from_bits_truncate(mode), dev)
+                    .map_err(|e| self.io("creating node", &dest, e))?;
+                self.chown_at(&parent, name, uid, gid)?;
             }
             tar::EntryType::XGlobalHeader
             | tar::EntryType::XHeader
@@ -531,42 +587,78 @@ impl Applier<'_> {
         Ok(dir_time)
     }
 
-    fn mkdir(&self, path: &Path) -> Result<(), ImageError> {
-        fs::DirBuilder::new().mode(0o755).create(path).map_err(|e| ImageError::io("creating directory", path, e))
+    /// An I/O error of a call on `rel` (relative to the root), naming the whole path.
+    fn io(&self, what: &'static str, rel: &Path, e: Errno) -> ImageError {
+        ImageError::io(what, self.root.join(rel), e.into())
     }
 
-    /// Removes whatever is at `path` (never following a symlink); nothing there is fine.
-    fn remove_existing(&mut self, path: &Path) -> Result<(), ImageError> {
-        match fs::symlink_metadata(path) {
-            Ok(m) if m.is_dir() => {
-                // The path may be cached as a directory, itself or its descendants.
-                self.known_dirs.clear();
-                fs::remove_dir_all(path).map_err(|e| ImageError::io("removing", path, e))
-            }
-            Ok(_) => fs::remove_file(path).map_err(|e| ImageError::io("removing", path, e)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(ImageError::io("inspecting", path, e)),
+    fn mkdir_at(&self, dir: &HeldDir, name: &OsStr) -> Result<(), ImageError> {
+        nix::sys::stat::mkdirat(dir.fd.as_ref(), name, Mode::from_bits_truncate(0o755))
+            .map_err(|e| self.io("creating directory", &dir.rel.join(name), e))
+    }
+
+    /// Removes whatever is at `name` in `dir` (never following a symlink); nothing there is
+    /// fine.
+    fn remove_at(&mut self, dir: &HeldDir, name: &OsStr) -> Result<(), ImageError> {
+        let rel = dir.rel.join(name);
+        let kind = confine::kind_at(dir.fd.as_ref(), name).map_err(|e| self.io("inspecting", &rel, e))?;
+        if matches!(kind, Some(SFlag::S_IFDIR | SFlag::S_IFLNK)) {
+            // What a held name resolves to may be what is removed, or beneath it.
+            self.last_dir = None;
+        }
+        match kind {
+            None => Ok(()),
+            Some(SFlag::S_IFDIR) => remove_tree(dir.fd.as_ref(), name).map_err(|e| self.io("removing", &rel, e)),
+            Some(_) => nix::unistd::unlinkat(dir.fd.as_ref(), name, nix::unistd::UnlinkatFlags::NoRemoveDir)
+                .map_err(|e| self.io("removing", &rel, e)),
         }
     }
 
-    /// Opaque directory: removes every child of `dir` that this layer did not write,
-    /// recursing into directories it did write.
-    fn clear_unwritten(&mut self, dir: &Path, rel: &Path) -> Result<(), ImageError> {
-        let entries = fs::read_dir(dir).map_err(|e| ImageError::io("listing", dir, e))?;
-        let mut children = Vec::new();
-        for e in entries {
-            children.push(e.map_err(|e| ImageError::io("listing", dir, e))?.file_name());
-        }
+    /// Opaque directory: removes every child of `dir` (named `rel` by the layer) that this
+    /// layer did not write, recursing into directories it did write.
+    fn clear_unwritten(&mut self, dir: &HeldDir, rel: &Path) -> Result<(), ImageError> {
+        let children = open_listing(dir.fd.as_ref(), OsStr::new("."))
+            .and_then(|mut listing| names_in(&mut listing))
+            .map_err(|e| self.io("listing", &dir.rel, e))?;
         for child in children {
             let child_rel = rel.join(&child);
-            let child_abs = dir.join(&child);
             if !self.written.contains(&child_rel) {
-                self.remove_existing(&child_abs)?;
-            } else if fs::symlink_metadata(&child_abs).is_ok_and(|m| m.is_dir()) {
-                self.clear_unwritten(&child_abs, &child_rel)?;
+                self.remove_at(dir, &child)?;
+            } else if confine::kind_at(dir.fd.as_ref(), &child).is_ok_and(|k| k == Some(SFlag::S_IFDIR)) {
+                let fd = confine::open_child_dir(dir.fd.as_ref(), &child)
+                    .map_err(|e| self.io("opening directory", &dir.rel.join(&child), e))?;
+                self.clear_unwritten(&HeldDir { rel: dir.rel.join(&child), fd: Rc::new(fd) }, &child_rel)?;
             }
         }
         Ok(())
+    }
+
+    fn chown_at(&self, dir: &HeldDir, name: &OsStr, uid: u64, gid: u64) -> Result<(), ImageError> {
+        if !self.opts.preserve_owners {
+            return Ok(());
+        }
+        nix::unistd::fchownat(
+            dir.fd.as_ref(),
+            name,
+            Some(nix::unistd::Uid::from_raw(uid as u32)),
+            Some(nix::unistd::Gid::from_raw(gid as u32)),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| self.io("setting the owner of", &dir.rel.join(name), e))
+    }
+
+    /// Sets the access and modification times of `name` in `dir` (itself, if a symlink).
+    fn set_times_at(
+        &self,
+        dir: &HeldDir,
+        name: &OsStr,
+        mtime: filetime::FileTime,
+        rel: &Path,
+        what: &'static str,
+    ) -> Result<(), ImageError> {
+        let time = nix::sys::time::TimeSpec::new(mtime.unix_seconds(), 0);
+        nix::sys::stat::utimensat(dir.fd.as_ref(), name, &time, &time, nix::sys::stat::UtimensatFlags::NoFollowSymlink)
+            .map_err(|e| self.io(what, rel, e))
     }
 
     /// Copies an entry's content into `file`, leaving holes where it is zeros, and refuses
@@ -605,7 +697,7 @@ impl Applier<'_> {
                         std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData => {
                             self.corrupt(format!("{}: {e}", raw.display()))
                         }
-                        _ => ImageError::io("reading the layer for", dest, e),
+                        _ => ImageError::io("reading the layer for", self.root.join(dest), e),
                     });
                 }
             };
@@ -626,7 +718,7 @@ impl Applier<'_> {
                 }
                 if zeros {
                     file.seek(SeekFrom::Current((run_end - at) as i64))
-                        .map_err(|e| ImageError::io("writing", dest, e))?;
+                        .map_err(|e| ImageError::io("writing", self.root.join(dest), e))?;
                     hole = true;
                 } else {
                     let len = (run_end - at) as u64;
@@ -639,7 +731,8 @@ impl Applier<'_> {
                             room,
                         });
                     }
-                    file.write_all(&buf[at..run_end]).map_err(|e| ImageError::io("writing", dest, e))?;
+                    file.write_all(&buf[at..run_end])
+                        .map_err(|e| ImageError::io("writing", self.root.join(dest), e))?;
                     self.stats.written += len;
                     hole = false;
                 }
@@ -648,20 +741,18 @@ impl Applier<'_> {
         }
         // A file that ends in a hole gets its length from set_len.
         if hole {
-            file.set_len(copied).map_err(|e| ImageError::io("writing", dest, e))?;
+            file.set_len(copied).map_err(|e| ImageError::io("writing", self.root.join(dest), e))?;
         }
         Ok(copied)
     }
 
-    fn chown(&self, path: &Path, uid: u64, gid: u64) -> Result<(), ImageError> {
-        if !self.opts.preserve_owners {
-            return Ok(());
-        }
-        std::os::unix::fs::lchown(path, Some(uid as u32), Some(gid as u32))
-            .map_err(|e| ImageError::io("setting the owner of", path, e))
-    }
-
-    fn apply_xattrs<R: Read>(&self, entry: &mut tar::Entry<'_, R>, dest: &Path) -> Result<(), ImageError> {
+    fn apply_xattrs<R: Read>(
+        &self,
+        entry: &mut tar::Entry<'_, R>,
+        file: &fs::File,
+        dest: &Path,
+    ) -> Result<(), ImageError> {
+        use xattr::FileExt;
         let Some(exts) = entry.pax_extensions().map_err(|e| self.corrupt(e))? else {
             return Ok(());
         };
@@ -670,7 +761,7 @@ impl Applier<'_> {
             let Ok(key) = ext.key() else { continue };
             if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
                 // "Where the filesystem allows": tmpfs and others refuse some namespaces.
-                if let Err(e) = xattr::set(dest, name, ext.value_bytes()) {
+                if let Err(e) = file.set_xattr(name, ext.value_bytes()) {
                     tracing::debug!(path = %dest.display(), xattr = name, error = %e, "xattr not applied");
                 }
             }
@@ -679,21 +770,47 @@ impl Applier<'_> {
     }
 }
 
-fn mknod(path: &Path, mode: libc::mode_t, dev: libc::dev_t) -> Result<(), ImageError> {
+/// Opens directory `name` of `dir` to list it, not following a symlink.
+fn open_listing(dir: &impl AsFd, name: &OsStr) -> Result<nix::dir::Dir, Errno> {
+    nix::dir::Dir::openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// The names in `listing`, but `.` and `..`.
+fn names_in(listing: &mut nix::dir::Dir) -> Result<Vec<std::ffi::OsString>, Errno> {
     use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| ImageError::io("creating node", path, std::io::Error::other(e)))?;
-    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
-    let rc = unsafe { libc::mknod(c.as_ptr(), mode, dev) };
-    if rc != 0 {
-        return Err(ImageError::io("creating node", path, std::io::Error::last_os_error()));
+    let mut names = Vec::new();
+    for e in listing.iter() {
+        let e = e?;
+        let bytes = e.file_name().to_bytes();
+        if bytes != b"." && bytes != b".." {
+            names.push(OsStr::from_bytes(bytes).to_owned());
+        }
     }
-    Ok(())
+    Ok(names)
+}
+
+/// Removes directory `name` of `dir` and everything in it, never following a symlink.
+fn remove_tree(dir: &impl AsFd, name: &OsStr) -> Result<(), Errno> {
+    let mut inner = open_listing(dir, name)?;
+    for child in names_in(&mut inner)? {
+        if confine::kind_at(&inner, &child)? == Some(SFlag::S_IFDIR) {
+            remove_tree(&inner, &child)?;
+        } else {
+            nix::unistd::unlinkat(&inner, child.as_os_str(), nix::unistd::UnlinkatFlags::NoRemoveDir)?;
+        }
+    }
+    drop(inner);
+    nix::unistd::unlinkat(dir, name, nix::unistd::UnlinkatFlags::RemoveDir)
 }
 
 mod confine;
 
-use confine::Walk;
+use confine::{HeldDir, Walk};
 
 #[cfg(test)]
 mod tests;

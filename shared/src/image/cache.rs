@@ -371,35 +371,54 @@ impl BlobCache {
         let mut reopened = 0;
         let mut reader = source.open_blob(layer, at).await?;
         loop {
-            // A fresh chunk each time (the feed owns the ones it was sent), not zeroed.
+            // A fresh chunk each time (the feed owns the ones it was sent), not zeroed, and
+            // filled before it is passed on: one read gives what one network frame held (a
+            // few KiB), and the read-ahead is counted in chunks.
             let mut buf = Vec::with_capacity(FEED_CHUNK);
-            let read = match tokio::time::timeout(self.stall_timeout, reader.read_buf(&mut buf)).await {
-                Ok(Ok(n)) => Ok(n),
-                Ok(Err(e)) => Err(format!("downloading {}: {e}", layer.location)),
-                Err(_) => Err(format!("no data for {:?} while downloading {}", self.stall_timeout, layer.location)),
-            };
-            let n = match read {
-                Ok(n) => n,
-                Err(detail) if feed.is_some() && reopened < REOPENS => {
+            let (mut failure, mut ended) = (None, false);
+            while buf.len() < buf.capacity() {
+                match tokio::time::timeout(self.stall_timeout, reader.read_buf(&mut buf)).await {
+                    Ok(Ok(0)) => {
+                        ended = true;
+                        break;
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        failure = Some(format!("downloading {}: {e}", layer.location));
+                        break;
+                    }
+                    Err(_) => {
+                        failure =
+                            Some(format!("no data for {:?} while downloading {}", self.stall_timeout, layer.location));
+                        break;
+                    }
+                }
+            }
+            // What arrived before a failure counts: a reopened connection starts after it.
+            if !buf.is_empty() {
+                let n = buf.len() as u64;
+                hasher.update(&buf);
+                file.write_all(&buf).await.map_err(|e| ImageError::io("writing", part, e))?;
+                at += n;
+                *fetched += n;
+                on_bytes(n);
+                crate::telemetry::metrics().blob_bytes.add(n, &[]);
+                if let Some(feed) = feed {
+                    feed.send(Feed::Bytes(buf)).await.map_err(|_| TeeError::ReaderGone)?;
+                }
+            }
+            match failure {
+                Some(detail) if feed.is_some() && reopened < REOPENS => {
                     reopened += 1;
                     tracing::warn!(digest = %layer.digest, at, reopened, %detail, "the blob's connection broke while an unpacker applies it; opening it again where it stopped");
                     tokio::time::sleep(Duration::from_millis(200 << reopened)).await;
                     reader = source.open_blob(layer, at).await?;
-                    continue;
                 }
-                Err(detail) => return Err(ImageError::Unavailable { source_desc: source.describe(), detail }.into()),
-            };
-            if n == 0 {
-                return Ok(());
-            }
-            hasher.update(&buf);
-            file.write_all(&buf).await.map_err(|e| ImageError::io("writing", part, e))?;
-            at += n as u64;
-            *fetched += n as u64;
-            on_bytes(n as u64);
-            crate::telemetry::metrics().blob_bytes.add(n as u64, &[]);
-            if let Some(feed) = feed {
-                feed.send(Feed::Bytes(buf)).await.map_err(|_| TeeError::ReaderGone)?;
+                Some(detail) => {
+                    return Err(ImageError::Unavailable { source_desc: source.describe(), detail }.into());
+                }
+                None if ended => return Ok(()),
+                None => {}
             }
         }
     }

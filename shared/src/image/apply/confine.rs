@@ -1,19 +1,44 @@
-//! The root-confinement rule, apart from writing entries: every path an entry names is
-//! resolved inside the volume's root, one component at a time, with the root as `/`.
-//! Lexically first (`sanitize`: no absolute paths, no `..`), then on the disk (`walk_dir`:
-//! symlinks are followed as the image would see them, absolute targets from the root, at
-//! most 40 hops, and a target whose `..` climbs above the root is refused). So a layer never
-//! writes outside the volume, whatever links earlier entries or layers made.
+//! The root-confinement rule, apart from writing entries: every directory an entry names is
+//! opened inside the volume's root and held as a file descriptor; the entry is then made
+//! relative to that descriptor (`openat`, `mkdirat`, `symlinkat`, ...), never through a path
+//! from `/`. So a layer never writes outside the volume, whatever links earlier entries or
+//! layers made.
+//!
+//! Three lines, in order:
+//! 1. lexical (`sanitize`): no absolute paths, no `..`;
+//! 2. the kernel: a directory is opened with `openat2(RESOLVE_IN_ROOT | RESOLVE_NO_SYMLINKS)`
+//!    from the held root, one call for the whole path (magic links are refused with the
+//!    rest); nothing it opens can be outside the root;
+//! 3. when a symlink, a missing directory or a file is on the way (the kernel call says
+//!    which), the path is walked one component at a time from held descriptors, with the
+//!    root as `/`: a symlink is followed as the image would see it (absolute targets from
+//!    the root, at most 40 hops), and a target whose `..` climbs above the root is
+//!    **refused**, where the kernel's `RESOLVE_IN_ROOT` would clamp it to the root. A layer
+//!    that writes through such a link is hostile or broken, and saying so names it.
 
-use std::fs;
+use std::ffi::OsString;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
+use std::rc::Rc;
+
+use nix::errno::Errno;
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::{Mode, SFlag};
 
 use super::Applier;
 use crate::image::ImageError;
 
 const MAX_SYMLINK_HOPS: usize = 40;
 
-/// How [`Applier::walk_dir`] treats what it finds on the way.
+/// A directory inside the root, held open (`O_PATH`): what an entry is made relative to.
+#[derive(Clone)]
+pub(super) struct HeldDir {
+    /// Where it is, relative to the root, symlinks resolved.
+    pub rel: PathBuf,
+    pub fd: Rc<OwnedFd>,
+}
+
+/// How [`Applier::open_dir`] treats what it finds on the way.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum Walk {
     /// For an entry: create missing directories, replace a file by a directory.
@@ -21,6 +46,45 @@ pub(super) enum Walk {
     /// For a whiteout: change nothing; stop at anything missing, at a non-directory and at
     /// a symlink this layer wrote (what is beneath it is not a lower layer's).
     Lookup,
+}
+
+/// Opens the root itself, to hold while a layer is applied.
+pub(super) fn open_root(root: &Path) -> Result<OwnedFd, ImageError> {
+    nix::fcntl::open(root, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| ImageError::io("opening the volume root", root, e.into()))
+}
+
+/// Opens directory `rel` (already lexically clean) under `root` with no symlink on the way.
+pub(super) fn open_beneath(root: &impl AsFd, rel: &Path) -> Result<OwnedFd, Errno> {
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_SYMLINKS);
+    loop {
+        match nix::fcntl::openat2(root, rel, how) {
+            // The kernel asks for a retry when a rename elsewhere raced the lookup.
+            Err(Errno::EAGAIN) => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Opens directory `name` in `dir`, not following a symlink.
+pub(super) fn open_child_dir(dir: &impl AsFd, name: &std::ffi::OsStr) -> Result<OwnedFd, Errno> {
+    nix::fcntl::openat(
+        dir,
+        name,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// What is at `name` in `dir` (not following a symlink); `None` when nothing is.
+pub(super) fn kind_at(dir: &impl AsFd, name: &std::ffi::OsStr) -> Result<Option<SFlag>, Errno> {
+    match nix::sys::stat::fstatat(dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => Ok(Some(SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()))),
+        Err(Errno::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 impl Applier<'_> {
@@ -40,31 +104,56 @@ impl Applier<'_> {
         Ok(out)
     }
 
-    /// Resolves relative directory `rel` inside the root, creating missing directories.
-    pub(super) fn resolve_dir(&mut self, entry: &Path, rel: &Path) -> Result<PathBuf, ImageError> {
-        match self.walk_dir(entry, rel, Walk::Create)? {
+    pub(super) fn root_dir(&self) -> HeldDir {
+        HeldDir { rel: PathBuf::new(), fd: self.root_fd.clone() }
+    }
+
+    /// Opens directory `rel` inside the root, creating missing directories.
+    pub(super) fn resolve_dir(&mut self, entry: &Path, rel: &Path) -> Result<HeldDir, ImageError> {
+        match self.open_dir(entry, rel, Walk::Create)? {
             Some(dir) => Ok(dir),
             None => Err(self.refuse(entry, "its directory could not be made")),
         }
     }
 
-    /// Resolves relative directory `rel` inside the root one component at a time, with the
-    /// root as `/`: symlinks are followed (absolute targets from the root), and a target
-    /// whose `..` climbs above the root is refused. Returns the absolute path, or `None`
+    /// Opens directory `rel` inside the root (see the module's three lines). Returns `None`
     /// when `mode` is [`Walk::Lookup`] and there is no such directory to look into.
-    pub(super) fn walk_dir(&mut self, entry: &Path, rel: &Path, mode: Walk) -> Result<Option<PathBuf>, ImageError> {
-        if rel.as_os_str().is_empty() || self.known_dirs.contains(rel) {
-            return Ok(Some(self.root.join(rel)));
+    pub(super) fn open_dir(&mut self, entry: &Path, rel: &Path, mode: Walk) -> Result<Option<HeldDir>, ImageError> {
+        if rel.as_os_str().is_empty() {
+            return Ok(Some(self.root_dir()));
         }
-        let mut pending: Vec<std::ffi::OsString> = rel.components().rev().map(|c| c.as_os_str().to_owned()).collect();
-        let mut cur = PathBuf::new();
+        // A tar lists a directory's entries together: the last one's directory is held. A
+        // lookup takes it only if no symlink led there (it must not follow this layer's).
+        if let Some((last, dir)) = &self.last_dir
+            && last == rel
+            && (mode == Walk::Create || dir.rel == rel)
+        {
+            return Ok(Some(dir.clone()));
+        }
+        let found = match open_beneath(self.root_fd.as_ref(), rel) {
+            Ok(fd) => Some(HeldDir { rel: rel.to_owned(), fd: Rc::new(fd) }),
+            Err(Errno::ELOOP | Errno::ENOENT | Errno::ENOTDIR) => self.walk_dir(entry, rel, mode)?,
+            Err(e) => return Err(ImageError::io("opening directory", self.root.join(rel), e.into())),
+        };
+        if let Some(dir) = &found {
+            self.last_dir = Some((rel.to_owned(), dir.clone()));
+        }
+        Ok(found)
+    }
+
+    /// Walks `rel` one component at a time from held descriptors, with the root as `/`:
+    /// symlinks are followed (absolute targets from the root), and a target whose `..`
+    /// climbs above the root is refused.
+    fn walk_dir(&mut self, entry: &Path, rel: &Path, mode: Walk) -> Result<Option<HeldDir>, ImageError> {
+        let mut pending: Vec<OsString> = rel.components().rev().map(|c| c.as_os_str().to_owned()).collect();
+        let mut cur = self.root_dir();
         let mut hops = 0;
         while let Some(comp) = pending.pop() {
-            let next_rel = cur.join(&comp);
-            let next = self.root.join(&next_rel);
-            match fs::symlink_metadata(&next) {
-                Ok(m) if m.is_dir() => cur = next_rel,
-                Ok(m) if m.file_type().is_symlink() => {
+            let next_rel = cur.rel.join(&comp);
+            let inspecting = |e: Errno| ImageError::io("inspecting", self.root.join(&next_rel), e.into());
+            match kind_at(cur.fd.as_ref(), &comp).map_err(inspecting)? {
+                Some(SFlag::S_IFDIR) => {}
+                Some(SFlag::S_IFLNK) => {
                     if mode == Walk::Lookup && self.written.contains(&next_rel) {
                         return Ok(None);
                     }
@@ -72,7 +161,10 @@ impl Applier<'_> {
                     if hops > MAX_SYMLINK_HOPS {
                         return Err(self.refuse(entry, "too many levels of symlinks"));
                     }
-                    let target = fs::read_link(&next).map_err(|e| ImageError::io("reading symlink", &next, e))?;
+                    let target = PathBuf::from(
+                        nix::fcntl::readlinkat(cur.fd.as_ref(), comp.as_os_str())
+                            .map_err(|e| ImageError::io("reading symlink", self.root.join(&next_rel), e.into()))?,
+                    );
                     let escapes = || {
                         self.refuse(
                             entry,
@@ -85,8 +177,7 @@ impl Applier<'_> {
                     };
                     // Lexically resolve the target against the symlink's directory, or
                     // against the root when it is absolute.
-                    let mut base: Vec<std::ffi::OsString> =
-                        cur.components().map(|c| c.as_os_str().to_owned()).collect();
+                    let mut base: Vec<OsString> = cur.rel.components().map(|c| c.as_os_str().to_owned()).collect();
                     for c in target.components() {
                         match c {
                             Component::Normal(n) => base.push(n.to_owned()),
@@ -101,29 +192,22 @@ impl Applier<'_> {
                         }
                     }
                     // Restart from the root with the target's components, then what remained.
-                    for c in base.into_iter().rev() {
-                        pending.push(c);
-                    }
-                    cur = PathBuf::new();
+                    pending.extend(base.into_iter().rev());
+                    cur = self.root_dir();
+                    continue;
                 }
-                Ok(_) if mode == Walk::Lookup => return Ok(None),
-                Ok(_) => {
+                Some(_) | None if mode == Walk::Lookup => return Ok(None),
+                Some(_) => {
                     // A file where the layer needs a directory: the later layer wins.
-                    self.remove_existing(&next)?;
-                    self.mkdir(&next)?;
-                    cur = next_rel;
+                    self.remove_at(&cur, &comp)?;
+                    self.mkdir_at(&cur, &comp)?;
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound && mode == Walk::Lookup => return Ok(None),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    self.mkdir(&next)?;
-                    cur = next_rel;
-                }
-                Err(e) => return Err(ImageError::io("inspecting", &next, e)),
+                None => self.mkdir_at(&cur, &comp)?,
             }
+            let fd = open_child_dir(cur.fd.as_ref(), &comp)
+                .map_err(|e| ImageError::io("opening directory", self.root.join(&next_rel), e.into()))?;
+            cur = HeldDir { rel: next_rel, fd: Rc::new(fd) };
         }
-        if cur == rel {
-            self.known_dirs.insert(cur.clone());
-        }
-        Ok(Some(self.root.join(cur)))
+        Ok(Some(cur))
     }
 }

@@ -561,3 +561,39 @@ fn a_directory_replaced_later_in_its_layer_never_has_its_times_set_through_a_lin
     let after = fs::metadata(outside.join("b")).unwrap().modified().unwrap();
     assert_eq!(before, after, "the outside directory's times were set through the layer's symlink");
 }
+
+#[test]
+fn a_name_that_changes_what_it_is_within_a_layer_is_resolved_again() {
+    // The applier holds the last entry's directory open: a later entry that turns that name
+    // into a symlink, or a symlink back into a directory, must be seen by the next entry.
+    let f = Fixture::new();
+    f.apply(
+        "layer1",
+        &tar_of(&[
+            E::Dir("c/", 0o755),
+            E::Dir("a/", 0o755),
+            E::File("a/x", b"x", 0o644),
+            E::Symlink("a", "c"),
+            E::File("a/y", b"y", 0o644),
+            E::Dir("a/", 0o755),
+            E::File("a/z", b"z", 0o644),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(f.read("c/y"), "y", "written through the symlink that replaced the directory");
+    assert!(fs::symlink_metadata(f.root().join("a")).unwrap().is_dir());
+    assert_eq!(f.read("a/z"), "z");
+    assert!(!f.exists("c/z") && !f.exists("a/x") && !f.exists("a/y"));
+}
+
+#[test]
+fn a_whiteout_after_a_write_through_the_layers_own_symlink_still_hides_nothing() {
+    // `a/f` is written through the layer's own symlink `a -> b` (its directory is then held
+    // open); the whiteout of `a/g` that follows must not take that held directory: beneath
+    // this layer's symlink is nothing of a lower layer's.
+    let f = Fixture::new();
+    f.apply("layer1", &tar_of(&[E::File("b/g", b"g", 0o644), E::Dir("a/", 0o755)])).unwrap();
+    f.apply("layer2", &tar_of(&[E::Symlink("a", "b"), E::File("a/f", b"f", 0o644), E::File("a/.wh.g", b"", 0o644)]))
+        .unwrap();
+    assert_eq!((f.read("b/f"), f.read("b/g")), ("f".into(), "g".into()));
+}
