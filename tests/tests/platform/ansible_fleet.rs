@@ -213,11 +213,34 @@ impl Fleet {
 impl Drop for Fleet {
     fn drop(&mut self) {
         // A failing test shows what each worker said: the playbook's output says only that a
-        // step timed out, the journal says why.
+        // step timed out, the worker's log says why.
         if std::thread::panicking() {
+            // What each worker was doing, from its admin API: the playbook's output only says
+            // a step timed out.
             for (name, ip) in HOSTS {
-                let journal = self.ssh(ip, "journalctl -u thinpipe-worker --no-pager -o short-precise | tail -n 200");
-                eprintln!("--- {name}: journalctl -u thinpipe-worker (last 200 lines)\n{}", text(&journal));
+                let script = "python3 - <<'EOF'
+import json, urllib.parse, urllib.request as u
+def get(path):
+    try: return u.urlopen('http://127.0.0.1:9185' + path).read().decode()
+    except Exception as e: return str(e)
+print('/drain', get('/drain'))
+runs = get('/api/runs?status=active&limit=5')
+print('active runs', runs)
+try: ids = [r['id'] for r in json.loads(runs)]
+except Exception: ids = []
+for i in ids: print(i, get('/api/runs/' + urllib.parse.quote(i, safe='')))
+EOF";
+                eprintln!("--- {name}: {}", text(&self.ssh(ip, script)));
+            }
+            // The hosts have no journald: a service's output goes to its manager's console log.
+            for (name, _) in HOSTS {
+                let log = self.dir.path().join(name).join("log/systemd.log");
+                let all = std::fs::read_to_string(&log).unwrap_or_else(|e| format!("({}: {e})", log.display()));
+                let tail: Vec<&str> = all.lines().rev().take(200).collect();
+                eprintln!("--- {name}: the last 200 lines of {}", log.display());
+                for line in tail.into_iter().rev() {
+                    eprintln!("{line}");
+                }
             }
         }
         if let Some(mut moto) = self.moto.take() {
