@@ -75,7 +75,11 @@ impl ImageError {
         match self {
             // A full or read-only disk does not heal by retrying at once: fail the run with
             // the reason (a later job starts it again, reusing the half-built base).
-            Self::Io { error, .. } => !matches!(error.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT | libc::EROFS)),
+            // Nor does a call the host forbids (a system-call filter, permissions).
+            Self::Io { error, .. } => !matches!(
+                error.raw_os_error(),
+                Some(libc::ENOSPC | libc::EDQUOT | libc::EROFS | libc::ENOSYS | libc::EPERM | libc::EACCES)
+            ),
             Self::Unavailable { .. } | Self::Stopped { .. } => true,
             // The request or the image is wrong, or the host lacks room or rights: the same
             // call fails the same way until someone changes something.

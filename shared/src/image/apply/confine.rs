@@ -8,7 +8,9 @@
 //! 1. lexical (`sanitize`): no absolute paths, no `..`;
 //! 2. the kernel: a directory is opened with `openat2(RESOLVE_IN_ROOT | RESOLVE_NO_SYMLINKS)`
 //!    from the held root, one call for the whole path (magic links are refused with the
-//!    rest); nothing it opens can be outside the root;
+//!    rest); nothing it opens can be outside the root. Where a system-call filter or an old
+//!    kernel has no `openat2`, the same answer comes from one `openat(O_NOFOLLOW)` per
+//!    component;
 //! 3. when a symlink, a missing directory or a file is on the way (the kernel call says
 //!    which), the path is walked one component at a time from held descriptors, with the
 //!    root as `/`: a symlink is followed as the image would see it (absolute targets from
@@ -20,6 +22,7 @@ use std::ffi::OsString;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
@@ -54,18 +57,50 @@ pub(super) fn open_root(root: &Path) -> Result<OwnedFd, ImageError> {
         .map_err(|e| ImageError::io("opening the volume root", root, e.into()))
 }
 
-/// Opens directory `rel` (already lexically clean) under `root` with no symlink on the way.
+/// Whether `openat2` may be called: cleared the first time a system-call filter (systemd's
+/// `SystemCallFilter=`, a container runtime's seccomp profile) or a kernel older than 5.6
+/// answers `ENOSYS` or `EPERM`, after which every open takes the portable walk.
+static OPENAT2_AVAILABLE: AtomicBool = AtomicBool::new(true);
+
+/// Opens directory `rel` (already lexically clean) under `root` with no symlink on the way:
+/// `ELOOP` or `ENOTDIR` when one is, `ENOENT` when a component is missing.
 pub(super) fn open_beneath(root: &impl AsFd, rel: &Path) -> Result<OwnedFd, Errno> {
-    let how = OpenHow::new()
-        .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
-        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_SYMLINKS);
-    loop {
-        match nix::fcntl::openat2(root, rel, how) {
-            // The kernel asks for a retry when a rename elsewhere raced the lookup.
-            Err(Errno::EAGAIN) => continue,
-            other => return other,
+    if OPENAT2_AVAILABLE.load(Ordering::Relaxed) {
+        let how = OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+            .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_SYMLINKS);
+        loop {
+            match nix::fcntl::openat2(root, rel, how) {
+                // The kernel asks for a retry when a rename elsewhere raced the lookup.
+                Err(Errno::EAGAIN) => continue,
+                // Filtered out or not in this kernel (an O_PATH open is never refused with
+                // EPERM for its own sake).
+                Err(Errno::ENOSYS | Errno::EPERM) => {
+                    OPENAT2_AVAILABLE.store(false, Ordering::Relaxed);
+                    tracing::info!(
+                        "openat2 is not available here: unpacking opens directories one component at a time"
+                    );
+                    break;
+                }
+                other => return other,
+            }
         }
     }
+    open_beneath_by_components(root, rel)
+}
+
+/// [`open_beneath`] without `openat2`: one `openat(O_NOFOLLOW)` per component, from `root`.
+/// The same answers, since `rel` has no `..` and no root (the lexical line).
+fn open_beneath_by_components(root: &impl AsFd, rel: &Path) -> Result<OwnedFd, Errno> {
+    let mut held: Option<OwnedFd> = None;
+    for c in rel.components() {
+        let Component::Normal(name) = c else { return Err(Errno::EINVAL) };
+        held = Some(match &held {
+            None => open_child_dir(root, name)?,
+            Some(dir) => open_child_dir(dir, name)?,
+        });
+    }
+    held.ok_or(Errno::ENOENT)
 }
 
 /// Opens directory `name` in `dir`, not following a symlink.
@@ -209,5 +244,43 @@ impl Applier<'_> {
             cur = HeldDir { rel: next_rel, fd: Rc::new(fd) };
         }
         Ok(Some(cur))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_walk_without_openat2_gives_the_kernels_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let root_path = dir.path();
+        std::fs::create_dir_all(root_path.join("a/b")).unwrap();
+        std::fs::write(root_path.join("a/f"), b"").unwrap();
+        std::os::unix::fs::symlink("b", root_path.join("a/l")).unwrap();
+        std::os::unix::fs::symlink("/", root_path.join("up")).unwrap();
+        let root = open_root(root_path).unwrap();
+        let not_a_directory = |r: Result<OwnedFd, Errno>| matches!(r, Err(Errno::ELOOP | Errno::ENOTDIR));
+        for (rel, expect_dir) in
+            [("a", true), ("a/b", true), ("a/l", false), ("a/l/x", false), ("up", false), ("a/f", false)]
+        {
+            let rel = Path::new(rel);
+            let by_components = open_beneath_by_components(&root, rel);
+            assert_eq!(by_components.is_ok(), expect_dir, "{rel:?}: {by_components:?}");
+            if !expect_dir {
+                assert!(not_a_directory(by_components), "{rel:?}");
+            }
+            // The kernel's call, where this kernel has it, agrees.
+            let how = OpenHow::new()
+                .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+                .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_SYMLINKS);
+            match nix::fcntl::openat2(&root, rel, how) {
+                Err(Errno::ENOSYS | Errno::EPERM) => {}
+                kernel if expect_dir => assert!(kernel.is_ok(), "{rel:?}: {kernel:?}"),
+                kernel => assert!(not_a_directory(kernel), "{rel:?}"),
+            }
+        }
+        assert_eq!(open_beneath_by_components(&root, Path::new("a/missing")).err(), Some(Errno::ENOENT));
+        assert_eq!(open_beneath_by_components(&root, Path::new("../a")).err(), Some(Errno::EINVAL));
     }
 }
