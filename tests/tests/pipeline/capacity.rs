@@ -39,8 +39,11 @@ fn used_percent(api: &str) -> f64 {
 #[test]
 fn a_full_host_evicts_unused_families_refuses_clearly_and_recovers_after_releases() {
     let Some(fs) = thinpipe::volume::testfs::LoopBtrfs::with(256, "loop,commit=1") else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path();
+    // The state directory (the blob cache, which the refusal limit also guards) gets a file
+    // system of its own too, so that how full this machine's disk is cannot decide the test.
+    let Some(state_fs) = thinpipe::volume::testfs::LoopBtrfs::with(1024, "loop") else { return };
+    let state = &state_fs.mount.join("state");
+    std::fs::create_dir(state).unwrap();
     let volumes = fs.mount.join("volumes");
     let env = [
         ("THINPIPE_BACKEND", "btrfs"),
