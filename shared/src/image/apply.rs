@@ -319,6 +319,9 @@ impl Applier<'_> {
         let mut archive = tar::Archive::new(stream);
         let mut dir_times = Vec::new();
         let entries = archive.entries().map_err(|e| self.corrupt(e))?;
+        // The entry's path, copied out of it (the entry is read while the path is used):
+        // one buffer for the layer, not an allocation per entry.
+        let mut raw = Vec::new();
         for entry in entries {
             if self.opts.stop.as_ref().is_some_and(|t| t.is_cancelled()) {
                 return Err(ImageError::Stopped { layer: self.layer.to_owned(), entries: self.stats.entries });
@@ -326,9 +329,10 @@ impl Applier<'_> {
             // A slow disk, for the tests of stopping a long unpack.
             crate::fault::pause_blocking("apply.entry", self.layer);
             let mut entry = entry.map_err(|e| self.corrupt(e))?;
-            let raw = entry.path().map_err(|e| self.corrupt(e))?.into_owned();
+            raw.clear();
+            raw.extend_from_slice(&entry.path_bytes());
             let before = self.stats.written;
-            let applied = self.apply_entry(&raw, &mut entry)?;
+            let applied = self.apply_entry(Path::new(OsStr::from_bytes(&raw)), &mut entry)?;
             (self.on_entry)(self.stats.written - before);
             if let Some(dir) = applied {
                 dir_times.push(dir);
@@ -367,16 +371,16 @@ impl Applier<'_> {
         entry: &mut tar::Entry<'_, R>,
     ) -> Result<Option<(PathBuf, filetime::FileTime)>, ImageError> {
         let rel = self.sanitize(raw, raw)?;
-        let Some(name) = rel.file_name().map(OsStr::to_owned) else {
+        let Some(name) = rel.file_name() else {
             return Ok(None); // the root itself ("./"): keep the volume root as it is
         };
-        let parent_rel = rel.parent().unwrap_or(Path::new("")).to_path_buf();
+        let parent_rel = rel.parent().unwrap_or(Path::new(""));
         let name_bytes = name.as_bytes();
         self.stats.entries += 1;
 
         if name_bytes == OPAQUE.as_bytes() {
-            if let Some(dir) = self.open_dir(raw, &parent_rel, Walk::Lookup)? {
-                self.clear_unwritten(&dir, &parent_rel)?;
+            if let Some(dir) = self.open_dir(raw, parent_rel, Walk::Lookup)? {
+                self.clear_unwritten(&dir, parent_rel)?;
             }
             return Ok(None);
         }
@@ -390,7 +394,7 @@ impl Applier<'_> {
             if self.written.contains(&parent_rel.join(hidden)) {
                 return Ok(None);
             }
-            if let Some(dir) = self.open_dir(raw, &parent_rel, Walk::Lookup)? {
+            if let Some(dir) = self.open_dir(raw, parent_rel, Walk::Lookup)? {
                 self.remove_at(&dir, hidden)?;
             }
             return Ok(None);
@@ -438,8 +442,7 @@ impl Applier<'_> {
         let mtime = filetime::FileTime::from_unix_time(header.mtime().map_err(|e| self.corrupt(e))? as i64, 0);
         let size = entry.size();
 
-        let parent = self.resolve_dir(raw, &parent_rel)?;
-        let name = name.as_os_str();
+        let parent = self.resolve_dir(raw, parent_rel)?;
         // Where the entry lands, symlinks resolved: for messages, and for directory times.
         let dest = parent.rel.join(name);
         self.written.insert(&rel);
