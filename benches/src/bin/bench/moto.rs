@@ -19,6 +19,23 @@ impl Drop for Moto {
     }
 }
 
+impl Moto {
+    /// The CPU time the server this process started has used so far (user and system, from
+    /// `/proc/<pid>/stat`); `None` for a server started elsewhere.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        let child = self.0.as_ref()?;
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).ok()?;
+        // Fields after the command name (which may hold spaces), from field 3: utime is the
+        // 14th field, stime the 15th.
+        let after = stat.rsplit_once(')')?.1;
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        (hz > 0).then(|| Duration::from_secs_f64(ticks as f64 / hz as f64))
+    }
+}
+
 /// The workspace's `.venv` (made by `./scripts/test`), wherever the bench runs from.
 pub fn venv(tool: &str) -> anyhow::Result<std::path::PathBuf> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin").join(tool);

@@ -9,18 +9,23 @@
 //! - download only: the layers to a sink through the same S3 client, three at once, as the
 //!   worker downloads them;
 //! - unpack only: the same layers applied from local files, one after the other;
-//!
-//! each on a quiet disk (`syncfs` before it), timed to its end without a sync, as a prepare is;
 //! - prepare: `worker run prepare` of the family from S3 through the proxy (a fresh state
 //!   directory, nothing cached), its wall time, the bytes it read from the disk (`wait4`'s
-//!   `ru_inblock`) and its peak RSS (its `VmHWM`, sampled).
+//!   `ru_inblock`) and its peak RSS (its `VmHWM`, sampled), and beside its CPU time the CPU
+//!   the server side took meanwhile (moto and the relay share this machine's cores with the
+//!   worker, where a real S3 would not);
+//!
+//! each on a quiet disk (`syncfs` before it), timed to its end without a sync, as a prepare is.
+//! On the disk, the unpack and the prepare each get a fresh ext4 (a loop device over an image
+//! file on this disk, made before the side and removed after it; without root, the
+//! benchmark's directory): on these VMs the root file system's cost grows as a run deletes
+//! what it made (the same unpack took up to four times the CPU late in a run), and the sides
+//! run one after the other; a fresh file system gives each the same one.
 //!
 //! `prepare stream_ratio_<rate>=<prepare / max(download, unpack)>` (the median of the
-//! rounds' ratios; target <= 1.10) with everything on this disk, and
-//! `prepare stream_ratio_<rate>_tmpfs=` with the unpacked trees and the worker's state
-//! directory (its blob cache, its base) on a tmpfs: on these VMs the disk's cost drifts
-//! within a run (the same unpack takes up to twice the CPU late in a run), and the sides
-//! run one after the other, so only the tmpfs figure isolates what the pipeline overlaps;
+//! rounds' ratios; target <= 1.10) on the disk, and `prepare stream_ratio_<rate>_tmpfs=`
+//! with the unpacked trees and the worker's state directory (its blob cache, its base) on a
+//! tmpfs, where each side's time is its own work and not the file system's;
 //! `prepare bytes_read_ratio=<bytes read from disk / compressed size>` (target <= 0.05; the
 //! larger of the two runs).
 
@@ -34,6 +39,7 @@ use anyhow::{Context, ensure};
 use futures::{StreamExt, TryStreamExt};
 use rand::{RngCore, SeedableRng};
 use thinpipe::image::{ApplyOptions, BlobSource, S3Source, apply_layer};
+use thinpipe::volume::testfs::LoopFs;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::moto::moto;
@@ -57,7 +63,9 @@ pub fn run(base: &Path) -> anyhow::Result<()> {
     let compressed: u64 = layers.iter().map(|l| std::fs::metadata(l).map(|m| m.len())).sum::<Result<_, _>>()?;
     let files: usize = LAYERS.iter().flat_map(|(_, groups)| groups.iter().map(|(n, _)| n)).sum();
     println!("prepare_image_size {:.0} MiB compressed, 3 gzip layers, {files} files", mib(compressed));
-    let (_moto, endpoint) = moto()?;
+    let (moto, endpoint) = moto()?;
+    // What the server side (moto, and the relay in this process) costs the same two cores.
+    let server_cpu = || moto.cpu_time().unwrap_or_default() + report::cpu_time();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(publish(&endpoint, &source))?;
     let mut bytes_read_ratio: f64 = 0.0;
@@ -78,27 +86,34 @@ pub fn run(base: &Path) -> anyhow::Result<()> {
             let proxy = rt.block_on(Proxy::start(&endpoint, rate << 20))?;
             let mut ratios = Vec::new();
             for round in 0..ROUNDS {
-                let (mut download, mut unpack, mut unpack_cpu, mut prepare) =
-                    (Duration::ZERO, Duration::ZERO, Duration::ZERO, None);
+                let (mut download, mut unpack, mut unpack_cpu, mut prepare, mut prepare_server_cpu) =
+                    (Duration::ZERO, Duration::ZERO, Duration::ZERO, None, Duration::ZERO);
                 let order = if report::ours_first(round) {
                     ["prepare", "download", "unpack"]
                 } else {
                     ["unpack", "download", "prepare"]
                 };
                 for which in order {
+                    let fresh = if place.is_empty() && which != "download" { fresh_ext4() } else { None };
+                    let into = fresh.as_ref().map_or(into, |fs| fs.mount.as_path());
                     // Each starts on a quiet disk: the writeback of what ran before is done.
                     crate::unpack::syncfs(base)?;
                     match which {
                         "download" => download = rt.block_on(download_only(&proxy.url))?,
                         "unpack" => (unpack, unpack_cpu) = unpack_only(into, &layers)?,
-                        _ => prepare = Some(prepare_once(into, &proxy.url)?),
+                        _ => {
+                            let before = server_cpu();
+                            prepare = Some(prepare_once(into, &proxy.url)?);
+                            prepare_server_cpu = server_cpu() - before;
+                        }
                     }
                 }
                 let prepare = prepare.context("the prepare ran")?;
                 println!(
-                    "prepare_round_{rate}{place}_{round} prepare {:.2} s (cpu {:.2} s), download only {:.2} s ({:.0} MiB/s), unpack only {:.2} s (cpu {:.2} s); read from disk {:.1} MiB, peak RSS {:.1} MiB; {} first",
+                    "prepare_round_{rate}{place}_{round} prepare {:.2} s (cpu {:.2} s; the server and relay {:.2} s), download only {:.2} s ({:.0} MiB/s), unpack only {:.2} s (cpu {:.2} s); read from disk {:.1} MiB, peak RSS {:.1} MiB; {} first",
                     prepare.elapsed.as_secs_f64(),
                     prepare.cpu.as_secs_f64(),
+                    prepare_server_cpu.as_secs_f64(),
                     download.as_secs_f64(),
                     mib(compressed) / download.as_secs_f64(),
                     unpack.as_secs_f64(),
@@ -120,6 +135,17 @@ pub fn run(base: &Path) -> anyhow::Result<()> {
     report::ratio("prepare", "bytes_read_ratio", bytes_read_ratio, Goal::AtMost(0.05));
     report::peak_rss("prepare");
     Ok(())
+}
+
+/// A fresh ext4 on a loop device whose image is on this disk, for one side of one round
+/// (`None` without root or `mkfs.ext4`: then the side runs in the benchmark's directory).
+fn fresh_ext4() -> Option<LoopFs> {
+    if !thinpipe::image::running_as_root()
+        || !Path::new("/usr/sbin/mkfs.ext4").exists() && !Path::new("/sbin/mkfs.ext4").exists()
+    {
+        return None;
+    }
+    LoopFs::ext4(4096, "loop")
 }
 
 fn mib(bytes: u64) -> f64 {
