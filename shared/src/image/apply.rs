@@ -20,7 +20,7 @@
 use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::fs;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
@@ -31,7 +31,7 @@ use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::sys::stat::{Mode, SFlag};
 
-use super::digest::{Digest, Hasher};
+use super::digest::Digest;
 use super::error::ImageError;
 
 /// Limits and permissions for applying layers.
@@ -149,36 +149,26 @@ pub fn apply_layer_reporting(
     on_entry: &dyn Fn(u64),
 ) -> Result<ApplyStats, ImageError> {
     let file = fs::File::open(blob).map_err(|e| ImageError::io("opening layer", blob, e))?;
-    apply_layer_from(root, file, blob, layer, diff_id, opts, on_read, on_entry)
+    apply_layer_from(root, file, blob, layer, diff_id, opts, on_read, on_entry).map(|(stats, _)| stats)
 }
 
 /// [`apply_layer_reporting`] on the layer's bytes as `input` yields them (a download in
-/// progress: `feed.rs`); `origin` names where they come from in I/O errors.
+/// progress: `feed.rs`); `origin` names where they come from in I/O errors. The layer is
+/// decompressed on a thread of its own (`inflate.rs`); `input` comes back read to its end.
 #[allow(clippy::too_many_arguments)]
-pub fn apply_layer_from(
+pub fn apply_layer_from<R: Read + Send + 'static>(
     root: &Path,
-    input: impl Read,
+    input: R,
     origin: &Path,
     layer: &str,
     diff_id: Option<&Digest>,
     opts: &ApplyOptions,
     on_read: &dyn Fn(u64),
     on_entry: &dyn Fn(u64),
-) -> Result<ApplyStats, ImageError> {
+) -> Result<(ApplyStats, R), ImageError> {
     let blob = origin;
-    let mut reader = BufReader::with_capacity(READ_BUF, Counted { inner: input, on_read });
-    let magic = reader.fill_buf().map_err(|e| ImageError::io("reading layer", blob, e))?;
-    let stream: Box<dyn Read + '_> = if magic.starts_with(&[0x1f, 0x8b]) {
-        Box::new(flate2::bufread::MultiGzDecoder::new(reader))
-    } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Box::new(
-            zstd::stream::read::Decoder::with_buffer(reader).map_err(|e| ImageError::io("reading layer", blob, e))?,
-        )
-    } else {
-        Box::new(reader)
-    };
-    // Hashed only when there is a digest to check (a flat family's layers have none).
-    let mut tar = Hashed { inner: stream, hasher: diff_id.map(|_| Hasher::default()) };
+    let reading = |e| ImageError::io("reading layer", blob, e);
+    let mut tar = inflate::spawn(input, diff_id.is_some(), on_read).map_err(reading)?;
     let stats = Applier {
         root,
         root_fd: Rc::new(confine::open_root(root)?),
@@ -191,51 +181,17 @@ pub fn apply_layer_from(
         on_entry,
     }
     .run(Box::new(&mut tar))?;
-    if let Some(expected) = diff_id {
-        // The digest covers the whole tar: its end-of-archive blocks and any padding after
-        // them too, which the entries never read.
-        std::io::copy(&mut tar, &mut std::io::sink()).map_err(|e| ImageError::io("reading layer", blob, e))?;
-        let actual = tar.hasher.take().unwrap_or_default().finish();
-        if actual != *expected {
-            return Err(ImageError::DiffIdMismatch {
-                layer: layer.to_owned(),
-                expected: expected.to_string(),
-                actual: actual.to_string(),
-            });
-        }
+    let (actual, input) = tar.finish().map_err(reading)?;
+    if let (Some(expected), Some(actual)) = (diff_id, actual)
+        && actual != *expected
+    {
+        return Err(ImageError::DiffIdMismatch {
+            layer: layer.to_owned(),
+            expected: expected.to_string(),
+            actual: actual.to_string(),
+        });
     }
-    Ok(stats)
-}
-
-/// A reader that hashes what it reads, when it has a hasher (the uncompressed tar, for its
-/// diff id).
-struct Hashed<R> {
-    inner: R,
-    hasher: Option<Hasher>,
-}
-
-impl<R: Read> Read for Hashed<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        if let Some(h) = &mut self.hasher {
-            h.update(&buf[..n]);
-        }
-        Ok(n)
-    }
-}
-
-/// A reader that reports how many bytes it has read.
-struct Counted<'a, R> {
-    inner: R,
-    on_read: &'a dyn Fn(u64),
-}
-
-impl<R: Read> Read for Counted<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        (self.on_read)(n as u64);
-        Ok(n)
-    }
+    Ok((stats, input))
 }
 
 struct Applier<'a> {
@@ -812,6 +768,7 @@ fn remove_tree(dir: &impl AsFd, name: &OsStr) -> Result<(), Errno> {
 }
 
 mod confine;
+mod inflate;
 
 use confine::{HeldDir, Walk};
 

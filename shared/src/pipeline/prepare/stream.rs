@@ -233,10 +233,10 @@ fn apply_fed(
     stop: &CancellationToken,
     on_entry: &dyn Fn(u64),
 ) -> Result<ApplyStats, ImageError> {
-    let mut feed = FeedReader::new(rx, runtime.clone(), stop.clone());
-    let stats = apply_layer_from(
+    let feed = FeedReader::new(rx, runtime.clone(), stop.clone());
+    let (stats, mut feed) = apply_layer_from(
         root,
-        &mut feed,
+        feed,
         Path::new(&layer.location),
         name,
         layer.diff_id.as_ref(),
