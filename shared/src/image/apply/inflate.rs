@@ -1,7 +1,8 @@
-//! Decompression ahead of the applier: a layer's blob is decompressed (gzip, zstd or none),
-//! and the tar it holds hashed for its diff_id, on a thread of its own, a few chunks ahead
-//! of the thread that makes the files. An unpack is then two halves on two cores instead of
-//! one thread doing both, which is what a streamed prepare waits on.
+//! Decompression ahead of the applier: a compressed layer (gzip, zstd) is decompressed, and
+//! the tar it holds hashed for its diff_id, on a thread of its own, a few chunks ahead of the
+//! thread that makes the files. An unpack is then two halves on two cores instead of one
+//! thread doing both, which is what a streamed prepare waits on. A plain tar is read (and
+//! hashed) on the applier's thread: a thread would only add a copy.
 //!
 //! The thread owns the blob's reader and reads it to its end (a blob may go on past the
 //! compressed stream, and its digest covers it all), then hands the reader back with the
@@ -36,11 +37,17 @@ enum Msg<R> {
 
 /// The applier's end: a reader of the decompressed tar.
 pub(super) struct Inflated<'a, R> {
-    rx: mpsc::Receiver<Msg<R>>,
-    chunk: Vec<u8>,
-    at: usize,
+    from: From<R>,
     on_read: &'a dyn Fn(u64),
-    end: Option<(Option<Digest>, R)>,
+}
+
+enum From<R> {
+    /// A compressed blob, from the decompressing thread.
+    Thread { rx: mpsc::Receiver<Msg<R>>, chunk: Vec<u8>, at: usize, end: Option<(Option<Digest>, R)> },
+    /// A plain tar, read here: a thread would only add a copy.
+    /// `reported`: the blob bytes told to `on_read` so far (the first buffer was read
+    /// before any of the tar, to see what the blob is).
+    Inline { reader: BufReader<Counted<R>>, hasher: Option<Hasher>, reported: u64 },
 }
 
 /// A reader that counts what it has read.
@@ -61,7 +68,6 @@ enum Decoder<R: Read> {
     // Boxed: the gzip state is four times the others'.
     Gzip(Box<flate2::bufread::MultiGzDecoder<BufReader<Counted<R>>>>),
     Zstd(zstd::stream::read::Decoder<'static, BufReader<Counted<R>>>),
-    Plain(BufReader<Counted<R>>),
 }
 
 impl<R: Read> Decoder<R> {
@@ -69,7 +75,6 @@ impl<R: Read> Decoder<R> {
         match self {
             Self::Gzip(d) => d.get_ref().get_ref().read,
             Self::Zstd(d) => d.get_ref().get_ref().read,
-            Self::Plain(b) => b.get_ref().read,
         }
     }
 
@@ -77,7 +82,6 @@ impl<R: Read> Decoder<R> {
         match self {
             Self::Gzip(d) => d.into_inner(),
             Self::Zstd(d) => d.finish(),
-            Self::Plain(b) => b,
         }
     }
 }
@@ -87,7 +91,6 @@ impl<R: Read> Read for Decoder<R> {
         match self {
             Self::Gzip(d) => d.read(buf),
             Self::Zstd(d) => d.read(buf),
-            Self::Plain(b) => b.read(buf),
         }
     }
 }
@@ -105,13 +108,16 @@ pub(super) fn spawn<'a, R: Read + Send + 'static>(
     } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         Decoder::Zstd(zstd::stream::read::Decoder::with_buffer(reader)?)
     } else {
-        Decoder::Plain(reader)
+        return Ok(Inflated {
+            from: From::Inline { reader, hasher: hash.then(Hasher::default), reported: 0 },
+            on_read,
+        });
     };
     let (tx, rx) = mpsc::sync_channel(CHUNKS_AHEAD);
     std::thread::Builder::new()
         .name("thinpipe-inflate".into())
         .spawn(move || inflate(decoder, hash.then(Hasher::default), &tx))?;
-    Ok(Inflated { rx, chunk: Vec::new(), at: 0, on_read, end: None })
+    Ok(Inflated { from: From::Thread { rx, chunk: Vec::new(), at: 0, end: None }, on_read })
 }
 
 /// The thread: decompress, hash, hand over; at the end read what is left of the blob.
@@ -153,36 +159,56 @@ fn inflate<R: Read>(mut decoder: Decoder<R>, mut hasher: Option<Hasher>, tx: &mp
     drop(tx.send(Msg::End { digest, input: input.into_inner().inner }));
 }
 
-impl<R> Inflated<'_, R> {
+impl<R: Read> Inflated<'_, R> {
     /// Reads the rest of the tar (its end blocks and any padding, which the entries never
     /// read and the digest covers), then returns the tar's digest, when asked for, and the
     /// blob's reader, read to its end.
     pub(super) fn finish(mut self) -> std::io::Result<(Option<Digest>, R)> {
         std::io::copy(&mut self, &mut std::io::sink())?;
-        self.end.take().ok_or_else(|| std::io::Error::other("the decompressing thread ended without its end"))
+        match self.from {
+            From::Thread { end, .. } => {
+                end.ok_or_else(|| std::io::Error::other("the decompressing thread ended without its end"))
+            }
+            From::Inline { reader, hasher, .. } => Ok((hasher.map(Hasher::finish), reader.into_inner().inner)),
+        }
     }
 }
 
-impl<R> Read for Inflated<'_, R> {
+impl<R: Read> Read for Inflated<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.at == self.chunk.len() {
-            if self.end.is_some() {
+        let (rx, chunk, at, end) = match &mut self.from {
+            From::Inline { reader, hasher, reported } => {
+                let n = reader.read(buf)?;
+                if let Some(h) = hasher {
+                    h.update(&buf[..n]);
+                }
+                let read = reader.get_ref().read;
+                if read > *reported {
+                    (self.on_read)(read - *reported);
+                    *reported = read;
+                }
+                return Ok(n);
+            }
+            From::Thread { rx, chunk, at, end } => (rx, chunk, at, end),
+        };
+        while *at == chunk.len() {
+            if end.is_some() {
                 return Ok(0);
             }
-            match self.rx.recv() {
+            match rx.recv() {
                 Ok(Msg::Bytes { data, read }) => {
                     (self.on_read)(read);
-                    (self.chunk, self.at) = (data, 0);
+                    (*chunk, *at) = (data, 0);
                 }
-                Ok(Msg::End { digest, input }) => self.end = Some((digest, input)),
+                Ok(Msg::End { digest, input }) => *end = Some((digest, input)),
                 Ok(Msg::Failed(e)) => return Err(e),
                 // Only a panic drops the sender before the end.
                 Err(mpsc::RecvError) => return Err(std::io::Error::other("the decompressing thread stopped")),
             }
         }
-        let n = buf.len().min(self.chunk.len() - self.at);
-        buf[..n].copy_from_slice(&self.chunk[self.at..self.at + n]);
-        self.at += n;
+        let n = buf.len().min(chunk.len() - *at);
+        buf[..n].copy_from_slice(&chunk[*at..*at + n]);
+        *at += n;
         Ok(n)
     }
 }
@@ -217,6 +243,24 @@ mod tests {
     }
 
     #[test]
+    fn a_plain_tar_is_read_inline_hashed_and_read_to_its_end() {
+        let data: Vec<u8> = (0..CHUNK + 77).map(|i| (i % 13) as u8).collect();
+        let read = AtomicU64::new(0);
+        let on_read = |n| {
+            read.fetch_add(n, Ordering::Relaxed);
+        };
+        let mut inflated = spawn(std::io::Cursor::new(data.clone()), true, &on_read).unwrap();
+        assert!(matches!(inflated.from, From::Inline { .. }));
+        let mut head = vec![0u8; 100];
+        inflated.read_exact(&mut head).unwrap();
+        assert_eq!(head, data[..100]);
+        let (digest, input) = inflated.finish().unwrap();
+        assert_eq!(digest, Some(Digest::of_bytes(&data)));
+        assert_eq!(input.position(), data.len() as u64);
+        assert_eq!(read.load(Ordering::Relaxed), data.len() as u64);
+    }
+
+    #[test]
     fn a_corrupt_stream_is_an_error_of_the_read() {
         let mut blob = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3];
         blob.extend_from_slice(&[0xff; 64]);
@@ -224,24 +268,34 @@ mod tests {
         assert!(inflated.read(&mut [0u8; 16]).is_err());
     }
 
-    /// An endless blob that says when it is dropped.
-    struct Endless(Arc<AtomicBool>);
+    /// An endless gzip blob (one member over and over) that says when it is dropped.
+    struct Endless {
+        member: Vec<u8>,
+        at: usize,
+        dropped: Arc<AtomicBool>,
+    }
     impl Read for Endless {
         fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            buf.fill(b'x');
-            Ok(buf.len())
+            let n = buf.len().min(self.member.len() - self.at);
+            buf[..n].copy_from_slice(&self.member[self.at..self.at + n]);
+            self.at = (self.at + n) % self.member.len();
+            Ok(n)
         }
     }
     impl Drop for Endless {
         fn drop(&mut self) {
-            self.0.store(true, Ordering::SeqCst);
+            self.dropped.store(true, Ordering::SeqCst);
         }
     }
 
     #[test]
     fn an_applier_that_stops_early_leaves_no_thread_reading() {
         let dropped = Arc::new(AtomicBool::new(false));
-        let mut inflated = spawn(Endless(dropped.clone()), true, &|_| {}).unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&[b'x'; 1 << 20]).unwrap();
+        let endless = Endless { member: gz.finish().unwrap(), at: 0, dropped: dropped.clone() };
+        let mut inflated = spawn(endless, true, &|_| {}).unwrap();
+        assert!(matches!(inflated.from, From::Thread { .. }));
         inflated.read_exact(&mut [0u8; 4096]).unwrap();
         drop(inflated);
         let deadline = Instant::now() + Duration::from_secs(10);
