@@ -153,8 +153,9 @@ pub fn apply_layer_reporting(
 }
 
 /// [`apply_layer_reporting`] on the layer's bytes as `input` yields them (a download in
-/// progress: `feed.rs`); `origin` names where they come from in I/O errors. The layer is
-/// decompressed on a thread of its own (`inflate.rs`); `input` comes back read to its end.
+/// progress: `feed.rs`); `origin` names where they come from in I/O errors. A gzip or
+/// zstd layer is decompressed on a thread of its own (`inflate.rs`); `input` comes back read
+/// to its end.
 #[allow(clippy::too_many_arguments)]
 pub fn apply_layer_from<R: Read + Send + 'static>(
     root: &Path,
