@@ -8,6 +8,7 @@ pub mod fstree;
 pub use thinpipe_guest::qemu as guest;
 pub mod http;
 pub mod otlp;
+pub mod registry;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output};

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use thinpipe::admin::wire::BackendChoice;
 use thinpipe::fsm::{Engine, EngineConfig, OpenError};
-use thinpipe::image::{ApplyOptions, BlobCache, BlobSource, LocalDir, S3Source};
+use thinpipe::image::{ApplyOptions, BlobCache, BlobSource, LocalDir, RegistrySource, S3Source};
 use thinpipe::lifecycle::Lifecycle;
 use thinpipe::pipeline::{Pipeline, PipelineContext};
 use thinpipe::store::{Acquired, Binding, Checkpoint, Holder, SnapshotState, Store, StoreOptions};
@@ -62,6 +62,7 @@ impl Host {
                 Arc::new(S3Source::new(thinpipe::aws::s3_client(&sdk, &opts), &url)?.with_endpoint(endpoint))
             }
             SourceSpec::Dir(path) => Arc::new(LocalDir::new(path).with_memo(store.clone())),
+            SourceSpec::Registry(template) => Arc::new(RegistrySource::new(template, config.registry.options()?)?),
         };
         let cache = BlobCache::open(config.blob_cache_dir())?
             .with_stall_timeout(Duration::from_secs(config.images.stall_timeout_secs));

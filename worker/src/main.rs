@@ -158,8 +158,9 @@ enum OneShot {
         /// The version to prepare (a manifest digest, sha256:...).
         #[arg(long)]
         digest: Option<String>,
-        /// Where image families come from (overrides `source`): a path, dir:<path> or
-        /// s3://bucket/prefix.
+        /// Where image families come from (overrides `source`): a path, dir:<path>,
+        /// s3://bucket/prefix, or a registry reference (registry.example.com/team/{family}:1.4,
+        /// docker.io/library/debian:bookworm, docker://…).
         #[arg(long)]
         source: Option<String>,
     },
@@ -178,8 +179,9 @@ enum OneShot {
         /// Release the snapshot by itself after this many seconds.
         #[arg(long)]
         ttl_secs: Option<u64>,
-        /// Where image families come from (overrides `source`): a path, dir:<path> or
-        /// s3://bucket/prefix.
+        /// Where image families come from (overrides `source`): a path, dir:<path>,
+        /// s3://bucket/prefix, or a registry reference (registry.example.com/team/{family}:1.4,
+        /// docker.io/library/debian:bookworm, docker://…).
         #[arg(long)]
         source: Option<String>,
     },

@@ -245,7 +245,12 @@ pub fn oci_manifest(
     for l in manifest.layers() {
         let d = Digest::parse(l.digest().as_ref()).map_err(bad)?;
         let media_type = l.media_type().to_string();
-        if !media_type.contains("layer") {
+        // OCI's layer types, and Docker v2 schema 2's (`…rootfs.diff.tar.gzip`); a Windows
+        // "foreign" layer, which lives elsewhere and holds no Linux tree, is not one.
+        let is_layer = (media_type.contains("layer")
+            || media_type.starts_with("application/vnd.docker.image.rootfs.diff.tar"))
+            && !media_type.contains("foreign");
+        if !is_layer {
             return Err(bad(format!("layer {d} has media type {media_type}, not a layer")));
         }
         layers.push(LayerDesc {

@@ -14,6 +14,7 @@ mod feed;
 mod layout;
 mod memo;
 mod publish;
+mod registry;
 mod s3;
 mod sample;
 mod source;
@@ -30,6 +31,10 @@ pub use layout::{
 };
 pub use memo::{DigestMemo, FileIdentity, SETTLE as DIGEST_MEMO_SETTLE};
 pub use publish::{MULTIPART_THRESHOLD, PublishReport, publish};
+pub use registry::{
+    CredentialStore, FAMILY_PLACEHOLDER, HttpOptions as RegistryHttpOptions, Platform, RegistryOptions, RegistrySource,
+    RegistryTemplate, default_docker_config, is_registry_reference,
+};
 pub use s3::{S3Source, parse_s3_url};
 pub use sample::write_sample_family;
 pub use source::{BlobSource, BlobStream, LocalDir};

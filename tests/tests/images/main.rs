@@ -7,3 +7,4 @@
 mod hostile_input;
 mod oci_layers;
 mod real_images;
+mod registry;

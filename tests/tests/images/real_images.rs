@@ -149,3 +149,18 @@ fn published_to_s3_and_prepared_from_there_equals_umoci_unpack() {
     let ours = snapshot_of(&dir.path().join("state"), &to, &settings);
     fstree::assert_same("from S3 vs umoci unpack", reference(&image), &ours);
 }
+
+#[test]
+fn pushed_to_a_registry_and_prepared_from_there_equals_umoci_unpack() {
+    let Some(image) = image() else { return };
+    if !thinpipe_tests::registry::available() {
+        return;
+    }
+    let registry = thinpipe_tests::registry::Registry::start(Default::default());
+    registry.push(&image.join("layout"), FAMILY, "library/debian:bookworm");
+    let dir = tempfile::tempdir().unwrap();
+    let settings = registry.worker_settings();
+    let source = format!("{}/library/{{family}}:bookworm", registry.host);
+    let ours = snapshot_of(&dir.path().join("state"), &source, &settings);
+    fstree::assert_same("from a registry vs umoci unpack", reference(&image), &ours);
+}

@@ -20,7 +20,9 @@ pub struct Config {
     /// Everything the worker keeps: run log, host database, blob cache, embedded queue.
     pub state_dir: PathBuf,
     /// Where image families come from: `dir:<path>` (or a bare path) or `s3://bucket/prefix`,
-    /// holding `images/<family>/` or an OCI layout. Default: the state directory.
+    /// holding `images/<family>/` or an OCI layout; or a registry reference
+    /// (`registry.example.com/team/{family}:stable`, `docker.io/library/debian:bookworm`,
+    /// `docker://…`). Default: the state directory.
     pub source: String,
     /// Volume backend: `auto` (the default: the fastest this host supports, see
     /// `host::choose_backend`), `dir` (plain directories, no root), `overlay` (an overlayfs
@@ -43,7 +45,66 @@ pub struct Config {
     pub gc: GcConfig,
     pub activations: ActivationsConfig,
     pub aws: AwsConfig,
+    pub registry: RegistryConfig,
     pub admin: AdminConfig,
+}
+
+/// The registry source (`source` naming a registry reference).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// Docker's `config.json` to take logins from (`auths`, `credHelpers`, `credsStore`).
+    /// Default: `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
+    pub docker_config: String,
+    /// A PEM file of CA certificates trusted beside the system's (a private registry's CA).
+    pub ca_file: String,
+    /// Registries (`host:port`) spoken to over plain HTTP, as Docker's insecure-registries.
+    pub plain_http: Vec<String>,
+    /// The image of a multi-architecture index to take, `os/arch[/variant]`; default: this
+    /// host's.
+    pub platform: String,
+    /// How long one registry call retries 429s (after their `Retry-After`), 5xx and broken
+    /// connections before the step fails and the engine's retry takes over.
+    pub retry_secs: u64,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            docker_config: String::new(),
+            ca_file: String::new(),
+            plain_http: Vec::new(),
+            platform: String::new(),
+            retry_secs: 60,
+        }
+    }
+}
+
+impl RegistryConfig {
+    /// The source's options; reads the CA file, so a missing one is named here.
+    pub fn options(&self) -> anyhow::Result<thinpipe::image::RegistryOptions> {
+        let ca_pem = match self.ca_file.as_str() {
+            "" => None,
+            path => Some(std::fs::read(path).with_context(|| format!("registry.ca_file: reading {path}"))?),
+        };
+        let platform = match self.platform.as_str() {
+            "" => None,
+            p => Some(thinpipe::image::Platform::parse(p).map_err(|e| anyhow::anyhow!("registry.platform: {e}"))?),
+        };
+        let docker_config = match self.docker_config.as_str() {
+            "" => thinpipe::image::default_docker_config(),
+            path => Some(PathBuf::from(path)),
+        };
+        Ok(thinpipe::image::RegistryOptions {
+            http: thinpipe::image::RegistryHttpOptions {
+                ca_pem,
+                plain_http: self.plain_http.clone(),
+                retry_for: std::time::Duration::from_secs(self.retry_secs),
+            },
+            docker_config,
+            platform,
+        })
+    }
 }
 
 /// Watermarks on the volume storage's usage (dm-thin: the pool's data; btrfs and dir: the
@@ -369,6 +430,7 @@ impl Default for Config {
             gc: GcConfig::default(),
             activations: ActivationsConfig::default(),
             aws: AwsConfig::default(),
+            registry: RegistryConfig::default(),
             admin: AdminConfig::default(),
         }
     }
@@ -520,7 +582,9 @@ impl Config {
             bail!("worker.lease_ttl_secs must be at least 3 (leases are renewed at a third of it)");
         }
         self.watermarks().validate().map_err(|e| anyhow::anyhow!("{e}: fix the [capacity] settings"))?;
-        self.source_spec()?;
+        if let SourceSpec::Registry(_) = self.source_spec()? {
+            self.registry.options()?;
+        }
         let h = &self.worker.host_id;
         if h.is_empty() || h.len() > 255 || h.chars().any(|c| c.is_whitespace() || c.is_control()) {
             bail!("worker.host_id {h:?}: set a name of 1 to 255 characters without spaces (default: the hostname)");
@@ -586,16 +650,18 @@ impl Config {
         match self.source_spec()? {
             SourceSpec::Dir(path) => Ok(path),
             SourceSpec::S3(url) => bail!("source {url:?} is not a local directory: this needs a path or dir:<path>"),
+            SourceSpec::Registry(t) => bail!("source {t} is not a local directory: this needs a path or dir:<path>"),
         }
     }
 }
 
-/// Where image families come from: `<path>`, `dir:<path>` or `s3://bucket/prefix`, the same
-/// in the `source` setting and in `--source`.
+/// Where image families come from: `<path>`, `dir:<path>`, `s3://bucket/prefix` or a
+/// registry reference, the same in the `source` setting and in `--source`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SourceSpec {
     Dir(PathBuf),
     S3(String),
+    Registry(thinpipe::image::RegistryTemplate),
 }
 
 impl SourceSpec {
@@ -606,9 +672,16 @@ impl SourceSpec {
             }
             return Ok(SourceSpec::S3(source.to_owned()));
         }
+        if thinpipe::image::is_registry_reference(source) {
+            return thinpipe::image::RegistryTemplate::parse(source)
+                .map(SourceSpec::Registry)
+                .map_err(|e| anyhow::anyhow!(e));
+        }
         let path = source.strip_prefix("dir:").unwrap_or(source);
         if path.contains("://") || path.is_empty() {
-            bail!("source {source:?}: expected a path, dir:<path> or s3://bucket/prefix");
+            bail!(
+                "source {source:?}: expected a path, dir:<path>, s3://bucket/prefix or a registry reference (registry.example.com/team/{{family}}:tag, docker://…)"
+            );
         }
         Ok(SourceSpec::Dir(PathBuf::from(path)))
     }
@@ -623,11 +696,20 @@ mod tests {
         assert_eq!(SourceSpec::parse("/srv/images").unwrap(), SourceSpec::Dir("/srv/images".into()));
         assert_eq!(SourceSpec::parse("dir:/srv/images").unwrap(), SourceSpec::Dir("/srv/images".into()));
         assert_eq!(SourceSpec::parse("s3://b/p").unwrap(), SourceSpec::S3("s3://b/p".into()));
-        for bad in ["http://x/y", "s3://", "dir:", ""] {
+        let reg = SourceSpec::parse("registry.example.com/team/{family}:1.4").unwrap();
+        assert!(
+            matches!(&reg, SourceSpec::Registry(t) if t.to_string() == "docker://registry.example.com/team/{family}:1.4")
+        );
+        assert!(matches!(SourceSpec::parse("docker://debian:bookworm").unwrap(), SourceSpec::Registry(_)));
+        assert_eq!(SourceSpec::parse("./my.images/x").unwrap(), SourceSpec::Dir("./my.images/x".into()));
+        for bad in ["http://x/y", "s3://", "dir:", "", "registry.example.com/Team:x:y"] {
             assert!(SourceSpec::parse(bad).is_err(), "{bad}");
         }
         let config = Config::load(None, [], &["source=ftp://nope".to_owned()]).unwrap_err();
-        assert!(format!("{config:#}").contains("expected a path, dir:<path> or s3://bucket/prefix"), "{config:#}");
+        assert!(
+            format!("{config:#}").contains("expected a path, dir:<path>, s3://bucket/prefix or a registry reference"),
+            "{config:#}"
+        );
     }
 
     #[test]

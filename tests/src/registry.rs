@@ -1,0 +1,329 @@
+//! A real OCI registry for tests: Distribution's `docker-registry` (Debian's package) on
+//! 127.0.0.1, storing under the test's temporary directory, optionally behind basic auth
+//! (an htpasswd file) and TLS (a CA made here, trusted through `registry.ca_file`, never by
+//! turning verification off). Images are pushed with `skopeo`. [`RegistryProxy`] stands in
+//! front of one to answer with 429s, to pace blobs, and to count what was asked. Everything
+//! started here is stopped when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+
+use crate::http::TestServer;
+
+/// How a test registry is set up.
+#[derive(Clone, Debug, Default)]
+pub struct RegistrySetup {
+    /// Basic auth with this user and password.
+    pub login: Option<(String, String)>,
+    pub tls: bool,
+}
+
+pub struct Registry {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    /// `127.0.0.1:<port>`: what references name.
+    pub host: String,
+    pub setup: RegistrySetup,
+}
+
+/// Whether `docker-registry` and `skopeo` are here; in CI they must be.
+pub fn available() -> bool {
+    let have = |cmd: &str| Command::new(cmd).arg("--version").output().is_ok_and(|o| o.status.success());
+    let ok = have("docker-registry") && have("skopeo");
+    if !ok {
+        assert!(std::env::var("CI").is_err(), "docker-registry and skopeo are missing: scripts/test installs them");
+        eprintln!("skipping: docker-registry or skopeo is missing (scripts/test installs them)");
+    }
+    ok
+}
+
+fn run_ok(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+impl Registry {
+    pub fn start(setup: RegistrySetup) -> Registry {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let host = format!("127.0.0.1:{port}");
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n",
+            dir.path().join("data").display()
+        );
+        if setup.tls {
+            make_tls(dir.path());
+            config.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                dir.path().join("server.crt").display(),
+                dir.path().join("server.key").display()
+            ));
+        }
+        if let Some((user, pass)) = &setup.login {
+            let out = run_ok(Command::new("htpasswd").args(["-Bbn", user, pass]));
+            std::fs::write(dir.path().join("htpasswd"), out.stdout).unwrap();
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: thinpipe-test\n    path: {}\n",
+                dir.path().join("htpasswd").display()
+            ));
+        }
+        std::fs::write(dir.path().join("config.yml"), config).unwrap();
+        let mut registry = Registry { dir, child: None, host, setup };
+        registry.serve();
+        registry
+    }
+
+    fn serve(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("log")).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(self.dir.path().join("config.yml"))
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("docker-registry (scripts/test installs it)");
+        self.child = Some(child);
+        let host = self.host.clone();
+        crate::wait_until("the registry to listen", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(&host).is_ok()
+        });
+    }
+
+    /// Stops the registry (SIGKILL, as a crash) and starts it again on the same port and
+    /// storage.
+    pub fn restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            crate::kill(&mut c);
+        }
+        self.serve();
+    }
+
+    /// `http(s)://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("{}://{}", if self.setup.tls { "https" } else { "http" }, self.host)
+    }
+
+    /// The CA that signed the registry's certificate (TLS only).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
+    }
+
+    /// The `--set` settings a worker needs to reach this registry (plain HTTP or the CA), and
+    /// a Docker config with its login.
+    pub fn worker_settings(&self) -> Vec<String> {
+        let mut s = Vec::new();
+        if self.setup.tls {
+            s.push(format!("registry.ca_file={}", self.ca_file().display()));
+        } else {
+            s.push(format!("registry.plain_http={}", self.host));
+        }
+        s.push(format!("registry.docker_config={}", self.docker_config().display()));
+        s.push("registry.retry_secs=20".to_owned());
+        s
+    }
+
+    /// A Docker `config.json` holding this registry's login (empty `auths` without one).
+    pub fn docker_config(&self) -> PathBuf {
+        use base64::Engine as _;
+        let path = self.dir.path().join("docker/config.json");
+        let mut auths = serde_json::Map::new();
+        if let Some((user, pass)) = &self.setup.login {
+            let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+            auths.insert(self.host.clone(), serde_json::json!({ "auth": auth }));
+        }
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, serde_json::json!({ "auths": auths }).to_string()).unwrap();
+        path
+    }
+
+    /// Pushes `<layout>:<tag>` (an OCI layout) to `<host>/<repository>`; returns the pushed
+    /// manifest's digest.
+    pub fn push(&self, layout: &Path, tag: &str, repository: &str) -> String {
+        let digest_file = self.dir.path().join("pushed.digest");
+        let mut cmd = Command::new("skopeo");
+        cmd.args(["copy", "--quiet", "--preserve-digests", "--digestfile"]).arg(&digest_file);
+        self.skopeo_dest(&mut cmd);
+        cmd.arg(format!("oci:{}:{tag}", layout.display())).arg(format!("docker://{}/{repository}", self.host));
+        run_ok(&mut cmd);
+        std::fs::read_to_string(digest_file).unwrap().trim().to_owned()
+    }
+
+    /// Pushes a multi-architecture index of `images` (an OCI layout holding an index under
+    /// `tag`) with all its images.
+    pub fn push_all(&self, layout: &Path, tag: &str, repository: &str) -> String {
+        let digest_file = self.dir.path().join("pushed.digest");
+        let mut cmd = Command::new("skopeo");
+        cmd.args(["copy", "--quiet", "--all", "--preserve-digests", "--digestfile"]).arg(&digest_file);
+        self.skopeo_dest(&mut cmd);
+        cmd.arg(format!("oci:{}:{tag}", layout.display())).arg(format!("docker://{}/{repository}", self.host));
+        run_ok(&mut cmd);
+        std::fs::read_to_string(digest_file).unwrap().trim().to_owned()
+    }
+
+    fn skopeo_dest(&self, cmd: &mut Command) {
+        if self.setup.tls {
+            let certs = self.dir.path().join("skopeo-certs");
+            std::fs::create_dir_all(&certs).unwrap();
+            std::fs::copy(self.ca_file(), certs.join("ca.crt")).unwrap();
+            cmd.arg("--dest-cert-dir").arg(certs);
+        } else {
+            cmd.arg("--dest-tls-verify=false");
+        }
+        if let Some((user, pass)) = &self.setup.login {
+            cmd.arg("--dest-creds").arg(format!("{user}:{pass}"));
+        }
+    }
+
+    /// The file the registry keeps blob `digest` in (to corrupt it).
+    pub fn blob_file(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").expect("a sha256 digest");
+        self.dir.path().join(format!("data/docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]))
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            crate::kill(&mut c);
+        }
+    }
+}
+
+/// A CA, and a certificate for 127.0.0.1 it signed, in `dir` (openssl).
+fn make_tls(dir: &Path) {
+    let sh = format!(
+        "set -e; cd {}; \
+         openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=thinpipe-test-ca -keyout ca.key -out ca.crt 2>/dev/null; \
+         openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout server.key -out server.csr 2>/dev/null; \
+         printf 'subjectAltName=IP:127.0.0.1\\nbasicConstraints=CA:FALSE\\nextendedKeyUsage=serverAuth\\n' > ext.cnf; \
+         openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -extfile ext.cnf -out server.crt 2>/dev/null",
+        dir.display()
+    );
+    run_ok(Command::new("sh").args(["-c", &sh]));
+}
+
+/// What the proxy does to requests.
+struct Shared {
+    upstream: String,
+    client: reqwest::Client,
+    /// Answer this many requests (from the first) with 429 and `Retry-After: <secs>`.
+    throttle: AtomicUsize,
+    retry_after_secs: u64,
+    throttled: AtomicUsize,
+    /// Blob bodies are sent at most this many bytes per 10 ms (0: as fast as they come).
+    blob_pace: AtomicU64,
+    /// Every request's path and `Range`, in order.
+    seen: Mutex<Vec<(String, Option<String>)>>,
+}
+
+/// A proxy in front of a registry: 429 storms, paced blobs, and a log of requests.
+pub struct RegistryProxy {
+    /// `127.0.0.1:<port>`.
+    pub host: String,
+    shared: Arc<Shared>,
+    _server: TestServer,
+}
+
+async fn forward(State(s): State<Arc<Shared>>, req: Request) -> Response {
+    let path = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_default();
+    let range = req.headers().get("range").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    s.seen.lock().unwrap().push((path.clone(), range));
+    if s.throttle.load(Ordering::SeqCst) > 0 {
+        s.throttle.fetch_sub(1, Ordering::SeqCst);
+        s.throttled.fetch_add(1, Ordering::SeqCst);
+        return Response::builder()
+            .status(StatusCode::TOO_MANY_REQUESTS)
+            .header("retry-after", s.retry_after_secs.to_string())
+            .header("content-type", "application/json")
+            .body(Body::from(r#"{"errors":[{"code":"TOOMANYREQUESTS","message":"slow down"}]}"#))
+            .unwrap();
+    }
+    let method = req.method().clone();
+    let mut headers = HeaderMap::new();
+    for (k, v) in req.headers() {
+        if k != "host" {
+            headers.append(k, v.clone());
+        }
+    }
+    let body: Bytes = axum::body::to_bytes(req.into_body(), usize::MAX).await.unwrap_or_default();
+    let upstream = s.client.request(method, format!("{}{path}", s.upstream)).headers(headers).body(body).send().await;
+    let r = match upstream {
+        Ok(r) => r,
+        Err(e) => return Response::builder().status(StatusCode::BAD_GATEWAY).body(Body::from(e.to_string())).unwrap(),
+    };
+    let mut out = Response::builder().status(r.status());
+    for (k, v) in r.headers() {
+        out = out.header(k, v);
+    }
+    let pace = s.blob_pace.load(Ordering::SeqCst);
+    if pace > 0 && path.contains("/blobs/") {
+        use futures::StreamExt as _;
+        // Re-chunked to `pace` bytes per 10 ms; a broken upstream breaks the response too.
+        let stream = r.bytes_stream().flat_map(move |chunk| {
+            let pieces: Vec<Result<Bytes, std::io::Error>> = match chunk {
+                Ok(b) => (0..b.len())
+                    .step_by(pace as usize)
+                    .map(|i| Ok(b.slice(i..(i + pace as usize).min(b.len()))))
+                    .collect(),
+                Err(e) => vec![Err(std::io::Error::other(e))],
+            };
+            futures::stream::iter(pieces).then(|piece| async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                piece
+            })
+        });
+        return out.body(Body::from_stream(stream)).unwrap();
+    }
+    out.body(Body::from_stream(r.bytes_stream())).unwrap()
+}
+
+impl RegistryProxy {
+    /// A plain-HTTP proxy to `upstream` (`http://127.0.0.1:<port>`).
+    pub fn start(upstream: &str) -> RegistryProxy {
+        let shared = Arc::new(Shared {
+            upstream: upstream.trim_end_matches('/').to_owned(),
+            client: reqwest::Client::new(),
+            throttle: AtomicUsize::new(0),
+            retry_after_secs: 1,
+            throttled: AtomicUsize::new(0),
+            blob_pace: AtomicU64::new(0),
+            seen: Mutex::new(Vec::new()),
+        });
+        let server = TestServer::start(axum::Router::new().fallback(forward).with_state(shared.clone()));
+        let host = server.endpoint.trim_start_matches("http://").to_owned();
+        RegistryProxy { host, shared, _server: server }
+    }
+
+    /// Answers the next `n` requests with 429 and `Retry-After: 1`.
+    pub fn throttle_next(&self, n: usize) {
+        self.shared.throttle.store(n, Ordering::SeqCst);
+    }
+
+    pub fn throttled(&self) -> usize {
+        self.shared.throttled.load(Ordering::SeqCst)
+    }
+
+    /// Sends blob bodies at about `bytes_per_10ms` (0: full speed).
+    pub fn pace_blobs(&self, bytes_per_10ms: u64) {
+        self.shared.blob_pace.store(bytes_per_10ms, Ordering::SeqCst);
+    }
+
+    /// Every request so far: its path and `Range` header.
+    pub fn seen(&self) -> Vec<(String, Option<String>)> {
+        self.shared.seen.lock().unwrap().clone()
+    }
+}

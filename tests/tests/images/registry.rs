@@ -1,0 +1,338 @@
+//! Images from a real registry: Distribution's `docker-registry` on 127.0.0.1 (plain, or
+//! with basic auth over TLS), images built by `umoci` and pushed by `skopeo`, prepared by the
+//! real `worker` binary. Pull by tag and by digest, a tag moved mid-rollout, a login from a
+//! Docker config, an untrusted certificate, a corrupted blob, a 429 storm, a registry killed
+//! mid-download, and a multi-architecture index. (The real Debian image pushed to a registry
+//! is in `real_images.rs`.)
+//!
+//! Needs `docker-registry`, `skopeo`, `umoci` and root (`scripts/test` installs them and CI
+//! runs as root); outside CI the tests skip without them.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use thinpipe_tests::registry::{Registry, RegistryProxy, RegistrySetup};
+use thinpipe_tests::{oci_version, wait_until};
+
+fn ready() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        assert!(std::env::var("CI").is_err(), "the registry tests run as root in CI");
+        eprintln!("skipping: the registry tests need root (umoci keeps owners)");
+        return false;
+    }
+    thinpipe_tests::registry::available()
+}
+
+/// `worker run <args> --json` on `state` with `settings`: the result and the stderr.
+fn worker_run(state: &Path, settings: &[String], args: &[&str]) -> (serde_json::Value, String) {
+    let mut cmd = thinpipe_tests::worker();
+    cmd.arg("--state-dir").arg(state);
+    for s in settings {
+        cmd.args(["--set", s]);
+    }
+    let capacity = [("THINPIPE_CAPACITY_HIGH_PERCENT", "100"), ("THINPIPE_CAPACITY_LOW_PERCENT", "99")];
+    cmd.envs(capacity).env("THINPIPE_CAPACITY_REFUSE_PERCENT", "100");
+    let out = cmd.arg("run").args(args).arg("--json").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("worker run {args:?}: no result ({e}): {stderr}"));
+    (result, stderr)
+}
+
+fn succeeded(state: &Path, settings: &[String], args: &[&str]) -> serde_json::Value {
+    let (result, stderr) = worker_run(state, settings, args);
+    assert_eq!(result["status"], "succeeded", "worker run {args:?}: {result}\n{stderr}");
+    result
+}
+
+/// Activates `family` on `state` and reads `file` from the snapshot.
+fn file_in_snapshot(state: &Path, settings: &[String], family: &str, file: &str) -> String {
+    let active = succeeded(state, settings, &["activate", "--family", family, "--invocation-id", "inv-1"]);
+    let path = PathBuf::from(active["snapshot_path"].as_str().expect("a snapshot path"));
+    let content = std::fs::read_to_string(path.join(file)).unwrap_or_else(|e| panic!("{file} in the snapshot: {e}"));
+    succeeded(state, settings, &["release", "--family", family, "--invocation-id", "inv-1"]);
+    content
+}
+
+fn with_source(registry_settings: &[String], source: &str) -> Vec<String> {
+    let mut s = registry_settings.to_vec();
+    s.push(format!("source={source}"));
+    s
+}
+
+#[test]
+fn a_tag_is_resolved_once_and_hosts_pinned_to_its_digest_survive_the_tag_moving() {
+    if !ready() {
+        return;
+    }
+    let registry = Registry::start(RegistrySetup::default());
+    let dir = tempfile::tempdir().unwrap();
+    let layout = oci_version(dir.path(), "web", &[&[("etc/app", "version one\n")], &[("etc/extra", "x\n")]]);
+    let one = registry.push(&layout, "web", "team/web:stable");
+    let settings = with_source(&registry.worker_settings(), &format!("{}/team/{{family}}:stable", registry.host));
+
+    // Host a resolves the tag.
+    let a = dir.path().join("a");
+    let prepared = succeeded(&a, &settings, &["prepare", "--family", "web"]);
+    assert_eq!(prepared["digest"], one, "the version is the manifest digest the tag named");
+    assert_eq!(file_in_snapshot(&a, &settings, "web", "etc/app"), "version one\n");
+
+    // The tag moves mid-rollout.
+    let layout = oci_version(dir.path(), "web", &[&[("etc/app", "version two\n")]]);
+    let two = registry.push(&layout, "web", "team/web:stable");
+    assert_ne!(one, two);
+
+    // Host b was sent the version host a resolved: it gets that image, not the tag's new one.
+    let b = dir.path().join("b");
+    let pinned = succeeded(&b, &settings, &["prepare", "--family", "web", "--digest", &one]);
+    assert_eq!(pinned["digest"], one);
+    assert_eq!(file_in_snapshot(&b, &settings, "web", "etc/app"), "version one\n");
+
+    // A host that resolves the tag now gets the new version.
+    let c = dir.path().join("c");
+    assert_eq!(succeeded(&c, &settings, &["prepare", "--family", "web"])["digest"], two);
+    assert_eq!(file_in_snapshot(&c, &settings, "web", "etc/app"), "version two\n");
+
+    // One image as the source (no placeholder), by digest: any family name takes it.
+    let d = dir.path().join("d");
+    let by_digest = with_source(&registry.worker_settings(), &format!("docker://{}/team/web@{one}", registry.host));
+    assert_eq!(succeeded(&d, &by_digest, &["prepare", "--family", "pinned"])["digest"], one);
+
+    // A version the registry never had, and a family it has no repository for.
+    let missing = format!("sha256:{}", "0".repeat(64));
+    let (result, _) =
+        worker_run(&dir.path().join("e"), &settings, &["prepare", "--family", "web", "--digest", &missing]);
+    assert_eq!(result["cause"], "not_found", "{result}");
+    let (result, _) = worker_run(&dir.path().join("e"), &settings, &["prepare", "--family", "nothere"]);
+    assert_eq!(result["cause"], "not_found", "{result}");
+    assert!(result["error"].as_str().unwrap().contains("team/nothere has no tag stable"), "{result}");
+}
+
+#[test]
+fn a_login_from_the_docker_config_over_tls_with_the_ca_from_settings() {
+    if !ready() {
+        return;
+    }
+    let password = "pw-never-printed-7731";
+    let registry = Registry::start(RegistrySetup { login: Some(("tester".into(), password.into())), tls: true });
+    let dir = tempfile::tempdir().unwrap();
+    let layout = oci_version(dir.path(), "app", &[&[("srv/index.html", "<h1>hi</h1>\n")]]);
+    let pushed = registry.push(&layout, "app", "team/app:1.4");
+    let source = format!("{}/team/app:1.4", registry.host);
+    let settings = with_source(&registry.worker_settings(), &source);
+
+    let state = dir.path().join("ok");
+    let (result, stderr) = worker_run(&state, &settings, &["prepare", "--family", "app"]);
+    assert_eq!(result["status"], "succeeded", "{result}\n{stderr}");
+    assert_eq!(result["digest"], pushed);
+    assert!(!result.to_string().contains(password) && !stderr.contains(password), "the password is never printed");
+
+    // No login for it: refused, saying how to give one, and never retried as if it could help.
+    let empty = dir.path().join("empty-config.json");
+    std::fs::write(&empty, r#"{"auths":{}}"#).unwrap();
+    let mut anonymous = settings.clone();
+    anonymous.push(format!("registry.docker_config={}", empty.display()));
+    let (result, _) = worker_run(&dir.path().join("anon"), &anonymous, &["prepare", "--family", "app"]);
+    assert_eq!(result["cause"], "access_denied", "{result}");
+    assert!(result["error"].as_str().unwrap().contains("docker login"), "{result}");
+
+    // Without the CA: the certificate is not trusted, and the message says where the CA goes.
+    let untrusted: Vec<String> = settings.iter().filter(|s| !s.starts_with("registry.ca_file=")).cloned().collect();
+    let (result, _) = worker_run(&dir.path().join("untrusted"), &untrusted, &["prepare", "--family", "app"]);
+    assert_eq!(result["status"], "failed", "{result}");
+    assert!(result["error"].as_str().unwrap().contains("registry.ca_file"), "{result}");
+}
+
+/// The digest of the first layer of `family` in the OCI layout `layout`.
+fn first_layer(layout: &Path, family: &str) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let manifest =
+        rt.block_on(thinpipe::image::BlobSource::manifest(&thinpipe::image::LocalDir::new(layout), family)).unwrap();
+    manifest.layers[0].digest.to_string()
+}
+
+#[test]
+fn a_corrupted_blob_is_refused_and_nothing_is_sealed() {
+    if !ready() {
+        return;
+    }
+    let registry = Registry::start(RegistrySetup::default());
+    let dir = tempfile::tempdir().unwrap();
+    let layout = oci_version(dir.path(), "web", &[&[("etc/app", "good\n")]]);
+    registry.push(&layout, "web", "team/web:1");
+    let blob = registry.blob_file(&first_layer(&layout, "web"));
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0xff;
+    std::fs::write(&blob, bytes).unwrap();
+
+    let settings = with_source(&registry.worker_settings(), &format!("{}/team/web:1", registry.host));
+    let state = dir.path().join("state");
+    let (result, _) = worker_run(&state, &settings, &["prepare", "--family", "web"]);
+    assert_eq!(result["cause"], "bad_source", "{result}");
+    assert!(result["error"].as_str().unwrap().contains("does not match its digest"), "{result}");
+    let images = thinpipe_tests::run(thinpipe_tests::worker().arg("--state-dir").arg(&state).arg("images"));
+    assert!(!String::from_utf8_lossy(&images.stdout).contains("sealed"), "nothing was sealed");
+}
+
+#[test]
+fn a_429_storm_is_waited_out_as_retry_after_says() {
+    if !ready() {
+        return;
+    }
+    let registry = Registry::start(RegistrySetup::default());
+    let proxy = RegistryProxy::start(&registry.url());
+    let dir = tempfile::tempdir().unwrap();
+    let layout = oci_version(dir.path(), "web", &[&[("etc/app", "throttled\n")], &[("etc/more", "y\n")]]);
+    let pushed = registry.push(&layout, "web", "team/web:1");
+    let settings = vec![
+        format!("source={}/team/web:1", proxy.host),
+        format!("registry.plain_http={}", proxy.host),
+        "registry.retry_secs=30".to_owned(),
+    ];
+    proxy.throttle_next(4);
+    let started = Instant::now();
+    let prepared = succeeded(&dir.path().join("state"), &settings, &["prepare", "--family", "web"]);
+    assert_eq!(prepared["digest"], pushed);
+    assert_eq!(proxy.throttled(), 4, "every 429 was answered");
+    // Each 429 said "Retry-After: 1"; the backoff's own first waits are a fraction of that.
+    assert!(started.elapsed() >= Duration::from_secs(4), "waited as told: {:?}", started.elapsed());
+    // One manifest request once the storm passed, one per blob: nothing asked twice.
+    let asked: Vec<String> = proxy.seen().into_iter().skip(4).map(|(path, _)| path).collect();
+    assert_eq!(asked.iter().filter(|p| p.contains("/manifests/")).count(), 1, "{asked:?}");
+}
+
+#[test]
+fn a_registry_killed_mid_download_is_resumed_from_where_it_stopped() {
+    if !ready() {
+        return;
+    }
+    let mut registry = Registry::start(RegistrySetup::default());
+    let proxy = RegistryProxy::start(&registry.url());
+    let dir = tempfile::tempdir().unwrap();
+    // 24 MiB of random printable text (gzip keeps ~80% of it), sent at ~25 MB/s: about a second of download.
+    let noise: String = (0..24 << 20).map(|_| char::from(rand::random_range(33u8..127))).collect();
+    let layout = oci_version(dir.path(), "big", &[&[("srv/noise", noise.as_str())]]);
+    let layer = first_layer(&layout, "big");
+    registry.push(&layout, "big", "team/big:1");
+    proxy.pace_blobs(256 << 10);
+
+    let state = dir.path().join("state");
+    let mut cmd = thinpipe_tests::worker();
+    cmd.arg("--state-dir").arg(&state);
+    for s in [
+        format!("source={}/team/big:1", proxy.host),
+        format!("registry.plain_http={}", proxy.host),
+        "registry.retry_secs=30".to_owned(),
+    ] {
+        cmd.args(["--set", &s]);
+    }
+    cmd.envs([("THINPIPE_CAPACITY_HIGH_PERCENT", "100"), ("THINPIPE_CAPACITY_LOW_PERCENT", "99")])
+        .env("THINPIPE_CAPACITY_REFUSE_PERCENT", "100");
+    let child = cmd
+        .args(["run", "prepare", "--family", "big", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let partial = state.join("blobs/tmp").join(format!("{}.part", layer.trim_start_matches("sha256:")));
+    wait_until("a few MiB of the layer downloaded", Duration::from_secs(60), || {
+        std::fs::metadata(&partial).is_ok_and(|m| m.len() > 2 << 20)
+    });
+    registry.restart();
+    let out = child.wait_with_output().unwrap();
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["status"], "succeeded", "{result}\n{}", String::from_utf8_lossy(&out.stderr));
+    let resumed = proxy.seen().into_iter().any(|(path, range)| {
+        path.ends_with(&format!("/blobs/{layer}"))
+            && range.is_some_and(|r| {
+                r.strip_prefix("bytes=")
+                    .and_then(|r| r.strip_suffix('-'))
+                    .is_some_and(|n| n.parse::<u64>().is_ok_and(|n| n > 0))
+            })
+    });
+    assert!(resumed, "the layer was asked again from an offset: {:?}", proxy.seen());
+}
+
+/// An image index in the layout of two images with different files, one per platform.
+fn multi_arch_layout(dir: &Path) -> PathBuf {
+    let layout = oci_version(dir, "amd", &[&[("etc/arch", "amd64\n")]]);
+    oci_version(dir, "arm", &[&[("etc/arch", "arm64\n")]]);
+    let index_path = layout.join("index.json");
+    let mut index: serde_json::Value = serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    let entry = |name: &str, arch: &str| {
+        let mut d = index["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == name)
+            .unwrap()
+            .clone();
+        d.as_object_mut().unwrap().remove("annotations");
+        d["platform"] = serde_json::json!({"os": "linux", "architecture": arch});
+        d
+    };
+    let image_index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [entry("amd", "amd64"), entry("arm", "arm64")],
+    });
+    let bytes = serde_json::to_vec(&image_index).unwrap();
+    let digest = thinpipe::image::Digest::of_bytes(&bytes);
+    std::fs::write(layout.join("blobs/sha256").join(digest.hex()), &bytes).unwrap();
+    index["manifests"].as_array_mut().unwrap().push(serde_json::json!({
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "digest": digest.to_string(),
+        "size": bytes.len(),
+        "annotations": {"org.opencontainers.image.ref.name": "multi"},
+    }));
+    std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+    layout
+}
+
+#[test]
+fn an_index_resolves_to_the_hosts_platform_or_the_one_set() {
+    if !ready() {
+        return;
+    }
+    let registry = Registry::start(RegistrySetup::default());
+    let dir = tempfile::tempdir().unwrap();
+    let layout = multi_arch_layout(dir.path());
+    let index = registry.push_all(&layout, "multi", "team/multi:1");
+    let settings = with_source(&registry.worker_settings(), &format!("{}/team/multi:1", registry.host));
+
+    let host_arch = thinpipe::image::Platform::host().architecture;
+    let amd = dir.path().join("amd");
+    let mut on_amd = settings.clone();
+    on_amd.push("registry.platform=linux/amd64".to_owned());
+    assert_eq!(
+        succeeded(&amd, &on_amd, &["prepare", "--family", "multi"])["digest"],
+        index,
+        "the version is the index"
+    );
+    assert_eq!(file_in_snapshot(&amd, &on_amd, "multi", "etc/arch"), "amd64\n");
+
+    let arm = dir.path().join("arm");
+    let mut on_arm = settings.clone();
+    on_arm.push("registry.platform=linux/arm64".to_owned());
+    assert_eq!(succeeded(&arm, &on_arm, &["prepare", "--family", "multi"])["digest"], index);
+    assert_eq!(file_in_snapshot(&arm, &on_arm, "multi", "etc/arch"), "arm64\n");
+
+    // Unset, the host's own platform.
+    if host_arch == "amd64" || host_arch == "arm64" {
+        let own = dir.path().join("own");
+        succeeded(&own, &settings, &["prepare", "--family", "multi"]);
+        assert_eq!(file_in_snapshot(&own, &settings, "multi", "etc/arch"), format!("{host_arch}\n"));
+    }
+
+    let mut on_s390x = settings.clone();
+    on_s390x.push("registry.platform=linux/s390x".to_owned());
+    let (result, _) = worker_run(&dir.path().join("s390x"), &on_s390x, &["prepare", "--family", "multi"]);
+    assert_eq!(result["cause"], "bad_source", "{result}");
+    assert!(
+        result["error"].as_str().unwrap().contains("has no image for linux/s390x (it has linux/amd64, linux/arm64)"),
+        "{result}"
+    );
+}
