@@ -188,6 +188,51 @@ impl Registry {
         }
     }
 
+    /// Signs `digest` in `repository` the way `cosign sign --key` does: uploads the
+    /// simple-signing payload, signed by `key`, and the signature manifest under the tag
+    /// `sha256-<hex>.sig`, through the Distribution API (plain HTTP, no login).
+    pub fn cosign_sign(&self, repository: &str, digest: &str, key: &p256::ecdsa::SigningKey) {
+        use thinpipe::image::signature;
+        let digest = thinpipe::image::Digest::parse(digest).expect("a sha256 digest");
+        let payload = signature::simple_signing_payload(&format!("{}/{repository}", self.host), &digest);
+        let config = br#"{"architecture":"","config":{},"created":"0001-01-01T00:00:00Z","history":[{"created":"0001-01-01T00:00:00Z"}],"os":"","rootfs":{"type":"layers","diff_ids":[]}}"#;
+        let client = reqwest::blocking::Client::new();
+        for blob in [&payload[..], &config[..]] {
+            let d = thinpipe::image::Digest::of_bytes(blob);
+            // An upload session, then its one PUT with the whole blob.
+            let r = client.post(format!("{}/v2/{repository}/blobs/uploads/", self.url())).send().unwrap();
+            assert!(r.status().is_success(), "starting an upload: {}", r.status());
+            let location = r.headers()["location"].to_str().unwrap().to_owned();
+            let location = if location.starts_with("http") { location } else { format!("{}{location}", self.url()) };
+            let sep = if location.contains('?') { '&' } else { '?' };
+            let r = client
+                .put(format!("{location}{sep}digest={d}"))
+                .header("content-type", "application/octet-stream")
+                .body(blob.to_vec())
+                .send()
+                .unwrap();
+            assert!(r.status().is_success(), "uploading {d}: {}", r.status());
+        }
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "size": config.len(),
+                       "digest": thinpipe::image::Digest::of_bytes(config).to_string()},
+            "layers": [{"mediaType": signature::SIMPLE_SIGNING_MEDIA_TYPE, "size": payload.len(),
+                        "digest": thinpipe::image::Digest::of_bytes(&payload).to_string(),
+                        "annotations": {signature::COSIGN_SIGNATURE_ANNOTATION: signature::sign(key, &payload)}}],
+        });
+        let url = format!("{}/v2/{repository}/manifests/{}", self.url(), signature::signature_tag(&digest));
+        let r = client
+            .put(url)
+            .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+            .body(serde_json::to_vec(&manifest).unwrap())
+            .send()
+            .unwrap();
+        let status = r.status();
+        assert!(status.is_success(), "putting the signature manifest: {status}: {}", r.text().unwrap_or_default());
+    }
+
     /// The file the registry keeps blob `digest` in (to corrupt it).
     pub fn blob_file(&self, digest: &str) -> PathBuf {
         let hex = digest.strip_prefix("sha256:").expect("a sha256 digest");

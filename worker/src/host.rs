@@ -62,7 +62,12 @@ impl Host {
                 Arc::new(S3Source::new(thinpipe::aws::s3_client(&sdk, &opts), &url)?.with_endpoint(endpoint))
             }
             SourceSpec::Dir(path) => Arc::new(LocalDir::new(path).with_memo(store.clone())),
-            SourceSpec::Registry(template) => Arc::new(RegistrySource::new(template, config.registry.options()?)?),
+            SourceSpec::Registry(template) => {
+                let policy = Arc::new(config.registry.policy()?);
+                Arc::new(
+                    RegistrySource::new(template, config.registry.options()?)?.with_signatures(policy, store.clone()),
+                )
+            }
         };
         let cache = BlobCache::open(config.blob_cache_dir())?
             .with_stall_timeout(Duration::from_secs(config.images.stall_timeout_secs));

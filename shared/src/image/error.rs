@@ -64,6 +64,9 @@ pub enum ImageError {
     Stopped { layer: String, entries: u64 },
     #[error("layer {layer} is truncated or corrupt: {detail}")]
     Corrupt { layer: String, detail: String },
+    /// The family's signature policy refuses the version (`image/signature`).
+    #[error(transparent)]
+    Signature(#[from] super::signature::PolicyRefusal),
     // The cause is in the message, and not also a `source()`: `{:#}` would print it twice.
     #[error("{context} {path}: {error}", path = path.display())]
     Io { context: String, path: PathBuf, error: std::io::Error },
@@ -98,6 +101,7 @@ impl ImageError {
             | Self::TooLargeForHost { .. }
             | Self::NoRoomToDownload { .. }
             | Self::OwnersNeedRoot { .. }
+            | Self::Signature(_)
             | Self::Corrupt { .. } => false,
         }
     }

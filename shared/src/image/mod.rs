@@ -17,6 +17,7 @@ mod publish;
 mod registry;
 mod s3;
 mod sample;
+pub mod signature;
 mod source;
 
 pub use apply::{

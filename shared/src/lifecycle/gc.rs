@@ -79,6 +79,9 @@ pub struct GcReport {
     pub families_forgotten: Vec<String>,
     /// Remembered digests of flat layer files that are gone or changed, forgotten.
     pub file_digests_forgotten: usize,
+    /// Signature verifications of versions no base is left of.
+    #[serde(default)]
+    pub verifications_forgotten: usize,
     /// Why blobs were not collected this pass, if they were not.
     pub blobs_skipped: Option<String>,
     /// Blob bytes deleted plus what the volume storage's usage fell by.
@@ -154,6 +157,8 @@ impl Lifecycle {
             let before = crate::store::epoch_ms(std::time::SystemTime::now()).saturating_sub(age);
             report.families_forgotten = self.store().call(move |s| s.forget_stale_families(before)).await?;
             report.file_digests_forgotten = self.store().call(|s| s.forget_file_digests()).await?;
+            let hour_ago = crate::store::epoch_ms(std::time::SystemTime::now()).saturating_sub(3_600_000);
+            report.verifications_forgotten = self.store().call(move |s| s.forget_unused_verified(hour_ago)).await?;
         }
         report.usage_after = self.measure().await.ok();
         if let (Some(before), Some(after)) = (&report.usage_before, &report.usage_after) {

@@ -6,6 +6,7 @@
 
 use crate::fsm::Failure;
 use crate::image::ImageError;
+use crate::image::signature::PolicyRefusal;
 use crate::store::StoreError;
 use crate::volume::VolumeError;
 
@@ -37,13 +38,19 @@ pub enum Cause {
     /// A release reached a fleet host that never saw its invocation: send it to the host
     /// queue in the activation's result.
     WrongHost,
+    /// The family's signature policy requires a signature the version does not have.
+    SignatureMissing,
+    /// The version's signatures are not valid, or not by a key the policy trusts.
+    SignatureInvalid,
+    /// The family's signature policy cannot be applied (its source cannot carry signatures).
+    PolicyError,
     /// Anything else that retrying does not mend.
     Other,
 }
 
 impl Cause {
     /// Every cause, for tests and documentation.
-    pub const ALL: [Cause; 12] = [
+    pub const ALL: [Cause; 15] = [
         Cause::NotFound,
         Cause::InvalidName,
         Cause::AccessDenied,
@@ -55,6 +62,9 @@ impl Cause {
         Cause::Released,
         Cause::SnapshotLost,
         Cause::WrongHost,
+        Cause::SignatureMissing,
+        Cause::SignatureInvalid,
+        Cause::PolicyError,
         Cause::Other,
     ];
 
@@ -72,6 +82,9 @@ impl Cause {
             Cause::Released => "released",
             Cause::SnapshotLost => "snapshot_lost",
             Cause::WrongHost => "wrong_host",
+            Cause::SignatureMissing => "signature_missing",
+            Cause::SignatureInvalid => "signature_invalid",
+            Cause::PolicyError => "policy_error",
             Cause::Other => "other",
         }
     }
@@ -105,6 +118,11 @@ impl Cause {
             ImageError::TooLargeForHost { .. } | ImageError::NoRoomToDownload { .. } => Cause::HostFull,
             ImageError::OwnersNeedRoot { .. } => Cause::HostSetup,
             ImageError::Unavailable { .. } | ImageError::Stopped { .. } => Cause::Other,
+            ImageError::Signature(refusal) => match refusal {
+                PolicyRefusal::Missing { .. } => Cause::SignatureMissing,
+                PolicyRefusal::Invalid { .. } => Cause::SignatureInvalid,
+                PolicyRefusal::Policy { .. } => Cause::PolicyError,
+            },
         }
     }
 
@@ -133,9 +151,17 @@ impl Cause {
     }
 
     /// Whether the job as written can never succeed (it names what does not exist, or
-    /// cannot exist): it is dead-lettered with its reason.
+    /// cannot exist, or an image its family's policy refuses): it is dead-lettered with its
+    /// reason.
     pub fn job_is_wrong(self) -> bool {
-        matches!(self, Cause::NotFound | Cause::InvalidName)
+        matches!(
+            self,
+            Cause::NotFound
+                | Cause::InvalidName
+                | Cause::SignatureMissing
+                | Cause::SignatureInvalid
+                | Cause::PolicyError
+        )
     }
 }
 
@@ -171,6 +197,14 @@ mod tests {
                 false,
             ),
             (ImageError::Unavailable { source_desc: source, detail: "timeout".into() }, false),
+            (
+                ImageError::Signature(PolicyRefusal::Invalid {
+                    family: "web".into(),
+                    digest: "sha256:00".into(),
+                    detail: "not signed by any trusted key".into(),
+                }),
+                true,
+            ),
         ];
         for (e, dead_letter) in cases {
             assert_eq!(Cause::of_image(&e).job_is_wrong(), dead_letter, "{e}");

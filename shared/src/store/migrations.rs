@@ -140,4 +140,14 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         digest   TEXT NOT NULL
     ) STRICT;
     ",
+    // 7: registry versions whose cosign signatures were verified, by the key set that
+    // verified them (`verified.rs`): a verified version is not verified again.
+    "
+    CREATE TABLE verified_signatures (
+        digest      TEXT NOT NULL,
+        keys        TEXT NOT NULL,
+        verified_at INTEGER NOT NULL,
+        PRIMARY KEY (digest, keys)
+    ) STRICT;
+    ",
 ];

@@ -20,6 +20,7 @@ mod migrations;
 mod placement;
 mod sequence;
 mod snapshots;
+mod verified;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;

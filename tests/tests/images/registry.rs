@@ -336,3 +336,101 @@ fn an_index_resolves_to_the_hosts_platform_or_the_one_set() {
         "{result}"
     );
 }
+
+/// A P-256 key from `seed` and its public half written as `cosign.pub` would be.
+fn cosign_key(dir: &Path, name: &str, seed: u8) -> (p256::ecdsa::SigningKey, PathBuf) {
+    let key = p256::ecdsa::SigningKey::from_slice(&[seed; 32]).unwrap();
+    let path = dir.join(format!("{name}.pub"));
+    std::fs::write(&path, thinpipe::image::signature::public_pem(&key)).unwrap();
+    (key, path)
+}
+
+/// The image blobs (config and layers) asked for: everything under `/blobs/` but `allowed`.
+fn image_blob_gets(proxy: &RegistryProxy, allowed: &[String]) -> Vec<String> {
+    proxy
+        .seen()
+        .into_iter()
+        .map(|(path, _)| path)
+        .filter(|p| p.contains("/blobs/") && !allowed.iter().any(|a| p.ends_with(a.as_str())))
+        .collect()
+}
+
+#[test]
+fn a_cosign_policy_refuses_unsigned_and_wrongly_signed_images_before_any_blob_is_fetched() {
+    if !ready() {
+        return;
+    }
+    let registry = Registry::start(RegistrySetup::default());
+    let proxy = RegistryProxy::start(&registry.url());
+    let dir = tempfile::tempdir().unwrap();
+    let (team, team_pub) = cosign_key(dir.path(), "team", 11);
+    let (stranger, _) = cosign_key(dir.path(), "stranger", 12);
+    let layout = oci_version(dir.path(), "web", &[&[("etc/app", "signed\n")]]);
+    let signed = registry.push(&layout, "web", "team/web:1");
+    registry.cosign_sign("team/web", &signed, &team);
+    let layout = oci_version(dir.path(), "forged", &[&[("etc/app", "forged\n")]]);
+    let forged = registry.push(&layout, "forged", "team/forged:1");
+    registry.cosign_sign("team/forged", &forged, &stranger);
+    let layout = oci_version(dir.path(), "plain", &[&[("etc/app", "unsigned\n")]]);
+    registry.push(&layout, "plain", "team/plain:1");
+
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "[default]\nsignature = \"cosign\"\nkeys = [\"{}\"]\n\n[families.open]\nsignature = \"none\"\n",
+            team_pub.display()
+        ),
+    )
+    .unwrap();
+    let settings = vec![
+        format!("source={}/team/{{family}}:1", proxy.host),
+        format!("registry.plain_http={}", proxy.host),
+        format!("registry.policy_file={}", policy.display()),
+        "registry.retry_secs=20".to_owned(),
+    ];
+    // The signature payloads may be fetched; no blob of a refused image may.
+    let payloads: Vec<String> = [(&signed, "team/web"), (&forged, "team/forged")]
+        .iter()
+        .map(|(d, repo)| {
+            let d = thinpipe::image::Digest::parse(d).unwrap();
+            let payload = thinpipe::image::signature::simple_signing_payload(&format!("{}/{repo}", registry.host), &d);
+            thinpipe::image::Digest::of_bytes(&payload).to_string()
+        })
+        .collect();
+
+    let state = dir.path().join("state");
+    let (result, _) = worker_run(&state, &settings, &["prepare", "--family", "forged"]);
+    assert_eq!(result["cause"], "signature_invalid", "{result}");
+    assert!(result["error"].as_str().unwrap().contains("not signed by any trusted key"), "{result}");
+    let (result, _) = worker_run(&state, &settings, &["prepare", "--family", "plain"]);
+    assert_eq!(result["cause"], "signature_missing", "{result}");
+    assert_eq!(image_blob_gets(&proxy, &payloads), Vec::<String>::new(), "refused images: no blob was fetched");
+
+    // Signed by the trusted key: prepared, and verified once for the host.
+    assert_eq!(succeeded(&state, &settings, &["prepare", "--family", "web"])["digest"], signed);
+    let sig_tag = |p: &String| p.contains("/manifests/sha256-");
+    let tag = |p: &String| p.ends_with("/team/web/manifests/1");
+    let count = |f: &dyn Fn(&String) -> bool| proxy.seen().iter().filter(|(p, _)| f(p)).count();
+    let (asked, resolved) = (count(&sig_tag), count(&tag));
+    succeeded(&state, &settings, &["prepare", "--family", "web"]);
+    assert_eq!(file_in_snapshot(&state, &settings, "web", "etc/app"), "signed\n");
+    assert!(count(&tag) > resolved, "the second prepare resolved the tag again");
+    assert_eq!(count(&sig_tag), asked, "a verified version is not verified again");
+
+    // A family whose rule is "none" needs no signature.
+    registry.push(&oci_version(dir.path(), "open", &[&[("etc/app", "open\n")]]), "open", "team/open:1");
+    succeeded(&state, &settings, &["prepare", "--family", "open"]);
+
+    // A policy that requires signatures refuses a source that cannot carry them, at start.
+    let mut on_dir = settings.clone();
+    on_dir.push(format!("source=dir:{}", dir.path().display()));
+    let out = thinpipe_tests::run(
+        thinpipe_tests::worker()
+            .arg("--state-dir")
+            .arg(dir.path().join("dir-state"))
+            .args(on_dir.iter().flat_map(|s| ["--set", s.as_str()]).chain(["run", "prepare", "--family", "web"])),
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a registry, where signatures live"), "{out:?}");
+}

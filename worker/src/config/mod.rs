@@ -66,6 +66,10 @@ pub struct RegistryConfig {
     /// How long one registry call retries 429s (after their `Retry-After`), 5xx and broken
     /// connections before the step fails and the engine's retry takes over.
     pub retry_secs: u64,
+    /// The signature policy (TOML: a rule per family, `none` or `cosign` with its public
+    /// keys; README "Signature policy"). Read at start: rotating keys is editing it and
+    /// restarting. Empty: no family requires a signature.
+    pub policy_file: String,
 }
 
 impl Default for RegistryConfig {
@@ -76,11 +80,21 @@ impl Default for RegistryConfig {
             plain_http: Vec::new(),
             platform: String::new(),
             retry_secs: 60,
+            policy_file: String::new(),
         }
     }
 }
 
 impl RegistryConfig {
+    /// The signature policy, read from `policy_file` (none if unset).
+    pub fn policy(&self) -> anyhow::Result<thinpipe::image::signature::SignaturePolicy> {
+        match self.policy_file.as_str() {
+            "" => Ok(thinpipe::image::signature::SignaturePolicy::none()),
+            path => thinpipe::image::signature::SignaturePolicy::load(std::path::Path::new(path))
+                .map_err(|e| anyhow::anyhow!("registry.policy_file: {e}")),
+        }
+    }
+
     /// The source's options; reads the CA file, so a missing one is named here.
     pub fn options(&self) -> anyhow::Result<thinpipe::image::RegistryOptions> {
         let ca_pem = match self.ca_file.as_str() {
@@ -582,8 +596,26 @@ impl Config {
             bail!("worker.lease_ttl_secs must be at least 3 (leases are renewed at a third of it)");
         }
         self.watermarks().validate().map_err(|e| anyhow::anyhow!("{e}: fix the [capacity] settings"))?;
-        if let SourceSpec::Registry(_) = self.source_spec()? {
-            self.registry.options()?;
+        let policy = self.registry.policy()?;
+        match self.source_spec()? {
+            SourceSpec::Registry(_) => {
+                self.registry.options()?;
+            }
+            other => {
+                // Fail closed: signatures live in registries; no other source can show one.
+                let signed = policy.signed_families();
+                if !signed.is_empty() {
+                    let source = match other {
+                        SourceSpec::Dir(p) => p.display().to_string(),
+                        SourceSpec::S3(url) => url,
+                        SourceSpec::Registry(t) => t.to_string(),
+                    };
+                    bail!(
+                        "registry.policy_file requires cosign signatures for {} but source {source} is not a registry, where signatures live: set source to the registry, or change the policy",
+                        signed.join(", ")
+                    );
+                }
+            }
         }
         let h = &self.worker.host_id;
         if h.is_empty() || h.len() > 255 || h.chars().any(|c| c.is_whitespace() || c.is_control()) {

@@ -32,6 +32,9 @@ use self::http::{Got, RegistryHttp};
 use super::digest::Digest;
 use super::error::ImageError;
 use super::layout::{self, LayerDesc, Manifest};
+use super::signature::{
+    self, MemoryVerifiedCache, PolicyRefusal, Rule, SignatureManifest, SignaturePolicy, VerifiedCache,
+};
 use super::source::{BlobSource, BlobStream};
 
 /// The placeholder a source names the family's place with.
@@ -117,6 +120,8 @@ pub struct RegistrySource {
     template: RegistryTemplate,
     http: Arc<RegistryHttp>,
     platform: Platform,
+    policy: Arc<SignaturePolicy>,
+    verified: Arc<dyn VerifiedCache>,
 }
 
 impl std::fmt::Debug for RegistrySource {
@@ -128,7 +133,76 @@ impl std::fmt::Debug for RegistrySource {
 impl RegistrySource {
     pub fn new(template: RegistryTemplate, options: RegistryOptions) -> Result<Self, ImageError> {
         let http = RegistryHttp::new(options.http, CredentialStore::new(options.docker_config))?;
-        Ok(Self { template, http: Arc::new(http), platform: options.platform.unwrap_or_else(Platform::host) })
+        Ok(Self {
+            template,
+            http: Arc::new(http),
+            platform: options.platform.unwrap_or_else(Platform::host),
+            policy: Arc::new(SignaturePolicy::none()),
+            verified: Arc::new(MemoryVerifiedCache::default()),
+        })
+    }
+
+    /// Checks each version against `policy` before any of its blobs is asked for, and
+    /// remembers what passed in `verified`.
+    pub fn with_signatures(mut self, policy: Arc<SignaturePolicy>, verified: Arc<dyn VerifiedCache>) -> Self {
+        self.policy = policy;
+        self.verified = verified;
+        self
+    }
+
+    /// Whether `version` of `family` (from `reference`'s repository) may be fetched under the
+    /// family's policy. Asks only for the signature manifest and its payloads (a few hundred
+    /// bytes each), never for a blob of the image.
+    async fn check_signature(&self, family: &str, reference: &Reference, version: &Digest) -> Result<(), ImageError> {
+        let Rule::Cosign(keys) = self.policy.rule(family) else { return Ok(()) };
+        let policy_error = |detail: String| PolicyRefusal::Policy { family: family.to_owned(), detail };
+        if self.verified.is_verified(version, keys.fingerprint()).map_err(policy_error)? {
+            return Ok(());
+        }
+        let (registry, repository) = (reference.resolve_registry(), reference.repository());
+        let tag = signature::signature_tag(version);
+        let missing =
+            |detail: String| PolicyRefusal::Missing { family: family.to_owned(), digest: version.to_string(), detail };
+        let invalid =
+            |detail: String| PolicyRefusal::Invalid { family: family.to_owned(), digest: version.to_string(), detail };
+        let accept = [MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST];
+        let bytes = match self.http.get(registry, repository, &format!("manifests/{tag}"), &accept, 0).await? {
+            Got::Found(response) => self.read_small(family, response, &format!("signature manifest {tag}")).await?,
+            Got::NotFound | Got::PastEnd => {
+                return Err(missing(format!("{} has no tag {tag}", repo_name(reference))).into());
+            }
+        };
+        let signatures = SignatureManifest::parse(&bytes).map_err(invalid)?;
+        if signatures.payloads.is_empty() {
+            return Err(missing(format!("{tag} holds no simple-signing payload")).into());
+        }
+        let mut why = Vec::new();
+        for signed in &signatures.payloads {
+            let path = format!("blobs/{}", signed.digest);
+            let payload =
+                match self.http.get(registry, repository, &path, &["application/octet-stream", "*/*"], 0).await? {
+                    Got::Found(response) => {
+                        self.read_small(family, response, &format!("signature payload {}", signed.digest)).await?
+                    }
+                    Got::NotFound | Got::PastEnd => {
+                        why.push(format!("payload {} is missing", signed.digest));
+                        continue;
+                    }
+                };
+            if payload.len() as u64 > signature::MAX_PAYLOAD_BYTES {
+                why.push(format!("payload {} is larger than a signature payload may be", signed.digest));
+                continue;
+            }
+            match signature::verify(keys, signed, &payload, version) {
+                Ok(()) => {
+                    self.verified.remember_verified(version, keys.fingerprint()).map_err(policy_error)?;
+                    tracing::info!(%family, %version, "cosign signature verified");
+                    return Ok(());
+                }
+                Err(e) => why.push(e),
+            }
+        }
+        Err(invalid(why.join("; ")).into())
     }
 
     /// Requests sent so far (registry and token service), for benchmarks and tests.
@@ -200,6 +274,8 @@ impl RegistrySource {
                 source_desc: self.describe(),
             });
         }
+        // Before anything else of the image is asked for.
+        self.check_signature(family, &reference, &top).await?;
         let (image_bytes, image_digest) = match platform::index_pick(&top_bytes, &self.platform) {
             platform::Pick::NotAnIndex => (top_bytes, top.clone()),
             platform::Pick::Chose(digest) => {
