@@ -434,3 +434,42 @@ fn a_cosign_policy_refuses_unsigned_and_wrongly_signed_images_before_any_blob_is
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a registry, where signatures live"), "{out:?}");
 }
+
+#[test]
+fn a_bearer_token_is_fetched_from_the_realm_the_registry_names_with_the_login() {
+    if !ready() {
+        return;
+    }
+    use base64::Engine as _;
+    let registry = Registry::start(RegistrySetup::default());
+    let proxy = RegistryProxy::start(&registry.url());
+    proxy.require_bearer(Some(("robot", "hub-secret-5519")));
+    let dir = tempfile::tempdir().unwrap();
+    let layout = oci_version(dir.path(), "web", &[&[("etc/app", "behind a token\n")], &[("etc/b", "b\n")]]);
+    let pushed = registry.push(&layout, "web", "team/web:1");
+    let config = |user: &str, pass: &str| {
+        let path = dir.path().join(format!("docker-{user}.json"));
+        let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+        std::fs::write(&path, serde_json::json!({"auths": {proxy.host.clone(): {"auth": auth}}}).to_string()).unwrap();
+        path
+    };
+    let settings = |docker_config: &Path| {
+        vec![
+            format!("source={}/team/web:1", proxy.host),
+            format!("registry.plain_http={}", proxy.host),
+            format!("registry.docker_config={}", docker_config.display()),
+            "registry.retry_secs=10".to_owned(),
+        ]
+    };
+    let good = settings(&config("robot", "hub-secret-5519"));
+    let (result, stderr) = worker_run(&dir.path().join("a"), &good, &["prepare", "--family", "web"]);
+    assert_eq!(result["status"], "succeeded", "{result}\n{stderr}");
+    assert_eq!(result["digest"], pushed);
+    assert_eq!(proxy.tokens_issued(), 1, "one token serves every request of the repository");
+    assert!(!stderr.contains("hub-secret-5519") && !result.to_string().contains("tok-"), "no secret is printed");
+
+    let wrong = settings(&config("robot", "not-it"));
+    let (result, _) = worker_run(&dir.path().join("b"), &wrong, &["prepare", "--family", "web"]);
+    assert_eq!(result["cause"], "access_denied", "{result}");
+    assert!(result["error"].as_str().unwrap().contains("the configured login was refused"), "{result}");
+}
