@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use thinpipe::admin::wire::BackendChoice;
 use thinpipe::fsm::{Engine, EngineConfig, OpenError};
-use thinpipe::image::{ApplyOptions, BlobCache, BlobSource, LocalDir, RegistrySource, S3Source};
+use thinpipe::image::{ApplyOptions, BlobCache, BlobSource, EcrLogins, LocalDir, RegistrySource, S3Source};
 use thinpipe::lifecycle::Lifecycle;
 use thinpipe::pipeline::{Pipeline, PipelineContext};
 use thinpipe::store::{Acquired, Binding, Checkpoint, Holder, SnapshotState, Store, StoreOptions};
@@ -64,9 +64,10 @@ impl Host {
             SourceSpec::Dir(path) => Arc::new(LocalDir::new(path).with_memo(store.clone())),
             SourceSpec::Registry(template) => {
                 let policy = Arc::new(config.registry.policy()?);
-                Arc::new(
-                    RegistrySource::new(template, config.registry.options()?)?.with_signatures(policy, store.clone()),
-                )
+                let mut options = config.registry.options()?;
+                let sdk = thinpipe::aws::sdk_config(&config.aws.options()).await;
+                options.ecr = Some(EcrLogins { sdk, extra_hosts: config.registry.ecr_hosts.clone() });
+                Arc::new(RegistrySource::new(template, options)?.with_signatures(policy, store.clone()))
             }
         };
         let cache = BlobCache::open(config.blob_cache_dir())?

@@ -33,8 +33,8 @@ pub use layout::{
 pub use memo::{DigestMemo, FileIdentity, SETTLE as DIGEST_MEMO_SETTLE};
 pub use publish::{MULTIPART_THRESHOLD, PublishReport, publish};
 pub use registry::{
-    CredentialStore, FAMILY_PLACEHOLDER, HttpOptions as RegistryHttpOptions, Platform, RegistryOptions, RegistrySource,
-    RegistryTemplate, default_docker_config, is_registry_reference,
+    CredentialStore, EcrLogins, FAMILY_PLACEHOLDER, HttpOptions as RegistryHttpOptions, Platform, RegistryOptions,
+    RegistrySource, RegistryTemplate, default_docker_config, is_registry_reference,
 };
 pub use s3::{S3Source, parse_s3_url};
 pub use sample::write_sample_family;

@@ -34,7 +34,7 @@ fn worker_run(state: &Path, settings: &[String], args: &[&str]) -> (serde_json::
     }
     let capacity = [("THINPIPE_CAPACITY_HIGH_PERCENT", "100"), ("THINPIPE_CAPACITY_LOW_PERCENT", "99")];
     cmd.envs(capacity).env("THINPIPE_CAPACITY_REFUSE_PERCENT", "100");
-    let out = cmd.arg("run").args(args).arg("--json").output().unwrap();
+    let out = cmd.arg("run").args(args).arg("--json").envs(thinpipe_tests::aws::AWS_ENV).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let result: serde_json::Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("worker run {args:?}: no result ({e}): {stderr}"));
@@ -472,4 +472,37 @@ fn a_bearer_token_is_fetched_from_the_realm_the_registry_names_with_the_login() 
     let (result, _) = worker_run(&dir.path().join("b"), &wrong, &["prepare", "--family", "web"]);
     assert_eq!(result["cause"], "access_denied", "{result}");
     assert!(result["error"].as_str().unwrap().contains("the configured login was refused"), "{result}");
+}
+
+#[test]
+fn an_ecr_registry_is_logged_in_to_with_a_token_from_ecr() {
+    if !ready() {
+        return;
+    }
+    let Some(endpoint) = thinpipe::aws::test_endpoint() else { return };
+    // What moto's GetAuthorizationToken gives its default account.
+    let registry =
+        Registry::start(RegistrySetup { login: Some(("AWS".into(), "123456789012-auth-token".into())), tls: false });
+    let dir = tempfile::tempdir().unwrap();
+    let layout = oci_version(dir.path(), "web", &[&[("etc/app", "from ecr\n")]]);
+    let pushed = registry.push(&layout, "web", "team/web:1");
+    let no_docker_login = dir.path().join("config.json");
+    std::fs::write(&no_docker_login, "{}").unwrap();
+    let settings = vec![
+        format!("source={}/team/web:1", registry.host),
+        format!("registry.plain_http={}", registry.host),
+        format!("registry.docker_config={}", no_docker_login.display()),
+        format!("aws.endpoint={endpoint}"),
+        "registry.retry_secs=10".to_owned(),
+    ];
+    let mut ecr = settings.clone();
+    ecr.push(format!("registry.ecr_hosts={}", registry.host));
+    let (result, stderr) = worker_run(&dir.path().join("a"), &ecr, &["prepare", "--family", "web"]);
+    assert_eq!(result["status"], "succeeded", "{result}\n{stderr}");
+    assert_eq!(result["digest"], pushed);
+    assert!(!stderr.contains("auth-token"), "the token is never printed");
+
+    // Not an ECR host, and no other login: refused.
+    let (result, _) = worker_run(&dir.path().join("b"), &settings, &["prepare", "--family", "web"]);
+    assert_eq!(result["cause"], "access_denied", "{result}");
 }

@@ -66,6 +66,9 @@ pub struct RegistryConfig {
     /// How long one registry call retries 429s (after their `Retry-After`), 5xx and broken
     /// connections before the step fails and the engine's retry takes over.
     pub retry_secs: u64,
+    /// Registries (`host:port`) beyond ECR's own `<account>.dkr.ecr.<region>.amazonaws.com`
+    /// names that take ECR logins (GetAuthorizationToken through the AWS credential chain).
+    pub ecr_hosts: Vec<String>,
     /// The signature policy (TOML: a rule per family, `none` or `cosign` with its public
     /// keys; README "Signature policy"). Read at start: rotating keys is editing it and
     /// restarting. Empty: no family requires a signature.
@@ -80,6 +83,7 @@ impl Default for RegistryConfig {
             plain_http: Vec::new(),
             platform: String::new(),
             retry_secs: 60,
+            ecr_hosts: Vec::new(),
             policy_file: String::new(),
         }
     }
@@ -117,6 +121,8 @@ impl RegistryConfig {
             },
             docker_config,
             platform,
+            // Filled in by the host, which has the AWS configuration.
+            ecr: None,
         })
     }
 }

@@ -1,7 +1,10 @@
 //! Registry credentials the way Docker finds them: `config.json`'s `auths` (a base64
 //! `user:password`), and `credHelpers` / `credsStore` by running `docker-credential-<name> get`
-//! with the registry's host on stdin. Nothing here is ever logged: [`Secret`] prints as
-//! `<redacted>`.
+//! with the registry's host on stdin; and for Amazon ECR (`<account>.dkr.ecr.<region>.
+//! amazonaws.com`, or a host listed in `registry.ecr_hosts`) a token from ECR's
+//! `GetAuthorizationToken` through the usual AWS credential chain, renewed before it expires.
+//! A helper named for the registry in the Docker config goes first (the user chose it).
+//! Nothing here is ever logged: [`Secret`] prints as `<redacted>`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,6 +19,8 @@ use crate::image::error::ImageError;
 pub struct Login {
     pub username: String,
     pub password: Secret,
+    /// When the password stops working (an ECR token); `None`: it does not expire.
+    pub expires: Option<std::time::SystemTime>,
 }
 
 impl std::fmt::Debug for Login {
@@ -65,12 +70,32 @@ struct AuthEntry {
     password: Option<String>,
 }
 
-/// Where credentials come from: a Docker `config.json` (or none).
+/// Where credentials come from: a Docker `config.json` (or none), and ECR.
 #[derive(Clone, Debug, Default)]
 pub struct CredentialStore {
     config: Option<PathBuf>,
     /// Looked in for `docker-credential-*` before `PATH` (tests put their helper here).
     helpers_in: Option<PathBuf>,
+    ecr: Option<EcrLogins>,
+}
+
+/// ECR logins: the AWS configuration to ask with, and hosts beyond ECR's own names that take
+/// them (a pull-through endpoint, or a test registry).
+#[derive(Clone, Debug)]
+pub struct EcrLogins {
+    pub sdk: aws_config::SdkConfig,
+    pub extra_hosts: Vec<String>,
+}
+
+/// The account and region of an ECR registry host (`123456789012.dkr.ecr.eu-west-1.amazonaws.com`).
+fn ecr_host(registry: &str) -> Option<(&str, &str)> {
+    let (account, rest) = registry.split_once('.')?;
+    let rest = rest.strip_prefix("dkr.ecr.").or_else(|| rest.strip_prefix("dkr.ecr-fips."))?;
+    let (region, domain) = rest.split_once('.')?;
+    let ok = account.len() == 12
+        && account.bytes().all(|b| b.is_ascii_digit())
+        && (domain == "amazonaws.com" || domain == "amazonaws.com.cn");
+    ok.then_some((account, region))
 }
 
 /// Docker's default: `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
@@ -93,12 +118,32 @@ fn keys_for(registry: &str) -> Vec<String> {
 
 impl CredentialStore {
     pub fn new(config: Option<PathBuf>) -> Self {
-        Self { config, helpers_in: None }
+        Self { config, helpers_in: None, ecr: None }
     }
 
-    /// The login for `registry`, if the config names one. A config that exists but does not
-    /// parse, or a helper that fails, is an error naming it (not a silent anonymous pull).
+    /// Also logs in to ECR registries with tokens from `ecr`.
+    pub fn with_ecr(mut self, ecr: EcrLogins) -> Self {
+        self.ecr = Some(ecr);
+        self
+    }
+
+    /// The login for `registry`: the Docker config's, else ECR's for an ECR host.
     pub async fn login_for(&self, registry: &str) -> Result<Option<Login>, ImageError> {
+        if let Some(login) = self.docker_login_for(registry).await? {
+            return Ok(Some(login));
+        }
+        match &self.ecr {
+            Some(ecr) if ecr_host(registry).is_some() || ecr.extra_hosts.iter().any(|h| h == registry) => {
+                ecr_login(ecr, registry).await.map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The login for `registry`, if the Docker config names one. A config that exists but
+    /// does not parse, or a helper that fails, is an error naming it (not a silent anonymous
+    /// pull).
+    async fn docker_login_for(&self, registry: &str) -> Result<Option<Login>, ImageError> {
         let Some(path) = &self.config else { return Ok(None) };
         let config = match tokio::fs::read(path).await {
             Ok(bytes) => serde_json::from_slice::<DockerConfig>(&bytes).map_err(|e| misconfigured(path, e))?,
@@ -154,10 +199,10 @@ fn entry_login(entry: &AuthEntry, path: &Path) -> Result<Option<Login>, ImageErr
             .ok_or_else(|| misconfigured(path, "an `auth` value is not base64 of user:password"))?;
         let (user, pass) =
             decoded.split_once(':').ok_or_else(|| misconfigured(path, "an `auth` value is not user:password"))?;
-        return Ok(Some(Login { username: user.to_owned(), password: Secret::new(pass) }));
+        return Ok(Some(Login { username: user.to_owned(), password: Secret::new(pass), expires: None }));
     }
     match (&entry.username, &entry.password) {
-        (Some(u), Some(p)) => Ok(Some(Login { username: u.clone(), password: Secret::new(p.clone()) })),
+        (Some(u), Some(p)) => Ok(Some(Login { username: u.clone(), password: Secret::new(p.clone()), expires: None })),
         _ => Ok(None),
     }
 }
@@ -196,7 +241,54 @@ async fn run_helper(program: &Path, registry: &str) -> Result<Option<Login>, Ima
     }
     let answer: HelperAnswer = serde_json::from_slice(&out.stdout)
         .map_err(|e| fail(format!("{program} get answered something other than its JSON ({e})")))?;
-    Ok(Some(Login { username: answer.username, password: Secret::new(answer.secret) }))
+    Ok(Some(Login { username: answer.username, password: Secret::new(answer.secret), expires: None }))
+}
+
+/// A login from ECR's `GetAuthorizationToken` (a base64 `AWS:<token>`, valid for 12 hours).
+async fn ecr_login(ecr: &EcrLogins, registry: &str) -> Result<Login, ImageError> {
+    use aws_sdk_ecr::error::ProvideErrorMetadata as _;
+    let source_desc = format!("registry {registry}");
+    let mut config = aws_sdk_ecr::config::Builder::from(&ecr.sdk);
+    if let Some((_, region)) = ecr_host(registry) {
+        config = config.region(aws_sdk_ecr::config::Region::new(region.to_owned()));
+    }
+    let client = aws_sdk_ecr::Client::from_conf(config.build());
+    // One token serves every registry the identity may read (ECR ignores registry ids).
+    let answer = client.get_authorization_token().send().await.map_err(|e| {
+        let detail = format!(
+            "ECR GetAuthorizationToken for {registry}: {}",
+            e.as_service_error()
+                .and_then(|s| s.message())
+                .map(str::to_owned)
+                .unwrap_or_else(|| super::http::error_chain(&e))
+        );
+        match e.raw_response().map(|r| r.status().as_u16()) {
+            Some(401 | 403) => ImageError::AccessDenied {
+                source_desc: source_desc.clone(),
+                detail: format!("{detail}; the worker's AWS identity needs ecr:GetAuthorizationToken"),
+            },
+            Some(400..=499) => ImageError::SourceMisconfigured { source_desc: source_desc.clone(), detail },
+            _ => ImageError::Unavailable { source_desc: source_desc.clone(), detail },
+        }
+    })?;
+    let data = answer.authorization_data().first().ok_or_else(|| ImageError::SourceMisconfigured {
+        source_desc: source_desc.clone(),
+        detail: "ECR GetAuthorizationToken answered without authorization data".into(),
+    })?;
+    let decoded = data
+        .authorization_token()
+        .and_then(|t| base64::engine::general_purpose::STANDARD.decode(t).ok())
+        .and_then(|raw| String::from_utf8(raw).ok())
+        .ok_or_else(|| ImageError::SourceMisconfigured {
+            source_desc: source_desc.clone(),
+            detail: "ECR's authorization token is not base64 of user:password".into(),
+        })?;
+    let (user, pass) = decoded.split_once(':').ok_or_else(|| ImageError::SourceMisconfigured {
+        source_desc,
+        detail: "ECR's authorization token is not user:password".into(),
+    })?;
+    let expires = data.expires_at().and_then(|t| std::time::SystemTime::try_from(*t).ok());
+    Ok(Login { username: user.to_owned(), password: Secret::new(pass), expires })
 }
 
 #[cfg(test)]
@@ -224,7 +316,8 @@ mod tests {
             .to_string(),
         )
         .unwrap();
-        let store = CredentialStore { config: Some(config.clone()), helpers_in: Some(dir.path().to_owned()) };
+        let store =
+            CredentialStore { config: Some(config.clone()), helpers_in: Some(dir.path().to_owned()), ecr: None };
         let login = store.login_for("reg.example:5000").await.unwrap().unwrap();
         assert_eq!((login.username.as_str(), login.password.expose()), ("alice", "s3cret"));
         assert!(!format!("{login:?}").contains("s3cret"), "a secret never prints");
@@ -237,5 +330,17 @@ mod tests {
         let err = store.login_for("reg.example:5000").await.unwrap_err();
         assert!(err.to_string().contains("not valid JSON"), "{err}");
         assert_eq!(CredentialStore::new(Some(dir.path().join("missing.json"))).login_for("x").await.unwrap(), None);
+    }
+
+    #[test]
+    fn ecr_hosts_are_known_by_their_names() {
+        assert_eq!(ecr_host("123456789012.dkr.ecr.eu-west-1.amazonaws.com"), Some(("123456789012", "eu-west-1")));
+        assert_eq!(ecr_host("123456789012.dkr.ecr-fips.us-east-1.amazonaws.com"), Some(("123456789012", "us-east-1")));
+        assert_eq!(ecr_host("123456789012.dkr.ecr.cn-north-1.amazonaws.com.cn"), Some(("123456789012", "cn-north-1")));
+        for other in
+            ["registry.example.com", "12345.dkr.ecr.eu-west-1.amazonaws.com", "123456789012.dkr.ecr.x.evil.com"]
+        {
+            assert_eq!(ecr_host(other), None, "{other}");
+        }
     }
 }

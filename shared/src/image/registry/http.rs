@@ -190,7 +190,13 @@ impl RegistryHttp {
 
     async fn login(&self, registry: &str) -> Result<Option<Login>, Failure> {
         let mut logins = self.logins.lock().await;
-        if let Some(found) = logins.get(registry) {
+        // A login that expires (an ECR token) is renewed ten minutes before it does.
+        let fresh = |l: &Option<Login>| {
+            l.as_ref().and_then(|l| l.expires).is_none_or(|at| {
+                at.duration_since(std::time::SystemTime::now()).is_ok_and(|left| left > Duration::from_secs(600))
+            })
+        };
+        if let Some(found) = logins.get(registry).filter(|l| fresh(l)) {
             return Ok(found.clone());
         }
         let found = self.credentials.login_for(registry).await.map_err(Failure::Final)?;

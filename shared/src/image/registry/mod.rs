@@ -24,7 +24,7 @@ use async_trait::async_trait;
 use oci_spec::distribution::Reference;
 use tokio::io::AsyncReadExt;
 
-pub use credentials::{CredentialStore, default_docker_config};
+pub use credentials::{CredentialStore, EcrLogins, default_docker_config};
 pub use http::HttpOptions;
 pub use platform::Platform;
 
@@ -114,6 +114,8 @@ pub struct RegistryOptions {
     pub docker_config: Option<std::path::PathBuf>,
     /// The platform an index resolves to (default: this host's).
     pub platform: Option<Platform>,
+    /// ECR logins through the AWS SDK (`None`: ECR registries only through the Docker config).
+    pub ecr: Option<EcrLogins>,
 }
 
 pub struct RegistrySource {
@@ -132,7 +134,11 @@ impl std::fmt::Debug for RegistrySource {
 
 impl RegistrySource {
     pub fn new(template: RegistryTemplate, options: RegistryOptions) -> Result<Self, ImageError> {
-        let http = RegistryHttp::new(options.http, CredentialStore::new(options.docker_config))?;
+        let mut credentials = CredentialStore::new(options.docker_config);
+        if let Some(ecr) = options.ecr {
+            credentials = credentials.with_ecr(ecr);
+        }
+        let http = RegistryHttp::new(options.http, credentials)?;
         Ok(Self {
             template,
             http: Arc::new(http),
