@@ -111,17 +111,45 @@ enum Kind {
         #[arg(long)]
         id: String,
     },
-    /// Upload an image (OCI layout dir, or a dir holding images/<family>/) to S3.
+    /// Upload an image to S3: an OCI layout directory, a directory holding
+    /// images/<family>/, or a registry image (registry.example.com/team/app:1.4, docker://…),
+    /// which is mirrored: its tag resolved once, its signature checked under --policy-file,
+    /// its platform image copied and every blob re-hashed.
     Publish {
-        /// The OCI layout directory, or the directory holding images/<family>/.
-        dir: PathBuf,
-        /// The family to publish (the OCI layout's ref name, or images/<family>/).
+        /// The OCI layout directory, the directory holding images/<family>/, or a registry
+        /// reference.
+        source: String,
+        /// The family to publish (the OCI layout's ref name, or images/<family>/; for a
+        /// registry image, the name it gets in S3).
         #[arg(long)]
         family: String,
         /// Destination: s3://bucket/prefix.
         #[arg(long)]
         to: String,
+        #[command(flatten)]
+        registry: RegistryArgs,
     },
+}
+
+/// How `publish` reads a registry image (the worker's `registry.*` settings).
+#[derive(clap::Args, Debug, Default)]
+struct RegistryArgs {
+    /// A registry (host:port) spoken to over plain HTTP (repeatable).
+    #[arg(long = "plain-http", value_name = "HOST:PORT")]
+    plain_http: Vec<String>,
+    /// PEM CA certificates to trust beside the system's.
+    #[arg(long = "ca-file")]
+    ca_file: Option<PathBuf>,
+    /// Docker's config.json to take logins from (default: $DOCKER_CONFIG or ~/.docker).
+    #[arg(long = "docker-config")]
+    docker_config: Option<PathBuf>,
+    /// The image of a multi-architecture index to mirror, os/arch[/variant] (default: this
+    /// machine's).
+    #[arg(long)]
+    platform: Option<String>,
+    /// The signature policy the image must pass (the workers' registry.policy_file).
+    #[arg(long = "policy-file")]
+    policy_file: Option<PathBuf>,
 }
 
 /// The options each subcommand that is not a job takes; the job options it does not take
@@ -242,8 +270,12 @@ fn run(cli: &Cli) -> ExitCode {
         }
         return run_async(cancel(cli, id));
     }
-    if let Kind::Publish { dir, family, to } = &cli.kind {
+    if let Kind::Publish { source, family, to, registry } = &cli.kind {
         let span = tracing::info_span!("publish", family = %family, to = %to);
+        if thinpipe::image::is_registry_reference(source) {
+            return run_async(tracing::Instrument::instrument(mirror(cli, source, family, to, registry), span));
+        }
+        let dir = std::path::Path::new(source.strip_prefix("dir:").unwrap_or(source));
         return run_async(tracing::Instrument::instrument(publish(cli, dir, family, to), span));
     }
     let job = match &cli.kind {
@@ -428,6 +460,81 @@ async fn publish(cli: &Cli, dir: &std::path::Path, family: &str, to: &str) -> an
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `publish` of a registry image: copied into a temporary OCI layout (signature checked
+/// first, blobs re-hashed), then published from there like a local one.
+async fn mirror(cli: &Cli, source: &str, family: &str, to: &str, args: &RegistryArgs) -> anyhow::Result<ExitCode> {
+    if let Err(e) = thinpipe::image::validate_family(family) {
+        eprintln!("enqueue: {e}");
+        return Ok(ExitCode::from(2));
+    }
+    if thinpipe::image::parse_s3_url(to).is_none() {
+        eprintln!("enqueue: --to {}: expected s3://bucket/prefix", thinpipe::quote::quote(to));
+        return Ok(ExitCode::from(2));
+    }
+    let template = match thinpipe::image::RegistryTemplate::parse(source) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("enqueue: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let ca_pem = match &args.ca_file {
+        Some(p) => Some(std::fs::read(p).with_context(|| format!("--ca-file: reading {}", p.display()))?),
+        None => None,
+    };
+    let platform = match args.platform.as_deref().map(thinpipe::image::Platform::parse).transpose() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("enqueue: --platform: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let policy = match &args.policy_file {
+        Some(p) => {
+            thinpipe::image::signature::SignaturePolicy::load(p).map_err(|e| anyhow::anyhow!("--policy-file: {e}"))?
+        }
+        None => thinpipe::image::signature::SignaturePolicy::none(),
+    };
+    let opts = thinpipe::aws::AwsOptions {
+        endpoint: cli.endpoint_url.clone(),
+        s3_path_style: cli.endpoint_url.is_some(),
+        ..Default::default()
+    };
+    let sdk = thinpipe::aws::sdk_config(&opts).await;
+    let options = thinpipe::image::RegistryOptions {
+        http: thinpipe::image::RegistryHttpOptions {
+            ca_pem,
+            plain_http: args.plain_http.clone(),
+            retry_for: Duration::from_secs(60),
+        },
+        docker_config: args.docker_config.clone().or_else(thinpipe::image::default_docker_config),
+        platform,
+        ecr: Some(thinpipe::image::EcrLogins { sdk: sdk.clone(), extra_hosts: Vec::new() }),
+    };
+    let registry = thinpipe::image::RegistrySource::new(template, options)?.with_signatures(
+        std::sync::Arc::new(policy),
+        std::sync::Arc::new(thinpipe::image::signature::MemoryVerifiedCache::default()),
+    );
+    let scratch = tempfile::tempdir().context("a temporary directory for the copy")?;
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {bytes} downloaded ({bytes_per_sec})")
+            .context("progress template")?,
+    );
+    let copied = registry.copy_to_layout(family, scratch.path(), &|n| bar.inc(n)).await;
+    bar.finish_and_clear();
+    let (version, bytes) = match copied {
+        Ok(v) => v,
+        Err(e) => {
+            let cause = thinpipe::pipeline::Cause::of_image(&e);
+            eprintln!("enqueue: {source}: {e} (cause: {})", cause.as_str());
+            return Ok(ExitCode::from(1));
+        }
+    };
+    tracing::info!(%version, bytes, "copied from the registry");
+    publish(cli, scratch.path(), family, to).await
 }
 
 async fn post(cli: &Cli, job: Job) -> anyhow::Result<ExitCode> {

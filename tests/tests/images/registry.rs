@@ -506,3 +506,51 @@ fn an_ecr_registry_is_logged_in_to_with_a_token_from_ecr() {
     let (result, _) = worker_run(&dir.path().join("b"), &settings, &["prepare", "--family", "web"]);
     assert_eq!(result["cause"], "access_denied", "{result}");
 }
+
+#[test]
+fn enqueue_publish_mirrors_a_registry_image_to_s3_after_the_same_signature_check() {
+    if !ready() {
+        return;
+    }
+    let Some(endpoint) = thinpipe::aws::test_endpoint() else { return };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (client, bucket) = rt.block_on(thinpipe_tests::aws::bucket(&endpoint));
+    let registry = Registry::start(RegistrySetup::default());
+    let dir = tempfile::tempdir().unwrap();
+    let (team, team_pub) = cosign_key(dir.path(), "team", 21);
+    let layout = oci_version(dir.path(), "web", &[&[("etc/app", "mirrored\n")], &[("etc/b", "b\n")]]);
+    let signed = registry.push(&layout, "web", "team/web:1.4");
+    registry.cosign_sign("team/web", &signed, &team);
+    let layout = oci_version(dir.path(), "plain", &[&[("etc/app", "unsigned\n")]]);
+    registry.push(&layout, "plain", "team/plain:1");
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(&policy, format!("[default]\nsignature = \"cosign\"\nkeys = [\"{}\"]\n", team_pub.display()))
+        .unwrap();
+    let to = format!("s3://{bucket}/mirror");
+    let publish = |reference: &str, family: &str| {
+        thinpipe_tests::run(
+            std::process::Command::new(thinpipe_tests::bin("enqueue"))
+                .args(["--endpoint-url", &endpoint, "publish", reference, "--family", family, "--to", &to])
+                .args(["--plain-http", &registry.host, "--policy-file"])
+                .arg(&policy)
+                .envs(thinpipe_tests::aws::AWS_ENV),
+        )
+    };
+
+    // Unsigned: refused before anything is copied or uploaded.
+    let out = publish(&format!("{}/team/plain:1", registry.host), "plain");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("signature_missing"), "{out:?}");
+    let listed = rt.block_on(client.list_objects_v2().bucket(&bucket).send()).unwrap();
+    assert_eq!(listed.key_count(), Some(0), "nothing was uploaded");
+
+    // Signed: mirrored, and workers reading S3 prepare the same version.
+    let out = publish(&format!("{}/team/web:1.4", registry.host), "web");
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("version {signed}")), "{out:?}");
+    let settings =
+        vec![format!("source={to}"), format!("aws.endpoint={endpoint}"), "aws.s3_path_style=true".to_owned()];
+    let state = dir.path().join("state");
+    assert_eq!(succeeded(&state, &settings, &["prepare", "--family", "web"])["digest"], signed);
+    assert_eq!(file_in_snapshot(&state, &settings, "web", "etc/app"), "mirrored\n");
+}

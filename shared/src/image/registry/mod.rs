@@ -270,6 +270,11 @@ impl RegistrySource {
     /// Resolves `target` (a tag or a digest) of `family` to its manifest; the version is the
     /// digest of what `target` names (an index's, if it is one).
     async fn resolve(&self, family: &str, target: &str) -> Result<Manifest, ImageError> {
+        Ok(self.resolve_image(family, target).await?.manifest)
+    }
+
+    /// [`Self::resolve`], keeping the platform image's own documents as the registry gave them.
+    async fn resolve_image(&self, family: &str, target: &str) -> Result<Resolved, ImageError> {
         let reference = self.template.reference(family)?;
         let top_bytes = self.get_manifest(family, &reference, target).await?;
         let top = Digest::of_bytes(&top_bytes);
@@ -307,7 +312,7 @@ impl RegistrySource {
                 });
             }
         };
-        let oci = layout::oci_manifest(&image_bytes, image_digest, family, &self.describe())?;
+        let oci = layout::oci_manifest(&image_bytes, image_digest.clone(), family, &self.describe())?;
         let config_digest = oci.config().clone();
         let config = match self
             .http
@@ -334,8 +339,90 @@ impl RegistrySource {
         for layer in &mut manifest.layers {
             layer.location = blob_location(&reference, &layer.digest);
         }
-        Ok(manifest)
+        Ok(Resolved { manifest, image_bytes, image_digest, config_digest, config })
     }
+
+    /// Copies `family`'s current version (its platform image, as the registry serves it, after
+    /// the signature policy's check) into the OCI layout `dir` under the ref name `family`:
+    /// what `enqueue publish` mirrors to S3. Every blob is hashed against its digest on the
+    /// way. Returns the image manifest's digest (the mirror's version) and the bytes copied.
+    pub async fn copy_to_layout(
+        &self,
+        family: &str,
+        dir: &std::path::Path,
+        progress: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<(Digest, u64), ImageError> {
+        use tokio::io::AsyncWriteExt as _;
+        let reference = self.template.reference(family)?;
+        let target = reference.digest().or(reference.tag()).unwrap_or("latest").to_owned();
+        let resolved = self.resolve_image(family, &target).await?;
+        let blobs = dir.join("blobs/sha256");
+        tokio::fs::create_dir_all(&blobs).await.map_err(|e| ImageError::io("creating", &blobs, e))?;
+        let write = |digest: &Digest, bytes: &[u8]| {
+            let path = blobs.join(digest.hex());
+            std::fs::write(&path, bytes).map_err(|e| ImageError::io("writing", path, e))
+        };
+        write(&resolved.image_digest, &resolved.image_bytes)?;
+        write(&resolved.config_digest, &resolved.config)?;
+        let mut copied = 0;
+        for layer in &resolved.manifest.layers {
+            let path = blobs.join(layer.digest.hex());
+            let mut reader = self.open_blob(layer, 0).await?;
+            let mut file = tokio::fs::File::create(&path).await.map_err(|e| ImageError::io("creating", &path, e))?;
+            let mut hasher = super::digest::Hasher::default();
+            let mut buf = vec![0; 256 << 10];
+            loop {
+                let n = reader.read(&mut buf).await.map_err(|e| ImageError::Unavailable {
+                    source_desc: self.describe(),
+                    detail: format!("downloading {}: {e}", layer.location),
+                })?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                file.write_all(&buf[..n]).await.map_err(|e| ImageError::io("writing", &path, e))?;
+                copied += n as u64;
+                progress(n as u64);
+            }
+            file.flush().await.map_err(|e| ImageError::io("writing", &path, e))?;
+            let actual = hasher.finish();
+            if actual != layer.digest {
+                return Err(ImageError::DigestMismatch {
+                    digest: layer.digest.to_string(),
+                    actual: actual.to_string(),
+                    source_desc: self.describe(),
+                });
+            }
+        }
+        let media_type = serde_json::from_slice::<serde_json::Value>(&resolved.image_bytes)
+            .ok()
+            .and_then(|m| m["mediaType"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| MEDIA_OCI_MANIFEST.to_owned());
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": MEDIA_OCI_INDEX,
+            "manifests": [{
+                "mediaType": media_type,
+                "digest": resolved.image_digest.to_string(),
+                "size": resolved.image_bytes.len(),
+                "annotations": {oci_spec::image::ANNOTATION_REF_NAME: family},
+            }],
+        });
+        let index_path = dir.join("index.json");
+        std::fs::write(&index_path, index.to_string()).map_err(|e| ImageError::io("writing", index_path, e))?;
+        std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)
+            .map_err(|e| ImageError::io("writing", dir.join("oci-layout"), e))?;
+        Ok((resolved.image_digest, copied))
+    }
+}
+
+/// A resolved version, with its platform image's manifest and config as the registry gave them.
+struct Resolved {
+    manifest: Manifest,
+    image_bytes: Vec<u8>,
+    image_digest: Digest,
+    config_digest: Digest,
+    config: Vec<u8>,
 }
 
 fn repo_name(reference: &Reference) -> String {
