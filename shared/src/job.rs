@@ -269,6 +269,9 @@ pub struct JobResult {
     /// The version (manifest digest) of the base the job prepared or its snapshot came from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
+    /// Where that version lives, for a registry source: `registry/repository@sha256:…`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
     /// The host that ran the job (`worker.host_id`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_id: Option<String>,

@@ -1,12 +1,13 @@
-//! The conformance suite every blob source passes (`BlobSource`: the directory, S3, and
-//! the registry when it comes): what a manifest resolves to (an OCI image's layers with the
-//! uncompressed digests its config lists), kept versions, a flat family's
-//! layer order, byte-exact blobs from any offset (a resumed download), and the errors a
-//! caller's mistake must give (not found, bad name, missing blob), none of them retryable.
+//! The conformance suite every blob source passes (`BlobSource`: the directory, S3 and a
+//! registry): what a manifest resolves to (an OCI image's layers with the uncompressed
+//! digests its config lists), kept versions, a flat family's layer order (where the source
+//! has flat families: a registry has none), byte-exact blobs from any offset (a resumed
+//! download), and the errors a caller's mistake must give (not found, bad name, missing
+//! blob), none of them retryable.
 //!
 //! The suite writes each image into a staging directory and hands it to the caller's
 //! `publish`, which makes the source serve it (nothing to do for a directory source;
-//! `enqueue publish`'s code for S3).
+//! `enqueue publish`'s code for S3; a `skopeo` push for a registry).
 
 use std::path::Path;
 
@@ -118,8 +119,9 @@ fn assert_layers(what: &str, got: &[LayerDesc], want: &[&[u8]], diff_ids: bool) 
     assert_eq!(got, want, "{what}: the layers, in order");
 }
 
-/// Runs the suite against `source`, which serves what `publish(staging, family)` puts there.
-pub async fn run(source: &dyn BlobSource, publish: impl AsyncFn(&Path, &str)) {
+/// Runs the suite against `source`, which serves what `publish(staging, family)` puts there;
+/// `flat`: whether it has flat families.
+pub async fn run(source: &dyn BlobSource, flat: bool, publish: impl AsyncFn(&Path, &str)) {
     let describe = source.describe();
     assert!(!describe.is_empty() && describe == source.describe(), "describe is stable: {describe}");
     let staging = tempfile::tempdir().unwrap();
@@ -148,20 +150,11 @@ pub async fn run(source: &dyn BlobSource, publish: impl AsyncFn(&Path, &str)) {
     assert_eq!(source.manifest_at(OCI_FAMILY, &v2).await.unwrap(), m2);
 
     // A flat family: layers applied in file-name order.
-    let flat_dir = root.join("images").join(FLAT_FAMILY);
-    std::fs::create_dir_all(&flat_dir).unwrap();
-    let (base, top) = (gzip(&tar_of("base", b"flat base\n")), tar_of("top", b"flat top\n"));
-    std::fs::write(flat_dir.join("10-top.tar"), &top).unwrap();
-    std::fs::write(flat_dir.join("01-base.tar.gz"), &base).unwrap();
-    publish(root, FLAT_FAMILY).await;
-    let flat = source.manifest(FLAT_FAMILY).await.unwrap();
-    assert_layers("the flat family", &flat.layers, &[&base, &top], false);
-    assert_eq!((flat.layers[0].media_type.as_str(), flat.layers[1].media_type.as_str()), (gz.as_str(), MEDIA_TAR));
-    assert_eq!(source.manifest_at(FLAT_FAMILY, &flat.digest).await.unwrap(), flat, "its current version by digest");
-    assert_ne!(flat.digest, m2.digest);
-
+    let blobs: Vec<(&LayerDesc, &Vec<u8>)> = m2.layers.iter().zip([&shared, &two]).collect();
+    let flat = flat_family(source, root, &publish, flat, &m2.digest).await;
+    let flat_blobs = flat.as_ref().map(|(m, bytes)| m.layers.iter().zip(bytes.iter()).collect::<Vec<_>>());
     // Blobs: byte for byte, from any offset (a resumed download), the empty rest at the end.
-    for (layer, bytes) in m2.layers.iter().zip([&shared, &two]).chain(flat.layers.iter().zip([&base, &top])) {
+    for (layer, bytes) in blobs.into_iter().chain(flat_blobs.into_iter().flatten()) {
         assert_eq!(&read_blob(source, layer, 0).await, bytes, "blob {}", layer.digest);
         let mid = layer.size / 2;
         assert_eq!(read_blob(source, layer, mid).await, bytes[mid as usize..], "blob {} from {mid}", layer.digest);
@@ -181,22 +174,54 @@ pub async fn run(source: &dyn BlobSource, publish: impl AsyncFn(&Path, &str)) {
         assert!(matches!(e, ImageError::BadFamilyName(_)), "{bad:?} at a digest: {e}");
     }
     let unknown = Digest::of_bytes(b"a version nobody published");
-    for family in [OCI_FAMILY, FLAT_FAMILY] {
+    let families = if flat.is_some() { vec![OCI_FAMILY, FLAT_FAMILY] } else { vec![OCI_FAMILY] };
+    for family in families {
         let e = source.manifest_at(family, &unknown).await.unwrap_err();
         assert!(matches!(e, ImageError::VersionNotFound { .. }), "{family}@unknown: {e}");
         assert!(e.to_string().contains(&unknown.to_string()), "names the digest: {e}");
         not_retryable("an unknown version", &e);
     }
+    // Where a blob the source lacks would be, beside one it has.
+    let known = &m2.layers[0];
     let missing = LayerDesc {
         digest: unknown.clone(),
         size: 10,
         media_type: MEDIA_TAR.to_owned(),
-        location: format!("blobs/sha256/{}", unknown.hex()),
+        location: known.location.replace(known.digest.hex(), unknown.hex()),
         diff_id: None,
     };
     let Err(e) = source.open_blob(&missing, 0).await else { panic!("a blob the source does not have was opened") };
     assert!(matches!(&e, ImageError::BlobMissing { digest, .. } if *digest == unknown.to_string()), "{e}");
     not_retryable("a missing blob", &e);
+}
+
+/// The flat family's part of the suite, where the source has flat families: its manifest and
+/// its layers' bytes.
+async fn flat_family(
+    source: &dyn BlobSource,
+    root: &Path,
+    publish: &impl AsyncFn(&Path, &str),
+    flat: bool,
+    oci_version: &Digest,
+) -> Option<(super::layout::Manifest, Vec<Vec<u8>>)> {
+    if !flat {
+        return None;
+    }
+    let flat_dir = root.join("images").join(FLAT_FAMILY);
+    std::fs::create_dir_all(&flat_dir).unwrap();
+    let (base, top) = (gzip(&tar_of("base", b"flat base\n")), tar_of("top", b"flat top\n"));
+    std::fs::write(flat_dir.join("10-top.tar"), &top).unwrap();
+    std::fs::write(flat_dir.join("01-base.tar.gz"), &base).unwrap();
+    publish(root, FLAT_FAMILY).await;
+    let flat = source.manifest(FLAT_FAMILY).await.unwrap();
+    assert_layers("the flat family", &flat.layers, &[&base, &top], false);
+    assert_eq!(
+        (flat.layers[0].media_type.as_str(), flat.layers[1].media_type.as_str()),
+        (format!("{MEDIA_TAR}+gzip").as_str(), MEDIA_TAR)
+    );
+    assert_eq!(source.manifest_at(FLAT_FAMILY, &flat.digest).await.unwrap(), flat, "its current version by digest");
+    assert_ne!(&flat.digest, oci_version);
+    Some((flat, vec![base, top]))
 }
 
 #[cfg(test)]
@@ -209,7 +234,7 @@ mod tests {
         let source = LocalDir::new(dir.path());
         // The source reads the staging directory's files as they are written.
         let served = dir.path().to_owned();
-        super::run(&source, async |staging, _family| {
+        super::run(&source, true, async |staging, _family| {
             copy_tree(staging, &served);
         })
         .await;
@@ -239,8 +264,29 @@ mod tests {
         let url = format!("s3://{bucket}/images");
         let source = S3Source::new(client.clone(), &url).unwrap();
         // What `enqueue publish` does.
-        super::run(&source, async |staging, family| {
+        super::run(&source, true, async |staging, family| {
             crate::image::publish(&client, &endpoint, staging, family, &url, &|_| {}).await.unwrap();
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_registry_source_passes_the_conformance_suite_against_docker_registry() {
+        if !crate::image::testregistry::available() {
+            return;
+        }
+        let registry = crate::image::testregistry::Registry::start(Default::default());
+        let template =
+            crate::image::RegistryTemplate::parse(&format!("{}/conformance/{{family}}", registry.host)).unwrap();
+        let mut options = crate::image::RegistryOptions::default();
+        options.http.plain_http = vec![registry.host.clone()];
+        options.http.retry_for = std::time::Duration::from_secs(5);
+        let source = crate::image::RegistrySource::new(template, options).unwrap();
+        // What a build pipeline's push does: the layout's image under the family's tag.
+        super::run(&source, false, async |staging, family| {
+            let staging = staging.to_owned();
+            let (registry, family) = (&registry, family.to_owned());
+            tokio::task::block_in_place(|| registry.push(&staging, &family, &format!("conformance/{family}:latest")));
         })
         .await;
     }

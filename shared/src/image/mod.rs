@@ -19,6 +19,8 @@ mod s3;
 mod sample;
 pub mod signature;
 mod source;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testregistry;
 
 pub use apply::{
     ApplyOptions, ApplyStats, DevicePolicy, apply_layer, apply_layer_from, apply_layer_reporting, running_as_root,

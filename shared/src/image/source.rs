@@ -26,6 +26,11 @@ pub trait BlobSource: Send + Sync {
     async fn manifest_at(&self, family: &str, digest: &Digest) -> Result<Manifest, ImageError> {
         current_version_if(self, family, digest).await
     }
+    /// Where version `digest` of `family` lives, as users name it (a registry's
+    /// `registry/repository@sha256:…`), for results; `None` where the source's own name says it.
+    fn reference_of(&self, _family: &str, _digest: &str) -> Option<String> {
+        None
+    }
     /// Opens one layer blob for streaming from byte `offset` on (to resume a partial download);
     /// at or past its end the stream is empty. A blob the source lacks is `BlobMissing`.
     async fn open_blob(&self, layer: &LayerDesc, offset: u64) -> Result<BlobStream, ImageError>;

@@ -77,6 +77,11 @@ fn a_tag_is_resolved_once_and_hosts_pinned_to_its_digest_survive_the_tag_moving(
     let a = dir.path().join("a");
     let prepared = succeeded(&a, &settings, &["prepare", "--family", "web"]);
     assert_eq!(prepared["digest"], one, "the version is the manifest digest the tag named");
+    assert_eq!(prepared["image"], format!("{}/team/web@{one}", registry.host), "and where it lives");
+    let images = thinpipe_tests::run(thinpipe_tests::worker().arg("--state-dir").arg(&a).arg("images"));
+    let images = String::from_utf8_lossy(&images.stdout);
+    assert!(images.contains(&format!("source docker://{}/team/web:stable", registry.host)), "{images}");
+    assert!(images.contains(&one), "{images}");
     assert_eq!(file_in_snapshot(&a, &settings, "web", "etc/app"), "version one\n");
 
     // The tag moves mid-rollout.

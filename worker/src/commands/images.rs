@@ -43,7 +43,8 @@ pub fn print(config: &Config, json: bool) -> anyhow::Result<std::process::ExitCo
             f.family,
             f.live_snapshots,
             f.last_used.as_deref().unwrap_or("never"),
-            f.source
+            // A registry source names the family's place: say the family's own reference.
+            f.source.replace(thinpipe::image::FAMILY_PLACEHOLDER, &f.family)
         );
         match &f.current {
             Some(v) => println!("  current  {}", version_line(v)),

@@ -33,6 +33,7 @@ pub async fn run(host: &Arc<Host>, job: &Job) -> anyhow::Result<JobResult> {
         owners_dropped: None,
         setid_stripped: None,
         digest: job.digest.clone(),
+        image: None,
         host_id: Some(host.config.worker.host_id.clone()),
         host_queue: None,
     };

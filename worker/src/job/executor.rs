@@ -75,6 +75,7 @@ impl Executor {
             owners_dropped: None,
             setid_stripped: None,
             digest: job.digest.clone(),
+            image: None,
             host_id: Some(self.host.config.worker.host_id.clone()),
             host_queue: Some(self.host.config.worker.host_queue_url.clone()).filter(|q| !q.is_empty()),
         };
@@ -174,6 +175,7 @@ impl Executor {
         };
         result.base_vol_id = Some(base.id);
         result.digest = Some(base.digest.clone());
+        result.image = self.host.pipeline.context().source.reference_of(&base.family, &base.digest);
         let mut notes = Vec::new();
         if applied.devices_skipped > 0 {
             result.devices_skipped = Some(applied.devices_skipped);

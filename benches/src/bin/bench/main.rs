@@ -17,6 +17,10 @@
 //! `bench activate`: see `activate.rs` (activation latency on btrfs beside the snapshot
 //! ioctl plus one durable commit; root).
 //!
+//! `bench registry`: see `registry.rs` (a prepare from a local registry beside the same image
+//! from an OCI layout on disk; the CPU of a signature check, new and remembered; requests per
+//! new version).
+//!
 //! `bench dmthin`: see `dmthin.rs` (the same on dm-thin, in the QEMU guest; emulated).
 //!
 //! Scratch files go under `$BENCH_DIR` (default `target/bench`), on the disk the state
@@ -31,6 +35,7 @@ mod dmthin;
 mod fsm;
 mod moto;
 mod prepare;
+mod registry;
 mod report;
 mod sqs;
 mod unpack;
@@ -38,7 +43,7 @@ mod unpack;
 fn main() -> anyhow::Result<()> {
     let which: Vec<String> = std::env::args().skip(1).collect();
     if which.is_empty() {
-        bail!("usage: bench fsm|unpack|prepare|sqs|activate|dmthin ...");
+        bail!("usage: bench fsm|unpack|prepare|sqs|activate|registry|dmthin ...");
     }
     // The child process `bench activate` traces to count syncs.
     if which[0] == "activate-syncs" {
@@ -53,8 +58,11 @@ fn main() -> anyhow::Result<()> {
             "prepare" => prepare::run(&base)?,
             "sqs" => sqs::run(&base)?,
             "activate" => activate::run(&base)?,
+            "registry" => registry::run(&base)?,
             "dmthin" => dmthin::run()?,
-            other => bail!("unknown benchmark {other:?}: expected fsm, unpack, prepare, sqs, activate or dmthin"),
+            other => {
+                bail!("unknown benchmark {other:?}: expected fsm, unpack, prepare, sqs, activate, registry or dmthin")
+            }
         }
     }
     Ok(())

@@ -156,6 +156,13 @@ impl RegistrySource {
         self
     }
 
+    /// Checks `version` of `family` against the family's signature policy, as a prepare does
+    /// before fetching anything of it (benchmarks time it).
+    pub async fn verify_signature(&self, family: &str, version: &Digest) -> Result<(), ImageError> {
+        let reference = self.template.reference(family)?;
+        self.check_signature(family, &reference, version).await
+    }
+
     /// Whether `version` of `family` (from `reference`'s repository) may be fetched under the
     /// family's policy. Asks only for the signature manifest and its payloads (a few hundred
     /// bytes each), never for a blob of the image.
@@ -433,6 +440,11 @@ fn repo_name(reference: &Reference) -> String {
 impl BlobSource for RegistrySource {
     fn describe(&self) -> String {
         self.template.to_string()
+    }
+
+    fn reference_of(&self, family: &str, digest: &str) -> Option<String> {
+        let reference = self.template.reference(family).ok()?;
+        Some(format!("{}@{digest}", repo_name(&reference)))
     }
 
     async fn manifest(&self, family: &str) -> Result<Manifest, ImageError> {
