@@ -49,10 +49,12 @@ fn succeeded(state: &Path, settings: &[String], args: &[&str]) -> serde_json::Va
 
 /// Activates `family` on `state` and reads `file` from the snapshot.
 fn file_in_snapshot(state: &Path, settings: &[String], family: &str, file: &str) -> String {
-    let active = succeeded(state, settings, &["activate", "--family", family, "--invocation-id", "inv-1"]);
+    // An invocation id is single use: a fresh one each time.
+    let invocation = format!("inv-{:x}", rand::random::<u64>());
+    let active = succeeded(state, settings, &["activate", "--family", family, "--invocation-id", &invocation]);
     let path = PathBuf::from(active["snapshot_path"].as_str().expect("a snapshot path"));
     let content = std::fs::read_to_string(path.join(file)).unwrap_or_else(|e| panic!("{file} in the snapshot: {e}"));
-    succeeded(state, settings, &["release", "--family", family, "--invocation-id", "inv-1"]);
+    succeeded(state, settings, &["release", "--family", family, "--invocation-id", &invocation]);
     content
 }
 
@@ -427,6 +429,35 @@ fn a_cosign_policy_refuses_unsigned_and_wrongly_signed_images_before_any_blob_is
     registry.push(&oci_version(dir.path(), "open", &[&[("etc/app", "open\n")]]), "open", "team/open:1");
     succeeded(&state, &settings, &["prepare", "--family", "open"]);
 
+    // Through the daemon, a refused version is dead-lettered with its reason.
+    let daemon_state = dir.path().join("daemon");
+    std::fs::create_dir_all(&daemon_state).unwrap();
+    let env = [
+        ("THINPIPE_SOURCE", format!("{}/team/{{family}}:1", proxy.host)),
+        ("THINPIPE_REGISTRY_PLAIN_HTTP", proxy.host.clone()),
+        ("THINPIPE_REGISTRY_POLICY_FILE", policy.display().to_string()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let daemon = thinpipe_tests::Daemon::start(&daemon_state, &env);
+    let enqueue = |args: &[&str]| {
+        std::process::Command::new(thinpipe_tests::bin("enqueue"))
+            .arg("--state-dir")
+            .arg(&daemon_state)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = enqueue(&["--wait", "--json", "prepare", "--family", "forged"]);
+    assert_eq!(out.status.code(), Some(1), "{}\n{}", String::from_utf8_lossy(&out.stderr), daemon.log());
+    let refused: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(refused["cause"], "signature_invalid", "{refused}");
+    let dead = String::from_utf8_lossy(&enqueue(&["--json", "dead-letters", "list"]).stdout).into_owned();
+    assert!(
+        dead.contains("forged") && dead.contains("not signed by any trusted key"),
+        "dead-lettered with its reason: {dead}"
+    );
+    daemon.stop(Duration::from_secs(30));
+
     // A policy that requires signatures refuses a source that cannot carry them, at start.
     let mut on_dir = settings.clone();
     on_dir.push(format!("source=dir:{}", dir.path().display()));
@@ -558,4 +589,88 @@ fn enqueue_publish_mirrors_a_registry_image_to_s3_after_the_same_signature_check
     let state = dir.path().join("state");
     assert_eq!(succeeded(&state, &settings, &["prepare", "--family", "web"])["digest"], signed);
     assert_eq!(file_in_snapshot(&state, &settings, "web", "etc/app"), "mirrored\n");
+}
+
+#[test]
+fn docker_schema_2_zstd_and_uncompressed_layers_prepare_alike() {
+    if !ready() {
+        return;
+    }
+    let registry = Registry::start(RegistrySetup::default());
+    let dir = tempfile::tempdir().unwrap();
+    let layout = oci_version(dir.path(), "web", &[&[("etc/app", "same\n")], &[("usr/bin/tool", "#!/bin/sh\n")]]);
+    // The same image with its layers uncompressed, and with them in zstd (skopeo 1.9 writes
+    // neither to a registry by itself), pushed as they are.
+    let plain = recompressed_layout(&layout, &dir.path().join("plain-layout"), false);
+    let zstd = recompressed_layout(&layout, &dir.path().join("zstd-layout"), true);
+    // (name, skopeo's options, the layers' media type the registry then holds)
+    let forms: [(&str, &[&str], &str); 3] = [
+        ("docker", &["--format", "v2s2"], "application/vnd.docker.image.rootfs.diff.tar.gzip"),
+        ("zstd", &["--preserve-digests", "--format", "oci"], "application/vnd.oci.image.layer.v1.tar+zstd"),
+        ("plain", &["--preserve-digests", "--format", "oci"], "application/vnd.oci.image.layer.v1.tar"),
+    ];
+    for (i, (name, args, media_type)) in forms.into_iter().enumerate() {
+        let repository = format!("forms/{name}:1");
+        let out = thinpipe_tests::run(
+            std::process::Command::new("skopeo")
+                .args(["copy", "--quiet", "--dest-tls-verify=false"])
+                .args(args)
+                .arg(format!("oci:{}:web", [&layout, &zstd, &plain][i].display()))
+                .arg(format!("docker://{}/{repository}", registry.host)),
+        );
+        assert!(out.status.success(), "skopeo {name}: {}", String::from_utf8_lossy(&out.stderr));
+        let manifest: serde_json::Value = reqwest::blocking::Client::new()
+            .get(format!("{}/v2/forms/{name}/manifests/1", registry.url()))
+            .header(
+                "accept",
+                "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json",
+            )
+            .send()
+            .and_then(|r| r.json())
+            .unwrap();
+        assert_eq!(manifest["layers"][0]["mediaType"], media_type, "{name}: {manifest}");
+        let settings = with_source(&registry.worker_settings(), &format!("{}/{repository}", registry.host));
+        let state = dir.path().join(name);
+        succeeded(&state, &settings, &["prepare", "--family", "web"]);
+        assert_eq!(file_in_snapshot(&state, &settings, "web", "etc/app"), "same\n", "{name}");
+        assert_eq!(file_in_snapshot(&state, &settings, "web", "usr/bin/tool"), "#!/bin/sh\n", "{name}");
+    }
+}
+
+/// A copy of the OCI layout `from` (gzip layers, image `web`) at `to` with each layer
+/// uncompressed, or compressed with zstd.
+fn recompressed_layout(from: &Path, to: &Path, zstd: bool) -> PathBuf {
+    use thinpipe::image::Digest;
+    let blobs = to.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let read = |d: &str| std::fs::read(from.join("blobs/sha256").join(d.trim_start_matches("sha256:"))).unwrap();
+    let write = |bytes: &[u8]| {
+        let d = Digest::of_bytes(bytes);
+        std::fs::write(blobs.join(d.hex()), bytes).unwrap();
+        d
+    };
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(from.join("index.json")).unwrap()).unwrap();
+    let mut entry = index["manifests"][0].clone();
+    let mut manifest: serde_json::Value = serde_json::from_slice(&read(entry["digest"].as_str().unwrap())).unwrap();
+    write(&read(manifest["config"]["digest"].as_str().unwrap()));
+    for layer in manifest["layers"].as_array_mut().unwrap() {
+        let gz = read(layer["digest"].as_str().unwrap());
+        let mut tar = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::MultiGzDecoder::new(gz.as_slice()), &mut tar).unwrap();
+        let (bytes, media_type) = if zstd {
+            (zstd::encode_all(tar.as_slice(), 3).unwrap(), "application/vnd.oci.image.layer.v1.tar+zstd")
+        } else {
+            (tar, "application/vnd.oci.image.layer.v1.tar")
+        };
+        layer["digest"] = write(&bytes).to_string().into();
+        layer["size"] = bytes.len().into();
+        layer["mediaType"] = media_type.into();
+    }
+    let bytes = serde_json::to_vec(&manifest).unwrap();
+    entry["digest"] = write(&bytes).to_string().into();
+    entry["size"] = bytes.len().into();
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [entry]});
+    std::fs::write(to.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    std::fs::write(to.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    to.to_owned()
 }

@@ -243,6 +243,28 @@ mod tests {
     }
 
     #[test]
+    fn a_zstd_blob_is_handed_over_whole_as_a_gzip_one_is() {
+        for len in [300, 3 * CHUNK + 1234] {
+            let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let blob = zstd::encode_all(data.as_slice(), 3).unwrap();
+            let read = AtomicU64::new(0);
+            let on_read = |n| {
+                read.fetch_add(n, Ordering::Relaxed);
+            };
+            let mut inflated = spawn(std::io::Cursor::new(blob.clone()), true, &on_read).unwrap();
+            assert!(matches!(inflated.from, From::Thread { .. }));
+            let mut all = Vec::new();
+            inflated.read_to_end(&mut all).unwrap();
+            assert_eq!(all.len(), data.len(), "{len}");
+            assert!(all == data, "{len}: the same bytes");
+            let (digest, input) = inflated.finish().unwrap();
+            assert_eq!(digest, Some(Digest::of_bytes(&data)));
+            assert_eq!(input.position(), blob.len() as u64);
+            assert_eq!(read.load(Ordering::Relaxed), blob.len() as u64);
+        }
+    }
+
+    #[test]
     fn a_plain_tar_is_read_inline_hashed_and_read_to_its_end() {
         let data: Vec<u8> = (0..CHUNK + 77).map(|i| (i % 13) as u8).collect();
         let read = AtomicU64::new(0);
