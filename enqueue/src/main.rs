@@ -511,7 +511,7 @@ async fn mirror(cli: &Cli, source: &str, family: &str, to: &str, args: &Registry
         },
         docker_config: args.docker_config.clone().or_else(thinpipe::image::default_docker_config),
         platform,
-        ecr: Some(thinpipe::image::EcrLogins { sdk: sdk.clone(), extra_hosts: Vec::new() }),
+        ecr: Some(thinpipe::image::EcrLogins::with_sdk(sdk.clone(), Vec::new())),
     };
     let registry = thinpipe::image::RegistrySource::new(template, options)?.with_signatures(
         std::sync::Arc::new(policy),

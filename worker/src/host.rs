@@ -65,8 +65,7 @@ impl Host {
             SourceSpec::Registry(template) => {
                 let policy = Arc::new(config.registry.policy()?);
                 let mut options = config.registry.options()?;
-                let sdk = thinpipe::aws::sdk_config(&config.aws.options()).await;
-                options.ecr = Some(EcrLogins { sdk, extra_hosts: config.registry.ecr_hosts.clone() });
+                options.ecr = Some(EcrLogins::new(config.aws.options(), config.registry.ecr_hosts.clone()));
                 Arc::new(RegistrySource::new(template, options)?.with_signatures(policy, store.clone()))
             }
         };

@@ -139,7 +139,7 @@ pub fn run(base: &Path) -> anyhow::Result<()> {
 
 /// A fresh ext4 on a loop device whose image is on this disk, for one side of one round
 /// (`None` without root or `mkfs.ext4`: then the side runs in the benchmark's directory).
-fn fresh_ext4() -> Option<LoopFs> {
+pub(crate) fn fresh_ext4() -> Option<LoopFs> {
     if !thinpipe::image::running_as_root()
         || !Path::new("/usr/sbin/mkfs.ext4").exists() && !Path::new("/sbin/mkfs.ext4").exists()
     {

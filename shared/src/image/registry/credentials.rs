@@ -79,12 +79,35 @@ pub struct CredentialStore {
     ecr: Option<EcrLogins>,
 }
 
-/// ECR logins: the AWS configuration to ask with, and hosts beyond ECR's own names that take
-/// them (a pull-through endpoint, or a test registry).
+/// ECR logins: the AWS configuration to ask with, loaded when an ECR registry is first met
+/// (loading it may ask the instance metadata service for the region: not for every worker
+/// start), and hosts beyond ECR's own names that take them (a pull-through endpoint, or a
+/// test registry).
 #[derive(Clone, Debug)]
 pub struct EcrLogins {
-    pub sdk: aws_config::SdkConfig,
-    pub extra_hosts: Vec<String>,
+    options: crate::aws::AwsOptions,
+    sdk: std::sync::Arc<tokio::sync::OnceCell<aws_config::SdkConfig>>,
+    extra_hosts: Vec<String>,
+}
+
+impl EcrLogins {
+    /// Logins through the AWS configuration `options` describe.
+    pub fn new(options: crate::aws::AwsOptions, extra_hosts: Vec<String>) -> Self {
+        Self { options, sdk: Default::default(), extra_hosts }
+    }
+
+    /// Logins through an AWS configuration already loaded.
+    pub fn with_sdk(sdk: aws_config::SdkConfig, extra_hosts: Vec<String>) -> Self {
+        Self {
+            options: Default::default(),
+            sdk: std::sync::Arc::new(tokio::sync::OnceCell::new_with(Some(sdk))),
+            extra_hosts,
+        }
+    }
+
+    async fn sdk(&self) -> &aws_config::SdkConfig {
+        self.sdk.get_or_init(|| crate::aws::sdk_config(&self.options)).await
+    }
 }
 
 /// The account and region of an ECR registry host (`123456789012.dkr.ecr.eu-west-1.amazonaws.com`).
@@ -248,7 +271,7 @@ async fn run_helper(program: &Path, registry: &str) -> Result<Option<Login>, Ima
 async fn ecr_login(ecr: &EcrLogins, registry: &str) -> Result<Login, ImageError> {
     use aws_sdk_ecr::error::ProvideErrorMetadata as _;
     let source_desc = format!("registry {registry}");
-    let mut config = aws_sdk_ecr::config::Builder::from(&ecr.sdk);
+    let mut config = aws_sdk_ecr::config::Builder::from(ecr.sdk().await);
     if let Some((_, region)) = ecr_host(registry) {
         config = config.region(aws_sdk_ecr::config::Region::new(region.to_owned()));
     }

@@ -17,6 +17,7 @@
 mod credentials;
 mod http;
 mod platform;
+mod reference;
 
 use std::sync::Arc;
 
@@ -74,9 +75,7 @@ impl RegistryTemplate {
     pub fn parse(source: &str) -> Result<Self, String> {
         let text = source.strip_prefix("docker://").unwrap_or(source).to_owned();
         let template = Self { text };
-        template
-            .reference_text("family")
-            .parse::<Reference>()
+        reference::parse(&template.reference_text("family"))
             .map_err(|e| format!("source {source:?} is not a registry reference ({e}); write it as docker pull takes it: registry.example.com/team/app:1.4, docker.io/library/debian:bookworm or …@sha256:<digest>, with {FAMILY_PLACEHOLDER} where the family's name goes"))?;
         if template.text.matches(FAMILY_PLACEHOLDER).count() > 1 {
             return Err(format!("source {source:?} names {FAMILY_PLACEHOLDER} more than once"));
@@ -92,7 +91,7 @@ impl RegistryTemplate {
     pub fn reference(&self, family: &str) -> Result<Reference, ImageError> {
         layout::validate_family(family)?;
         let text = self.reference_text(family);
-        text.parse::<Reference>().map_err(|e| ImageError::FamilyNotFound {
+        reference::parse(&text).map_err(|e| ImageError::FamilyNotFound {
             family: family.to_owned(),
             source_desc: self.to_string(),
             detail: format!("{text:?} is not a registry reference ({e})"),
@@ -470,7 +469,7 @@ impl BlobSource for RegistrySource {
                 source_desc: self.describe(),
                 detail: format!("{} is not a registry blob location", layer.location),
             })?;
-        let reference: Reference = repository.parse().map_err(|e| ImageError::BlobMissing {
+        let reference = reference::parse(repository).map_err(|e| ImageError::BlobMissing {
             digest: layer.digest.to_string(),
             source_desc: self.describe(),
             detail: format!("{repository:?} is not a repository ({e})"),
