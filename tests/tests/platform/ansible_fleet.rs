@@ -119,22 +119,7 @@ fn the_config_template_keeps_awkward_values_inside_their_strings() {
         "thinpipe_worker_queue_url": "https://sqs.eu-west-1.amazonaws.com/1/jobs?x=\"y\"",
         "inventory_hostname": "unused",
     });
-    let vars = dir.path().join("vars.json");
-    std::fs::write(&vars, awkward.to_string()).unwrap();
-    let rendered = dir.path().join("worker.toml");
-    let role = repo().join("ansible/roles/thinpipe_worker");
-    let out = ansible_cmd("ansible")
-        .args(["localhost", "-i", "localhost,", "-c", "local", "-m", "ansible.builtin.template", "-a"])
-        .arg(format!("src={} dest={}", role.join("templates/worker.toml.j2").display(), rendered.display()))
-        .arg("-e")
-        .arg(format!("@{}", role.join("defaults/main.yml").display()))
-        .arg("-e")
-        .arg(format!("@{}", role.join("vars/main.yml").display()))
-        .arg("-e")
-        .arg(format!("@{}", vars.display()))
-        .output()
-        .expect("ansible");
-    assert!(out.status.success(), "ansible template: {}", text(&out));
+    let rendered = render(dir.path(), "worker.toml.j2", &awkward);
     let out = Command::new(thinpipe_tests::bin("worker"))
         .arg("--config")
         .arg(&rendered)
@@ -154,6 +139,74 @@ fn the_config_template_keeps_awkward_values_inside_their_strings() {
     assert_eq!(config["volumes_dir"], awkward["thinpipe_worker_volumes_dir"]);
     assert_eq!(config["queue"]["url"], awkward["thinpipe_worker_queue_url"]);
     assert_eq!(config["admin"]["listen"], "127.0.0.1:9185", "the value did not add a setting");
+}
+
+/// The role's template `template` rendered by Ansible with the role's defaults and `vars`,
+/// into `dir`.
+fn render(dir: &Path, template: &str, vars: &serde_json::Value) -> PathBuf {
+    let vars_file = dir.join(format!("{template}.vars.json"));
+    std::fs::write(&vars_file, vars.to_string()).unwrap();
+    let rendered = dir.join(template.trim_end_matches(".j2"));
+    let role = repo().join("ansible/roles/thinpipe_worker");
+    let out = ansible_cmd("ansible")
+        .args(["localhost", "-i", "localhost,", "-c", "local", "-m", "ansible.builtin.template", "-a"])
+        .arg(format!("src={} dest={}", role.join("templates").join(template).display(), rendered.display()))
+        .arg("-e")
+        .arg(format!("@{}", role.join("defaults/main.yml").display()))
+        .arg("-e")
+        .arg(format!("@{}", role.join("vars/main.yml").display()))
+        .arg("-e")
+        .arg(format!("@{}", vars_file.display()))
+        .output()
+        .expect("ansible");
+    assert!(out.status.success(), "ansible template {template}: {}", text(&out));
+    rendered
+}
+
+/// The role's registry settings and signature policy, rendered by Ansible, are what the
+/// worker reads: its `[registry]` settings, and a policy whose keys are the files the role
+/// writes (`<config_dir>/cosign/<name>.pub`), loaded by the worker's own check.
+#[test]
+fn the_registry_settings_and_signature_policy_render_into_what_the_worker_reads() {
+    if !ready_to_run(false) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config_dir = dir.path().join("etc");
+    std::fs::create_dir_all(config_dir.join("cosign")).unwrap();
+    let key = p256::ecdsa::SigningKey::from_slice(&[5; 32]).unwrap();
+    // What the role's "Write the cosign public keys" task writes.
+    std::fs::write(config_dir.join("cosign/team-2026.pub"), thinpipe::image::signature::public_pem(&key)).unwrap();
+    let vars = serde_json::json!({
+        "thinpipe_worker_config_dir": config_dir.to_str().unwrap(),
+        "thinpipe_worker_state_dir": dir.path().join("state").to_str().unwrap(),
+        "thinpipe_worker_source": "registry.example.com/team/{family}:stable",
+        "thinpipe_worker_registry_plain_http": ["10.0.0.5:5000"],
+        "thinpipe_worker_registry_ecr_hosts": ["mirror.example.com"],
+        "thinpipe_worker_registry_platform": "linux/arm64",
+        "thinpipe_worker_queue_url": "https://sqs.eu-west-1.amazonaws.com/1/jobs",
+        "thinpipe_worker_signature_policy": {
+            "default": {"signature": "none"},
+            "families": {"web": {"signature": "cosign", "keys": ["team-2026"]}, "open": {"signature": "none"}},
+        },
+        "inventory_hostname": "h1",
+    });
+    render(&config_dir, "policy.toml.j2", &vars);
+    let rendered = render(&config_dir, "worker.toml.j2", &vars);
+    let out = Command::new(thinpipe_tests::bin("worker"))
+        .arg("--config")
+        .arg(&rendered)
+        .args(["config", "--json"])
+        .output()
+        .unwrap();
+    let config: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}\n{}", text(&out), std::fs::read_to_string(&rendered).unwrap()));
+    assert_eq!(config["registry"]["plain_http"], vars["thinpipe_worker_registry_plain_http"]);
+    assert_eq!(config["registry"]["ecr_hosts"], vars["thinpipe_worker_registry_ecr_hosts"]);
+    assert_eq!(config["registry"]["platform"], "linux/arm64");
+    assert_eq!(config["registry"]["policy_file"], config_dir.join("policy.toml").to_str().unwrap());
+    let policy = thinpipe::image::signature::SignaturePolicy::load(&config_dir.join("policy.toml")).unwrap();
+    assert_eq!(policy.signed_families(), ["web"], "web requires cosign; open and the default do not");
 }
 
 /// The hosts and the AWS namespace; torn down on drop, even when the test fails.
