@@ -110,3 +110,18 @@ impl ImageError {
         Self::Io { context: context.into(), path: path.into(), error: source }
     }
 }
+
+/// An error and its sources, each said once, joined by ": " (an SDK's or an HTTP client's own
+/// Display says only "dispatch failure" or "error sending request"; its Debug says far too much).
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let text = err.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = err.source();
+    }
+    parts.join(": ")
+}

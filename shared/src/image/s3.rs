@@ -20,7 +20,7 @@ use base64::Engine as _;
 use tokio::io::AsyncReadExt;
 
 use super::digest::Digest;
-use super::error::ImageError;
+use super::error::{ImageError, error_chain};
 use super::layout::{self, LayerDesc, Manifest};
 use super::source::{BlobSource, BlobStream};
 
@@ -31,21 +31,6 @@ pub struct S3Source {
     prefix: String,
     /// Where requests go, for messages (`aws::endpoint_description`).
     endpoint: String,
-}
-
-/// An error and its sources, each said once, joined by ": " (the SDK's own Display says
-/// only "dispatch failure"; its Debug says far too much).
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut next = Some(e);
-    while let Some(err) = next {
-        let text = err.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        next = err.source();
-    }
-    parts.join(": ")
 }
 
 /// What a failed S3 call means, naming `endpoint`, `bucket` and `key` (see the module doc).

@@ -283,7 +283,7 @@ async fn ecr_login(ecr: &EcrLogins, registry: &str) -> Result<Login, ImageError>
             e.as_service_error()
                 .and_then(|s| s.message())
                 .map(str::to_owned)
-                .unwrap_or_else(|| super::http::error_chain(&e))
+                .unwrap_or_else(|| crate::image::error::error_chain(&e))
         );
         match e.raw_response().map(|r| r.status().as_u16()) {
             Some(401 | 403) => ImageError::AccessDenied {

@@ -19,7 +19,7 @@ use reqwest::StatusCode;
 use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderMap, RANGE, RETRY_AFTER, WWW_AUTHENTICATE};
 
 use super::credentials::{CredentialStore, Login};
-use crate::image::error::ImageError;
+use crate::image::error::{ImageError, error_chain};
 
 /// How a registry is spoken to.
 #[derive(Clone, Debug, Default)]
@@ -430,20 +430,6 @@ fn transport_failure(registry: &str, url: &str, e: &reqwest::Error) -> Failure {
         });
     }
     Failure::Again { detail: format!("GET {url}: {chain}"), after: None }
-}
-
-/// An error and its sources, each said once.
-pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut next = Some(e);
-    while let Some(err) = next {
-        let text = err.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        next = err.source();
-    }
-    parts.join(": ")
 }
 
 #[cfg(test)]

@@ -263,7 +263,7 @@ impl RegistrySource {
         let mut response = response;
         while let Some(chunk) = response.chunk().await.map_err(|e| ImageError::Unavailable {
             source_desc: self.describe(),
-            detail: format!("reading {what}: {}", http::error_chain(&e)),
+            detail: format!("reading {what}: {}", super::error::error_chain(&e)),
         })? {
             body.extend_from_slice(&chunk);
             if body.len() as u64 > layout::MAX_MANIFEST_BYTES {
