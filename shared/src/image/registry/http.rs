@@ -1,9 +1,11 @@
 //! The few Distribution API calls thinpipe makes (`GET` a manifest, `GET` a blob from an
-//! offset), on the project's one HTTP stack (reqwest). Written here rather than taken from
-//! `oci-client` because what matters to a fleet lives between the calls: a 429's
-//! `Retry-After` goes into the `backoff` retry, a broken blob resumes with a `Range` from the
-//! byte the cache has, a token is fetched only when a registry asks for one (no `/v2/` ping),
-//! and every failure is classed (retry or not) as the S3 source's are.
+//! offset), on the project's one HTTP stack (reqwest 0.13). Written here rather than taken
+//! from `oci-client`, which would bring a second stack (reqwest 0.12), because what matters to
+//! a fleet lives between the calls: a 429's `Retry-After` goes into the `backoff` retry
+//! here, where the response's headers are at hand, a token is
+//! fetched only when a registry asks for one (its authentication first asks `/v2/` for the
+//! challenge: one request more per image and host), and every failure is classed (retry or
+//! not) as the S3 source's are.
 //!
 //! Authentication follows the registry's `WWW-Authenticate` challenge: `Basic` with the
 //! login, or `Bearer` through the named token service (Docker Hub's flow), anonymous when
