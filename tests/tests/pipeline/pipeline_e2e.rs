@@ -586,7 +586,9 @@ fn a_missing_source_directory_and_bad_publish_arguments_are_named() {
     let help = String::from_utf8_lossy(&help.stdout);
     let listed = help.split_once("Options:").map_or("", |(_, options)| options);
     let options: Vec<&str> = listed.split_whitespace().filter(|w| w.starts_with("--")).collect();
-    assert_eq!(options, ["--family", "--to", "--endpoint-url", "--json", "--help"], "{help}");
+    let own = ["--family", "--to", "--plain-http", "--ca-file", "--docker-config", "--endpoint-url"];
+    let own_too = ["--platform", "--policy-file", "--json", "--help"];
+    assert_eq!(options, [&own[..], &own_too[..]].concat(), "{help}");
     for misplaced in [&["--wait", "publish"][..], &["publish", "--queue-url", "https://sqs.example/q"]] {
         let out = Command::new(bin("enqueue"))
             .args(misplaced)
