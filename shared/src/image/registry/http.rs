@@ -114,23 +114,18 @@ impl RegistryHttp {
         from: u64,
     ) -> Result<Got, ImageError> {
         let url = format!("{}/v2/{repository}/{path}", self.base(registry));
-        let what = format!("GET {url}");
         let policy = backoff::ExponentialBackoff {
             initial_interval: Duration::from_millis(200),
             max_interval: Duration::from_secs(10),
             max_elapsed_time: Some(self.options.retry_for),
             ..Default::default()
         };
-        let last = Mutex::new(String::new());
         let result = backoff::future::retry(policy, || async {
             match self.get_once(registry, repository, &url, accept, from).await {
                 Ok(got) => Ok(got),
                 Err(Failure::Final(e)) => Err(backoff::Error::permanent(e)),
                 Err(Failure::Again { detail, after }) => {
-                    tracing::debug!(%what, %detail, ?after, "registry call failed; trying again");
-                    if let Ok(mut l) = last.lock() {
-                        l.clone_from(&detail);
-                    }
+                    tracing::debug!(%detail, ?after, "registry call failed; trying again");
                     let e = ImageError::Unavailable { source_desc: format!("registry {registry}"), detail };
                     Err(match after {
                         // Never wait past the call's own budget for one answer.
@@ -144,7 +139,8 @@ impl RegistryHttp {
         result.map_err(|e| match e {
             ImageError::Unavailable { source_desc, detail } => ImageError::Unavailable {
                 source_desc,
-                detail: format!("{what}: {detail} (still failing after {:?} of retries)", self.options.retry_for),
+                // The detail names the request already.
+                detail: format!("{detail} (still failing after {:?} of retries)", self.options.retry_for),
             },
             other => other,
         })
@@ -285,9 +281,10 @@ impl RegistryHttp {
     }
 }
 
-/// Docker Hub's API lives at another host than the name users write.
+/// Docker Hub's API lives at another host than the name users write (`docker.io`, or the
+/// historical `index.docker.io`): where Docker itself sends its requests.
 fn api_host(registry: &str) -> &str {
-    if registry == "docker.io" { "registry-1.docker.io" } else { registry }
+    if registry == "docker.io" || registry == "index.docker.io" { "registry-1.docker.io" } else { registry }
 }
 
 /// A `WWW-Authenticate` challenge, the two schemes registries use.
@@ -466,5 +463,7 @@ mod tests {
         assert_eq!(again_after(StatusCode::SERVICE_UNAVAILABLE, &HeaderMap::new()), Some(None));
         assert_eq!(again_after(StatusCode::NOT_FOUND, &h), None);
         assert_eq!(api_host("docker.io"), "registry-1.docker.io");
+        let hub = super::super::reference::parse("debian:bookworm").unwrap();
+        assert_eq!(api_host(hub.registry()), "registry-1.docker.io", "Docker Hub's names reach its API host");
     }
 }

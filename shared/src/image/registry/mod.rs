@@ -171,7 +171,7 @@ impl RegistrySource {
         if self.verified.is_verified(version, keys.fingerprint()).map_err(policy_error)? {
             return Ok(());
         }
-        let (registry, repository) = (reference.resolve_registry(), reference.repository());
+        let (registry, repository) = (reference.registry(), reference.repository());
         let tag = signature::signature_tag(version);
         let missing =
             |detail: String| PolicyRefusal::Missing { family: family.to_owned(), digest: version.to_string(), detail };
@@ -226,13 +226,7 @@ impl RegistrySource {
     async fn get_manifest(&self, family: &str, reference: &Reference, target: &str) -> Result<Vec<u8>, ImageError> {
         let got = self
             .http
-            .get(
-                reference.resolve_registry(),
-                reference.repository(),
-                &format!("manifests/{target}"),
-                &MANIFEST_TYPES,
-                0,
-            )
+            .get(reference.registry(), reference.repository(), &format!("manifests/{target}"), &MANIFEST_TYPES, 0)
             .await?;
         match got {
             Got::Found(response) => self.read_small(family, response, &format!("manifest {target}")).await,
@@ -323,7 +317,7 @@ impl RegistrySource {
         let config = match self
             .http
             .get(
-                reference.resolve_registry(),
+                reference.registry(),
                 reference.repository(),
                 &format!("blobs/{config_digest}"),
                 &["application/octet-stream", "*/*"],
@@ -477,13 +471,7 @@ impl BlobSource for RegistrySource {
         let path = format!("blobs/{}", layer.digest);
         let got = self
             .http
-            .get(
-                reference.resolve_registry(),
-                reference.repository(),
-                &path,
-                &["application/octet-stream", "*/*"],
-                offset,
-            )
+            .get(reference.registry(), reference.repository(), &path, &["application/octet-stream", "*/*"], offset)
             .await?;
         let response = match got {
             Got::Found(response) => response,
